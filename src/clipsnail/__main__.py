@@ -1,0 +1,5 @@
+import sys
+
+from clipsnail.cli import main
+
+sys.exit(main())

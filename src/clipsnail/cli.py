@@ -1,0 +1,349 @@
+"""The `clipsnail` command. Library code logs; this module is the only place that prints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from clipsnail.errors import ClipsnailError, DataError
+
+log = logging.getLogger("clipsnail")
+
+
+# ----------------------------------------------------------------------------------------------- shared flags
+
+
+def add_train_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="run directory (resumes when it holds a checkpoint)")
+    p.add_argument("--config", help="YAML config file (overridden by the flags below)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set model.embed_dim=256 (repeatable)")
+    p.add_argument("--epochs", type=int, help="training epochs (train.epochs)")
+    p.add_argument("--time-budget", help="stop cleanly after this long, e.g. 10m (train.time_budget)")
+    p.add_argument("--seed", type=int, help="random seed (train.seed)")
+    p.add_argument("--device", help="auto, cpu, cuda, mps (train.device)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def train_overrides(args) -> list[str]:
+    extra = []
+    for flag, key in (("epochs", "train.epochs"), ("time_budget", "train.time_budget"), ("seed", "train.seed"),
+                      ("device", "train.device")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            extra.append(f"{key}={value}")
+    return extra
+
+
+def add_caption_flags(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--captions", required=required, help="caption file (Flickr8k CSV/token, Flickr30k, COCO, CSV/TSV)")
+    p.add_argument("--images", required=required, help="folder the caption file's image names are relative to")
+    p.add_argument("--format", default="auto", help="caption file format (default: detect)")
+    p.add_argument("--split-file", help="Karpathy-style split JSON (default: 80/10/10 by image-name hash)")
+    p.add_argument("--strict", action="store_true", help="a corrupt image is an error, not a skipped sample")
+
+
+def print_json(obj) -> None:
+    print(json.dumps(obj, indent=2))
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+def cmd_data_shapes(args) -> None:
+    from clipsnail.data.shapes import generate_shapes
+
+    holdout = parse_holdout(args.holdout)
+    summary = generate_shapes(args.out, n=args.n, size=args.size, seed=args.seed,
+                              captions_per_image=args.captions_per_image, holdout=holdout, overwrite=args.overwrite)
+    print_json(summary)
+    print(f"wrote {args.out}/captions.csv, {args.out}/images/, {args.out}/split.json, {args.out}/scenes.json",
+          file=sys.stderr)
+
+
+def parse_holdout(text: str | None) -> list[tuple[str, str]]:
+    from clipsnail.data.shapes import COLORS, SHAPES
+
+    pairs = []
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        colour, sep, kind = item.strip().partition(":")
+        if not sep or colour not in COLORS or kind not in SHAPES:
+            raise ClipsnailError(f"--holdout {item!r}: expected COLOUR:SHAPE with colour in {', '.join(COLORS)} "
+                                 f"and shape in {', '.join(SHAPES)}")
+        pairs.append((colour, kind))
+    return pairs
+
+
+# ----------------------------------------------------------------------------------------------- clip
+
+
+def clip_config(args):
+    from clipsnail.config import load_config
+    from clipsnail.tasks.clip import ClipConfig
+
+    overrides = list(getattr(args, "overrides", []))
+    for flag, key in (("captions", "data.captions"), ("images", "data.images"), ("format", "data.format"),
+                      ("split_file", "data.split_file")):
+        value = getattr(args, flag, None)
+        if value:
+            overrides.insert(0, f"{key}={value}")
+    if getattr(args, "strict", False):
+        overrides.insert(0, "data.strict=true")
+    return load_config(ClipConfig, getattr(args, "config", None), overrides + train_overrides(args))
+
+
+def cmd_clip_train(args) -> None:
+    from clipsnail.engine import fit
+    from clipsnail.summary import model_summary
+    from clipsnail.tasks.clip import ClipTask
+
+    cfg = clip_config(args)
+    task = ClipTask(cfg, run_dir=args.out)
+    model = task.build_model()
+    example = next(iter(_example_batch(task)))
+    print(model_summary(model, (example["images"], example["tokens"])), file=sys.stderr)
+    result = fit(task, args.out, progress=not args.no_progress)
+    state = "finished" if result.completed else "stopped by the time budget (run again to continue)"
+    print(f"training {state} at step {result.step}; run directory: {args.out}", file=sys.stderr)
+    if result.metrics:
+        print_json(result.metrics)
+
+
+def _example_batch(task):
+    yield task.collate([task.train_dataset[(i, i)] for i in range(min(2, len(task.train_dataset)))])
+
+
+def cmd_clip_summary(args) -> None:
+    import torch
+
+    from clipsnail.summary import model_summary
+
+    if args.model:
+        from clipsnail.hub import load
+
+        model = load(args.model)
+        cfg = model.cfg
+    else:
+        from clipsnail.models.clip import CLIP
+
+        cfg = clip_config(args).model
+        cfg.vocab_size = cfg.vocab_size or clip_config(args).data.vocab_size
+        model = CLIP(cfg)
+    images = torch.zeros(2, 3, cfg.image_size, cfg.image_size)
+    tokens = torch.full((2, cfg.context_length), cfg.eot_id)
+    print(model_summary(model, (images, tokens), depth=args.depth))
+
+
+def cmd_clip_eval(args) -> None:
+    import torch
+
+    from clipsnail.data.captions import group_by_image, read_captions, split_records
+    from clipsnail.evaluate import encode_image_paths, encode_texts, retrieval_metrics, semantic_retrieval_metrics
+    from clipsnail.hub import load
+
+    model = load(args.model, device=args.device)
+    records = split_records(read_captions(args.captions, args.format), args.split, split_file=args.split_file)
+    if not records:
+        raise DataError(f"{args.captions}: no captions in split {args.split!r}")
+    names, captions, c2i = group_by_image(records)
+    images_dir = Path(args.images)
+    image_emb, readable = encode_image_paths(model, [images_dir / n for n in names], batch_size=args.batch_size,
+                                             progress=not args.no_progress, strict=args.strict)
+    # Unreadable images are dropped together with their captions, and counted.
+    keep_img = readable.nonzero().squeeze(1)
+    remap = torch.full((len(names),), -1, dtype=torch.long)
+    remap[keep_img] = torch.arange(len(keep_img))
+    pairs = [(c, remap[i].item()) for c, i in zip(captions, c2i) if readable[i]]
+    text_emb = encode_texts(model, [c for c, _ in pairs])
+    metrics = retrieval_metrics(image_emb[keep_img], text_emb, [i for _, i in pairs])
+    judge = shapes_judge(images_dir, [names[i] for i in keep_img.tolist()])
+    if judge is not None:
+        metrics.update(semantic_retrieval_metrics(image_emb[keep_img], text_emb, [c for c, _ in pairs], judge))
+    metrics.update({"num_images": len(keep_img), "num_captions": len(pairs), "skipped_images": len(names) - len(keep_img),
+                    "split": args.split})
+    out = Path(args.model) / f"eval_{args.split}.json"
+    out.write_text(json.dumps(metrics, indent=2) + "\n")
+    print_json(metrics)
+
+
+def shapes_judge(images_dir: Path, names: list[str]):
+    """For the built-in shapes data (scenes.json beside images/): judge(image index, caption) -> bool."""
+    scenes_path = images_dir.parent / "scenes.json"
+    if not scenes_path.is_file():
+        return None
+    from clipsnail.data.shapes import Scene, scene_matches
+
+    scenes_all = json.loads(scenes_path.read_text())["images"]
+    scenes = [Scene.from_dict(scenes_all[n]) if n in scenes_all else None for n in names]
+    return lambda i, caption: scenes[i] is not None and scene_matches(scenes[i], caption)
+
+
+# ----------------------------------------------------------------------------------------------- zero-shot, search
+
+
+def cmd_zeroshot(args) -> None:
+    import torch
+
+    from clipsnail.evaluate import (classification_metrics, default_templates, encode_image_paths, read_templates,
+                                    zero_shot_logits, zero_shot_weights)
+    from clipsnail.hub import load
+
+    model = load(args.model, device=args.device)
+    templates = read_templates(args.templates) if args.templates else default_templates()
+    if args.folder:
+        from clipsnail.data.images import list_image_folder
+
+        paths, labels, classes = list_image_folder(args.folder)
+        if args.classes:  # user-given prompt names, in the sorted folder order
+            names = [c.strip() for c in args.classes.split(",")]
+            if len(names) != len(classes):
+                raise ClipsnailError(f"--classes has {len(names)} names but {args.folder} has {len(classes)} "
+                                     f"class folders ({', '.join(classes)})")
+            classes = names
+        image_emb, readable = encode_image_paths(model, paths, progress=not args.no_progress)
+        logits = zero_shot_logits(image_emb[readable], zero_shot_weights(model, classes, templates))
+        metrics = classification_metrics(logits, torch.tensor(labels)[readable])
+        metrics.update({"num_images": int(readable.sum()), "num_classes": len(classes)})
+        print_json(metrics)
+        return
+    if not args.images or not args.classes:
+        raise ClipsnailError("zeroshot needs --classes and IMAGE files, or --folder ROOT")
+    classes = [c.strip() for c in args.classes.split(",") if c.strip()]
+    image_emb, readable = encode_image_paths(model, args.images, progress=False, strict=True)
+    probs = zero_shot_logits(image_emb, zero_shot_weights(model, classes, templates)).softmax(dim=1)
+    result = []
+    for path, p in zip(args.images, probs):
+        order = p.argsort(descending=True).tolist()
+        result.append({"image": str(path), "label": classes[order[0]],
+                       "probs": {classes[j]: round(p[j].item(), 4) for j in order}})
+    print_json(result)
+
+
+def cmd_search(args) -> None:
+    from clipsnail.hub import load
+    from clipsnail.index import FolderEmbeddings
+
+    if bool(args.query) == bool(args.image):
+        raise ClipsnailError("search needs exactly one of: a text query, or --image FILE")
+    model = load(args.model, device=args.device)
+    embeddings = FolderEmbeddings.build(model, args.images, cache_dir=Path(args.model) / "embeddings",
+                                        progress=not args.no_progress)
+    query = (model.encode_image([args.image]) if args.image else model.encode_text([args.query]))[0]
+    hits = embeddings.search(query, args.k)
+    if args.grid:
+        write_result_grid(args.grid, args.query or f"like {Path(args.image).name}", hits)
+    print_json([{"path": str(p), "score": round(s, 4)} for p, s in hits])
+
+
+def write_result_grid(path, title: str, hits) -> Path:
+    from clipsnail.data.images import load_image
+    from clipsnail.plots import image_grid, save_png
+
+    images = [load_image(p) for p, _ in hits]
+    return save_png(image_grid(images, title=title, labels=[f"{s:.3f}" for _, s in hits]), path)
+
+
+# ----------------------------------------------------------------------------------------------- demo
+
+
+def cmd_demo(args) -> None:
+    from clipsnail.demo import run_demo
+
+    run_demo(Path(args.out), quick=args.quick, progress=not args.no_progress)
+
+
+# ----------------------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clipsnail", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="generate shapes data, train a small CLIP, evaluate and search (a few minutes)")
+    p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
+    p.add_argument("--quick", action="store_true", help="a much shorter run (for smoke tests)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+    data = sub.add_parser("data", help="built-in datasets").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("shapes", help="render the captioned shapes dataset")
+    p.add_argument("--out", required=True)
+    p.add_argument("--n", type=int, default=5000, help="number of images")
+    p.add_argument("--size", type=int, default=32, help="image side in pixels")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--captions-per-image", type=int, default=3)
+    p.add_argument("--holdout", default="", help="colour:shape combinations kept out of train/val, e.g. "
+                                                 "purple:triangle,yellow:star")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_data_shapes)
+
+    clip = sub.add_parser("clip", help="train, evaluate and inspect CLIP models").add_subparsers(
+        dest="clip_command", required=True)
+    p = clip.add_parser("train", help="train CLIP on a caption corpus")
+    add_caption_flags(p, required=False)
+    add_train_flags(p)
+    p.set_defaults(func=cmd_clip_train)
+
+    p = clip.add_parser("eval", help="retrieval recall@k on a split (clip_benchmark definitions); prints JSON")
+    p.add_argument("--model", required=True, help="run directory")
+    add_caption_flags(p)
+    p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_clip_eval)
+
+    p = clip.add_parser("summary", help="print the model summary table (of a run, or of a config)")
+    p.add_argument("--model", help="run directory (default: build from --config/--set)")
+    p.add_argument("--config")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--depth", type=int, default=2)
+    p.set_defaults(func=cmd_clip_summary)
+
+    p = sub.add_parser("zeroshot", help="zero-shot classification with prompt ensembles")
+    p.add_argument("--model", required=True)
+    p.add_argument("--classes", help="comma-separated class names")
+    p.add_argument("--templates", help="file with one prompt template per line ('{}' = class name)")
+    p.add_argument("--folder", help="image folder with one subfolder per class: prints acc1/acc5/mean_per_class_recall")
+    p.add_argument("images", nargs="*", help="image files")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_zeroshot)
+
+    p = sub.add_parser("search", help="search an image folder by text (or by an image)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--images", required=True, help="folder to search (embeddings cached in the run directory)")
+    p.add_argument("query", nargs="?", help="text query")
+    p.add_argument("--image", help="query image (image-to-image search)")
+    p.add_argument("-k", type=int, default=9)
+    p.add_argument("--grid", help="write a result grid PNG here")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_search)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s",
+                        stream=sys.stderr)
+    logging.getLogger("PIL").setLevel(logging.WARNING)
+    try:
+        args.func(args)
+    except ClipsnailError as e:
+        print(f"clipsnail: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("clipsnail: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Configuration: one dataclass per task with nested sections, loaded from YAML and overridden by `--set a.b=c`.
+
+An unknown key is an error that lists the valid ones; a leaf name that is unique in the tree may be given without
+its section (`--set image_encoder=lemevit_tiny` means `model.image_encoder`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from clipsnail.errors import ConfigError
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.2  # open_clip's default; never applied to gains, biases, embeddings or logit_scale
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # "cosine" (linear warmup then cosine to min_lr_ratio * lr) or "constant"
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    epochs: int = 10
+    max_steps: int = 0  # > 0: stop (and end the schedule) after this many optimiser steps
+    batch_size: int = 128
+    seed: int = 0
+    device: str = "auto"  # auto picks cuda, then mps, then cpu
+    precision: str = "auto"  # auto = bf16 on CUDA when supported else fp32; or fp32 / bf16 / fp16
+    ema_decay: float = 0.0  # > 0 keeps an EMA of the weights, used for evaluation and the saved model
+    time_budget: str = ""  # e.g. "10m": stop cleanly (with a checkpoint) when spent
+    checkpoint_every: int = 200  # optimiser steps between checkpoints (and always at the end of an epoch)
+    log_every: int = 10
+    eval_every: int = 1  # epochs between evaluations (0: only at the end)
+    num_workers: int = 0
+    compile: bool = False  # torch.compile the model (faster on GPU after warm-up)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls: type, data: dict, where: str = "") -> Any:
+    """Build dataclass `cls` from a (partial) nested dict; unknown keys are errors listing the valid ones."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in fields:
+            raise ConfigError(f"unknown config key {path!r}; valid keys here: {', '.join(fields)}")
+        kwargs[key] = _coerce(hints[key], value, path)
+    return cls(**kwargs)
+
+
+def load_config(cls: type, yaml_path: str | Path | None = None, overrides: Iterable[str] = (),
+                defaults: dict | None = None) -> Any:
+    """defaults (a task's preset) < YAML file < `--set` overrides."""
+    data: dict = {}
+    _merge(data, defaults or {})
+    if yaml_path:
+        path = Path(yaml_path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML ({e})") from e
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        _merge(data, loaded)
+    leaves = _leaf_paths(cls)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        path = _resolve_key(key.strip(), leaves)
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    return from_dict(cls, data)
+
+
+def _merge(into: dict, new: dict) -> None:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _merge(into[k], v)
+        else:
+            into[k] = v
+
+
+def _leaf_paths(cls: type, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += _leaf_paths(hints[f.name], prefix + (f.name,))
+        else:
+            out.append(prefix + (f.name,))
+    return out
+
+
+def _resolve_key(key: str, leaves: list[tuple[str, ...]]) -> tuple[str, ...]:
+    parts = tuple(key.split("."))
+    matches = [p for p in leaves if p[-len(parts):] == parts]
+    if len(matches) == 1:
+        return matches[0]
+    valid = ", ".join(".".join(p) for p in leaves)
+    if not matches:
+        raise ConfigError(f"unknown config key {key!r}; valid keys: {valid}")
+    raise ConfigError(f"ambiguous config key {key!r}: could be {', '.join('.'.join(p) for p in matches)}")
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return value if dataclasses.is_dataclass(value) else from_dict(tp, value, path)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(args[0], value, path)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in re.split(r"[,\s]+", value.strip("()[] ")) if v]
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or (args and args[-1] is not Ellipsis and len(value) != len(args)):
+            raise ConfigError(f"config key {path!r}: expected {len(args)} values, got {value!r}")
+        inner = args[:1] * len(value) if args and args[-1] is Ellipsis else args
+        return tuple(_coerce(t, v, path) for t, v in zip(inner, value))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"config key {path!r}: expected true/false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"config key {path!r}: expected a number, got {value!r}")
+        try:
+            number = float(value)
+        except ValueError:
+            raise ConfigError(f"config key {path!r}: expected a number, got {value!r}") from None
+        if tp is int:
+            if not number.is_integer():
+                raise ConfigError(f"config key {path!r}: expected an integer, got {value!r}")
+            return int(number)
+        return number
+    if tp is str:
+        return str(value)
+    return value
+
+
+def parse_duration(text: str) -> float | None:
+    """'90s', '10m', '1h30m', '2.5h' or plain seconds -> seconds; '' -> None."""
+    text = (text or "").strip().lower()
+    if not text:
+        return None
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return float(text)
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([hms])", text)
+    if not parts or "".join(n + u for n, u in parts) != text.replace(" ", ""):
+        raise ConfigError(f"time budget {text!r}: expected e.g. 90s, 10m, 1h30m")
+    return sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)

@@ -1,0 +1,107 @@
+"""Datasets over caption corpora. Items are addressed by (index, seed) so that augmentation randomness is a pure
+function of the engine's data order, which is what makes resume exact (see `clipsnail.engine`)."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from clipsnail.data.images import load_image
+from clipsnail.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+class CaptionImageDataset(Dataset):
+    """Images with one or more captions each.
+
+    sampling="image": one item per image, with one of its captions drawn at random (each epoch sees every image
+    once and a batch never holds the same image twice); sampling="pair": one item per caption (seed 000).
+    A corrupt image yields None (collate drops it and counts it) unless strict.
+    """
+
+    def __init__(
+        self,
+        images_dir: str | Path,
+        image_names: Sequence[str],
+        captions: Sequence[str],
+        caption_to_image: Sequence[int],
+        transform: Callable,
+        sampling: str = "image",
+        strict: bool = False,
+    ):
+        if sampling not in ("image", "pair"):
+            raise ValueError(f"sampling must be 'image' or 'pair', got {sampling!r}")
+        self.images_dir = Path(images_dir)
+        self.image_names, self.captions = list(image_names), list(captions)
+        self.caption_to_image = list(caption_to_image)
+        self.captions_of: list[list[int]] = [[] for _ in self.image_names]
+        for c, i in enumerate(self.caption_to_image):
+            self.captions_of[i].append(c)
+        # Identical caption texts (common in small synthetic corpora) get one id: the loss may treat them as positives.
+        text_ids: dict[str, int] = {}
+        self.caption_text_id = [text_ids.setdefault(" ".join(c.lower().split()), len(text_ids)) for c in captions]
+        self.transform, self.sampling, self.strict = transform, sampling, strict
+        self.skipped = 0
+
+    def __len__(self) -> int:
+        return len(self.image_names) if self.sampling == "image" else len(self.captions)
+
+    def image_path(self, i: int) -> Path:
+        return self.images_dir / self.image_names[i]
+
+    def __getitem__(self, item: tuple[int, int] | int):
+        index, seed = item if isinstance(item, tuple) else (item, item)
+        from clipsnail.engine import seeded
+
+        with seeded(seed):
+            if self.sampling == "image":
+                image_id = index
+                caption_id = random.choice(self.captions_of[index])
+            else:
+                caption_id, image_id = index, self.caption_to_image[index]
+            try:
+                image = self.transform(load_image(self.image_path(image_id)))
+            except DataError as e:
+                if self.strict:
+                    raise
+                log.warning("skipping %s", e)
+                return None
+        return {
+            "image": image,
+            "caption": self.captions[caption_id],
+            "image_id": image_id,
+            "caption_id": self.caption_text_id[caption_id],
+        }
+
+
+class ImageListDataset(Dataset):
+    """Plain list of image paths for encoding (search, evaluation); unreadable files yield None."""
+
+    def __init__(self, paths: Sequence[str | Path], transform: Callable, strict: bool = False):
+        self.paths, self.transform, self.strict = [Path(p) for p in paths], transform, strict
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        try:
+            return index, self.transform(load_image(self.paths[index]))
+        except DataError as e:
+            if self.strict:
+                raise
+            log.warning("skipping %s", e)
+            return index, None
+
+
+def collate_indexed_images(items):
+    """-> (indices of the readable images, stacked images or None)."""
+    kept = [(i, im) for i, im in items if im is not None]
+    if not kept:
+        return torch.empty(0, dtype=torch.long), None
+    return torch.tensor([i for i, _ in kept]), torch.stack([im for _, im in kept])

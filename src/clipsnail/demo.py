@@ -1,0 +1,108 @@
+"""`clipsnail demo`: the whole CLIP pipeline on the built-in shapes data, on a CPU, in a few minutes.
+
+generate captioned shapes (purple triangles held out of training) -> train a small CLIP -> retrieval metrics on
+the test split -> zero-shot colour and shape classification -> text queries answered with 3x3 grids.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+QUERIES = ["a red circle", "a blue square", "two green triangles", "a large yellow star",
+           "a small orange circle", "a purple triangle"]
+HOLDOUT = [("purple", "triangle")]
+
+
+def demo_config(data_dir: Path, quick: bool):
+    from clipsnail.config import load_config
+    from clipsnail.tasks.clip import ClipConfig
+
+    overrides = [
+        f"data.captions={data_dir / 'captions.csv'}", f"data.images={data_dir / 'images'}",
+        f"data.split_file={data_dir / 'split.json'}", "train.batch_size=128", "train.log_every=10",
+        "train.checkpoint_every=100", "optim.lr=1e-3", "optim.warmup_steps=50",
+    ]
+    overrides += ["train.max_steps=30", "train.eval_every=0"] if quick else ["train.epochs=40"]
+    return load_config(ClipConfig, overrides=overrides)
+
+
+def run_demo(out: Path, quick: bool = False, progress: bool = True) -> dict:
+    from clipsnail.cli import shapes_judge, write_result_grid
+    from clipsnail.data.captions import group_by_image, read_captions, split_records
+    from clipsnail.data.shapes import generate_attribute_folder, generate_shapes
+    from clipsnail.engine import fit
+    from clipsnail.evaluate import (classification_metrics, encode_image_paths, encode_texts, retrieval_metrics,
+                                    semantic_retrieval_metrics, zero_shot_logits, zero_shot_weights)
+    from clipsnail.hub import load
+    from clipsnail.data.images import list_image_folder
+    from clipsnail.index import FolderEmbeddings
+    from clipsnail.tasks.clip import ClipTask
+
+    out.mkdir(parents=True, exist_ok=True)
+    data_dir, run_dir = out / "shapes", out / "run"
+    n_images = 600 if quick else 6000
+    if not (data_dir / "captions.csv").exists():
+        say(f"[1/5] rendering {n_images} captioned shape scenes into {data_dir} (purple triangles held out) ...")
+        generate_shapes(data_dir, n=n_images, size=32, seed=0, captions_per_image=3, holdout=HOLDOUT)
+    else:
+        say(f"[1/5] using the shapes data already in {data_dir}")
+
+    say(f"[2/5] training a small CLIP into {run_dir} (CPU; re-running continues from the checkpoint) ...")
+    cfg = demo_config(data_dir, quick)
+    result = fit(ClipTask(cfg, run_dir=run_dir), run_dir, progress=progress)
+    model = load(run_dir)
+
+    say("[3/5] retrieval on the held-out test split (includes the never-seen purple triangles) ...")
+    records = split_records(read_captions(data_dir / "captions.csv"), "test", split_file=data_dir / "split.json")
+    names, captions, c2i = group_by_image(records)
+    image_emb, _ = encode_image_paths(model, [data_dir / "images" / n for n in names], progress=False)
+    text_emb = encode_texts(model, captions)
+    metrics = retrieval_metrics(image_emb, text_emb, c2i, ks=(1, 5, 10))
+    judge = shapes_judge(data_dir / "images", names)
+    metrics.update(semantic_retrieval_metrics(image_emb, text_emb, captions, judge))
+
+    say("[4/5] zero-shot classification of single shapes by colour and by kind ...")
+    for attribute in ("color", "kind"):
+        folder = out / f"zeroshot_{attribute}"
+        if not folder.exists():
+            generate_attribute_folder(folder, attribute, n_per_class=20 if quick else 50, size=32, seed=1)
+        paths, labels, classes = list_image_folder(folder)
+        emb, _ = encode_image_paths(model, paths, progress=False)
+        prompts = [f"a {c} shape" if attribute == "color" else f"a {c}" for c in classes]
+        logits = zero_shot_logits(emb, zero_shot_weights(model, prompts, ["{}", "a picture of {}"]))
+        metrics[f"zeroshot_{attribute}_acc1"] = classification_metrics(logits, torch.tensor(labels))["acc1"]
+
+    say("[5/5] answering text queries over the test images ...")
+    test_dir = out / "test_images"
+    test_dir.mkdir(exist_ok=True)
+    for n in names:  # a folder of just the test images, so searches show images the model never trained on
+        link = test_dir / n
+        if not link.exists():
+            link.symlink_to((data_dir / "images" / n).resolve())
+    index = FolderEmbeddings.build(model, test_dir, cache_dir=run_dir / "embeddings", progress=False)
+    grids = []
+    for q in QUERIES:
+        hits = index.search(model.encode_text([q])[0], k=9)
+        grids.append(write_result_grid(out / "queries" / (q.replace(" ", "_") + ".png"), q, hits))
+
+    summary = {k: round(v, 4) for k, v in metrics.items() if "rank" not in k}
+    (out / "demo_metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    say("")
+    say(json.dumps(summary, indent=2))
+    say("")
+    say(f"trained {result.step} steps; model: {run_dir} (config.json, model.safetensors, tokenizer.json, "
+        f"metrics.jsonl, curves.png)")
+    say("query grids:\n" + "\n".join(f"  {g}" for g in grids))
+    say(f"try: clipsnail search --model {run_dir} --images {test_dir} \"a large blue star\" --grid star.png")
+    return summary
+
+
+def say(text: str) -> None:
+    print(text, file=sys.stdout, flush=True)

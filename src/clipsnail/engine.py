@@ -1,0 +1,479 @@
+"""The one training loop. Every task (CLIP, classification, PixelSNAIL, text-to-image) supplies only what differs
+(model, data, loss, evaluation); the engine owns the rest: optimiser groups, warmup + cosine schedule, mixed
+precision, gradient clipping, EMA, time budget, checkpoint/resume, logging and the progress bar.
+
+Resuming is exact: a run killed at any point (SIGKILL included) and restarted with the same command ends with
+the same weights as an uninterrupted run. That needs three things beyond model/optimiser state:
+- the data order is a pure function of (seed, epoch), and the checkpoint stores how many batches of the epoch
+  were consumed, so the sampler skips exactly those;
+- per-sample randomness (augmentation) is seeded from (seed, epoch, position), not from a global stream that
+  worker processes or skipped samples would perturb;
+- the global RNG states (dropout, drop-path) are checkpointed and restored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
+
+from clipsnail.config import TrainConfig, parse_duration
+from clipsnail.errors import ClipsnailError
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint/state.safetensors"
+
+
+class Task(Protocol):
+    """What a task gives the engine. `train_dataset[(index, seed)]` returns one sample (or None to skip it)."""
+
+    config: Any  # has .train (TrainConfig) and .optim (OptimConfig)
+    train_dataset: Dataset
+
+    def build_model(self) -> nn.Module: ...
+    def param_groups(self, model: nn.Module) -> list[dict]: ...  # [{"params": [(name, p), ...], "lr": x}, ...]
+    def collate(self, samples: list) -> dict: ...
+    def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]: ...
+    def after_optimizer_step(self, model: nn.Module) -> None: ...
+    def evaluate(self, model: nn.Module) -> dict[str, float]: ...
+    def save(self, model: nn.Module, run_dir: Path) -> None: ...  # config.json, model.safetensors, tokenizer...
+    def after_epoch(self, model: nn.Module, run_dir: Path, epoch: int) -> None: ...
+
+
+@dataclass
+class FitResult:
+    step: int
+    epoch: int
+    completed: bool  # False when the time budget stopped the run early
+    metrics: dict[str, float]
+    run_dir: Path
+
+
+# ----------------------------------------------------------------------------------------------- devices/precision
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """-> autocast dtype, or None for full fp32. bf16 on CPU is opt-in: it is slower without AMX units."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    table = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision not in table:
+        raise ClipsnailError(f"unknown precision {precision!r}; choose auto, fp32, bf16 or fp16")
+    if precision == "fp16" and device.type == "cpu":
+        raise ClipsnailError("precision fp16 needs a GPU; use bf16 on the CPU")
+    return table[precision]
+
+
+def move_to(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: move_to(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to(v, device) for v in batch)
+    return batch
+
+
+# ----------------------------------------------------------------------------------------------- data order
+
+
+class ResumableBatchSampler(Sampler):
+    """Batches of (index, sample_seed) in an order fixed by (seed, epoch); can start mid-epoch.
+
+    Drops the last incomplete batch: contrastive losses want full batches, and it keeps steps/epoch fixed.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, skip_batches: int = 0, shuffle: bool = True):
+        self.n, self.batch_size, self.seed, self.epoch = n, batch_size, seed, epoch
+        self.skip_batches, self.shuffle = skip_batches, shuffle
+
+    def __len__(self) -> int:
+        return max(self.n // self.batch_size - self.skip_batches, 0)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
+        seeds = torch.randint(0, 2**62, (self.n,), generator=g)
+        for b in range(self.skip_batches, self.n // self.batch_size):
+            sl = slice(b * self.batch_size, (b + 1) * self.batch_size)
+            yield list(zip(order[sl].tolist(), seeds[sl].tolist()))
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Run a block with torch's and python's global RNG seeded, restoring the outer state afterwards."""
+    py_state = random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+
+
+def steps_per_epoch(task: Task) -> int:
+    return len(task.train_dataset) // task.config.train.batch_size
+
+
+# ----------------------------------------------------------------------------------------------- optimiser
+
+
+def no_weight_decay(name: str, p: torch.Tensor) -> bool:
+    """Gains, biases, embeddings-like scalars and the temperature: decaying them only hurts (CLIP, open_clip)."""
+    return p.ndim < 2 or "logit_scale" in name or name.endswith(("bias", "pos_embed", "cls_token", "meta_tokens"))
+
+
+def build_optimizer(task: Task, model: nn.Module) -> torch.optim.Optimizer:
+    cfg = task.config.optim
+    groups = []
+    for group in task.param_groups(model):
+        params = [(n, p) for n, p in group["params"] if p.requires_grad]
+        decay = [p for n, p in params if not no_weight_decay(n, p)]
+        skip = [p for n, p in params if no_weight_decay(n, p)]
+        lr = group.get("lr", cfg.lr)
+        for ps, wd in ((decay, cfg.weight_decay), (skip, 0.0)):
+            if ps:
+                groups.append({"params": ps, "lr": lr, "weight_decay": wd, "name": group.get("name", "")})
+    if not groups:
+        raise ClipsnailError("nothing to train: every parameter is frozen")
+    fused = next(model.parameters()).device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
+
+
+def lr_lambda(warmup: int, total: int, schedule: str, min_ratio: float) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    if schedule not in ("cosine", "constant"):
+        raise ClipsnailError(f"unknown schedule {schedule!r}; choose cosine or constant")
+    return f
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+
+
+def flatten_state(obj: Any, tensors: dict[str, torch.Tensor], prefix: str = "") -> Any:
+    """Nested dicts/lists of tensors and plain values -> JSON skeleton + flat tensor dict (for safetensors)."""
+    if isinstance(obj, torch.Tensor):
+        key = prefix or "root"
+        tensors[key] = obj.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(obj, np.ndarray):
+        return {"__ndarray__": flatten_state(torch.from_numpy(obj.copy()), tensors, prefix)}
+    if isinstance(obj, dict):
+        if not all(isinstance(k, (str, int)) for k in obj):
+            raise TypeError(f"cannot checkpoint dict keys at {prefix!r}")
+        return {"__dict__": [[k, flatten_state(v, tensors, f"{prefix}.{k}")] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        items = [flatten_state(v, tensors, f"{prefix}.{i}") for i, v in enumerate(obj)]
+        return {"__tuple__": items} if isinstance(obj, tuple) else items
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot checkpoint {type(obj).__name__} at {prefix!r}")
+
+
+def unflatten_state(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__ndarray__" in obj:
+            return unflatten_state(obj["__ndarray__"], tensors).numpy()
+        if "__dict__" in obj:
+            return {k: unflatten_state(v, tensors) for k, v in obj["__dict__"]}
+        if "__tuple__" in obj:
+            return tuple(unflatten_state(v, tensors) for v in obj["__tuple__"])
+    if isinstance(obj, list):
+        return [unflatten_state(v, tensors) for v in obj]
+    return obj
+
+
+def save_state(path: Path, state: dict) -> None:
+    """One safetensors file (tensors + JSON skeleton in its metadata), written to a temp name then renamed, so a
+    kill at any moment leaves either the previous checkpoint or the new one, never half of one."""
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = flatten_state(state, tensors)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file(tensors, str(tmp), metadata={"state": json.dumps(skeleton)})
+    os.replace(tmp, path)
+
+
+def load_state(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        skeleton = json.loads(f.metadata()["state"])
+    return unflatten_state(skeleton, load_file(str(path)))
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    v, internal, gauss = state["python"]
+    random.setstate((v, tuple(internal), gauss))
+    np.random.set_state(tuple(state["numpy"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_weights(model: nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
+    """model.safetensors, atomically. Tied/shared tensors are cloned (safetensors refuses shared storage)."""
+    state = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file(state, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------- the loop
+
+
+class MetricsLog:
+    """metrics.jsonl (always) and TensorBoard (when installed)."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / "metrics.jsonl"
+        self.tb = None
+        with contextlib.suppress(Exception):  # tensorboard is optional
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if k not in ("step", "epoch") and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop records written after the checkpoint so the log reads as one uninterrupted run."""
+        if not self.path.exists():
+            return
+        keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        atomic_write_text(self.path, "".join(ln + "\n" for ln in keep))
+
+
+def fit(task: Task, run_dir: str | Path, progress: bool = True,
+        on_step: Callable[[int], None] | None = None) -> FitResult:
+    """Train `task` into `run_dir`, resuming from `run_dir/checkpoint` when present."""
+    cfg: TrainConfig = task.config.train
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    amp_dtype = resolve_precision(cfg.precision, device)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed % 2**32)
+
+    model = task.build_model().to(device)
+    optimizer = build_optimizer(task, model)
+    per_epoch = steps_per_epoch(task)
+    if per_epoch == 0:
+        raise ClipsnailError(
+            f"the training set has {len(task.train_dataset)} samples, fewer than one batch of {cfg.batch_size}: "
+            "lower --set batch_size or add data"
+        )
+    total_steps = cfg.max_steps or cfg.epochs * per_epoch
+    epochs = math.ceil(total_steps / per_epoch)
+    o = task.config.optim
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(min(o.warmup_steps, total_steps), total_steps, o.schedule, o.min_lr_ratio)
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    ema = None
+    if cfg.ema_decay > 0:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(model, decay=cfg.ema_decay)
+
+    metrics_log = MetricsLog(run_dir)
+    step, batches_done_in_epoch, start_epoch = 0, 0, 0
+    ckpt_path = run_dir / CHECKPOINT
+    if ckpt_path.exists():
+        state = load_state(ckpt_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        if ema is not None and "ema" in state:
+            ema.module.load_state_dict(state["ema"])
+        set_rng_state(state["rng"])
+        step, start_epoch, batches_done_in_epoch = state["step"], state["epoch"], state["batches_done_in_epoch"]
+        metrics_log.truncate_after(step)
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt_path, step, start_epoch,
+                 batches_done_in_epoch)
+    train_model = torch.compile(model) if cfg.compile else model
+
+    def checkpoint(epoch: int, batches_done: int) -> None:
+        state = {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), "rng": rng_state(), "step": step, "epoch": epoch,
+            "batches_done_in_epoch": batches_done,
+        }
+        if ema is not None:
+            state["ema"] = ema.module.state_dict()
+        save_state(ckpt_path, state)
+
+    def eval_model() -> nn.Module:
+        return ema.module if ema is not None else model
+
+    budget = parse_duration(cfg.time_budget)
+    started = time.monotonic()
+    out_of_time = False
+    metrics: dict[str, float] = {}
+    bar = tqdm(total=total_steps, initial=step, disable=not progress, dynamic_ncols=True, desc="train")
+    last_log = time.monotonic()
+    samples_since_log = 0
+    epoch = start_epoch
+    for epoch in range(start_epoch, epochs):
+        if step >= total_steps:
+            break
+        skip = batches_done_in_epoch if epoch == start_epoch else 0
+        loader = DataLoader(
+            task.train_dataset,
+            batch_sampler=ResumableBatchSampler(len(task.train_dataset), cfg.batch_size, cfg.seed, epoch, skip),
+            collate_fn=task.collate,
+            num_workers=cfg.num_workers,
+            # Its own generator: creating the loader must not draw from the global RNG that resume restores.
+            generator=torch.Generator().manual_seed(cfg.seed + epoch),
+            pin_memory=device.type == "cuda",
+            persistent_workers=False,
+        )
+        model.train()
+        batch_index = skip
+        for batch in loader:
+            batch = move_to(batch, device)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                loss, logs = task.loss(train_model, batch)
+            if not torch.isfinite(loss):
+                raise ClipsnailError(f"loss became {loss.item()} at step {step}: lower the learning rate")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if o.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip).item()
+                logs.setdefault("grad_norm", grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            task.after_optimizer_step(model)
+            if ema is not None:
+                ema.update(model, step=step)
+            step += 1
+            batch_index += 1
+            samples_since_log += cfg.batch_size
+            lr = optimizer.param_groups[0]["lr"]
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", refresh=False)
+            if step % cfg.log_every == 0 or step == total_steps:
+                now = time.monotonic()
+                record = {"step": step, "epoch": epoch, "loss": loss.item(), "lr": lr,
+                          "samples_per_s": samples_since_log / max(now - last_log, 1e-9)}
+                record.update({k: float(v) for k, v in logs.items()})
+                metrics_log.write(record)
+                last_log, samples_since_log = now, 0
+            if on_step is not None:
+                on_step(step)
+            if step >= total_steps:
+                break
+            if step % cfg.checkpoint_every == 0:
+                checkpoint(epoch, batch_index)
+            if budget is not None and time.monotonic() - started > budget:
+                out_of_time = True
+                break
+        epoch_done = batch_index >= per_epoch or step >= total_steps
+        if out_of_time and not epoch_done:
+            checkpoint(epoch, batch_index)
+            break
+        last_epoch = step >= total_steps
+        if last_epoch or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
+            metrics = task.evaluate(eval_model())
+            if metrics:
+                metrics_log.write({"step": step, "epoch": epoch, **{f"eval/{k}": v for k, v in metrics.items()}})
+                log.info("epoch %d step %d: %s", epoch, step, _fmt(metrics))
+        task.after_epoch(eval_model(), run_dir, epoch)
+        checkpoint(epoch + 1, 0)
+        task.save(eval_model(), run_dir)
+        if out_of_time:
+            break
+    bar.close()
+    completed = step >= total_steps
+    task.save(eval_model(), run_dir)
+    if out_of_time and not completed:
+        log.info("time budget %s spent at step %d of %d; run the same command again to continue",
+                 cfg.time_budget, step, total_steps)
+    _plot_curves(run_dir)
+    return FitResult(step=step, epoch=epoch, completed=completed, metrics=metrics, run_dir=run_dir)
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+
+
+def _plot_curves(run_dir: Path) -> None:
+    from clipsnail.plots import plot_training_curves
+
+    try:
+        plot_training_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
+    except Exception as e:  # a plot must never lose a finished run
+        log.warning("could not plot training curves: %s", e)
+
+
+def param_groups_by_prefix(model: nn.Module, lrs: Sequence[tuple[str, tuple[str, ...], float | None]],
+                           default_lr: float) -> list[dict]:
+    """Split parameters into named groups by name prefix, each with its own lr (None: default_lr)."""
+    groups = {name: {"name": name, "params": [], "lr": lr or default_lr} for name, _, lr in lrs}
+    rest = {"name": "other", "params": [], "lr": default_lr}
+    for n, p in model.named_parameters():
+        for name, prefixes, _ in lrs:
+            if n.startswith(prefixes):
+                groups[name]["params"].append((n, p))
+                break
+        else:
+            rest["params"].append((n, p))
+    return [g for g in [*groups.values(), rest] if g["params"]]

@@ -1,0 +1,150 @@
+"""Evaluation: retrieval recall@k (clip_benchmark definitions), zero-shot classification, encoding helpers.
+
+Retrieval with several captions per image (DESIGN.md contract):
+- image_retrieval_recall@k (text -> image): per caption, is its image among the top k images; mean over captions.
+- text_retrieval_recall@k (image -> text): per image, is ANY of its captions among the top k captions; mean over
+  images.
+Ranks count only strictly better candidates, so ties are resolved in the model's favour (as topk does).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from clipsnail.data.datasets import ImageListDataset, collate_indexed_images
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def encode_image_paths(model, paths: Sequence[str | Path], batch_size: int = 256, num_workers: int = 0,
+                       progress: bool = True, strict: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (embeddings [N, D] float32 on CPU, readable [N] bool). Rows of unreadable images are zero."""
+    model.eval()
+    dataset = ImageListDataset(paths, model.preprocess, strict=strict)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_indexed_images)
+    out, readable = None, torch.zeros(len(paths), dtype=torch.bool)
+    for idx, images in tqdm(loader, desc="encode images", disable=not progress, unit="batch"):
+        if images is None:
+            continue
+        emb = model.encode_image(images).float().cpu()
+        if out is None:
+            out = torch.zeros(len(paths), emb.shape[1])
+        out[idx], readable[idx] = emb, True
+    if out is None:
+        out = torch.zeros(len(paths), model.cfg.embed_dim)
+    if (~readable).any():
+        log.warning("%d of %d images could not be read and were skipped", int((~readable).sum()), len(paths))
+    return out, readable
+
+
+@torch.no_grad()
+def encode_texts(model, texts: Sequence[str], batch_size: int = 1024) -> torch.Tensor:
+    model.eval()
+    chunks = [model.encode_text(list(texts[i: i + batch_size])).float().cpu() for i in range(0, len(texts), batch_size)]
+    return torch.cat(chunks) if chunks else torch.zeros(0, model.cfg.embed_dim)
+
+
+def retrieval_ranks(image_emb: torch.Tensor, text_emb: torch.Tensor, caption_to_image: torch.Tensor,
+                    chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (rank of the right image for each caption [T], best rank of any own caption for each image [N]), 1-based."""
+    caption_to_image = torch.as_tensor(caption_to_image)
+    n_images = image_emb.shape[0]
+    text_ranks = []
+    best_positive = torch.full((n_images,), -float("inf"))
+    for s in range(0, text_emb.shape[0], chunk):
+        sim = text_emb[s: s + chunk] @ image_emb.T  # [t, N]
+        own = caption_to_image[s: s + chunk]
+        correct = sim.gather(1, own[:, None])
+        text_ranks.append((sim > correct).sum(dim=1) + 1)
+        best_positive.scatter_reduce_(0, own, correct[:, 0], reduce="amax")
+    image_ranks = torch.zeros(n_images, dtype=torch.long)
+    for s in range(0, text_emb.shape[0], chunk):
+        sim = text_emb[s: s + chunk] @ image_emb.T
+        image_ranks += (sim > best_positive[None, :]).sum(dim=0)  # texts beating the best own caption: negatives
+    return torch.cat(text_ranks), image_ranks + 1
+
+
+def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, caption_to_image,
+                      ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    text_ranks, image_ranks = retrieval_ranks(image_emb, text_emb, torch.as_tensor(caption_to_image))
+    metrics = {}
+    for k in ks:
+        metrics[f"image_retrieval_recall@{k}"] = (text_ranks <= k).float().mean().item()
+    for k in ks:
+        metrics[f"text_retrieval_recall@{k}"] = (image_ranks <= k).float().mean().item()
+    metrics["image_retrieval_mean_rank"] = text_ranks.float().mean().item()
+    metrics["image_retrieval_median_rank"] = text_ranks.float().median().item()
+    metrics["text_retrieval_mean_rank"] = image_ranks.float().mean().item()
+    metrics["text_retrieval_median_rank"] = image_ranks.float().median().item()
+    return metrics
+
+
+def semantic_retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, captions: Sequence[str],
+                               judge: Callable[[int, str], bool], ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """semantic_image_retrieval_recall@k: a hit when any of the top-k images satisfies the caption per `judge`
+    (image index, caption) -> bool, e.g. the shapes scene checker. Only the top max(ks) images are judged."""
+    top = (text_emb @ image_emb.T).topk(min(max(ks), image_emb.shape[0]), dim=1).indices
+    first_hit = []
+    for t, caption in enumerate(captions):
+        hit = next((r for r, i in enumerate(top[t].tolist()) if judge(i, caption)), None)
+        first_hit.append(float("inf") if hit is None else hit + 1)
+    first_hit = torch.tensor(first_hit)
+    return {f"semantic_image_retrieval_recall@{k}": (first_hit <= k).float().mean().item() for k in ks}
+
+
+# ----------------------------------------------------------------------------------------------- zero-shot
+
+
+def default_templates() -> list[str]:
+    path = Path(__file__).with_name("templates.txt")
+    return [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+
+
+def read_templates(path: str | Path) -> list[str]:
+    from clipsnail.errors import DataError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: templates file not found")
+    templates = [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    for n, t in enumerate(templates, 1):
+        if "{}" not in t:
+            raise DataError(f"{path}: template {n} {t!r} has no '{{}}' for the class name")
+    if not templates:
+        raise DataError(f"{path}: no templates")
+    return templates
+
+
+@torch.no_grad()
+def zero_shot_weights(model, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+    """CLIP's prompt ensemble: per class, mean of the normalised template embeddings, normalised again."""
+    weights = []
+    for name in classnames:
+        emb = encode_texts(model, [t.format(name) for t in templates])
+        weights.append(torch.nn.functional.normalize(emb.mean(dim=0), dim=-1))
+    return torch.stack(weights)
+
+
+def zero_shot_logits(image_emb: torch.Tensor, class_weights: torch.Tensor) -> torch.Tensor:
+    return 100.0 * image_emb @ class_weights.T  # CLIP's fixed zero-shot scale
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, top: int = 5) -> dict[str, float]:
+    """acc1, acc{top} (top capped at the number of classes) and mean per-class recall."""
+    labels = torch.as_tensor(labels)
+    k = min(top, logits.shape[1])
+    topk = logits.topk(k, dim=1).indices
+    correct1 = topk[:, 0] == labels
+    recalls = [correct1[labels == c].float().mean() for c in labels.unique()]
+    return {
+        "acc1": correct1.float().mean().item(),
+        f"acc{top}": (topk == labels[:, None]).any(dim=1).float().mean().item(),
+        "mean_per_class_recall": torch.stack(recalls).mean().item(),
+    }

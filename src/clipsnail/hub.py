@@ -1,0 +1,79 @@
+"""Run directories: `config.json` + `model.safetensors` (+ `tokenizer.json`), and `load` to get a model back.
+
+Weights only ever travel as safetensors: nothing here unpickles a file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from clipsnail.config import from_dict, to_dict
+from clipsnail.engine import atomic_write_text, save_weights
+from clipsnail.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+def save_run(run_dir: str | Path, task: str, config, model: torch.nn.Module, tokenizer=None) -> None:
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_weights(model, run_dir / "model.safetensors", metadata={"task": task})
+    if tokenizer is not None:
+        tmp = run_dir / ".tokenizer.json.tmp"
+        tokenizer.save(tmp)
+        tmp.replace(run_dir / "tokenizer.json")
+    atomic_write_text(run_dir / "config.json", json.dumps({"task": task, **to_dict(config)}, indent=2) + "\n")
+
+
+def read_run_config(run_dir: str | Path) -> tuple[str, dict]:
+    run_dir = Path(run_dir)
+    path = run_dir / "config.json"
+    if not run_dir.is_dir():
+        raise DataError(f"{run_dir}: run directory not found")
+    if not path.is_file():
+        raise DataError(f"{run_dir}: not a run directory (no config.json)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: invalid JSON ({e})") from e
+    task = data.pop("task", None)
+    if task is None:
+        raise DataError(f"{path}: no 'task' key")
+    return task, data
+
+
+def load(run_dir: str | Path, device: str | torch.device = "cpu"):
+    """The model of a run directory, in eval mode, ready for inference.
+
+    CLIP runs return a `clipsnail.models.CLIP` with its tokenizer and preprocess attached, so that
+    `model.encode_text(["a red circle"])` and `model.encode_image([pil_image])` work directly.
+    """
+    run_dir = Path(run_dir)
+    task, data = read_run_config(run_dir)
+    if task == "clip":
+        from clipsnail.data.tokenizers import TextTokenizer
+        from clipsnail.data.transforms import eval_transform
+        from clipsnail.models.clip import CLIP
+        from clipsnail.tasks.clip import ClipConfig
+
+        cfg = from_dict(ClipConfig, data)
+        model = CLIP(cfg.model)
+        model.tokenizer = TextTokenizer.load(run_dir / "tokenizer.json")
+        model.preprocess = eval_transform(cfg.model.image_size, cfg.model.image_mean, cfg.model.image_std)
+        model.config = cfg
+    else:
+        raise DataError(f"{run_dir}/config.json: unknown task {task!r}")
+    weights = run_dir / "model.safetensors"
+    if not weights.is_file():
+        raise DataError(f"{run_dir}: no model.safetensors")
+    try:
+        state = load_file(str(weights))
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+        raise DataError(f"{weights}: cannot read weights ({e})") from e
+    model.load_state_dict(state, strict=True)
+    return model.to(device).eval()

@@ -1,0 +1,162 @@
+"""CLIP (Radford et al. 2021): an image tower and a text tower projected into one space, compared by cosine.
+
+Towers: the small ViT of `vit.py` ("vit"), or any timm model by name ("timm:resnet18", "lemevit_tiny", ...);
+the text tower is the causal Transformer of `text.py`. Projections: a linear map as in the paper, or seed 000's
+projection head (Linear-GELU-Linear-Dropout + residual, LayerNorm). The temperature is learned as
+`logit_scale = log(1/0.07)` and its exp is clamped to 100 by the training task after each step (open_clip).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clipsnail.models.text import TextTransformer
+from clipsnail.models.vit import VisionTransformer
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class ClipModelConfig:
+    image_encoder: str = "vit"  # "vit", or a timm model name, optionally prefixed "timm:"
+    pretrained: bool = False  # timm towers only: load timm's weights (needs a download on first use)
+    image_size: int = 32
+    patch_size: int = 4
+    vision_width: int = 192
+    vision_depth: int = 4
+    vision_heads: int = 3
+    vision_pool: str = "cls"
+    drop_path_rate: float = 0.0
+    text_width: int = 192
+    text_depth: int = 4
+    text_heads: int = 3
+    text_dropout: float = 0.0
+    vocab_size: int = 0  # filled from the tokenizer
+    context_length: int = 32  # filled from the tokenizer
+    eot_id: int = 2
+    embed_dim: int = 128
+    projection: str = "linear"  # "linear" (paper) or "head" (seed 000)
+    projection_dropout: float = 0.1
+    init_logit_scale: float = math.log(1 / 0.07)
+    image_mean: tuple[float, float, float] = OPENAI_MEAN
+    image_std: tuple[float, float, float] = OPENAI_STD
+
+
+class ProjectionHead(nn.Module):
+    """Seed 000's head: a linear projection plus a GELU MLP residual, then LayerNorm."""
+
+    def __init__(self, in_dim: int, out_dim: int, dropout: float = 0.1):
+        super().__init__()
+        self.projection = nn.Linear(in_dim, out_dim)
+        self.fc = nn.Sequential(nn.GELU(), nn.Linear(out_dim, out_dim), nn.Dropout(dropout))
+        self.norm = nn.LayerNorm(out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        projected = self.projection(x)
+        return self.norm(projected + self.fc(projected))
+
+
+def build_projection(kind: str, in_dim: int, out_dim: int, dropout: float) -> nn.Module:
+    if kind == "linear":
+        proj = nn.Linear(in_dim, out_dim, bias=False)
+        nn.init.normal_(proj.weight, std=in_dim**-0.5)  # CLIP: unit-variance outputs for unit-variance inputs
+        return proj
+    if kind == "head":
+        return ProjectionHead(in_dim, out_dim, dropout)
+    raise ValueError(f"unknown projection {kind!r}; choose 'linear' or 'head'")
+
+
+def build_image_tower(cfg: ClipModelConfig) -> nn.Module:
+    if cfg.image_encoder == "vit":
+        return VisionTransformer(
+            image_size=cfg.image_size,
+            patch_size=cfg.patch_size,
+            width=cfg.vision_width,
+            depth=cfg.vision_depth,
+            heads=cfg.vision_heads,
+            pool=cfg.vision_pool,
+            drop_path_rate=cfg.drop_path_rate,
+        )
+    import timm
+
+    import clipsnail.models  # noqa: F401  (registers our own timm models, e.g. LeMeViT)
+
+    name = cfg.image_encoder.removeprefix("timm:")
+    kwargs = {"num_classes": 0, "pretrained": cfg.pretrained}
+    if cfg.drop_path_rate:
+        kwargs["drop_path_rate"] = cfg.drop_path_rate
+    try:  # transformers need the input size up front; convnets take any size and reject the keyword
+        return timm.create_model(name, img_size=cfg.image_size, **kwargs)
+    except TypeError:
+        return timm.create_model(name, **kwargs)
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            raise ValueError(f"unknown image_encoder {cfg.image_encoder!r} (not 'vit' nor a timm model)") from e
+        raise
+
+
+class CLIP(nn.Module):
+    def __init__(self, cfg: ClipModelConfig):
+        super().__init__()
+        if cfg.vocab_size <= 0:
+            raise ValueError("ClipModelConfig.vocab_size must be set (from the tokenizer)")
+        self.cfg = cfg
+        self.visual = build_image_tower(cfg)
+        self.text = TextTransformer(
+            vocab_size=cfg.vocab_size,
+            context_length=cfg.context_length,
+            width=cfg.text_width,
+            depth=cfg.text_depth,
+            heads=cfg.text_heads,
+            eot_id=cfg.eot_id,
+            dropout=cfg.text_dropout,
+        )
+        self.image_projection = build_projection(
+            cfg.projection, self.visual.num_features, cfg.embed_dim, cfg.projection_dropout
+        )
+        self.text_projection = build_projection(cfg.projection, cfg.text_width, cfg.embed_dim, cfg.projection_dropout)
+        self.logit_scale = nn.Parameter(torch.tensor(cfg.init_logit_scale))
+        # Attached by `clipsnail.load` / the training task so that encode_* accept raw strings and PIL images.
+        self.tokenizer = None
+        self.preprocess = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.logit_scale.device
+
+    def encode_image(self, images, normalize: bool = True) -> torch.Tensor:
+        """Images as a preprocessed [B, 3, H, W] tensor, or a list of PIL images / paths (preprocessed here)."""
+        if not isinstance(images, torch.Tensor):
+            images = self._preprocess_images(images)
+        features = self.image_projection(self.visual(images.to(self.device)))
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def encode_text(self, texts: Sequence[str] | torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Captions as a list of strings (tokenised with the run's tokenizer) or a [B, L] token tensor."""
+        if not isinstance(texts, torch.Tensor):
+            if self.tokenizer is None:
+                raise RuntimeError("this CLIP model has no tokenizer attached; pass token ids or use clipsnail.load")
+            texts = self.tokenizer(texts)
+        features = self.text_projection(self.text(texts.to(self.device)))
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor):
+        """-> (L2-normalised image embeddings, L2-normalised text embeddings, exp(logit_scale))."""
+        return self.encode_image(images), self.encode_text(tokens), self.logit_scale.exp()
+
+    def _preprocess_images(self, images) -> torch.Tensor:
+        from clipsnail.data.images import load_image
+
+        if self.preprocess is None:
+            raise RuntimeError("this CLIP model has no preprocess transform attached; pass a tensor")
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        pil = [load_image(im) if isinstance(im, (str, bytes)) or hasattr(im, "__fspath__") else im for im in images]
+        return torch.stack([self.preprocess(im) for im in pil])

@@ -1,0 +1,60 @@
+"""The CLIP text tower: a causal Transformer whose sentence embedding is the state at the <eot> token.
+
+With a causal mask the <eot> state has read the whole caption, and padding after <eot> cannot reach it, so no
+padding mask is needed (as in CLIP). The input is a [B, L] LongTensor from `clipsnail.data.tokenizers`.
+"""
+
+from __future__ import annotations
+
+import torch
+from timm.layers import trunc_normal_
+from torch import nn
+
+from clipsnail.layers import TransformerBlock
+
+
+class TextTransformer(nn.Module):
+    def __init__(
+        self,
+        vocab_size: int,
+        context_length: int = 32,
+        width: int = 256,
+        depth: int = 4,
+        heads: int = 4,
+        mlp_ratio: float = 4.0,
+        eot_id: int = 2,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.context_length, self.eot_id = context_length, eot_id
+        self.num_features = width
+        self.token_embedding = nn.Embedding(vocab_size, width)
+        self.pos_embed = nn.Parameter(torch.zeros(1, context_length, width))
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(TransformerBlock(width, heads, mlp_ratio, drop=dropout) for _ in range(depth))
+        self.ln_final = nn.LayerNorm(width)
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.pos_embed, std=0.01)
+        for name, p in self.named_parameters():
+            if name.endswith(("qkv.weight", "fc1.weight")):
+                trunc_normal_(p, std=0.02)
+            elif name.endswith(("proj.weight", "fc2.weight")):
+                # GPT-2: residual-branch outputs scaled by depth so the residual stream keeps unit variance.
+                trunc_normal_(p, std=0.02 / (2 * depth) ** 0.5)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+
+    def forward_features(self, tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.shape[1] > self.context_length:
+            raise ValueError(f"token sequence of length {tokens.shape[1]} exceeds context {self.context_length}")
+        x = self.drop(self.token_embedding(tokens) + self.pos_embed[:, : tokens.shape[1]])
+        for block in self.blocks:
+            x = block(x, causal=True)
+        return self.ln_final(x)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.forward_features(tokens)
+        is_eot = tokens == self.eot_id
+        # argmax finds the first <eot>; a row without one (a caller's own tokens) pools its last position.
+        eot = torch.where(is_eot.any(dim=1), is_eot.int().argmax(dim=1), tokens.shape[1] - 1)
+        return x[torch.arange(x.shape[0], device=x.device), eot]

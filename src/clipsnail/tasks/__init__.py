@@ -1,0 +1,1 @@
+"""Tasks wire a model, its data, loss and evaluation into the one training engine."""
