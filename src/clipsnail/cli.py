@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import sys
@@ -115,7 +116,8 @@ def cmd_clip_train(args) -> None:
 
 
 def _example_batch(task):
-    yield task.collate([task.train_dataset[(i, i)] for i in range(min(2, len(task.train_dataset)))])
+    readable = (task.train_dataset[(i, i)] for i in range(len(task.train_dataset)))
+    yield task.collate(list(itertools.islice((s for s in readable if s is not None), 2)))
 
 
 def cmd_clip_summary(args) -> None:
@@ -231,9 +233,10 @@ def cmd_search(args) -> None:
     if bool(args.query) == bool(args.image):
         raise ClipsnailError("search needs exactly one of: a text query, or --image FILE")
     model = load(args.model, device=args.device)
+    # The query first: a bad query image must fail before minutes of encoding the folder.
+    query = (model.encode_image([args.image]) if args.image else model.encode_text([args.query]))[0]
     embeddings = FolderEmbeddings.build(model, args.images, cache_dir=Path(args.model) / "embeddings",
                                         progress=not args.no_progress)
-    query = (model.encode_image([args.image]) if args.image else model.encode_text([args.query]))[0]
     hits = embeddings.search(query, args.k)
     if args.grid:
         write_result_grid(args.grid, args.query or f"like {Path(args.image).name}", hits)

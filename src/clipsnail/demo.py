@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -18,6 +19,7 @@ log = logging.getLogger(__name__)
 QUERIES = ["a red circle", "a blue square", "two green triangles", "a large yellow star",
            "a small orange circle", "a purple triangle"]
 HOLDOUT = [("purple", "triangle")]
+DEMO_STEPS = int(os.environ.get("CLIPSNAIL_DEMO_STEPS", 300))
 
 
 def demo_config(data_dir: Path, quick: bool):
@@ -27,9 +29,10 @@ def demo_config(data_dir: Path, quick: bool):
     overrides = [
         f"data.captions={data_dir / 'captions.csv'}", f"data.images={data_dir / 'images'}",
         f"data.split_file={data_dir / 'split.json'}", "train.batch_size=128", "train.log_every=10",
-        "train.checkpoint_every=100", "optim.lr=1e-3", "optim.warmup_steps=50",
+        "train.checkpoint_every=100", "optim.lr=1e-3", "optim.warmup_steps=50", "model.patch_size=8",
+        "data.context_length=24", "train.eval_every=0",
     ]
-    overrides += ["train.max_steps=30", "train.eval_every=0"] if quick else ["train.epochs=40"]
+    overrides += ["train.max_steps=30"] if quick else [f"train.max_steps={DEMO_STEPS}"]
     return load_config(ClipConfig, overrides=overrides)
 
 

@@ -14,6 +14,7 @@ the same weights as an uninterrupted run. That needs three things beyond model/o
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -48,7 +49,7 @@ class Task(Protocol):
 
     def build_model(self) -> nn.Module: ...
     def param_groups(self, model: nn.Module) -> list[dict]: ...  # [{"params": [(name, p), ...], "lr": x}, ...]
-    def collate(self, samples: list) -> dict: ...
+    def collate(self, samples: list) -> dict | None: ...  # None: nothing usable in this batch
     def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]: ...
     def after_optimizer_step(self, model: nn.Module) -> None: ...
     def evaluate(self, model: nn.Module) -> dict[str, float]: ...
@@ -319,7 +320,6 @@ def fit(task: Task, run_dir: str | Path, progress: bool = True,
             "lower --set batch_size or add data"
         )
     total_steps = cfg.max_steps or cfg.epochs * per_epoch
-    epochs = math.ceil(total_steps / per_epoch)
     o = task.config.optim
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(min(o.warmup_steps, total_steps), total_steps, o.schedule, o.min_lr_ratio)
@@ -370,7 +370,7 @@ def fit(task: Task, run_dir: str | Path, progress: bool = True,
     last_log = time.monotonic()
     samples_since_log = 0
     epoch = start_epoch
-    for epoch in range(start_epoch, epochs):
+    for epoch in itertools.count(start_epoch):
         if step >= total_steps:
             break
         skip = batches_done_in_epoch if epoch == start_epoch else 0
@@ -387,6 +387,9 @@ def fit(task: Task, run_dir: str | Path, progress: bool = True,
         model.train()
         batch_index = skip
         for batch in loader:
+            batch_index += 1
+            if batch is None:  # every sample unreadable (and skipped, counted by the task)
+                continue
             batch = move_to(batch, device)
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 loss, logs = task.loss(train_model, batch)
@@ -405,7 +408,6 @@ def fit(task: Task, run_dir: str | Path, progress: bool = True,
             if ema is not None:
                 ema.update(model, step=step)
             step += 1
-            batch_index += 1
             samples_since_log += cfg.batch_size
             lr = optimizer.param_groups[0]["lr"]
             bar.update(1)

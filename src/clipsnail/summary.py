@@ -20,8 +20,14 @@ def model_summary(model: nn.Module, example_inputs: tuple | None = None, depth: 
     hooks = []
     modules = [(n, m) for n, m in model.named_modules() if n and n.count(".") < depth]
     if example_inputs is not None:
+        def record(name):
+            def hook(module, inputs, output):  # must return None: a returned value replaces the output
+                shapes.setdefault(name, _shape(output))
+
+            return hook
+
         for name, module in modules:
-            hooks.append(module.register_forward_hook(lambda m, i, o, name=name: shapes.setdefault(name, _shape(o))))
+            hooks.append(module.register_forward_hook(record(name)))
         was_training = model.training
         model.eval()
         try:

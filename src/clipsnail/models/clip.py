@@ -127,6 +127,13 @@ class CLIP(nn.Module):
         self.tokenizer = None
         self.preprocess = None
 
+    def __setattr__(self, name, value):
+        # Inference helpers, not submodules: no weights, never in state_dict or the summary table.
+        if name in ("tokenizer", "preprocess"):
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
     @property
     def device(self) -> torch.device:
         return self.logit_scale.device

@@ -130,9 +130,11 @@ class ClipTask:
             ("heads", ("image_projection.", "text_projection.", "logit_scale"), ft.head_lr),
         ], self.config.optim.lr)
 
-    def collate(self, samples: list) -> dict:
+    def collate(self, samples: list) -> dict | None:
         kept = [s for s in samples if s is not None]
         self.train_dataset.skipped += len(samples) - len(kept)
+        if not kept:
+            return None
         return {
             "images": torch.stack([s["image"] for s in kept]),
             "tokens": self.tokenizer([s["caption"] for s in kept]),

@@ -1,0 +1,114 @@
+"""Finding and decoding image files: plain folders, class-subfolder layouts, one image at a time."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from clipsnail.errors import DataError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def _is_image_name(name: str) -> bool:
+    # Hidden files include macOS "._x.jpg" resource forks, which carry an image extension but no image.
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _require_dir(root: Path) -> None:
+    if not root.exists():
+        raise DataError(f"{root}: no such directory")
+    if not root.is_dir():
+        raise DataError(f"{root}: not a directory")
+
+
+def _no_images(root: Path) -> DataError:
+    return DataError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
+
+
+def list_images(root: str | Path, recursive: bool = True) -> list[Path]:
+    """Image files under `root` (by extension; hidden files and folders skipped), sorted."""
+    root = Path(root)
+    _require_dir(root)
+    found: list[Path] = []
+    if recursive:
+        seen = set()
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+            # Symlinked folders are followed (photo libraries use them), but each real folder only once,
+            # so a link back to a parent cannot loop forever.
+            real = os.path.realpath(dirpath)
+            if real in seen:
+                dirnames[:] = []
+                continue
+            seen.add(real)
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            found += [Path(dirpath) / f for f in filenames if _is_image_name(f)]
+    else:
+        found = [p for p in root.iterdir() if _is_image_name(p.name) and p.is_file()]
+    if not found:
+        raise _no_images(root)
+    return sorted(found)
+
+
+def list_image_folder(root: str | Path) -> tuple[list[Path], list[int], list[str]]:
+    """A class-subfolder layout `root/<class>/**/<image>`: (paths, labels, sorted class names).
+
+    Class folders without images are skipped with a warning, so labels index the returned class names.
+    """
+    root = Path(root)
+    _require_dir(root)
+    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not class_dirs:
+        raise DataError(f"{root}: no class folders (expected {root}/<class>/<image>)")
+    paths: list[Path] = []
+    labels: list[int] = []
+    classes: list[str] = []
+    for d in class_dirs:
+        try:
+            images = list_images(d)
+        except DataError:
+            log.warning("%s: no images; class %r skipped", d, d.name)
+            continue
+        paths += images
+        labels += [len(classes)] * len(images)
+        classes.append(d.name)
+    if not classes:
+        raise DataError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) found in its class folders")
+    return paths, labels, classes
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        # Transparent pixels keep arbitrary colour values underneath; composite on white as viewers show them.
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        background.alpha_composite(rgba)
+        return background.convert("RGB")
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """The image at `path`, fully decoded, upright (EXIF orientation applied), RGB."""
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            # A decompression bomb is a bad file in a corpus, not a warning to scroll past.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()
+                ImageOps.exif_transpose(im, in_place=True)
+                return _to_rgb(im)
+    except Exception as e:  # decoders raise many types (OSError, SyntaxError, EOFError, struct.error...)
+        if isinstance(e, UnidentifiedImageError):
+            reason = "not an image, or an unsupported format"
+        elif isinstance(e, OSError) and e.strerror:
+            reason = e.strerror
+        else:
+            reason = str(e) or type(e).__name__
+        raise DataError(f"{path}: cannot read image: {reason}") from e

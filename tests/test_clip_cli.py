@@ -1,0 +1,162 @@
+"""CLIP end to end through the `clipsnail` command on tiny generated shapes data."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import clipsnail
+from clipsnail.cli import main
+from conftest import tiny_clip_args
+
+
+@pytest.fixture(scope="module")
+def run_dir(shapes_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "clip"
+    assert main(tiny_clip_args(shapes_dir, out, "--set", "train.max_steps=12")) == 0
+    return out
+
+
+def test_train_writes_a_complete_run_directory(run_dir):
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "metrics.jsonl", "curves.png",
+                 "checkpoint/state.safetensors"):
+        assert (run_dir / name).exists(), name
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["task"] == "clip" and config["model"]["vision_width"] == 32
+    losses = [json.loads(ln)["loss"] for ln in (run_dir / "metrics.jsonl").read_text().splitlines()
+              if '"loss"' in ln]
+    assert len(losses) == 12 and all(x == x for x in losses)
+
+
+def test_load_and_encode(run_dir, shapes_dir):
+    model = clipsnail.load(run_dir)
+    text = model.encode_text(["a red circle", "two green triangles"])
+    assert text.shape == (2, 16) and torch.allclose(text.norm(dim=-1), torch.ones(2), atol=1e-5)
+    path = next((shapes_dir / "images").iterdir())
+    from_path = model.encode_image([path])
+    from_pil = model.encode_image([Image.open(path)])
+    from_tensor = model.encode_image(model.preprocess(Image.open(path).convert("RGB"))[None])
+    assert torch.allclose(from_path, from_pil) and torch.allclose(from_path, from_tensor, atol=1e-6)
+    assert not model.training
+
+
+def test_eval_prints_contract_json(run_dir, shapes_dir, capsys):
+    capsys.readouterr()
+    assert main(["clip", "eval", "--model", str(run_dir), "--captions", str(shapes_dir / "captions.csv"),
+                 "--images", str(shapes_dir / "images"), "--split-file", str(shapes_dir / "split.json"),
+                 "--split", "test", "--no-progress"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    for k in (1, 5, 10):
+        assert 0 <= metrics[f"image_retrieval_recall@{k}"] <= 1
+        assert 0 <= metrics[f"text_retrieval_recall@{k}"] <= 1
+        assert 0 <= metrics[f"semantic_image_retrieval_recall@{k}"] <= 1
+    assert metrics["image_retrieval_median_rank"] >= 1 and metrics["text_retrieval_mean_rank"] >= 1
+    assert metrics["num_images"] > 0 and metrics["num_captions"] == 2 * metrics["num_images"]
+    assert json.loads((run_dir / "eval_test.json").read_text()) == metrics
+
+
+def test_search_text_and_image_with_cache(run_dir, shapes_dir, tmp_path, capsys):
+    images = str(shapes_dir / "images")
+    capsys.readouterr()
+    grid = tmp_path / "grid.png"
+    assert main(["search", "--model", str(run_dir), "--images", images, "a red circle", "-k", "9",
+                 "--grid", str(grid), "--no-progress"]) == 0
+    hits = json.loads(capsys.readouterr().out)
+    assert len(hits) == 9 and len({h["path"] for h in hits}) == 9
+    assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+    assert Image.open(grid).size[0] > 3 * 100
+    cache = list((run_dir / "embeddings").glob("*.safetensors"))
+    assert len(cache) == 1
+    stamp = cache[0].stat().st_mtime_ns
+    query = hits[0]["path"]
+    assert main(["search", "--model", str(run_dir), "--images", images, "--image", query, "-k", "3"]) == 0
+    hits = json.loads(capsys.readouterr().out)
+    assert hits[0]["path"] == query and hits[0]["score"] == pytest.approx(1.0, abs=1e-4)  # an image finds itself
+    assert cache[0].stat().st_mtime_ns == stamp  # second search reused the cached embeddings
+
+
+def test_search_cache_follows_folder_changes(run_dir, tmp_path):
+    from clipsnail.index import FolderEmbeddings
+
+    model = clipsnail.load(run_dir)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, colour in enumerate(["red", "blue", "green"]):
+        Image.new("RGB", (16, 16), colour).save(folder / f"{i}.png")
+    first = FolderEmbeddings.build(model, folder, cache_dir=tmp_path / "cache", progress=False)
+    assert len(first.paths) == 3
+    (folder / "1.png").unlink()
+    Image.new("RGB", (16, 16), "white").save(folder / "3.png")
+    (folder / "4.png").write_text("not an image")
+    second = FolderEmbeddings.build(model, folder, cache_dir=tmp_path / "cache", progress=False)
+    assert [p.name for p in second.paths] == ["0.png", "2.png", "3.png"]
+    assert torch.allclose(second.vectors[0], first.vectors[0])
+
+
+def test_zeroshot_images_and_folder(run_dir, tmp_path, capsys):
+    from clipsnail.data.shapes import generate_attribute_folder
+
+    folder = tmp_path / "colours"
+    classes = generate_attribute_folder(folder, "color", n_per_class=3, size=16, seed=0)
+    capsys.readouterr()
+    assert main(["zeroshot", "--model", str(run_dir), "--folder", str(folder), "--no-progress"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert set(metrics) >= {"acc1", "acc5", "mean_per_class_recall"} and metrics["num_classes"] == len(classes)
+    templates = tmp_path / "templates.txt"
+    templates.write_text("a {} shape\na picture of a {} shape\n")
+    image = next(folder.rglob("*.png"))
+    assert main(["zeroshot", "--model", str(run_dir), "--classes", "red,blue,green", "--templates",
+                 str(templates), str(image)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result[0]["label"] in ("red", "blue", "green")
+    assert sum(result[0]["probs"].values()) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_summary(run_dir, capsys):
+    assert main(["clip", "summary", "--model", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "visual" in out and "text_projection" in out and "total params" in out
+
+
+def test_lock_image_tower_and_separate_learning_rates(shapes_dir, tmp_path):
+    out = tmp_path / "locked"
+    assert main(tiny_clip_args(shapes_dir, out, "--set", "train.max_steps=3", "--set", "finetune.lock_image=true",
+                               "--set", "finetune.text_lr=1e-5")) == 0
+    from clipsnail.config import from_dict
+    from clipsnail.models.clip import CLIP
+    from clipsnail.tasks.clip import ClipConfig
+
+    cfg = from_dict(ClipConfig, {k: v for k, v in json.loads((out / "config.json").read_text()).items()
+                                 if k != "task"})
+    torch.manual_seed(cfg.train.seed)
+    fresh = CLIP(cfg.model).state_dict()  # the engine seeds before building, so this is the initial model
+    trained = load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(fresh[k], trained[k]) for k in trained if k.startswith("visual."))
+    assert not torch.equal(fresh["text_projection.weight"], trained["text_projection.weight"])
+
+
+def test_sigkill_then_same_command_gives_same_weights(shapes_dir, tmp_path):
+    """A run killed with SIGKILL and restarted with the same command ends with the uninterrupted run's weights."""
+    steps = ["--set", "train.max_steps=24", "--set", "train.checkpoint_every=2"]
+    env = {**os.environ, "PYTHONPATH": str(Path(clipsnail.__file__).parents[1])}
+    cmd = [sys.executable, "-m", "clipsnail", *tiny_clip_args(shapes_dir, tmp_path / "killed", *steps)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = tmp_path / "killed" / "checkpoint" / "state.safetensors"
+    deadline = time.monotonic() + 120
+    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert subprocess.run(cmd, env=env, capture_output=True).returncode == 0
+    assert main(tiny_clip_args(shapes_dir, tmp_path / "straight", *steps)) == 0
+    a = load_file(str(tmp_path / "killed" / "model.safetensors"))
+    b = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

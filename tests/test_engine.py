@@ -1,0 +1,174 @@
+"""The shared engine on a toy task: exact resume, time budget, schedule, weight-decay groups, checkpoints."""
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from torch.utils.data import Dataset
+
+from clipsnail.config import OptimConfig, TrainConfig
+from clipsnail.engine import (CHECKPOINT, ResumableBatchSampler, build_optimizer, fit, load_state, lr_lambda,
+                              save_state, seeded)
+
+
+@dataclasses.dataclass
+class ToyConfig:
+    optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(lr=1e-2, warmup_steps=3))
+    train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(
+        epochs=3, batch_size=8, checkpoint_every=2, log_every=1))
+
+
+class NoisyDataset(Dataset):
+    """Regression data whose samples get random noise: exercises per-sample seeding."""
+
+    def __init__(self, n=40):
+        g = torch.Generator().manual_seed(1)
+        self.x = torch.randn(n, 4, generator=g)
+        self.y = self.x @ torch.tensor([1.0, -2.0, 0.5, 3.0])
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, item):
+        index, seed = item
+        with seeded(seed):
+            return self.x[index] + 0.1 * torch.randn(4), self.y[index]
+
+
+class ToyTask:
+    def __init__(self, crash_at=None, **train):
+        self.config = ToyConfig()
+        self.config.train = dataclasses.replace(self.config.train, **train)
+        self.train_dataset = NoisyDataset()
+        self.crash_at = crash_at
+        self.evaluations = 0
+
+    def build_model(self):
+        return nn.Sequential(nn.Linear(4, 16), nn.Dropout(0.3), nn.ReLU(), nn.LayerNorm(16), nn.Linear(16, 1))
+
+    def param_groups(self, model):
+        return [{"params": list(model.named_parameters())}]
+
+    def collate(self, samples):
+        return {"x": torch.stack([s[0] for s in samples]), "y": torch.stack([s[1] for s in samples])}
+
+    def loss(self, model, batch):
+        return ((model(batch["x"]).squeeze(1) - batch["y"]) ** 2).mean(), {}
+
+    def after_optimizer_step(self, model):
+        pass
+
+    def evaluate(self, model):
+        self.evaluations += 1
+        return {"dummy": 1.0}
+
+    def after_epoch(self, model, run_dir, epoch):
+        pass
+
+    def save(self, model, run_dir):
+        from clipsnail.engine import save_weights
+
+        save_weights(model, run_dir / "model.safetensors")
+
+
+class Crash(Exception):
+    pass
+
+
+def crash_hook(at):
+    def hook(step):
+        if step == at:
+            raise Crash
+
+    return hook
+
+
+def weights(run_dir):
+    return load_file(str(run_dir / "model.safetensors"))
+
+
+@pytest.mark.parametrize("crash_at", [3, 5, 10])  # mid-epoch after a checkpoint, mid-epoch, at an epoch end
+def test_resume_after_crash_gives_identical_weights(tmp_path, crash_at):
+    full = fit(ToyTask(), tmp_path / "full", progress=False)
+    assert full.completed and full.step == 15
+    with pytest.raises(Crash):
+        fit(ToyTask(), tmp_path / "resumed", progress=False, on_step=crash_hook(crash_at))
+    again = fit(ToyTask(), tmp_path / "resumed", progress=False)
+    assert again.completed and again.step == 15
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "resumed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # metrics.jsonl reads as one uninterrupted run
+    steps = [json.loads(ln)["step"] for ln in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    full_steps = [json.loads(ln)["step"] for ln in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == full_steps
+
+
+def test_rerun_of_finished_run_does_nothing(tmp_path):
+    fit(ToyTask(), tmp_path, progress=False)
+    before = weights(tmp_path)
+    result = fit(ToyTask(), tmp_path, progress=False)
+    assert result.completed and result.step == 15
+    assert all(torch.equal(before[k], v) for k, v in weights(tmp_path).items())
+
+
+def test_time_budget_stops_with_checkpoint_and_continues(tmp_path):
+    result = fit(ToyTask(time_budget="0.000001s"), tmp_path, progress=False)
+    assert not result.completed and result.step == 1
+    assert (tmp_path / CHECKPOINT).exists() and (tmp_path / "model.safetensors").exists()
+    result = fit(ToyTask(), tmp_path, progress=False)
+    assert result.completed and result.step == 15
+    full = fit(ToyTask(), tmp_path / "full", progress=False)
+    assert all(torch.equal(v, weights(tmp_path / "full")[k]) for k, v in weights(tmp_path).items())
+    assert full.completed
+
+
+def test_max_steps_and_eval_every(tmp_path):
+    task = ToyTask(max_steps=7, eval_every=0)
+    result = fit(task, tmp_path, progress=False)
+    assert result.step == 7 and result.completed
+    assert task.evaluations == 1  # only at the end
+    assert (tmp_path / "curves.png").exists()
+
+
+def test_sampler_order_is_a_function_of_seed_and_epoch_and_can_skip():
+    full = list(ResumableBatchSampler(20, 4, seed=3, epoch=1))
+    assert len(full) == 5 and full == list(ResumableBatchSampler(20, 4, seed=3, epoch=1))
+    assert full[2:] == list(ResumableBatchSampler(20, 4, seed=3, epoch=1, skip_batches=2))
+    assert full != list(ResumableBatchSampler(20, 4, seed=3, epoch=2))
+    assert sorted(i for b in full for i, _ in b) == list(range(20))
+
+
+def test_warmup_then_cosine():
+    f = lr_lambda(warmup=10, total=110, schedule="cosine", min_ratio=0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
+
+
+def test_no_weight_decay_on_gains_biases_and_temperature():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+            self.norm = nn.LayerNorm(3)
+            self.logit_scale = nn.Parameter(torch.tensor(1.0))
+
+    task = ToyTask()
+    model = M()
+    task.param_groups = lambda m: [{"params": list(m.named_parameters())}]
+    opt = build_optimizer(task, model)
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert decayed == {id(model.lin.weight)}
+
+
+def test_checkpoint_round_trip_of_nested_state(tmp_path):
+    state = {"a": torch.arange(3), "b": [1, 2.5, "x", None, (4, 5)], "c": {"d": torch.ones(2, 2), 7: True}}
+    save_state(tmp_path / "s.safetensors", state)
+    back = load_state(tmp_path / "s.safetensors")
+    assert torch.equal(back["a"], state["a"]) and back["b"] == state["b"] and back["c"][7] is True
+    assert torch.equal(back["c"]["d"], state["c"]["d"])
+    assert not list(tmp_path.glob(".*tmp"))  # no temp files left behind
