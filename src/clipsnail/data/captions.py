@@ -159,7 +159,7 @@ def _read_coco(text: str, out: _Collector) -> None:
         raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from e
     if not (isinstance(data, dict) and isinstance(data.get("images"), list)
             and isinstance(data.get("annotations"), list)):
-        raise DataError(f"{path}: not COCO captions JSON (expected an object with 'images' and 'annotations')")
+        raise DataError(f"{path}: not COCO captions JSON (expected an object with 'images', 'annotations')")
     names = {}
     for k, image in enumerate(data["images"]):
         if not isinstance(image, dict) or "id" not in image or "file_name" not in image:
@@ -222,14 +222,16 @@ def _read_split_file(path: str | Path) -> dict[str, str]:
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from e
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise DataError(f"{path}: not a split file (expected {{\"images\": [{{\"filename\", \"split\"}}, ...]}})")
+        raise DataError(f"{path}: not a split file (expected {{'images': [{{'filename', 'split'}}, ...]}})")
     table = {}
     for k, entry in enumerate(data["images"]):
         if not isinstance(entry, dict) or not isinstance(entry.get("filename"), str):
             raise DataError(f"{path}: images[{k}] has no 'filename'")
         split = {"restval": "train"}.get(entry.get("split"), entry.get("split"))
         if split not in ("train", "val", "test"):
-            raise DataError(f"{path}: images[{k}] has split {entry.get('split')!r}; valid: train, val, test, restval")
+            raise DataError(
+                f"{path}: images[{k}] has split {entry.get('split')!r}; valid: train, val, test, restval"
+            )
         table[entry["filename"]] = split
         if entry.get("filepath"):
             table[f"{entry['filepath']}/{entry['filename']}"] = split
@@ -251,7 +253,7 @@ def split_records(
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
     if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6:
-        raise ConfigError(f"split fractions must be 3 non-negative numbers summing to 1, got {tuple(fractions)}")
+        raise ConfigError(f"split fractions must be 3 numbers >= 0 summing to 1, got {tuple(fractions)}")
     records = list(records)
     if split == "all":
         return records

@@ -50,6 +50,11 @@ RELATIONS = {"left_of": "to the left of", "right_of": "to the right of", "above"
 _RADIUS = {"circle": 1.0, "square": 0.85, "triangle": 1.3, "star": 1.2}
 _STAR_INNER = 0.45  # a fatter star than the regular pentagram (0.38) stays recognisable at 32x32
 _SUPERSAMPLE = 4
+_GAP = 0.03  # clear space between the bounding boxes of two shapes, so they never touch after downsampling
+_CLEAR_POSITION = 0.12  # captions say "on the left" only when the centre is this far from the middle...
+_CLEAR_RELATION = 0.2  # ...and "to the left of" only when the centres are this far apart
+_COUNT_WORDS = {2: "two", 3: "three"}
+_PREFIXES = ("a picture of", "an image of", "a drawing of", "a photo of")
 
 
 def _unit_polygon(kind: str) -> list[tuple[float, float]]:
@@ -57,7 +62,8 @@ def _unit_polygon(kind: str) -> list[tuple[float, float]]:
     the centre a viewer judges ("on the left", "above") is the box centre, not the circumcentre."""
     n, radii = (3, (1.0,)) if kind == "triangle" else (10, (1.0, _STAR_INNER))
     angles = [-math.pi / 2 + 2 * math.pi * i / n for i in range(n)]
-    points = [(radii[i % len(radii)] * math.cos(a), radii[i % len(radii)] * math.sin(a)) for i, a in enumerate(angles)]
+    points = [(radii[i % len(radii)] * math.cos(a), radii[i % len(radii)] * math.sin(a))
+              for i, a in enumerate(angles)]
     shift = (min(y for _, y in points) + max(y for _, y in points)) / 2
     return [(x, y - shift) for x, y in points]
 
@@ -67,11 +73,6 @@ _POLYGONS = {kind: _unit_polygon(kind) for kind in ("triangle", "star")}
 _HALF_BOX = {"circle": (1.0, 1.0), "square": (1.0, 1.0)} | {
     kind: (max(abs(x) for x, _ in pts), max(abs(y) for _, y in pts)) for kind, pts in _POLYGONS.items()
 }
-_GAP = 0.03  # clear space between the bounding boxes of two shapes, so they never touch after downsampling
-_CLEAR_POSITION = 0.12  # captions say "on the left" only when the centre is this far from the middle...
-_CLEAR_RELATION = 0.2  # ...and "to the left of" only when the centres are this far apart
-_COUNT_WORDS = {2: "two", 3: "three"}
-_PREFIXES = ("a picture of", "an image of", "a drawing of", "a photo of")
 
 
 @dataclass(frozen=True)
@@ -156,9 +157,10 @@ def sample_scene(
     """A random scene of min_shapes..max_shapes non-overlapping shapes, none of a held-out (colour, kind).
 
     With probability `count_prob` (when two shapes fit) the scene has 2-3 identical shapes, for captions like
-    "two green triangles"; otherwise every shape has its own (colour, kind), so "a red circle" names one shape.
+    "two green triangles"; otherwise each shape has its own (colour, kind), so "a red circle" names one shape.
     """
-    combos = [(c, k) for c in COLORS for k in SHAPES if (c, k) not in _holdout_set(holdout)]
+    held = _holdout_set(holdout)
+    combos = [(c, k) for c in COLORS for k in SHAPES if (c, k) not in held]
     if not combos or not 1 <= min_shapes <= max_shapes:
         raise ConfigError(f"cannot sample {min_shapes}..{max_shapes} shapes from {len(combos)} combinations")
     for _ in range(1000):
@@ -289,7 +291,7 @@ _SIZE_WORDS = {"small": "small", "little": "small", "tiny": "small", "large": "l
 _NOUNS = {**{k: (k, False) for k in SHAPES}, **{k + "s": (k, True) for k in SHAPES},
           **{w: (None, w.endswith("s")) for w in ("shape", "shapes", "object", "objects", "thing", "things")}}
 _FILLER = {"the", "of", "picture", "image", "photo", "drawing", "there", "is", "are", "with", "some",
-           "showing", "containing", "in", "on", "at", "to", "it", "and"}
+           "showing", "containing", "in", "on", "at", "to", "it"}
 _PHRASES = [  # longest first: "to the left of" is a relation, "to the left" a position
     (r"\b(?:of|in|on) the (?:image|picture|photo|drawing|scene)\b", " "),
     (r"\b(?:to the |on the )?left of\b", " <left_of> "),
@@ -298,7 +300,7 @@ _PHRASES = [  # longest first: "to the left of" is a relation, "to the left" a p
     (r"\b(?:below|under|underneath|beneath)\b", " <below> "),
     (r"\b(?:in|at|on|to) the (top|bottom)[ -]?(left|right)(?: corner)?\b", r" <\1> <\2> "),
     (r"\b(?:in|at|on|to) the (left|right|top|bottom)(?: side| half| edge| part)?\b", r" <\1> "),
-    (r"\b(?:next to|beside|and)\b", " and "),
+    (r"\b(?:next to|beside)\b", " and "),  # says nothing about where
 ]
 
 
@@ -339,7 +341,7 @@ def parse_caption(text: str) -> CaptionQuery:
             current.setdefault("count", 2 if plural else 1)
             close()
         elif word.strip("<>") in POSITIONS:
-            target = current if any(k in current for k in ("size", "color")) else objects[-1] if objects else None
+            target = current if "size" in current or "color" in current else objects[-1] if objects else None
             if target is None:
                 raise ValueError(f"cannot parse caption {text!r}: a position before any shape")
             target.setdefault("positions", []).append(word.strip("<>"))
@@ -365,7 +367,8 @@ def parse_caption(text: str) -> CaptionQuery:
 
 
 _POSITION_TESTS = {
-    "left": lambda s: s.x < 0.5, "right": lambda s: s.x > 0.5, "top": lambda s: s.y < 0.5, "bottom": lambda s: s.y > 0.5,
+    "left": lambda s: s.x < 0.5, "right": lambda s: s.x > 0.5,
+    "top": lambda s: s.y < 0.5, "bottom": lambda s: s.y > 0.5,
 }
 _RELATION_TESTS = {
     "left_of": lambda a, b: a.x < b.x, "right_of": lambda a, b: a.x > b.x,
@@ -448,8 +451,8 @@ def generate_shapes(
     held = _holdout_set(holdout)
     fractions = (1 - val_fraction - test_fraction, val_fraction, test_fraction)
     if n < 1 or captions_per_image < 1 or size < 1 or min(fractions) < 0:
-        raise ConfigError(f"bad shapes arguments: n={n}, size={size}, captions_per_image={captions_per_image}, "
-                          f"val_fraction={val_fraction}, test_fraction={test_fraction}")
+        raise ConfigError(f"bad shapes arguments: n={n}, size={size}, captions_per_image="
+                          f"{captions_per_image}, val_fraction={val_fraction}, test_fraction={test_fraction}")
     out = Path(out_dir)
     width = max(6, len(str(n - 1)))
     scenes, splits, rows = {}, [], []
@@ -461,7 +464,8 @@ def generate_shapes(
             name = f"{i:0{width}d}.png"
             scene = sample_scene(random.Random(f"shapes:{seed}:{i}"), max_shapes)
             render(scene, size).save(tmp / "images" / name)
-            rows += [(name, c) for c in describe(scene, random.Random(f"captions:{seed}:{i}"), captions_per_image)]
+            captions = describe(scene, random.Random(f"captions:{seed}:{i}"), captions_per_image)
+            rows += [(name, c) for c in captions]
             is_held = any((s.color, s.kind) in held for s in scene.shapes)
             held_out += is_held
             split = "test" if is_held else hash_split(name, fractions)
@@ -473,9 +477,8 @@ def generate_shapes(
             writer.writerow(("image", "caption"))
             writer.writerows(rows)
         meta = {"size": size, "seed": seed, "holdout": sorted(map(list, held)), "images": scenes}
-        (tmp / "scenes.json").write_text(json.dumps(meta, separators=(",", ":")) + "\n", encoding="utf-8")
-        (tmp / "split.json").write_text(json.dumps({"dataset": "shapes", "images": splits}, separators=(",", ":")) + "\n",
-                                        encoding="utf-8")
+        for file, obj in (("scenes.json", meta), ("split.json", {"dataset": "shapes", "images": splits})):
+            (tmp / file).write_text(json.dumps(obj, separators=(",", ":")) + "\n", encoding="utf-8")
     summary = {"images": n, "captions": len(rows), **counts, "held_out": held_out}
     log.info("wrote shapes data to %s: %s", out, summary)
     return summary
@@ -528,5 +531,6 @@ def generate_attribute_folder(
                 rng = random.Random(f"attribute:{seed}:{attribute}:{cls}:{j}")
                 color, kind = rng.choice(allowed)
                 shape_size = cls if attribute == "size" else rng.choice(list(SIZES))
-                render(Scene(_place(rng, [(kind, color, shape_size)])), size).save(tmp / cls / f"{j:0{width}d}.png")
+                scene = Scene(_place(rng, [(kind, color, shape_size)]))  # one shape always fits
+                render(scene, size).save(tmp / cls / f"{j:0{width}d}.png")
     return classes
