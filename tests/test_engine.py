@@ -11,8 +11,16 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from clipsnail.config import OptimConfig, TrainConfig
-from clipsnail.engine import (CHECKPOINT, ResumableBatchSampler, build_optimizer, fit, load_state, lr_lambda,
-                              save_state, seeded)
+from clipsnail.engine import (
+    CHECKPOINT,
+    ResumableBatchSampler,
+    build_optimizer,
+    fit,
+    load_state,
+    lr_lambda,
+    save_state,
+    seeded,
+)
 
 
 @dataclasses.dataclass

@@ -3,10 +3,10 @@
 import shutil
 
 import pytest
+from conftest import tiny_clip_args
 from PIL import Image
 
 from clipsnail.cli import main
-from conftest import tiny_clip_args
 
 
 def run_error(capsys, argv) -> str:

@@ -42,8 +42,8 @@ def test_multi_positive_does_not_punish_duplicates():
     # loss pulls each copy towards "its" caption and away from the other one (non-zero gradient); with
     # multi-positive targets this model is already a stationary point.
     image = torch.eye(4)[[0, 0, 1, 2]].requires_grad_(True)
-    text = F.normalize(torch.eye(4)[[0, 0, 1, 2]] + 0.3 * torch.tensor([[0, 0, 0, 1.0], [0, 0, 0, -1], [0] * 4, [0] * 4]),
-                       dim=-1)
+    offset = torch.tensor([[0, 0, 0, 1.0], [0, 0, 0, -1], [0] * 4, [0] * 4])
+    text = F.normalize(torch.eye(4)[[0, 0, 1, 2]] + 0.3 * offset, dim=-1)
     scale = torch.tensor(100.0)
     (plain_grad,) = torch.autograd.grad(clip_loss(image, text, scale), image)
     positives = positives_from_ids(torch.tensor([0, 0, 1, 2]))

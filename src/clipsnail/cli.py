@@ -145,7 +145,12 @@ def cmd_clip_eval(args) -> None:
     import torch
 
     from clipsnail.data.captions import group_by_image, read_captions, split_records
-    from clipsnail.evaluate import encode_image_paths, encode_texts, retrieval_metrics, semantic_retrieval_metrics
+    from clipsnail.evaluate import (
+        encode_image_paths,
+        encode_texts,
+        retrieval_metrics,
+        semantic_retrieval_metrics,
+    )
     from clipsnail.hub import load
 
     model = load(args.model, device=args.device)
@@ -166,8 +171,8 @@ def cmd_clip_eval(args) -> None:
     judge = shapes_judge(images_dir, [names[i] for i in keep_img.tolist()])
     if judge is not None:
         metrics.update(semantic_retrieval_metrics(image_emb[keep_img], text_emb, [c for c, _ in pairs], judge))
-    metrics.update({"num_images": len(keep_img), "num_captions": len(pairs), "skipped_images": len(names) - len(keep_img),
-                    "split": args.split})
+    metrics.update({"num_images": len(keep_img), "num_captions": len(pairs),
+                    "skipped_images": len(names) - len(keep_img), "split": args.split})
     out = Path(args.model) / f"eval_{args.split}.json"
     out.write_text(json.dumps(metrics, indent=2) + "\n")
     print_json(metrics)
@@ -191,8 +196,14 @@ def shapes_judge(images_dir: Path, names: list[str]):
 def cmd_zeroshot(args) -> None:
     import torch
 
-    from clipsnail.evaluate import (classification_metrics, default_templates, encode_image_paths, read_templates,
-                                    zero_shot_logits, zero_shot_weights)
+    from clipsnail.evaluate import (
+        classification_metrics,
+        default_templates,
+        encode_image_paths,
+        read_templates,
+        zero_shot_logits,
+        zero_shot_weights,
+    )
     from clipsnail.hub import load
 
     model = load(args.model, device=args.device)

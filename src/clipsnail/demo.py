@@ -39,12 +39,19 @@ def demo_config(data_dir: Path, quick: bool):
 def run_demo(out: Path, quick: bool = False, progress: bool = True) -> dict:
     from clipsnail.cli import shapes_judge, write_result_grid
     from clipsnail.data.captions import group_by_image, read_captions, split_records
+    from clipsnail.data.images import list_image_folder
     from clipsnail.data.shapes import generate_attribute_folder, generate_shapes
     from clipsnail.engine import fit
-    from clipsnail.evaluate import (classification_metrics, encode_image_paths, encode_texts, retrieval_metrics,
-                                    semantic_retrieval_metrics, zero_shot_logits, zero_shot_weights)
+    from clipsnail.evaluate import (
+        classification_metrics,
+        encode_image_paths,
+        encode_texts,
+        retrieval_metrics,
+        semantic_retrieval_metrics,
+        zero_shot_logits,
+        zero_shot_weights,
+    )
     from clipsnail.hub import load
-    from clipsnail.data.images import list_image_folder
     from clipsnail.index import FolderEmbeddings
     from clipsnail.tasks.clip import ClipTask
 

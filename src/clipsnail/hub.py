@@ -62,7 +62,9 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu"):
         from clipsnail.tasks.clip import ClipConfig
 
         cfg = from_dict(ClipConfig, data)
-        model = CLIP(cfg.model)
+        if cfg.model.text_encoder.startswith("hf:"):
+            cfg.model.text_encoder = f"hf:{run_dir / 'text_encoder'}"
+        model = CLIP(cfg.model, load_weights=False)
         model.tokenizer = TextTokenizer.load(run_dir / "tokenizer.json")
         model.preprocess = eval_transform(cfg.model.image_size, cfg.model.image_mean, cfg.model.image_std)
         model.config = cfg

@@ -22,21 +22,32 @@ SPECIAL_TOKENS = [PAD, SOT, EOT, UNK]  # ids 0..3 in this order
 
 
 class TextTokenizer:
-    """Turns a list of strings into a `[batch, context_length]` LongTensor of token ids."""
+    """Turns a list of strings into a `[batch, context_length]` LongTensor of token ids.
+
+    Our own tokenizers wrap every caption as `<sot> ... <eot>`. A pretrained Hugging Face tokenizer (e.g. BERT's
+    WordPiece, for a pretrained text tower) keeps its own template ([CLS] ... [SEP]) and pad token; it has no
+    `eot_id` because such towers pool with an attention mask instead.
+    """
 
     def __init__(self, tokenizer: Tokenizer, context_length: int):
         if context_length < 3:
             raise ValueError(f"context_length must be at least 3 (<sot>, one token, <eot>), got {context_length}")
         self.hf = tokenizer
         self.context_length = context_length
-        self.pad_id = tokenizer.token_to_id(PAD)
         self.sot_id = tokenizer.token_to_id(SOT)
         self.eot_id = tokenizer.token_to_id(EOT)
-        self.hf.post_processor = processors.TemplateProcessing(
-            single=f"{SOT} $A {EOT}", special_tokens=[(SOT, self.sot_id), (EOT, self.eot_id)]
-        )
+        if self.sot_id is not None and self.eot_id is not None:
+            pad_token = PAD
+            self.hf.post_processor = processors.TemplateProcessing(
+                single=f"{SOT} $A {EOT}", special_tokens=[(SOT, self.sot_id), (EOT, self.eot_id)]
+            )
+        else:
+            pad_token = (tokenizer.padding or {}).get("pad_token") or "[PAD]"
+        self.pad_id = tokenizer.token_to_id(pad_token)
+        if self.pad_id is None:
+            raise DataError(f"tokenizer has no padding token {pad_token!r}")
         self.hf.enable_truncation(max_length=context_length)
-        self.hf.enable_padding(length=context_length, pad_id=self.pad_id, pad_token=PAD)
+        self.hf.enable_padding(length=context_length, pad_id=self.pad_id, pad_token=pad_token)
 
     @property
     def vocab_size(self) -> int:
@@ -44,7 +55,9 @@ class TextTokenizer:
 
     @property
     def kind(self) -> str:
-        return "char" if isinstance(self.hf.model, models.WordLevel) else "bpe"
+        if isinstance(self.hf.model, models.WordLevel):
+            return "char"
+        return "bpe" if isinstance(self.hf.model, models.BPE) else "pretrained"
 
     def __call__(self, texts: str | Sequence[str]) -> torch.Tensor:
         if isinstance(texts, str):
@@ -59,6 +72,18 @@ class TextTokenizer:
 
     def save(self, path: str | Path) -> None:
         self.hf.save(str(path))
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, context_length: int) -> TextTokenizer:
+        """The tokenizer.json of a local Hugging Face model folder, padded/truncated to `context_length`."""
+        path = Path(model_dir) / "tokenizer.json"
+        if not path.is_file():
+            raise DataError(f"{model_dir}: no tokenizer.json (a Hugging Face model folder is expected)")
+        try:
+            hf = Tokenizer.from_file(str(path))
+        except Exception as e:
+            raise DataError(f"{path}: not a valid tokenizer.json ({e})") from e
+        return cls(hf, context_length)
 
     @classmethod
     def load(cls, path: str | Path) -> TextTokenizer:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipsnail.models.text import TextTransformer
+from clipsnail.models.text import PretrainedTextTower, TextTransformer
 from clipsnail.models.vit import VisionTransformer
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -34,6 +34,9 @@ class ClipModelConfig:
     vision_heads: int = 3
     vision_pool: str = "cls"
     drop_path_rate: float = 0.0
+    text_encoder: str = "transformer"  # "transformer" (text.py, from scratch) or "hf:DIR" (a local HF model)
+    text_pool: str = "mean"  # pretrained towers only: "mean" or "cls"
+    pad_id: int = 0  # filled from the tokenizer
     text_width: int = 192
     text_depth: int = 4
     text_heads: int = 3
@@ -73,7 +76,7 @@ def build_projection(kind: str, in_dim: int, out_dim: int, dropout: float) -> nn
     raise ValueError(f"unknown projection {kind!r}; choose 'linear' or 'head'")
 
 
-def build_image_tower(cfg: ClipModelConfig) -> nn.Module:
+def build_image_tower(cfg: ClipModelConfig, load_weights: bool = True) -> nn.Module:
     if cfg.image_encoder == "vit":
         return VisionTransformer(
             image_size=cfg.image_size,
@@ -89,7 +92,7 @@ def build_image_tower(cfg: ClipModelConfig) -> nn.Module:
     import clipsnail.models  # noqa: F401  (registers our own timm models, e.g. LeMeViT)
 
     name = cfg.image_encoder.removeprefix("timm:")
-    kwargs = {"num_classes": 0, "pretrained": cfg.pretrained}
+    kwargs = {"num_classes": 0, "pretrained": cfg.pretrained and load_weights}
     if cfg.drop_path_rate:
         kwargs["drop_path_rate"] = cfg.drop_path_rate
     try:  # transformers need the input size up front; convnets take any size and reject the keyword
@@ -102,14 +105,9 @@ def build_image_tower(cfg: ClipModelConfig) -> nn.Module:
         raise
 
 
-class CLIP(nn.Module):
-    def __init__(self, cfg: ClipModelConfig):
-        super().__init__()
-        if cfg.vocab_size <= 0:
-            raise ValueError("ClipModelConfig.vocab_size must be set (from the tokenizer)")
-        self.cfg = cfg
-        self.visual = build_image_tower(cfg)
-        self.text = TextTransformer(
+def build_text_tower(cfg: ClipModelConfig, load_weights: bool = True) -> nn.Module:
+    if cfg.text_encoder == "transformer":
+        return TextTransformer(
             vocab_size=cfg.vocab_size,
             context_length=cfg.context_length,
             width=cfg.text_width,
@@ -118,10 +116,27 @@ class CLIP(nn.Module):
             eot_id=cfg.eot_id,
             dropout=cfg.text_dropout,
         )
+    if cfg.text_encoder.startswith("hf:"):
+        return PretrainedTextTower(cfg.text_encoder[3:], cfg.text_pool, cfg.pad_id, load_weights=load_weights)
+    raise ValueError(f"unknown text_encoder {cfg.text_encoder!r}; choose 'transformer' or 'hf:DIR'")
+
+
+class CLIP(nn.Module):
+    """`load_weights=False` skips downloading/reading pretrained tower weights (the caller loads a state dict)."""
+
+    def __init__(self, cfg: ClipModelConfig, load_weights: bool = True):
+        super().__init__()
+        if cfg.vocab_size <= 0:
+            raise ValueError("ClipModelConfig.vocab_size must be set (from the tokenizer)")
+        self.cfg = cfg
+        self.visual = build_image_tower(cfg, load_weights)
+        self.text = build_text_tower(cfg, load_weights)
         self.image_projection = build_projection(
             cfg.projection, self.visual.num_features, cfg.embed_dim, cfg.projection_dropout
         )
-        self.text_projection = build_projection(cfg.projection, cfg.text_width, cfg.embed_dim, cfg.projection_dropout)
+        self.text_projection = build_projection(
+            cfg.projection, self.text.num_features, cfg.embed_dim, cfg.projection_dropout
+        )
         self.logit_scale = nn.Parameter(torch.tensor(cfg.init_logit_scale))
         # Attached by `clipsnail.load` / the training task so that encode_* accept raw strings and PIL images.
         self.tokenizer = None

@@ -58,3 +58,36 @@ class TextTransformer(nn.Module):
         # argmax finds the first <eot>; a row without one (a caller's own tokens) pools its last position.
         eot = torch.where(is_eot.any(dim=1), is_eot.int().argmax(dim=1), tokens.shape[1] - 1)
         return x[torch.arange(x.shape[0], device=x.device), eot]
+
+
+class PretrainedTextTower(nn.Module):
+    """A pretrained Hugging Face encoder from a local folder (seed 000 used DistilBERT) as the text tower.
+
+    Pooling: "mean" over non-padding tokens (what sentence-transformers models such as all-MiniLM-L6-v2 were
+    trained with) or "cls" (the first token, seed 000). With `load_weights=False` only the architecture is built
+    from the folder's config.json (the weights then come from a run's model.safetensors).
+    """
+
+    def __init__(self, model_dir: str, pool: str = "mean", pad_id: int = 0, load_weights: bool = True):
+        super().__init__()
+        try:
+            from transformers import AutoConfig, AutoModel
+        except ImportError as e:
+            raise ImportError("a pretrained text tower needs the 'transformers' package: "
+                              "pip install 'clipsnail[hf]'") from e
+        if pool not in ("mean", "cls"):
+            raise ValueError(f"text_pool must be 'mean' or 'cls', got {pool!r}")
+        if load_weights:
+            self.model = AutoModel.from_pretrained(model_dir, local_files_only=True)
+        else:
+            self.model = AutoModel.from_config(AutoConfig.from_pretrained(model_dir, local_files_only=True))
+        self.pool, self.pad_id = pool, pad_id
+        self.num_features = self.model.config.hidden_size
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        mask = (tokens != self.pad_id).long()
+        hidden = self.model(input_ids=tokens, attention_mask=mask).last_hidden_state
+        if self.pool == "cls":
+            return hidden[:, 0]
+        mask = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import shutil
 from pathlib import Path
 
 import torch
@@ -92,14 +93,18 @@ class ClipTask:
         self.config = config
         data = config.data
         names, captions, caption_to_image = load_caption_split(data, "train")
+        m = config.model
         tokenizer_path = Path(run_dir) / "tokenizer.json" if run_dir else None
         if tokenizer_path is not None and tokenizer_path.exists():  # resuming: keep the vocabulary of the run
             self.tokenizer = TextTokenizer.load(tokenizer_path)
+        elif m.text_encoder.startswith("hf:"):  # a pretrained tower comes with its own vocabulary
+            self.tokenizer = TextTokenizer.from_pretrained(m.text_encoder[3:], data.context_length)
         else:
             self.tokenizer = build_tokenizer(data.tokenizer, captions, data.vocab_size, data.context_length)
-        m = config.model
         m.vocab_size, m.context_length = self.tokenizer.vocab_size, self.tokenizer.context_length
-        m.eot_id = self.tokenizer.eot_id
+        m.pad_id = self.tokenizer.pad_id
+        if self.tokenizer.eot_id is not None:
+            m.eot_id = self.tokenizer.eot_id
         self.train_dataset = CaptionImageDataset(
             data.images, names, captions, caption_to_image,
             clip_train_transform(m.image_size, m.image_mean, m.image_std, data.augment),
@@ -189,3 +194,8 @@ class ClipTask:
         from clipsnail.hub import save_run
 
         save_run(run_dir, "clip", self.config, model, self.tokenizer)
+        if self.config.model.text_encoder.startswith("hf:"):
+            # The architecture of a pretrained tower travels with the run; its weights are in model.safetensors.
+            (run_dir / "text_encoder").mkdir(exist_ok=True)
+            shutil.copyfile(Path(self.config.model.text_encoder[3:]) / "config.json",
+                            run_dir / "text_encoder" / "config.json")
