@@ -184,3 +184,18 @@ def test_pretrained_text_tower_from_local_hf_folder(shapes_dir, tmp_path):
         expected = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
         assert torch.allclose(model.text(tokens), expected, atol=1e-5)
     assert model.encode_text(["a red circle"]).shape == (1, 16)
+
+
+def test_bf16_autocast_and_ema_weights_are_saved(shapes_dir, tmp_path):
+    out = tmp_path / "ema"
+    assert main(tiny_clip_args(shapes_dir, out, "--set", "train.max_steps=4", "--set", "train.precision=bf16",
+                               "--set", "train.ema_decay=0.5")) == 0
+    losses = [json.loads(ln)["loss"] for ln in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in ln]
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+    from clipsnail.engine import load_state
+
+    state = load_state(out / "checkpoint" / "state.safetensors")
+    saved = load_file(str(out / "model.safetensors"))
+    # the saved model is the EMA, which differs from the raw weights the optimiser produced
+    assert all(torch.equal(saved[k], state["ema"][k]) for k in saved)
+    assert any(not torch.equal(saved[k], state["model"][k]) for k in saved)

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from clipsnail.config import load_config, parse_duration
@@ -43,3 +45,9 @@ def test_parse_duration():
     assert parse_duration("") is None
     with pytest.raises(ConfigError):
         parse_duration("ten minutes")
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    cfg = load_config(ClipConfig, path)
+    assert cfg.train.batch_size > 0

@@ -47,9 +47,9 @@ def image_grid(
     cell: int = 128,
 ) -> Image.Image:
     """Tile images (upscaled with NEAREST so small pixels stay crisp) with a title above and a label under each."""
-    font = ImageFont.load_default()
+    font, small = ImageFont.load_default(size=18), ImageFont.load_default(size=12)
     rows = max(1, -(-len(images) // cols))
-    title_h = 24 if title else 0
+    title_h = 30 if title else 0
     label_h = 16 if labels else 0
     pad = 4
     grid = Image.new("RGB", (cols * (cell + pad) + pad, title_h + rows * (cell + label_h + pad) + pad), "white")
@@ -64,7 +64,7 @@ def image_grid(
         scale = cell / max(im.size)
         grid.paste(im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), resample), (x, y))
         if labels:
-            draw.text((x, y + cell + 2), labels[i][:24], fill="black", font=font)
+            draw.text((x, y + cell + 2), labels[i][:24], fill="black", font=small)
     return grid
 
 
