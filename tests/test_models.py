@@ -75,3 +75,20 @@ def test_timm_image_tower():
 def test_encode_text_needs_tokenizer():
     with pytest.raises(RuntimeError, match="tokenizer"):
         CLIP(small_cfg()).encode_text(["a red circle"])
+
+
+def test_conv_stem_keeps_the_token_grid():
+    x = torch.randn(2, 3, 32, 32)
+    patch = VisionTransformer(32, 8, 32, 1, 2, stem="patch")
+    conv = VisionTransformer(32, 8, 32, 1, 2, stem="conv")
+    assert patch.forward_features(x).shape == conv.forward_features(x).shape == (2, 17, 32)
+    with pytest.raises(ValueError, match="power-of-two"):
+        VisionTransformer(30, 6, 32, 1, 2, stem="conv")
+
+
+def test_text_init_follows_clip():
+    text = TextTransformer(vocab_size=30, context_length=8, width=64, depth=4, heads=2)
+    qkv = torch.cat([b.attn.qkv.weight.flatten() for b in text.blocks])
+    proj = torch.cat([b.attn.proj.weight.flatten() for b in text.blocks])
+    assert abs(qkv.std().item() - 64**-0.5) < 0.01
+    assert abs(proj.std().item() - 64**-0.5 * 8**-0.5) < 0.005

@@ -145,6 +145,7 @@ def cmd_clip_eval(args) -> None:
     import torch
 
     from clipsnail.data.captions import group_by_image, read_captions, split_records
+    from clipsnail.data.shapes import scene_judge
     from clipsnail.evaluate import (
         encode_image_paths,
         encode_texts,
@@ -168,7 +169,7 @@ def cmd_clip_eval(args) -> None:
     pairs = [(c, remap[i].item()) for c, i in zip(captions, c2i) if readable[i]]
     text_emb = encode_texts(model, [c for c, _ in pairs])
     metrics = retrieval_metrics(image_emb[keep_img], text_emb, [i for _, i in pairs])
-    judge = shapes_judge(images_dir, [names[i] for i in keep_img.tolist()])
+    judge = scene_judge(images_dir, [names[i] for i in keep_img.tolist()])
     if judge is not None:
         metrics.update(semantic_retrieval_metrics(image_emb[keep_img], text_emb, [c for c, _ in pairs], judge))
     metrics.update({"num_images": len(keep_img), "num_captions": len(pairs),
@@ -176,18 +177,6 @@ def cmd_clip_eval(args) -> None:
     out = Path(args.model) / f"eval_{args.split}.json"
     out.write_text(json.dumps(metrics, indent=2) + "\n")
     print_json(metrics)
-
-
-def shapes_judge(images_dir: Path, names: list[str]):
-    """For the built-in shapes data (scenes.json beside images/): judge(image index, caption) -> bool."""
-    scenes_path = images_dir.parent / "scenes.json"
-    if not scenes_path.is_file():
-        return None
-    from clipsnail.data.shapes import Scene, scene_matches
-
-    scenes_all = json.loads(scenes_path.read_text())["images"]
-    scenes = [Scene.from_dict(scenes_all[n]) if n in scenes_all else None for n in names]
-    return lambda i, caption: scenes[i] is not None and scene_matches(scenes[i], caption)
 
 
 # ----------------------------------------------------------------------------------------------- zero-shot, search

@@ -22,7 +22,7 @@ from clipsnail.errors import ConfigError
 @dataclasses.dataclass
 class OptimConfig:
     lr: float = 1e-3
-    weight_decay: float = 0.2  # open_clip's default; never applied to gains, biases, embeddings or logit_scale
+    weight_decay: float = 0.2  # open_clip default; not on gains, biases, position/class embeddings, logit_scale
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
     warmup_steps: int = 100

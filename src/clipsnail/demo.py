@@ -37,10 +37,10 @@ def demo_config(data_dir: Path, quick: bool):
 
 
 def run_demo(out: Path, quick: bool = False, progress: bool = True) -> dict:
-    from clipsnail.cli import shapes_judge, write_result_grid
+    from clipsnail.cli import write_result_grid
     from clipsnail.data.captions import group_by_image, read_captions, split_records
     from clipsnail.data.images import list_image_folder
-    from clipsnail.data.shapes import generate_attribute_folder, generate_shapes
+    from clipsnail.data.shapes import generate_attribute_folder, generate_shapes, scene_judge
     from clipsnail.engine import fit
     from clipsnail.evaluate import (
         classification_metrics,
@@ -75,7 +75,7 @@ def run_demo(out: Path, quick: bool = False, progress: bool = True) -> dict:
     image_emb, _ = encode_image_paths(model, [data_dir / "images" / n for n in names], progress=False)
     text_emb = encode_texts(model, captions)
     metrics = retrieval_metrics(image_emb, text_emb, c2i, ks=(1, 5, 10))
-    judge = shapes_judge(data_dir / "images", names)
+    judge = scene_judge(data_dir / "images", names)
     metrics.update(semantic_retrieval_metrics(image_emb, text_emb, captions, judge))
 
     say("[4/5] zero-shot classification of single shapes by colour and by kind ...")

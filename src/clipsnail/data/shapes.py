@@ -8,6 +8,7 @@ semantic retrieval benchmark counts any of them as a hit, where image-id recall 
 from __future__ import annotations
 
 import csv
+import functools
 import itertools
 import json
 import logging
@@ -534,3 +535,15 @@ def generate_attribute_folder(
                 scene = Scene(_place(rng, [(kind, color, shape_size)]))  # one shape always fits
                 render(scene, size).save(tmp / cls / f"{j:0{width}d}.png")
     return classes
+
+
+def scene_judge(images_dir: str | Path, names: Sequence[str]):
+    """judge(image index, caption) -> bool over `names` (files in a generated images/ folder), for the semantic
+    retrieval metrics; None when `images_dir` is not generated shapes data (no scenes.json beside it)."""
+    scenes_path = Path(images_dir).parent / "scenes.json"
+    if not scenes_path.is_file():
+        return None
+    scenes_by_name = load_scenes(scenes_path)
+    scenes = [scenes_by_name.get(Path(n).name) for n in names]
+    parse = functools.lru_cache(maxsize=None)(parse_caption)  # one parse per distinct caption
+    return lambda i, caption: scenes[i] is not None and scene_matches(scenes[i], parse(caption))

@@ -33,6 +33,7 @@ class ClipModelConfig:
     vision_depth: int = 4
     vision_heads: int = 3
     vision_pool: str = "cls"
+    vision_stem: str = "patch"  # "patch" (CLIP) or "conv" (stride-2 convolutions, Xiao et al. 2021)
     drop_path_rate: float = 0.0
     text_encoder: str = "transformer"  # "transformer" (text.py, from scratch) or "hf:DIR" (a local HF model)
     text_pool: str = "mean"  # pretrained towers only: "mean" or "cls"
@@ -86,6 +87,7 @@ def build_image_tower(cfg: ClipModelConfig, load_weights: bool = True) -> nn.Mod
             heads=cfg.vision_heads,
             pool=cfg.vision_pool,
             drop_path_rate=cfg.drop_path_rate,
+            stem=cfg.vision_stem,
         )
     import timm
 
