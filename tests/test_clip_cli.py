@@ -199,3 +199,13 @@ def test_bf16_autocast_and_ema_weights_are_saved(shapes_dir, tmp_path):
     # the saved model is the EMA, which differs from the raw weights the optimiser produced
     assert all(torch.equal(saved[k], state["ema"][k]) for k in saved)
     assert any(not torch.equal(saved[k], state["model"][k]) for k in saved)
+
+
+def test_demo_quick_runs_the_whole_pipeline(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--quick", "--steps", "3", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    metrics = json.loads((tmp_path / "demo_metrics.json").read_text())
+    assert {"image_retrieval_recall@5", "semantic_image_retrieval_recall@5", "zeroshot_color_acc1"} <= set(metrics)
+    grids = sorted((tmp_path / "queries").glob("*.png"))
+    assert len(grids) == 6 and str(grids[0]) in out
+    assert (tmp_path / "run" / "model.safetensors").exists()

@@ -255,9 +255,10 @@ def write_result_grid(path, title: str, hits) -> Path:
 
 
 def cmd_demo(args) -> None:
-    from clipsnail.demo import run_demo
+    from clipsnail.demo import DEMO_STEPS, run_demo
 
-    run_demo(Path(args.out), quick=args.quick, progress=not args.no_progress)
+    run_demo(Path(args.out), steps=args.steps or (30 if args.quick else DEMO_STEPS), quick=args.quick,
+             progress=not args.no_progress)
 
 
 # ----------------------------------------------------------------------------------------------- parser
@@ -270,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="generate shapes data, train a small CLIP, evaluate and search (a few minutes)")
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
-    p.add_argument("--quick", action="store_true", help="a much shorter run (for smoke tests)")
+    p.add_argument("--steps", type=int, help="training steps (default 500: about 4 minutes on 2 CPU cores)")
+    p.add_argument("--quick", action="store_true", help="600 images and 30 steps: a smoke test, not a model")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
 

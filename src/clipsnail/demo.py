@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -19,10 +18,10 @@ log = logging.getLogger(__name__)
 QUERIES = ["a red circle", "a blue square", "two green triangles", "a large yellow star",
            "a small orange circle", "a purple triangle"]
 HOLDOUT = [("purple", "triangle")]
-DEMO_STEPS = int(os.environ.get("CLIPSNAIL_DEMO_STEPS", 300))
+DEMO_STEPS = 500
 
 
-def demo_config(data_dir: Path, quick: bool):
+def demo_config(data_dir: Path, steps: int):
     from clipsnail.config import load_config
     from clipsnail.tasks.clip import ClipConfig
 
@@ -30,13 +29,16 @@ def demo_config(data_dir: Path, quick: bool):
         f"data.captions={data_dir / 'captions.csv'}", f"data.images={data_dir / 'images'}",
         f"data.split_file={data_dir / 'split.json'}", "train.batch_size=128", "train.log_every=10",
         "train.checkpoint_every=100", "optim.lr=1e-3", "optim.warmup_steps=50", "model.patch_size=8",
-        "data.context_length=24", "train.eval_every=0",
+        # A convolutional stem: with a plain patchify stem a ViT this small learns colour at once but not the
+        # outlines of the shapes within minutes (BENCHMARKS.md).
+        "model.vision_stem=conv", "data.context_length=24", "train.eval_every=0",
     ]
-    overrides += ["train.max_steps=30"] if quick else [f"train.max_steps={DEMO_STEPS}"]
+    overrides.append(f"train.max_steps={steps}")
     return load_config(ClipConfig, overrides=overrides)
 
 
-def run_demo(out: Path, quick: bool = False, progress: bool = True) -> dict:
+def run_demo(out: Path, steps: int = DEMO_STEPS, quick: bool = False, progress: bool = True) -> dict:
+    """quick: a few hundred images and `steps` as given (for smoke tests)."""
     from clipsnail.cli import write_result_grid
     from clipsnail.data.captions import group_by_image, read_captions, split_records
     from clipsnail.data.images import list_image_folder
@@ -65,7 +67,7 @@ def run_demo(out: Path, quick: bool = False, progress: bool = True) -> dict:
         say(f"[1/5] using the shapes data already in {data_dir}")
 
     say(f"[2/5] training a small CLIP into {run_dir} (CPU; re-running continues from the checkpoint) ...")
-    cfg = demo_config(data_dir, quick)
+    cfg = demo_config(data_dir, steps)
     result = fit(ClipTask(cfg, run_dir=run_dir), run_dir, progress=progress)
     model = load(run_dir)
 
@@ -85,8 +87,8 @@ def run_demo(out: Path, quick: bool = False, progress: bool = True) -> dict:
             generate_attribute_folder(folder, attribute, n_per_class=20 if quick else 50, size=32, seed=1)
         paths, labels, classes = list_image_folder(folder)
         emb, _ = encode_image_paths(model, paths, progress=False)
-        prompts = [f"a {c} shape" if attribute == "color" else f"a {c}" for c in classes]
-        logits = zero_shot_logits(emb, zero_shot_weights(model, prompts, ["{}", "a picture of {}"]))
+        prompts = [f"{article(c)} {c} shape" if attribute == "color" else f"{article(c)} {c}" for c in classes]
+        logits = zero_shot_logits(emb, zero_shot_weights(model, prompts, ["{}", "a photo of {}"]))
         metrics[f"zeroshot_{attribute}_acc1"] = classification_metrics(logits, torch.tensor(labels))["acc1"]
 
     say("[5/5] answering text queries over the test images ...")
@@ -112,6 +114,10 @@ def run_demo(out: Path, quick: bool = False, progress: bool = True) -> dict:
     say("query grids:\n" + "\n".join(f"  {g}" for g in grids))
     say(f"try: clipsnail search --model {run_dir} --images {test_dir} \"a large blue star\" --grid star.png")
     return summary
+
+
+def article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
 
 
 def say(text: str) -> None:

@@ -55,6 +55,7 @@ _GAP = 0.03  # clear space between the bounding boxes of two shapes, so they nev
 _CLEAR_POSITION = 0.12  # captions say "on the left" only when the centre is this far from the middle...
 _CLEAR_RELATION = 0.2  # ...and "to the left of" only when the centres are this far apart
 _COUNT_WORDS = {2: "two", 3: "three"}
+_NO_COLOUR = 0.2  # share of object mentions that name no colour
 _PREFIXES = ("a picture of", "an image of", "a drawing of", "a photo of")
 
 
@@ -221,9 +222,11 @@ def _mention(group: Sequence[Shape], rng: random.Random, position_p: float = 0.0
     s, count = group[0], len(group)
     vague = rng.random()
     words = [s.size] if rng.random() < 0.5 else []
-    if vague >= 0.06:  # otherwise colour left out: "a large circle"
+    # Colour is the easiest thing to see: captions that leave it out ("a circle above a star") are what makes a
+    # model learn the outlines too, instead of settling on colour alone.
+    if vague >= _NO_COLOUR:
         words.append(s.color)
-    noun = "shape" if 0.06 <= vague < 0.12 else s.kind  # "a red shape"
+    noun = "shape" if _NO_COLOUR <= vague < _NO_COLOUR + 0.06 else s.kind  # "a red shape"
     words.append(noun + ("s" if count > 1 else ""))
     article = "an" if words[0][0] in "aeiou" else "a"
     text = " ".join([_COUNT_WORDS[count] if count > 1 else article, *words])
