@@ -209,3 +209,25 @@ def test_demo_quick_runs_the_whole_pipeline(tmp_path, capsys):
     grids = sorted((tmp_path / "queries").glob("*.png"))
     assert len(grids) == 6 and str(grids[0]) in out
     assert (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_training_images_are_decoded_once_within_the_cache(shapes_dir, monkeypatch):
+    from clipsnail.config import load_config
+    from clipsnail.data import datasets
+    from clipsnail.tasks.clip import ClipConfig, ClipTask
+
+    args = tiny_clip_args(shapes_dir, "unused")
+    overrides = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+    cfg = load_config(ClipConfig, None, overrides + [f"data.captions={shapes_dir / 'captions.csv'}",
+                                                     f"data.images={shapes_dir / 'images'}",
+                                                     f"data.split_file={shapes_dir / 'split.json'}"])
+    dataset = ClipTask(cfg).train_dataset
+    calls = []
+    real = datasets.load_image
+    monkeypatch.setattr(datasets, "load_image", lambda p: calls.append(p) or real(p))
+    first = dataset[(0, 1)]["image"]
+    assert torch.equal(dataset[(0, 1)]["image"], first) and len(calls) == 1  # same seed, same crop, cached
+    dataset._cache.clear()
+    dataset._cache_left = 0  # a full cache decodes every time
+    dataset[(1, 1)], dataset[(1, 1)]
+    assert len(calls) == 3

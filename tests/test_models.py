@@ -92,3 +92,12 @@ def test_text_init_follows_clip():
     proj = torch.cat([b.attn.proj.weight.flatten() for b in text.blocks])
     assert abs(qkv.std().item() - 64**-0.5) < 0.01
     assert abs(proj.std().item() - 64**-0.5 * 8**-0.5) < 0.005
+
+
+def test_text_tower_skips_padding_columns_without_changing_results():
+    torch.manual_seed(0)
+    text = TextTransformer(vocab_size=30, context_length=16, width=16, depth=2, heads=2, eot_id=2).eval()
+    tokens = torch.tensor([[1, 7, 8, 2] + [0] * 12, [1, 5, 6, 9, 4, 2] + [0] * 10])
+    x = text.forward_features(tokens)  # the full context, no trimming
+    expected = torch.stack([x[0, 3], x[1, 5]])
+    assert torch.allclose(text(tokens), expected, atol=1e-5)

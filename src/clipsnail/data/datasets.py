@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from clipsnail.data.images import load_image
@@ -22,7 +23,8 @@ class CaptionImageDataset(Dataset):
 
     sampling="image": one item per image, with one of its captions drawn at random (each epoch sees every image
     once and a batch never holds the same image twice); sampling="pair": one item per caption (seed 000).
-    A corrupt image yields None (collate drops it and counts it) unless strict.
+    A corrupt image yields None (collate drops it and counts it) unless strict. Decoded images are kept in memory
+    up to `cache_mb` (small corpora are then decoded once, not once per epoch).
     """
 
     def __init__(
@@ -34,6 +36,7 @@ class CaptionImageDataset(Dataset):
         transform: Callable,
         sampling: str = "image",
         strict: bool = False,
+        cache_mb: float = 0,
     ):
         if sampling not in ("image", "pair"):
             raise ValueError(f"sampling must be 'image' or 'pair', got {sampling!r}")
@@ -48,12 +51,23 @@ class CaptionImageDataset(Dataset):
         self.caption_text_id = [text_ids.setdefault(" ".join(c.lower().split()), len(text_ids)) for c in captions]
         self.transform, self.sampling, self.strict = transform, sampling, strict
         self.skipped = 0
+        self._cache: dict[int, Image.Image] = {}
+        self._cache_left = cache_mb * 2**20
 
     def __len__(self) -> int:
         return len(self.image_names) if self.sampling == "image" else len(self.captions)
 
     def image_path(self, i: int) -> Path:
         return self.images_dir / self.image_names[i]
+
+    def load(self, i: int) -> Image.Image:
+        image = self._cache.get(i)
+        if image is None:
+            image = load_image(self.image_path(i))
+            nbytes = image.width * image.height * len(image.getbands())
+            if nbytes <= self._cache_left:
+                self._cache[i], self._cache_left = image, self._cache_left - nbytes
+        return image
 
     def __getitem__(self, item: tuple[int, int] | int):
         index, seed = item if isinstance(item, tuple) else (item, item)
@@ -66,7 +80,7 @@ class CaptionImageDataset(Dataset):
             else:
                 caption_id, image_id = index, self.caption_to_image[index]
             try:
-                image = self.transform(load_image(self.image_path(image_id)))
+                image = self.transform(self.load(image_id))
             except DataError as e:
                 if self.strict:
                     raise

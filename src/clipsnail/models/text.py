@@ -54,10 +54,12 @@ class TextTransformer(nn.Module):
         return self.ln_final(x)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.forward_features(tokens)
         is_eot = tokens == self.eot_id
         # argmax finds the first <eot>; a row without one (a caller's own tokens) pools its last position.
         eot = torch.where(is_eot.any(dim=1), is_eot.int().argmax(dim=1), tokens.shape[1] - 1)
+        # Under the causal mask nothing after the last <eot> can reach any pooled state: drop those padding
+        # columns. Same result, and captions are usually far shorter than the context.
+        x = self.forward_features(tokens[:, : int(eot.max()) + 1])
         return x[torch.arange(x.shape[0], device=x.device), eot]
 
 

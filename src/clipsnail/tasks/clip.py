@@ -41,6 +41,7 @@ class ClipDataConfig:
     sampling: str = "image"  # "image": one random caption per image per epoch; "pair": every caption
     augment: bool = True
     strict: bool = False  # a corrupt image is an error instead of a skipped sample
+    cache_mb: float = 512  # keep decoded training images in memory up to this size
     max_eval_images: int = 1000  # validation during training uses at most this many images
 
 
@@ -108,7 +109,7 @@ class ClipTask:
         self.train_dataset = CaptionImageDataset(
             data.images, names, captions, caption_to_image,
             clip_train_transform(m.image_size, m.image_mean, m.image_std, data.augment),
-            sampling=data.sampling, strict=data.strict,
+            sampling=data.sampling, strict=data.strict, cache_mb=data.cache_mb,
         )
         self.val = None
         try:
