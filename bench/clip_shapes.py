@@ -18,7 +18,7 @@ What it does
    colour+kind zero-shot accuracy on single shapes of the held-out combinations), training pairs/s, memory.
 4. Writes bench/results/clip_shapes.json (ratios ours / open_clip, targets) and prints a table.
 
-    .venv/bin/python bench/clip_shapes.py                # full: 1000 steps, 6000 images (~30 min on 2 cores)
+    .venv/bin/python bench/clip_shapes.py                # full: 1300 steps, 6000 images (~35 min on 2 cores)
     .venv/bin/python bench/clip_shapes.py --quick        # ~20 steps, 600 images: checks the script works
 """
 
@@ -647,7 +647,7 @@ def parent_main(args) -> None:
         args.combo_per_class = args.combo_per_class or 5
         args.ab_steps = 4 if args.ab_steps is None else args.ab_steps
     args.ab_steps = 20 if args.ab_steps is None else args.ab_steps
-    args.steps = args.steps or 1000
+    args.steps = args.steps or 1300
     args.n_images = args.n_images or 6000
     args.zs_per_class = args.zs_per_class or 50
     args.combo_per_class = args.combo_per_class or 25
@@ -790,7 +790,8 @@ def say(text: str) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=None, help="optimiser steps per model (default 1000; quick 20)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimiser steps per model (default 1300: about 8 min per model; quick 20)")
     p.add_argument("--n-images", type=int, default=None, help="shapes scenes to generate (default 6000; quick 600)")
     p.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
     p.add_argument("--batch-size", type=int, default=128)
