@@ -655,7 +655,8 @@ def parent_main(args) -> None:
                                  else "bench/results/clip_shapes.json"))
     if not out_path.is_absolute():
         out_path = _common.ROOT / out_path
-    variants = {"ours": ["ours", "ours_plain_loss"], "open_clip": ["open_clip"], "both": list(VARIANTS)}[args.only]
+    variants = {"ours": ["ours", "ours_plain_loss"], "open_clip": ["open_clip"], "both": list(VARIANTS),
+                "head2head": ["ours_plain_loss", "open_clip"]}[args.only]
     if args.skip_plain:
         variants = [v for v in variants if v != "ours_plain_loss"]
 
@@ -795,8 +796,9 @@ def main() -> None:
     p.add_argument("--n-images", type=int, default=None, help="shapes scenes to generate (default 6000; quick 600)")
     p.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--only", choices=("ours", "open_clip", "both"), default="both",
-                   help="which implementation(s) to train; 'ours' runs ours and ours_plain_loss")
+    p.add_argument("--only", choices=("ours", "open_clip", "both", "head2head"), default="both",
+                   help="which implementation(s) to train; 'ours' runs ours and ours_plain_loss; 'head2head' "
+                        "ours_plain_loss and open_clip (identical architectures)")
     p.add_argument("--skip-plain", action="store_true",
                    help="skip the ours_plain_loss row (ratios then use ours as configured)")
     p.add_argument("--holdout", default=DEFAULT_HOLDOUT,

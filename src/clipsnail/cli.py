@@ -271,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="generate shapes data, train a small CLIP, evaluate and search (a few minutes)")
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
-    p.add_argument("--steps", type=int, help="training steps (default 1200: about 8 minutes on 2 CPU cores)")
+    p.add_argument("--steps", type=int, help="training steps (default 1500: about 10 minutes on 2 CPU cores)")
     p.add_argument("--quick", action="store_true", help="600 images and 30 steps: a smoke test, not a model")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)

@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 QUERIES = ["a red circle", "a blue square", "two green triangles", "a large yellow star",
            "a small orange circle", "a purple triangle"]
 HOLDOUT = [("purple", "triangle")]
-DEMO_STEPS = 1200
+DEMO_STEPS = 1500
 
 
 def demo_config(data_dir: Path, steps: int):
