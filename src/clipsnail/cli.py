@@ -265,11 +265,13 @@ def cmd_demo(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="clipsnail", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="clipsnail",
+        description="CLIP from scratch: train on captioned images, search images by text, classify with no labels.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="generate shapes data, train a small CLIP, evaluate and search (a few minutes)")
+    p = sub.add_parser("demo", help="generate shapes data, train a small CLIP, evaluate and search (~10 min on a CPU)")
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     p.add_argument("--steps", type=int, help="training steps (default 1500: about 10 minutes on 2 CPU cores)")
     p.add_argument("--quick", action="store_true", help="600 images and 30 steps: a smoke test, not a model")
