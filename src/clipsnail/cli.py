@@ -9,7 +9,7 @@ import logging
 import sys
 from pathlib import Path
 
-from clipsnail.errors import ClipsnailError, DataError
+from clipsnail.errors import ClipsnailError
 
 log = logging.getLogger("clipsnail")
 
@@ -142,38 +142,12 @@ def cmd_clip_summary(args) -> None:
 
 
 def cmd_clip_eval(args) -> None:
-    import torch
-
-    from clipsnail.data.captions import group_by_image, read_captions, split_records
-    from clipsnail.data.shapes import scene_judge
-    from clipsnail.evaluate import (
-        encode_image_paths,
-        encode_texts,
-        retrieval_metrics,
-        semantic_retrieval_metrics,
-    )
+    from clipsnail.evaluate import evaluate_caption_split
     from clipsnail.hub import load
 
     model = load(args.model, device=args.device)
-    records = split_records(read_captions(args.captions, args.format), args.split, split_file=args.split_file)
-    if not records:
-        raise DataError(f"{args.captions}: no captions in split {args.split!r}")
-    names, captions, c2i = group_by_image(records)
-    images_dir = Path(args.images)
-    image_emb, readable = encode_image_paths(model, [images_dir / n for n in names], batch_size=args.batch_size,
-                                             progress=not args.no_progress, strict=args.strict)
-    # Unreadable images are dropped together with their captions, and counted.
-    keep_img = readable.nonzero().squeeze(1)
-    remap = torch.full((len(names),), -1, dtype=torch.long)
-    remap[keep_img] = torch.arange(len(keep_img))
-    pairs = [(c, remap[i].item()) for c, i in zip(captions, c2i) if readable[i]]
-    text_emb = encode_texts(model, [c for c, _ in pairs])
-    metrics = retrieval_metrics(image_emb[keep_img], text_emb, [i for _, i in pairs])
-    judge = scene_judge(images_dir, [names[i] for i in keep_img.tolist()])
-    if judge is not None:
-        metrics.update(semantic_retrieval_metrics(image_emb[keep_img], text_emb, [c for c, _ in pairs], judge))
-    metrics.update({"num_images": len(keep_img), "num_captions": len(pairs),
-                    "skipped_images": len(names) - len(keep_img), "split": args.split})
+    metrics, _ = evaluate_caption_split(model, args.captions, args.images, args.split, args.split_file, args.format,
+                                        args.batch_size, progress=not args.no_progress, strict=args.strict)
     out = Path(args.model) / f"eval_{args.split}.json"
     out.write_text(json.dumps(metrics, indent=2) + "\n")
     print_json(metrics)

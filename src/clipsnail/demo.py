@@ -40,16 +40,13 @@ def demo_config(data_dir: Path, steps: int):
 def run_demo(out: Path, steps: int = DEMO_STEPS, quick: bool = False, progress: bool = True) -> dict:
     """quick: a few hundred images and `steps` as given (for smoke tests)."""
     from clipsnail.cli import write_result_grid
-    from clipsnail.data.captions import group_by_image, read_captions, split_records
     from clipsnail.data.images import list_image_folder
-    from clipsnail.data.shapes import generate_attribute_folder, generate_shapes, scene_judge
+    from clipsnail.data.shapes import generate_attribute_folder, generate_shapes
     from clipsnail.engine import fit
     from clipsnail.evaluate import (
         classification_metrics,
         encode_image_paths,
-        encode_texts,
-        retrieval_metrics,
-        semantic_retrieval_metrics,
+        evaluate_caption_split,
         zero_shot_logits,
         zero_shot_weights,
     )
@@ -72,13 +69,9 @@ def run_demo(out: Path, steps: int = DEMO_STEPS, quick: bool = False, progress: 
     model = load(run_dir)
 
     say("[3/5] retrieval on the held-out test split (includes the never-seen purple triangles) ...")
-    records = split_records(read_captions(data_dir / "captions.csv"), "test", split_file=data_dir / "split.json")
-    names, captions, c2i = group_by_image(records)
-    image_emb, _ = encode_image_paths(model, [data_dir / "images" / n for n in names], progress=False)
-    text_emb = encode_texts(model, captions)
-    metrics = retrieval_metrics(image_emb, text_emb, c2i, ks=(1, 5, 10))
-    judge = scene_judge(data_dir / "images", names)
-    metrics.update(semantic_retrieval_metrics(image_emb, text_emb, captions, judge))
+    metrics, names = evaluate_caption_split(model, data_dir / "captions.csv", data_dir / "images", "test",
+                                            data_dir / "split.json", progress=False)
+    metrics = {k: v for k, v in metrics.items() if "recall" in k}
 
     say("[4/5] zero-shot classification of single shapes by colour and by kind ...")
     for attribute in ("color", "kind"):

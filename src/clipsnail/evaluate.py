@@ -148,3 +148,37 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, top: int 
         f"acc{top}": (topk == labels[:, None]).any(dim=1).float().mean().item(),
         "mean_per_class_recall": torch.stack(recalls).mean().item(),
     }
+
+
+def evaluate_caption_split(model, captions_file, images_dir, split: str = "test", split_file=None,
+                           format: str = "auto", batch_size: int = 256, progress: bool = True,
+                           strict: bool = False) -> tuple[dict, list[str]]:
+    """Retrieval metrics of `model` on one split of a caption corpus -> (metrics, image names evaluated).
+
+    Unreadable images are dropped together with their captions, and counted. On generated shapes data
+    (scenes.json beside the images) the semantic recall is added.
+    """
+    from clipsnail.data.captions import group_by_image, read_captions, split_records
+    from clipsnail.data.shapes import scene_judge
+    from clipsnail.errors import DataError
+
+    records = split_records(read_captions(captions_file, format), split, split_file=split_file)
+    if not records:
+        raise DataError(f"{captions_file}: no captions in split {split!r}")
+    names, captions, c2i = group_by_image(records)
+    images_dir = Path(images_dir)
+    image_emb, readable = encode_image_paths(model, [images_dir / n for n in names], batch_size=batch_size,
+                                             progress=progress, strict=strict)
+    keep = readable.nonzero().squeeze(1)
+    remap = torch.full((len(names),), -1, dtype=torch.long)
+    remap[keep] = torch.arange(len(keep))
+    pairs = [(c, remap[i].item()) for c, i in zip(captions, c2i) if readable[i]]
+    kept_names = [names[i] for i in keep.tolist()]
+    text_emb = encode_texts(model, [c for c, _ in pairs])
+    metrics = retrieval_metrics(image_emb[keep], text_emb, [i for _, i in pairs])
+    judge = scene_judge(images_dir, kept_names)
+    if judge is not None:
+        metrics.update(semantic_retrieval_metrics(image_emb[keep], text_emb, [c for c, _ in pairs], judge))
+    metrics.update({"num_images": len(keep), "num_captions": len(pairs), "skipped_images": len(names) - len(keep),
+                    "split": split})
+    return metrics, kept_names
