@@ -2,6 +2,9 @@
 
 __version__ = "0.1.0"
 
+# Registers lemevit_* with timm, so `timm.create_model("lemevit_tiny")` works after `import clipsnail`.
+from clipsnail.models import lemevit as _lemevit  # noqa: E402,F401
+
 
 def load(run_dir, device="cpu"):
     """Load the model of a run directory (see `clipsnail.hub.load`)."""

@@ -1,0 +1,572 @@
+"""LeMeViT (Jiang et al. 2024, "Efficient Vision Transformer with Learnable Meta Tokens").
+
+A hierarchical ViT whose dense image tokens exchange information with a few (16) learnable meta tokens instead of
+with each other. Five stages, one attention kind each:
+  C  cross attention: meta tokens (queries) read the image tokens; image tokens pass through unchanged;
+  D  dual cross attention: image queries read the meta tokens and meta queries read the image tokens, so the cost
+     is O(N*M) instead of O(N^2) where the image grid is dense (strides 4 and 8);
+  S  standard self-attention, applied to the image tokens and to the meta tokens separately (same weights),
+     where the grid is small (strides 16 and 32).
+Before every stage the meta tokens go through an MLP that maps them to the next width; the head averages the
+BatchNorm-ed image grid and the LayerNorm-ed meta tokens, sums them, and classifies.
+
+Faithful to the official `models/lemevit.py` (ViTAE-Transformer/LeMeViT): parameter counts at 1000 classes are
+8,635,816 / 16,400,456 / 53,098,152 and the state-dict keys are identical, so official checkpoints load strictly.
+Where it departs, it is on purpose:
+- a uniform timm API (integer `num_features`, one-argument `forward_features`, `forward_head`, a working
+  `reset_classifier`, `forward_intermediates`, `no_weight_decay` that names the meta tokens);
+- `drop_rate` is the head dropout as in every timm model (the official file feeds it to the projections; use
+  `proj_drop_rate` for that);
+- `mlp_dwconv` applies its depthwise conv to image tokens on their grid (the official code would feed it a token
+  sequence and crash); meta tokens have no grid and skip it;
+- D attention computes the paper's resolution-dependent scale (`d_scale="dim"`, REFERENCE.md). The official file does
+  too in its flash-attn/xformers branches, but its plain-PyTorch branch calls SDPA without a scale, i.e. head_dim^-0.5;
+  `d_scale="head"` reproduces that branch.
+- `stem_stride` 2 or 1 (instead of 4) keeps more tokens for small inputs such as 32x32 CIFAR images; the weights
+  have the same shapes, only the conv strides change.
+
+Layout: between stages the image grid is NCHW (convolutions); inside a stage the image tokens are a (B, N, C)
+sequence. The NCHW <-> (B, N, C) changes are views, not copies, when the grid is channels_last, which is what the
+stem produces for a channels_last input (`model.to(memory_format=torch.channels_last)`, as the paper benchmarks).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+__all__ = ["LeMeViT", "checkpoint_filter_fn"]
+
+ATTENTION_TYPES = ("C", "D", "D2", "S")
+
+
+def _split_heads(t: torch.Tensor, parts: int, num_heads: int) -> tuple[torch.Tensor, ...]:
+    """(B, N, parts*C) from one fused projection -> `parts` views of shape (B, heads, N, head_dim)."""
+    B, N, _ = t.shape
+    return t.view(B, N, parts, num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def _merge_heads(t: torch.Tensor) -> torch.Tensor:
+    B, h, N, d = t.shape
+    return t.transpose(1, 2).reshape(B, N, h * d)
+
+
+class _AttentionBase(nn.Module):
+    def __init__(self, dim: int, num_heads: int, attn_drop: float, proj_drop: float):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.attn_drop = attn_drop
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def _sdpa(self, q, k, v, scale: float | None = None) -> torch.Tensor:
+        p = self.attn_drop if self.training else 0.0
+        return _merge_heads(F.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=scale))
+
+
+class CrossAttention(_AttentionBase):
+    """C: meta tokens query the image tokens. Returns the meta-token update only."""
+
+    def __init__(self, dim: int, num_heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__(dim, num_heads, attn_drop, proj_drop)
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        (q,) = _split_heads(self.q(c), 1, self.num_heads)
+        k, v = _split_heads(self.kv(x), 2, self.num_heads)
+        return self.proj_drop(self.proj(self._sdpa(q, k, v)))
+
+
+class DualCrossAttention(_AttentionBase):
+    """D: image queries read meta keys/values and meta queries read image keys/values, in one block.
+
+    The image->meta softmax runs over only M=16 keys while its queries are N (thousands): the paper scales its
+    logits by log(M)/log(N) (on top of dim^-0.5 with dim the full width, as the official code does) so that its
+    entropy matches what attention over N keys would have. Meta->image uses the plain dim^-0.5.
+    """
+
+    def __init__(self, dim: int, num_heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0,
+                 d_scale: str = "dim"):
+        super().__init__(dim, num_heads, attn_drop, proj_drop)
+        self.qkv1 = nn.Linear(dim, 3 * dim)  # image tokens
+        self.qkv2 = nn.Linear(dim, 3 * dim)  # meta tokens
+        self.proj_x = nn.Linear(dim, dim)
+        self.proj_c = nn.Linear(dim, dim)
+        self.d_scale = d_scale
+        self.scale = dim**-0.5
+
+    def scales(self, n_image: int, n_meta: int) -> tuple[float | None, float | None]:
+        """(image->meta, meta->image) softmax scales; None is SDPA's default head_dim^-0.5."""
+        if self.d_scale == "head":
+            return None, None
+        # log_N(M); a 1-token grid has no resolution to correct for.
+        ratio = math.log(n_meta) / math.log(n_image) if n_image > 1 else 1.0
+        return ratio * self.scale, self.scale
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scale_x, scale_c = self.scales(x.shape[1], c.shape[1])
+        q1, k1, v1 = _split_heads(self.qkv1(x), 3, self.num_heads)
+        q2, k2, v2 = _split_heads(self.qkv2(c), 3, self.num_heads)
+        x = self.proj_drop(self.proj_x(self._sdpa(q1, k2, v2, scale_x)))
+        c = self.proj_drop(self.proj_c(self._sdpa(q2, k1, v1, scale_c)))
+        return x, c
+
+
+class DualCrossAttentionV2(DualCrossAttention):
+    """D2: the lighter variant of the official code: image tokens give queries and values, meta tokens keys and
+    values; the image queries double as the keys the meta tokens attend to (2 projections per stream, not 3)."""
+
+    def __init__(self, dim: int, num_heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0,
+                 d_scale: str = "dim"):
+        _AttentionBase.__init__(self, dim, num_heads, attn_drop, proj_drop)
+        self.qv1 = nn.Linear(dim, 2 * dim)
+        self.kv2 = nn.Linear(dim, 2 * dim)
+        self.proj_x = nn.Linear(dim, dim)
+        self.proj_c = nn.Linear(dim, dim)
+        self.d_scale = d_scale
+        self.scale = dim**-0.5
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scale_x, scale_c = self.scales(x.shape[1], c.shape[1])
+        q, v1 = _split_heads(self.qv1(x), 2, self.num_heads)
+        k, v2 = _split_heads(self.kv2(c), 2, self.num_heads)
+        x = self.proj_drop(self.proj_x(self._sdpa(q, k, v2, scale_x)))
+        c = self.proj_drop(self.proj_c(self._sdpa(k, q, v1, scale_c)))
+        return x, c
+
+
+class StandardAttention(_AttentionBase):
+    """S: ordinary multi-head self-attention (one fused qkv projection)."""
+
+    def __init__(self, dim: int, num_heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__(dim, num_heads, attn_drop, proj_drop)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = _split_heads(self.qkv(x), 3, self.num_heads)
+        return self.proj_drop(self.proj(self._sdpa(q, k, v)))
+
+
+class DWConv(nn.Module):
+    """Depthwise 3x3 conv over the image grid inside the MLP (`mlp_dwconv`)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim)
+
+    def forward(self, x: torch.Tensor, hw: tuple[int, int] | None) -> torch.Tensor:
+        if hw is None:  # meta tokens: no grid
+            return x
+        B, N, C = x.shape
+        return self.dwconv(x.transpose(1, 2).view(B, C, *hw)).flatten(2).transpose(1, 2)
+
+
+class Mlp(nn.Sequential):
+    """Linear -> (DWConv) -> GELU -> Linear. A Sequential so the keys are the official `mlp.0` / `mlp.3`."""
+
+    def __init__(self, dim: int, hidden: int, dwconv: bool = False, drop: float = 0.0):
+        super().__init__(nn.Linear(dim, hidden), DWConv(hidden) if dwconv else nn.Identity(), nn.GELU(),
+                         nn.Linear(hidden, dim))
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor, hw: tuple[int, int] | None = None) -> torch.Tensor:
+        fc1, dw, act, fc2 = self[0], self[1], self[2], self[3]
+        x = fc1(x)
+        if isinstance(dw, DWConv):
+            x = dw(x, hw)
+        return self.drop(fc2(self.drop(act(x))))
+
+
+class LeMeBlock(nn.Module):
+    """One block: conditional position encoding on the image grid, then attention of the given type and an MLP,
+    with norm1/norm2/MLP shared by the image and the meta stream."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        attn_type: str,
+        mlp_ratio: float = 4.0,
+        mlp_dwconv: bool = False,
+        cpe_ks: int = 3,
+        pre_norm: bool = True,
+        layer_scale_init_value: float | None = None,
+        drop_path: float = 0.0,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        d_scale: str = "dim",
+    ):
+        super().__init__()
+        if attn_type not in ATTENTION_TYPES:
+            raise ValueError(f"attention type {attn_type!r} is not one of {', '.join(ATTENTION_TYPES)}")
+        self.attn_type = attn_type
+        # Conditional position encoding (CPVT): a depthwise conv, so any input size works.
+        self.pos_embed = nn.Conv2d(dim, dim, cpe_ks, padding=cpe_ks // 2, groups=dim) if cpe_ks > 0 else None
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)  # eps 1e-6 as the official code: "avoids attention collapse"
+        if attn_type == "C":
+            self.attn = CrossAttention(dim, num_heads, attn_drop, proj_drop)
+        elif attn_type == "D":
+            self.attn = DualCrossAttention(dim, num_heads, attn_drop, proj_drop, d_scale)
+        elif attn_type == "D2":
+            self.attn = DualCrossAttentionV2(dim, num_heads, attn_drop, proj_drop, d_scale)
+        else:
+            self.attn = StandardAttention(dim, num_heads, attn_drop, proj_drop)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(mlp_ratio * dim), mlp_dwconv, proj_drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.pre_norm = pre_norm
+        if layer_scale_init_value is not None and layer_scale_init_value > 0:
+            self.gamma1 = nn.Parameter(torch.full((1, 1, dim), float(layer_scale_init_value)))
+            self.gamma2 = nn.Parameter(torch.full((1, 1, dim), float(layer_scale_init_value)))
+        else:
+            self.gamma1 = self.gamma2 = None
+
+    def _residual(self, t: torch.Tensor, update: torch.Tensor, gamma, norm: nn.Module) -> torch.Tensor:
+        """Pre-norm: t + f(norm(t)) with f already applied to the normed input; post-norm: norm(t + f(t))."""
+        update = self.drop_path(update if gamma is None else gamma * update)
+        return t + update if self.pre_norm else norm(t + update)
+
+    def _mlp(self, t: torch.Tensor, hw: tuple[int, int] | None) -> torch.Tensor:
+        return self._residual(t, self.mlp(self.norm2(t) if self.pre_norm else t, hw), self.gamma2, self.norm2)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: image tokens (B, H*W, C); c: meta tokens (B, M, C)."""
+        x_in = x
+        if self.pos_embed is not None:
+            B, N, C = x.shape
+            x = x + self.pos_embed(x.transpose(1, 2).view(B, C, *hw)).flatten(2).transpose(1, 2)
+        n1 = self.norm1 if self.pre_norm else nn.Identity()
+        if self.attn_type == "C":  # only the meta tokens change; keys come from the position-encoded grid
+            c = self._residual(c, self.attn(n1(x), n1(c)), self.gamma1, self.norm1)
+            return x_in, self._mlp(c, None)
+        if self.attn_type == "S":
+            x = self._residual(x, self.attn(n1(x)), self.gamma1, self.norm1)
+            c = self._residual(c, self.attn(n1(c)), self.gamma1, self.norm1)
+        else:
+            dx, dc = self.attn(n1(x), n1(c))
+            x = self._residual(x, dx, self.gamma1, self.norm1)
+            c = self._residual(c, dc, self.gamma1, self.norm1)
+        return self._mlp(x, hw), self._mlp(c, None)
+
+
+def _meta_token_mlp(dim: int, out_dim: int) -> nn.Sequential:
+    """Maps the meta tokens to the next stage's width (keys `meta_token_downsample.i.{0,1,3,4}`)."""
+    return nn.Sequential(nn.Linear(dim, 4 * dim), nn.LayerNorm(4 * dim), nn.GELU(), nn.Linear(4 * dim, out_dim),
+                         nn.LayerNorm(out_dim))
+
+
+class LeMeViT(nn.Module):
+    def __init__(
+        self,
+        depth: Sequence[int] = (1, 2, 2, 8, 2),
+        embed_dim: Sequence[int] = (64, 64, 128, 192, 320),
+        head_dim: int = 32,
+        mlp_ratios: float | Sequence[float] = 4.0,
+        attn_type: Sequence[str] = ("C", "D", "D", "S", "S"),
+        queries_len: int = 16,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "avg",
+        drop_rate: float = 0.0,
+        proj_drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        cpe_ks: int = 3,
+        pre_norm: bool = True,
+        mlp_dwconv: bool = False,
+        layer_scale_init_value: float | None = None,
+        stem_stride: int = 4,
+        d_scale: str = "dim",
+    ):
+        super().__init__()
+        if not len(depth) == len(embed_dim) == len(attn_type):
+            raise ValueError("depth, embed_dim and attn_type need one entry per stage")
+        if stem_stride not in (1, 2, 4):
+            raise ValueError(f"stem_stride must be 1, 2 or 4, got {stem_stride}")
+        if d_scale not in ("dim", "head"):
+            raise ValueError(f"d_scale must be 'dim' or 'head', got {d_scale!r}")
+        if global_pool not in ("avg", "meta", "image", ""):
+            raise ValueError(f"global_pool must be 'avg', 'meta', 'image' or '', got {global_pool!r}")
+        num_stages = len(depth)
+        mlp_ratios = [mlp_ratios] * num_stages if isinstance(mlp_ratios, (int, float)) else list(mlp_ratios)
+        self.num_classes, self.global_pool = num_classes, global_pool
+        self.num_stages, self.embed_dim = num_stages, list(embed_dim)
+        self.num_features = self.head_hidden_size = embed_dim[-1]
+        self.num_prefix_tokens = queries_len  # forward_features puts the meta tokens first, like a cls token
+        self.grad_checkpointing = False
+        self.inference_chunk_size = 2**20  # activations (tokens x width) per chunk, see _run_stage; 0: no chunks
+
+        # Two 3x3 convs (UniFormer's stem) instead of one big patchify conv.
+        s1, s2 = {4: (2, 2), 2: (1, 2), 1: (1, 1)}[stem_stride]
+        stem = nn.Sequential(
+            nn.Conv2d(in_chans, embed_dim[0] // 2, 3, s1, 1), nn.BatchNorm2d(embed_dim[0] // 2), nn.GELU(),
+            nn.Conv2d(embed_dim[0] // 2, embed_dim[0], 3, s2, 1), nn.BatchNorm2d(embed_dim[0]),
+        )
+        self.downsample_layers = nn.ModuleList([stem])
+        reduction, self.feature_info = stem_stride, []
+        for i in range(num_stages - 1):
+            if attn_type[i] == "C":  # C leaves the grid unchanged, so the next stage works at the same resolution
+                self.downsample_layers.append(nn.Identity())
+            else:
+                self.downsample_layers.append(nn.Sequential(
+                    nn.Conv2d(embed_dim[i], embed_dim[i + 1], 3, 2, 1), nn.BatchNorm2d(embed_dim[i + 1])))
+        for i in range(num_stages):
+            if i > 0 and attn_type[i - 1] != "C":
+                reduction *= 2
+            self.feature_info.append(dict(num_chs=embed_dim[i], reduction=reduction, module=f"stages.{i}"))
+
+        # std-1 init as in the official code (they are inputs to a LayerNorm-ed MLP, so the scale washes out).
+        self.meta_tokens = nn.Parameter(torch.randn(queries_len, embed_dim[0]))
+        self.meta_token_downsample = nn.ModuleList(
+            [_meta_token_mlp(embed_dim[0], embed_dim[0])]
+            + [_meta_token_mlp(embed_dim[i], embed_dim[i + 1]) for i in range(num_stages - 1)]
+        )
+
+        rates = torch.linspace(0, drop_path_rate, sum(depth)).tolist()
+        self.stages = nn.ModuleList()
+        for i in range(num_stages):
+            first = sum(depth[:i])
+            self.stages.append(nn.ModuleList([
+                LeMeBlock(embed_dim[i], embed_dim[i] // head_dim, attn_type[i], mlp_ratios[i], mlp_dwconv, cpe_ks,
+                          pre_norm, layer_scale_init_value, rates[first + j], attn_drop_rate, proj_drop_rate, d_scale)
+                for j in range(depth[i])
+            ]))
+
+        self.norm = nn.BatchNorm2d(embed_dim[-1])
+        self.norm_c = nn.LayerNorm(embed_dim[-1])
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    # ------------------------------------------------------------------------------------------------ timm API
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {"meta_tokens"}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(
+            stem=r"^downsample_layers\.0|^meta_tokens|^meta_token_downsample\.0",
+            blocks=[
+                (r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.(\d+)", None),
+                (r"^downsample_layers\.(\d+)", (0,)),
+                (r"^meta_token_downsample\.(\d+)", (0,)),
+                (r"^norm", (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            if global_pool not in ("avg", "meta", "image", ""):
+                raise ValueError(f"global_pool must be 'avg', 'meta', 'image' or '', got {global_pool!r}")
+            self.global_pool = global_pool
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    # ------------------------------------------------------------------------------------------------ forward
+
+    def _run_stage(self, i: int, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One stage on an NCHW grid and (B, M, C) meta tokens; returns the same layout."""
+        size = x.shape[0] * self._tokens_after(i, x.shape[-2:]) * self.embed_dim[i]
+        if not torch.is_grad_enabled() and not self.training and size > self.inference_chunk_size > 0:
+            # Inference on a dense grid: run a few images at a time. The block's activations (e.g. the 4x wide MLP
+            # hidden layer, 100 MB at batch 32 and 224px; 8 MB per chunk) then stay in cache instead of streaming
+            # through memory;
+            # in eval mode every op is per image, so the result is the same.
+            step = max(1, self.inference_chunk_size * x.shape[0] // size)
+            parts = [self._run_stage_all(i, xs, cs) for xs, cs in zip(x.split(step), c.split(step))]
+            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        return self._run_stage_all(i, x, c)
+
+    def _tokens_after(self, i: int, hw) -> int:
+        layer = self.downsample_layers[i]
+        stride = 1 if isinstance(layer, nn.Identity) else (layer[0].stride[0] * layer[3].stride[0] if i == 0 else 2)
+        return math.ceil(hw[0] / stride) * math.ceil(hw[1] / stride)
+
+    def _run_stage_all(self, i: int, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.downsample_layers[i](x)
+        c = self.meta_token_downsample[i](c)
+        B, C, H, W = x.shape
+        x = x.flatten(2).transpose(1, 2)  # (B, N, C): a view for a channels_last grid
+        for block in self.stages[i]:
+            if self.grad_checkpointing and not torch.jit.is_scripting() and torch.is_grad_enabled():
+                x, c = checkpoint(block, x, c, (H, W), use_reentrant=False)
+            else:
+                x, c = block(x, c, (H, W))
+        return x.transpose(1, 2).view(B, C, H, W), c
+
+    def _meta_tokens(self, batch: int) -> torch.Tensor:
+        return self.meta_tokens.unsqueeze(0).expand(batch, -1, -1)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) -> tokens (B, M + H/32 * W/32, C): the normed meta tokens, then the normed grid."""
+        c = self._meta_tokens(x.shape[0])
+        for i in range(self.num_stages):
+            x, c = self._run_stage(i, x, c)
+        return torch.cat([self.norm_c(c), self.norm(x).flatten(2).transpose(1, 2)], dim=1)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        M = self.num_prefix_tokens
+        if self.global_pool == "avg":  # the official head: mean of the grid + mean of the meta tokens
+            x = x[:, M:].mean(1) + x[:, :M].mean(1)
+        elif self.global_pool == "meta":
+            x = x[:, :M].mean(1)
+        elif self.global_pool == "image":
+            x = x[:, M:].mean(1)
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ):
+        """Image grids after the chosen stages (NCHW; strides 4, 4, 8, 16, 32 at the default stem), for dense
+        prediction. `norm` applies the final BatchNorm to the last stage's grid when it is taken."""
+        if output_fmt != "NCHW":
+            raise ValueError("LeMeViT intermediates are NCHW grids")
+        take, max_index = feature_take_indices(self.num_stages, indices)
+        c = self._meta_tokens(x.shape[0])
+        last = max_index if stop_early else self.num_stages - 1
+        intermediates = []
+        for i in range(last + 1):
+            x, c = self._run_stage(i, x, c)
+            if i in take:
+                intermediates.append(self.norm(x) if norm and i == self.num_stages - 1 else x)
+        if intermediates_only:
+            return intermediates
+        if last < self.num_stages - 1:
+            raise ValueError("stop_early without intermediates_only has no final features")
+        return torch.cat([self.norm_c(c), self.norm(x).flatten(2).transpose(1, 2)], dim=1), intermediates
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        take, max_index = feature_take_indices(self.num_stages, indices)
+        self.stages = self.stages[: max_index + 1]
+        self.downsample_layers = self.downsample_layers[: max_index + 1]
+        self.meta_token_downsample = self.meta_token_downsample[: max_index + 1]
+        self.num_stages = max_index + 1
+        if prune_norm:
+            self.norm, self.norm_c = nn.Identity(), nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_filter_fn(state_dict: dict, model: LeMeViT | None = None) -> dict[str, torch.Tensor]:
+    """Official or timm-train checkpoint -> our state dict. Our keys are the official ones, so this only unwraps
+    the containers timm's train script writes (`state_dict_ema` preferred, then `state_dict`, `model`) and strips the
+    `module.` prefix of DataParallel/DDP. A head of another size is dropped when `model` has a different one."""
+    for key in ("state_dict_ema", "state_dict", "model"):
+        if key in state_dict and isinstance(state_dict[key], dict):
+            state_dict = state_dict[key]
+            break
+    out = {k.removeprefix("module."): v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+    if model is not None and "head.weight" in out:
+        head = model.state_dict().get("head.weight")
+        if head is None or head.shape != out["head.weight"].shape:
+            out.pop("head.weight")
+            out.pop("head.bias", None)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- named models
+
+
+def _create_lemevit(variant: str, pretrained: bool = False, **kwargs) -> LeMeViT:
+    out_indices = kwargs.pop("out_indices", (1, 2, 3, 4))
+    return build_model_with_cfg(
+        LeMeViT, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+        **kwargs,
+    )
+
+
+def _cfg(**kwargs) -> dict:
+    return {
+        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
+        "crop_pct": 0.9, "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "downsample_layers.0.0", "classifier": "head", "fixed_input_size": False,
+        "license": "mit", **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    "lemevit_tiny": _cfg(),
+    "lemevit_small": _cfg(),
+    "lemevit_base": _cfg(),
+    # 32x32 inputs (CIFAR): a stride-2 stem keeps a 16x16 grid for the dense D stages (stride 4 would leave 8x8).
+    "lemevit_tiny_cifar": _cfg(num_classes=10, input_size=(3, 32, 32), pool_size=(2, 2), crop_pct=1.0,
+                               mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616)),
+})
+
+_SHARED = dict(head_dim=32, mlp_ratios=4, attn_type=("C", "D", "D", "S", "S"), queries_len=16, cpe_ks=3,
+               pre_norm=True)
+
+
+@register_model
+def lemevit_tiny(pretrained: bool = False, **kwargs) -> LeMeViT:
+    args = dict(_SHARED, depth=(1, 2, 2, 8, 2), embed_dim=(64, 64, 128, 192, 320))
+    return _create_lemevit("lemevit_tiny", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def lemevit_small(pretrained: bool = False, **kwargs) -> LeMeViT:
+    args = dict(_SHARED, depth=(1, 2, 2, 6, 2), embed_dim=(96, 96, 192, 320, 384))
+    return _create_lemevit("lemevit_small", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def lemevit_base(pretrained: bool = False, **kwargs) -> LeMeViT:
+    args = dict(_SHARED, depth=(2, 4, 4, 18, 4), embed_dim=(96, 96, 192, 384, 512))
+    return _create_lemevit("lemevit_base", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def lemevit_tiny_cifar(pretrained: bool = False, **kwargs) -> LeMeViT:
+    """lemevit_tiny for 32x32 images: stride-2 stem, grids 16, 16, 8, 4, 2. Same weights shapes as lemevit_tiny."""
+    args = dict(_SHARED, depth=(1, 2, 2, 8, 2), embed_dim=(64, 64, 128, 192, 320), stem_stride=2, num_classes=10)
+    return _create_lemevit("lemevit_tiny_cifar", pretrained, **dict(args, **kwargs))
