@@ -48,7 +48,8 @@ DEFAULT_HOLDOUT = "purple:triangle,cyan:square"
 CAPTIONS_PER_IMAGE = 3
 DATA_SEED = 0
 # The demo's settings (src/clipsnail/demo.py): the current best guess for a 2-core CPU.
-MODEL_OVERRIDES = ["model.patch_size=8", "data.context_length=24", "optim.lr=1e-3", "optim.warmup_steps=50"]
+MODEL_OVERRIDES = ["model.patch_size=8", "data.context_length=24", "optim.lr=1e-3", "optim.weight_decay=0.2",
+                   "optim.warmup_steps=50"]
 # Our recommended recipe for from-scratch training on small data, used only for the "ours" row: a convolutional
 # stem (Xiao et al. 2021). open_clip's ViT has only a patchify stem, so the head-to-head rows (ours_plain_loss vs
 # open_clip) keep the patchify stem and identical architectures.

@@ -153,6 +153,75 @@ def cmd_clip_eval(args) -> None:
     print_json(metrics)
 
 
+# ----------------------------------------------------------------------------------------------- classify
+
+
+def classify_config(args):
+    from clipsnail.config import load_config
+    from clipsnail.tasks.classify import ClassifyConfig
+
+    overrides = list(args.overrides)
+    for flag, key in (("data", "data.data"), ("model", "model.name"), ("pretrained", "model.pretrained")):
+        value = getattr(args, flag, None)
+        if value:
+            overrides.insert(0, f"{key}={value}")
+    return load_config(ClassifyConfig, args.config, overrides + train_overrides(args))
+
+
+def cmd_classify_train(args) -> None:
+    import torch
+
+    from clipsnail.engine import fit
+    from clipsnail.summary import model_summary
+    from clipsnail.tasks.classify import ClassifyTask
+
+    task = ClassifyTask(classify_config(args), run_dir=args.out)
+    cfg = task.config
+    model = task.build_model()
+    example = torch.zeros(2, cfg.model.in_chans, cfg.data.image_size, cfg.data.image_size)
+    print(model_summary(model.eval(), (example,)), file=sys.stderr)
+    result = fit(task, args.out, progress=not args.no_progress)
+    state = "finished" if result.completed else "stopped by the time budget (run again to continue)"
+    print(f"training {state} at step {result.step}; run directory: {args.out}", file=sys.stderr)
+    if result.metrics:
+        print_json(result.metrics)
+
+
+def cmd_classify_eval(args) -> None:
+    from clipsnail.data.classes import read_class_data
+    from clipsnail.evaluate import classification_report
+    from clipsnail.hub import load
+    from clipsnail.plots import plot_confusion_matrix, plot_training_curves
+    from clipsnail.tasks.classify import predict
+
+    run = Path(args.model)
+    weights = args.weights
+    if weights == "auto":
+        weights = "best" if (run / "best.safetensors").is_file() else "model"
+    model = load(run, device=args.device, weights=weights)
+    cfg = model.config
+    data = read_class_data(args.data or cfg.data.data, args.split, cfg.data.val_fraction, cfg.data.test_fraction)
+    if data.classes != model.class_names:
+        raise ClipsnailError(f"{data.source}: classes {data.classes[:6]} do not match the model's "
+                             f"{model.class_names[:6]} (same names, same order needed)")
+    logits, labels = predict(model, data, model.preprocess, args.batch_size, progress=not args.no_progress)
+    metrics, per_class, report = classification_report(logits, labels, data.classes)
+    metrics.update({"split": args.split, "weights": weights})
+    out = run / f"eval_{args.split}"
+    out.mkdir(exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (out / "per_class.json").write_text(json.dumps(per_class, indent=2) + "\n")
+    (out / "classification_report.txt").write_text(f"{data.source} split {args.split}: {data.split_rule}\n\n"
+                                                   f"{report}")
+    plot_confusion_matrix(labels.numpy(), logits.argmax(1).numpy(), data.classes, out / "confusion_matrix.png",
+                          title=f"{cfg.model.name} on {args.split} (acc1 {metrics['acc1']:.3f})")
+    if (run / "metrics.jsonl").is_file():
+        plot_training_curves(run / "metrics.jsonl", out / "curves.png")
+    print_json(metrics)
+    print(f"wrote {out}/: metrics.json, per_class.json, classification_report.txt, confusion_matrix.png, curves.png",
+          file=sys.stderr)
+
+
 # ----------------------------------------------------------------------------------------------- zero-shot, search
 
 
@@ -241,7 +310,8 @@ def cmd_demo(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clipsnail",
-        description="CLIP from scratch: train on captioned images, search images by text, classify with no labels.")
+        description="CLIP from scratch: train on captioned images, search images by text, classify with no labels; "
+                    "LeMeViT and any timm model as image classifiers.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -286,6 +356,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--depth", type=int, default=2)
     p.set_defaults(func=cmd_clip_summary)
+
+    classify = sub.add_parser("classify", help="train and evaluate image classifiers (LeMeViT or any timm model)"
+                              ).add_subparsers(dest="classify_command", required=True)
+    p = classify.add_parser("train", help="train a classifier on an image folder, MNIST idx or CIFAR batches")
+    p.add_argument("--data", help="folder:ROOT | mnist:DIR | cifar:DIR | ROOT (data.data)")
+    p.add_argument("--model", help="timm model name, e.g. lemevit_tiny, lemevit_tiny_cifar, resnet18 (model.name)")
+    p.add_argument("--pretrained", help="'timm' (download timm's weights) or a checkpoint file (model.pretrained)")
+    add_train_flags(p)
+    p.set_defaults(func=cmd_classify_train)
+
+    p = classify.add_parser("eval", help="accuracy, macro precision/recall/F1 on a split; prints JSON and writes a "
+                                         "per-class report, a confusion matrix and the training curves")
+    p.add_argument("--model", required=True, help="run directory")
+    p.add_argument("--data", help="data spec (default: the run's training data)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
+    p.add_argument("--weights", default="auto", choices=["auto", "best", "model"],
+                   help="best.safetensors (best validation accuracy) or model.safetensors; auto: best when present")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_classify_eval)
 
     p = sub.add_parser("zeroshot", help="zero-shot classification with prompt ensembles")
     p.add_argument("--model", required=True)

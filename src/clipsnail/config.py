@@ -26,6 +26,7 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
     warmup_steps: int = 100
+    warmup_epochs: float = 0.0  # > 0: overrides warmup_steps (the unit of image-classification recipes)
     schedule: str = "cosine"  # "cosine" (linear warmup then cosine to min_lr_ratio * lr) or "constant"
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0  # max global grad norm; 0 disables
@@ -46,25 +47,38 @@ class TrainConfig:
     eval_every: int = 1  # epochs between evaluations (0: only at the end)
     num_workers: int = 0
     compile: bool = False  # torch.compile the model (faster on GPU after warm-up)
+    best_metric: str = ""  # an evaluation metric (val_acc1, ema_val_acc1...): its best weights go to best.safetensors
 
 
 def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def from_dict(cls: type, data: dict, where: str = "") -> Any:
-    """Build dataclass `cls` from a (partial) nested dict; unknown keys are errors listing the valid ones."""
+def from_dict(cls: type, data: dict, where: str = "", base: Any = None) -> Any:
+    """Build dataclass `cls` from a (partial) nested dict; unknown keys are errors listing the valid ones.
+
+    Keys not given keep the defaults of `base` (default: `cls()`), including a section's own preset: a task whose
+    `optim` defaults to weight_decay 0.05 keeps it when only `optim.lr` is set.
+    """
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
+    if base is None:
+        try:
+            base = cls()
+        except TypeError:  # a dataclass with required fields has no defaults to keep
+            base = None
     kwargs = {}
     for key, value in data.items():
         path = f"{where}.{key}" if where else key
         if key not in fields:
             raise ConfigError(f"unknown config key {path!r}; valid keys here: {', '.join(fields)}")
-        kwargs[key] = _coerce(hints[key], value, path)
-    return cls(**kwargs)
+        if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
+            kwargs[key] = from_dict(hints[key], value, path, getattr(base, key, None) if base is not None else None)
+        else:
+            kwargs[key] = _coerce(hints[key], value, path)
+    return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
 
 
 def load_config(cls: type, yaml_path: str | Path | None = None, overrides: Iterable[str] = (),

@@ -154,10 +154,15 @@ def no_weight_decay(name: str, p: torch.Tensor) -> bool:
 def build_optimizer(task: Task, model: nn.Module) -> torch.optim.Optimizer:
     cfg = task.config.optim
     groups = []
+    named = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()  # timm models say which
+
+    def exempt(n: str, p: torch.Tensor) -> bool:
+        return no_weight_decay(n, p) or n in named
+
     for group in task.param_groups(model):
         params = [(n, p) for n, p in group["params"] if p.requires_grad]
-        decay = [p for n, p in params if not no_weight_decay(n, p)]
-        skip = [p for n, p in params if no_weight_decay(n, p)]
+        decay = [p for n, p in params if not exempt(n, p)]
+        skip = [p for n, p in params if exempt(n, p)]
         lr = group.get("lr", cfg.lr)
         for ps, wd in ((decay, cfg.weight_decay), (skip, 0.0)):
             if ps:
@@ -166,6 +171,10 @@ def build_optimizer(task: Task, model: nn.Module) -> torch.optim.Optimizer:
         raise ClipsnailError("nothing to train: every parameter is frozen")
     fused = next(model.parameters()).device.type == "cuda"
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
+
+
+def warmup_steps(o, per_epoch: int) -> int:
+    return round(o.warmup_epochs * per_epoch) if o.warmup_epochs > 0 else o.warmup_steps
 
 
 def lr_lambda(warmup: int, total: int, schedule: str, min_ratio: float) -> Callable[[int], float]:
@@ -322,16 +331,19 @@ def fit(task: Task, run_dir: str | Path, progress: bool = True,
     total_steps = cfg.max_steps or cfg.epochs * per_epoch
     o = task.config.optim
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(min(o.warmup_steps, total_steps), total_steps, o.schedule, o.min_lr_ratio)
+        optimizer, lr_lambda(min(warmup_steps(o, per_epoch), total_steps), total_steps, o.schedule, o.min_lr_ratio)
     )
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     ema = None
     if cfg.ema_decay > 0:
         from timm.utils import ModelEmaV3
 
-        ema = ModelEmaV3(model, decay=cfg.ema_decay)
+        # Warm-up: the decay ramps from 0 towards ema_decay (1 - (1 + step)^-2/3), so the average of a short run is
+        # not dominated by its random initialisation.
+        ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True)
 
     metrics_log = MetricsLog(run_dir)
+    best: float | None = None  # best value of cfg.best_metric so far
     step, batches_done_in_epoch, start_epoch = 0, 0, 0
     ckpt_path = run_dir / CHECKPOINT
     if ckpt_path.exists():
@@ -344,6 +356,7 @@ def fit(task: Task, run_dir: str | Path, progress: bool = True,
             ema.module.load_state_dict(state["ema"])
         set_rng_state(state["rng"])
         step, start_epoch, batches_done_in_epoch = state["step"], state["epoch"], state["batches_done_in_epoch"]
+        best = state.get("best", best)
         metrics_log.truncate_after(step)
         log.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt_path, step, start_epoch,
                  batches_done_in_epoch)
@@ -353,7 +366,7 @@ def fit(task: Task, run_dir: str | Path, progress: bool = True,
         state = {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(), "rng": rng_state(), "step": step, "epoch": epoch,
-            "batches_done_in_epoch": batches_done,
+            "batches_done_in_epoch": batches_done, "best": best,
         }
         if ema is not None:
             state["ema"] = ema.module.state_dict()
@@ -434,7 +447,13 @@ def fit(task: Task, run_dir: str | Path, progress: bool = True,
             break
         last_epoch = step >= total_steps
         if last_epoch or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
-            metrics = task.evaluate(eval_model())
+            metrics = task.evaluate(model)
+            if ema is not None:  # the average is judged on its own, next to the raw weights
+                metrics.update({f"ema_{k}": v for k, v in task.evaluate(ema.module).items()})
+            model.train()
+            if cfg.best_metric:
+                best = _keep_best(cfg.best_metric, metrics, best, ema.module if cfg.best_metric.startswith("ema_")
+                                  else model, run_dir, step, epoch)
             if metrics:
                 metrics_log.write({"step": step, "epoch": epoch, **{f"eval/{k}": v for k, v in metrics.items()}})
                 log.info("epoch %d step %d: %s", epoch, step, _fmt(metrics))
@@ -451,6 +470,22 @@ def fit(task: Task, run_dir: str | Path, progress: bool = True,
                  cfg.time_budget, step, total_steps)
     _plot_curves(run_dir)
     return FitResult(step=step, epoch=epoch, completed=completed, metrics=metrics, run_dir=run_dir)
+
+
+def _keep_best(name: str, metrics: dict[str, float], best: float | None, model: nn.Module, run_dir: Path,
+               step: int, epoch: int) -> float | None:
+    """Save `model` to best.safetensors when metric `name` improved (higher is better, except losses/bits)."""
+    if name not in metrics:
+        raise ClipsnailError(f"best_metric {name!r} is not among the evaluation metrics: {', '.join(sorted(metrics))}")
+    value = metrics[name]
+    lower = "loss" in name or "bits" in name
+    if best is not None and (value >= best if lower else value <= best):
+        return best
+    save_weights(model, run_dir / "best.safetensors", metadata={"metric": name, "value": str(value)})
+    atomic_write_text(run_dir / "best.json", json.dumps({"metric": name, "value": value, "step": step,
+                                                         "epoch": epoch + 1}) + "\n")
+    log.info("best %s so far: %.4f (epoch %d) -> best.safetensors", name, value, epoch + 1)
+    return value
 
 
 def _fmt(metrics: dict[str, float]) -> str:

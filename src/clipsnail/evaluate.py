@@ -150,6 +150,27 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, top: int 
     }
 
 
+def classification_report(logits: torch.Tensor, labels: torch.Tensor,
+                          class_names: Sequence[str]) -> tuple[dict, dict, str]:
+    """The DESIGN.md classification keys (acc1, acc5, macro precision/recall/F1), and from scikit-learn the
+    per-class precision/recall/F1/support, as (metrics, per_class, printable report)."""
+    from sklearn.metrics import classification_report as sk_report
+    from sklearn.metrics import precision_recall_fscore_support
+
+    pred = logits.argmax(1).numpy()
+    y = torch.as_tensor(labels).numpy()
+    ids = list(range(len(class_names)))
+    precision, recall, f1, _ = precision_recall_fscore_support(y, pred, labels=ids, average="macro", zero_division=0)
+    top = classification_metrics(logits, torch.as_tensor(labels), top=5)
+    metrics = {"acc1": top["acc1"], "acc5": top["acc5"], "macro_precision": float(precision),
+               "macro_recall": float(recall), "macro_f1": float(f1), "num_images": len(y),
+               "num_classes": len(class_names)}
+    per_class = sk_report(y, pred, labels=ids, target_names=list(class_names), zero_division=0, output_dict=True)
+    per_class = {name: {k: round(float(v), 4) for k, v in per_class[name].items()} for name in class_names}
+    text = sk_report(y, pred, labels=ids, target_names=list(class_names), zero_division=0, digits=4)
+    return metrics, per_class, text
+
+
 def evaluate_caption_split(model, captions_file, images_dir, split: str = "test", split_file=None,
                            format: str = "auto", batch_size: int = 256, progress: bool = True,
                            strict: bool = False) -> tuple[dict, list[str]]:

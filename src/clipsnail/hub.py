@@ -47,11 +47,14 @@ def read_run_config(run_dir: str | Path) -> tuple[str, dict]:
     return task, data
 
 
-def load(run_dir: str | Path, device: str | torch.device = "cpu"):
+def load(run_dir: str | Path, device: str | torch.device = "cpu", weights: str = "model"):
     """The model of a run directory, in eval mode, ready for inference.
 
     CLIP runs return a `clipsnail.models.CLIP` with its tokenizer and preprocess attached, so that
     `model.encode_text(["a red circle"])` and `model.encode_image([pil_image])` work directly.
+    Classification runs return the timm model with `.preprocess`, `.class_names` and `.config` attached.
+    weights: "model" (the end of training: model.safetensors) or "best" (best.safetensors, the best validation
+    score, when the run kept one).
     """
     run_dir = Path(run_dir)
     task, data = read_run_config(run_dir)
@@ -68,11 +71,21 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu"):
         model.tokenizer = TextTokenizer.load(run_dir / "tokenizer.json")
         model.preprocess = eval_transform(cfg.model.image_size, cfg.model.image_mean, cfg.model.image_std)
         model.config = cfg
+    elif task == "classify":
+        from clipsnail.tasks.classify import ClassifyConfig, build_classifier, eval_transform
+
+        cfg = from_dict(ClassifyConfig, data)
+        model = build_classifier(cfg.model, load_weights=False)
+        model.preprocess = eval_transform(cfg.data.image_size, cfg.data.mean, cfg.data.std)
+        model.class_names = list(cfg.model.class_names)
+        model.config = cfg
     else:
         raise DataError(f"{run_dir}/config.json: unknown task {task!r}")
-    weights = run_dir / "model.safetensors"
+    if weights not in ("model", "best"):
+        raise ValueError(f"weights must be 'model' or 'best', got {weights!r}")
+    weights = run_dir / f"{weights}.safetensors"
     if not weights.is_file():
-        raise DataError(f"{run_dir}: no model.safetensors")
+        raise DataError(f"{run_dir}: no {weights.name}")
     try:
         state = load_file(str(weights))
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt files

@@ -10,6 +10,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 
 def plot_training_curves(metrics_path: Path, out_path: Path) -> None:
+    """Training loss (with evaluation losses on the same axes), learning rate, and the other evaluation metrics."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -20,19 +21,63 @@ def plot_training_curves(metrics_path: Path, out_path: Path) -> None:
     evals = [r for r in records if any(k.startswith("eval/") for k in r)]
     if not train:
         return
-    fig, axes = plt.subplots(1, 3 if evals else 2, figsize=(13 if evals else 9, 3.5))
-    axes[0].plot([r["step"] for r in train], [r["loss"] for r in train])
-    axes[0].set(title="training loss", xlabel="step")
+    eval_keys = sorted({k for r in evals for k in r if k.startswith("eval/")})
+    loss_keys = [k for k in eval_keys if "loss" in k]
+    other_keys = [k for k in eval_keys if k not in loss_keys][:8]
+    fig, axes = plt.subplots(1, 3 if other_keys else 2, figsize=(13 if other_keys else 9, 3.5))
+    axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
+    for k in loss_keys:
+        axes[0].plot([r["step"] for r in evals if k in r], [r[k] for r in evals if k in r], marker="o", label=k[5:])
+    axes[0].set(title="loss", xlabel="step")
+    if loss_keys:
+        axes[0].legend(fontsize=7)
     axes[1].plot([r["step"] for r in train], [r["lr"] for r in train])
     axes[1].set(title="learning rate", xlabel="step")
-    if evals:
-        keys = sorted({k for r in evals for k in r if k.startswith("eval/")})[:6]
-        for k in keys:
+    if other_keys:
+        for k in other_keys:
             axes[2].plot([r["step"] for r in evals if k in r], [r[k] for r in evals if k in r], marker="o",
                          label=k[5:])
         axes[2].set(title="evaluation", xlabel="step")
         axes[2].legend(fontsize=7)
     fig.tight_layout()
+    _save_figure(fig, out_path)
+
+
+def plot_confusion_matrix(labels, predictions, class_names, out_path: Path, title: str = "") -> None:
+    """Row-normalised confusion matrix (rows: true class), counts in the cells when there are few classes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from sklearn.metrics import confusion_matrix
+
+    n = len(class_names)
+    cm = confusion_matrix(labels, predictions, labels=list(range(n)))
+    rates = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    side = min(20, 2 + 0.45 * n)
+    fig, ax = plt.subplots(figsize=(side + 1.5, side))
+    im = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of the true class")
+    if n <= 30:
+        ticks = range(n)
+        ax.set_xticks(ticks, [str(c)[:14] for c in class_names], rotation=60, ha="right", fontsize=8)
+        ax.set_yticks(ticks, [str(c)[:14] for c in class_names], fontsize=8)
+        for i in range(n):
+            for j in range(n):
+                if cm[i, j]:
+                    ax.text(j, i, cm[i, j], ha="center", va="center", fontsize=7,
+                            color="white" if rates[i, j] > 0.5 else "black")
+    ax.set(xlabel="predicted", ylabel="true", title=title or "confusion matrix")
+    fig.tight_layout()
+    _save_figure(fig, out_path)
+
+
+def _save_figure(fig, out_path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.tmp.png")
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
