@@ -28,7 +28,8 @@ def demo_config(data_dir: Path, steps: int):
     overrides = [
         f"data.captions={data_dir / 'captions.csv'}", f"data.images={data_dir / 'images'}",
         f"data.split_file={data_dir / 'split.json'}", "train.batch_size=128", "train.log_every=10",
-        "train.checkpoint_every=100", "optim.lr=1e-3", "optim.weight_decay=0.2", "optim.warmup_steps=50", "model.patch_size=8",
+        "train.checkpoint_every=100", "optim.lr=1e-3", "optim.weight_decay=0.2", "optim.warmup_steps=50",
+        "model.patch_size=8",
         # A convolutional stem: with a plain patchify stem a ViT this small learns colour at once but not the
         # outlines of the shapes within minutes (BENCHMARKS.md).
         "model.vision_stem=conv", "data.context_length=24", "train.eval_every=0",
