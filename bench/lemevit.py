@@ -20,10 +20,14 @@ Parts (--only):
            per round, then the median. Peak memory per model in a fresh subprocess (--peak-mem-of NAME): peak RSS
            after one forward of the batch, and that minus the RSS just before the forward (model and input built).
            Writes bench/results/lemevit_speed.json and prints a table.
-  quality  not written yet (stub).
+  quality  CIFAR-10 from ../shared/data/cifar10_test (per class: first 900 files train, last 100 test), the same
+           recipe and number of epochs for lemevit_tiny_cifar, timm resnet18 and a DeiT-tiny-sized ViT (patch 4 at
+           32px); test accuracy of the final weights and of their EMA, training time. Writes
+           bench/results/lemevit_quality.json.
 
     .venv/bin/python bench/lemevit.py --only speed                       # full speed run (~4-5 min on 2 cores)
     .venv/bin/python bench/lemevit.py --only speed --rounds 1 --batch 2 --size 64 --out /tmp/lemevit_smoke.json
+    .venv/bin/python bench/lemevit.py --only quality --epochs 8            # ~35 min on 2 cores
 """
 
 from __future__ import annotations
@@ -402,8 +406,97 @@ def notes(args) -> list[str]:
 # ============================================================================================== quality
 
 
+# Equal recipe for every model: only the architecture differs. Light augmentation, because a few epochs from scratch
+# are underfitting, not overfitting (Mixup/CutMix/RandAugment are for 300-epoch schedules).
+QUALITY_MODELS = {
+    "lemevit_tiny_cifar": {"name": "lemevit_tiny_cifar", "args": ""},  # stride-2 stem: 16x16 grid for 32px input
+    "resnet18": {"name": "resnet18", "args": ""},  # timm's ImageNet ResNet-18 as is
+    "vit_deit_tiny_p4": {"name": "deit_tiny_patch16_224", "args": "img_size=32,patch_size=4"},  # DeiT-tiny, 64 tokens
+}
+QUALITY_RECIPE = [
+    "data.image_size=32", "data.val_fraction=0", "data.test_fraction=0.1", "train.batch_size=128",
+    "train.ema_decay=0.999", "train.log_every=20", "train.checkpoint_every=1000", "optim.lr=1e-3",
+    "optim.weight_decay=0.05", "optim.warmup_epochs=1", "augment.crop=pad", "augment.hflip=0.5",
+    "augment.randaugment=", "augment.random_erasing=0", "augment.mixup=0", "augment.cutmix=0",
+    "augment.label_smoothing=0.1", "model.drop_path_rate=0.1",
+    "data.mean=[0.4914,0.4822,0.4465]", "data.std=[0.2470,0.2435,0.2616]",
+]
+
+
 def quality(args) -> dict:
-    raise SystemExit("quality part: not written yet")
+    """CIFAR-10 (shared copy, 900 train / 100 test images per class), equal epochs and recipe for each model."""
+    import torch
+
+    from clipsnail.config import load_config
+    from clipsnail.engine import fit, load_state
+    from clipsnail.evaluate import classification_report
+    from clipsnail.hub import load
+    from clipsnail.tasks.classify import ClassifyConfig, ClassifyTask, predict, read_split
+
+    data_dir = Path(args.cifar)
+    if not data_dir.is_dir():
+        say(f"skipping quality: {data_dir} not found (see ../shared/data/README.md)")
+        return {}
+    torch.set_num_threads(args.threads)
+    names = [n.strip() for n in args.quality_models.split(",") if n.strip()]
+    results, runs = {}, Path(args.runs)
+    for name in names:
+        spec = QUALITY_MODELS[name]
+        overrides = [f"data.data=folder:{data_dir}", f"model.name={spec['name']}", f"model.args={spec['args']}",
+                     f"train.epochs={args.epochs}", f"train.seed={args.seed}", *QUALITY_RECIPE]
+        cfg = load_config(ClassifyConfig, None, overrides)
+        run = runs / name
+        say(f"training {name} for {args.epochs} epochs -> {run}")
+        task = ClassifyTask(cfg)
+        started = time.monotonic()
+        result = fit(task, run, progress=False)
+        seconds = time.monotonic() - started
+        test = read_split(cfg, "test")
+        row = {"model": spec["name"], "model_args": spec["args"], "epochs": args.epochs, "steps": result.step,
+               "train_seconds": round(seconds, 1), "train_images_per_s": round(len(task.train_data) * args.epochs
+                                                                                / seconds, 1),
+               "params": sum(p.numel() for p in task.build_model().parameters()), "resumed_or_partial":
+               not result.completed}
+        ema = load(run)  # model.safetensors holds the EMA weights
+        raw = load(run)
+        raw.load_state_dict(load_state(run / "checkpoint" / "state.safetensors")["model"])
+        for label, model in (("ema", ema), ("raw", raw)):
+            logits, labels = predict(model, test, model.preprocess, 500)
+            metrics, _, _ = classification_report(logits, labels, test.classes)
+            row[f"test_acc1_{label}"] = round(metrics["acc1"], 4)
+            row[f"test_macro_f1_{label}"] = round(metrics["macro_f1"], 4)
+        row["test_acc1"] = max(row["test_acc1_ema"], row["test_acc1_raw"])
+        results[name] = row
+        say(f"  {name}: test acc1 raw {row['test_acc1_raw']:.4f} ema {row['test_acc1_ema']:.4f}, "
+            f"{seconds / 60:.1f} min")
+    lem, res, vit = (results.get(k, {}).get("test_acc1") for k in QUALITY_MODELS)
+    goals = {}
+    if lem is not None and vit is not None:
+        goals["lemevit_ahead_of_vit"] = {"lemevit": lem, "vit": vit, "met": lem > vit}
+    if lem is not None and res is not None:
+        goals["lemevit_within_2_points_of_resnet18"] = {"lemevit": lem, "resnet18": res,
+                                                        "gap_points": round(100 * (res - lem), 2),
+                                                        "met": lem >= res - 0.02}
+    report = {
+        "benchmark": "lemevit_quality", "machine": _common.machine_info(), "git_commit": _common.git_commit(),
+        "date": _common.now_iso(), "command": " ".join(sys.argv),
+        "data": {"path": str(data_dir), "split": "per class, files sorted by name: first 900 train, last 100 test "
+                                                 "(../shared/data/README.md); no validation split, no model selection",
+                 "train_images": len(task.train_data), "test_images": len(test)},
+        "recipe": QUALITY_RECIPE, "results": results, "goals": goals,
+        "notes": ["test_acc1 is the better of the raw weights and their EMA (both reported); both are the end of "
+                  "training, nothing is selected on the test set's history",
+                  "timings are wall-clock on this machine and include per-epoch data loading and augmentation"],
+    }
+    _common.write_json(args.quality_out, report)
+    say(_common.format_table(["model", "epochs", "test acc1 raw", "test acc1 ema", "macro F1 (ema)", "minutes",
+                              "img/s", "params M"],
+                             [[k, r["epochs"], r["test_acc1_raw"], r["test_acc1_ema"], r["test_macro_f1_ema"],
+                               round(r["train_seconds"] / 60, 1), r["train_images_per_s"],
+                               round(r["params"] / 1e6, 2)] for k, r in results.items()]))
+    for goal, g in goals.items():
+        say(f"goal {goal}: {'met' if g['met'] else 'not met'} ({g})")
+    return report
 
 
 # ============================================================================================== main
@@ -439,6 +532,15 @@ def main() -> None:
     p.add_argument("--skip-mem", action="store_true", help="skip the per-model peak-memory subprocesses")
     p.add_argument("--out", default="bench/results/lemevit_speed.json",
                    help="speed results JSON (default bench/results/lemevit_speed.json)")
+    p.add_argument("--epochs", type=int, default=8, help="quality: training epochs for every model (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="quality: training seed")
+    p.add_argument("--quality-models", default=",".join(QUALITY_MODELS),
+                   help=f"quality: comma-separated subset of {', '.join(QUALITY_MODELS)}")
+    p.add_argument("--cifar", default=str(_common.ROOT.parent / "shared" / "data" / "cifar10_test"),
+                   help="quality: CIFAR-10 image folder (default ../shared/data/cifar10_test)")
+    p.add_argument("--runs", default=str(_common.ROOT / "runs" / "bench_lemevit"),
+                   help="quality: where the training runs go (default runs/bench_lemevit, git-ignored)")
+    p.add_argument("--quality-out", default="bench/results/lemevit_quality.json")
     p.add_argument("--peak-mem-of", choices=ALL_ROWS, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.peak_mem_of:

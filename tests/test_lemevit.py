@@ -224,3 +224,18 @@ def test_small_image_variant_keeps_a_16x16_grid_for_32px_input():
         feats = model.forward_intermediates(torch.randn(1, 3, 32, 32), intermediates_only=True)
     assert [f.shape[-1] for f in feats] == [16, 16, 8, 4, 2]
     assert F.softmax(model(torch.randn(2, 3, 32, 32)), -1).shape == (2, 10)
+
+
+def test_lemevit_is_a_clip_image_tower(shapes_dir, tmp_path, capsys):
+    from conftest import tiny_clip_args
+
+    from clipsnail.cli import main
+    from clipsnail.hub import load
+
+    run = tmp_path / "clip_lemevit"
+    assert main(tiny_clip_args(shapes_dir, run, "--set", "image_encoder=lemevit_tiny_cifar", "--set",
+                               "train.max_steps=2")) == 0
+    model = load(run)
+    assert type(model.visual).__name__ == "LeMeViT"
+    emb = model.encode_image(torch.rand(2, 3, 16, 16))
+    assert emb.shape == (2, model.cfg.embed_dim) and torch.allclose(emb.norm(dim=-1), torch.ones(2), atol=1e-5)

@@ -49,6 +49,26 @@ __all__ = ["LeMeViT", "checkpoint_filter_fn"]
 ATTENTION_TYPES = ("C", "D", "D2", "S")
 
 
+try:  # oneDNN's matmul with fused bias/GELU: the kernel torch.compile's CPU backend emits for Linear (+GELU)
+    _onednn_linear = torch.ops.mkldnn._linear_pointwise if torch.backends.mkldnn.is_available() else None
+except (AttributeError, RuntimeError):  # pragma: no cover - a build without oneDNN
+    _onednn_linear = None
+
+
+def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False) -> torch.Tensor:
+    """layer(x), followed by GELU when asked.
+
+    For float32 inference on a CPU it runs as one oneDNN call with the bias and the GELU fused: no second pass over
+    the output, which in the dense stages (3136 tokens at 224px, a 4x-wide hidden layer) is a good part of the time.
+    The numbers are the same (tests compare with the plain path).
+    """
+    if (_onednn_linear is not None and not torch.is_grad_enabled() and x.device.type == "cpu"
+            and x.dtype == torch.float32 and layer.bias is not None):
+        return _onednn_linear(x, layer.weight, layer.bias, "gelu" if gelu else "none", [], "none" if gelu else "")
+    x = layer(x)
+    return F.gelu(x) if gelu else x
+
+
 def _split_heads(t: torch.Tensor, parts: int, num_heads: int) -> tuple[torch.Tensor, ...]:
     """(B, N, parts*C) from one fused projection -> `parts` views of shape (B, heads, N, head_dim)."""
     B, N, _ = t.shape
@@ -84,9 +104,9 @@ class CrossAttention(_AttentionBase):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        (q,) = _split_heads(self.q(c), 1, self.num_heads)
-        k, v = _split_heads(self.kv(x), 2, self.num_heads)
-        return self.proj_drop(self.proj(self._sdpa(q, k, v)))
+        (q,) = _split_heads(linear(c, self.q), 1, self.num_heads)
+        k, v = _split_heads(linear(x, self.kv), 2, self.num_heads)
+        return self.proj_drop(linear(self._sdpa(q, k, v), self.proj))
 
 
 class DualCrossAttention(_AttentionBase):
@@ -117,10 +137,10 @@ class DualCrossAttention(_AttentionBase):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scale_x, scale_c = self.scales(x.shape[1], c.shape[1])
-        q1, k1, v1 = _split_heads(self.qkv1(x), 3, self.num_heads)
-        q2, k2, v2 = _split_heads(self.qkv2(c), 3, self.num_heads)
-        x = self.proj_drop(self.proj_x(self._sdpa(q1, k2, v2, scale_x)))
-        c = self.proj_drop(self.proj_c(self._sdpa(q2, k1, v1, scale_c)))
+        q1, k1, v1 = _split_heads(linear(x, self.qkv1), 3, self.num_heads)
+        q2, k2, v2 = _split_heads(linear(c, self.qkv2), 3, self.num_heads)
+        x = self.proj_drop(linear(self._sdpa(q1, k2, v2, scale_x), self.proj_x))
+        c = self.proj_drop(linear(self._sdpa(q2, k1, v1, scale_c), self.proj_c))
         return x, c
 
 
@@ -140,10 +160,10 @@ class DualCrossAttentionV2(DualCrossAttention):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scale_x, scale_c = self.scales(x.shape[1], c.shape[1])
-        q, v1 = _split_heads(self.qv1(x), 2, self.num_heads)
-        k, v2 = _split_heads(self.kv2(c), 2, self.num_heads)
-        x = self.proj_drop(self.proj_x(self._sdpa(q, k, v2, scale_x)))
-        c = self.proj_drop(self.proj_c(self._sdpa(k, q, v1, scale_c)))
+        q, v1 = _split_heads(linear(x, self.qv1), 2, self.num_heads)
+        k, v2 = _split_heads(linear(c, self.kv2), 2, self.num_heads)
+        x = self.proj_drop(linear(self._sdpa(q, k, v2, scale_x), self.proj_x))
+        c = self.proj_drop(linear(self._sdpa(k, q, v1, scale_c), self.proj_c))
         return x, c
 
 
@@ -156,8 +176,8 @@ class StandardAttention(_AttentionBase):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = _split_heads(self.qkv(x), 3, self.num_heads)
-        return self.proj_drop(self.proj(self._sdpa(q, k, v)))
+        q, k, v = _split_heads(linear(x, self.qkv), 3, self.num_heads)
+        return self.proj_drop(linear(self._sdpa(q, k, v), self.proj))
 
 
 class DWConv(nn.Module):
@@ -184,10 +204,11 @@ class Mlp(nn.Sequential):
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int] | None = None) -> torch.Tensor:
         fc1, dw, act, fc2 = self[0], self[1], self[2], self[3]
-        x = fc1(x)
         if isinstance(dw, DWConv):
-            x = dw(x, hw)
-        return self.drop(fc2(self.drop(act(x))))
+            x = act(dw(fc1(x), hw))
+        else:
+            x = linear(x, fc1, gelu=True)
+        return self.drop(linear(self.drop(x), fc2))
 
 
 class LeMeBlock(nn.Module):
@@ -402,7 +423,7 @@ class LeMeViT(nn.Module):
         size = x.shape[0] * self._tokens_after(i, x.shape[-2:]) * self.embed_dim[i]
         if not torch.is_grad_enabled() and not self.training and size > self.inference_chunk_size > 0:
             # Inference on a dense grid: run a few images at a time. The block's activations (e.g. the 4x wide MLP
-            # hidden layer, 100 MB at batch 32 and 224px; 8 MB per chunk) then stay in cache instead of streaming
+            # hidden layer, 100 MB at batch 32 and 224px; 16 MB per chunk) then stay in cache instead of streaming
             # through memory;
             # in eval mode every op is per image, so the result is the same.
             step = max(1, self.inference_chunk_size * x.shape[0] // size)
