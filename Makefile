@@ -21,6 +21,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/clip_shapes.py
+	$(PY) bench/lemevit.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench

@@ -222,6 +222,99 @@ def cmd_classify_eval(args) -> None:
           file=sys.stderr)
 
 
+# ----------------------------------------------------------------------------------------------- pixelsnail
+
+
+def pixelsnail_config(args):
+    from clipsnail.config import load_config
+    from clipsnail.models.pixelsnail import CONFIGS
+    from clipsnail.tasks.pixelsnail import PixelSNAILTaskConfig, preset_overrides
+
+    preset, yaml_file = "small", None
+    if args.config in CONFIGS:
+        preset = args.config
+    elif args.config:
+        yaml_file = args.config
+    overrides = preset_overrides(preset) + list(args.overrides)
+    if args.data:
+        overrides.insert(0, f"data.data={args.data}")
+    if args.condition:
+        overrides.insert(0, f"data.condition={args.condition}")
+    return load_config(PixelSNAILTaskConfig, yaml_file, overrides + train_overrides(args))
+
+
+def cmd_pixelsnail_train(args) -> None:
+    import torch
+
+    from clipsnail.engine import fit
+    from clipsnail.summary import model_summary
+    from clipsnail.tasks.pixelsnail import PixelSNAILTask
+
+    task = PixelSNAILTask(pixelsnail_config(args), run_dir=args.out)
+    cfg = task.config
+    model = task.build_model().eval()
+    size = cfg.data.image_size
+    h = torch.zeros(2, cfg.model.cond_dim) if cfg.model.cond_dim else None
+    print(model_summary(model, (torch.zeros(2, cfg.model.channels, size, size), h), depth=1), file=sys.stderr)
+    result = fit(task, args.out, progress=not args.no_progress)
+    state = "finished" if result.completed else "stopped by the time budget (run again to continue)"
+    print(f"training {state} at step {result.step}; run directory: {args.out}", file=sys.stderr)
+    if result.metrics:
+        print_json(result.metrics)
+
+
+def cmd_pixelsnail_eval(args) -> None:
+    from clipsnail.data.classes import read_class_data
+    from clipsnail.hub import load
+    from clipsnail.tasks.pixelsnail import evaluate_bits_per_dim, image_transform
+
+    model = load(args.model, device=args.device)
+    cfg = model.config
+    data = read_class_data(args.data or cfg.data.data, args.split, cfg.data.val_fraction, cfg.data.test_fraction)
+    native = data.pixels.shape[1] if data.pixels is not None else None
+    bpd = evaluate_bits_per_dim(model, data, image_transform(cfg.data.image_size, native), cfg, args.batch_size,
+                                progress=not args.no_progress)
+    metrics = {"bits_per_dim": bpd, "split": args.split, "num_images": len(data)}
+    (Path(args.model) / f"eval_{args.split}.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    print_json(metrics)
+
+
+def cmd_pixelsnail_sample(args) -> None:
+    import time
+
+    import torch
+
+    from clipsnail.hub import load
+    from clipsnail.sampling import sample, save_sample_grid
+
+    model = load(args.model, device=args.device)
+    cfg = model.config
+    h = None
+    if cfg.model.cond_dim:
+        if args.class_ is None:
+            raise ClipsnailError(f"{args.model} is class-conditional: give --class (0..{cfg.model.cond_dim - 1} or "
+                                 f"one of {', '.join(cfg.class_names[:10])})")
+        label = cfg.class_names.index(args.class_) if args.class_ in cfg.class_names else None
+        if label is None:
+            try:
+                label = int(args.class_)
+            except ValueError:
+                label = -1
+        if not 0 <= label < cfg.model.cond_dim:
+            raise ClipsnailError(f"--class {args.class_!r}: expected 0..{cfg.model.cond_dim - 1} or one of "
+                                 f"{', '.join(cfg.class_names)}")
+        h = torch.nn.functional.one_hot(torch.full((args.n,), label), cfg.model.cond_dim).float()
+    elif args.class_ is not None:
+        raise ClipsnailError(f"{args.model} is unconditional: --class does not apply")
+    started = time.monotonic()
+    images = sample(model, args.n, cfg.data.image_size, h=h, temperature=args.temperature, seed=args.seed,
+                    method=args.method, progress=not args.no_progress)
+    seconds = time.monotonic() - started
+    title = f"{args.n} samples" + (f", class {args.class_}" if h is not None else "") + f", T={args.temperature}"
+    save_sample_grid(images, args.out, title=title)
+    print(f"wrote {args.out} ({args.n} images in {seconds:.1f} s, {args.method} sampler)", file=sys.stderr)
+
+
 # ----------------------------------------------------------------------------------------------- zero-shot, search
 
 
@@ -377,6 +470,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_classify_eval)
+
+    snail = sub.add_parser("pixelsnail", help="autoregressive image model: train, bits/dim, sample").add_subparsers(
+        dest="pixelsnail_command", required=True)
+    p = snail.add_parser("train", help="train PixelSNAIL on MNIST idx, CIFAR batches or an image folder")
+    p.add_argument("--data", help="mnist:DIR | cifar:DIR | folder:ROOT (data.data)")
+    p.add_argument("--condition", choices=["class"], help="condition on the class label (data.condition)")
+    add_train_flags(p)
+    p.set_defaults(func=cmd_pixelsnail_train)
+    for action in p._actions:  # --config also takes a preset name here
+        if action.dest == "config":
+            action.help = ("a preset (small, tiny, h12_noup_smallkey, h8_noup_smallkey, h12_pool2_smallkey; "
+                           "default small) or a YAML config file")
+
+    p = snail.add_parser("eval", help="negative log-likelihood in bits/dim on a split; prints JSON")
+    p.add_argument("--model", required=True, help="run directory")
+    p.add_argument("--data", help="data spec (default: the run's training data)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_pixelsnail_eval)
+
+    p = snail.add_parser("sample", help="draw images and save them as a grid PNG")
+    p.add_argument("--model", required=True, help="run directory")
+    p.add_argument("-n", type=int, default=16, help="number of images")
+    p.add_argument("--out", required=True, help="grid PNG")
+    p.add_argument("--class", dest="class_", help="class index or name (class-conditional runs)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--method", choices=["cached", "naive"], default="cached",
+                   help="cached: every layer computed once per pixel (default); naive: a full forward per pixel")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_pixelsnail_sample)
 
     p = sub.add_parser("zeroshot", help="zero-shot classification with prompt ensembles")
     p.add_argument("--model", required=True)

@@ -27,7 +27,8 @@ class OptimConfig:
     eps: float = 1e-6
     warmup_steps: int = 100
     warmup_epochs: float = 0.0  # > 0: overrides warmup_steps (the unit of image-classification recipes)
-    schedule: str = "cosine"  # "cosine" (linear warmup then cosine to min_lr_ratio * lr) or "constant"
+    schedule: str = "cosine"  # "cosine" (linear warmup then cosine to min_lr_ratio * lr), "constant", "exponential"
+    lr_decay: float = 0.999998  # "exponential": lr is multiplied by this after every step (PixelSNAIL)
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0  # max global grad norm; 0 disables
 

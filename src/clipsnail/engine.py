@@ -177,17 +177,20 @@ def warmup_steps(o, per_epoch: int) -> int:
     return round(o.warmup_epochs * per_epoch) if o.warmup_epochs > 0 else o.warmup_steps
 
 
-def lr_lambda(warmup: int, total: int, schedule: str, min_ratio: float) -> Callable[[int], float]:
+def lr_lambda(warmup: int, total: int, schedule: str, min_ratio: float,
+              decay: float = 1.0) -> Callable[[int], float]:
     def f(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
         if schedule == "constant":
             return 1.0
+        if schedule == "exponential":
+            return decay ** (step - warmup)
         progress = min((step - warmup) / max(total - warmup, 1), 1.0)
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
-    if schedule not in ("cosine", "constant"):
-        raise ClipsnailError(f"unknown schedule {schedule!r}; choose cosine or constant")
+    if schedule not in ("cosine", "constant", "exponential"):
+        raise ClipsnailError(f"unknown schedule {schedule!r}; choose cosine, constant or exponential")
     return f
 
 
@@ -331,7 +334,8 @@ def fit(task: Task, run_dir: str | Path, progress: bool = True,
     total_steps = cfg.max_steps or cfg.epochs * per_epoch
     o = task.config.optim
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(min(warmup_steps(o, per_epoch), total_steps), total_steps, o.schedule, o.min_lr_ratio)
+        optimizer, lr_lambda(min(warmup_steps(o, per_epoch), total_steps), total_steps, o.schedule, o.min_lr_ratio,
+                             o.lr_decay)
     )
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     ema = None

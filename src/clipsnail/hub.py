@@ -79,6 +79,13 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu", weights: str =
         model.preprocess = eval_transform(cfg.data.image_size, cfg.data.mean, cfg.data.std)
         model.class_names = list(cfg.model.class_names)
         model.config = cfg
+    elif task == "pixelsnail":
+        from clipsnail.models.pixelsnail import PixelSNAIL
+        from clipsnail.tasks.pixelsnail import PixelSNAILTaskConfig
+
+        cfg = from_dict(PixelSNAILTaskConfig, data)
+        model = PixelSNAIL(cfg.model)
+        model.config = cfg
     else:
         raise DataError(f"{run_dir}/config.json: unknown task {task!r}")
     if weights not in ("model", "best"):

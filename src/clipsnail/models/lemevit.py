@@ -422,10 +422,10 @@ class LeMeViT(nn.Module):
         """One stage on an NCHW grid and (B, M, C) meta tokens; returns the same layout."""
         size = x.shape[0] * self._tokens_after(i, x.shape[-2:]) * self.embed_dim[i]
         if not torch.is_grad_enabled() and not self.training and size > self.inference_chunk_size > 0:
-            # Inference on a dense grid: run a few images at a time. The block's activations (e.g. the 4x wide MLP
-            # hidden layer, 100 MB at batch 32 and 224px; 16 MB per chunk) then stay in cache instead of streaming
-            # through memory;
-            # in eval mode every op is per image, so the result is the same.
+            # Inference on a dense grid: a few images at a time. Whole-batch activations (the 4x-wide MLP hidden
+            # layer is 100 MB at batch 32 and 224px) come as fresh pages from the OS on every call and stream through
+            # memory; chunks of ~16 MB are reused by the allocator and stay in cache (29 -> 40 img/s for
+            # lemevit_tiny, BENCHMARKS.md). In eval mode every op is per image, so the result is the same.
             step = max(1, self.inference_chunk_size * x.shape[0] // size)
             parts = [self._run_stage_all(i, xs, cs) for xs, cs in zip(x.split(step), c.split(step))]
             return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])

@@ -1,0 +1,171 @@
+"""PixelSNAIL: causality by gradients, data-dependent init, conditioning, the strict attention mask, the cached
+sampler against the naive one, and the train / eval / sample commands."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from clipsnail.cli import main
+from clipsnail.layers.causal import WNConv2d, causal_attention, causal_mask, data_dependent_init
+from clipsnail.layers.mixture import sampling_noise
+from clipsnail.models.pixelsnail import CONFIGS, PixelSNAIL, PixelSNAILConfig
+from clipsnail.sampling import cached_sample, naive_sample
+
+
+def _model(channels=3, **kw) -> PixelSNAIL:
+    torch.manual_seed(0)
+    cfg = PixelSNAILConfig(channels=channels, **{**CONFIGS["tiny"], **kw})
+    return PixelSNAIL(cfg)
+
+
+def _dependence(model, x, h=None):
+    """dep[i, j] = True when the output at pixel i (any parameter) has a non-zero gradient wrt any channel of input
+    pixel j (raster order)."""
+    model.eval()
+    x = x.clone().requires_grad_(True)
+    out = model(x, h=h)
+    B, C, H, W = x.shape
+    dep = torch.zeros(H * W, H * W, dtype=torch.bool)
+    for i in range(H * W):
+        r, c = divmod(i, W)
+        (g,) = torch.autograd.grad(out[:, :, r, c].sum(), x, retain_graph=True)
+        dep[i] = g.abs().sum(dim=(0, 1)).flatten() != 0
+    return dep
+
+
+@pytest.mark.parametrize("variant", [
+    dict(channels=3), dict(channels=1), dict(channels=3, nonlinearity="concat_elu"),
+    dict(channels=3, cond_dim=4), dict(channels=3, attn_downsample=2), dict(channels=1, nr_resnet=2, blocks=3)])
+def test_output_at_a_pixel_never_depends_on_that_pixel_or_later_ones(variant):
+    model = _model(**variant)
+    C = model.cfg.channels
+    x = torch.rand(2, C, 6, 5) * 2 - 1
+    h = torch.randn(2, 4) if model.cfg.cond_dim else None
+    data_dependent_init(model, x, h=h)
+    dep = _dependence(model, x, h)
+    n = dep.shape[0]
+    future = torch.ones(n, n, dtype=torch.bool).triu()  # j >= i, pixel 0 included
+    assert not (dep & future).any()
+    assert not dep[0].any()  # the first pixel sees nothing
+    # ... and it is not vacuous: the last pixel depends on many earlier ones (convolutions and attention)
+    assert dep[n - 1].sum() > n // 2
+
+
+def test_attention_mask_is_strict_and_the_first_pixel_gets_zero():
+    mask = causal_mask(3, 3)
+    assert not mask[0].any() and mask[4].tolist() == [True] * 4 + [False] * 5
+    q, k, v = torch.randn(1, 16, 3, 3), torch.randn(1, 16, 3, 3), torch.randn(1, 8, 3, 3)
+    out = causal_attention(q, k, v)
+    assert torch.equal(out[:, :, 0, 0], torch.zeros(1, 8))
+    assert torch.isfinite(out).all()
+    # pixel 1 sees only pixel 0: its output is pixel 0's value exactly
+    assert torch.allclose(out[:, :, 0, 1], v[:, :, 0, 0], atol=1e-6)
+    # pooled keys: a query sees a 2x2 cell only after the cell's last (bottom-right) pixel
+    pooled = causal_mask(4, 4, downsample=2)
+    assert pooled.shape == (16, 4)
+    assert not pooled[5].any() and pooled[6, 0] and not pooled[6, 1]
+
+
+def test_data_dependent_init_gives_unit_variance_preactivations():
+    model = _model()
+    x = torch.rand(8, 3, 8, 8) * 2 - 1
+    seen = {}
+
+    def record(name):
+        def hook(module, args, output):
+            seen[name] = (output.mean(dim=(0, 2, 3)), output.std(dim=(0, 2, 3), unbiased=False), module.init_scale)
+        return hook
+
+    data_dependent_init(model, x)
+    handles = [m.register_forward_hook(record(n)) for n, m in model.named_modules() if isinstance(m, WNConv2d)]
+    model.train()
+    torch.manual_seed(0)  # dropout is off in "tiny"; the same batch must now give the init statistics
+    model(x)
+    for h in handles:
+        h.remove()
+    assert len(seen) > 10
+    for name, (mean, std, scale) in seen.items():
+        assert torch.allclose(mean, torch.zeros_like(mean), atol=1e-4), name
+        assert torch.allclose(std, torch.full_like(std, scale), rtol=1e-3), name
+
+
+def test_conditioning_changes_the_output():
+    model = _model(cond_dim=3).eval()
+    x = torch.rand(2, 3, 5, 5) * 2 - 1
+    with torch.no_grad():
+        for m in model.modules():  # non-zero conditioning weights everywhere
+            if hasattr(m, "cond") and m.cond is not None:
+                m.cond.weight.normal_(0, 0.5)
+        a = model(x, h=torch.eye(3)[[0, 0]])
+        b = model(x, h=torch.eye(3)[[1, 1]])
+    assert not torch.allclose(a, b)
+    with pytest.raises(ValueError, match="conditional"):
+        model(x)
+
+
+@pytest.mark.parametrize("variant", [dict(channels=3), dict(channels=1, nonlinearity="concat_elu", cond_dim=2)])
+def test_cached_sampler_draws_the_same_images_as_the_naive_one(variant):
+    model = _model(**variant).double()
+    C = model.cfg.channels
+    h = torch.eye(2, dtype=torch.float64)[[0, 1, 1]] if model.cfg.cond_dim else None
+    data_dependent_init(model, torch.rand(3, C, 6, 5, dtype=torch.float64) * 2 - 1, h=h)
+    noise = sampling_noise(3, 6, 5, model.cfg.nr_mix, C, torch.Generator().manual_seed(1), dtype=torch.float64)
+    naive = naive_sample(model, 3, 6, 5, h=h, noise=noise)
+    cached = cached_sample(model, 3, 6, 5, h=h, noise=noise)
+    assert torch.equal(naive, cached)
+    levels = (naive + 1) * 127.5
+    assert torch.allclose(levels, levels.round(), atol=1e-6) and naive.abs().max() <= 1
+
+
+def _write_idx(path, array, magic):
+    header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture(scope="module")
+def digits_dir(tmp_path_factory):
+    """A tiny MNIST-format data set: 40 images 12x12 with a bar whose row encodes the label."""
+    out = tmp_path_factory.mktemp("digits")
+    labels = np.arange(40) % 4
+    images = np.zeros((40, 12, 12), np.uint8)
+    for i, y in enumerate(labels):
+        images[i, 2 + 2 * y : 4 + 2 * y, 2:10] = 255
+    _write_idx(out / "t10k-images-idx3-ubyte.gz", images, 0x803)
+    _write_idx(out / "t10k-labels-idx1-ubyte.gz", labels, 0x801)
+    return out
+
+
+def test_train_eval_sample_commands(digits_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["pixelsnail", "train", "--data", f"mnist:{digits_dir}", "--config", "tiny", "--out", str(run),
+            "--epochs", "3", "--no-progress", "--condition", "class", "--set", "batch_size=8", "--set",
+            "log_every=1", "--set", "samples_per_epoch=4", "--set", "lr=2e-3"]
+    assert main(args) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert 0 < metrics["ema_test_bits_per_dim"] < 8
+    losses = [json.loads(ln)["loss"] for ln in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in ln]
+    assert np.mean(losses[-3:]) < np.mean(losses[:3])
+    assert (run / "samples" / "epoch_003.png").is_file()
+
+    assert main(["pixelsnail", "eval", "--model", str(run), "--no-progress"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["bits_per_dim"] == pytest.approx(metrics["ema_test_bits_per_dim"], rel=1e-5)
+
+    grid = tmp_path / "grid.png"
+    assert main(["pixelsnail", "sample", "--model", str(run), "-n", "4", "--class", "2", "--out", str(grid),
+                 "--no-progress"]) == 0
+    assert grid.is_file()
+    assert main(["pixelsnail", "sample", "--model", str(run), "-n", "2", "--out", str(grid), "--no-progress"]) == 2
+    assert "class-conditional" in capsys.readouterr().err
+
+
+def test_unknown_preset_is_refused(digits_dir, tmp_path, capsys):
+    assert main(["pixelsnail", "train", "--data", f"mnist:{digits_dir}", "--config", "h99", "--out",
+                 str(tmp_path / "r"), "--no-progress"]) == 2
+    assert "h99" in capsys.readouterr().err
