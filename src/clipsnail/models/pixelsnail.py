@@ -56,6 +56,8 @@ CONFIGS = {
     "h8_noup_smallkey": dict(filters=256, blocks=8, nr_resnet=4),
     "h12_pool2_smallkey": dict(filters=256, blocks=12, nr_resnet=4, attn_downsample=2),
     "small": dict(filters=64, blocks=4, nr_resnet=2, nr_mix=5, dropout=0.1),  # trains in minutes on a CPU
+    # 1.71M parameters at 28x28x1, the size of rosinality's public port (1.64M), for speed comparisons
+    "medium": dict(filters=128, blocks=3, nr_resnet=2, nr_mix=5, dropout=0.1),
     "tiny": dict(filters=32, blocks=2, nr_resnet=1, nr_mix=3, dropout=0.0),  # tests
 }
 
