@@ -40,7 +40,8 @@ def _dependence(model, x, h=None):
 
 @pytest.mark.parametrize("variant", [
     dict(channels=3), dict(channels=1), dict(channels=3, nonlinearity="concat_elu"),
-    dict(channels=3, cond_dim=4), dict(channels=3, attn_downsample=2), dict(channels=1, nr_resnet=2, blocks=3)])
+    dict(channels=3, cond_dim=4), dict(channels=3, attn_downsample=2), dict(channels=1, nr_resnet=2, blocks=3),
+    dict(channels=1, attention=False)])
 def test_output_at_a_pixel_never_depends_on_that_pixel_or_later_ones(variant):
     model = _model(**variant)
     C = model.cfg.channels
@@ -108,7 +109,8 @@ def test_conditioning_changes_the_output():
         model(x)
 
 
-@pytest.mark.parametrize("variant", [dict(channels=3), dict(channels=1, nonlinearity="concat_elu", cond_dim=2)])
+@pytest.mark.parametrize("variant", [dict(channels=3), dict(channels=1, nonlinearity="concat_elu", cond_dim=2),
+                                     dict(channels=1, attention=False)])
 def test_cached_sampler_draws_the_same_images_as_the_naive_one(variant):
     model = _model(**variant).double()
     C = model.cfg.channels

@@ -137,6 +137,9 @@ class CachedSampler:
         self.blocks = []
         n = height * width
         for block in model.blocks:
+            if not block.attention:
+                self.blocks.append({"resnets": [_Gated(g, batch, height, width, h) for g in block.resnets]})
+                continue
             self.blocks.append({
                 "resnets": [_Gated(g, batch, height, width, h) for g in block.resnets],
                 "kv_block": _Gated(block.kv_block, batch, height, width, h),
@@ -163,6 +166,8 @@ class CachedSampler:
         for blk in self.blocks:
             for resnet in blk["resnets"]:
                 ul = resnet(ul, r, c)
+            if "keys" not in blk:  # no attention in this model
+                continue
             blk["features"] = ul
             q = blk["q"].point(blk["q_block"](torch.cat([ul, bg], 1), r, c))
             if i == 0:  # nothing before the first pixel: the strict mask gives 0
@@ -183,6 +188,8 @@ class CachedSampler:
         bg = self.bg[:, r, c].expand(B, 2)
         i = r * self.width + c
         for blk in self.blocks:
+            if "keys" not in blk:
+                continue
             kv = blk["kv"].point(blk["kv_block"](torch.cat([pixel, blk["features"], bg], 1), r, c))
             blk["keys"][:, 0, i] = kv[:, :KEY_CHANNELS]
             blk["values"][:, 0, i] = kv[:, KEY_CHANNELS:]

@@ -44,6 +44,7 @@ class PixelSNAILConfig:
     nonlinearity: str = "elu"  # "elu" (official default) or "concat_elu"
     attn_downsample: int = 1  # 2: keys and values pooled 2x2 ("pool2")
     cond_dim: int = 0  # size of the conditioning vector h (0: unconditional)
+    attention: bool = True  # False: the gated convolution blocks only, a PixelCNN baseline of the same width
 
     @property
     def out_channels(self) -> int:
@@ -78,6 +79,9 @@ class AttentionBlock(nn.Module):
         F_, C = cfg.filters, cfg.channels
         gated = dict(nonlinearity=cfg.nonlinearity, dropout=cfg.dropout, cond_dim=cfg.cond_dim)
         self.resnets = nn.ModuleList(GatedResidualBlock(F_, "down_right", **gated) for _ in range(cfg.nr_resnet))
+        self.attention = cfg.attention
+        if not self.attention:
+            return
         self.kv_block = GatedResidualBlock(C + F_ + 2, "nin", **gated)
         self.kv = nin(C + F_ + 2, KEY_CHANNELS + F_ // 2)
         self.q_block = GatedResidualBlock(F_ + 2, "nin", **gated)
@@ -88,6 +92,8 @@ class AttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor, ul: torch.Tensor, bg: torch.Tensor, h: torch.Tensor | None) -> torch.Tensor:
         for resnet in self.resnets:
             ul = resnet(ul, h=h)
+        if not self.attention:
+            return ul
         # Keys/values at pixel j may use the image at j: the strict mask only lets pixels i > j read them.
         key, value = self.kv(self.kv_block(torch.cat([x, ul, bg], 1), h=h)).split(
             [KEY_CHANNELS, self.kv.conv.out_channels - KEY_CHANNELS], dim=1)
