@@ -102,9 +102,7 @@ def discretized_mix_logistic_nll(
     log_pdf_mid = mid_in - log_scales - 2.0 * F.softplus(mid_in)
     # torch.where back-propagates 0 * (local gradient) into the unselected branches, so every branch must stay
     # finite everywhere: hence the clamp inside the log (never selected, as in the official code).
-    inner = torch.where(
-        cdf_delta > 1e-5, torch.log(cdf_delta.clamp(min=1e-12)), log_pdf_mid - _LOG_HALF_LEVELS
-    )
+    inner = torch.where(cdf_delta > 1e-5, torch.log(cdf_delta.clamp(min=1e-12)), log_pdf_mid - _LOG_HALF_LEVELS)
     log_probs = torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, inner))
     log_probs = log_probs.sum(dim=1) + F.log_softmax(logits, dim=1)  # (B, K, H, W): log pi_k + sum_c log p_k(c)
     nll = -torch.logsumexp(log_probs, dim=1).sum(dim=(1, 2))
