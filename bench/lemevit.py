@@ -423,6 +423,14 @@ QUALITY_RECIPE = [
 ]
 
 
+def median_logged_speed(run: Path) -> float:
+    """Median of the training speeds the engine logged (samples/s over each log interval): less sensitive than the
+    wall time to other work on the machine during part of the run."""
+    speeds = [json.loads(ln)["samples_per_s"] for ln in (run / "metrics.jsonl").read_text().splitlines()
+              if '"samples_per_s"' in ln]
+    return round(statistics.median(speeds), 1) if speeds else float("nan")
+
+
 def quality(args) -> dict:
     """CIFAR-10 (shared copy, 900 train / 100 test images per class), equal epochs and recipe for each model."""
     import torch
@@ -457,6 +465,7 @@ def quality(args) -> dict:
                                                                                 / seconds, 1),
                "params": sum(p.numel() for p in task.build_model().parameters()), "resumed_or_partial":
                not result.completed}
+        row["median_logged_images_per_s"] = median_logged_speed(run)
         ema = load(run)  # model.safetensors holds the EMA weights
         raw = load(run)
         raw.load_state_dict(load_state(run / "checkpoint" / "state.safetensors")["model"])
@@ -486,7 +495,9 @@ def quality(args) -> dict:
         "recipe": QUALITY_RECIPE, "results": results, "goals": goals,
         "notes": ["test_acc1 is the better of the raw weights and their EMA (both reported); both are the end of "
                   "training, nothing is selected on the test set's history",
-                  "timings are wall-clock on this machine and include per-epoch data loading and augmentation"],
+                  "train_seconds is wall-clock on this machine and includes data loading and augmentation; "
+                  "median_logged_images_per_s is the median of the engine's per-interval speeds, less affected by "
+                  "other work running during part of the run"],
     }
     _common.write_json(args.quality_out, report)
     say(_common.format_table(["model", "epochs", "test acc1 raw", "test acc1 ema", "macro F1 (ema)", "minutes",
