@@ -61,55 +61,59 @@ def naive_sample(model: PixelSNAIL, n: int, height: int, width: int | None = Non
 
 class _Conv:
     """A WNConv2d evaluated one position at a time. Its weight (g * v / |v|) is computed once; a k x k conv keeps a
-    zero-padded buffer of its input so that output (r, c) is one matmul with the window at (r, c)."""
+    zero-padded buffer of its input so that output (r, c) is one matmul per kernel row with the window at (r, c).
+
+    The buffer is channels-last (B, H, W, C): a kernel row's window (B, kw, C) is then one strided matrix that the
+    matmul reads in place, with no gather copy per step."""
 
     def __init__(self, layer: WNConv2d, batch: int, height: int, width: int):
         weight = layer.conv.weight  # the parametrisation computes it; fixed from here on
-        self.weight = weight.reshape(weight.shape[0], -1)
+        cout, cin, self.kh, self.kw = weight.shape
         self.bias = layer.conv.bias
-        self.kh, self.kw = weight.shape[2:]
+        # (Cout, Cin, kh, kw) -> per kernel row a (Cout, kw * Cin) matrix ordered like the buffer's (kw, C) window
+        self.rows = [weight[:, :, a].permute(0, 2, 1).reshape(cout, -1).contiguous() for a in range(self.kh)]
         left, right, top, bottom = layer.padding
         self.top, self.left = top, left
         self.buffer = None
         if (self.kh, self.kw) != (1, 1):
-            self.buffer = weight.new_zeros(batch, weight.shape[1], height + top + bottom, width + left + right)
+            self.buffer = weight.new_zeros(batch, height + top + bottom, width + left + right, cin)
 
     def write(self, r: int, c: int, value: torch.Tensor) -> None:
-        self.buffer[:, :, r + self.top, c + self.left] = value
+        self.buffer[:, r + self.top, c + self.left] = value
 
     def at(self, r: int, c: int) -> torch.Tensor:
         """The output at (r, c), from what the buffer holds."""
-        window = self.buffer[:, :, r : r + self.kh, c : c + self.kw]
-        return F.linear(window.reshape(window.shape[0], -1), self.weight, self.bias)
+        B = self.buffer.shape[0]
+        out = F.linear(self.buffer[:, r, c : c + self.kw].reshape(B, -1), self.rows[0], self.bias)
+        for a in range(1, self.kh):
+            out = out.addmm_(self.buffer[:, r + a, c : c + self.kw].reshape(B, -1), self.rows[a].T)
+        return out
 
     def point(self, value: torch.Tensor) -> torch.Tensor:
         """A 1x1 conv applied to one position's (B, Cin) features."""
-        return F.linear(value, self.weight, self.bias)
+        return F.linear(value, self.rows[0], self.bias)
 
 
 class _Gated:
     """GatedResidualBlock at one position. For k x k convs it writes its inputs into the conv buffers first."""
 
     def __init__(self, block: GatedResidualBlock, batch: int, height: int, width: int, h: torch.Tensor | None):
-        self.nl = block.nl
+        self.nl = block.nl  # elementwise or concatenating along dim 1: the same on (B, C) as on (B, C, H, W)
         self.conv1 = _Conv(block.conv1, batch, height, width)
         self.conv2 = _Conv(block.conv2, batch, height, width)
         self.aux = _Conv(block.aux, batch, height, width) if block.aux is not None else None
         self.spatial = self.conv1.buffer is not None
         self.cond = block.cond(h) if h is not None else None  # a constant per-image bias: computed once
 
-    def _nl(self, t: torch.Tensor) -> torch.Tensor:  # the nonlinearities work on (B, C, H, W)
-        return self.nl(t[:, :, None, None])[:, :, 0, 0]
-
     def __call__(self, x: torch.Tensor, r: int, c: int, aux: torch.Tensor | None = None) -> torch.Tensor:
         if self.spatial:
-            self.conv1.write(r, c, self._nl(x))
+            self.conv1.write(r, c, self.nl(x))
             t = self.conv1.at(r, c)
         else:
-            t = self.conv1.point(self._nl(x))
+            t = self.conv1.point(self.nl(x))
         if aux is not None:
-            t = t + self.aux.point(self._nl(aux))
-        t = self._nl(t)
+            t = t + self.aux.point(self.nl(aux))
+        t = self.nl(t)
         if self.spatial:
             self.conv2.write(r, c, t)
             t = self.conv2.at(r, c)
