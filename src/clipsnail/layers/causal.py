@@ -159,6 +159,19 @@ def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     q = query.flatten(2).transpose(1, 2).unsqueeze(1)  # (B, 1, N, Dk)
     k = key.flatten(2).transpose(1, 2).unsqueeze(1)
     v = value.flatten(2).transpose(1, 2).unsqueeze(1)
+    if downsample == 1:
+        # Strict causality without a mask tensor: query i+1 attends to keys 0..i, which is SDPA's (top-left aligned)
+        # is_causal over queries 1..N-1 and keys 0..N-2. The fused (flash) kernel then never builds the N x N weights,
+        # but it wants one head size for q, k and v: zero-padding q and k to the value size leaves every q.k, and
+        # so the attention, unchanged (the scale stays 1/sqrt(Dk)). On a CPU this halves a training step.
+        dv = v.shape[-1]
+        width = max(Dk, dv)
+        # (contiguous: the kernel also wants unit-stride channels, which NCHW flattened to (N, C) does not have)
+        q, k, v = (F.pad(t, (0, width - t.shape[-1])) if t.shape[-1] < width else t.contiguous() for t in (q, k, v))
+        out = q.new_zeros(B, 1, H * W, width)
+        out[:, :, 1:] = F.scaled_dot_product_attention(q[:, :, 1:], k[:, :, :-1], v[:, :, :-1], is_causal=True,
+                                                       scale=Dk**-0.5)
+        return out[..., :dv].squeeze(1).transpose(1, 2).reshape(B, -1, H, W)
     mask = causal_mask(H, W, downsample, query.device)
     # Rows with no visible key (pixel 0; with pooling, the whole first cell row) must output 0, not NaN.
     visible = mask.any(dim=1)
