@@ -53,7 +53,7 @@ def median_logged_speed(run: Path) -> float:
 
 def train_one(dataset: str, model: str, epochs: int, args) -> dict:
     from clipsnail.config import load_config
-    from clipsnail.engine import fit, load_state
+    from clipsnail.engine import fit, load_state, steps_per_epoch
     from clipsnail.hub import load
     from clipsnail.sampling import sample, save_sample_grid
     from clipsnail.tasks.pixelsnail import (
@@ -82,7 +82,7 @@ def train_one(dataset: str, model: str, epochs: int, args) -> dict:
     ema = load(run)
     raw = load(run)
     raw.load_state_dict(load_state(run / "checkpoint" / "state.safetensors")["model"])
-    row = {"epochs_done": result.epoch + (1 if result.completed else 0), "epochs_asked": epochs,
+    row = {"epochs_done": round(result.step / steps_per_epoch(task), 2), "epochs_asked": epochs,
            "steps": result.step, "completed": result.completed, "train_seconds": round(seconds, 1),
            "median_logged_images_per_s": median_logged_speed(run),
            "params": sum(p.numel() for p in ema.parameters()), "test_images": len(test)}
