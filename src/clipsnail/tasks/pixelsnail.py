@@ -64,7 +64,11 @@ def image_transform(size: int, native: int | None) -> v2.Compose:
     steps: list = [v2.ToImage()]
     if native != size:
         steps += [v2.Resize(size, antialias=True), v2.CenterCrop(size)]
-    return v2.Compose(steps + [v2.ToDtype(torch.float32, scale=True), v2.Lambda(lambda t: t * 2 - 1)])
+    return v2.Compose(steps + [v2.ToDtype(torch.float32, scale=True), v2.Lambda(_to_signed)])
+
+
+def _to_signed(t: torch.Tensor) -> torch.Tensor:  # a named function, not a lambda: DataLoader workers pickle it
+    return t * 2 - 1
 
 
 def read_images(cfg: PixelSNAILTaskConfig, split: str) -> ClassData:
