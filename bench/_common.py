@@ -12,8 +12,10 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -125,3 +127,78 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- shared by benchmarks
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+def median(values, ndigits: int | None = None):
+    """Median of the values that are not None (None when there are none), optionally rounded."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    m = statistics.median(values)
+    return round(m, ndigits) if ndigits is not None else m
+
+
+def parse_shape(text: str) -> tuple[int, int, int]:
+    """'32x32x3' -> (H, W, C)."""
+    try:
+        h, w, c = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"bad shape {text!r}: expected HxWxC, e.g. 32x32x3") from None
+    if c not in (1, 3):
+        raise SystemExit(f"bad shape {text!r}: C must be 1 or 3")
+    return h, w, c
+
+
+def median_logged_speed(run: Path) -> float:
+    """Median of the training speeds the engine logged (samples/s over each log interval): less sensitive than the
+    wall time to other work on the machine during part of the run."""
+    speeds = [json.loads(ln)["samples_per_s"] for ln in (Path(run) / "metrics.jsonl").read_text().splitlines()
+              if '"samples_per_s"' in ln]
+    return round(statistics.median(speeds), 1) if speeds else float("nan")
+
+
+# Peak memory is measured in a fresh child process per model, which prints one tagged JSON line.
+MEM_TAG = "PEAKMEM "
+
+
+def proc_status_mib(field_name: str) -> float | None:
+    """VmRSS (current) or VmHWM (peak) of this process from /proc/self/status, in MiB; None without /proc."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return round(int(line.split()[1]) / 2**10, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0: write 5 to /proc/self/clear_refs)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def print_mem(figures: dict) -> None:
+    """The child's answer: one tagged JSON line on stdout."""
+    print(MEM_TAG + json.dumps(figures), flush=True)
+
+
+def run_mem_child(cmd: Sequence[str]) -> dict:
+    """Run a memory child process and return its figures (plus the seconds it took), or {"error": ...}."""
+    t = time.perf_counter()
+    proc = subprocess.run(list(cmd), cwd=ROOT, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MEM_TAG)]
+    if proc.returncode or not lines:
+        return {"error": f"exit {proc.returncode}: {(proc.stderr or proc.stdout).strip()[-600:]}"}
+    return dict(json.loads(lines[-1][len(MEM_TAG):]), seconds=round(time.perf_counter() - t, 1))
+

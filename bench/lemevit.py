@@ -34,10 +34,7 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
-import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -47,6 +44,7 @@ from pathlib import Path
 import _common
 
 _common.use_source_tree()
+say = _common.say
 sys.path.insert(0, str(_common.ROOT / "tests"))  # lemevit_reference.py lives with the tests
 
 OURS = ("lemevit_tiny", "lemevit_small")
@@ -68,7 +66,6 @@ GOALS = {
 RATIO_BASES = {"deit_tiny": "deit_tiny_patch16_224", "deit_small": "deit_small_patch16_224"}
 SEED = 0
 MATCH_ATOL = 1e-3  # max |ours - reference| on the logits counted as "same numbers" (float32, batch 32, 224px)
-MEM_TAG = "PEAKMEM "
 
 
 # ============================================================================================== models
@@ -155,26 +152,6 @@ def layout_input(x, layout: str):
 # ============================================================================================== peak memory (child)
 
 
-def _status_mib(field_name: str) -> float | None:
-    """VmRSS (current) or VmHWM (peak) of this process from /proc/self/status, in MiB."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field_name + ":"):
-                return round(int(line.split()[1]) / 2**10, 1)
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def _reset_peak() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0: write 5 to /proc/self/clear_refs)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 def peak_mem_child(args) -> None:
     """Runs in a fresh process: build one model, one forward of the batch, print the memory figures as JSON.
 
@@ -187,20 +164,20 @@ def peak_mem_child(args) -> None:
     import clipsnail  # noqa: F401
 
     torch.set_num_threads(args.threads)
-    rss_imports = _status_mib("VmRSS")
+    rss_imports = _common.proc_status_mib("VmRSS")
     row = build_row(args.peak_mem_of, args.size)
     x = layout_input(make_input(args.batch, args.size), row.layout)
     gc.collect()
-    rss_before = _status_mib("VmRSS")
-    peak_before = _status_mib("VmHWM")
-    reset = _reset_peak()
+    rss_before = _common.proc_status_mib("VmRSS")
+    peak_before = _common.proc_status_mib("VmHWM")
+    reset = _common.reset_peak_rss()
     with torch.inference_mode():
         row.fn(x)
-    peak_forward = _status_mib("VmHWM")
+    peak_forward = _common.proc_status_mib("VmHWM")
     if peak_forward is None:  # no /proc: getrusage (may include the parent's high-water mark, see above)
         peak_before = peak_forward = _common.peak_rss_mib()
     peak = max(peak_before or 0.0, peak_forward)
-    print(MEM_TAG + json.dumps({
+    _common.print_mem({
         "rss_after_imports_mib": rss_imports,
         "rss_after_create_mib": rss_before,
         "peak_rss_before_forward_mib": peak_before,
@@ -208,26 +185,16 @@ def peak_mem_child(args) -> None:
         "peak_minus_rss_after_create_mib": round(peak_forward - rss_before, 1)
         if reset and rss_before is not None else None,
         "source": "VmHWM" if rss_before is not None else "getrusage",
-    }), flush=True)
+    })
 
 
 def measure_peak_mem(name: str, args) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--peak-mem-of", name, "--batch", str(args.batch),
            "--size", str(args.size), "--threads", str(args.threads)]
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=_common.ROOT, capture_output=True, text=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MEM_TAG)]
-    if proc.returncode or not lines:
-        return {"error": f"exit {proc.returncode}: {(proc.stderr or proc.stdout).strip()[-600:]}"}
-    return dict(json.loads(lines[-1][len(MEM_TAG):]), seconds=round(time.perf_counter() - t, 1))
+    return _common.run_mem_child(cmd)
 
 
 # ============================================================================================== speed
-
-
-def _median(values):
-    values = [v for v in values if v is not None]
-    return round(statistics.median(values), 4) if values else None
 
 
 def speed(args) -> dict:
@@ -277,9 +244,9 @@ def speed(args) -> dict:
     for name, row in rows.items():
         results[name] = {
             "kind": row.kind, "arch": row.arch, "layout": row.layout, "params": row.params,
-            "img_per_s": _median(tput[name]),
+            "img_per_s": _common.median(tput[name], 4),
             "img_per_s_rounds": [round(v, 3) for v in tput[name]],
-            "batch_seconds_median": _median(times[name]),
+            "batch_seconds_median": _common.median(times[name], 4),
             **row.extra,
         }
 
@@ -302,7 +269,7 @@ def speed(args) -> dict:
         for label, base in bases.items():
             if base in tput:
                 per_round = [a / b for a, b in zip(tput[name], tput[base])]
-                ratios[name][label] = _median(per_round)
+                ratios[name][label] = _common.median(per_round, 4)
                 ratios[name][label + "_rounds"] = [round(v, 4) for v in per_round]
     speedup_vs_reference = {n: r.get("reference") for n, r in ratios.items()}
 
@@ -423,14 +390,6 @@ QUALITY_RECIPE = [
 ]
 
 
-def median_logged_speed(run: Path) -> float:
-    """Median of the training speeds the engine logged (samples/s over each log interval): less sensitive than the
-    wall time to other work on the machine during part of the run."""
-    speeds = [json.loads(ln)["samples_per_s"] for ln in (run / "metrics.jsonl").read_text().splitlines()
-              if '"samples_per_s"' in ln]
-    return round(statistics.median(speeds), 1) if speeds else float("nan")
-
-
 def quality(args) -> dict:
     """CIFAR-10 (shared copy, 900 train / 100 test images per class), equal epochs and recipe for each model."""
     import torch
@@ -465,7 +424,7 @@ def quality(args) -> dict:
                                                                                 / seconds, 1),
                "params": sum(p.numel() for p in task.build_model().parameters()), "resumed_or_partial":
                not result.completed}
-        row["median_logged_images_per_s"] = median_logged_speed(run)
+        row["median_logged_images_per_s"] = _common.median_logged_speed(run)
         ema = load(run)  # model.safetensors holds the EMA weights
         raw = load(run)
         raw.load_state_dict(load_state(run / "checkpoint" / "state.safetensors")["model"])
@@ -511,10 +470,6 @@ def quality(args) -> dict:
 
 
 # ============================================================================================== main
-
-
-def say(text: str) -> None:
-    print(text, flush=True)
 
 
 def parse_models(text: str | None, compile_: bool) -> list[str]:

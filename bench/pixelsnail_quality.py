@@ -21,8 +21,6 @@ the paper's CIFAR-10 result is 2.85 bits/dim after days of GPU training of a 46M
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -30,6 +28,7 @@ from pathlib import Path
 import _common
 
 _common.use_source_tree()
+say = _common.say
 
 DATA = _common.ROOT.parent / "shared" / "data"
 DATASETS = {
@@ -39,16 +38,6 @@ DATASETS = {
               "goal": 4.5},
 }
 MODELS = {"pixelsnail_small": [], "pixelcnn_small_no_attention": ["model.attention=false"]}
-
-
-def say(text: str) -> None:
-    print(text, flush=True)
-
-
-def median_logged_speed(run: Path) -> float:
-    speeds = [json.loads(ln)["samples_per_s"] for ln in (run / "metrics.jsonl").read_text().splitlines()
-              if '"samples_per_s"' in ln]
-    return round(statistics.median(speeds), 1) if speeds else float("nan")
 
 
 def train_one(dataset: str, model: str, epochs: int, args) -> dict:
@@ -84,7 +73,7 @@ def train_one(dataset: str, model: str, epochs: int, args) -> dict:
     raw.load_state_dict(load_state(run / "checkpoint" / "state.safetensors")["model"])
     row = {"epochs_done": round(result.step / steps_per_epoch(task), 2), "epochs_asked": epochs,
            "steps": result.step, "completed": result.completed, "train_seconds": round(seconds, 1),
-           "median_logged_images_per_s": median_logged_speed(run),
+           "median_logged_images_per_s": _common.median_logged_speed(run),
            "params": sum(p.numel() for p in ema.parameters()), "test_images": len(test)}
     for label, m in (("ema", ema), ("raw", raw)):
         row[f"test_bits_per_dim_{label}"] = round(evaluate_bits_per_dim(m, test, task.transform, cfg), 4)

@@ -45,10 +45,8 @@ when the extrapolation allows it (<= --full-naive-max-s). --mem repeats one cach
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -56,35 +54,15 @@ from pathlib import Path
 import _common
 
 _common.use_source_tree()
+say = _common.say
 
 PRESETS = ("small", "h12_noup_smallkey")
 SHAPES = ("32x32x3", "28x28x1")
 SEED = 0
 NOISE_SEED = 1
-MEM_TAG = "PEAKMEM "
 GOAL_SPEEDUP = 10.0  # cached >= 10x naive, at 32x32
 GOAL_FORWARDS = 3.0  # cached total cost <= 3 forward passes over the finished batch
 EXACT_SIZE = 8  # the exactness check: tiny preset, float64, 8x8
-
-
-def say(text: str) -> None:
-    print(text, flush=True)
-
-
-def parse_shape(text: str) -> tuple[int, int, int]:
-    """'32x32x3' -> (H, W, C)."""
-    try:
-        h, w, c = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise SystemExit(f"bad shape {text!r}: expected HxWxC, e.g. 32x32x3") from None
-    if c not in (1, 3):
-        raise SystemExit(f"bad shape {text!r}: C must be 1 or 3")
-    return h, w, c
-
-
-def _median(values):
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
 
 
 def _r(v, nd=4):
@@ -240,24 +218,6 @@ def exactness_check() -> dict:
 # ============================================================================================== peak memory (child)
 
 
-def _status_mib(field_name: str) -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field_name + ":"):
-                return round(int(line.split()[1]) / 2**10, 1)
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 def mem_child(args) -> None:
     """In a fresh process: build the model (initialised on 2 images, to keep the init's own peak small), reset the
     peak, run one cached generation of the batch, print the memory figures as JSON."""
@@ -267,20 +227,20 @@ def mem_child(args) -> None:
 
     torch.set_num_threads(args.threads)
     preset, shape = args.mem_child
-    height, width, channels = parse_shape(shape)
-    rss_imports = _status_mib("VmRSS")
+    height, width, channels = _common.parse_shape(shape)
+    rss_imports = _common.proc_status_mib("VmRSS")
     model = build_model(preset, channels, random_images(2, channels, height, width))
     noise = make_noise(model, args.batch, height, width)
-    rss_before = _status_mib("VmRSS")
-    peak_before = _status_mib("VmHWM")
-    reset = _reset_peak()
+    rss_before = _common.proc_status_mib("VmRSS")
+    peak_before = _common.proc_status_mib("VmHWM")
+    reset = _common.reset_peak_rss()
     t = time.perf_counter()
     cached_sample(model, args.batch, height, width, noise=noise)
     seconds = time.perf_counter() - t
-    peak = _status_mib("VmHWM")
+    peak = _common.proc_status_mib("VmHWM")
     if peak is None:
         peak_before = peak = _common.peak_rss_mib()
-    print(MEM_TAG + json.dumps({
+    _common.print_mem({
         "rss_after_imports_mib": rss_imports,
         "rss_after_create_mib": rss_before,
         "peak_rss_before_sampling_mib": peak_before,
@@ -289,17 +249,13 @@ def mem_child(args) -> None:
         if reset and rss_before is not None else None,
         "sampling_seconds": round(seconds, 2),
         "source": "VmHWM" if rss_before is not None else "getrusage",
-    }), flush=True)
+    })
 
 
 def measure_mem(preset: str, shape: str, args) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--mem-child", preset, shape,
            "--batch", str(args.batch), "--threads", str(args.threads)]
-    proc = subprocess.run(cmd, cwd=_common.ROOT, capture_output=True, text=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MEM_TAG)]
-    if proc.returncode or not lines:
-        return {"error": f"exit {proc.returncode}: {(proc.stderr or proc.stdout).strip()[-600:]}"}
-    return json.loads(lines[-1][len(MEM_TAG):])
+    return _common.run_mem_child(cmd)
 
 
 # ============================================================================================== one row
@@ -310,7 +266,7 @@ def run_row(preset: str, shape: str, args) -> dict:
 
     from clipsnail.sampling import cached_sample, naive_sample
 
-    height, width, channels = parse_shape(shape)
+    height, width, channels = _common.parse_shape(shape)
     pixels = height * width
     batch = args.batch
     t0 = time.perf_counter()
@@ -335,7 +291,7 @@ def run_row(preset: str, shape: str, args) -> dict:
     k = min(args.naive_steps, pixels)
     step_times: list[float] = []
     partial = naive_steps(model, torch.zeros(batch, channels, height, width), noise, k, step_times)
-    step_med, step_mean = _median(step_times), statistics.fmean(step_times)
+    step_med, step_mean = _common.median(step_times), statistics.fmean(step_times)
     naive_seconds = step_med * pixels
     say(f"  naive: {k} steps, median {step_med:.3f} s/step -> {naive_seconds:.1f} s per batch (extrapolated)")
 
@@ -350,7 +306,7 @@ def run_row(preset: str, shape: str, args) -> dict:
     after = [timed_forward(model, cached) for _ in range(args.forward_rounds)]
     say(f"  forward (after): {', '.join(f'{t:.3f}' for t in after)} s")
     forward_all = forward_times + after
-    forward_seconds = _median(forward_all)
+    forward_seconds = _common.median(forward_all)
 
     # the naive steps drew the first K pixels with the same noise: compare with the cached images (float32)
     first = [divmod(i, width) for i in range(k)]
@@ -493,7 +449,7 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown preset(s) {', '.join(unknown)}; choose from {', '.join(CONFIGS)}")
     for s in shapes:
-        parse_shape(s)
+        _common.parse_shape(s)
     out = Path(args.out)
     out = out if out.is_absolute() else _common.ROOT / out
     started, machine = _common.now_iso(), _common.machine_info()

@@ -38,10 +38,7 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -49,38 +46,18 @@ from pathlib import Path
 import _common
 
 _common.use_source_tree()
+say = _common.say
 
 PRESETS = ("small", "medium", "h12_noup_smallkey")
 SHAPES = ("28x28x1", "32x32x3")
 SEED = 0
 LR = 1e-3
 BETAS = (0.95, 0.9995)
-MEM_TAG = "PEAKMEM "
 ROSINALITY = {"params": 1_640_000, "images_per_s": 2.3, "shape": "28x28x1", "batch": 32,
               "source": "../shared/REFERENCE.md: rosinality's PixelSNAIL port, 14 s per training step of batch 32 on "
                         "a 2-core CPU"}
 GOAL_FACTOR = 5.0
 GOAL_ROW = ("medium", "28x28x1")
-
-
-def say(text: str) -> None:
-    print(text, flush=True)
-
-
-def parse_shape(text: str) -> tuple[int, int, int]:
-    """'32x32x3' -> (H, W, C)."""
-    try:
-        h, w, c = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise SystemExit(f"bad shape {text!r}: expected HxWxC, e.g. 32x32x3") from None
-    if c not in (1, 3):
-        raise SystemExit(f"bad shape {text!r}: C must be 1 or 3")
-    return h, w, c
-
-
-def _median(values):
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
 
 
 def _r(v, nd=4):
@@ -111,7 +88,7 @@ class Row:
         from clipsnail.models.pixelsnail import CONFIGS, PixelSNAIL, PixelSNAILConfig
 
         self.preset, self.shape, self.batch = preset, shape, batch
-        height, width, channels = parse_shape(shape)
+        height, width, channels = _common.parse_shape(shape)
         g = torch.Generator().manual_seed(SEED)
         self.x = torch.randint(0, 256, (batch, channels, height, width), generator=g).float() / 127.5 - 1.0
         torch.manual_seed(SEED)
@@ -138,44 +115,26 @@ class Row:
 # ============================================================================================== peak memory (child)
 
 
-def _status_mib(field_name: str) -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field_name + ":"):
-                return round(int(line.split()[1]) / 2**10, 1)
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 def mem_child(args) -> None:
     """In a fresh process: one row, one warm-up step (Adam's state allocated), peak reset, one measured step."""
     import torch
 
     torch.set_num_threads(args.threads)
-    rss_imports = _status_mib("VmRSS")
+    rss_imports = _common.proc_status_mib("VmRSS")
     row = Row(*args.mem_child, row_batch(args.mem_child[0], args))
     gc.collect()
-    rss_create = _status_mib("VmRSS")
+    rss_create = _common.proc_status_mib("VmRSS")
     row.step()
     gc.collect()
-    rss_before = _status_mib("VmRSS")
-    peak_before = _status_mib("VmHWM")  # includes data_dependent_init and the first step
-    reset = _reset_peak()
+    rss_before = _common.proc_status_mib("VmRSS")
+    peak_before = _common.proc_status_mib("VmHWM")  # includes data_dependent_init and the first step
+    reset = _common.reset_peak_rss()
     seconds = row.step()
-    peak = _status_mib("VmHWM")
+    peak = _common.proc_status_mib("VmHWM")
     if peak is None:
         peak_before = peak = _common.peak_rss_mib()
     peak_all = max(peak_before or 0.0, peak)
-    print(MEM_TAG + json.dumps({
+    _common.print_mem({
         "rss_after_imports_mib": rss_imports,
         "rss_after_create_mib": rss_create,
         "rss_after_first_step_mib": rss_before,
@@ -186,18 +145,13 @@ def mem_child(args) -> None:
         if reset and rss_before is not None else None,
         "step_seconds": round(seconds, 3),
         "source": "VmHWM" if rss_before is not None else "getrusage",
-    }), flush=True)
+    })
 
 
 def measure_mem(preset: str, shape: str, args) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--mem-child", preset, shape,
            "--batch", str(args.batch), "--large-batch", str(args.large_batch), "--threads", str(args.threads)]
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=_common.ROOT, capture_output=True, text=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MEM_TAG)]
-    if proc.returncode or not lines:
-        return {"error": f"exit {proc.returncode}: {(proc.stderr or proc.stdout).strip()[-600:]}"}
-    return dict(json.loads(lines[-1][len(MEM_TAG):]), seconds=round(time.perf_counter() - t, 1))
+    return _common.run_mem_child(cmd)
 
 
 # ============================================================================================== main
@@ -266,7 +220,7 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown preset(s) {', '.join(unknown)}; choose from {', '.join(CONFIGS)}")
     for s in shapes:
-        parse_shape(s)
+        _common.parse_shape(s)
     out = Path(args.out)
     out = out if out.is_absolute() else _common.ROOT / out
     started, machine = _common.now_iso(), _common.machine_info()
@@ -296,7 +250,7 @@ def main() -> None:
 
     results = {}
     for key, row in rows.items():
-        step = _median(times[key])
+        step = _common.median(times[key])
         results[key] = {
             "preset": row.preset, "shape": row.shape, "params": row.params, "batch": row.batch,
             "dropout": row.model.cfg.dropout,
