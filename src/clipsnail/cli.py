@@ -51,6 +51,17 @@ def print_json(obj) -> None:
     print(json.dumps(obj, indent=2))
 
 
+def train_and_report(task, args) -> None:
+    """Every `train` command ends the same way: fit (resuming when RUN holds a checkpoint), say how it ended."""
+    from clipsnail.engine import fit
+
+    result = fit(task, args.out, progress=not args.no_progress)
+    state = "finished" if result.completed else "stopped by the time budget (run again to continue)"
+    print(f"training {state} at step {result.step}; run directory: {args.out}", file=sys.stderr)
+    if result.metrics:
+        print_json(result.metrics)
+
+
 # ----------------------------------------------------------------------------------------------- data
 
 
@@ -99,7 +110,6 @@ def clip_config(args):
 
 
 def cmd_clip_train(args) -> None:
-    from clipsnail.engine import fit
     from clipsnail.summary import model_summary
     from clipsnail.tasks.clip import ClipTask
 
@@ -108,11 +118,7 @@ def cmd_clip_train(args) -> None:
     model = task.build_model()
     example = next(iter(_example_batch(task)))
     print(model_summary(model, (example["images"], example["tokens"])), file=sys.stderr)
-    result = fit(task, args.out, progress=not args.no_progress)
-    state = "finished" if result.completed else "stopped by the time budget (run again to continue)"
-    print(f"training {state} at step {result.step}; run directory: {args.out}", file=sys.stderr)
-    if result.metrics:
-        print_json(result.metrics)
+    train_and_report(task, args)
 
 
 def _example_batch(task):
@@ -171,7 +177,6 @@ def classify_config(args):
 def cmd_classify_train(args) -> None:
     import torch
 
-    from clipsnail.engine import fit
     from clipsnail.summary import model_summary
     from clipsnail.tasks.classify import ClassifyTask
 
@@ -180,11 +185,7 @@ def cmd_classify_train(args) -> None:
     model = task.build_model()
     example = torch.zeros(2, cfg.model.in_chans, cfg.data.image_size, cfg.data.image_size)
     print(model_summary(model.eval(), (example,)), file=sys.stderr)
-    result = fit(task, args.out, progress=not args.no_progress)
-    state = "finished" if result.completed else "stopped by the time budget (run again to continue)"
-    print(f"training {state} at step {result.step}; run directory: {args.out}", file=sys.stderr)
-    if result.metrics:
-        print_json(result.metrics)
+    train_and_report(task, args)
 
 
 def cmd_classify_eval(args) -> None:
@@ -246,7 +247,6 @@ def pixelsnail_config(args):
 def cmd_pixelsnail_train(args) -> None:
     import torch
 
-    from clipsnail.engine import fit
     from clipsnail.summary import model_summary
     from clipsnail.tasks.pixelsnail import PixelSNAILTask
 
@@ -256,11 +256,7 @@ def cmd_pixelsnail_train(args) -> None:
     size = cfg.data.image_size
     h = torch.zeros(2, cfg.model.cond_dim) if cfg.model.cond_dim else None
     print(model_summary(model, (torch.zeros(2, cfg.model.channels, size, size), h), depth=1), file=sys.stderr)
-    result = fit(task, args.out, progress=not args.no_progress)
-    state = "finished" if result.completed else "stopped by the time budget (run again to continue)"
-    print(f"training {state} at step {result.step}; run directory: {args.out}", file=sys.stderr)
-    if result.metrics:
-        print_json(result.metrics)
+    train_and_report(task, args)
 
 
 def cmd_pixelsnail_eval(args) -> None:
@@ -271,9 +267,8 @@ def cmd_pixelsnail_eval(args) -> None:
     model = load(args.model, device=args.device)
     cfg = model.config
     data = read_class_data(args.data or cfg.data.data, args.split, cfg.data.val_fraction, cfg.data.test_fraction)
-    native = data.pixels.shape[1] if data.pixels is not None else None
-    bpd = evaluate_bits_per_dim(model, data, image_transform(cfg.data.image_size, native), cfg, args.batch_size,
-                                progress=not args.no_progress)
+    transform = image_transform(cfg.data.image_size, data.native_size)
+    bpd = evaluate_bits_per_dim(model, data, transform, cfg, args.batch_size, progress=not args.no_progress)
     metrics = {"bits_per_dim": bpd, "split": args.split, "num_images": len(data)}
     (Path(args.model) / f"eval_{args.split}.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print_json(metrics)

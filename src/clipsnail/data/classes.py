@@ -80,6 +80,11 @@ class ClassData:
         return self.classes
 
     @property
+    def native_size(self) -> int | None:
+        """The side of in-memory images (MNIST, CIFAR); None for files, whose sizes are only known once decoded."""
+        return self.pixels.shape[1] if self.pixels is not None else None
+
+    @property
     def channels(self) -> int:
         # Folders are decoded by load_image, which always returns RGB.
         return 1 if self.pixels is not None and self.pixels.ndim == 3 else 3

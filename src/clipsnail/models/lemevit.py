@@ -337,7 +337,9 @@ class LeMeViT(nn.Module):
             nn.Conv2d(embed_dim[0] // 2, embed_dim[0], 3, s2, 1), nn.BatchNorm2d(embed_dim[0]),
         )
         self.downsample_layers = nn.ModuleList([stem])
-        reduction, self.feature_info = stem_stride, []
+        # How much each stage's downsampling shrinks the grid: the stem, then 2 (or 1 after the C stage).
+        self.stage_strides = [stem_stride] + [1 if attn_type[i] == "C" else 2 for i in range(num_stages - 1)]
+        reduction, self.feature_info = 1, []
         for i in range(num_stages - 1):
             if attn_type[i] == "C":  # C leaves the grid unchanged, so the next stage works at the same resolution
                 self.downsample_layers.append(nn.Identity())
@@ -345,8 +347,7 @@ class LeMeViT(nn.Module):
                 self.downsample_layers.append(nn.Sequential(
                     nn.Conv2d(embed_dim[i], embed_dim[i + 1], 3, 2, 1), nn.BatchNorm2d(embed_dim[i + 1])))
         for i in range(num_stages):
-            if i > 0 and attn_type[i - 1] != "C":
-                reduction *= 2
+            reduction *= self.stage_strides[i]
             self.feature_info.append(dict(num_chs=embed_dim[i], reduction=reduction, module=f"stages.{i}"))
 
         # std-1 init as in the official code (they are inputs to a LayerNorm-ed MLP, so the scale washes out).
@@ -420,7 +421,8 @@ class LeMeViT(nn.Module):
 
     def _run_stage(self, i: int, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One stage on an NCHW grid and (B, M, C) meta tokens; returns the same layout."""
-        size = x.shape[0] * self._tokens_after(i, x.shape[-2:]) * self.embed_dim[i]
+        stride = self.stage_strides[i]  # the grid after the stage's downsampling: ceil(H / stride) x ceil(W / stride)
+        size = x.shape[0] * -(-x.shape[-2] // stride) * -(-x.shape[-1] // stride) * self.embed_dim[i]
         if not torch.is_grad_enabled() and not self.training and size > self.inference_chunk_size > 0:
             # Inference on a dense grid: a few images at a time. Whole-batch activations (the 4x-wide MLP hidden
             # layer is 100 MB at batch 32 and 224px) come as fresh pages from the OS on every call and stream through
@@ -430,11 +432,6 @@ class LeMeViT(nn.Module):
             parts = [self._run_stage_all(i, xs, cs) for xs, cs in zip(x.split(step), c.split(step))]
             return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         return self._run_stage_all(i, x, c)
-
-    def _tokens_after(self, i: int, hw) -> int:
-        layer = self.downsample_layers[i]
-        stride = 1 if isinstance(layer, nn.Identity) else (layer[0].stride[0] * layer[3].stride[0] if i == 0 else 2)
-        return math.ceil(hw[0] / stride) * math.ceil(hw[1] / stride)
 
     def _run_stage_all(self, i: int, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.downsample_layers[i](x)
@@ -456,6 +453,10 @@ class LeMeViT(nn.Module):
         c = self._meta_tokens(x.shape[0])
         for i in range(self.num_stages):
             x, c = self._run_stage(i, x, c)
+        return self._final_tokens(x, c)
+
+    def _final_tokens(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """The normed meta tokens, then the normed grid as tokens: (B, M + H*W, C)."""
         return torch.cat([self.norm_c(c), self.norm(x).flatten(2).transpose(1, 2)], dim=1)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -497,7 +498,7 @@ class LeMeViT(nn.Module):
             return intermediates
         if last < self.num_stages - 1:
             raise ValueError("stop_early without intermediates_only has no final features")
-        return torch.cat([self.norm_c(c), self.norm(x).flatten(2).transpose(1, 2)], dim=1), intermediates
+        return self._final_tokens(x, c), intermediates
 
     def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> list[int]:

@@ -102,11 +102,7 @@ def parse_model_args(text: str) -> dict:
 
 def build_classifier(m: ClassifyModelConfig, load_weights: bool = True) -> nn.Module:
     """The timm model of `m` (our LeMeViT is registered with timm on `import clipsnail`)."""
-    import clipsnail.models  # noqa: F401  (registers lemevit_*)
-
-    if not timm.is_model(m.name):
-        close = timm.list_models(f"*{m.name.split('_')[0]}*")[:8]
-        raise ConfigError(f"unknown model {m.name!r}" + (f"; similar: {', '.join(close)}" if close else ""))
+    check_model_name(m.name)
     kwargs = dict(num_classes=m.num_classes, in_chans=m.in_chans, drop_rate=m.drop_rate,
                   drop_path_rate=m.drop_path_rate, **parse_model_args(m.args))
     if load_weights and m.pretrained:
@@ -129,9 +125,20 @@ def build_classifier(m: ClassifyModelConfig, load_weights: bool = True) -> nn.Mo
     return model
 
 
-def resolve_input(model: nn.Module, cfg: ClassifyConfig) -> tuple[int, list[float], list[float]]:
-    """Image size and normalisation: what the config says, else the model's pretrained config."""
-    pcfg = getattr(model, "pretrained_cfg", None) or {}
+def check_model_name(name: str) -> None:
+    import clipsnail.models  # noqa: F401  (registers lemevit_*)
+
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
+        raise ConfigError(f"unknown model {name!r}" + (f"; similar: {', '.join(close)}" if close else ""))
+
+
+def resolve_input(cfg: ClassifyConfig) -> tuple[int, list[float], list[float]]:
+    """Image size and normalisation: what the config says, else the model's default (pretrained) config, read from
+    timm's registry without building the model."""
+    check_model_name(cfg.model.name)
+    pcfg = timm.models.get_pretrained_cfg(cfg.model.name)
+    pcfg = pcfg.to_dict() if pcfg is not None else {}
     size = cfg.data.image_size or int(pcfg.get("input_size", (3, 224, 224))[-1])
     mean = list(cfg.data.mean or pcfg.get("mean", (0.485, 0.456, 0.406)))
     std = list(cfg.data.std or pcfg.get("std", (0.229, 0.224, 0.225)))
@@ -234,12 +241,10 @@ class ClassifyTask:
             log.info("no validation during training (%s)", e)
             if config.train.best_metric.endswith("val_acc1"):
                 config.train.best_metric = ""
-        probe = build_classifier(m, load_weights=False)
-        size, self.mean, self.std = resolve_input(probe, config)
+        size, self.mean, self.std = resolve_input(config)
         config.data.image_size, config.data.mean, config.data.std = size, self.mean, self.std
-        native = train.pixels.shape[1] if train.pixels is not None else None
         self.train_dataset = ClassImageDataset(train, train_transform(config.augment, size, self.mean, self.std,
-                                                                       native), strict=config.data.strict)
+                                                                       train.native_size), strict=config.data.strict)
         self.eval_transform = eval_transform(size, self.mean, self.std)
         a = config.augment
         self.mixup = None

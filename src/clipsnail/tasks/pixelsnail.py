@@ -85,8 +85,7 @@ class PixelSNAILTask:
         train = read_images(config, "train")
         m = config.model
         m.channels = train.channels
-        native = train.pixels.shape[1] if train.pixels is not None else None
-        size = config.data.image_size or native or 32
+        size = config.data.image_size or train.native_size or 32
         config.data.image_size = size
         if config.data.condition == "class":
             if config.class_names and config.class_names != train.classes:
@@ -95,7 +94,7 @@ class PixelSNAILTask:
         elif config.data.condition:
             raise ConfigError(f"data.condition must be 'class' or empty, got {config.data.condition!r}")
         self.train_data = train
-        self.transform = image_transform(size, native)
+        self.transform = image_transform(size, train.native_size)
         self.train_dataset = ClassImageDataset(train, self.transform)
         self.eval_data = None
         try:
