@@ -57,7 +57,7 @@ def train_one(dataset: str, model: str, epochs: int, args) -> dict:
     overrides = preset_overrides("small") + [
         f"data.data={spec['spec']}", "data.val_fraction=0", "data.test_fraction=0.1", "data.samples_per_epoch=0",
         f"train.epochs={epochs}", f"train.time_budget={args.budget}", "train.batch_size=32", "train.log_every=20",
-        f"train.seed={args.seed}", *MODELS[model]]
+        f"train.seed={args.seed}", *MODELS[model], *args.set]
     cfg = load_config(PixelSNAILTaskConfig, None, overrides)
     run = Path(args.runs) / f"{dataset}_{model}"
     task = PixelSNAILTask(cfg)
@@ -98,6 +98,7 @@ def main() -> None:
     p.add_argument("--budget", default="30m", help="wall-clock guard per run (train.time_budget)")
     p.add_argument("--max-train", type=int, default=0, help="use only this many training images (smoke tests)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="recipe overrides for every run")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--runs", default=str(_common.ROOT / "runs" / "bench_pixelsnail"))
     p.add_argument("--out", default=str(_common.RESULTS / "pixelsnail_quality.json"))

@@ -7,6 +7,7 @@ import torch
 
 from clipsnail.layers.mixture import (
     bits_per_dim,
+    discretized_mix_logistic_channel_log_probs,
     discretized_mix_logistic_nll,
     mixture_param_count,
     quantize_to_levels,
@@ -115,6 +116,23 @@ def test_nll_equals_per_pixel_reference(shape, nr_mix):
     # float32, what training runs in
     ours32 = discretized_mix_logistic_nll(x.float(), params.float(), nr_mix, reduce=False)
     np.testing.assert_allclose(ours32.double().numpy(), expected, rtol=1e-4)
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_channel_log_probs_add_up_to_the_nll_and_each_conditional_is_normalised(channels):
+    nr_mix = 4
+    x, params = random_case(2, channels, 3, 2, nr_mix, seed=7)
+    per_channel = discretized_mix_logistic_channel_log_probs(x, params, nr_mix)
+    assert per_channel.shape == x.shape
+    nll = discretized_mix_logistic_nll(x, params, nr_mix, reduce=False)
+    torch.testing.assert_close(-per_channel.sum(dim=(1, 2, 3)), nll)
+    # Each channel's conditional, given the true earlier channels of its pixel, sums to 1 over its 256 values.
+    pixel = params[:1, :, :1, :1].expand(256, -1, -1, -1)
+    for c in range(channels):
+        values = x[:1, :, :1, :1].repeat(256, 1, 1, 1)
+        values[:, c] = LEVELS.view(256, 1, 1)
+        log_p = discretized_mix_logistic_channel_log_probs(values, pixel, nr_mix)[:, c]
+        assert log_p.exp().sum().item() == pytest.approx(1.0, abs=1e-5)
 
 
 def test_channels_last_params_give_the_same_nll():

@@ -12,7 +12,7 @@ import torch
 
 from clipsnail.cli import main
 from clipsnail.layers.causal import WNConv2d, causal_attention, causal_mask, data_dependent_init
-from clipsnail.layers.mixture import sampling_noise
+from clipsnail.layers.mixture import discretized_mix_logistic_channel_log_probs, sampling_noise
 from clipsnail.models.pixelsnail import CONFIGS, PixelSNAIL, PixelSNAILConfig
 from clipsnail.sampling import cached_sample, naive_sample
 
@@ -55,6 +55,30 @@ def test_output_at_a_pixel_never_depends_on_that_pixel_or_later_ones(variant):
     assert not dep[0].any()  # the first pixel sees nothing
     # ... and it is not vacuous: the last pixel depends on many earlier ones (convolutions and attention)
     assert dep[n - 1].sum() > n // 2
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_each_sub_pixel_likelihood_depends_only_on_earlier_sub_pixels(channels):
+    """The whole model, network and mixture together, is autoregressive over sub-pixels in the order pixel by pixel
+    (raster), R -> G -> B within a pixel: d log p(x[i, c] | ...) / d x[j, d] is 0 unless (j, d) <= (i, c)."""
+    model = _model(channels=channels)
+    H, W = 4, 3
+    x = torch.randint(0, 256, (1, channels, H, W)).float() / 127.5 - 1
+    data_dependent_init(model, x)
+    model.eval()
+    x.requires_grad_(True)
+    log_p = discretized_mix_logistic_channel_log_probs(x, model(x), model.cfg.nr_mix)
+    order = torch.arange(H * W * channels).view(H * W, channels).t().reshape(channels, H, W)  # sub-pixel index
+    for c in range(channels):
+        for i in range(H * W):
+            (g,) = torch.autograd.grad(log_p[0, c].flatten()[i], x, retain_graph=True)
+            depends = g[0] != 0
+            me = order[c].flatten()[i]
+            assert not (depends & (order > me)).any(), f"sub-pixel {c} of pixel {i} sees a later one"
+            assert depends.flatten()[c * H * W + i]  # its own value (the target) always counts
+            if c > 0:  # G sees R, B sees R and G of the same pixel: the mixture's linear coefficients
+                assert depends[:c].flatten()[torch.arange(c) * H * W + i].all()
+    assert depends.sum() > channels  # the last sub-pixel also depends on earlier pixels, through the network
 
 
 def test_attention_mask_is_strict_and_the_first_pixel_gets_zero():

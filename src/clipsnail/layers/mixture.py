@@ -79,6 +79,28 @@ def discretized_mix_logistic_nll(
     because the difference of two nearly equal sigmoids is too imprecise there. Compute in float64 if you need
     the exact branch choice of a float64 reference; float32 is what training uses.
     """
+    log_mix, log_probs = _component_log_probs(x, params, nr_mix)
+    nll = -torch.logsumexp(log_mix + log_probs.sum(dim=1), dim=1).sum(dim=(1, 2))
+    return nll.mean() if reduce else nll
+
+
+def discretized_mix_logistic_channel_log_probs(x: torch.Tensor, params: torch.Tensor, nr_mix: int) -> torch.Tensor:
+    """log p(x[c] | x[<c] of the same pixel, earlier pixels) for every sub-pixel: (B, C, H, W), in nats.
+
+    The mixture does not factorise over channels (the component is shared by R, G and B), so channel c's
+    conditional is log sum_k pi_k prod_{d<=c} p_k(d) minus the same sum over d < c. Summed over C this is minus
+    the per-pixel NLL of `discretized_mix_logistic_nll`. Used for per-channel bits/dim and the R -> G -> B
+    causality test.
+    """
+    log_mix, log_probs = _component_log_probs(x, params, nr_mix)
+    joint = torch.logsumexp(log_mix.unsqueeze(1) + log_probs.cumsum(dim=1), dim=2)  # log p(x[<=c]), (B, C, H, W)
+    return torch.cat((joint[:, :1], joint[:, 1:] - joint[:, :-1]), dim=1)
+
+
+def _component_log_probs(
+    x: torch.Tensor, params: torch.Tensor, nr_mix: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi_k (B, K, H, W) and log p_k(x[c] | x[<c]) of every channel under every component (B, C, K, H, W)."""
     if x.dim() != 4:
         raise ValueError(f"x must be (B, C, H, W), got shape {tuple(x.shape)}")
     channels = x.shape[1]
@@ -104,9 +126,7 @@ def discretized_mix_logistic_nll(
     # finite everywhere: hence the clamp inside the log (never selected, as in the official code).
     inner = torch.where(cdf_delta > 1e-5, torch.log(cdf_delta.clamp(min=1e-12)), log_pdf_mid - _LOG_HALF_LEVELS)
     log_probs = torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, inner))
-    log_probs = log_probs.sum(dim=1) + F.log_softmax(logits, dim=1)  # (B, K, H, W): log pi_k + sum_c log p_k(c)
-    nll = -torch.logsumexp(log_probs, dim=1).sum(dim=(1, 2))
-    return nll.mean() if reduce else nll
+    return F.log_softmax(logits, dim=1), log_probs
 
 
 def bits_per_dim(nll_nats_per_image: torch.Tensor | float, num_dims: int) -> torch.Tensor | float:
