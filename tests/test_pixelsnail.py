@@ -148,6 +148,37 @@ def test_cached_sampler_draws_the_same_images_as_the_naive_one(variant):
     assert torch.allclose(levels, levels.round(), atol=1e-6) and naive.abs().max() <= 1
 
 
+@pytest.mark.parametrize("channels", [3, 1])
+def test_guided_sampling_is_exact_and_mixes_conditional_with_the_null_condition(channels):
+    model = _model(channels=channels, cond_dim=2, null_condition=True).double()
+    h = torch.eye(2, dtype=torch.float64)[[0, 1]]
+    data_dependent_init(model, torch.rand(2, channels, 4, 4, dtype=torch.float64) * 2 - 1, h=h)
+    with torch.no_grad():
+        model.null_h.normal_()  # a trained null vector is not zero
+    noise = sampling_noise(2, 4, 4, model.cfg.nr_mix, channels, torch.Generator().manual_seed(3), dtype=torch.float64)
+    guided = {s: cached_sample(model, 2, 4, 4, h=h, noise=noise, guidance=s) for s in (1.0, 3.0)}
+    assert torch.equal(guided[3.0], naive_sample(model, 2, 4, 4, h=h, noise=noise, guidance=3.0))
+    # scale 1 is the conditional model; another scale changes the draw
+    assert torch.equal(guided[1.0], cached_sample(model, 2, 4, 4, h=h, noise=noise))
+    assert not torch.equal(guided[3.0], guided[1.0])
+    with pytest.raises(ValueError, match="null condition"):
+        cached_sample(_model(channels=channels, cond_dim=2), 1, 4, 4, h=h[:1], guidance=2.0)
+
+
+def test_guide_params_moves_logits_and_means_only():
+    from clipsnail.layers.mixture import guide_params
+
+    nr_mix = 2
+    cond, uncond = torch.randn(3, 20, 2, 2), torch.randn(3, 20, 2, 2)
+    out = guide_params(cond, uncond, 3.0, nr_mix, 3)
+    moved = torch.zeros(20, dtype=torch.bool)
+    moved[:2] = True  # logits
+    for c in range(3):
+        moved[2 + 6 * c : 4 + 6 * c] = True  # means of channel c
+    torch.testing.assert_close(out[:, moved], uncond[:, moved] + 3.0 * (cond[:, moved] - uncond[:, moved]))
+    assert torch.equal(out[:, ~moved], cond[:, ~moved])
+
+
 def _write_idx(path, array, magic):
     header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
     with gzip.open(path, "wb") as f:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from clipsnail.layers.causal import GatedResidualBlock, WNConv2d
-from clipsnail.layers.mixture import sample_from_discretized_mix_logistic, sampling_noise
+from clipsnail.layers.mixture import guide_params, sample_from_discretized_mix_logistic, sampling_noise
 from clipsnail.models.pixelsnail import KEY_CHANNELS, PixelSNAIL, background
 
 log = logging.getLogger(__name__)
@@ -33,27 +33,28 @@ def _noise_at(noise: dict[str, torch.Tensor], r: int, c: int) -> dict[str, torch
     return {k: v[:, :, r : r + 1, c : c + 1] for k, v in noise.items()}
 
 
+class NaiveSampler:
+    """The reference: the whole network over the whole (partly generated) batch for every pixel."""
+
+    def __init__(self, model: PixelSNAIL, batch: int, height: int, width: int, h: torch.Tensor | None = None):
+        param = next(model.parameters())
+        self.model, self.h = model, h
+        self.x = torch.zeros(batch, model.cfg.channels, height, width, device=param.device, dtype=param.dtype)
+
+    def params_at(self, r: int, c: int) -> torch.Tensor:
+        return self.model(self.x, h=self.h)[:, :, r, c]
+
+    def write(self, r: int, c: int, pixel: torch.Tensor) -> None:
+        self.x[:, :, r, c] = pixel
+
+
 @torch.no_grad()
 def naive_sample(model: PixelSNAIL, n: int, height: int, width: int | None = None, h: torch.Tensor | None = None,
                  temperature: float = 1.0, noise: dict | None = None, generator: torch.Generator | None = None,
-                 progress: bool = False) -> torch.Tensor:
-    """n images (n, C, H, W) in [-1, 1], one full forward pass per pixel."""
-    width = width or height
-    cfg = model.cfg
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    dtype = next(model.parameters()).dtype
-    if noise is None:
-        noise = sampling_noise(n, height, width, cfg.nr_mix, cfg.channels, generator, device, dtype)
-    x = torch.zeros(n, cfg.channels, height, width, device=device, dtype=dtype)
-    for i in tqdm(range(height * width), disable=not progress, desc="sampling (naive)", leave=False):
-        r, c = divmod(i, width)
-        params = model(x, h=h)[:, :, r : r + 1, c : c + 1]
-        x[:, :, r : r + 1, c : c + 1] = sample_from_discretized_mix_logistic(
-            params, cfg.nr_mix, cfg.channels, temperature, _noise_at(noise, r, c))
-    model.train(was_training)
-    return x
+                 progress: bool = False, guidance: float = 1.0) -> torch.Tensor:
+    """n images (n, C, H, W) in [-1, 1], one full forward pass per pixel (what the official code does)."""
+    return _generate(NaiveSampler, model, n, height, width or height, h, temperature, noise, generator, progress,
+                     guidance)
 
 
 # ----------------------------------------------------------------------------------------------- cached sampler
@@ -202,29 +203,50 @@ class CachedSampler:
 @torch.no_grad()
 def cached_sample(model: PixelSNAIL, n: int, height: int, width: int | None = None, h: torch.Tensor | None = None,
                   temperature: float = 1.0, noise: dict | None = None, generator: torch.Generator | None = None,
-                  progress: bool = False) -> torch.Tensor:
+                  progress: bool = False, guidance: float = 1.0) -> torch.Tensor:
     """n images (n, C, H, W) in [-1, 1], each layer computed once per pixel (see the module doc)."""
-    width = width or height
+    return _generate(CachedSampler, model, n, height, width or height, h, temperature, noise, generator, progress,
+                     guidance)
+
+
+def _generate(sampler_class, model: PixelSNAIL, n: int, height: int, width: int, h: torch.Tensor | None,
+              temperature: float, noise: dict | None, generator: torch.Generator | None, progress: bool,
+              guidance: float) -> torch.Tensor:
+    """The pixel loop both samplers share: parameters of pixel i, one draw, write it back; raster order.
+
+    Guidance != 1 runs the network on 2n images, the first n under `h` and the last n under the model's learned
+    null condition, mixes their parameters (`guide_params`) and writes the one drawn pixel into both halves.
+    """
     cfg = model.cfg
     was_training = model.training
     model.eval()
     param = next(model.parameters())
     if noise is None:
         noise = sampling_noise(n, height, width, cfg.nr_mix, cfg.channels, generator, param.device, param.dtype)
-    state = CachedSampler(model, n, height, width, h)
-    for i in tqdm(range(height * width), disable=not progress, desc="sampling", leave=False):
+    guided = guidance != 1.0
+    if guided:
+        if h is None:
+            raise ValueError("guidance needs a condition h")
+        h = torch.cat([h, model.unconditional(n).to(h)])
+    state = sampler_class(model, 2 * n if guided else n, height, width, h)
+    desc = f"sampling ({sampler_class.__name__})"
+    for i in tqdm(range(height * width), disable=not progress, desc=desc, leave=False):
         r, c = divmod(i, width)
-        params = state.params_at(r, c)[:, :, None, None]
-        pixel = sample_from_discretized_mix_logistic(params, cfg.nr_mix, cfg.channels, temperature,
-                                                     _noise_at(noise, r, c))
-        state.write(r, c, pixel[:, :, 0, 0])
+        params = state.params_at(r, c)
+        if guided:
+            params = guide_params(params[:n], params[n:], guidance, cfg.nr_mix, cfg.channels)
+        pixel = sample_from_discretized_mix_logistic(params[:, :, None, None], cfg.nr_mix, cfg.channels,
+                                                     temperature, _noise_at(noise, r, c))[:, :, 0, 0]
+        state.write(r, c, torch.cat([pixel, pixel]) if guided else pixel)
     model.train(was_training)
-    return state.x
+    return state.x[:n]
 
 
 def sample(model: PixelSNAIL, n: int, size: int, h: torch.Tensor | None = None, temperature: float = 1.0,
-           seed: int | None = None, method: str = "cached", progress: bool = False) -> torch.Tensor:
-    """n samples (n, C, size, size) in [-1, 1]; `seed` makes them reproducible without touching the global RNG."""
+           seed: int | None = None, method: str = "cached", progress: bool = False,
+           guidance: float = 1.0) -> torch.Tensor:
+    """n samples (n, C, size, size) in [-1, 1]; `seed` makes them reproducible without touching the global RNG.
+    `guidance` != 1: classifier-free guidance with that scale (needs h and a model with a learned null condition)."""
     generator = torch.Generator(device=next(model.parameters()).device)
     generator.manual_seed(seed if seed is not None else torch.seed())
     if method == "cached" and model.cfg.attn_downsample != 1:
@@ -235,7 +257,8 @@ def sample(model: PixelSNAIL, n: int, size: int, h: torch.Tensor | None = None, 
         raise ValueError(f"method must be 'cached' or 'naive', got {method!r}")
     if h is not None:
         h = h.to(next(model.parameters()).device)
-    return fn(model, n, size, size, h=h, temperature=temperature, generator=generator, progress=progress)
+    return fn(model, n, size, size, h=h, temperature=temperature, generator=generator, progress=progress,
+              guidance=guidance)
 
 
 def to_pil(images: torch.Tensor) -> list:

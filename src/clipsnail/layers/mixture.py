@@ -139,6 +139,23 @@ def quantize_to_levels(x: torch.Tensor) -> torch.Tensor:
     return torch.round((x + 1.0) * 127.5) / 127.5 - 1.0
 
 
+def guide_params(cond: torch.Tensor, uncond: torch.Tensor, scale: float, nr_mix: int, channels: int) -> torch.Tensor:
+    """Classifier-free guidance on mixture parameters (B, P, ...): the mixture logits and the means move from the
+    unconditional prediction through the conditional one, `u + scale * (c - u)`; log-scales and RGB coefficients
+    stay conditional (extrapolated log-scales can collapse or explode). scale 1 is the conditional model itself;
+    > 1 exaggerates what the condition changes: more on-prompt, less varied samples."""
+    if cond.shape != uncond.shape:
+        raise ValueError(f"conditional {tuple(cond.shape)} and unconditional {tuple(uncond.shape)} params differ")
+    mixture_param_count(nr_mix, channels)  # validates channels
+    per_channel = 3 if channels == 3 else 2
+    guided = cond.clone()
+    slots = [slice(0, nr_mix)] + [slice(nr_mix + per_channel * nr_mix * c, nr_mix + per_channel * nr_mix * c + nr_mix)
+                                  for c in range(channels)]
+    for sl in slots:
+        guided[:, sl] = torch.lerp(uncond[:, sl], cond[:, sl], scale)
+    return guided
+
+
 def sampling_noise(
     batch: int,
     height: int,

@@ -9,7 +9,8 @@ Follows the official TensorFlow model `_base_noup_smallkey_spec` (REFERENCE.md):
   values (F/2) from a 1x1 gated block over [image, features, background], a query (16) from [features, background],
   single-head attention with a strict causal mask, and a 1x1 gated block that adds the attention output;
 - head: 1x1 conv of elu(features) to the parameters of a discretised mixture of logistics.
-The optional vector `h` (a class one-hot, a text embedding) conditions every gated block.
+The optional vector `h` (a class one-hot, a text embedding) conditions every gated block; with `null_condition` a
+learned vector stands for "no condition" (classifier-free guidance).
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ class PixelSNAILConfig:
     nonlinearity: str = "elu"  # "elu" (official default) or "concat_elu"
     attn_downsample: int = 1  # 2: keys and values pooled 2x2 ("pool2")
     cond_dim: int = 0  # size of the conditioning vector h (0: unconditional)
+    # A learned "no condition" vector (classifier-free guidance): training swaps it in for h now and then, and
+    # the guided sampler contrasts the conditional prediction with the one under it.
+    null_condition: bool = False
     attention: bool = True  # False: the gated convolution blocks only, a PixelCNN baseline of the same width
 
     @property
@@ -114,6 +118,16 @@ class PixelSNAIL(nn.Module):
         self.stem_down_right = down_right_shifted_conv2d(cfg.channels + 1, cfg.filters, (2, 1))
         self.blocks = nn.ModuleList(AttentionBlock(cfg) for _ in range(cfg.blocks))
         self.head = nin(cfg.filters, cfg.out_channels)
+        if cfg.null_condition:
+            if not cfg.cond_dim:
+                raise ValueError("null_condition needs a conditional model (cond_dim > 0)")
+            self.null_h = nn.Parameter(torch.zeros(cfg.cond_dim))
+
+    def unconditional(self, batch: int) -> torch.Tensor:
+        """The learned null condition for `batch` images (B, cond_dim)."""
+        if not self.cfg.null_condition:
+            raise ValueError("this model has no learned null condition: train it with null_condition=true")
+        return self.null_h.expand(batch, -1)
 
     def forward(self, x: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, C, H, W) in [-1, 1] -> mixture parameters (B, P, H, W); output at pixel i depends on pixels < i."""
