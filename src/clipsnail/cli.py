@@ -6,6 +6,7 @@ import argparse
 import itertools
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -382,6 +383,78 @@ def write_result_grid(path, title: str, hits) -> Path:
     return save_png(image_grid(images, title=title, labels=[f"{s:.3f}" for _, s in hits]), path)
 
 
+# ----------------------------------------------------------------------------------------------- text to image
+
+
+def t2i_config(args):
+    from clipsnail.config import load_config
+    from clipsnail.models.pixelsnail import CONFIGS
+    from clipsnail.tasks.pixelsnail import preset_overrides
+    from clipsnail.tasks.text2image import RetrieveConfig, TextPixelSNAILConfig
+
+    overrides, yaml_file = [], args.config
+    if args.kind == "pixelsnail":
+        preset = args.config if args.config in CONFIGS else "small"
+        yaml_file = None if args.config in CONFIGS else args.config
+        overrides += preset_overrides(preset)
+        if args.clip:
+            overrides.append(f"clip={args.clip}")
+    elif args.encoder:
+        overrides.append(f"encoder={args.encoder}")
+    for flag, key in (("captions", "data.captions"), ("images", "data.images"), ("format", "data.format"),
+                      ("split_file", "data.split_file")):
+        value = getattr(args, flag, None)
+        if value:
+            overrides.append(f"{key}={value}")
+    if args.strict:
+        overrides.append("data.strict=true")
+    config_class = TextPixelSNAILConfig if args.kind == "pixelsnail" else RetrieveConfig
+    return load_config(config_class, yaml_file, overrides + list(args.overrides) + train_overrides(args))
+
+
+def cmd_t2i_train(args) -> None:
+    from clipsnail.tasks.text2image import RetrieveTask, TextPixelSNAILTask
+
+    cfg = t2i_config(args)
+    if args.kind == "pixelsnail":
+        task = TextPixelSNAILTask(cfg, run_dir=args.out)
+    else:
+        task = RetrieveTask(cfg, run_dir=args.out, progress=not args.no_progress)
+    train_and_report(task, args)
+
+
+def cmd_generate(args) -> None:
+    from clipsnail.hub import load, read_run_config
+    from clipsnail.plots import image_grid, save_png
+
+    task, _ = read_run_config(args.model)
+    if task not in ("t2i_retrieve", "t2i_pixelsnail"):
+        raise ClipsnailError(f"{args.model}: not a text-to-image run (its task is {task!r}); train one with "
+                             "`clipsnail t2i train`")
+    generator = load(args.model, device=args.device)
+    if task == "t2i_retrieve":
+        from clipsnail.data.images import load_image
+
+        matches = generator.generate(args.prompt, k=args.n)
+        print_json([{"image": str(p), "distance": round(d, 4)} for p, d in matches])
+        grid = image_grid([load_image(p) for p, _ in matches], title=f"nearest known images: {args.prompt}",
+                          labels=[f"{d:.3f}" for _, d in matches], cell=96)
+    else:
+        from clipsnail.sampling import to_pil
+
+        images, scores = generator.generate(args.prompt, n=args.n, guidance=args.guidance, rerank=args.rerank,
+                                            temperature=args.temperature, seed=args.seed,
+                                            progress=not args.no_progress)
+        print_json({"prompt": args.prompt, "n": args.n, "kept": len(images), "guidance": args.guidance,
+                    "clip_scores": [round(float(s), 4) for s in scores]})
+        title = f"{args.prompt} (guidance {args.guidance:g}" + (f", best {args.rerank} of {args.n})" if args.rerank
+                                                                else ")")
+        grid = image_grid(to_pil(images), title=title, labels=[f"{float(s):.3f}" for s in scores], cell=64,
+                          cols=max(1, math.ceil(math.sqrt(len(images)))))
+    save_png(grid, args.out)
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
 # ----------------------------------------------------------------------------------------------- demo
 
 
@@ -499,6 +572,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_pixelsnail_sample)
+
+    t2i = sub.add_parser("t2i", help="text to image: train a feature predictor or a text-conditioned PixelSNAIL"
+                         ).add_subparsers(dest="t2i_command", required=True)
+    p = t2i.add_parser("train", help="train on a caption corpus (e.g. the shapes data)")
+    p.add_argument("--kind", choices=["retrieve", "pixelsnail"], default="pixelsnail",
+                   help="retrieve: predict the image encoder's feature of the prompt's image and return the nearest "
+                        "known images (seed 004); pixelsnail: PixelSNAIL conditioned on CLIP's text embedding")
+    p.add_argument("--encoder", help="kind retrieve: a CLIP run directory or timm:NAME (encoder)")
+    p.add_argument("--clip", help="kind pixelsnail: the CLIP run directory whose text tower conditions (clip)")
+    add_caption_flags(p, required=False)
+    add_train_flags(p)
+    p.set_defaults(func=cmd_t2i_train)
+    for action in p._actions:  # --config also takes a PixelSNAIL preset name here
+        if action.dest == "config":
+            action.help = "kind pixelsnail: a preset (small, tiny, ...; default small); or a YAML config file"
+
+    p = sub.add_parser("generate", help="images for a prompt from a text-to-image run; writes a grid PNG")
+    p.add_argument("--model", required=True, help="t2i run directory")
+    p.add_argument("prompt", help="the text, e.g. 'a red circle above a blue square'")
+    p.add_argument("-n", type=int, default=16, help="samples to draw (kind retrieve: nearest images to show)")
+    p.add_argument("--rerank", type=int, default=0, help="keep the k samples CLIP scores highest (0: keep all)")
+    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1: none; try 3)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="grid PNG")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("zeroshot", help="zero-shot classification with prompt ensembles")
     p.add_argument("--model", required=True)

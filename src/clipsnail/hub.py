@@ -53,6 +53,8 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu", weights: str =
     CLIP runs return a `clipsnail.models.CLIP` with its tokenizer and preprocess attached, so that
     `model.encode_text(["a red circle"])` and `model.encode_image([pil_image])` work directly.
     Classification runs return the timm model with `.preprocess`, `.class_names` and `.config` attached.
+    PixelSNAIL runs return the model with `.config`. Text-to-image runs return a generator with
+    `.generate(prompt, ...)`: `FeatureRetriever` (kind retrieve) or `TextToImage` (kind pixelsnail).
     weights: "model" (the end of training: model.safetensors) or "best" (best.safetensors, the best validation
     score, when the run kept one).
     """
@@ -86,6 +88,22 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu", weights: str =
         cfg = from_dict(PixelSNAILTaskConfig, data)
         model = PixelSNAIL(cfg.model)
         model.config = cfg
+    elif task == "t2i_retrieve":
+        from clipsnail.data.tokenizers import TextTokenizer
+        from clipsnail.models.text2feat import TextToFeature
+        from clipsnail.tasks.text2image import RetrieveConfig
+
+        cfg = from_dict(RetrieveConfig, data)
+        model = TextToFeature(cfg.model)
+        model.tokenizer = TextTokenizer.load(run_dir / "tokenizer.json")
+        model.config = cfg
+    elif task == "t2i_pixelsnail":
+        from clipsnail.models.pixelsnail import PixelSNAIL
+        from clipsnail.tasks.text2image import TextPixelSNAILConfig
+
+        cfg = from_dict(TextPixelSNAILConfig, data)
+        model = PixelSNAIL(cfg.model)
+        model.config = cfg
     else:
         raise DataError(f"{run_dir}/config.json: unknown task {task!r}")
     if weights not in ("model", "best"):
@@ -98,4 +116,13 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu", weights: str =
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
         raise DataError(f"{weights}: cannot read weights ({e})") from e
     model.load_state_dict(state, strict=True)
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    if task == "t2i_retrieve":  # text-to-image runs come back as generators
+        from clipsnail.tasks.text2image import FeatureRetriever
+
+        return FeatureRetriever(model, run_dir)
+    if task == "t2i_pixelsnail":
+        from clipsnail.tasks.text2image import TextToImage
+
+        return TextToImage(model, model.config).to(device).eval()
+    return model

@@ -21,7 +21,7 @@ from clipsnail.models.text import TextTransformer
 @dataclasses.dataclass
 class Text2FeatConfig:
     tokenizer: str = "char"  # "char" (the seed) or "bpe"
-    vocab_size: int = 0  # filled in from the tokenizer
+    vocab_size: int = 0  # BPE: the vocabulary to learn (0: 2048); then the tokenizer's actual size
     context_length: int = 64
     pad_id: int = 0
     eot_id: int = 2

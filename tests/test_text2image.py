@@ -1,0 +1,142 @@
+"""Text to image: the seed-004 feature predictor (retrieve) and the text-conditioned PixelSNAIL (guided, reranked),
+through the CLI and the Python API, on tiny shapes data and a tiny CLIP run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_clip_args
+from PIL import Image
+
+from clipsnail import load
+from clipsnail.cli import main
+from clipsnail.models.text2feat import Text2FeatConfig, TextToFeature, nearest
+
+
+@pytest.fixture(scope="module")
+def clip_run(shapes_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("t2i") / "clip"
+    assert main(tiny_clip_args(shapes_dir, out, "--set", "train.max_steps=4")) == 0
+    return out
+
+
+def _caption_flags(shapes_dir):
+    return ["--captions", str(shapes_dir / "captions.csv"), "--images", str(shapes_dir / "images"),
+            "--split-file", str(shapes_dir / "split.json"), "--no-progress"]
+
+
+TINY_RETRIEVE = ["model.width=32", "model.depth=1", "model.heads=2", "model.context_length=48",
+                 "train.batch_size=16", "train.log_every=1"]
+
+
+def _sets(items):
+    return [a for item in items for a in ("--set", item)]
+
+
+@pytest.mark.parametrize("pool,loss,distance", [("last", "mse", "euclidean"), ("mean", "cosine", "cosine")])
+def test_text_to_feature_shapes_and_gradients(pool, loss, distance):
+    cfg = Text2FeatConfig(vocab_size=30, context_length=10, width=16, depth=1, heads=2, feature_dim=8, pool=pool,
+                          loss=loss, distance=distance)
+    model = TextToFeature(cfg)
+    tokens = torch.tensor([[1, 5, 6, 2, 0, 0], [1, 7, 8, 9, 10, 2]])
+    predicted = model(tokens)
+    assert predicted.shape == (2, 8)
+    target = torch.randn(2, 8)
+    model.loss(predicted, target).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    # padding after <eot> changes nothing, whichever pooling
+    padded = torch.cat([tokens, torch.zeros(2, 3, dtype=torch.long)], 1)
+    model.eval()
+    torch.testing.assert_close(model(padded), model(tokens))
+
+
+def test_nearest_finds_the_closest_known_feature_by_either_distance():
+    bank = torch.tensor([[1.0, 0.0], [0.0, 1.0], [10.0, 1.0]])
+    query = torch.tensor([[9.0, 0.5]])
+    d, i = nearest(query, bank, 2, "euclidean")
+    assert i.tolist() == [[2, 0]] and d[0, 0] == pytest.approx((1 + 0.25) ** 0.5)
+    _, i = nearest(query, bank, 1, "cosine")  # direction, not length: [1, 0] and [10, 1] are both close
+    assert i.tolist() == [[2]]
+    with pytest.raises(ValueError, match="distance"):
+        nearest(query, bank, 1, "manhattan")
+
+
+def test_retrieve_train_and_generate(shapes_dir, clip_run, tmp_path, capsys):
+    run = tmp_path / "retrieve"
+    args = ["t2i", "train", "--kind", "retrieve", "--encoder", str(clip_run), *_caption_flags(shapes_dir),
+            "--out", str(run), *_sets(TINY_RETRIEVE + ["train.max_steps=6"])]
+    assert main(args) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert 0 <= metrics["val_image_retrieval_recall@1"] <= metrics["val_image_retrieval_recall@5"] <= 1
+    assert 0 <= metrics["val_semantic_top1_accuracy"] <= 1  # shapes data: judged by the scene
+    for name in ("model.safetensors", "tokenizer.json", "bank.safetensors", "bank.json", "config.json"):
+        assert (run / name).is_file()
+
+    grid = tmp_path / "match.png"
+    assert main(["generate", "--model", str(run), "a blue square", "-n", "4", "--out", str(grid)]) == 0
+    matches = json.loads(capsys.readouterr().out)
+    assert len(matches) == 4 and Image.open(grid).size[0] > 0
+    distances = [m["distance"] for m in matches]
+    assert distances == sorted(distances)
+    assert all((shapes_dir / "images" / m["image"].split("/")[-1]).is_file() for m in matches)
+
+    # the Python API gives the same answer
+    retriever = load(run)
+    assert [round(d, 4) for _, d in retriever.generate("a blue square", k=4)] == distances
+
+
+def test_retrieve_with_a_timm_encoder(shapes_dir, tmp_path, capsys):
+    run = tmp_path / "retrieve_timm"
+    args = ["t2i", "train", "--kind", "retrieve", "--encoder", "timm:resnet18", *_caption_flags(shapes_dir),
+            "--out", str(run), *_sets(TINY_RETRIEVE + ["train.max_steps=2", "encoder_pretrained=false",
+                                                       "model.loss=cosine", "model.pool=mean"])]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert load(run).features.shape[1] == 512  # resnet18's pooled features
+
+
+def test_text_conditioned_pixelsnail_guided_and_reranked(shapes_dir, clip_run, tmp_path, capsys):
+    run = tmp_path / "t2i"
+    args = ["t2i", "train", "--kind", "pixelsnail", "--clip", str(clip_run), "--config", "tiny",
+            *_caption_flags(shapes_dir), "--out", str(run),
+            *_sets(["data.image_size=8", "train.max_steps=3", "train.batch_size=8", "cond_dropout=0.5",
+                    "data.eval_prompts=2", "data.max_eval_images=16"])]
+    assert main(args) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert 0 < metrics["val_bits_per_dim"] < 16 and 0 < metrics["ema_val_bits_per_dim"] < 16
+    assert list((run / "samples").glob("epoch_*.png"))
+
+    grid = tmp_path / "grid.png"
+    assert main(["generate", "--model", str(run), "a red circle", "-n", "4", "--rerank", "2", "--guidance", "3",
+                 "--out", str(grid), "--no-progress"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["kept"] == 2 and out["clip_scores"] == sorted(out["clip_scores"], reverse=True)
+    assert grid.is_file()
+
+    t2i = load(run)
+    images, scores = t2i.generate("a red circle", n=4, seed=1)
+    assert images.shape == (4, 3, 8, 8) and scores.shape == (4,)
+    # reranking keeps the best-scored of the very same draws
+    best, best_scores = t2i.generate("a red circle", n=4, rerank=2, seed=1)
+    assert torch.equal(best_scores, scores.sort(descending=True).values[:2])
+    assert torch.equal(best[0], images[scores.argmax()])
+    with pytest.raises(ValueError, match="rerank"):
+        t2i.generate("a red circle", n=2, rerank=3)
+
+
+def test_bad_inputs_are_named(shapes_dir, clip_run, tmp_path, capsys):
+    base = ["t2i", "train", *_caption_flags(shapes_dir), *_sets(TINY_RETRIEVE + ["train.max_steps=1"])]
+    assert main([*base, "--kind", "retrieve", "--out", str(tmp_path / "a")]) == 2
+    assert "encoder" in capsys.readouterr().err
+    assert main([*base, "--kind", "retrieve", "--encoder", str(shapes_dir), "--out", str(tmp_path / "b")]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+    classify_like = tmp_path / "not_clip"
+    classify_like.mkdir()
+    (classify_like / "config.json").write_text('{"task": "pixelsnail"}')
+    assert main(["t2i", "train", "--kind", "pixelsnail", "--clip", str(classify_like), *_caption_flags(shapes_dir),
+                 "--out", str(tmp_path / "c")]) == 2
+    assert "CLIP run directory is needed" in capsys.readouterr().err
+    assert main(["generate", "--model", str(clip_run), "a red circle", "--out", str(tmp_path / "x.png")]) == 2
+    assert "not a text-to-image run" in capsys.readouterr().err
