@@ -23,7 +23,7 @@ from clipsnail.data.shapes import (
     sample_scene,
     scene_matches,
 )
-from clipsnail.errors import DataError
+from clipsnail.errors import ConfigError, DataError
 
 # A large red circle on the left, a small blue square at the top right, and two green triangles at the bottom.
 SCENE = Scene([
@@ -167,6 +167,14 @@ def test_generate_shapes(tmp_path):
         generate_shapes(out, 5)
     generate_shapes(out, 5, seed=2, overwrite=True)
     assert len(list((out / "images").iterdir())) == 5
+
+
+def test_single_large_shapes_for_small_images(tmp_path):
+    generate_shapes(tmp_path / "one", 30, size=16, max_shapes=1, sizes=["large"])
+    scenes = load_scenes(tmp_path / "one")
+    assert all(len(s.shapes) == 1 and s.shapes[0].size == "large" for s in scenes.values())
+    with pytest.raises(ConfigError, match="sizes must be some of"):
+        sample_scene(random.Random(0), sizes=["huge"])
 
 
 def test_generate_attribute_folder(tmp_path):

@@ -71,7 +71,8 @@ def cmd_data_shapes(args) -> None:
 
     holdout = parse_holdout(args.holdout)
     summary = generate_shapes(args.out, n=args.n, size=args.size, seed=args.seed,
-                              captions_per_image=args.captions_per_image, holdout=holdout, overwrite=args.overwrite)
+                              captions_per_image=args.captions_per_image, holdout=holdout, max_shapes=args.max_shapes,
+                              sizes=args.sizes.split(","), overwrite=args.overwrite)
     print_json(summary)
     print(f"wrote {args.out}/captions.csv, {args.out}/images/, {args.out}/split.json, {args.out}/scenes.json",
           file=sys.stderr)
@@ -492,6 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--captions-per-image", type=int, default=3)
     p.add_argument("--holdout", default="", help="colour:shape combinations kept out of train/val, e.g. "
                                                  "purple:triangle,yellow:star")
+    p.add_argument("--max-shapes", type=int, default=3, help="shapes per scene: 1 to this many")
+    p.add_argument("--sizes", default="small,large", help="shape sizes to draw (e.g. 'large' for 16x16 images)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_data_shapes)
 

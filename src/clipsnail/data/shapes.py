@@ -155,6 +155,7 @@ def sample_scene(
     *,
     min_shapes: int = 1,
     count_prob: float = 0.2,
+    sizes: Sequence[str] = tuple(SIZES),
 ) -> Scene:
     """A random scene of min_shapes..max_shapes non-overlapping shapes, none of a held-out (colour, kind).
 
@@ -163,6 +164,9 @@ def sample_scene(
     """
     held = _holdout_set(holdout)
     combos = [(c, k) for c in COLORS for k in SHAPES if (c, k) not in held]
+    sizes = list(sizes)
+    if not sizes or any(s not in SIZES for s in sizes):
+        raise ConfigError(f"sizes must be some of {', '.join(SIZES)}, got {sizes}")
     if not combos or not 1 <= min_shapes <= max_shapes:
         raise ConfigError(f"cannot sample {min_shapes}..{max_shapes} shapes from {len(combos)} combinations")
     for _ in range(1000):
@@ -170,9 +174,9 @@ def sample_scene(
         specs, others = [], combos
         if n >= 2 and rng.random() < count_prob:
             color, kind = rng.choice(combos)
-            specs = [(kind, color, rng.choice(list(SIZES)))] * rng.randint(2, min(3, n))
+            specs = [(kind, color, rng.choice(sizes))] * rng.randint(2, min(3, n))
             others = [c for c in combos if c != (color, kind)]
-        specs += [(k, c, rng.choice(list(SIZES))) for c, k in rng.sample(others, n - len(specs))]
+        specs += [(k, c, rng.choice(sizes)) for c, k in rng.sample(others, n - len(specs))]
         shapes = _place(rng, specs)
         if shapes is not None:
             return Scene(shapes)
@@ -444,6 +448,7 @@ def generate_shapes(
     val_fraction: float = 0.1,
     *,
     max_shapes: int = 3,
+    sizes: Sequence[str] = tuple(SIZES),
     overwrite: bool = False,
 ) -> dict:
     """Writes a captioned shapes dataset: images/NNNNNN.png, captions.csv, scenes.json and split.json.
@@ -466,7 +471,7 @@ def generate_shapes(
         (tmp / "images").mkdir()
         for i in tqdm(range(n), desc="shapes", unit="img", disable=None):
             name = f"{i:0{width}d}.png"
-            scene = sample_scene(random.Random(f"shapes:{seed}:{i}"), max_shapes)
+            scene = sample_scene(random.Random(f"shapes:{seed}:{i}"), max_shapes, sizes=sizes)
             render(scene, size).save(tmp / "images" / name)
             captions = describe(scene, random.Random(f"captions:{seed}:{i}"), captions_per_image)
             rows += [(name, c) for c in captions]
