@@ -277,7 +277,8 @@ def main() -> None:
 
     from clipsnail.data.shapes import COLORS, SHAPES
     from clipsnail.hub import load
-    from clipsnail.sampling import save_sample_grid
+    from clipsnail.plots import image_grid, save_png
+    from clipsnail.sampling import to_pil
 
     torch.set_num_threads(args.threads)
     work = Path(args.work)
@@ -330,9 +331,10 @@ def main() -> None:
             images, _ = t2i.generate(prompt, n=n, guidance=guidance, rerank=args.samples if rerank else 0,
                                      seed=1000 + i)
             rows[group][name].append(score(images, colour, kind, judge, analysis, clip, prompt, others))
-            if i % 4 == 0 and name in ("plain", "guidance+rerank"):
-                grid_images.append(images[:4])
-                grid_labels += [f"{prompt} ({name})"] + [""] * 3
+            if i % 2 == 0 and name in ("plain", "guidance+rerank"):  # a row: 4 plain, then 4 guided + reranked
+                shown = images[:4]
+                grid_images.append(shown)
+                grid_labels += [prompt[2:] if name == "plain" else "guided+rr"] + [""] * (len(shown) - 1)
         real = ((real_c == colour) & (real_k == kind)).nonzero()[:, 0][: args.samples]
         if len(real):
             rows[group]["real"].append(score(real_x[real], colour, kind, judge, analysis, clip, prompt, others))
@@ -343,7 +345,8 @@ def main() -> None:
 
     results = {group: {name: mean_rows(r) for name, r in by.items()} for group, by in rows.items()}
     grid = Path(args.out).with_name("text_to_image_samples.png")
-    save_sample_grid(torch.cat(grid_images), grid, labels=grid_labels)
+    save_png(image_grid(to_pil(torch.cat(grid_images)), labels=grid_labels, cols=2 * min(4, args.samples), cell=64,
+                        title="left: plain samples; right: guidance 3 + CLIP rerank"), grid)
     seen = results["seen"]
     best = seen["guidance+rerank"]
     goals = {
@@ -385,7 +388,7 @@ def scene_tensors_one(path: Path):
 
     from clipsnail.data.images import load_image
 
-    return torch.from_numpy(np.asarray(load_image(path))).permute(2, 0, 1)[None].float() / 127.5 - 1
+    return torch.from_numpy(np.array(load_image(path))).permute(2, 0, 1)[None].float() / 127.5 - 1
 
 
 if __name__ == "__main__":
