@@ -21,6 +21,7 @@ the paper's CIFAR-10 result is 2.85 bits/dim after days of GPU training of a 46M
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -68,6 +69,8 @@ def train_one(dataset: str, model: str, epochs: int, args) -> dict:
         f"train.seed={args.seed}", *RECIPE, *MODELS[model], *args.set]
     cfg = load_config(PixelSNAILTaskConfig, None, overrides)
     run = Path(args.runs) / f"{dataset}_{model}"
+    if run.exists():  # a benchmark starts from scratch: never resume an older run's checkpoint
+        shutil.rmtree(run)
     task = PixelSNAILTask(cfg)
     if args.max_train:
         task.train_dataset.data = task.train_data = task.train_data.subset(range(args.max_train))
