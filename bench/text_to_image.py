@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -48,7 +49,7 @@ RERANK_POOL = 4  # rerank draws this many times the kept samples
 def make_shapes(out: Path, n: int, size: int, seed: int, holdout) -> Path:
     from clipsnail.data.shapes import generate_shapes
 
-    if not (out / "scenes.json").exists():
+    if not (out / "scenes.json").exists():  # kept only with --reuse
         generate_shapes(out, n, size=size, seed=seed, captions_per_image=3, holdout=holdout, max_shapes=1,
                         sizes=["large"], overwrite=True)
     return out
@@ -181,7 +182,7 @@ def train_clip(data: Path, run: Path, steps: int) -> None:
     from clipsnail.engine import fit
     from clipsnail.tasks.clip import ClipTask
 
-    if (run / "model.safetensors").exists() and not (run / "checkpoint").exists():
+    if (run / "model.safetensors").exists():  # kept only with --reuse
         return
     cfg = demo_config(data, steps)
     cfg.model.image_size, cfg.model.patch_size = data_size(data), 4
@@ -267,6 +268,8 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=8, help="images kept per prompt and setting")
     p.add_argument("--judge-images", type=int, default=4000)
     p.add_argument("--smoke", action="store_true", help="tiny sizes: checks the plumbing, not the quality")
+    p.add_argument("--reuse", action="store_true", help="keep the data and the CLIP run of an earlier run in --work "
+                                                        "(the text-to-image models are always trained afresh)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(_common.RESULTS / "text_to_image.json"))
     args = p.parse_args()
@@ -282,6 +285,9 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     work = Path(args.work)
+    for stale in ([] if args.reuse else [work]) + [work / "retrieve", work / "t2i"]:
+        if stale.exists():  # never resume an older run's checkpoint
+            shutil.rmtree(stale)
     timings = {}
     started = time.monotonic()
     data = make_shapes(work / "shapes", args.n, args.size, 0, HOLDOUT)
