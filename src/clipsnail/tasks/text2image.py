@@ -242,6 +242,7 @@ class FeatureRetriever:
             bank = json.loads((run_dir / "bank.json").read_text())
         except (OSError, ValueError, KeyError) as e:
             raise DataError(f"{run_dir}: cannot read the known-image bank (bank.safetensors, bank.json): {e}") from e
+        self.features = self.features.to(model.head.weight.device)
         self.images_dir, self.names = Path(bank["images_dir"]), list(bank["names"])
         if len(self.names) != len(self.features):
             raise DataError(f"{run_dir}: bank.json names {len(self.names)} images, bank.safetensors "
