@@ -384,6 +384,12 @@ def write_result_grid(path, title: str, hits) -> Path:
     return save_png(image_grid(images, title=title, labels=[f"{s:.3f}" for _, s in hits]), path)
 
 
+def cmd_serve(args) -> None:
+    from clipsnail.serve import run_server
+
+    run_server(index=args.index, generator=args.generator, host=args.host, port=args.port, device=args.device)
+
+
 # ----------------------------------------------------------------------------------------------- text to image
 
 
@@ -624,6 +630,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("serve", help="the web app: text and image search over an index, zero-shot labels, generation")
+    p.add_argument("--index", required=True, help="an index made by `clipsnail index build`")
+    p.add_argument("--generator", help="a text-to-image run (t2i train --kind pixelsnail) for the prompt box")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 
