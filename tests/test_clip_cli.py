@@ -73,7 +73,7 @@ def test_search_text_and_image_with_cache(run_dir, shapes_dir, tmp_path, capsys)
     assert len(hits) == 9 and len({h["path"] for h in hits}) == 9
     assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
     assert Image.open(grid).size[0] > 3 * 100
-    cache = list((run_dir / "embeddings").glob("*.safetensors"))
+    cache = list((run_dir / "embeddings").glob("*/index.json"))
     assert len(cache) == 1
     stamp = cache[0].stat().st_mtime_ns
     query = hits[0]["path"]
@@ -84,21 +84,21 @@ def test_search_text_and_image_with_cache(run_dir, shapes_dir, tmp_path, capsys)
 
 
 def test_search_cache_follows_folder_changes(run_dir, tmp_path):
-    from clipsnail.index import FolderEmbeddings
+    from clipsnail.index import folder_index
 
     model = clipsnail.load(run_dir)
     folder = tmp_path / "photos"
     folder.mkdir()
     for i, colour in enumerate(["red", "blue", "green"]):
         Image.new("RGB", (16, 16), colour).save(folder / f"{i}.png")
-    first = FolderEmbeddings.build(model, folder, cache_dir=tmp_path / "cache", progress=False)
+    first = folder_index(model, folder, cache_dir=tmp_path / "cache", progress=False)
     assert len(first.paths) == 3
     (folder / "1.png").unlink()
     Image.new("RGB", (16, 16), "white").save(folder / "3.png")
     (folder / "4.png").write_text("not an image")
-    second = FolderEmbeddings.build(model, folder, cache_dir=tmp_path / "cache", progress=False)
+    second = folder_index(model, folder, cache_dir=tmp_path / "cache", progress=False)
     assert [p.name for p in second.paths] == ["0.png", "2.png", "3.png"]
-    assert torch.allclose(second.vectors[0], first.vectors[0])
+    assert torch.allclose(second.vectors()[0], first.vectors()[0])
 
 
 def test_zeroshot_images_and_folder(run_dir, tmp_path, capsys):

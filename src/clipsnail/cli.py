@@ -361,27 +361,79 @@ def cmd_zeroshot(args) -> None:
 
 def cmd_search(args) -> None:
     from clipsnail.hub import load
-    from clipsnail.index import FolderEmbeddings
+    from clipsnail.index import ImageIndex, folder_index
 
-    if bool(args.query) == bool(args.image):
-        raise ClipsnailError("search needs exactly one of: a text query, or --image FILE")
-    model = load(args.model, device=args.device)
+    if args.query is not None and args.image:
+        raise ClipsnailError("search needs exactly one of: a text query, or --image FILE (not both)")
+    if args.query is None and not args.image:
+        raise ClipsnailError("search needs a text query or --image FILE")
+    if args.query is not None and not args.query.strip():
+        raise ClipsnailError("the text query is empty")
+    if args.k < 1:
+        raise ClipsnailError(f"-k must be at least 1, got {args.k}")
+    if bool(args.images) == bool(args.index):
+        raise ClipsnailError("search needs exactly one of: --index INDEX, or --images DIR --model RUN")
+    index = None
+    if args.index:
+        index = ImageIndex.load(args.index)
+        model_dir = args.model or index.model_dir
+        if model_dir is None:
+            raise ClipsnailError(f"{args.index}: the index does not record its model; pass --model RUN")
+    elif not args.model:
+        raise ClipsnailError("search --images DIR needs --model RUN")
+    else:
+        model_dir = args.model
+    model = load(model_dir, device=args.device)
+    if index is not None and model.cfg.embed_dim != index.dim:
+        raise ClipsnailError(f"dimension mismatch: {model_dir} makes dim-{model.cfg.embed_dim} embeddings, but "
+                             f"{args.index} holds dim-{index.dim} vectors")
     # The query first: a bad query image must fail before minutes of encoding the folder.
-    query = (model.encode_image([args.image]) if args.image else model.encode_text([args.query]))[0]
-    embeddings = FolderEmbeddings.build(model, args.images, cache_dir=Path(args.model) / "embeddings",
-                                        progress=not args.no_progress)
-    hits = embeddings.search(query, args.k)
+    query = model.encode_image([args.image]) if args.image else model.encode_text([args.query])
+    if index is None:
+        index = folder_index(model, args.images, cache_dir=Path(args.model) / "embeddings",
+                             progress=not args.no_progress)
+    hits = index.search(query, args.k)[0]
     if args.grid:
         write_result_grid(args.grid, args.query or f"like {Path(args.image).name}", hits)
-    print_json([{"path": str(p), "score": round(s, 4)} for p, s in hits])
+    print_json([{"path": str(h.path), "score": round(h.score, 4)} for h in hits])
 
 
 def write_result_grid(path, title: str, hits) -> Path:
+    """hits: `clipsnail.index.Hit`s (or (path, score) pairs)."""
     from clipsnail.data.images import load_image
     from clipsnail.plots import image_grid, save_png
 
-    images = [load_image(p) for p, _ in hits]
-    return save_png(image_grid(images, title=title, labels=[f"{s:.3f}" for _, s in hits]), path)
+    pairs = [(h.path, h.score) if hasattr(h, "path") else tuple(h) for h in hits]
+    images = [load_image(p) for p, _ in pairs]
+    return save_png(image_grid(images, title=title, labels=[f"{s:.3f}" for _, s in pairs]), path)
+
+
+def cmd_index_build(args) -> None:
+    from clipsnail.hub import load
+    from clipsnail.index import DEFAULT_APPROX_THRESHOLD, build_index
+
+    if args.batch_size < 1:
+        raise ClipsnailError(f"--batch-size must be at least 1, got {args.batch_size}")
+    model = load(args.model, device=args.device)
+    threshold = args.approx_threshold if args.approx_threshold is not None else DEFAULT_APPROX_THRESHOLD
+    index, stats = build_index(model, args.images, args.out, batch_size=args.batch_size,
+                               progress=not args.no_progress, approx_threshold=threshold, approx_kind=args.approx)
+    print_json({"index": str(index.index_dir), **stats, "faiss": index.meta["faiss"]})
+
+
+def cmd_index_update(args) -> None:
+    from clipsnail.hub import load
+    from clipsnail.index import ImageIndex, update_index
+
+    if args.batch_size < 1:
+        raise ClipsnailError(f"--batch-size must be at least 1, got {args.batch_size}")
+    old = ImageIndex.load(args.index)
+    model_dir = args.model or old.model_dir
+    if model_dir is None:
+        raise ClipsnailError(f"{args.index}: the index does not record its model; pass --model RUN")
+    model = load(model_dir, device=args.device)
+    index, stats = update_index(model, args.index, batch_size=args.batch_size, progress=not args.no_progress)
+    print_json({"index": str(index.index_dir), **stats})
 
 
 def cmd_serve(args) -> None:
@@ -620,12 +672,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_zeroshot)
 
-    p = sub.add_parser("search", help="search an image folder by text (or by an image)")
-    p.add_argument("--model", required=True)
-    p.add_argument("--images", required=True, help="folder to search (embeddings cached in the run directory)")
+    index = sub.add_parser("index", help="a saved, searchable index of an image folder (faiss)").add_subparsers(
+        dest="index_command", required=True)
+    p = index.add_parser("build", help="encode every image under a folder (recursively) into an index; prints JSON")
+    p.add_argument("--model", required=True, help="CLIP run directory")
+    p.add_argument("--images", required=True, help="image folder (searched recursively)")
+    p.add_argument("--out", required=True, help="index directory (replaced atomically when it exists)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--approx-threshold", type=int,
+                   help="from this many images on, use an approximate faiss index (default 20000)")
+    p.add_argument("--approx", default="ivf", choices=["ivf", "hnsw"], help="approximate index kind (default ivf)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_index_build)
+    p = index.add_parser("update", help="add new/changed images, drop deleted ones (the rest is not re-encoded)")
+    p.add_argument("--index", required=True, help="index directory made by `clipsnail index build`")
+    p.add_argument("--model", help="CLIP run directory (default: the one recorded in the index)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_index_update)
+
+    p = sub.add_parser("search", help="search an index or an image folder by text (or by an image); prints JSON")
+    p.add_argument("--index", help="an index made by `clipsnail index build`")
+    p.add_argument("--model", help="CLIP run directory (with --index: default the one recorded in the index)")
+    p.add_argument("--images", help="folder to search instead of an index (embeddings cached in the run directory)")
     p.add_argument("query", nargs="?", help="text query")
     p.add_argument("--image", help="query image (image-to-image search)")
-    p.add_argument("-k", type=int, default=9)
+    p.add_argument("-k", type=int, default=9, help="number of results (default 9)")
     p.add_argument("--grid", help="write a result grid PNG here")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true")

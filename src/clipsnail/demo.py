@@ -52,7 +52,7 @@ def run_demo(out: Path, steps: int = DEMO_STEPS, quick: bool = False, progress: 
         zero_shot_weights,
     )
     from clipsnail.hub import load
-    from clipsnail.index import FolderEmbeddings
+    from clipsnail.index import folder_index
     from clipsnail.tasks.clip import ClipTask
 
     out.mkdir(parents=True, exist_ok=True)
@@ -92,10 +92,10 @@ def run_demo(out: Path, steps: int = DEMO_STEPS, quick: bool = False, progress: 
         link = test_dir / n
         if not link.exists():
             link.symlink_to((data_dir / "images" / n).resolve())
-    index = FolderEmbeddings.build(model, test_dir, cache_dir=run_dir / "embeddings", progress=False)
+    index = folder_index(model, test_dir, cache_dir=run_dir / "embeddings", progress=False)
     grids = []
     for q in QUERIES:
-        hits = index.search(model.encode_text([q])[0], k=9)
+        hits = index.search(model.encode_text([q]), k=9)[0]
         grids.append(write_result_grid(out / "queries" / (q.replace(" ", "_") + ".png"), q, hits))
 
     summary = {k: round(v, 4) for k, v in metrics.items() if "rank" not in k}

@@ -73,6 +73,7 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu", weights: str =
         model.tokenizer = TextTokenizer.load(run_dir / "tokenizer.json")
         model.preprocess = eval_transform(cfg.model.image_size, cfg.model.image_mean, cfg.model.image_std)
         model.config = cfg
+        model.run_dir = run_dir.resolve()  # an index records which run encoded its vectors
     elif task == "classify":
         from clipsnail.tasks.classify import ClassifyConfig, build_classifier, eval_transform
 
