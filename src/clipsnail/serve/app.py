@@ -1,0 +1,369 @@
+"""The web app: a JSON API under /api/ (OpenAPI schema at /openapi.json) and one static page at /.
+
+Safe by default, because the index is usually someone's private photo collection:
+- `run_server` binds 127.0.0.1, and requests must name a loopback host (a web page elsewhere cannot reach the app
+  by rebinding its DNS name to 127.0.0.1); a POST from a page of another origin is refused.
+- Request bodies are limited while they are read (FastAPI's `max_body_size`: 413 before the rest arrives).
+  Uploads must decode as a common raster image whose header declares at most `max_image_pixels` pixels.
+- No path from a request reaches the filesystem: images are named by their position in the index, and only
+  files in the index are ever opened.
+- Text, k, class lists and generation sizes are bounded; generation runs one job at a time behind a short queue.
+- Model calls are serialised by a lock (sync routes run in FastAPI's threadpool), so concurrent requests are safe.
+"""
+
+
+import base64
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import importlib.resources
+import re
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import numpy as np
+import torch
+from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi import Path as PathParam
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import BaseModel, Field, model_validator
+
+from clipsnail.serve.generation import GenerationQueue, QueueFull
+from clipsnail.serve.images import BadImage, decode_upload, load_file, thumbnail
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    max_upload_bytes: int = 10 * 2**20
+    max_image_pixels: int = 40_000_000  # ~ a 7,700 x 5,200 photo; PIL's own warning starts at 89 M
+    max_query_chars: int = 200
+    max_k: int = 100
+    max_classes: int = 50
+    max_class_chars: int = 100
+    max_generate_n: int = 16
+    max_waiting_generations: int = 4
+    generate_chunk: int = 4  # samples per generator call: the page shows each chunk as it finishes
+    generate_wait_s: float = 600.0  # the longest a `wait: true` request blocks
+    thumb_size: int = 256
+    thumb_cache: int = 1024  # thumbnails kept in memory (about 10-20 kB each)
+    max_json_bytes: int = 16 * 2**10
+
+
+# ----------------------------------------------------------------------------------------------- response models
+
+
+class Hit(BaseModel):
+    id: int = Field(description="position in the index; the only way to name an image")
+    name: str = Field(description="file name (no folder)")
+    score: float = Field(description="cosine similarity")
+    thumb_url: str
+
+
+class SearchResult(BaseModel):
+    hits: list[Hit]
+    seconds: float
+
+
+class Label(BaseModel):
+    label: str
+    prob: float
+
+
+class ZeroShotResult(BaseModel):
+    labels: list[Label] = Field(description="every class, most likely first")
+    seconds: float
+
+
+class Info(BaseModel):
+    images: int
+    dim: int
+    model: str
+    generator: bool
+    generator_image_size: int | None
+    limits: dict
+
+
+class GeneratedImage(BaseModel):
+    image: str = Field(description="PNG as a data: URL")
+    score: float = Field(description="CLIP cosine similarity to the prompt")
+
+
+class GenerationJob(BaseModel):
+    id: str
+    status: str = Field(description="queued, running, done or failed")
+    position: int = Field(description="place in the queue (0 once running)")
+    prompt: str
+    n: int
+    rerank: int
+    guidance: float
+    temperature: float
+    seed: int
+    drawn: int = Field(description="samples finished so far")
+    images: list[GeneratedImage] = Field(description="best CLIP score first; when done, the best `rerank` of n")
+    error: str | None
+    seconds: float | None
+
+
+def _bad_request(status: int, message: str) -> HTTPException:
+    return HTTPException(status_code=status, detail=message)
+
+
+def _parse_classes(text: str, limits: Limits) -> list[str]:
+    classes = list(dict.fromkeys(c.strip() for c in text.split(",") if c.strip()))
+    if len(classes) < 2:
+        raise _bad_request(422, "give at least two comma-separated classes, e.g. 'cat, dog'")
+    if len(classes) > limits.max_classes:
+        raise _bad_request(422, f"at most {limits.max_classes} classes, got {len(classes)}")
+    if any(len(c) > limits.max_class_chars for c in classes):
+        raise _bad_request(422, f"a class name is longer than {limits.max_class_chars} characters")
+    return classes
+
+
+def _page() -> tuple[str, str]:
+    """The page and its Content-Security-Policy: only its own inline script and style (by hash) may run."""
+    html = importlib.resources.files("clipsnail.serve").joinpath("static/index.html").read_text(encoding="utf-8")
+
+    def hashes(tag: str) -> str:
+        bodies = re.findall(rf"<{tag}>(.*?)</{tag}>", html, flags=re.S)
+        return " ".join("'sha256-" + base64.b64encode(hashlib.sha256(b.encode()).digest()).decode() + "'"
+                        for b in bodies)
+
+    csp = (f"default-src 'none'; script-src {hashes('script')}; style-src {hashes('style')}; "
+           "img-src 'self' data: blob:; connect-src 'self'; form-action 'none'; frame-ancestors 'none'; "
+           "base-uri 'none'")
+    return html, csp
+
+
+def _host_name(host: str) -> str:
+    if host.startswith("["):  # [::1]:8000
+        return host[1:].split("]", 1)[0]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def create_app(index, model, generator=None, limits: Limits | None = None,
+               allowed_hosts: Sequence[str] | None = LOOPBACK_HOSTS) -> FastAPI:
+    """The app over a loaded ImageIndex and its CLIP model (and optionally a text-to-image generator).
+
+    allowed_hosts: the host names a request may address (Host header); None accepts any, for a server bound to a
+    public address on purpose."""
+    limits = limits or Limits()
+    queue = GenerationQueue(generator, limits.max_waiting_generations, limits.generate_chunk) if generator else None
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        if queue is not None:
+            queue.close()
+
+    app = FastAPI(title="clipsnail", version="1", summary="Search an image collection by text or by image, "
+                  "zero-shot labels, text to image.", max_body_size=limits.max_json_bytes, lifespan=lifespan)
+    upload_body_limit = limits.max_upload_bytes + 64 * 2**10  # the file plus multipart headers and small fields
+    lock = threading.Lock()
+    positions = {Path(p): i for i, p in enumerate(index.paths)}
+    page, csp = _page()
+    app.state.generation = queue
+    allowed = None if allowed_hosts is None else {h.lower() for h in allowed_hosts}
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if allowed is not None and _host_name(request.headers.get("host", "")).lower() not in allowed:
+            return JSONResponse({"detail": "unexpected Host header (this server answers loopback names only)"},
+                                status_code=400)
+        origin = request.headers.get("origin")
+        if request.method not in ("GET", "HEAD", "OPTIONS") and origin is not None:  # "null" (sandboxed) too
+            if urlsplit(origin).netloc.lower() != request.headers.get("host", "").lower():
+                return JSONResponse({"detail": "cross-origin request refused"}, status_code=403)
+        response = await call_next(request)
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("Referrer-Policy", "no-referrer")
+        response.headers.setdefault("X-Frame-Options", "DENY")
+        return response
+
+    # ------------------------------------------------------------------------------------------- helpers
+
+    @torch.inference_mode()
+    def embed_text(text: str) -> np.ndarray:
+        with lock:
+            return model.encode_text([text]).float().cpu().numpy()
+
+    @torch.inference_mode()
+    def embed_image(image) -> np.ndarray:
+        with lock:
+            return model.encode_image([image]).float().cpu().numpy()
+
+    def search(queries: np.ndarray, k: int) -> list[Hit]:
+        k = min(k, len(index))
+        if k == 0:
+            return []
+        with lock:
+            hits = index.search(np.ascontiguousarray(queries, dtype=np.float32), k=k)[0]
+        out = []
+        for h in hits:
+            i = getattr(h, "id", None)
+            i = positions.get(Path(h.path)) if i is None else int(i)
+            if i is not None and i >= 0:
+                out.append(Hit(id=i, name=Path(h.path).name, score=round(float(h.score), 4),
+                               thumb_url=f"/api/thumb/{i}"))
+        return out
+
+    zero_shot_cache: dict[str, torch.Tensor] = {}
+
+    @torch.inference_mode()
+    def class_weights(classes: list[str]) -> torch.Tensor:
+        from clipsnail.evaluate import default_templates, zero_shot_weights
+
+        found = {c: zero_shot_cache.get(c) for c in classes}
+        missing = [c for c, w in found.items() if w is None]
+        if missing:
+            with lock:
+                found.update(zip(missing, zero_shot_weights(model, missing, default_templates())))
+            if len(zero_shot_cache) > 4096:  # bounded: users type arbitrary class names
+                zero_shot_cache.clear()
+            zero_shot_cache.update((c, found[c]) for c in missing)
+        return torch.stack([found[c] for c in classes])
+
+    @functools.lru_cache(maxsize=limits.thumb_cache)
+    def thumb_bytes(i: int) -> tuple[bytes, str]:
+        return thumbnail(Path(index.paths[i]), limits.thumb_size, limits.max_image_pixels)
+
+    async def read_upload(file: UploadFile):
+        data = await file.read(limits.max_upload_bytes + 1)
+        if len(data) > limits.max_upload_bytes:
+            raise _bad_request(413, f"the upload is over {limits.max_upload_bytes // 2**20} MB")
+        try:
+            return await run_in_threadpool(decode_upload, data, limits.max_image_pixels)
+        except BadImage as e:
+            raise _bad_request(e.status, str(e)) from None
+
+    def check_text(text: str, what: str) -> str:
+        text = text.strip()
+        if not text:
+            raise _bad_request(422, f"the {what} is empty")
+        return text
+
+    k_query = Query(10, ge=1, le=limits.max_k, description="number of results")
+    k_form = Form(10, ge=1, le=limits.max_k, description="number of results")
+    image_id = PathParam(ge=0, le=2**31, description="position in the index (from a search hit)")
+
+    # ------------------------------------------------------------------------------------------- routes
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def home():
+        return HTMLResponse(page, headers={"Content-Security-Policy": csp, "Cache-Control": "no-cache"})
+
+    @app.get("/api/info", response_model=Info, tags=["info"])
+    def info():
+        return Info(images=len(index), dim=index.dim, model=Path(index.model_dir).name if index.model_dir else "?",
+                    generator=queue is not None,
+                    generator_image_size=generator.config.data.image_size if generator is not None
+                    and hasattr(generator, "config") else None,
+                    limits=dataclasses.asdict(limits))
+
+    @app.get("/api/search", response_model=SearchResult, tags=["search"])
+    def search_text(q: str = Query(min_length=1, max_length=limits.max_query_chars, description="text query"),
+                    k: int = k_query):
+        start = time.perf_counter()
+        hits = search(embed_text(check_text(q, "query")), k)
+        return SearchResult(hits=hits, seconds=round(time.perf_counter() - start, 4))
+
+    @app.post("/api/search/image", response_model=SearchResult, tags=["search"], max_body_size=upload_body_limit)
+    async def search_image(file: UploadFile = File(description="an image (PNG, JPEG, GIF, WebP, BMP, TIFF)"),
+                           k: int = k_form):
+        start = time.perf_counter()
+        image = await read_upload(file)
+        hits = await run_in_threadpool(lambda: search(embed_image(image), k))
+        return SearchResult(hits=hits, seconds=round(time.perf_counter() - start, 4))
+
+    @app.get("/api/similar/{id}", response_model=SearchResult, tags=["search"])
+    def similar(id: int = image_id, k: int = k_query):
+        """Images like the indexed image `id` (it comes first, with score ~1)."""
+        if id >= len(index):
+            raise _bad_request(404, "no image with that id in the index")
+        start = time.perf_counter()
+        try:
+            image = load_file(Path(index.paths[id]), limits.max_image_pixels)
+        except (OSError, BadImage):
+            raise _bad_request(404, "the indexed file can no longer be read") from None
+        hits = search(embed_image(image), k)
+        return SearchResult(hits=hits, seconds=round(time.perf_counter() - start, 4))
+
+    @app.post("/api/zeroshot", response_model=ZeroShotResult, tags=["zero-shot"], max_body_size=upload_body_limit)
+    async def zeroshot(file: UploadFile = File(description="an image"),
+                       classes: str = Form(min_length=1, max_length=limits.max_classes * (limits.max_class_chars + 2),
+                                           description="comma-separated class names, e.g. 'cat, dog, car'")):
+        start = time.perf_counter()
+        names = _parse_classes(classes, limits)
+        image = await read_upload(file)
+
+        def run():
+            from clipsnail.evaluate import zero_shot_logits
+
+            probs = zero_shot_logits(torch.from_numpy(embed_image(image)), class_weights(names)).softmax(-1)[0]
+            return [Label(label=names[j], prob=round(float(probs[j]), 4)) for j in probs.argsort(descending=True)]
+
+        labels = await run_in_threadpool(run)
+        return ZeroShotResult(labels=labels, seconds=round(time.perf_counter() - start, 4))
+
+    @app.get("/api/thumb/{id}", tags=["images"], response_class=Response,
+             responses={200: {"content": {"image/png": {}, "image/jpeg": {}}}, 404: {"description": "no such id"}})
+    def thumb(id: int = image_id):
+        """A thumbnail of the indexed image `id` (PNG for small images, JPEG otherwise)."""
+        if id >= len(index):
+            raise _bad_request(404, "no image with that id in the index")
+        try:
+            data, media_type = thumb_bytes(id)
+        except (OSError, BadImage):
+            raise _bad_request(404, "the indexed file can no longer be read") from None
+        return Response(data, media_type=media_type, headers={"Cache-Control": "private, max-age=3600"})
+
+    class GenerateRequest(BaseModel):
+        prompt: str = Field(min_length=1, max_length=limits.max_query_chars)
+        n: int = Field(8, ge=1, le=limits.max_generate_n, description="samples to draw")
+        rerank: int = Field(4, ge=0, le=limits.max_generate_n, description="keep the best k by CLIP score (0: all)")
+        guidance: float = Field(3.0, ge=0.0, le=10.0, description="classifier-free guidance scale (1: none)")
+        temperature: float = Field(1.0, ge=0.05, le=2.0)
+        seed: int | None = Field(None, ge=0, le=2**31 - 1, description="random when not given")
+        wait: bool = Field(False, description="answer when the job is done instead of at once")
+
+        @model_validator(mode="after")
+        def _rerank_at_most_n(self):
+            if self.rerank > self.n:
+                raise ValueError(f"rerank ({self.rerank}) must be at most n ({self.n})")
+            return self
+
+    def require_generator() -> GenerationQueue:
+        if queue is None:
+            raise _bad_request(404, "generation is disabled: start the server with --generator RUN")
+        return queue
+
+    @app.post("/api/generate", response_model=GenerationJob, status_code=202, tags=["generate"],
+              responses={200: {"model": GenerationJob, "description": "done (with wait: true)"},
+                         404: {"description": "no generator"}, 429: {"description": "queue full"}})
+    async def generate(body: GenerateRequest):
+        """Queue a text-to-image job; poll GET /api/generate/{id} (images appear as they finish)."""
+        q = require_generator()
+        try:
+            job = q.submit(check_text(body.prompt, "prompt"), body.n, body.rerank, body.guidance, body.temperature,
+                           body.seed)
+        except QueueFull as e:
+            return JSONResponse({"detail": str(e)}, status_code=429, headers={"Retry-After": "10"})
+        if body.wait:
+            await run_in_threadpool(job.finished.wait, limits.generate_wait_s)
+        return JSONResponse(q.view(job), status_code=200 if job.finished.is_set() else 202)
+
+    @app.get("/api/generate/{job_id}", response_model=GenerationJob, tags=["generate"])
+    def generation(job_id: str = PathParam(pattern=r"^[0-9a-f]{16}$")):
+        q = require_generator()
+        job = q.get(job_id)
+        if job is None:
+            raise _bad_request(404, "no such generation job (finished jobs are kept for a while only)")
+        return q.view(job)
+
+    return app
