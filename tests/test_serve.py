@@ -1,0 +1,360 @@
+"""The web app's JSON API (FastAPI TestClient, no sockets): search by text and by image, zero-shot labels,
+thumbnails by index id, generation jobs, and the bad inputs it must refuse with a 4xx (never a 500)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import random
+import struct
+import threading
+import time
+import zlib
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import tiny_clip_args
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from clipsnail import load
+from clipsnail.cli import main
+from clipsnail.index import ImageIndex, build_index
+from clipsnail.serve import Limits, create_app
+
+BASE = "http://127.0.0.1"  # the app answers loopback host names only
+
+
+@pytest.fixture(scope="module")
+def clip_run(shapes_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("serve") / "clip"
+    assert main(tiny_clip_args(shapes_dir, out, "--set", "train.max_steps=4")) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def served(clip_run, shapes_dir, tmp_path_factory):
+    model = load(clip_run)
+    index, _ = build_index(model, shapes_dir / "images", tmp_path_factory.mktemp("serve") / "index", progress=False)
+    return SimpleNamespace(index=index, model=model)
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    return TestClient(create_app(served.index, served.model), base_url=BASE)
+
+
+class StandInGenerator:
+    """The `.generate` interface of TextToImage, drawing noise: the app's job handling without a trained model."""
+
+    def __init__(self, size=8, gate: threading.Event | None = None):
+        self.config = SimpleNamespace(data=SimpleNamespace(image_size=size))
+        self.size, self.gate, self.calls = size, gate, []
+
+    def generate(self, prompt, n=16, guidance=1.0, rerank=0, temperature=1.0, seed=0):
+        self.calls.append((prompt, n, guidance, rerank, temperature, seed))
+        if self.gate is not None:
+            assert self.gate.wait(30)
+        g = torch.Generator().manual_seed(seed)
+        return torch.rand(n, 3, self.size, self.size, generator=g) * 2 - 1, torch.rand(n, generator=g)
+
+
+def png(size=(16, 16), color=(200, 30, 30)) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", size, color).save(out, format="PNG")
+    return out.getvalue()
+
+
+def noise_png() -> bytes:
+    out = io.BytesIO()
+    Image.frombytes("RGB", (32, 32), random.Random(0).randbytes(32 * 32 * 3)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def bomb_png(width=100_000, height=100_000) -> bytes:
+    """A valid ~100-byte PNG whose header declares width x height pixels (a decompression bomb's signature)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+            + chunk(b"IEND", b""))
+
+
+def upload(data: bytes, name="x.png", content_type="image/png"):
+    return {"file": (name, data, content_type)}
+
+
+# ----------------------------------------------------------------------------------------------- the happy paths
+
+
+def test_info_and_page_and_openapi(client, served):
+    info = client.get("/api/info").json()
+    assert info["images"] == len(served.index) == 160 and info["dim"] == 16 and info["generator"] is False
+    assert info["limits"]["max_upload_bytes"] == 10 * 2**20
+    page = client.get("/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert "<title>clipsnail</title>" in page.text
+    assert "script-src 'sha256-" in page.headers["content-security-policy"]  # only the page's own script runs
+    schema = client.get("/openapi.json").json()
+    for path in ("/api/search", "/api/search/image", "/api/similar/{id}", "/api/zeroshot", "/api/thumb/{id}",
+                 "/api/generate", "/api/generate/{job_id}", "/api/info"):
+        assert path in schema["paths"], path
+
+
+def test_text_search_returns_scored_hits_with_thumbnails(client, served):
+    r = client.get("/api/search", params={"q": "a red circle", "k": 7})
+    assert r.status_code == 200
+    hits = r.json()["hits"]
+    assert len(hits) == 7
+    scores = [h["score"] for h in hits]
+    assert scores == sorted(scores, reverse=True) and all(-1.001 <= s <= 1.001 for s in scores)
+    for h in hits:
+        assert h["thumb_url"] == f"/api/thumb/{h['id']}"
+        assert h["name"] == served.index.paths[h["id"]].name and "/" not in h["name"]
+    thumb = client.get(hits[0]["thumb_url"])
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(thumb.content)).size == (16, 16)
+    assert client.get(hits[0]["thumb_url"]).content == thumb.content  # from the cache, same bytes
+    # k larger than the index gives the whole index
+    assert len(client.get("/api/search", params={"q": "a shape", "k": 100}).json()["hits"]) == 100
+
+
+def test_unicode_and_odd_queries_are_just_text(client):
+    for q in ["🐌 ein rotes Quadrat — 赤い円", "../../etc/passwd", "%00\x00<script>alert(1)</script>", "a" * 200]:
+        r = client.get("/api/search", params={"q": q, "k": 3})
+        assert r.status_code == 200, (q, r.text)
+        assert len(r.json()["hits"]) == 3
+
+
+def test_image_search_finds_the_same_image_first(client, served):
+    path = served.index.paths[5]
+    r = client.post("/api/search/image", files=upload(path.read_bytes(), path.name), data={"k": "5"})
+    assert r.status_code == 200, r.text
+    hits = r.json()["hits"]
+    assert len(hits) == 5 and hits[0]["score"] > 0.999
+    assert 5 in [h["id"] for h in hits if h["score"] > 0.999]  # duplicates of a scene may tie with it
+    similar = client.get("/api/similar/5", params={"k": 5}).json()["hits"]
+    assert [h["id"] for h in similar] == [h["id"] for h in hits]
+
+
+def test_zero_shot_labels(client, served):
+    r = client.post("/api/zeroshot", files=upload(served.index.paths[0].read_bytes()),
+                    data={"classes": " red shape, blue shape ,green shape, red shape,"})
+    assert r.status_code == 200, r.text
+    labels = r.json()["labels"]
+    assert sorted(lb["label"] for lb in labels) == ["blue shape", "green shape", "red shape"]  # trimmed, deduplicated
+    probs = [lb["prob"] for lb in labels]
+    assert probs == sorted(probs, reverse=True) and sum(probs) == pytest.approx(1, abs=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("params", [{"q": ""}, {"q": "   "}, {}, {"q": "x" * 201}, {"q": "a", "k": 0},
+                                    {"q": "a", "k": 101}, {"q": "a", "k": "ten"}, {"q": "a", "k": -5}])
+def test_bad_queries_are_422(client, params):
+    r = client.get("/api/search", params=params)
+    assert r.status_code == 422, r.text
+
+
+@pytest.mark.parametrize("url,status", [
+    ("/api/thumb/..%2F..%2Fetc%2Fpasswd", 404), ("/api/thumb/%2Fetc%2Fpasswd", 404), ("/api/thumb/-1", 422),
+    ("/api/thumb/..", 404), ("/api/thumb/%2e%2e", 422), ("/api/thumb/0%2F..%2F..%2Fetc%2Fpasswd", 404),
+    ("/api/thumb/160", 404), ("/api/thumb/99999999999", 422), ("/api/thumb/1.5", 422), ("/api/thumb/", 404),
+    ("/api/thumb/0x01", 422), ("/api/similar/..%2Fx", 404), ("/api/similar/..", 404), ("/api/similar/160", 404),
+    ("/static/../../../etc/passwd", 404), ("/..%2F..%2Fetc%2Fpasswd", 404),
+])
+def test_no_path_from_a_request_reaches_the_filesystem(client, url, status):
+    r = client.get(url)
+    assert r.status_code == status, (url, r.status_code, r.text)
+    assert b"root:" not in r.content
+
+
+def test_huge_uploads_are_413(client):
+    big = b"\x89PNG\r\n\x1a\n" + bytes(11 * 2**20)
+    assert client.post("/api/search/image", files=upload(big)).status_code == 413
+    assert client.post("/api/zeroshot", files=upload(big), data={"classes": "a, b"}).status_code == 413
+
+    # JSON bodies have a small limit of their own
+    assert client.post("/api/generate", json={"prompt": "x" * 40_000}).status_code == 413
+
+
+@pytest.mark.parametrize("data,status", [
+    (b"hello, not an image", 415), (b"", 400), (b"<svg xmlns='http://www.w3.org/2000/svg'/>", 415),
+    (png()[:40], 415), (noise_png()[:400], 400), (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n", 415),
+])
+def test_non_images_are_4xx(client, data, status):
+    for url, extra in (("/api/search/image", {}), ("/api/zeroshot", {"classes": "a, b"})):
+        r = client.post(url, files=upload(data), data=extra)
+        assert r.status_code == status, (url, data[:20], r.text)
+
+
+def test_decompression_bomb_is_refused_from_its_header(client):
+    r = client.post("/api/search/image", files=upload(bomb_png()))
+    assert r.status_code == 413 and "pixels" in r.json()["detail"]
+    r = client.post("/api/search/image", files=upload(bomb_png(8000, 8000)))  # 64 M pixels: over our 40 M
+    assert r.status_code == 413
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # PIL warns about the damage it skips
+def test_damaged_images_of_every_format_are_refused_cleanly():
+    """Random byte damage to valid files of each accepted format: an RGB image or BadImage, never anything else."""
+    from clipsnail.serve.images import BadImage, decode_upload
+
+    rng = random.Random(0)
+    base = Image.frombytes("RGB", (24, 24), rng.randbytes(24 * 24 * 3))
+    for fmt in ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF"):
+        out = io.BytesIO()
+        base.save(out, format=fmt)
+        good = out.getvalue()
+        assert decode_upload(good, 10_000).size == (24, 24)
+        for _ in range(40):
+            data = bytearray(good)
+            for _ in range(rng.randint(1, 8)):
+                data[rng.randrange(len(data))] = rng.randrange(256)
+            data = bytes(data[: rng.randint(8, len(data))] if rng.random() < 0.3 else data)
+            try:
+                assert decode_upload(data, 10_000).mode == "RGB"
+            except BadImage as e:
+                assert e.status in (400, 413, 415)
+
+
+def test_missing_upload_and_bad_classes(client):
+    assert client.post("/api/search/image", data={"k": "3"}).status_code == 422
+    for classes in ["", "only one", ", ,", ",".join(f"c{i}" for i in range(51)), "a, " + "b" * 101]:
+        r = client.post("/api/zeroshot", files=upload(png()), data={"classes": classes})
+        assert r.status_code == 422, classes
+
+
+def test_foreign_hosts_and_origins_are_refused(client):
+    # DNS rebinding: a page on evil.example resolved to 127.0.0.1 sends Host: evil.example
+    assert client.get("/api/info", headers={"host": "evil.example"}).status_code == 400
+    assert client.get("/api/info", headers={"host": "localhost:8000"}).status_code == 200
+    for origin in ("https://evil.example", "http://127.0.0.1.evil.example", "null"):
+        r = client.post("/api/search/image", files=upload(png()), headers={"origin": origin})
+        assert r.status_code == 403, origin
+    r = client.post("/api/search/image", files=upload(png()), headers={"origin": "http://127.0.0.1"})
+    assert r.status_code == 200
+
+
+def test_thumbnail_of_a_file_gone_since_indexing_is_404(served, tmp_path):
+    class Moved:  # an index whose first file has disappeared
+        def __init__(self, index):
+            self.index = index
+            self.paths = [tmp_path / "gone.png"] + list(index.paths[1:])
+
+        def __getattr__(self, name):
+            return getattr(self.index, name)
+
+        def __len__(self):
+            return len(self.index)
+
+    assert isinstance(served.index, ImageIndex)
+    c = TestClient(create_app(Moved(served.index), served.model), base_url=BASE)
+    assert c.get("/api/thumb/0").status_code == 404
+    assert c.get("/api/similar/0").status_code == 404
+    assert c.get("/api/thumb/1").status_code == 200
+
+
+# ----------------------------------------------------------------------------------------------- generation
+
+
+def test_generation_disabled_is_404(client):
+    assert client.post("/api/generate", json={"prompt": "a red circle"}).status_code == 404
+    assert client.get("/api/generate/0123456789abcdef").status_code == 404
+
+
+def test_generation_returns_reranked_images(served):
+    generator = StandInGenerator()
+    c = TestClient(create_app(served.index, served.model, generator, Limits(generate_chunk=3)), base_url=BASE)
+    assert c.get("/api/info").json()["generator"] is True
+    r = c.post("/api/generate", json={"prompt": "a red circle", "n": 7, "rerank": 4, "guidance": 2, "seed": 11,
+                                      "wait": True})
+    assert r.status_code == 200, r.text
+    job = r.json()
+    assert job["status"] == "done" and job["drawn"] == 7 and len(job["images"]) == 4
+    scores = [im["score"] for im in job["images"]]
+    assert scores == sorted(scores, reverse=True)
+    assert [n for _, n, *_ in generator.calls] == [3, 3, 1]  # drawn in chunks: the page shows each as it finishes
+    assert all(call[2] == 2 and call[5] == 11 + i for i, call in enumerate(generator.calls))
+    image = job["images"][0]["image"]
+    assert image.startswith("data:image/png;base64,")
+    assert c.get(f"/api/generate/{job['id']}").json()["images"] == job["images"]
+
+    # without wait: 202 at once, then poll
+    r = c.post("/api/generate", json={"prompt": "a blue square", "n": 2, "rerank": 0})
+    assert r.status_code == 202
+    job_id = r.json()["id"]
+    for _ in range(100):
+        job = c.get(f"/api/generate/{job_id}").json()
+        if job["status"] == "done":
+            break
+        time.sleep(0.05)
+    assert job["status"] == "done" and len(job["images"]) == 2
+
+
+@pytest.mark.parametrize("body", [{"prompt": ""}, {"prompt": " "}, {"prompt": "a", "n": 17}, {"prompt": "a", "n": 0},
+                                  {"prompt": "a", "n": 4, "rerank": 5}, {"prompt": "a", "guidance": 100},
+                                  {"prompt": "a", "temperature": 0}, {"prompt": "a" * 201}, {"n": 2}])
+def test_generation_requests_are_bounded(served, body):
+    c = TestClient(create_app(served.index, served.model, StandInGenerator()), base_url=BASE)
+    assert c.post("/api/generate", json=body).status_code == 422
+    assert c.get("/api/generate/..%2F..%2Fetc").status_code in (404, 422)
+
+
+def test_generation_queue_is_bounded_and_one_at_a_time(served):
+    gate = threading.Event()
+    generator = StandInGenerator(gate=gate)
+    c = TestClient(create_app(served.index, served.model, generator, Limits(max_waiting_generations=1)),
+                   base_url=BASE)
+    first = c.post("/api/generate", json={"prompt": "one", "n": 1, "rerank": 0}).json()
+    for _ in range(100):  # the worker picks it up; it blocks in generate
+        if c.get(f"/api/generate/{first['id']}").json()["status"] == "running":
+            break
+        time.sleep(0.02)
+    second = c.post("/api/generate", json={"prompt": "two", "n": 1, "rerank": 0})
+    assert second.status_code == 202 and second.json()["position"] == 1
+    third = c.post("/api/generate", json={"prompt": "three", "n": 1, "rerank": 0})
+    assert third.status_code == 429 and "Retry-After" in third.headers
+    assert len(generator.calls) == 1  # never two at once
+    gate.set()
+    for job_id in (first["id"], second.json()["id"]):
+        for _ in range(200):
+            if (job := c.get(f"/api/generate/{job_id}").json())["status"] == "done":
+                break
+            time.sleep(0.02)
+        assert job["status"] == "done"
+    r = c.post("/api/generate", json={"prompt": "four", "n": 1, "rerank": 0, "wait": True})
+    assert r.status_code == 200 and r.json()["status"] == "done"  # room again once the queue drained
+
+
+def test_generation_with_a_tiny_trained_text_to_image_run(served, clip_run, shapes_dir, tmp_path):
+    from clipsnail.serve import load_generator
+
+    run = tmp_path / "t2i"
+    args = ["t2i", "train", "--kind", "pixelsnail", "--clip", str(clip_run), "--config", "tiny",
+            "--captions", str(shapes_dir / "captions.csv"), "--images", str(shapes_dir / "images"),
+            "--split-file", str(shapes_dir / "split.json"), "--no-progress", "--out", str(run)]
+    for item in ["data.image_size=8", "train.max_steps=2", "train.batch_size=8", "data.eval_prompts=1",
+                 "data.max_eval_images=8"]:
+        args += ["--set", item]
+    assert main(args) == 0
+    c = TestClient(create_app(served.index, served.model, load_generator(run)), base_url=BASE)
+    assert c.get("/api/info").json()["generator_image_size"] == 8
+    r = c.post("/api/generate", json={"prompt": "a red circle", "n": 3, "rerank": 2, "guidance": 2, "seed": 0,
+                                      "wait": True})
+    assert r.status_code == 200, r.text
+    job = r.json()
+    assert job["status"] == "done" and len(job["images"]) == 2
+    image = Image.open(io.BytesIO(base64.b64decode(job["images"][0]["image"].split(",", 1)[1])))
+    assert image.size == (8, 8) and image.mode == "RGB"
+
+
+def test_a_clip_run_is_not_a_generator(clip_run):
+    from clipsnail.errors import ClipsnailError
+    from clipsnail.serve import load_generator
+
+    with pytest.raises(ClipsnailError, match="kind pixelsnail"):
+        load_generator(clip_run)
