@@ -1,0 +1,252 @@
+#!/usr/bin/env python
+"""Benchmark: the web app under load, on this machine's loopback interface only.
+
+What it does
+1. Unless --index is given: generates captioned shapes (--images at --size), trains a small CLIP with the demo
+   recipe for --clip-steps (speed is what is measured here, not search quality) and indexes the images with
+   `clipsnail.index.build_index`. All of it is kept in --work and reused by the next run.
+2. Starts `clipsnail serve --index ...` in a subprocess on 127.0.0.1 (a free port) and waits for /api/info.
+3. Sends, with at most --concurrency requests in flight (httpx.AsyncClient, one connection per slot):
+   - search: --requests text searches GET /api/search?q=...&k=--k, the queries drawn from a few hundred distinct
+     shape descriptions;
+   - thumb:  --requests thumbnails GET /api/thumb/{id} of random ids (the server caches 1,024);
+   - image:  --requests // 10 image searches POST /api/search/image with an indexed image as the upload.
+   Each phase reports throughput, latency p50/p90/p99/max and its error count (anything but HTTP 200, or no
+   answer), which must be 0.
+4. Stops the server, writes bench/results/serve_load.json and prints a table. Exit status 1 if any request failed.
+
+Client and server share the machine's cores, so on a 2-core CPU the figures are a floor for the server alone.
+
+    .venv/bin/python bench/serve_load.py                 # ~2.5 min the first time (data, CLIP, index), then 30 s
+    .venv/bin/python bench/serve_load.py --index DIR     # an existing index, its own CLIP
+    .venv/bin/python bench/serve_load.py --quick         # 300 images, 30 CLIP steps, 200 requests: the plumbing
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import _common
+
+_common.use_source_tree()
+say = _common.say
+
+
+def prepare_index(work: Path, n: int, size: int, clip_steps: int, threads: int) -> Path:
+    import torch
+
+    from clipsnail.data.shapes import generate_shapes
+    from clipsnail.demo import demo_config
+    from clipsnail.engine import fit
+    from clipsnail.hub import load
+    from clipsnail.index import ImageIndex, build_index
+    from clipsnail.tasks.clip import ClipTask
+
+    torch.set_num_threads(threads)
+    data, run, index_dir = work / "shapes", work / "clip", work / "index"
+    if not (data / "scenes.json").exists():
+        say(f"data: {n} shapes at {size}x{size} -> {data}")
+        generate_shapes(data, n, size=size, seed=0, captions_per_image=3, overwrite=True)
+    if not (run / "model.safetensors").exists():
+        say(f"CLIP: demo recipe, {clip_steps} steps -> {run}")
+        cfg = demo_config(data, clip_steps)
+        cfg.model.image_size = size
+        fit(ClipTask(cfg, run_dir=run), run, progress=False)
+    try:
+        ImageIndex.load(index_dir)
+    except Exception:
+        say(f"index: {data / 'images'} -> {index_dir}")
+        build_index(load(run), data / "images", index_dir, progress=False)
+    return index_dir
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(index: Path, port: int, log_path: Path) -> tuple[subprocess.Popen, float]:
+    import httpx
+
+    env = dict(os.environ, PYTHONPATH=str(_common.ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    log = open(log_path, "w")
+    started = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "clipsnail", "serve", "--index", str(index), "--host",
+                             "127.0.0.1", "--port", str(port)], cwd=_common.ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited with status {proc.returncode}; see {log_path}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/api/info", timeout=2).status_code == 200:
+                return proc, time.perf_counter() - started
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    stop_server(proc)
+    raise SystemExit(f"the server did not answer within 180 s; see {log_path}")
+
+
+def server_peak_rss_mib(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 2**10, 1)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)  # uvicorn shuts down cleanly on SIGINT
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def queries(count: int, seed: int) -> list[str]:
+    from clipsnail.data.shapes import COLORS, SHAPES
+
+    colours, kinds = list(COLORS), list(SHAPES)
+    forms = ["a {c} {k}", "a small {c} {k}", "a large {c} {k}", "a {c} {k} and a {c2} {k2}", "{c} shapes",
+             "a picture of a {k}", "two {c} things", "🐌 {c} {k}"]
+    rng = random.Random(seed)
+    return [rng.choice(forms).format(c=rng.choice(colours), k=rng.choice(kinds), c2=rng.choice(colours),
+                                     k2=rng.choice(kinds)) for _ in range(count)]
+
+
+async def load_phase(base: str, requests: list[dict], concurrency: int) -> dict:
+    """Send the requests with at most `concurrency` in flight -> throughput, latency percentiles, errors."""
+    import httpx
+
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    todo = iter(requests)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+
+    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=60) as client:
+        async def worker():
+            for req in todo:
+                t = time.perf_counter()
+                try:
+                    r = await client.request(req["method"], req["url"], params=req.get("params"),
+                                             files=req.get("files"), data=req.get("data"))
+                    ok = r.status_code == 200
+                    key = None if ok else f"HTTP {r.status_code}"
+                except httpx.HTTPError as e:
+                    ok, key = False, type(e).__name__
+                latencies.append(time.perf_counter() - t)
+                if not ok:
+                    errors[key] = errors.get(key, 0) + 1
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        seconds = time.perf_counter() - start
+    ms = sorted(x * 1000 for x in latencies)
+
+    def pct(p):
+        return round(ms[min(len(ms) - 1, int(round(p / 100 * (len(ms) - 1))))], 1)
+
+    return {"requests": len(ms), "concurrency": concurrency, "seconds": round(seconds, 2),
+            "throughput_rps": round(len(ms) / seconds, 1), "latency_ms_mean": round(statistics.fmean(ms), 1),
+            "latency_ms_p50": pct(50), "latency_ms_p90": pct(90), "latency_ms_p99": pct(99),
+            "latency_ms_max": round(ms[-1], 1), "errors": sum(errors.values()), "error_kinds": errors}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--index", help="an existing index (default: build one over shapes in --work)")
+    p.add_argument("--work", default=str(_common.ROOT / "runs" / "bench_serve"))
+    p.add_argument("--images", type=int, default=2000, help="shapes images to index")
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--clip-steps", type=int, default=300)
+    p.add_argument("--requests", type=int, default=2000, help="per phase (image search: a tenth)")
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--threads", type=int, default=2, help="torch threads while preparing")
+    p.add_argument("--quick", action="store_true", help="300 images, 30 CLIP steps, 200 requests")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    if args.quick:
+        args.images, args.clip_steps, args.requests = 300, 30, 200
+        args.work = args.work + "_quick"
+    out = Path(args.out or _common.RESULTS / ("serve_load_quick.json" if args.quick else "serve_load.json"))
+    machine = _common.machine_info()
+
+    t = time.perf_counter()
+    index = Path(args.index) if args.index else prepare_index(Path(args.work), args.images, args.size,
+                                                              args.clip_steps, args.threads)
+    prepare_s = round(time.perf_counter() - t, 1)
+    from clipsnail.index import ImageIndex
+
+    loaded = ImageIndex.load(index)
+    n_images = len(loaded)
+    upload_paths = [loaded.paths[i] for i in random.Random(1).sample(range(n_images), min(n_images, 50))]
+    uploads = [(p.name, p.read_bytes()) for p in upload_paths]
+    del loaded
+
+    port = free_port()
+    log_path = Path(args.work) / "server.log" if not args.index else out.with_suffix(".server.log")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    say(f"server: clipsnail serve --index {index} on 127.0.0.1:{port} (log {log_path})")
+    proc, startup_s = start_server(index, port, log_path)
+    base = f"http://127.0.0.1:{port}"
+    rng = random.Random(0)
+    phases = {
+        "search": [{"method": "GET", "url": "/api/search", "params": {"q": q, "k": args.k}}
+                   for q in queries(args.requests, 0)],
+        "thumb": [{"method": "GET", "url": f"/api/thumb/{rng.randrange(n_images)}"} for _ in range(args.requests)],
+        "image": [{"method": "POST", "url": "/api/search/image", "data": {"k": str(args.k)},
+                   "files": {"file": rng.choice(uploads)}} for _ in range(max(1, args.requests // 10))],
+    }
+    results = {}
+    try:
+        asyncio.run(load_phase(base, phases["search"][:20], 4))  # warm-up: first calls, thread pool, caches
+        for name, reqs in phases.items():
+            say(f"{name}: {len(reqs)} requests, {args.concurrency} in flight")
+            results[name] = asyncio.run(load_phase(base, reqs, args.concurrency))
+        server_rss = server_peak_rss_mib(proc.pid)
+    finally:
+        stop_server(proc)
+
+    errors = sum(r["errors"] for r in results.values())
+    data = {
+        "benchmark": "serve_load",
+        "machine": machine,
+        "git_commit": _common.git_commit(),
+        "date": _common.now_iso(),
+        "config": {"index": str(index), "images": n_images, "requests": args.requests,
+                   "concurrency": args.concurrency, "k": args.k, "quick": args.quick,
+                   "clip_steps": None if args.index else args.clip_steps, "size": None if args.index else args.size},
+        "results": {"prepare_s": prepare_s, "server_startup_s": round(startup_s, 1),
+                    "server_peak_rss_mib": server_rss, "errors": errors, **results},
+        "notes": "Loopback only; the httpx client runs on the same cores as the server (one uvicorn worker, model "
+                 "calls serialised by a lock). Latency is per request as the client sees it, queueing included.",
+    }
+    _common.write_json(out, data)
+    rows = [[name, r["requests"], r["throughput_rps"], r["latency_ms_p50"], r["latency_ms_p90"],
+             r["latency_ms_p99"], r["latency_ms_max"], r["errors"]] for name, r in results.items()]
+    say(_common.format_table(["phase", "requests", "req/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "errors"], rows))
+    say(f"{n_images} images indexed; server start {startup_s:.1f} s, peak RSS {server_rss} MiB; wrote {out}")
+    if errors:
+        raise SystemExit(f"{errors} requests failed")
+
+
+if __name__ == "__main__":
+    main()
