@@ -32,7 +32,7 @@ For every dim in --dims (default 256, 512) and size in --sizes (default 10k, 100
   recall   recall@10 of each method's single-query results against exact search (faiss.knn), averaged.
 Goal (issue "Search at scale"): at 1M x 512, p50 < 5 ms per query with recall@10 >= 0.95 on this 2-core CPU.
 
-    .venv/bin/python bench/index.py                      # full run: ~15-20 min on an idle 2-core CPU, ~10 GB RAM
+    .venv/bin/python bench/index.py                      # full run: ~23 min (12 of them HNSW at 1M), 6 GB RAM
     .venv/bin/python bench/index.py --sizes 10k,100k     # without the 1M rows
     .venv/bin/python bench/index.py --smoke              # 2k and 5k vectors, dim 64: ~20 s, results not written
 """
