@@ -24,3 +24,14 @@ def tiny_clip_args(shapes_dir, out, *extra):
     for item in TINY_CLIP:
         args += ["--set", item]
     return args + list(extra)
+
+
+@pytest.fixture(scope="session")
+def clip_run(shapes_dir, tmp_path_factory):
+    """A tiny CLIP run trained for 4 steps, shared by the tests that only need some CLIP run (index, web app,
+    text to image). Tests must not change its weights or config."""
+    from clipsnail.cli import main
+
+    out = tmp_path_factory.mktemp("runs") / "clip"
+    assert main(tiny_clip_args(shapes_dir, out, "--set", "train.max_steps=4")) == 0
+    return out

@@ -17,10 +17,8 @@ from clipsnail.index import ImageIndex, build_index, make_faiss_index, update_in
 
 
 @pytest.fixture(scope="module")
-def run_dir(shapes_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "clip"
-    assert main(tiny_clip_args(shapes_dir, out, "--set", "train.max_steps=3")) == 0
-    return out
+def run_dir(clip_run):
+    return clip_run
 
 
 @pytest.fixture(scope="module")

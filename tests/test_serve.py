@@ -14,7 +14,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import tiny_clip_args
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -24,13 +23,6 @@ from clipsnail.index import ImageIndex, build_index
 from clipsnail.serve import Limits, create_app
 
 BASE = "http://127.0.0.1"  # the app answers loopback host names only
-
-
-@pytest.fixture(scope="module")
-def clip_run(shapes_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("serve") / "clip"
-    assert main(tiny_clip_args(shapes_dir, out, "--set", "train.max_steps=4")) == 0
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -16,10 +16,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import tiny_clip_args
 
 from clipsnail import load
-from clipsnail.cli import main
 from clipsnail.index import build_index
 from clipsnail.serve import Limits, create_app
 
@@ -52,12 +50,11 @@ class SlowNoiseGenerator:
 
 
 @pytest.fixture(scope="module")
-def server(shapes_dir, tmp_path_factory):
+def server(shapes_dir, clip_run, tmp_path_factory):
     import uvicorn
 
     root = tmp_path_factory.mktemp("serve_e2e")
-    assert main(tiny_clip_args(shapes_dir, root / "clip", "--set", "train.max_steps=4")) == 0
-    model = load(root / "clip")
+    model = load(clip_run)
     index, _ = build_index(model, shapes_dir / "images", root / "index", progress=False)
     app = create_app(index, model, SlowNoiseGenerator(), Limits(generate_chunk=2))
     sock = socket.socket()

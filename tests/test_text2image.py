@@ -7,19 +7,11 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_clip_args
 from PIL import Image
 
 from clipsnail import load
 from clipsnail.cli import main
 from clipsnail.models.text2feat import Text2FeatConfig, TextToFeature, nearest
-
-
-@pytest.fixture(scope="module")
-def clip_run(shapes_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("t2i") / "clip"
-    assert main(tiny_clip_args(shapes_dir, out, "--set", "train.max_steps=4")) == 0
-    return out
 
 
 def _caption_flags(shapes_dir):
