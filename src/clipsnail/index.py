@@ -62,6 +62,7 @@ DEFAULT_TARGET_RECALL = 0.95
 class Hit:
     path: Path  # absolute path of the indexed file
     score: float  # cosine similarity
+    id: int  # position in the index (ImageIndex.paths[id] == path)
 
 
 # ----------------------------------------------------------------------------------------------- faiss
@@ -274,7 +275,8 @@ class ImageIndex:
         if len(self) == 0:
             return [[] for _ in range(len(q))]
         scores, ids = self.faiss_index.search(q, min(k, len(self)))
-        return [[Hit(self.paths[i], float(s)) for s, i in zip(srow, irow) if i >= 0] for srow, irow in zip(scores, ids)]
+        return [[Hit(self.paths[i], float(s), int(i)) for s, i in zip(srow, irow) if i >= 0]
+                for srow, irow in zip(scores, ids)]
 
     def vectors(self) -> torch.Tensor:
         """All stored embeddings [N, D] (read from vectors.safetensors)."""

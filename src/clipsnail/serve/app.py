@@ -166,7 +166,6 @@ def create_app(index, model, generator=None, limits: Limits | None = None,
                   "zero-shot labels, text to image.", max_body_size=limits.max_json_bytes, lifespan=lifespan)
     upload_body_limit = limits.max_upload_bytes + 64 * 2**10  # the file plus multipart headers and small fields
     lock = threading.Lock()
-    positions = {Path(p): i for i, p in enumerate(index.paths)}
     page, csp = _page()
     app.state.generation = queue
     allowed = None if allowed_hosts is None else {h.lower() for h in allowed_hosts}
@@ -204,14 +203,8 @@ def create_app(index, model, generator=None, limits: Limits | None = None,
             return []
         with lock:
             hits = index.search(np.ascontiguousarray(queries, dtype=np.float32), k=k)[0]
-        out = []
-        for h in hits:
-            i = getattr(h, "id", None)
-            i = positions.get(Path(h.path)) if i is None else int(i)
-            if i is not None and i >= 0:
-                out.append(Hit(id=i, name=Path(h.path).name, score=round(float(h.score), 4),
-                               thumb_url=f"/api/thumb/{i}"))
-        return out
+        return [Hit(id=h.id, name=Path(h.path).name, score=round(float(h.score), 4), thumb_url=f"/api/thumb/{h.id}")
+                for h in hits]
 
     zero_shot_cache: dict[str, torch.Tensor] = {}
 
