@@ -64,18 +64,26 @@ def make_shapes(out: Path, n: int, size: int, seed: int, holdout) -> Path:
     return out
 
 
-def scene_tensors(folder: Path):
-    """Images (N, 3, S, S) in [-1, 1] and their colour / kind indices, from a single-shape folder."""
+def image_tensors(paths):
+    """RGB image files -> (N, 3, S, S) in [-1, 1], the sampler's output range."""
     import numpy as np
     import torch
 
     from clipsnail.data.images import load_image
+
+    images = np.stack([np.asarray(load_image(p)) for p in paths])
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def scene_tensors(folder: Path):
+    """Images (N, 3, S, S) in [-1, 1] and their colour / kind indices, from a single-shape folder."""
+    import torch
+
     from clipsnail.data.shapes import COLORS, SHAPES, load_scenes
 
     scenes = load_scenes(folder)
     names = sorted(scenes)
-    images = np.stack([np.asarray(load_image(folder / "images" / n)) for n in names])
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    x = image_tensors([folder / "images" / n for n in names])
     colours = torch.tensor([list(COLORS).index(scenes[n].shapes[0].color) for n in names])
     kinds = torch.tensor([SHAPES.index(scenes[n].shapes[0].kind) for n in names])
     return x, colours, kinds
@@ -364,7 +372,7 @@ def main() -> None:
         if len(real):
             rows[group]["real"].append(score(real_x[real], colour, kind, judge, analysis, clip, prompt, others))
         (path, _), = retriever.generate(prompt, k=1)
-        got = scene_tensors_one(path)
+        got = image_tensors([path])
         rows[group]["retrieve"].append(score(got, colour, kind, judge, analysis, clip, prompt, others))
     timings["generate_and_judge_s"] = round(time.monotonic() - started, 1)
 
@@ -409,16 +417,6 @@ def goals_for(results: dict, setting: str) -> dict:
         "beats_plain": {"plain_both": results["seen"]["plain"]["both"], "both": seen["both"],
                         "met": seen["both"] > results["seen"]["plain"]["both"]},
     }
-
-
-def scene_tensors_one(path: Path):
-    import numpy as np
-    import torch
-
-    from clipsnail.data.images import load_image
-
-    return torch.from_numpy(np.array(load_image(path))).permute(2, 0, 1)[None].float() / 127.5 - 1
-
 
 if __name__ == "__main__":
     main()
