@@ -78,6 +78,17 @@ def cmd_data_shapes(args) -> None:
           file=sys.stderr)
 
 
+def cmd_data_shards(args) -> None:
+    from clipsnail.data.shards import write_shards
+
+    summary = write_shards(args.captions, args.images, args.out, split=args.split, shard_size=args.shard_size,
+                           format=args.format, split_file=args.split_file,
+                           seed=None if args.no_shuffle else args.seed, strict=args.strict, prefix=args.prefix,
+                           progress=not args.no_progress)
+    print_json(summary)
+    print(f"wrote {summary['shards']} shards; stream them with the pattern '{summary['pattern']}'", file=sys.stderr)
+
+
 def parse_holdout(text: str | None) -> list[tuple[str, str]]:
     from clipsnail.data.shapes import COLORS, SHAPES
 
@@ -555,6 +566,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sizes", default="small,large", help="shape sizes to draw (e.g. 'large' for 16x16 images)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_data_shapes)
+    p = data.add_parser("shards", help="write a caption corpus as WebDataset tar shards (open_clip/img2dataset "
+                                       "format) for streaming training; prints JSON")
+    add_caption_flags(p)
+    p.add_argument("--out", required=True, help="folder for the shards, sizes.json and _info.json")
+    p.add_argument("--split", default="train", choices=["train", "val", "test", "all"], help="default: train")
+    p.add_argument("--shard-size", type=int, default=1000, help="images per shard (default: 1000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shuffle of the images across shards")
+    p.add_argument("--no-shuffle", action="store_true", help="images in sorted name order instead of shuffled")
+    p.add_argument("--prefix", default="", help="shard file name prefix, e.g. 'train-' (default: none)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_data_shards)
 
     clip = sub.add_parser("clip", help="train, evaluate and inspect CLIP models").add_subparsers(
         dest="clip_command", required=True)
