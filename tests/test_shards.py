@@ -119,8 +119,10 @@ def test_write_shards_skips_corrupt_images(corpus, tmp_path):
     (tmp_path / "c.csv").write_text("image,caption\na.png,one\nbroken.jpg,two\nb.png,three\n")
     summary = write_shards(tmp_path / "c.csv", images, tmp_path / "out", split="all")
     assert summary["samples"] == 2 and summary["skipped"] == 1 and summary["captions"] == 2
-    with pytest.raises(DataError, match="broken.jpg: cannot read image"):
-        write_shards(tmp_path / "c.csv", images, tmp_path / "strict", split="all", strict=True)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    with pytest.raises(DataError, match="broken.jpg: cannot read image"):  # after two shards of one image each
+        write_shards(tmp_path / "c.csv", images, tmp_path / "out", split="all", strict=True, seed=None, shard_size=1)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before  # a failed write changes nothing
 
 
 def test_one_pass_covers_every_image_once(written):

@@ -82,7 +82,8 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 class _ShardWriter:
-    """Tar shards of at most `shard_size` samples, each written to a temp name and renamed when complete."""
+    """Tar shards of at most `shard_size` samples. They are written under temp names and renamed only once all
+    are complete (`commit`), so a failed write leaves the folder as it was."""
 
     def __init__(self, out_dir: Path, prefix: str, shard_size: int):
         self.out_dir, self.prefix, self.shard_size = out_dir, prefix, shard_size
@@ -93,10 +94,10 @@ class _ShardWriter:
 
     def add(self, members: dict[str, bytes]) -> str:
         if self._tar is None or self.sizes[self._name] == self.shard_size:
-            self.close()
+            self._close()
             self._name = f"{self.prefix}{len(self.sizes):0{SHARD_DIGITS}d}.tar"
-            self._tar = tarfile.open(self._temp(self._name), "w", format=tarfile.USTAR_FORMAT)
             self.sizes[self._name] = 0
+            self._tar = tarfile.open(self._temp(self._name), "w", format=tarfile.USTAR_FORMAT)
         key = f"{self.samples:0{KEY_DIGITS}d}"
         for ext, data in members.items():
             _add_member(self._tar, f"{key}.{ext}", data)
@@ -107,17 +108,20 @@ class _ShardWriter:
     def _temp(self, name: str) -> Path:
         return self.out_dir / f".{name}.tmp"
 
-    def close(self) -> None:
+    def _close(self) -> None:
         if self._tar is not None:
             self._tar.close()
-            os.replace(self._temp(self._name), self.out_dir / self._name)
             self._tar = None
 
+    def commit(self) -> None:
+        self._close()
+        for name in self.sizes:
+            os.replace(self._temp(name), self.out_dir / name)
+
     def abort(self) -> None:
-        if self._tar is not None:
-            self._tar.close()
-            self._temp(self._name).unlink(missing_ok=True)
-            self._tar = None
+        self._close()
+        for name in self.sizes:
+            self._temp(name).unlink(missing_ok=True)
 
 
 def _write_json(path: Path, obj) -> None:
@@ -204,12 +208,12 @@ def write_shards(
                 "txt": captions_of[i][0].encode("utf-8"),
             })
             written_captions += len(captions_of[i])
-        writer.close()
+        if not writer.sizes:
+            raise DataError(f"{captions}: no readable images in split {split!r} ({skipped} corrupt)")
     except BaseException:
         writer.abort()
         raise
-    if not writer.sizes:
-        raise DataError(f"{captions}: no readable images in split {split!r} ({skipped} corrupt)")
+    writer.commit()
     if skipped:
         log.warning("%d corrupt images skipped", skipped)
 
