@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp
+from timm.layers import DropPath, Mlp, QuickGELU
 from torch import nn
 
 
@@ -32,6 +32,17 @@ class Attention(nn.Module):
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
 
 
+# OpenAI's CLIP weights were trained with QuickGELU, x * sigmoid(1.702 x); open_clip's LAION models and ours with
+# the exact GELU. The two differ by up to ~0.02 per unit, enough to change a pretrained model's embeddings.
+ACTIVATIONS = {"gelu": nn.GELU, "quick_gelu": QuickGELU}
+
+
+def activation_layer(name: str) -> type[nn.Module]:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; choose one of {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
 class TransformerBlock(nn.Module):
     """x + attn(norm(x)), then x + mlp(norm(x)): the pre-norm block of GPT-2, ViT and CLIP."""
 
@@ -44,12 +55,13 @@ class TransformerBlock(nn.Module):
         attn_drop: float = 0.0,
         drop_path: float = 0.0,
         norm_eps: float = 1e-5,
+        activation: str = "gelu",
     ):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, num_heads, attn_drop=attn_drop, proj_drop=drop)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=activation_layer(activation), drop=drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:

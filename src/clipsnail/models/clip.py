@@ -32,6 +32,7 @@ class ClipModelConfig:
     vision_width: int = 192
     vision_depth: int = 4
     vision_heads: int = 3
+    vision_mlp_ratio: float = 4.0
     vision_pool: str = "cls"
     vision_stem: str = "patch"  # "patch" (CLIP) or "conv" (stride-2 convolutions, Xiao et al. 2021)
     drop_path_rate: float = 0.0
@@ -41,6 +42,7 @@ class ClipModelConfig:
     text_width: int = 192
     text_depth: int = 4
     text_heads: int = 3
+    text_mlp_ratio: float = 4.0
     text_dropout: float = 0.0
     vocab_size: int = 0  # filled from the tokenizer
     context_length: int = 32  # filled from the tokenizer
@@ -48,6 +50,7 @@ class ClipModelConfig:
     embed_dim: int = 128
     projection: str = "linear"  # "linear" (paper) or "head" (seed 000)
     projection_dropout: float = 0.1
+    activation: str = "gelu"  # of both towers' MLPs: "gelu", or "quick_gelu" (OpenAI's pretrained CLIP weights)
     init_logit_scale: float = math.log(1 / 0.07)
     image_mean: tuple[float, float, float] = OPENAI_MEAN
     image_std: tuple[float, float, float] = OPENAI_STD
@@ -85,9 +88,11 @@ def build_image_tower(cfg: ClipModelConfig, load_weights: bool = True) -> nn.Mod
             width=cfg.vision_width,
             depth=cfg.vision_depth,
             heads=cfg.vision_heads,
+            mlp_ratio=cfg.vision_mlp_ratio,
             pool=cfg.vision_pool,
             drop_path_rate=cfg.drop_path_rate,
             stem=cfg.vision_stem,
+            activation=cfg.activation,
         )
     import timm
 
@@ -115,8 +120,10 @@ def build_text_tower(cfg: ClipModelConfig, load_weights: bool = True) -> nn.Modu
             width=cfg.text_width,
             depth=cfg.text_depth,
             heads=cfg.text_heads,
+            mlp_ratio=cfg.text_mlp_ratio,
             eot_id=cfg.eot_id,
             dropout=cfg.text_dropout,
+            activation=cfg.activation,
         )
     if cfg.text_encoder.startswith("hf:"):
         return PretrainedTextTower(cfg.text_encoder[3:], cfg.text_pool, cfg.pad_id, load_weights=load_weights)
@@ -150,6 +157,13 @@ class CLIP(nn.Module):
             object.__setattr__(self, name, value)
         else:
             super().__setattr__(name, value)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Gradient checkpointing in both towers (timm's method name; timm image towers have their own)."""
+        for tower in (self.visual, self.text):
+            if not hasattr(tower, "set_grad_checkpointing"):
+                raise ValueError(f"the {type(tower).__name__} tower does not support gradient checkpointing")
+            tower.set_grad_checkpointing(enable)
 
     @property
     def device(self) -> torch.device:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from clipsnail.layers import TransformerBlock
 
@@ -23,6 +24,7 @@ class TextTransformer(nn.Module):
         mlp_ratio: float = 4.0,
         eot_id: int = 2,
         dropout: float = 0.0,
+        activation: str = "gelu",
     ):
         super().__init__()
         self.context_length, self.eot_id = context_length, eot_id
@@ -30,8 +32,11 @@ class TextTransformer(nn.Module):
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.pos_embed = nn.Parameter(torch.zeros(1, context_length, width))
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(TransformerBlock(width, heads, mlp_ratio, drop=dropout) for _ in range(depth))
+        self.blocks = nn.ModuleList(
+            TransformerBlock(width, heads, mlp_ratio, drop=dropout, activation=activation) for _ in range(depth)
+        )
         self.ln_final = nn.LayerNorm(width)
+        self.grad_checkpointing = False
         # CLIP's initialisation (OpenAI and open_clip): the residual branches scaled down with depth so the
         # residual stream starts near unit variance. It trains markedly faster early on than a flat 0.02.
         nn.init.normal_(self.token_embedding.weight, std=0.02)
@@ -45,12 +50,17 @@ class TextTransformer(nn.Module):
             nn.init.normal_(block.mlp.fc1.weight, std=fc_std)
             nn.init.normal_(block.mlp.fc2.weight, std=proj_std)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute block activations in the backward pass instead of storing them (training mode only)."""
+        self.grad_checkpointing = enable
+
     def forward_features(self, tokens: torch.Tensor) -> torch.Tensor:
         if tokens.shape[1] > self.context_length:
             raise ValueError(f"token sequence of length {tokens.shape[1]} exceeds context {self.context_length}")
         x = self.drop(self.token_embedding(tokens) + self.pos_embed[:, : tokens.shape[1]])
+        checkpointing = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, causal=True)
+            x = checkpoint(block, x, True, use_reentrant=False) if checkpointing else block(x, causal=True)
         return self.ln_final(x)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -86,6 +96,14 @@ class PretrainedTextTower(nn.Module):
             self.model = AutoModel.from_config(AutoConfig.from_pretrained(model_dir, local_files_only=True))
         self.pool, self.pad_id = pool, pad_id
         self.num_features = self.model.config.hidden_size
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        if not enable:
+            self.model.gradient_checkpointing_disable()
+        elif not getattr(self.model, "supports_gradient_checkpointing", False):
+            raise ValueError(f"the text model {type(self.model).__name__} does not support gradient checkpointing")
+        else:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         mask = (tokens != self.pad_id).long()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from clipsnail.layers import TransformerBlock
 
@@ -28,6 +29,7 @@ class VisionTransformer(nn.Module):
         in_chans: int = 3,
         drop_path_rate: float = 0.0,
         stem: str = "patch",
+        activation: str = "gelu",
     ):
         super().__init__()
         if image_size % patch_size:
@@ -48,8 +50,11 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid + 1, width))
         self.ln_pre = nn.LayerNorm(width)
         rates = torch.linspace(0, drop_path_rate, depth).tolist()
-        self.blocks = nn.ModuleList(TransformerBlock(width, heads, mlp_ratio, drop_path=r) for r in rates)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(width, heads, mlp_ratio, drop_path=r, activation=activation) for r in rates
+        )
         self.ln_post = nn.LayerNorm(width)
+        self.grad_checkpointing = False
         # CLIP's initialisation: embeddings ~ width^-0.5, attention input projections Xavier (as in
         # nn.MultiheadAttention), everything else PyTorch's default Linear init.
         nn.init.normal_(self.pos_embed, std=width**-0.5)
@@ -59,6 +64,11 @@ class VisionTransformer(nn.Module):
             nn.init.zeros_(block.attn.qkv.bias)
             nn.init.zeros_(block.attn.proj.bias)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of storing them (timm's method name):
+        a third more compute for activation memory of one block instead of all; training mode only."""
+        self.grad_checkpointing = enable
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] -> tokens [B, 1 + grid*grid, width] (class token first)."""
         if x.shape[-2:] != (self.image_size, self.image_size):
@@ -66,8 +76,9 @@ class VisionTransformer(nn.Module):
         x = self.patch_embed(x).flatten(2).transpose(1, 2)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
         x = self.ln_pre(x)
+        checkpointing = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x)
+            x = checkpoint(block, x, use_reentrant=False) if checkpointing else block(x)
         return x
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,400 @@
+"""Pretrained checkpoints -> clipsnail run directories.
+
+- OpenAI CLIP / open_clip (ViT family): `convert_open_clip` maps an open_clip-layout state dict onto our CLIP
+  (the architecture read off the tensor shapes) and writes a "clip" run with OpenAI's BPE tokenizer, so that
+  `clipsnail.load`, `zeroshot`, `index build` and `search` work on it as on a run we trained.
+- Official LeMeViT: `convert_lemevit` writes a "classify" run for `classify eval` and `clipsnail.load`.
+
+Files are read as safetensors, or with `torch.load(weights_only=True)`: the restricted unpickler that rebuilds
+tensors and containers but runs no code. TorchScript archives (OpenAI's original .pt files) are refused: they
+hold code. Run directories are written under a temporary name and renamed, so a failed conversion leaves nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import zipfile
+from pathlib import Path
+
+import torch
+
+from clipsnail.errors import DataError
+
+log = logging.getLogger(__name__)
+
+# Buffers some exports carry that hold no weights (OpenAI's JIT models: input_resolution, context_length,
+# vocab_size; older open_clip: the causal mask).
+_IGNORED_KEYS = {"input_resolution", "context_length", "vocab_size", "attn_mask"}
+_BLOCK_KEYS = {  # open_clip ResidualAttentionBlock -> our TransformerBlock
+    "ln_1.weight": "norm1.weight", "ln_1.bias": "norm1.bias",
+    "attn.in_proj_weight": "attn.qkv.weight", "attn.in_proj_bias": "attn.qkv.bias",  # both q,k,v stacked on dim 0
+    "attn.out_proj.weight": "attn.proj.weight", "attn.out_proj.bias": "attn.proj.bias",
+    "ln_2.weight": "norm2.weight", "ln_2.bias": "norm2.bias",
+    "mlp.c_fc.weight": "mlp.fc1.weight", "mlp.c_fc.bias": "mlp.fc1.bias",
+    "mlp.c_proj.weight": "mlp.fc2.weight", "mlp.c_proj.bias": "mlp.fc2.bias",
+}
+_PLAIN_KEYS = {
+    "visual.conv1.weight": "visual.patch_embed.weight",
+    "visual.ln_pre.weight": "visual.ln_pre.weight", "visual.ln_pre.bias": "visual.ln_pre.bias",
+    "visual.ln_post.weight": "visual.ln_post.weight", "visual.ln_post.bias": "visual.ln_post.bias",
+    "token_embedding.weight": "text.token_embedding.weight",
+    "ln_final.weight": "text.ln_final.weight", "ln_final.bias": "text.ln_final.bias",
+}
+# open_clip config options that change the computation without changing the state-dict keys: only their
+# defaults (the OpenAI architecture) are implemented here.
+_SUPPORTED_OPTIONS = {
+    "vision_cfg": {"final_ln_after_pool": (False,), "pool_type": ("tok",), "no_ln_pre": (False,),
+                   "attentional_pool": (False,), "norm_kwargs": (None, {}), "act_kwargs": (None, {}),
+                   "patch_dropout": None, "timm_model_name": (None,)},
+    "text_cfg": {"final_ln_after_pool": (False,), "pool_type": ("argmax", "eos"), "no_causal_mask": (False,),
+                 "embed_cls": (False,), "norm_kwargs": (None, {}), "act_kwargs": (None, {}),
+                 "hf_model_name": (None,), "hf_tokenizer_name": (None,), "tokenizer_mode": (None,)},
+}
+
+
+# ----------------------------------------------------------------------------------------------- reading files
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """The top-level object of a safetensors or PyTorch checkpoint file, read without running any code."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: checkpoint file not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as e:  # safetensors has its own error types for bad headers and truncated files
+            raise DataError(f"{path}: cannot read safetensors file ({e})") from e
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+        if any(n.endswith("constants.pkl") or "/code/" in n for n in names):
+            raise DataError(
+                f"{path}: a TorchScript (JIT) archive, which holds code and is not loaded here; re-save it as a "
+                "state dict once, e.g. with open_clip: model = open_clip.create_model('ViT-B-32', pretrained=PATH); "
+                "safetensors.torch.save_file(model.state_dict(), 'model.safetensors')")
+    try:
+        # argparse.Namespace: the `args` entry of timm's train-script checkpoints; rebuilding one runs no code.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for objects outside the allow-list, RuntimeError for non-torch files
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{path}: not a plain PyTorch state dict that loads with weights_only=True ({reason}); "
+                        "re-save model.state_dict() with torch.save or safetensors") from e
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}: expected a state dict (a mapping of names to tensors), got {type(obj).__name__}")
+    return obj
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's tensors: a {"state_dict": ...} wrapper unwrapped and a DataParallel "module." prefix dropped."""
+    obj = read_checkpoint(path)
+    for key in ("state_dict", "model"):
+        if isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    state = {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not state:
+        raise DataError(f"{path}: no tensors found")
+    return state
+
+
+# ----------------------------------------------------------------------------------------------- open_clip
+
+
+def _open_clip_config(path: Path) -> dict:
+    """open_clip_config.json next to the weights (as in open_clip's Hugging Face hub repos), or {}."""
+    cfg_path = path.with_name("open_clip_config.json")
+    if not cfg_path.is_file():
+        return {}
+    try:
+        return json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{cfg_path}: invalid JSON ({e})") from e
+
+
+def _check_options(path: Path, model_cfg: dict) -> None:
+    for section, options in _SUPPORTED_OPTIONS.items():
+        for key, allowed in options.items():
+            value = (model_cfg.get(section) or {}).get(key)
+            if value is None or allowed is None:
+                continue
+            if value not in allowed:
+                raise DataError(f"{path.with_name('open_clip_config.json')}: {section}.{key}={value!r} is not "
+                                f"supported (clipsnail implements OpenAI's CLIP ViT architecture)")
+
+
+def _check_supported(path: Path, state: dict[str, torch.Tensor]) -> None:
+    if any(k.startswith(("visual.layer1.", "visual.attnpool.")) for k in state):
+        raise DataError(f"{path}: a ModifiedResNet (RN50-style) image tower; clipsnail converts the ViT family only")
+    if any(k.startswith("visual.trunk.") for k in state):
+        raise DataError(f"{path}: a timm image tower (visual.trunk.*); clipsnail converts OpenAI-style ViT towers "
+                        "only")
+    if any(k.startswith("text.") for k in state):
+        raise DataError(f"{path}: a Hugging Face text tower (text.*); clipsnail converts OpenAI-style text towers "
+                        "only")
+    if "visual.conv1.weight" not in state or "token_embedding.weight" not in state:
+        raise DataError(f"{path}: not an open_clip / OpenAI CLIP state dict (no visual.conv1.weight or "
+                        "token_embedding.weight)")
+
+
+def _depth(state: dict, prefix: str) -> int:
+    blocks = {int(m.group(1)) for k in state if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))}
+    if not blocks or blocks != set(range(max(blocks) + 1)):
+        raise DataError(f"missing or non-contiguous blocks under {prefix}")
+    return len(blocks)
+
+
+def _heads(path: Path, width: int, head_width: int, tower: str) -> int:
+    if width % head_width:
+        raise DataError(f"{path}: {tower} width {width} is not a multiple of the head width {head_width}")
+    return width // head_width
+
+
+def infer_clip_config(path: Path, state: dict[str, torch.Tensor], model_cfg: dict, quick_gelu: bool):
+    """Our ClipModelConfig for an open_clip state dict, from its tensor shapes (and open_clip_config.json for the
+    head counts, which shapes do not show: CLIP uses 64-wide heads, open_clip's config may say otherwise)."""
+    from clipsnail.models.clip import OPENAI_MEAN, OPENAI_STD, ClipModelConfig
+
+    def shape(key: str) -> tuple[int, ...]:
+        if key not in state:
+            raise DataError(f"{path}: no {key!r} in the state dict")
+        return tuple(state[key].shape)
+
+    width, in_chans, patch, patch_w = shape("visual.conv1.weight")
+    if in_chans != 3 or patch != patch_w:
+        raise DataError(f"{path}: visual.conv1.weight {shape('visual.conv1.weight')}: expected [width, 3, p, p]")
+    positions = shape("visual.positional_embedding")[0]
+    grid = math.isqrt(positions - 1)
+    if grid * grid != positions - 1:
+        raise DataError(f"{path}: visual.positional_embedding has {positions} rows, not 1 + a square grid")
+    vocab_size, text_width = shape("token_embedding.weight")
+    context_length = shape("positional_embedding")[0]
+    embed_dim = shape("visual.proj")[1]
+    if shape("text_projection") != (text_width, embed_dim):
+        raise DataError(f"{path}: text_projection {shape('text_projection')} does not map the text width "
+                        f"{text_width} to the image embedding size {embed_dim}")
+    v_depth, t_depth = _depth(state, "visual.transformer.resblocks."), _depth(state, "transformer.resblocks.")
+    vision_cfg, text_cfg = model_cfg.get("vision_cfg") or {}, model_cfg.get("text_cfg") or {}
+    v_heads = _heads(path, width, int(vision_cfg.get("head_width", 64)), "vision")
+    t_heads = int(text_cfg["heads"]) if "heads" in text_cfg else _heads(path, text_width, 64, "text")
+    v_hidden = shape("visual.transformer.resblocks.0.mlp.c_fc.weight")[0]
+    t_hidden = shape("transformer.resblocks.0.mlp.c_fc.weight")[0]
+    return ClipModelConfig(
+        image_encoder="vit", image_size=grid * patch, patch_size=patch, vision_width=width, vision_depth=v_depth,
+        vision_heads=v_heads, vision_mlp_ratio=v_hidden / width, vision_pool="cls", vision_stem="patch",
+        text_encoder="transformer", text_width=text_width, text_depth=t_depth, text_heads=t_heads,
+        text_mlp_ratio=t_hidden / text_width, vocab_size=vocab_size, context_length=context_length,
+        embed_dim=embed_dim, projection="linear", activation="quick_gelu" if quick_gelu else "gelu",
+        init_logit_scale=float(state["logit_scale"].reshape(())) if "logit_scale" in state else math.log(1 / 0.07),
+        image_mean=OPENAI_MEAN, image_std=OPENAI_STD,
+    )
+
+
+def map_open_clip_state(path: Path, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """open_clip key names and layouts -> ours. A key we cannot place is an error naming it."""
+    out, unknown = {}, []
+    block = re.compile(r"(visual\.)?transformer\.resblocks\.(\d+)\.(.+)")
+    for key, value in state.items():
+        if key in _IGNORED_KEYS or key.rsplit(".", 1)[-1] in _IGNORED_KEYS:
+            continue
+        if key in _PLAIN_KEYS:
+            out[_PLAIN_KEYS[key]] = value
+        elif key == "visual.class_embedding":  # [W] -> [1, 1, W]
+            out["visual.cls_token"] = value.reshape(1, 1, -1)
+        elif key == "visual.positional_embedding":  # [N, W] -> [1, N, W]
+            out["visual.pos_embed"] = value.unsqueeze(0)
+        elif key == "positional_embedding":
+            out["text.pos_embed"] = value.unsqueeze(0)
+        elif key == "visual.proj":  # x @ proj == Linear with weight proj.T
+            out["image_projection.weight"] = value.T.contiguous()
+        elif key == "text_projection" and value.ndim == 2:
+            out["text_projection.weight"] = value.T.contiguous()
+        elif key == "logit_scale":
+            out["logit_scale"] = value.reshape(())
+        elif (m := block.fullmatch(key)) and m.group(3) in _BLOCK_KEYS:
+            tower = "visual" if m.group(1) else "text"
+            out[f"{tower}.blocks.{m.group(2)}.{_BLOCK_KEYS[m.group(3)]}"] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        raise DataError(f"{path}: unsupported part of the model, no clipsnail equivalent for "
+                        f"{', '.join(unknown[:5])}{more} (clipsnail converts OpenAI-style CLIP ViT models)")
+    return {k: v.float() for k, v in out.items()}
+
+
+def _load_exactly(path: Path, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise DataError(f"{path}: the checkpoint has no weights for {', '.join(missing[:5])}"
+                        + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+    extra = sorted(set(state) - set(expected))
+    if extra:
+        raise DataError(f"{path}: weights the model has no place for: {', '.join(extra[:5])}")
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise DataError(f"{path}: shape mismatch at {key}: checkpoint {tuple(value.shape)}, model "
+                            f"{tuple(expected[key].shape)}")
+    model.load_state_dict(state, strict=True)
+
+
+def _prepare_out(out: Path) -> Path:
+    """The temporary directory to write into; refuses an existing non-empty `out`."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DataError(f"{out}: already exists and is not empty; choose a new --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.convert-{os.getpid()}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    return tmp
+
+
+def _finish_out(tmp: Path, out: Path) -> None:
+    if out.is_dir():  # existing and empty (checked before)
+        out.rmdir()
+    os.replace(tmp, out)
+
+
+def _write_run(out: Path, task: str, config, model: torch.nn.Module, tokenizer=None) -> None:
+    from clipsnail.hub import save_run
+
+    tmp = _prepare_out(out)
+    try:
+        save_run(tmp, task, config, model, tokenizer)
+        _finish_out(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def convert_open_clip(path: str | Path, out_run_dir: str | Path, quick_gelu: bool | None = None) -> dict:
+    """An OpenAI / open_clip CLIP ViT checkpoint -> a clipsnail "clip" run directory; returns a summary.
+
+    quick_gelu: the MLP activation the weights were trained with (True for OpenAI's own models and open_clip's
+    "-quickgelu" ones). None: read model_cfg.quick_gelu from open_clip_config.json next to the file, else False.
+    """
+    from clipsnail.data.tokenizers import openai_bpe
+    from clipsnail.models.clip import CLIP
+    from clipsnail.tasks.clip import ClipConfig
+
+    path, out = Path(path), Path(out_run_dir)
+    _prepare_out(out)  # fail before the (slow) read when --out is taken
+    state = read_state_dict(path)
+    _check_supported(path, state)
+    oc_config = _open_clip_config(path)
+    model_cfg = oc_config.get("model_cfg") or {}
+    _check_options(path, model_cfg)
+    if quick_gelu is None:
+        quick_gelu = bool(model_cfg.get("quick_gelu", False))
+        source = "open_clip_config.json" if "quick_gelu" in model_cfg else "default (no open_clip_config.json says)"
+    else:
+        source = "given"
+    log.info("activation: %s (%s)", "QuickGELU" if quick_gelu else "GELU", source)
+    m = infer_clip_config(path, state, model_cfg, quick_gelu)
+    preprocess = oc_config.get("preprocess_cfg") or {}
+    if preprocess.get("mean") and preprocess.get("std"):
+        m.image_mean, m.image_std = tuple(preprocess["mean"]), tuple(preprocess["std"])
+    tokenizer = openai_bpe(m.context_length)
+    if m.vocab_size != tokenizer.vocab_size:
+        raise DataError(f"{path}: a vocabulary of {m.vocab_size} tokens, not OpenAI CLIP's BPE "
+                        f"({tokenizer.vocab_size}); other tokenizers are not supported")
+    m.eot_id, m.pad_id = tokenizer.eot_id, tokenizer.pad_id
+    model = CLIP(m, load_weights=False)
+    _load_exactly(path, model, map_open_clip_state(path, state))
+    config = ClipConfig(model=m)
+    config.data.tokenizer, config.data.vocab_size, config.data.context_length = "openai", m.vocab_size, \
+        m.context_length
+    _write_run(out, "clip", config, model, tokenizer)
+    params = sum(p.numel() for p in model.parameters())
+    log.info("wrote %s: CLIP ViT %dpx/%d, %s parameters", out, m.image_size, m.patch_size, f"{params:,}")
+    return {
+        "run": str(out), "task": "clip", "source": str(path), "parameters": params,
+        "quick_gelu": quick_gelu, "quick_gelu_from": source,
+        "architecture": {k: getattr(m, k) for k in (
+            "image_size", "patch_size", "vision_width", "vision_depth", "vision_heads", "vision_mlp_ratio",
+            "text_width", "text_depth", "text_heads", "text_mlp_ratio", "vocab_size", "context_length", "embed_dim",
+            "activation")},
+    }
+
+
+# ----------------------------------------------------------------------------------------------- LeMeViT
+
+
+def read_class_names(path: str | Path) -> list[str]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: class-names file not found")
+    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not names:
+        raise DataError(f"{path}: no class names (one per line expected)")
+    return names
+
+
+def convert_lemevit(path: str | Path, out_run_dir: str | Path, model_name: str, num_classes: int | None = None,
+                    weights: str = "ema", class_names: list[str] | None = None) -> dict:
+    """An official LeMeViT checkpoint (timm train-script layout: state_dict and/or state_dict_ema, maybe under
+    module.) -> a clipsnail "classify" run directory; returns a summary.
+
+    weights: "ema" (the default, what the official evaluation reports) uses state_dict_ema when the file has it,
+    "raw" the plain state_dict. Class names default to class_0, class_1, ...; `classify eval` needs the real ones
+    (in the data's folder order), e.g. ImageNet's synset ids.
+    """
+    from clipsnail.models.lemevit import checkpoint_filter_fn
+    from clipsnail.tasks.classify import ClassifyConfig, build_classifier, check_model_name, resolve_input
+
+    if weights not in ("ema", "raw"):
+        raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
+    path, out = Path(path), Path(out_run_dir)
+    check_model_name(model_name)
+    _prepare_out(out)
+    obj = read_checkpoint(path)
+    has = [k for k in ("state_dict_ema", "state_dict", "model") if isinstance(obj.get(k), dict) and obj[k]]
+    if weights == "raw":
+        chosen = next((k for k in ("state_dict", "model") if k in has), None)
+        if chosen is None and "state_dict_ema" in has:
+            raise DataError(f"{path}: holds only EMA weights (state_dict_ema); use --weights ema")
+    else:
+        chosen = "state_dict_ema" if "state_dict_ema" in has else next(iter(has), None)
+        if chosen != "state_dict_ema":
+            log.info("%s: no state_dict_ema; converting the plain weights", path)
+    state = checkpoint_filter_fn({chosen: obj[chosen]} if chosen else obj)
+    if not state:
+        raise DataError(f"{path}: no tensors found")
+    head = state.get("head.weight")
+    found = int(head.shape[0]) if head is not None else 0
+    if num_classes is None:
+        num_classes = found
+    elif num_classes != found:
+        raise DataError(f"{path}: the checkpoint's head has {found} classes, not {num_classes}")
+    if class_names is None:
+        class_names = [f"class_{i}" for i in range(num_classes)]
+    elif len(class_names) != num_classes:
+        raise DataError(f"{len(class_names)} class names given for a {num_classes}-class head")
+    config = ClassifyConfig()
+    m = config.model
+    m.name, m.pretrained, m.num_classes, m.class_names = model_name, "", num_classes, list(class_names)
+    import timm
+
+    first_conv = getattr(timm.models.get_pretrained_cfg(model_name), "first_conv", "") or ""
+    stem = state.get(f"{first_conv}.weight")
+    m.in_chans = int(stem.shape[1]) if stem is not None and stem.ndim == 4 else 3
+    config.data.image_size, config.data.mean, config.data.std = resolve_input(config)
+    model = build_classifier(m, load_weights=False)
+    _load_exactly(path, model, state)
+    _write_run(out, "classify", config, model)
+    params = sum(p.numel() for p in model.parameters())
+    log.info("wrote %s: %s, %d classes, %s parameters (%s weights)", out, model_name, num_classes, f"{params:,}",
+             chosen or "top-level")
+    return {"run": str(out), "task": "classify", "source": str(path), "weights": chosen or "state_dict",
+            "parameters": params, "architecture": {"model": model_name, "num_classes": num_classes,
+                                                   "in_chans": m.in_chans, "image_size": config.data.image_size}}
