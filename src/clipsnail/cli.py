@@ -525,6 +525,32 @@ def cmd_generate(args) -> None:
     print(f"wrote {args.out}", file=sys.stderr)
 
 
+# ----------------------------------------------------------------------------------------------- convert
+
+
+def cmd_convert(args) -> None:
+    from clipsnail.convert import convert_lemevit, convert_open_clip, read_class_names
+
+    kind, sep, path = args.source.partition(":")
+    if not sep or not path:
+        raise ClipsnailError(f"--from {args.source!r}: expected open_clip:PATH or lemevit:PATH")
+    if kind == "open_clip":
+        if args.model or args.class_names or args.num_classes is not None or args.weights != "ema":
+            raise ClipsnailError("--model, --num-classes, --class-names and --weights apply to lemevit:PATH only")
+        print_json(convert_open_clip(path, args.out, quick_gelu=args.quick_gelu))
+    elif kind == "lemevit":
+        if not args.model:
+            raise ClipsnailError("lemevit:PATH needs --model (lemevit_tiny, lemevit_small or lemevit_base)")
+        if args.quick_gelu is not None:
+            raise ClipsnailError("--quick-gelu / --no-quick-gelu apply to open_clip:PATH only")
+        names = read_class_names(args.class_names) if args.class_names else None
+        print_json(convert_lemevit(path, args.out, args.model, num_classes=args.num_classes, weights=args.weights,
+                                   class_names=names))
+    else:
+        raise ClipsnailError(f"--from {args.source!r}: unknown source {kind!r}; choose open_clip:PATH or "
+                             "lemevit:PATH")
+
+
 # ----------------------------------------------------------------------------------------------- demo
 
 
@@ -734,6 +760,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("convert", help="pretrained OpenAI/open_clip CLIP (ViT) or official LeMeViT weights -> a run "
+                                       "directory; prints JSON")
+    p.add_argument("--from", dest="source", required=True, metavar="KIND:PATH",
+                   help="open_clip:FILE (.safetensors, or a .bin/.pt state dict) or lemevit:FILE (.pth)")
+    p.add_argument("--out", required=True, help="run directory to create (must not exist, or be empty)")
+    p.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction, default=None,
+                   help="open_clip: the weights use QuickGELU (OpenAI's models); default: open_clip_config.json "
+                        "next to the file, else no")
+    p.add_argument("--model", help="lemevit: the architecture (lemevit_tiny, lemevit_small, lemevit_base)")
+    p.add_argument("--weights", choices=["ema", "raw"], default="ema",
+                   help="lemevit: the EMA weights (state_dict_ema, default; the official evaluation's) or the raw ones")
+    p.add_argument("--num-classes", type=int, help="lemevit: expected classes (default: the checkpoint's head)")
+    p.add_argument("--class-names", help="lemevit: file with one class name per line (default class_0, class_1, ...)")
+    p.set_defaults(func=cmd_convert)
     return parser
 
 
