@@ -37,7 +37,9 @@ class OptimConfig:
 class TrainConfig:
     epochs: int = 10
     max_steps: int = 0  # > 0: stop (and end the schedule) after this many optimiser steps
-    batch_size: int = 128
+    batch_size: int = 128  # the global batch: under torchrun each of N processes takes batch_size / N
+    accum_steps: int = 1  # split each process's share into this many micro-batches (same gradients, less memory)
+    grad_checkpointing: bool = False  # recompute block activations in the backward pass (less memory, ~30% slower)
     seed: int = 0
     device: str = "auto"  # auto picks cuda, then mps, then cpu
     precision: str = "auto"  # auto = bf16 on CUDA when supported else fp32; or fp32 / bf16 / fp16

@@ -9,6 +9,14 @@ the same weights as an uninterrupted run. That needs three things beyond model/o
 - per-sample randomness (augmentation) is seeded from (seed, epoch, position), not from a global stream that
   worker processes or skipped samples would perturb;
 - the global RNG states (dropout, drop-path) are checkpointed and restored.
+
+Under `torchrun` the same loop runs data-parallel (DDP): `batch_size` is the global batch and each of the N
+processes takes its slice of every batch, so the data order and the optimisation do not depend on N, and a run
+can resume with a different number of processes. Only rank 0 logs, shows progress, evaluates and writes files.
+`accum_steps` splits each process's slice into micro-batches. Tasks whose loss couples the samples of a batch
+(CLIP's contrastive loss) provide `embed` + `loss_from_embeddings`, and the engine then follows open_clip's
+accumulation: embed every micro-batch without gradients, then re-embed one at a time with gradients and compute
+the loss on the whole batch, so the contrastive batch stays whole and the gradients equal the full batch's.
 """
 
 from __future__ import annotations
@@ -30,9 +38,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from tqdm.auto import tqdm
 
+from clipsnail import distributed as dist
 from clipsnail.config import TrainConfig, parse_duration
 from clipsnail.errors import ClipsnailError
 
@@ -55,6 +64,10 @@ class Task(Protocol):
     def evaluate(self, model: nn.Module) -> dict[str, float]: ...
     def save(self, model: nn.Module, run_dir: Path) -> None: ...  # config.json, model.safetensors, tokenizer...
     def after_epoch(self, model: nn.Module, run_dir: Path, epoch: int) -> None: ...
+    # Optional, for losses that couple the samples of a batch (see the module docstring):
+    #   embed(model, batch) -> dict of tensors; loss_from_embeddings(model, parts, batch, fresh) -> (loss, logs)
+    # `train_dataset` may also be a streaming IterableDataset with `num_samples` and
+    # `set_epoch(epoch, rank=, world_size=, batch_size=, skip_batches=)` (clipsnail.data.shards.ShardStream).
 
 
 @dataclass
@@ -108,11 +121,17 @@ class ResumableBatchSampler(Sampler):
     """Batches of (index, sample_seed) in an order fixed by (seed, epoch); can start mid-epoch.
 
     Drops the last incomplete batch: contrastive losses want full batches, and it keeps steps/epoch fixed.
+    With `world_size` > 1 it yields this rank's contiguous slice of each global batch: the global order is the
+    same for any number of processes.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, skip_batches: int = 0, shuffle: bool = True):
+    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, skip_batches: int = 0, shuffle: bool = True,
+                 rank: int = 0, world_size: int = 1):
+        if batch_size % world_size:
+            raise ClipsnailError(f"batch_size {batch_size} is not divisible by the {world_size} processes")
         self.n, self.batch_size, self.seed, self.epoch = n, batch_size, seed, epoch
         self.skip_batches, self.shuffle = skip_batches, shuffle
+        self.rank, self.world_size = rank, world_size
 
     def __len__(self) -> int:
         return max(self.n // self.batch_size - self.skip_batches, 0)
@@ -121,8 +140,10 @@ class ResumableBatchSampler(Sampler):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
         seeds = torch.randint(0, 2**62, (self.n,), generator=g)
+        share = self.batch_size // self.world_size
         for b in range(self.skip_batches, self.n // self.batch_size):
-            sl = slice(b * self.batch_size, (b + 1) * self.batch_size)
+            start = b * self.batch_size + self.rank * share
+            sl = slice(start, start + share)
             yield list(zip(order[sl].tolist(), seeds[sl].tolist()))
 
 
@@ -139,8 +160,57 @@ def seeded(seed: int):
             random.setstate(py_state)
 
 
+def dataset_size(dataset) -> int:
+    return dataset.num_samples if isinstance(dataset, IterableDataset) else len(dataset)
+
+
 def steps_per_epoch(task: Task) -> int:
-    return len(task.train_dataset) // task.config.train.batch_size
+    return dataset_size(task.train_dataset) // task.config.train.batch_size
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The task's own model inside the DDP and torch.compile wrappers the engine may put around it."""
+    while True:
+        if hasattr(model, "_orig_mod"):  # torch.compile
+            model = model._orig_mod
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def split_batch(batch: Any, parts: int) -> list[Any]:
+    """A collated batch (tensors, lists, dicts of them) -> `parts` micro-batches along the first dimension."""
+    if isinstance(batch, torch.Tensor):
+        return list(batch.chunk(parts))
+    if isinstance(batch, dict):
+        split = {k: split_batch(v, parts) for k, v in batch.items()}
+        return [{k: v[i] for k, v in split.items()} for i in range(parts)]
+    if isinstance(batch, (list, tuple)):
+        if batch and all(isinstance(v, (torch.Tensor, dict, list, tuple)) for v in batch):  # a tuple of fields
+            fields = [split_batch(v, parts) for v in batch]
+            return [type(batch)(f[i] for f in fields) for i in range(parts)]
+        size = math.ceil(len(batch) / parts)  # a list of samples
+        return [batch[i * size: (i + 1) * size] for i in range(parts)]
+    return [batch] * parts
+
+
+def train_loader(task: Task, cfg: TrainConfig, epoch: int, skip: int, device: torch.device) -> Iterator:
+    """This rank's batches of one epoch, starting after `skip` batches (resume)."""
+    rank, world = dist.rank(), dist.world_size()
+    if cfg.batch_size % world:
+        raise ClipsnailError(f"batch_size {cfg.batch_size} is not divisible by the {world} processes")
+    common = dict(collate_fn=task.collate, num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
+                  persistent_workers=False,
+                  # Its own generator: creating the loader must not draw from the global RNG that resume restores.
+                  generator=torch.Generator().manual_seed(cfg.seed + epoch))
+    dataset = task.train_dataset
+    if isinstance(dataset, IterableDataset):  # an endless stream: take exactly the epoch's remaining batches
+        dataset.set_epoch(epoch, rank=rank, world_size=world, batch_size=cfg.batch_size // world, skip_batches=skip)
+        loader = DataLoader(dataset, batch_size=cfg.batch_size // world, **common)
+        return itertools.islice(loader, max(steps_per_epoch(task) - skip, 0))
+    sampler = ResumableBatchSampler(len(dataset), cfg.batch_size, cfg.seed, epoch, skip, rank=rank, world_size=world)
+    return iter(DataLoader(dataset, batch_sampler=sampler, **common))
 
 
 # ----------------------------------------------------------------------------------------------- optimiser
@@ -284,6 +354,43 @@ def save_weights(model: nn.Module, path: Path, metadata: dict[str, str] | None =
 # ----------------------------------------------------------------------------------------------- the loop
 
 
+def backward(task: Task, model: nn.Module, batch: Any, accum_steps: int, scaler: torch.amp.GradScaler,
+             autocast: Callable[[], contextlib.AbstractContextManager]) -> tuple[torch.Tensor, dict[str, float]]:
+    """Gradients of the task's loss on `batch`, in `accum_steps` micro-batches -> (loss, logs)."""
+    if accum_steps == 1:
+        with autocast():
+            loss, logs = task.loss(model, batch)
+        scaler.scale(loss).backward()
+        return loss.detach(), logs
+    micro = split_batch(batch, accum_steps)
+    last = accum_steps - 1
+
+    def sync(j: int):  # DDP: all-reduce the gradients once, in the last micro-step's backward
+        return contextlib.nullcontext() if j == last or not hasattr(model, "no_sync") else model.no_sync()
+
+    if hasattr(task, "embed"):
+        # The loss couples all samples (open_clip's accum_freq): embed everything once without gradients, then
+        # re-embed each micro-batch with gradients in place of its cached copy, loss over the whole batch.
+        with torch.no_grad(), autocast():
+            cached = [task.embed(model, mb) for mb in micro]
+        for j, mb in enumerate(micro):
+            with sync(j):
+                with autocast():
+                    parts = [*cached[:j], task.embed(model, mb), *cached[j + 1:]]
+                    loss, logs = task.loss_from_embeddings(model, parts, batch, fresh=j)
+                scaler.scale(loss).backward()
+        return loss.detach(), logs
+    # Losses that are means over samples: the mean of the micro-batch means is the batch mean.
+    total = 0.0
+    for j, mb in enumerate(micro):
+        with sync(j):
+            with autocast():
+                loss, logs = task.loss(model, mb)
+            scaler.scale(loss / accum_steps).backward()
+        total = total + loss.detach() / accum_steps
+    return total, logs
+
+
 class MetricsLog:
     """metrics.jsonl (always) and TensorBoard (when installed)."""
 
@@ -313,23 +420,49 @@ class MetricsLog:
 
 def fit(task: Task, run_dir: str | Path, progress: bool = True,
         on_step: Callable[[int], None] | None = None) -> FitResult:
-    """Train `task` into `run_dir`, resuming from `run_dir/checkpoint` when present."""
-    cfg: TrainConfig = task.config.train
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
-    amp_dtype = resolve_precision(cfg.precision, device)
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed % 2**32)
+    """Train `task` into `run_dir`, resuming from `run_dir/checkpoint` when present.
 
+    Under torchrun every process calls this; it joins the process group (unless one already exists) and leaves it
+    at the end if it created it."""
+    owns_group = dist.init_from_env()
+    try:
+        return _fit(task, Path(run_dir), progress, on_step)
+    finally:
+        if owns_group:
+            dist.shutdown()
+
+
+def _fit(task: Task, run_dir: Path, progress: bool, on_step: Callable[[int], None] | None) -> FitResult:
+    cfg: TrainConfig = task.config.train
+    rank, world = dist.rank(), dist.world_size()
+    main = rank == 0
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and dist.is_distributed():
+        device = torch.device("cuda", dist.local_rank())
+    amp_dtype = resolve_precision(cfg.precision, device)
+    # Dropout and drop-path masks differ per rank (their data differ anyway); data order and augmentation do not
+    # come from these generators (see ResumableBatchSampler).
+    torch.manual_seed(cfg.seed + rank)
+    random.seed(cfg.seed + rank)
+    np.random.seed((cfg.seed + rank) % 2**32)
+
+    share = cfg.batch_size // world
+    if cfg.batch_size % world or share % cfg.accum_steps:
+        raise ClipsnailError(f"batch_size {cfg.batch_size} must split evenly over {world} process(es) x "
+                             f"{cfg.accum_steps} accumulation step(s)")
     model = task.build_model().to(device)
+    if cfg.grad_checkpointing:
+        if not hasattr(model, "set_grad_checkpointing"):
+            raise ClipsnailError(f"{type(model).__name__} does not support grad_checkpointing")
+        model.set_grad_checkpointing(True)
     optimizer = build_optimizer(task, model)
     per_epoch = steps_per_epoch(task)
     if per_epoch == 0:
         raise ClipsnailError(
-            f"the training set has {len(task.train_dataset)} samples, fewer than one batch of {cfg.batch_size}: "
-            "lower --set batch_size or add data"
+            f"the training set has {dataset_size(task.train_dataset)} samples, fewer than one batch of "
+            f"{cfg.batch_size}: lower --set batch_size or add data"
         )
     total_steps = cfg.max_steps or cfg.epochs * per_epoch
     o = task.config.optim
@@ -346,7 +479,7 @@ def fit(task: Task, run_dir: str | Path, progress: bool = True,
         # not dominated by its random initialisation.
         ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True)
 
-    metrics_log = MetricsLog(run_dir)
+    metrics_log = MetricsLog(run_dir) if main else None
     best: float | None = None  # best value of cfg.best_metric so far
     step, batches_done_in_epoch, start_epoch = 0, 0, 0
     ckpt_path = run_dir / CHECKPOINT
@@ -359,14 +492,26 @@ def fit(task: Task, run_dir: str | Path, progress: bool = True,
         if ema is not None and "ema" in state:
             ema.module.load_state_dict(state["ema"])
         set_rng_state(state["rng"])
+        if rank:  # the checkpoint holds rank 0's generators; keep the ranks' dropout masks apart
+            torch.manual_seed(int(torch.randint(2**62, ())) + rank)
         step, start_epoch, batches_done_in_epoch = state["step"], state["epoch"], state["batches_done_in_epoch"]
         best = state.get("best", best)
-        metrics_log.truncate_after(step)
+        if main:
+            metrics_log.truncate_after(step)
         log.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt_path, step, start_epoch,
                  batches_done_in_epoch)
-    train_model = torch.compile(model) if cfg.compile else model
+    train_model = model
+    if dist.is_distributed():
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Built after loading the checkpoint; DDP also broadcasts rank 0's weights, so every rank starts equal.
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        train_model = torch.compile(train_model)
 
     def checkpoint(epoch: int, batches_done: int) -> None:
+        if not main:
+            return
         state = {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(), "rng": rng_state(), "step": step, "epoch": epoch,
@@ -383,7 +528,7 @@ def fit(task: Task, run_dir: str | Path, progress: bool = True,
     started = time.monotonic()
     out_of_time = False
     metrics: dict[str, float] = {}
-    bar = tqdm(total=total_steps, initial=step, disable=not progress, dynamic_ncols=True, desc="train")
+    bar = tqdm(total=total_steps, initial=step, disable=not (progress and main), dynamic_ncols=True, desc="train")
     last_log = time.monotonic()
     samples_since_log = 0
     epoch = start_epoch
@@ -391,29 +536,22 @@ def fit(task: Task, run_dir: str | Path, progress: bool = True,
         if step >= total_steps:
             break
         skip = batches_done_in_epoch if epoch == start_epoch else 0
-        loader = DataLoader(
-            task.train_dataset,
-            batch_sampler=ResumableBatchSampler(len(task.train_dataset), cfg.batch_size, cfg.seed, epoch, skip),
-            collate_fn=task.collate,
-            num_workers=cfg.num_workers,
-            # Its own generator: creating the loader must not draw from the global RNG that resume restores.
-            generator=torch.Generator().manual_seed(cfg.seed + epoch),
-            pin_memory=device.type == "cuda",
-            persistent_workers=False,
-        )
+        loader = train_loader(task, cfg, epoch, skip, device)
         model.train()
         batch_index = skip
         for batch in loader:
             batch_index += 1
             if batch is None:  # every sample unreadable (and skipped, counted by the task)
+                if dist.is_distributed():  # the other ranks would wait for this one's gradients forever
+                    raise ClipsnailError(f"rank {rank}: a whole batch of unreadable samples at step {step}")
                 continue
             batch = move_to(batch, device)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                loss, logs = task.loss(train_model, batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss, logs = backward(task, train_model, batch, cfg.accum_steps, scaler,
+                                  lambda: torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                                                         enabled=amp_dtype is not None))
             if not torch.isfinite(loss):
                 raise ClipsnailError(f"loss became {loss.item()} at step {step}: lower the learning rate")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
             if o.grad_clip > 0:
                 scaler.unscale_(optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip).item()
@@ -430,11 +568,13 @@ def fit(task: Task, run_dir: str | Path, progress: bool = True,
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", refresh=False)
             if step % cfg.log_every == 0 or step == total_steps:
+                mean_loss = dist.all_reduce_mean(loss).item()  # every rank takes part; rank 0 writes
                 now = time.monotonic()
-                record = {"step": step, "epoch": epoch, "loss": loss.item(), "lr": lr,
-                          "samples_per_s": samples_since_log / max(now - last_log, 1e-9)}
-                record.update({k: float(v) for k, v in logs.items()})
-                metrics_log.write(record)
+                if main:
+                    record = {"step": step, "epoch": epoch, "loss": mean_loss, "lr": lr,
+                              "samples_per_s": samples_since_log / max(now - last_log, 1e-9)}
+                    record.update({k: float(v) for k, v in logs.items()})
+                    metrics_log.write(record)
                 last_log, samples_since_log = now, 0
             if on_step is not None:
                 on_step(step)
@@ -442,7 +582,7 @@ def fit(task: Task, run_dir: str | Path, progress: bool = True,
                 break
             if step % cfg.checkpoint_every == 0:
                 checkpoint(epoch, batch_index)
-            if budget is not None and time.monotonic() - started > budget:
+            if budget is not None and dist.any_rank(time.monotonic() - started > budget, device):
                 out_of_time = True
                 break
         epoch_done = batch_index >= per_epoch or step >= total_steps
@@ -450,7 +590,8 @@ def fit(task: Task, run_dir: str | Path, progress: bool = True,
             checkpoint(epoch, batch_index)
             break
         last_epoch = step >= total_steps
-        if last_epoch or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
+        # Rank 0 evaluates and writes; the other ranks wait for it at the barrier below.
+        if main and (last_epoch or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
             metrics = task.evaluate(model)
             if ema is not None:  # the average is judged on its own, next to the raw weights
                 metrics.update({f"ema_{k}": v for k, v in task.evaluate(ema.module).items()})
@@ -461,18 +602,22 @@ def fit(task: Task, run_dir: str | Path, progress: bool = True,
             if metrics:
                 metrics_log.write({"step": step, "epoch": epoch, **{f"eval/{k}": v for k, v in metrics.items()}})
                 log.info("epoch %d step %d: %s", epoch, step, _fmt(metrics))
-        task.after_epoch(eval_model(), run_dir, epoch)
-        checkpoint(epoch + 1, 0)
-        task.save(eval_model(), run_dir)
+        if main:
+            task.after_epoch(eval_model(), run_dir, epoch)
+            checkpoint(epoch + 1, 0)
+            task.save(eval_model(), run_dir)
+        dist.barrier()
         if out_of_time:
             break
     bar.close()
     completed = step >= total_steps
-    task.save(eval_model(), run_dir)
+    if main:
+        task.save(eval_model(), run_dir)
+        _plot_curves(run_dir)
+    dist.barrier()
     if out_of_time and not completed:
         log.info("time budget %s spent at step %d of %d; run the same command again to continue",
                  cfg.time_budget, step, total_steps)
-    _plot_curves(run_dir)
     return FitResult(step=step, epoch=epoch, completed=completed, metrics=metrics, run_dir=run_dir)
 
 

@@ -3,6 +3,8 @@ captions of one image, or the same caption for several images)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -12,23 +14,65 @@ def clip_loss(
     text_features: torch.Tensor,
     logit_scale: torch.Tensor,
     positives: torch.Tensor | None = None,
+    *,
+    all_image_features: torch.Tensor | None = None,
+    all_text_features: torch.Tensor | None = None,
+    offset: int = 0,
 ) -> torch.Tensor:
-    """Mean of the image->text and text->image cross-entropies over the [B, B] similarity matrix.
+    """Mean of the image->text and text->image cross-entropies over the similarity matrix.
 
     Features must already be L2-normalised and `logit_scale` is exp(t), as in the CLIP paper and open_clip's
-    ClipLoss. With `positives=None` the targets are the diagonal. `positives` is a boolean [B, B] matrix
-    (True on the diagonal) marking every pair that truly matches: each row's target is then spread uniformly
-    over its positives, so a duplicate is not punished as a negative (seed 000's motivation for soft targets,
-    done without its fixed temperature and unnormalised similarities).
+    ClipLoss. With `positives=None` the targets are the diagonal. `positives` is a boolean matrix (True on the
+    diagonal) marking every pair that truly matches: each row's target is then spread uniformly over its
+    positives, so a duplicate is not punished as a negative (seed 000's motivation for soft targets, done without
+    its fixed temperature and unnormalised similarities).
+
+    Rows and columns may differ (open_clip's `local_loss`): the rows are this process's samples, which sit at
+    `offset` in the global batch, and the columns are `all_*_features`, the whole batch gathered from every
+    process; `positives` is then [rows, columns]. It must be symmetric in the global sense (positives_from_ids
+    is), since the same rows serve both directions.
     """
-    logits_per_image = logit_scale * image_features @ text_features.T
+    if all_image_features is None and all_text_features is None:  # one square matrix serves both directions
+        logits_per_image = logit_scale * image_features @ text_features.T
+        logits_per_text = logits_per_image.T
+    else:
+        logits_per_image = logit_scale * image_features @ all_text_features.T
+        logits_per_text = logit_scale * text_features @ all_image_features.T
     if positives is None:
-        labels = torch.arange(logits_per_image.shape[0], device=logits_per_image.device)
-        return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_image.T, labels)) / 2
+        labels = torch.arange(logits_per_image.shape[0], device=logits_per_image.device) + offset
+        return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
     targets = positives.to(logits_per_image.dtype)
-    image_to_text = _soft_cross_entropy(logits_per_image, targets / targets.sum(dim=1, keepdim=True))
-    text_to_image = _soft_cross_entropy(logits_per_image.T, targets.T / targets.T.sum(dim=1, keepdim=True))
-    return (image_to_text + text_to_image) / 2
+    targets = targets / targets.sum(dim=1, keepdim=True)
+    return (_soft_cross_entropy(logits_per_image, targets) + _soft_cross_entropy(logits_per_text, targets)) / 2
+
+
+def distributed_clip_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    ids: Sequence[torch.Tensor] = (),
+    local_loss: bool = False,
+) -> torch.Tensor:
+    """CLIP's loss over the batch of every process, as open_clip computes it under DDP.
+
+    Features are all-gathered with gradients, so every sample is contrasted with the whole global batch, and the
+    gradients equal those of one process holding that batch (after DDP averages them). `ids` (image ids, caption
+    ids...) mark positives via `positives_from_ids` (none: the diagonal). `local_loss`: each process computes
+    only its own rows against all columns, [b, B] instead of [B, B]: less memory and compute, same gradients.
+    Alone in a single process this is just `clip_loss`.
+    """
+    from clipsnail import distributed as dist
+
+    all_image, all_text = dist.gather_with_grad(image_features), dist.gather_with_grad(text_features)
+    all_ids = [dist.gather_no_grad(v) for v in ids]
+    positives = positives_from_ids(*all_ids) if all_ids else None
+    if not local_loss or not dist.is_distributed():
+        return clip_loss(all_image, all_text, logit_scale, positives)
+    n = image_features.shape[0]
+    offset = dist.rank() * n
+    return clip_loss(image_features, text_features, logit_scale,
+                     positives[offset: offset + n] if positives is not None else None,
+                     all_image_features=all_image, all_text_features=all_text, offset=offset)
 
 
 def _soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

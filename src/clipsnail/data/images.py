@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import warnings
@@ -93,14 +94,15 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im if im.mode == "RGB" else im.convert("RGB")
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """The image at `path`, fully decoded, upright (EXIF orientation applied), RGB."""
-    path = Path(path)
+def load_image(path: str | Path, data: bytes | None = None) -> Image.Image:
+    """The image at `path` (or in `data`, read from `path`, e.g. a tar shard), fully decoded, upright (EXIF
+    orientation applied), RGB."""
+    source = Path(path) if data is None else io.BytesIO(data)
     try:
         with warnings.catch_warnings():
             # A decompression bomb is a bad file in a corpus, not a warning to scroll past.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(source) as im:
                 im.load()
                 ImageOps.exif_transpose(im, in_place=True)
                 return _to_rgb(im)

@@ -22,16 +22,15 @@ import os
 import random
 import re
 import tarfile
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from clipsnail.data.captions import group_by_image, read_captions, split_records
-from clipsnail.data.images import IMAGE_EXTENSIONS, _to_rgb
+from clipsnail.data.images import IMAGE_EXTENSIONS, load_image
 from clipsnail.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -55,18 +54,7 @@ def caption_text_id(caption: str) -> int:
 
 
 def decode_image(data: bytes, name: str) -> Image.Image:
-    """`clipsnail.data.images.load_image` for bytes read from a shard: fully decoded, upright, RGB."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
-                im.load()
-                ImageOps.exif_transpose(im, in_place=True)
-                return _to_rgb(im)
-    except Exception as e:  # decoders raise many types (OSError, SyntaxError, EOFError, struct.error...)
-        reason = ("not an image, or an unsupported format" if isinstance(e, UnidentifiedImageError)
-                  else str(e) or type(e).__name__)
-        raise DataError(f"{name}: cannot read image: {reason}") from e
+    return load_image(name, data)
 
 
 # ----------------------------------------------------------------------------------------------- writing
@@ -497,3 +485,15 @@ def _captions(raw: dict) -> list[str]:
         return []
     return [text] if text else []
 
+
+
+def read_shard_captions(pattern: str, limit: int) -> list[str]:
+    """Up to `limit` captions from the first shards, in order: enough text to train a tokenizer on a corpus
+    too large to read whole."""
+    captions: list[str] = []
+    for url in expand_urls(pattern):
+        for raw in _read_shard(url, strict=False):
+            captions.extend(_captions(raw))
+            if len(captions) >= limit:
+                return captions[:limit]
+    return captions

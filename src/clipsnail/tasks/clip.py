@@ -14,14 +14,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from clipsnail.config import OptimConfig, TrainConfig
+from clipsnail import distributed as dist
+from clipsnail.config import OptimConfig, TrainConfig, from_dict
 from clipsnail.data.captions import group_by_image, read_captions, split_records
 from clipsnail.data.datasets import CaptionImageDataset
 from clipsnail.data.tokenizers import TextTokenizer, build_tokenizer
 from clipsnail.data.transforms import clip_train_transform, eval_transform
-from clipsnail.engine import param_groups_by_prefix
+from clipsnail.engine import param_groups_by_prefix, unwrap
 from clipsnail.errors import DataError
-from clipsnail.losses import clip_loss, positives_from_ids
+from clipsnail.losses import distributed_clip_loss, positives_from_ids
 from clipsnail.models.clip import CLIP, ClipModelConfig
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,11 @@ MAX_LOGIT_SCALE = math.log(100.0)
 class ClipDataConfig:
     captions: str = ""  # caption file (any format of DESIGN.md)
     images: str = ""  # folder the caption file's image names are relative to
+    # WebDataset tar shards to stream instead ("data/{000000..000099}.tar", see `clipsnail data shards`); the
+    # caption file, when also given, then only serves validation.
+    shards: str = ""
+    shuffle_buffer: int = 1000  # samples shuffled together while streaming shards
+    tokenizer_captions: int = 200_000  # shards: train the BPE on at most this many captions from the first shards
     format: str = "auto"
     split_file: str = ""  # Karpathy-style split JSON; default: 80/10/10 by a hash of the image name
     tokenizer: str = "bpe"  # "bpe" (byte-level BPE trained on the training captions) or "char"
@@ -49,10 +55,16 @@ class ClipDataConfig:
 class ClipLossConfig:
     multi_positive: bool = True  # captions of the same image in one batch are all positives
     same_caption_positive: bool = True  # identical caption texts of different images are positives too
+    # Under torchrun each process scores only its own rows against the gathered batch (open_clip --local-loss):
+    # [b, B] logits instead of [B, B] per process, same gradients.
+    local_loss: bool = False
 
 
 @dataclasses.dataclass
 class FinetuneConfig:
+    # A CLIP run to start from (e.g. one written by `clipsnail convert`): its architecture, tokenizer and weights
+    # replace the model section; the training run keeps its own data, optimiser and schedule.
+    init: str = ""
     lock_image: bool = False  # freeze the image tower (open_clip --lock-image; seed 000 trainable=False)
     lock_text: bool = False
     image_lr: float | None = None  # per-part learning rates (seed 000: 1e-4 image, 1e-5 text, 1e-3 heads)
@@ -93,33 +105,66 @@ class ClipTask:
     def __init__(self, config: ClipConfig, run_dir: str | Path | None = None):
         self.config = config
         data = config.data
-        names, captions, caption_to_image = load_caption_split(data, "train")
+        self.init_weights = None
+        if config.finetune.init:
+            self.init_weights = self._take_init_run(config.finetune.init)
         m = config.model
-        tokenizer_path = Path(run_dir) / "tokenizer.json" if run_dir else None
-        if tokenizer_path is not None and tokenizer_path.exists():  # resuming: keep the vocabulary of the run
-            self.tokenizer = TextTokenizer.load(tokenizer_path)
-        elif m.text_encoder.startswith("hf:"):  # a pretrained tower comes with its own vocabulary
-            self.tokenizer = TextTokenizer.from_pretrained(m.text_encoder[3:], data.context_length)
+        transform = clip_train_transform(m.image_size, m.image_mean, m.image_std, data.augment)
+        if data.shards:
+            from clipsnail.data.shards import ShardStream, read_shard_captions
+
+            self.train_dataset = ShardStream(data.shards, transform, seed=config.train.seed,
+                                             shuffle_buffer=data.shuffle_buffer, strict=data.strict)
+            captions = lambda: read_shard_captions(data.shards, data.tokenizer_captions)  # noqa: E731
+            log.info("streaming %d images from %s", self.train_dataset.num_samples, data.shards)
         else:
-            self.tokenizer = build_tokenizer(data.tokenizer, captions, data.vocab_size, data.context_length)
+            names, train_captions, caption_to_image = load_caption_split(data, "train")
+            self.train_dataset = CaptionImageDataset(data.images, names, train_captions, caption_to_image, transform,
+                                                     sampling=data.sampling, strict=data.strict,
+                                                     cache_mb=data.cache_mb)
+            captions = lambda: train_captions  # noqa: E731
+            log.info("training on %d images with %d captions", len(names), len(train_captions))
+        self.tokenizer = self._tokenizer(Path(run_dir) if run_dir else None, captions)
         m.vocab_size, m.context_length = self.tokenizer.vocab_size, self.tokenizer.context_length
         m.pad_id = self.tokenizer.pad_id
         if self.tokenizer.eot_id is not None:
             m.eot_id = self.tokenizer.eot_id
-        self.train_dataset = CaptionImageDataset(
-            data.images, names, captions, caption_to_image,
-            clip_train_transform(m.image_size, m.image_mean, m.image_std, data.augment),
-            sampling=data.sampling, strict=data.strict, cache_mb=data.cache_mb,
-        )
         self.val = None
-        try:
-            self.val = load_caption_split(data, "val")
-        except DataError as e:
-            log.info("no validation during training (%s)", e)
-        log.info("training on %d images with %d captions", len(names), len(captions))
+        if data.captions or not data.shards:
+            try:
+                self.val = load_caption_split(data, "val")
+            except DataError as e:
+                log.info("no validation during training (%s)", e)
+
+    def _take_init_run(self, run: str) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        from clipsnail.hub import read_run_config
+
+        task, data = read_run_config(run)
+        if task != "clip":
+            raise DataError(f"{run}: finetune.init needs a CLIP run, this one is a {task!r} run")
+        self.config.model = from_dict(ClipModelConfig, data.get("model", {}), where=f"{run}/config.json model")
+        log.info("starting from the weights of %s", run)
+        return load_file(str(Path(run) / "model.safetensors"))
+
+    def _tokenizer(self, run_dir: Path | None, captions) -> TextTokenizer:
+        m, data = self.config.model, self.config.data
+        if run_dir is not None and (run_dir / "tokenizer.json").exists():  # resuming: keep the run's vocabulary
+            return TextTokenizer.load(run_dir / "tokenizer.json")
+        if self.config.finetune.init:  # the weights come with their vocabulary
+            return TextTokenizer.load(Path(self.config.finetune.init) / "tokenizer.json")
+        if m.text_encoder.startswith("hf:"):  # a pretrained tower comes with its own vocabulary
+            return TextTokenizer.from_pretrained(m.text_encoder[3:], data.context_length)
+        # Trained once, on rank 0, and sent to the other processes: every rank must encode text identically.
+        tokenizer = build_tokenizer(data.tokenizer, captions(), data.vocab_size, data.context_length) \
+            if dist.is_main() else None
+        return dist.broadcast_object(tokenizer)
 
     def build_model(self) -> CLIP:
         model = CLIP(self.config.model)
+        if self.init_weights is not None:
+            model.load_state_dict(self.init_weights)
         model.tokenizer = self.tokenizer
         model.preprocess = eval_transform(model.cfg.image_size, model.cfg.image_mean, model.cfg.image_std)
         ft = self.config.finetune
@@ -148,20 +193,34 @@ class ClipTask:
             "caption_ids": torch.tensor([s["caption_id"] for s in kept]),
         }
 
-    def loss(self, model: nn.Module, batch: dict):
-        ft = self.config.finetune
+    def embed(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+        ft, clip = self.config.finetune, unwrap(model)
         if ft.lock_image:
-            model.visual.eval()  # frozen BatchNorm statistics must not drift either
+            clip.visual.eval()  # frozen BatchNorm statistics must not drift either
         if ft.lock_text:
-            model.text.eval()
-        image_emb, text_emb, scale = model(batch["images"], batch["tokens"])
+            clip.text.eval()
+        image_emb, text_emb, scale = model(batch["images"], batch["tokens"])  # through DDP's hooks
+        return {"image": image_emb, "text": text_emb, "scale": scale}
+
+    def loss(self, model: nn.Module, batch: dict):
+        return self.loss_from_embeddings(model, [self.embed(model, batch)], batch, fresh=0)
+
+    def loss_from_embeddings(self, model: nn.Module, parts: list[dict], batch: dict, fresh: int):
+        """The contrastive loss of the whole batch from its micro-batches' embeddings (one part: no accumulation).
+        `parts[fresh]` carries gradients; the temperature is taken from it only in the last micro-step, so it
+        gets its gradient once, as in one full batch (open_clip counts it accum_freq times)."""
+        image_emb = torch.cat([p["image"] for p in parts]).float()
+        text_emb = torch.cat([p["text"] for p in parts]).float()
+        scale = parts[fresh]["scale"].float()
+        if fresh != len(parts) - 1:
+            scale = scale.detach()
         lc = self.config.loss
         ids = [batch["image_ids"]] if lc.multi_positive else []
         if lc.same_caption_positive:
             ids.append(batch["caption_ids"])
-        positives = positives_from_ids(*ids) if ids else None
-        loss = clip_loss(image_emb.float(), text_emb.float(), scale.float(), positives)
-        with torch.no_grad():
+        loss = distributed_clip_loss(image_emb, text_emb, scale, ids, local_loss=lc.local_loss)
+        with torch.no_grad():  # this process's rows only: a cheap training signal, not a metric
+            positives = positives_from_ids(*ids) if ids else None
             hits = (image_emb @ text_emb.T).argmax(dim=1)
             ok = positives[torch.arange(len(hits)), hits] if positives is not None else hits == torch.arange(
                 len(hits), device=hits.device)
@@ -169,7 +228,7 @@ class ClipTask:
 
     def after_optimizer_step(self, model: nn.Module) -> None:
         with torch.no_grad():  # open_clip: clamp the temperature so exp(t) <= 100
-            model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+            unwrap(model).logit_scale.clamp_(0, MAX_LOGIT_SCALE)
 
     def evaluate(self, model: CLIP) -> dict[str, float]:
         if self.val is None:

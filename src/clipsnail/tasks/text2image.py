@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 from clipsnail.config import OptimConfig, TrainConfig
 from clipsnail.data.datasets import CaptionImageDataset
 from clipsnail.data.tokenizers import TextTokenizer, build_tokenizer
-from clipsnail.engine import param_groups_by_prefix, seeded
+from clipsnail.engine import param_groups_by_prefix, seeded, unwrap
 from clipsnail.errors import ConfigError, DataError
 from clipsnail.layers.causal import data_dependent_init
 from clipsnail.layers.mixture import discretized_mix_logistic_nll
@@ -187,7 +187,7 @@ class RetrieveTask:
 
     def loss(self, model: TextToFeature, batch: dict):
         predicted = model(batch["tokens"])
-        return model.loss(predicted.float(), batch["targets"]), {}
+        return unwrap(model).loss(predicted.float(), batch["targets"]), {}
 
     def after_optimizer_step(self, model: nn.Module) -> None:
         pass
