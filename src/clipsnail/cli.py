@@ -551,6 +551,43 @@ def cmd_convert(args) -> None:
                              "lemevit:PATH")
 
 
+# ----------------------------------------------------------------------------------------------- export
+
+
+def cmd_export(args) -> None:
+    from clipsnail.export import export_onnx
+
+    for name in ("onnxscript", "onnx_ir", "torch.onnx"):  # the exporter logs every optimisation pass at INFO
+        logging.getLogger(name).setLevel(logging.WARNING)
+    print_json(export_onnx(args.model, args.onnx, opset=args.opset))
+
+
+# ----------------------------------------------------------------------------------------------- convert
+
+
+def cmd_convert(args) -> None:
+    from clipsnail.convert import convert_lemevit, convert_open_clip, read_class_names
+
+    kind, sep, path = args.source.partition(":")
+    if not sep or not path:
+        raise ClipsnailError(f"--from {args.source!r}: expected open_clip:PATH or lemevit:PATH")
+    if kind == "open_clip":
+        if args.model or args.class_names or args.num_classes is not None or args.weights != "ema":
+            raise ClipsnailError("--model, --num-classes, --class-names and --weights apply to lemevit:PATH only")
+        print_json(convert_open_clip(path, args.out, quick_gelu=args.quick_gelu))
+    elif kind == "lemevit":
+        if not args.model:
+            raise ClipsnailError("lemevit:PATH needs --model (lemevit_tiny, lemevit_small or lemevit_base)")
+        if args.quick_gelu is not None:
+            raise ClipsnailError("--quick-gelu / --no-quick-gelu apply to open_clip:PATH only")
+        names = read_class_names(args.class_names) if args.class_names else None
+        print_json(convert_lemevit(path, args.out, args.model, num_classes=args.num_classes, weights=args.weights,
+                                   class_names=names))
+    else:
+        raise ClipsnailError(f"--from {args.source!r}: unknown source {kind!r}; choose open_clip:PATH or "
+                             "lemevit:PATH")
+
+
 # ----------------------------------------------------------------------------------------------- demo
 
 
@@ -752,6 +789,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("export", help="export a CLIP run's image and text encoders to ONNX (runs on onnxruntime "
+                                      "without PyTorch); prints JSON")
+    p.add_argument("--model", required=True, help="CLIP run directory")
+    p.add_argument("--onnx", required=True, metavar="DIR", help="output folder: image_encoder.onnx, "
+                   "text_encoder.onnx, tokenizer.json, preprocess.json (replaced atomically when it exists)")
+    p.add_argument("--opset", type=int, help="ai.onnx opset version (default: the exporter's)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("serve", help="the web app: text and image search over an index, zero-shot labels, generation")
     p.add_argument("--index", required=True, help="an index made by `clipsnail index build`")
