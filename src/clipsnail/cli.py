@@ -562,32 +562,6 @@ def cmd_export(args) -> None:
     print_json(export_onnx(args.model, args.onnx, opset=args.opset))
 
 
-# ----------------------------------------------------------------------------------------------- convert
-
-
-def cmd_convert(args) -> None:
-    from clipsnail.convert import convert_lemevit, convert_open_clip, read_class_names
-
-    kind, sep, path = args.source.partition(":")
-    if not sep or not path:
-        raise ClipsnailError(f"--from {args.source!r}: expected open_clip:PATH or lemevit:PATH")
-    if kind == "open_clip":
-        if args.model or args.class_names or args.num_classes is not None or args.weights != "ema":
-            raise ClipsnailError("--model, --num-classes, --class-names and --weights apply to lemevit:PATH only")
-        print_json(convert_open_clip(path, args.out, quick_gelu=args.quick_gelu))
-    elif kind == "lemevit":
-        if not args.model:
-            raise ClipsnailError("lemevit:PATH needs --model (lemevit_tiny, lemevit_small or lemevit_base)")
-        if args.quick_gelu is not None:
-            raise ClipsnailError("--quick-gelu / --no-quick-gelu apply to open_clip:PATH only")
-        names = read_class_names(args.class_names) if args.class_names else None
-        print_json(convert_lemevit(path, args.out, args.model, num_classes=args.num_classes, weights=args.weights,
-                                   class_names=names))
-    else:
-        raise ClipsnailError(f"--from {args.source!r}: unknown source {kind!r}; choose open_clip:PATH or "
-                             "lemevit:PATH")
-
-
 # ----------------------------------------------------------------------------------------------- demo
 
 
