@@ -7,6 +7,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -48,15 +49,30 @@ def add_caption_flags(p: argparse.ArgumentParser, required: bool = True) -> None
     p.add_argument("--strict", action="store_true", help="a corrupt image is an error, not a skipped sample")
 
 
+CAPTION_FLAGS = (("captions", "data.captions"), ("images", "data.images"), ("format", "data.format"),
+                 ("split_file", "data.split_file"))
+
+
+def flag_overrides(args, extra: tuple[tuple[str, str], ...] = ()) -> list[str]:
+    """The caption-data flags given (and `extra` flag -> key pairs) as `--set` overrides, which --set can override."""
+    overrides = [f"{key}={getattr(args, flag)}" for flag, key in CAPTION_FLAGS + extra if getattr(args, flag, None)]
+    if getattr(args, "strict", False):
+        overrides.append("data.strict=true")
+    return overrides
+
+
 def print_json(obj) -> None:
     print(json.dumps(obj, indent=2))
 
 
 def train_and_report(task, args) -> None:
     """Every `train` command ends the same way: fit (resuming when RUN holds a checkpoint), say how it ended."""
+    from clipsnail import distributed as dist
     from clipsnail.engine import fit
 
     result = fit(task, args.out, progress=not args.no_progress)
+    if not dist.is_main():  # under torchrun one process reports
+        return
     state = "finished" if result.completed else "stopped by the time budget (run again to continue)"
     print(f"training {state} at step {result.step}; run directory: {args.out}", file=sys.stderr)
     if result.metrics:
@@ -111,14 +127,8 @@ def clip_config(args):
     from clipsnail.config import load_config
     from clipsnail.tasks.clip import ClipConfig
 
-    overrides = list(getattr(args, "overrides", []))
-    for flag, key in (("captions", "data.captions"), ("images", "data.images"), ("format", "data.format"),
-                      ("split_file", "data.split_file")):
-        value = getattr(args, flag, None)
-        if value:
-            overrides.insert(0, f"{key}={value}")
-    if getattr(args, "strict", False):
-        overrides.insert(0, "data.strict=true")
+    overrides = flag_overrides(args, (("shards", "data.shards"), ("init", "finetune.init")))
+    overrides += list(getattr(args, "overrides", []))
     return load_config(ClipConfig, getattr(args, "config", None), overrides + train_overrides(args))
 
 
@@ -126,16 +136,26 @@ def cmd_clip_train(args) -> None:
     from clipsnail.summary import model_summary
     from clipsnail.tasks.clip import ClipTask
 
+    from clipsnail import distributed as dist
+
     cfg = clip_config(args)
     task = ClipTask(cfg, run_dir=args.out)
-    model = task.build_model()
-    example = next(iter(_example_batch(task)))
-    print(model_summary(model, (example["images"], example["tokens"])), file=sys.stderr)
+    if dist.is_main():
+        model = task.build_model()
+        example = next(iter(_example_batch(task)))
+        print(model_summary(model, (example["images"], example["tokens"])), file=sys.stderr)
     train_and_report(task, args)
 
 
 def _example_batch(task):
-    readable = (task.train_dataset[(i, i)] for i in range(len(task.train_dataset)))
+    from torch.utils.data import IterableDataset
+
+    dataset = task.train_dataset
+    if isinstance(dataset, IterableDataset):  # a stream of shards
+        dataset.set_epoch(0, batch_size=2)
+        readable = iter(dataset)
+    else:
+        readable = (dataset[(i, i)] for i in range(len(dataset)))
     yield task.collate(list(itertools.islice((s for s in readable if s is not None), 2)))
 
 
@@ -471,13 +491,7 @@ def t2i_config(args):
             overrides.append(f"clip={args.clip}")
     elif args.encoder:
         overrides.append(f"encoder={args.encoder}")
-    for flag, key in (("captions", "data.captions"), ("images", "data.images"), ("format", "data.format"),
-                      ("split_file", "data.split_file")):
-        value = getattr(args, flag, None)
-        if value:
-            overrides.append(f"{key}={value}")
-    if args.strict:
-        overrides.append("data.strict=true")
+    overrides += flag_overrides(args)
     config_class = TextPixelSNAILConfig if args.kind == "pixelsnail" else RetrieveConfig
     return load_config(config_class, yaml_file, overrides + list(args.overrides) + train_overrides(args))
 
@@ -525,6 +539,17 @@ def cmd_generate(args) -> None:
     print(f"wrote {args.out}", file=sys.stderr)
 
 
+# ----------------------------------------------------------------------------------------------- export
+
+
+def cmd_export(args) -> None:
+    from clipsnail.export import export_onnx
+
+    for name in ("onnxscript", "onnx_ir", "torch.onnx"):  # the exporter logs every optimisation pass at INFO
+        logging.getLogger(name).setLevel(logging.WARNING)
+    print_json(export_onnx(args.model, args.onnx, opset=args.opset))
+
+
 # ----------------------------------------------------------------------------------------------- convert
 
 
@@ -549,17 +574,6 @@ def cmd_convert(args) -> None:
     else:
         raise ClipsnailError(f"--from {args.source!r}: unknown source {kind!r}; choose open_clip:PATH or "
                              "lemevit:PATH")
-
-
-# ----------------------------------------------------------------------------------------------- export
-
-
-def cmd_export(args) -> None:
-    from clipsnail.export import export_onnx
-
-    for name in ("onnxscript", "onnx_ir", "torch.onnx"):  # the exporter logs every optimisation pass at INFO
-        logging.getLogger(name).setLevel(logging.WARNING)
-    print_json(export_onnx(args.model, args.onnx, opset=args.opset))
 
 
 # ----------------------------------------------------------------------------------------------- demo
@@ -617,8 +631,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     clip = sub.add_parser("clip", help="train, evaluate and inspect CLIP models").add_subparsers(
         dest="clip_command", required=True)
-    p = clip.add_parser("train", help="train CLIP on a caption corpus")
+    p = clip.add_parser("train", help="train CLIP on a caption corpus (runs data-parallel under torchrun)")
     add_caption_flags(p, required=False)
+    p.add_argument("--shards", help='stream WebDataset tar shards, e.g. "data/{000000..000099}.tar" (see `data '
+                   'shards`); --captions/--images then only serve validation')
+    p.add_argument("--init", metavar="RUN", help="start from this CLIP run's architecture, tokenizer and weights "
+                   "(fine-tuning, e.g. a run made by `clipsnail convert`)")
     add_train_flags(p)
     p.set_defaults(func=cmd_clip_train)
 
@@ -802,7 +820,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s",
                         stream=sys.stderr)
     logging.getLogger("PIL").setLevel(logging.WARNING)
+    torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if torchrun:
+        from clipsnail import distributed as dist
     try:
+        # Under torchrun every process runs this command; joining the group before the task is built lets rank 0
+        # train the tokenizer once and share it.
+        if torchrun:
+            dist.init_from_env()
         args.func(args)
     except ClipsnailError as e:
         print(f"clipsnail: error: {e}", file=sys.stderr)
@@ -810,6 +835,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("clipsnail: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if torchrun:
+            dist.shutdown()
     return 0
 
 

@@ -85,7 +85,7 @@ class ClipConfig:
 def load_caption_split(data: ClipDataConfig, split: str):
     """-> (image names, captions, caption_to_image) for one split, after checking every image file exists."""
     if not data.captions or not data.images:
-        raise DataError("no training data: give --captions FILE and --images DIR")
+        raise DataError("no training data: give --captions FILE and --images DIR, or --shards")
     images_dir = Path(data.images)
     if not images_dir.is_dir():
         raise DataError(f"{images_dir}: image folder not found")
