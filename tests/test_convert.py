@@ -2,6 +2,7 @@
 (random weights, tiny configs) against open_clip itself, official-layout LeMeViT checkpoints, and the errors."""
 
 import argparse
+import copy
 import json
 
 import numpy as np
@@ -66,14 +67,15 @@ def test_build_tokenizer_knows_openai():
 # ----------------------------------------------------------------------------------------------- open_clip CLIP
 
 
-def make_open_clip(quick_gelu: bool, seed: int = 0):
-    """A tiny open_clip CLIP ViT (2 heads of 64 in both towers), every parameter random."""
+def make_open_clip(quick_gelu: bool, seed: int = 0, head_width: int = 64):
+    """A tiny open_clip CLIP ViT (by default 2 heads of 64 in both towers, as CLIP), every parameter random."""
     from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
     torch.manual_seed(seed)
     model = CLIP(embed_dim=32,
-                 vision_cfg=CLIPVisionCfg(layers=2, width=128, head_width=64, patch_size=8, image_size=32),
-                 text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=128, heads=2, layers=2),
+                 vision_cfg=CLIPVisionCfg(layers=2, width=128, head_width=head_width, patch_size=8, image_size=32),
+                 text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=128, heads=128 // head_width,
+                                      layers=2),
                  quick_gelu=quick_gelu)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -126,6 +128,10 @@ def test_converted_clip_equals_open_clip(converted, quick_gelu):
     assert ours.cfg.image_size == 32 and ours.cfg.patch_size == 8 and ours.cfg.context_length == 77
     assert_same_embeddings(source, ours)
     assert sorted(p.name for p in run.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    # open_clip's evaluation preprocessing (bicubic resize of the short side, centre crop, OpenAI mean/std)
+    pil = Image.fromarray(np.random.default_rng(0).integers(0, 256, (70, 90, 3), dtype=np.uint8))
+    reference = open_clip.image_transform(32, is_train=False, mean=ours.cfg.image_mean, std=ours.cfg.image_std)
+    assert torch.allclose(ours.preprocess(pil), reference(pil), atol=0.02)  # PIL vs tensor rounding only
     assert json.loads((run / "config.json").read_text())["task"] == "clip"
 
 
@@ -142,20 +148,36 @@ def test_the_activation_matters(converted, tmp_path):
 
 def test_quick_gelu_from_open_clip_config_and_torch_bin(tmp_path):
     """A .bin state dict (read with weights_only=True) under {"state_dict": {"module.": ...}}, with
-    open_clip_config.json beside it saying quick_gelu, as open_clip's hub repos do."""
-    source = make_open_clip(quick_gelu=True, seed=5)
+    open_clip_config.json beside it saying quick_gelu, as open_clip's hub repos do. Its head counts (4 heads of 32,
+    which the shapes cannot show) are read from the config too."""
+    source = make_open_clip(quick_gelu=True, seed=5, head_width=32)
     torch.save({"epoch": 1, "state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}},
                tmp_path / "open_clip_pytorch_model.bin")
     (tmp_path / "open_clip_config.json").write_text(json.dumps({
-        "model_cfg": {"embed_dim": 32, "quick_gelu": True, "vision_cfg": {"head_width": 64},
-                      "text_cfg": {"heads": 2}},
+        "model_cfg": {"embed_dim": 32, "quick_gelu": True, "vision_cfg": {"head_width": 32},
+                      "text_cfg": {"heads": 4}},
         "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]},
     }))
     info = convert_open_clip(tmp_path / "open_clip_pytorch_model.bin", tmp_path / "run")
     assert info["quick_gelu"] is True and info["quick_gelu_from"] == "open_clip_config.json"
+    assert info["architecture"]["vision_heads"] == info["architecture"]["text_heads"] == 4
     ours = clipsnail.load(tmp_path / "run")
     assert tuple(ours.cfg.image_mean) == (0.5, 0.5, 0.5)
     assert_same_embeddings(source, ours)
+
+
+def test_openai_exports_are_quick_gelu_and_others_default_to_gelu(converted, tmp_path):
+    """A state dict taken from OpenAI's TorchScript models keeps input_resolution/context_length/vocab_size: those
+    mean QuickGELU. Without that, or a config saying so, the default is GELU."""
+    source, _ = converted[True]
+    state = {**source.state_dict(), "input_resolution": torch.tensor(32), "context_length": torch.tensor(77),
+             "vocab_size": torch.tensor(49408)}
+    torch.save(state, tmp_path / "openai.pt")
+    info = convert_open_clip(tmp_path / "openai.pt", tmp_path / "run")
+    assert info["quick_gelu"] is True and "OpenAI" in info["quick_gelu_from"]
+    assert_same_embeddings(source, clipsnail.load(tmp_path / "run"), texts=TEXTS[:2])
+    info = convert_open_clip(save_safetensors(source, tmp_path / "plain.safetensors"), tmp_path / "plain")
+    assert info["quick_gelu"] is False and info["quick_gelu_from"].startswith("default")
 
 
 def test_cli_convert_prints_json(converted, tmp_path, capsys):
@@ -274,7 +296,11 @@ def random_lemevit(num_classes: int, seed: int):
 @pytest.fixture(scope="module")
 def lemevit_checkpoint(tmp_path_factory):
     """The timm train-script layout of the official checkpoints: EMA and raw weights under module., and args."""
-    ema, raw = random_lemevit(2, seed=0), random_lemevit(2, seed=1)
+    ema = random_lemevit(2, seed=0)
+    raw = copy.deepcopy(ema)
+    with torch.no_grad():
+        for p in raw.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
     path = tmp_path_factory.mktemp("lemevit") / "lemevit_tiny.pth"
     torch.save({"epoch": 299, "arch": "lemevit_tiny", "args": argparse.Namespace(lr=5e-4, model="lemevit_tiny"),
                 "state_dict": {f"module.{k}": v for k, v in raw.state_dict().items()},

@@ -130,6 +130,10 @@ def _check_options(path: Path, model_cfg: dict) -> None:
             if value not in allowed:
                 raise DataError(f"{path.with_name('open_clip_config.json')}: {section}.{key}={value!r} is not "
                                 f"supported (clipsnail implements OpenAI's CLIP ViT architecture)")
+    text_cfg = model_cfg.get("text_cfg") or {}
+    if text_cfg.get("pool_type") == "eos" and text_cfg.get("eos_id") != 49407:  # pooled where ours pools only then
+        raise DataError(f"{path.with_name('open_clip_config.json')}: text_cfg.pool_type='eos' with eos_id="
+                        f"{text_cfg.get('eos_id')!r} is not supported (only OpenAI's <end_of_text>, 49407)")
 
 
 def _check_supported(path: Path, state: dict[str, torch.Tensor]) -> None:
@@ -295,8 +299,12 @@ def convert_open_clip(path: str | Path, out_run_dir: str | Path, quick_gelu: boo
     model_cfg = oc_config.get("model_cfg") or {}
     _check_options(path, model_cfg)
     if quick_gelu is None:
-        quick_gelu = bool(model_cfg.get("quick_gelu", False))
-        source = "open_clip_config.json" if "quick_gelu" in model_cfg else "default (no open_clip_config.json says)"
+        if "quick_gelu" in model_cfg:
+            quick_gelu, source = bool(model_cfg["quick_gelu"]), "open_clip_config.json"
+        elif "input_resolution" in state:  # only OpenAI's own (TorchScript) models carry this: QuickGELU
+            quick_gelu, source = True, "an OpenAI export (it has input_resolution)"
+        else:
+            quick_gelu, source = False, "default: nothing says QuickGELU"
     else:
         source = "given"
     log.info("activation: %s (%s)", "QuickGELU" if quick_gelu else "GELU", source)
@@ -304,6 +312,10 @@ def convert_open_clip(path: str | Path, out_run_dir: str | Path, quick_gelu: boo
     preprocess = oc_config.get("preprocess_cfg") or {}
     if preprocess.get("mean") and preprocess.get("std"):
         m.image_mean, m.image_std = tuple(preprocess["mean"]), tuple(preprocess["std"])
+    m.image_interpolation = preprocess.get("interpolation") or "bicubic"  # OpenAI's and open_clip's default
+    if m.image_interpolation not in ("bicubic", "bilinear"):
+        raise DataError(f"{path.with_name('open_clip_config.json')}: preprocess_cfg.interpolation="
+                        f"{m.image_interpolation!r} is not supported (bicubic or bilinear)")
     tokenizer = openai_bpe(m.context_length)
     if m.vocab_size != tokenizer.vocab_size:
         raise DataError(f"{path}: a vocabulary of {m.vocab_size} tokens, not OpenAI CLIP's BPE "
@@ -323,7 +335,7 @@ def convert_open_clip(path: str | Path, out_run_dir: str | Path, quick_gelu: boo
         "architecture": {k: getattr(m, k) for k in (
             "image_size", "patch_size", "vision_width", "vision_depth", "vision_heads", "vision_mlp_ratio",
             "text_width", "text_depth", "text_heads", "text_mlp_ratio", "vocab_size", "context_length", "embed_dim",
-            "activation")},
+            "activation", "image_interpolation")},
     }
 
 
