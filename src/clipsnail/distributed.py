@@ -99,13 +99,27 @@ def any_rank(flag: bool, device: torch.device) -> bool:
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate `x` of every rank along dim 0, rank order. Gradients flow back to each rank's own slice
-    (`torch.distributed.nn.all_gather` sums the incoming gradients across ranks), as open_clip's gather_with_grad."""
+    """Concatenate `x` of every rank along dim 0, rank order, as open_clip's gather_with_grad. Gradients flow back
+    to each rank's own slice, summed over the ranks (every rank's loss used it)."""
     if not is_distributed():
         return x
-    import torch.distributed.nn  # noqa: F401  (registers the autograd-aware collectives)
+    return _GatherWithGrad.apply(x)
 
-    return torch.cat(torch.distributed.nn.functional.all_gather(x), dim=0)
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather forwards; the backward sums every rank's gradient of the gathered tensor and keeps this rank's
+    slice: what `torch.distributed.nn.functional.all_gather` computes, which torch 2.14 deprecates."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return gather_no_grad(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        n = grad.shape[0] // world_size()
+        return grad[rank() * n:(rank() + 1) * n]
 
 
 def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
