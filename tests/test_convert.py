@@ -178,6 +178,12 @@ def test_openai_exports_are_quick_gelu_and_others_default_to_gelu(converted, tmp
     assert_same_embeddings(source, clipsnail.load(tmp_path / "run"), texts=TEXTS[:2])
     info = convert_open_clip(save_safetensors(source, tmp_path / "plain.safetensors"), tmp_path / "plain")
     assert info["quick_gelu"] is False and info["quick_gelu_from"].startswith("default")
+    # open_clip's CustomTextCLIP layout: the same text tower under "text."
+    visual = ("visual.", "logit_scale")
+    save_file({(k if k.startswith(visual) else f"text.{k}"): v.contiguous() for k, v in source.state_dict().items()},
+              str(tmp_path / "custom_text.safetensors"))
+    convert_open_clip(tmp_path / "custom_text.safetensors", tmp_path / "custom_text", quick_gelu=True)
+    assert_same_embeddings(source, clipsnail.load(tmp_path / "custom_text"), texts=TEXTS[:2])
 
 
 def test_cli_convert_prints_json(converted, tmp_path, capsys):

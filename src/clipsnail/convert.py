@@ -78,9 +78,10 @@ def read_checkpoint(path: str | Path) -> dict:
             names = z.namelist()
         if any(n.endswith("constants.pkl") or "/code/" in n for n in names):
             raise DataError(
-                f"{path}: a TorchScript (JIT) archive, which holds code and is not loaded here; re-save it as a "
-                "state dict once, e.g. with open_clip: model = open_clip.create_model('ViT-B-32', pretrained=PATH); "
-                "safetensors.torch.save_file(model.state_dict(), 'model.safetensors')")
+                f"{path}: a TorchScript (JIT) archive, which holds code and is not loaded here; re-save it once as a "
+                "state dict where you trust it: safetensors.torch.save_file({k: v.contiguous() for k, v in "
+                "torch.jit.load(FILE, map_location='cpu').state_dict().items()}, 'model.safetensors'), or use the "
+                "open_clip_model.safetensors of the model's Hugging Face repo")
     try:
         # argparse.Namespace: the `args` entry of timm's train-script checkpoints; rebuilding one runs no code.
         with torch.serialization.safe_globals([argparse.Namespace]):
@@ -150,10 +151,10 @@ def _check_supported(path: Path, state: dict[str, torch.Tensor]) -> None:
                         "token_embedding.weight)")
 
 
-def _depth(state: dict, prefix: str) -> int:
+def _depth(path: Path, state: dict, prefix: str) -> int:
     blocks = {int(m.group(1)) for k in state if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))}
     if not blocks or blocks != set(range(max(blocks) + 1)):
-        raise DataError(f"missing or non-contiguous blocks under {prefix}")
+        raise DataError(f"{path}: missing or non-contiguous transformer blocks under {prefix}")
     return len(blocks)
 
 
@@ -186,7 +187,8 @@ def infer_clip_config(path: Path, state: dict[str, torch.Tensor], model_cfg: dic
     if shape("text_projection") != (text_width, embed_dim):
         raise DataError(f"{path}: text_projection {shape('text_projection')} does not map the text width "
                         f"{text_width} to the image embedding size {embed_dim}")
-    v_depth, t_depth = _depth(state, "visual.transformer.resblocks."), _depth(state, "transformer.resblocks.")
+    v_depth = _depth(path, state, "visual.transformer.resblocks.")
+    t_depth = _depth(path, state, "transformer.resblocks.")
     vision_cfg, text_cfg = model_cfg.get("vision_cfg") or {}, model_cfg.get("text_cfg") or {}
     v_heads = _heads(path, width, int(vision_cfg.get("head_width", 64)), "vision")
     t_heads = int(text_cfg["heads"]) if "heads" in text_cfg else _heads(path, text_width, 64, "text")
@@ -285,7 +287,9 @@ def convert_open_clip(path: str | Path, out_run_dir: str | Path, quick_gelu: boo
     """An OpenAI / open_clip CLIP ViT checkpoint -> a clipsnail "clip" run directory; returns a summary.
 
     quick_gelu: the MLP activation the weights were trained with (True for OpenAI's own models and open_clip's
-    "-quickgelu" ones). None: read model_cfg.quick_gelu from open_clip_config.json next to the file, else False.
+    "-quickgelu" ones). None: model_cfg.quick_gelu of open_clip_config.json next to the file; else True for a state
+    dict taken from OpenAI's TorchScript models (it keeps their input_resolution entry); else False. Logged.
+    The head counts come from that config too when present, else CLIP's rule: width // 64.
     """
     from clipsnail.data.tokenizers import openai_bpe
     from clipsnail.models.clip import CLIP
@@ -294,6 +298,8 @@ def convert_open_clip(path: str | Path, out_run_dir: str | Path, quick_gelu: boo
     path, out = Path(path), Path(out_run_dir)
     _prepare_out(out)  # fail before the (slow) read when --out is taken
     state = read_state_dict(path)
+    if "text.token_embedding.weight" in state:  # open_clip's CustomTextCLIP: the same text tower under "text."
+        state = {k.removeprefix("text."): v for k, v in state.items()}
     _check_supported(path, state)
     oc_config = _open_clip_config(path)
     model_cfg = oc_config.get("model_cfg") or {}
@@ -324,8 +330,8 @@ def convert_open_clip(path: str | Path, out_run_dir: str | Path, quick_gelu: boo
     model = CLIP(m, load_weights=False)
     _load_exactly(path, model, map_open_clip_state(path, state))
     config = ClipConfig(model=m)
-    config.data.tokenizer, config.data.vocab_size, config.data.context_length = "openai", m.vocab_size, \
-        m.context_length
+    config.data.tokenizer = "openai"  # a fine-tuning run keeps this vocabulary
+    config.data.vocab_size, config.data.context_length = m.vocab_size, m.context_length
     _write_run(out, "clip", config, model, tokenizer)
     params = sum(p.numel() for p in model.parameters())
     log.info("wrote %s: CLIP ViT %dpx/%d, %s parameters", out, m.image_size, m.patch_size, f"{params:,}")
