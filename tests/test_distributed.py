@@ -168,3 +168,21 @@ def test_torchrun_training_matches_one_process_and_resumes_with_another_process_
     assert not (resumed / "best.json").exists() and (resumed / "checkpoint").is_dir()
     assert main(tiny_clip_args(shapes_dir, resumed, *steps)) == 0
     assert_same_gradients(expected, load_file(str(resumed / "model.safetensors")), atol=1e-4)
+
+
+def test_classification_trains_under_torchrun(tmp_path):
+    """The engine serves every task: a LeMeViT classifier under 2 processes."""
+    from clipsnail.data.shapes import generate_attribute_folder
+
+    data = tmp_path / "colours"
+    generate_attribute_folder(data, "color", 12, size=16, seed=0)
+    run = tmp_path / "run"
+    fast = ["data.image_size=16", "train.batch_size=16", "train.log_every=1", "augment.randaugment=",
+            "augment.random_erasing=0", "optim.warmup_steps=2", "train.max_steps=3"]
+    done = torchrun(["classify", "train", "--data", str(data), "--model", "lemevit_tiny_cifar", "--out", str(run),
+                     "--no-progress", *[a for item in fast for a in ("--set", item)]])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("training finished at step 3") == 1
+    steps = [line for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert len(steps) == 3
+    assert (run / "model.safetensors").is_file()

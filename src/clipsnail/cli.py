@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from clipsnail.errors import ClipsnailError
@@ -63,6 +64,14 @@ def flag_overrides(args, extra: tuple[tuple[str, str], ...] = ()) -> list[str]:
 
 def print_json(obj) -> None:
     print(json.dumps(obj, indent=2))
+
+
+def print_summary(summary: Callable[[], str]) -> None:
+    """The model table before training; under torchrun from one process only."""
+    from clipsnail import distributed as dist
+
+    if dist.is_main():
+        print(summary(), file=sys.stderr)
 
 
 def train_and_report(task, args) -> None:
@@ -136,14 +145,13 @@ def cmd_clip_train(args) -> None:
     from clipsnail.summary import model_summary
     from clipsnail.tasks.clip import ClipTask
 
-    from clipsnail import distributed as dist
+    task = ClipTask(clip_config(args), run_dir=args.out)
 
-    cfg = clip_config(args)
-    task = ClipTask(cfg, run_dir=args.out)
-    if dist.is_main():
-        model = task.build_model()
+    def summary() -> str:
         example = next(iter(_example_batch(task)))
-        print(model_summary(model, (example["images"], example["tokens"])), file=sys.stderr)
+        return model_summary(task.build_model(), (example["images"], example["tokens"]))
+
+    print_summary(summary)
     train_and_report(task, args)
 
 
@@ -215,9 +223,12 @@ def cmd_classify_train(args) -> None:
 
     task = ClassifyTask(classify_config(args), run_dir=args.out)
     cfg = task.config
-    model = task.build_model()
-    example = torch.zeros(2, cfg.model.in_chans, cfg.data.image_size, cfg.data.image_size)
-    print(model_summary(model.eval(), (example,)), file=sys.stderr)
+
+    def summary() -> str:
+        example = torch.zeros(2, cfg.model.in_chans, cfg.data.image_size, cfg.data.image_size)
+        return model_summary(task.build_model().eval(), (example,))
+
+    print_summary(summary)
     train_and_report(task, args)
 
 
@@ -285,10 +296,13 @@ def cmd_pixelsnail_train(args) -> None:
 
     task = PixelSNAILTask(pixelsnail_config(args), run_dir=args.out)
     cfg = task.config
-    model = task.build_model().eval()
-    size = cfg.data.image_size
-    h = torch.zeros(2, cfg.model.cond_dim) if cfg.model.cond_dim else None
-    print(model_summary(model, (torch.zeros(2, cfg.model.channels, size, size), h), depth=1), file=sys.stderr)
+
+    def summary() -> str:
+        size = cfg.data.image_size
+        h = torch.zeros(2, cfg.model.cond_dim) if cfg.model.cond_dim else None
+        return model_summary(task.build_model().eval(), (torch.zeros(2, cfg.model.channels, size, size), h), depth=1)
+
+    print_summary(summary)
     train_and_report(task, args)
 
 

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import Dataset
 
+from clipsnail import distributed as dist
 from clipsnail.config import OptimConfig, TrainConfig
 from clipsnail.data.datasets import CaptionImageDataset
 from clipsnail.data.tokenizers import TextTokenizer, build_tokenizer
@@ -154,7 +155,10 @@ class RetrieveTask:
         if tokenizer_path is not None and tokenizer_path.exists():  # resuming: keep the vocabulary of the run
             self.tokenizer = TextTokenizer.load(tokenizer_path)
         else:
-            self.tokenizer = build_tokenizer(m.tokenizer, captions, m.vocab_size or 2048, m.context_length)
+            # Trained on rank 0 and shared: under torchrun every process must encode text identically.
+            self.tokenizer = dist.broadcast_object(
+                build_tokenizer(m.tokenizer, captions, m.vocab_size or 2048, m.context_length)
+                if dist.is_main() else None)
         m.vocab_size, m.pad_id, m.eot_id = self.tokenizer.vocab_size, self.tokenizer.pad_id, self.tokenizer.eot_id
         encoder = load_image_encoder(config.encoder, config.encoder_pretrained)
         log.info("encoding %d training images with the frozen encoder %s", len(self.names), config.encoder)
