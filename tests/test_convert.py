@@ -135,6 +135,23 @@ def test_converted_clip_equals_open_clip(converted, quick_gelu):
     assert json.loads((run / "config.json").read_text())["task"] == "clip"
 
 
+def test_run_configs_from_before_the_new_options_still_load(converted, tmp_path):
+    """config.json files written before activation / MLP ratios / interpolation existed load with the old
+    behaviour (GELU, 4x MLPs, bilinear)."""
+    import shutil
+
+    source, run = converted[False]
+    old = tmp_path / "old_run"
+    shutil.copytree(run, old)
+    config = json.loads((old / "config.json").read_text())
+    for key in ("activation", "vision_mlp_ratio", "text_mlp_ratio", "image_interpolation"):
+        del config["model"][key]
+    (old / "config.json").write_text(json.dumps(config))
+    model = clipsnail.load(old)
+    assert model.cfg.activation == "gelu" and model.cfg.image_interpolation == "bilinear"
+    assert_same_embeddings(source, model, texts=TEXTS[:2])
+
+
 def test_the_activation_matters(converted, tmp_path):
     """Converted with the wrong activation the embeddings change: the option is not cosmetic."""
     source, _ = converted[True]

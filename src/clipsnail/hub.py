@@ -1,6 +1,7 @@
 """Run directories: `config.json` + `model.safetensors` (+ `tokenizer.json`), and `load` to get a model back.
 
-Weights only ever travel as safetensors: nothing here unpickles a file.
+Weights only ever travel as safetensors: nothing here unpickles a file. Checkpoints from elsewhere (OpenAI CLIP /
+open_clip, official LeMeViT) become run directories through `clipsnail.convert` (`clipsnail convert`).
 """
 
 from __future__ import annotations
