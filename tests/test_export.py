@@ -49,8 +49,11 @@ def assert_matches_torch(model, onnx_clip: OnnxClip) -> None:
         np.testing.assert_array_equal(onnx_clip.tokenize(texts), model.tokenizer(texts).numpy())
         with torch.no_grad():
             ref = model.encode_text(texts).numpy()
-        # ...and the text encoder, fed those ids, the same embeddings (one row, and rows with different lengths).
+        # ...and the text encoder, fed those ids, the same embeddings (one row, and rows with different lengths),
+        # whether it runs the whole context or only the columns up to the last <eot> (the default).
         np.testing.assert_allclose(onnx_clip.encode_text(texts), ref, atol=ATOL, rtol=0)
+        np.testing.assert_allclose(onnx_clip.encode_text(onnx_clip.tokenize(texts), trim=False), ref, atol=ATOL,
+                                   rtol=0)
         np.testing.assert_allclose(np.linalg.norm(onnx_clip.encode_text(texts), axis=1), 1, atol=1e-5)
 
 
@@ -66,7 +69,8 @@ def test_export_writes_the_files_and_reports(vit_export, clip_run):
                                                             "dtype": "float32"}}
     assert report["image_encoder"]["outputs"] == {"image_embeddings": {"shape": ["batch", cfg.embed_dim],
                                                                        "dtype": "float32"}}
-    assert report["text_encoder"]["inputs"] == {"tokens": {"shape": ["batch", cfg.context_length], "dtype": "int64"}}
+    # The sequence axis is dynamic too (1 to context_length): OnnxClip drops the padding columns first.
+    assert report["text_encoder"]["inputs"] == {"tokens": {"shape": ["batch", "sequence"], "dtype": "int64"}}
     assert report["text_encoder"]["outputs"]["text_embeddings"]["shape"] == ["batch", cfg.embed_dim]
     assert report["check"]["image_max_abs_diff"] < ATOL and report["check"]["text_max_abs_diff"] < ATOL
     spec = json.loads((out / PREPROCESS_FILE).read_text())
@@ -76,6 +80,17 @@ def test_export_writes_the_files_and_reports(vit_export, clip_run):
 
 def test_onnxruntime_matches_pytorch(vit_export, clip_run):
     assert_matches_torch(load(clip_run), OnnxClip(vit_export[0], threads=1))
+
+
+def test_trim_tokens(vit_export):
+    onnx_clip = OnnxClip(vit_export[0], threads=1)
+    tokens = onnx_clip.tokenize(["a red circle", "a blue star"])
+    eot = onnx_clip.spec["eot_id"]
+    trimmed = onnx_clip.trim_tokens(tokens)
+    assert trimmed.shape[1] == int((tokens == eot).argmax(axis=1).max()) + 1 < tokens.shape[1]
+    no_eot = tokens.copy()
+    no_eot[0][no_eot[0] == eot] = 5  # a caller's own ids, one row without <eot>: pooled at the last column
+    assert onnx_clip.trim_tokens(no_eot).shape == tokens.shape
 
 
 def test_onnx_preprocess_follows_the_run_transform(vit_export, clip_run):

@@ -198,8 +198,6 @@ def split_batch(batch: Any, parts: int) -> list[Any]:
 def train_loader(task: Task, cfg: TrainConfig, epoch: int, skip: int, device: torch.device) -> Iterator:
     """This rank's batches of one epoch, starting after `skip` batches (resume)."""
     rank, world = dist.rank(), dist.world_size()
-    if cfg.batch_size % world:
-        raise ClipsnailError(f"batch_size {cfg.batch_size} is not divisible by the {world} processes")
     common = dict(collate_fn=task.collate, num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
                   persistent_workers=False,
                   # Its own generator: creating the loader must not draw from the global RNG that resume restores.

@@ -10,8 +10,10 @@
 `OnnxClip(out)` is that user's side: onnxruntime + tokenizers + Pillow + numpy, no torch import.
 
 The text tower of `text.py` slices its input at the last <eot> before running (a data-dependent shape that an
-exported graph cannot keep); here it runs over the whole context instead and pools the <eot> state with a
-gather. Under the causal mask the padding after <eot> cannot reach that state, so the result is the same.
+exported graph cannot keep); here it runs over whatever columns it is given and pools the <eot> state with a
+gather. Under the causal mask the padding after <eot> cannot reach that state, so the result is the same. The
+sequence axis is dynamic (1 to context_length): OnnxClip does the slicing in numpy, before the graph, so short
+captions cost what they cost in PyTorch.
 """
 
 from __future__ import annotations
@@ -88,10 +90,13 @@ def _encoders(model):
 
 
 def _export_one(module, example, path: Path, input_name: str, output_name: str, opset: int | None,
-                batch_dynamic: bool, what: str) -> None:
+                batch_dynamic: bool, what: str, max_sequence: int | None = None) -> None:
     import torch
 
-    dynamic_shapes = {input_name: {0: torch.export.Dim("batch", min=1)}} if batch_dynamic else None
+    dims = {0: torch.export.Dim("batch", min=1)} if batch_dynamic else {}
+    if max_sequence:
+        dims[1] = torch.export.Dim("sequence", min=1, max=max_sequence)
+    dynamic_shapes = {input_name: dims} if dims else None
     # The dynamo exporter (torch.export + onnxscript), torch's current one. forward's argument is named like the
     # ONNX input, so dynamic_shapes can key on it. external_data=False: one self-contained file (< 2 GB).
     try:
@@ -100,8 +105,9 @@ def _export_one(module, example, path: Path, input_name: str, output_name: str, 
                                     external_data=False, optimize=True, verbose=False)
         program.save(str(path), external_data=False)
     except Exception as e:
-        raise ExportError(f"the {what} does not export to ONNX: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
-                          ) from e
+        at = f" at opset {opset}" if opset else ""
+        first_line = (str(e).splitlines() or [""])[0][:300]
+        raise ExportError(f"the {what} does not export to ONNX{at}: {type(e).__name__}: {first_line}") from e
 
 
 def _example_tokens(model, batch: int):
@@ -112,6 +118,8 @@ def _example_tokens(model, batch: int):
 
 
 def _preprocess_spec(model, run_dir: Path) -> dict:
+    from clipsnail.models.text import TextTransformer
+
     cfg = model.config.model
     return {
         "format": "clipsnail-onnx-clip/1",
@@ -127,6 +135,10 @@ def _preprocess_spec(model, run_dir: Path) -> dict:
         "mean": list(cfg.image_mean),
         "std": list(cfg.image_std),
         "context_length": model.tokenizer.context_length,
+        # What OnnxClip may slice off: columns after every row's first <eot> (our causal tower) or, for a
+        # pretrained tower that pools with a padding mask, the columns that are padding in every row.
+        "eot_id": model.text.eot_id if isinstance(model.text, TextTransformer) else None,
+        "pad_id": model.tokenizer.pad_id,
         "embed_dim": cfg.embed_dim,
         "logit_scale": float(model.logit_scale.detach().exp()),
         "image_encoder": cfg.image_encoder,
@@ -215,7 +227,8 @@ def export_onnx(run_dir: str | Path, out_dir: str | Path, opset: int | None = No
             timings["image_export_s"] = round(time.perf_counter() - t, 2)
             t = time.perf_counter()
             _export_one(text_encoder, (example_tokens,), tmp / TEXT_FILE, TEXT_INPUT, TEXT_OUTPUT, opset,
-                        batch_dynamic, f"text tower {model.config.model.text_encoder!r}")
+                        batch_dynamic, f"text tower {model.config.model.text_encoder!r}",
+                        max_sequence=example_tokens.shape[1])
             timings["text_export_s"] = round(time.perf_counter() - t, 2)
         shutil.copyfile(run_dir / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
         (tmp / PREPROCESS_FILE).write_text(json.dumps(_preprocess_spec(model, run_dir), indent=2) + "\n")
@@ -241,12 +254,13 @@ def _self_check(model, export_dir: Path, batch: int, generator) -> dict:
         ref_image = model.encode_image(images).numpy()
         ref_text = model.encode_text(texts).numpy()
     image_diff = float(np.abs(onnx_clip.encode_image(images.numpy()) - ref_image).max())
-    text_diff = float(np.abs(onnx_clip.encode_text(texts) - ref_text).max())
+    text_diff = max(float(np.abs(onnx_clip.encode_text(texts, trim=trim) - ref_text).max()) for trim in (True, False))
     for what, diff in (("image", image_diff), ("text", text_diff)):
         if diff > CHECK_WARN_ATOL:
             log.warning("ONNX %s encoder differs from PyTorch by up to %.2g (> %g)", what, diff, CHECK_WARN_ATOL)
     return {"batch": batch, "image_max_abs_diff": image_diff, "text_max_abs_diff": text_diff,
-            "texts": "tokenized by the exported tokenizer.json (onnx) and by the run's tokenizer (torch)"}
+            "texts": "tokenized by the exported tokenizer.json (onnx) and by the run's tokenizer (torch); the "
+                     "onnx text encoder run on the whole context and on the columns up to the last <eot>"}
 
 
 # ----------------------------------------------------------------------------------------------- onnxruntime only
@@ -279,6 +293,7 @@ class OnnxClip:
         self.text_session = ort.InferenceSession(str(self.dir / TEXT_FILE), options, providers=providers)
         self.tokenizer = Tokenizer.from_file(str(self.dir / TOKENIZER_FILE))
         self.image_size = int(self.spec["image_size"])
+        self._dynamic_sequence = not isinstance(self.text_session.get_inputs()[0].shape[1], int)
         self.logit_scale = float(self.spec["logit_scale"])
 
     def tokenize(self, texts: str | Sequence[str]) -> np.ndarray:
@@ -326,10 +341,31 @@ class OnnxClip:
             batch = np.stack([self.preprocess(im) for im in images])
         return self.image_session.run([IMAGE_OUTPUT], {IMAGE_INPUT: batch})[0]
 
-    def encode_text(self, texts) -> np.ndarray:
-        """A list of strings (tokenised here) or an int [B, context_length] array of token ids -> [B, D]."""
+    def encode_text(self, texts, trim: bool = True) -> np.ndarray:
+        """A list of strings (tokenised here) or an int [B, context_length] array of token ids -> [B, D].
+
+        trim: run only the columns that can change the result (see `trim_tokens`); the same embeddings, faster.
+        """
         tokens = texts.astype(np.int64, copy=False) if isinstance(texts, np.ndarray) else self.tokenize(texts)
+        if trim and self._dynamic_sequence:
+            tokens = self.trim_tokens(tokens)
         return self.text_session.run([TEXT_OUTPUT], {TEXT_INPUT: tokens})[0]
+
+    def trim_tokens(self, tokens: np.ndarray) -> np.ndarray:
+        """Drop the padding columns no embedding depends on: those after every row's first <eot> (as the PyTorch
+        tower does; a batch with a row without <eot> is kept whole), or those that are padding in every row."""
+        eot_id, pad_id = self.spec.get("eot_id"), self.spec.get("pad_id")
+        if eot_id is not None:
+            is_eot = tokens == eot_id
+            if not is_eot.any(axis=1).all():
+                return tokens
+            keep = int(is_eot.argmax(axis=1).max()) + 1
+        elif pad_id is not None:
+            used = np.flatnonzero((tokens != pad_id).any(axis=0))
+            keep = int(used[-1]) + 1 if used.size else 1
+        else:
+            return tokens
+        return np.ascontiguousarray(tokens[:, :keep])
 
     def similarity(self, image_embeddings: np.ndarray, text_embeddings: np.ndarray) -> np.ndarray:
         """logit_scale * cosine: [n_images, n_texts] logits, as CLIP's forward."""
