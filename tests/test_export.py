@@ -169,10 +169,10 @@ def test_failed_export_leaves_nothing_half_written(clip_run, vit_export, tmp_pat
     out = tmp_path / "onnx"
     real = export_module._export_one
 
-    def fail_on_text(module, example, path, *args):
+    def fail_on_text(module, example, path, *args, **kwargs):
         if path.name == TEXT_FILE:  # the image encoder is already written in the temp folder by now
             raise ExportError("the text tower does not export to ONNX: simulated")
-        return real(module, example, path, *args)
+        return real(module, example, path, *args, **kwargs)
 
     monkeypatch.setattr(export_module, "_export_one", fail_on_text)
     with pytest.raises(ExportError, match="simulated"):
