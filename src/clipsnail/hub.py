@@ -31,23 +31,6 @@ def save_run(run_dir: str | Path, task: str, config, model: torch.nn.Module, tok
     atomic_write_text(run_dir / "config.json", json.dumps({"task": task, **to_dict(config)}, indent=2) + "\n")
 
 
-def clip_eval_transform(m):
-    """Resize the short side, centre-crop, normalise: CLIP's evaluation preprocessing with `m.image_interpolation`
-    (OpenAI and open_clip resize bicubically)."""
-    from torchvision.transforms import InterpolationMode, v2
-
-    modes = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
-    if m.image_interpolation not in modes:
-        raise DataError(f"model.image_interpolation must be 'bilinear' or 'bicubic', got {m.image_interpolation!r}")
-    return v2.Compose([
-        v2.ToImage(),
-        v2.Resize(m.image_size, interpolation=modes[m.image_interpolation], antialias=True),
-        v2.CenterCrop(m.image_size),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(list(m.image_mean), list(m.image_std)),
-    ])
-
-
 def read_run_config(run_dir: str | Path) -> tuple[str, dict]:
     run_dir = Path(run_dir)
     path = run_dir / "config.json"
@@ -89,9 +72,8 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu", weights: str =
             cfg.model.text_encoder = f"hf:{run_dir / 'text_encoder'}"
         model = CLIP(cfg.model, load_weights=False)
         model.tokenizer = TextTokenizer.load(run_dir / "tokenizer.json")
-        model.preprocess = eval_transform(cfg.model.image_size, cfg.model.image_mean, cfg.model.image_std)
-        if cfg.model.image_interpolation != "bilinear":  # converted pretrained models: resize as they were trained
-            model.preprocess = clip_eval_transform(cfg.model)
+        model.preprocess = eval_transform(cfg.model.image_size, cfg.model.image_mean, cfg.model.image_std,
+                                          cfg.model.image_interpolation)
         model.config = cfg
         model.run_dir = run_dir.resolve()  # an index records which run encoded its vectors
     elif task == "classify":

@@ -54,7 +54,7 @@ class ClipModelConfig:
     init_logit_scale: float = math.log(1 / 0.07)
     image_mean: tuple[float, float, float] = OPENAI_MEAN
     image_std: tuple[float, float, float] = OPENAI_STD
-    image_interpolation: str = "bilinear"  # of the evaluation resize; "bicubic" as OpenAI's/open_clip's preprocessing
+    image_interpolation: str = "bilinear"  # of the resizes in training and evaluation; "bicubic" as OpenAI/open_clip
 
 
 class ProjectionHead(nn.Module):

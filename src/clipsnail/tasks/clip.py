@@ -109,7 +109,7 @@ class ClipTask:
         if config.finetune.init:
             self.init_weights = self._take_init_run(config.finetune.init)
         m = config.model
-        transform = clip_train_transform(m.image_size, m.image_mean, m.image_std, data.augment)
+        transform = clip_train_transform(m.image_size, m.image_mean, m.image_std, data.augment, m.image_interpolation)
         if data.shards:
             from clipsnail.data.shards import ShardStream, read_shard_captions
 
@@ -166,7 +166,8 @@ class ClipTask:
         if self.init_weights is not None:
             model.load_state_dict(self.init_weights)
         model.tokenizer = self.tokenizer
-        model.preprocess = eval_transform(model.cfg.image_size, model.cfg.image_mean, model.cfg.image_std)
+        model.preprocess = eval_transform(model.cfg.image_size, model.cfg.image_mean, model.cfg.image_std,
+                                          model.cfg.image_interpolation)
         ft = self.config.finetune
         for locked, tower in ((ft.lock_image, model.visual), (ft.lock_text, model.text)):
             if locked:
