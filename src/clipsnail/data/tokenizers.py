@@ -163,7 +163,7 @@ def openai_bpe(context_length: int = 77) -> TextTokenizer:
 
     Same ids as open_clip's SimpleTokenizer: NFC, whitespace runs collapsed and stripped, lower case, its regex
     pre-split, bytes mapped to GPT-2's printable alphabet, "</w>" ending each word, `<start_of_text>` (49406)
-    and `<end_of_text>` (49407) around the caption, truncated keeping `<|endoftext|>` last, padded with id 0.
+    and `<end_of_text>` (49407) around the caption, truncated keeping `<end_of_text>` last, padded with id 0.
     One difference a `tokenizers` normaliser cannot express: open_clip first runs ftfy.fix_text (mojibake
     repair, curly quotes to straight ones, full-width characters to ASCII) and html.unescape twice, so such
     text can tokenise differently; ordinary captions do not.
