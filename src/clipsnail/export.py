@@ -272,10 +272,12 @@ class OnnxClip:
     Needs only onnxruntime, tokenizers, numpy and (for PIL images or paths) Pillow; never imports torch. Where torch
     is not installed, load this file on its own (`import clipsnail` imports torch): e.g. copy it next to the export
     as onnx_clip.py, then `from onnx_clip import OnnxClip`.
-    threads: onnxruntime's intra-op threads (default: its own choice, all cores).
+    threads: onnxruntime's intra-op threads (default: its own choice, all cores). spinning=False: idle worker threads
+    sleep instead of spinning after each call (slower to wake, but no CPU taken from other work on a shared machine).
     """
 
-    def __init__(self, export_dir: str | Path, threads: int | None = None, providers: Sequence[str] | None = None):
+    def __init__(self, export_dir: str | Path, threads: int | None = None, providers: Sequence[str] | None = None,
+                 spinning: bool = True):
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
@@ -288,6 +290,8 @@ class OnnxClip:
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
+        if not spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = list(providers or ["CPUExecutionProvider"])
         self.image_session = ort.InferenceSession(str(self.dir / IMAGE_FILE), options, providers=providers)
         self.text_session = ort.InferenceSession(str(self.dir / TEXT_FILE), options, providers=providers)
