@@ -4,7 +4,8 @@
 For each CLIP config (random weights, a byte-level BPE tokenizer trained on generated shapes-style captions,
 saved as a run directory and exported with export_onnx exactly as the CLI does):
   shapes   the default CLIP config of `clipsnail clip train` (ClipModelConfig defaults: 32px ViT patch 4,
-           width 192, depth 4; text width 192, depth 4, context 32; embed 128; vocab 2048)
+           width 192, depth 4; text width 192, depth 4, context 32; embed 128); vocab: the tokenizer's, 353 tokens
+           (BPE on the generated captions reaches no more; data.vocab_size 2048 is a ceiling)
   vit_b32  ViT-B/32-sized: 224px ViT patch 32, width 768, depth 12, 12 heads; text width 512, depth 12, 8 heads,
            context 77, vocab 49408 (OpenAI's size; the tokenizer itself is smaller, only the table is that big);
            embed 512. ~151M parameters, as OpenAI's ViT-B/32.
@@ -12,8 +13,8 @@ measured:
   export   wall seconds of export_onnx (both encoders, the copy of the tokenizer, the onnxruntime self-check),
            per-encoder export seconds, file sizes, opset, and the self-check's max |onnx - torch|.
   latency  median milliseconds per call at batch 1 and 32 for the image encoder (a preprocessed float batch) and the
-           text encoder (token ids of real captions, 7-13 tokens). Sides, called alternately within each repetition
-           so that load from other processes hits both alike:
+           text encoder (token ids of generated captions, 11-14 tokens with <sot>/<eot>). Sides, called
+           alternately within each repetition so that load from other processes hits both alike:
              torch       model.encode_image / encode_text (eager, torch.no_grad; encode_text runs the tower only up
                          to the longest caption's <eot>, which is what users get from clipsnail.load)
              torch_full  text only: the exported module itself in eager mode (the whole context, <eot> gathered),
