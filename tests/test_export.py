@@ -172,6 +172,15 @@ def test_export_pretrained_hf_text_tower(shapes_dir, tmp_path):
     assert_matches_torch(load(run), onnx_clip)
 
 
+@pytest.mark.parametrize("opset", [17, 21])
+def test_opset(clip_run, tmp_path, opset):
+    """Below 18 the TorchScript exporter writes it (the dynamo one starts at 18); either way the graphs match."""
+    report = export_onnx(clip_run, tmp_path / "onnx", opset=opset)
+    assert report["opset"] == report["text_encoder"]["opset"] == opset
+    assert report["image_encoder"]["outputs"]["image_embeddings"]["shape"][0] == "batch"
+    assert_matches_torch(load(clip_run), OnnxClip(tmp_path / "onnx", threads=1))
+
+
 def test_non_clip_run_is_a_clear_error(tmp_path, capsys):
     run = tmp_path / "my_classifier"
     run.mkdir()

@@ -44,6 +44,9 @@ IMAGE_INPUT, IMAGE_OUTPUT, TEXT_INPUT, TEXT_OUTPUT = "images", "image_embeddings
 # Captions for the exporter's example input and for the self-check at the end.
 CHECK_TEXTS = ["a red circle above a blue square", "a photo of a dog", "two small green triangles"]
 CHECK_WARN_ATOL = 1e-4
+# The dynamo exporter implements opset 18 and up (torchlib); asked for less it tries a conversion that fails on our
+# graphs and quietly keeps 18, so lower opsets (older runtimes) go through the TorchScript exporter instead.
+DYNAMO_MIN_OPSET = 18
 
 
 class ExportError(ClipsnailError):
@@ -96,12 +99,24 @@ def _export_one(module, example, path: Path, input_name: str, output_name: str, 
     dims = {0: torch.export.Dim("batch", min=1)} if batch_dynamic else {}
     if max_sequence:
         dims[1] = torch.export.Dim("sequence", min=1, max=max_sequence)
-    dynamic_shapes = {input_name: dims} if dims else None
-    # The dynamo exporter (torch.export + onnxscript), torch's current one. forward's argument is named like the
-    # ONNX input, so dynamic_shapes can key on it. external_data=False: one self-contained file (< 2 GB).
     try:
+        if opset is not None and opset < DYNAMO_MIN_OPSET:
+            import warnings
+
+            with warnings.catch_warnings():  # "deprecated", and the tracer's notes on our static shape checks
+                warnings.simplefilter("ignore", DeprecationWarning)
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                axes = {input_name: {i: d.__name__ for i, d in dims.items()}}
+                if batch_dynamic:
+                    axes[output_name] = {0: "batch"}
+                torch.onnx.export(module, example, str(path), dynamo=False, input_names=[input_name],
+                                  output_names=[output_name], opset_version=opset, dynamic_axes=axes)
+            return
+        # The dynamo exporter (torch.export + onnxscript), torch's current one. forward's argument is named like
+        # the ONNX input, so dynamic_shapes can key on it. external_data=False: one self-contained file (< 2 GB).
         program = torch.onnx.export(module, example, dynamo=True, input_names=[input_name],
-                                    output_names=[output_name], opset_version=opset, dynamic_shapes=dynamic_shapes,
+                                    output_names=[output_name], opset_version=opset,
+                                    dynamic_shapes={input_name: dims} if dims else None,
                                     external_data=False, optimize=True, verbose=False)
         program.save(str(path), external_data=False)
     except Exception as e:
@@ -230,6 +245,10 @@ def export_onnx(run_dir: str | Path, out_dir: str | Path, opset: int | None = No
                         batch_dynamic, f"text tower {model.config.model.text_encoder!r}",
                         max_sequence=example_tokens.shape[1])
             timings["text_export_s"] = round(time.perf_counter() - t, 2)
+        image_io, text_io = _io_description(tmp / IMAGE_FILE), _io_description(tmp / TEXT_FILE)
+        written = {image_io["opset"], text_io["opset"]}
+        if opset is not None and written != {opset}:
+            raise ExportError(f"opset {opset} was asked for; the exporter wrote opset {', '.join(map(str, written))}")
         shutil.copyfile(run_dir / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
         (tmp / PREPROCESS_FILE).write_text(json.dumps(_preprocess_spec(model, run_dir), indent=2) + "\n")
         check = _self_check(model, tmp, check_batch if batch_dynamic else 2, generator)
@@ -237,7 +256,6 @@ def export_onnx(run_dir: str | Path, out_dir: str | Path, opset: int | None = No
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    image_io, text_io = _io_description(out_dir / IMAGE_FILE), _io_description(out_dir / TEXT_FILE)
     files = {p.name: p.stat().st_size for p in sorted(out_dir.iterdir())}
     return {"run": str(run_dir), "out": str(out_dir), "files": files, "opset": image_io["opset"],
             "image_encoder": image_io, "text_encoder": text_io, "check": check, **timings}
