@@ -3,7 +3,7 @@
 `export_onnx(run, out)` writes a folder that embeds images and texts without PyTorch:
 
     image_encoder.onnx   "images" float32 [B, 3, S, S] (preprocessed) -> "image_embeddings" [B, D], L2-normalised
-    text_encoder.onnx    "tokens" int64 [B, context_length]            -> "text_embeddings" [B, D], L2-normalised
+    text_encoder.onnx    "tokens" int64 [B, L], L <= context_length    -> "text_embeddings" [B, D], L2-normalised
     tokenizer.json       the run's tokenizer (HF `tokenizers`: <sot>/<eot>, truncation and padding included)
     preprocess.json      image size, resize/crop rule, mean/std, logit scale, and what was exported
 
