@@ -181,23 +181,6 @@ def _io_description(path: Path) -> dict:
             "outputs": {v.name: {"shape": shape(v), "dtype": dtype(v)} for v in m.graph.output}}
 
 
-def _swap_in(tmp: Path, out_dir: Path) -> None:
-    """Replace out_dir by tmp with renames: the old export (if any) stays until the new one is complete."""
-    if out_dir.is_dir() and not any(out_dir.iterdir()):
-        out_dir.rmdir()
-    if not out_dir.exists():
-        os.rename(tmp, out_dir)
-        return
-    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-    os.rename(out_dir, old)
-    try:
-        os.rename(tmp, out_dir)
-    except BaseException:
-        os.rename(old, out_dir)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def export_onnx(run_dir: str | Path, out_dir: str | Path, opset: int | None = None, batch_dynamic: bool = True,
                 check_batch: int = 3, seed: int = 0) -> dict:
     """Export the CLIP run `run_dir` to the folder `out_dir` (module docstring); returns a JSON-able summary.
@@ -209,7 +192,7 @@ def export_onnx(run_dir: str | Path, out_dir: str | Path, opset: int | None = No
     """
     import torch
 
-    from clipsnail.hub import load, read_run_config
+    from clipsnail.hub import load, read_run_config, replace_dir
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     task, _ = read_run_config(run_dir)
@@ -252,7 +235,7 @@ def export_onnx(run_dir: str | Path, out_dir: str | Path, opset: int | None = No
         shutil.copyfile(run_dir / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
         (tmp / PREPROCESS_FILE).write_text(json.dumps(_preprocess_spec(model, run_dir), indent=2) + "\n")
         check = _self_check(model, tmp, check_batch if batch_dynamic else 2, generator)
-        _swap_in(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -29,6 +31,25 @@ def save_run(run_dir: str | Path, task: str, config, model: torch.nn.Module, tok
         tokenizer.save(tmp)
         tmp.replace(run_dir / "tokenizer.json")
     atomic_write_text(run_dir / "config.json", json.dumps({"task": task, **to_dict(config)}, indent=2) + "\n")
+
+
+def replace_dir(tmp: Path, out_dir: Path, tag: str = "") -> None:
+    """Put the finished folder `tmp` at `out_dir` by renames. An earlier `out_dir` stays whole until the new one is
+    in place and is deleted after, so a failure at any moment leaves one or the other. Callers check first that
+    an existing `out_dir` is theirs to replace (an index, an export...)."""
+    if out_dir.is_dir() and not any(out_dir.iterdir()):
+        out_dir.rmdir()
+    if not out_dir.exists():
+        os.rename(tmp, out_dir)
+        return
+    old = out_dir.parent / f".{out_dir.name}.old-{tag or os.getpid()}"
+    os.rename(out_dir, old)
+    try:
+        os.rename(tmp, out_dir)
+    except BaseException:
+        os.rename(old, out_dir)
+        raise
+    shutil.rmtree(old, ignore_errors=True)  # an open memory map of a file in it stays valid
 
 
 def read_run_config(run_dir: str | Path) -> tuple[str, dict]:

@@ -49,6 +49,7 @@ from tqdm import tqdm
 from clipsnail.data.images import list_images
 from clipsnail.errors import ClipsnailError, DataError
 from clipsnail.evaluate import encode_image_paths
+from clipsnail.hub import replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -335,30 +336,12 @@ def _write_index(out_dir: Path, meta: dict, files: dict, vectors: torch.Tensor, 
         meta["faiss"]["mmap"] = _read_faiss(tmp / FAISS)[1]  # recorded as measured, not assumed
         (tmp / FILES).write_text(json.dumps(files, separators=(",", ":")))
         (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
-        _swap_in(tmp, out_dir, tag)
+        if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / META).is_file():
+            raise DataError(f"{out_dir}: exists and is not a clipsnail index; refusing to replace it")
+        replace_dir(tmp, out_dir, tag)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def _swap_in(tmp: Path, out_dir: Path, tag: str) -> None:
-    if not out_dir.exists():
-        os.rename(tmp, out_dir)
-        return
-    if out_dir.is_dir() and not any(out_dir.iterdir()):
-        out_dir.rmdir()
-        os.rename(tmp, out_dir)
-        return
-    if not (out_dir / META).is_file():
-        raise DataError(f"{out_dir}: exists and is not a clipsnail index; refusing to replace it")
-    old = out_dir.parent / f".{out_dir.name}.old-{tag}"
-    os.rename(out_dir, old)
-    try:
-        os.rename(tmp, out_dir)
-    except BaseException:
-        os.rename(old, out_dir)
-        raise
-    shutil.rmtree(old, ignore_errors=True)  # an open memory map of the old faiss.index stays valid
 
 
 # ----------------------------------------------------------------------------------------------- build / update
