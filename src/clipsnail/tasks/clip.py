@@ -110,21 +110,20 @@ class ClipTask:
             self.init_weights = self._take_init_run(config.finetune.init)
         m = config.model
         transform = clip_train_transform(m.image_size, m.image_mean, m.image_std, data.augment, m.image_interpolation)
+        self.train_captions: list[str] | None = None  # None: streaming; read from the shards when needed
         if data.shards:
-            from clipsnail.data.shards import ShardStream, read_shard_captions
+            from clipsnail.data.shards import ShardStream
 
             self.train_dataset = ShardStream(data.shards, transform, seed=config.train.seed,
                                              shuffle_buffer=data.shuffle_buffer, strict=data.strict)
-            captions = lambda: read_shard_captions(data.shards, data.tokenizer_captions)  # noqa: E731
             log.info("streaming %d images from %s", self.train_dataset.num_samples, data.shards)
         else:
-            names, train_captions, caption_to_image = load_caption_split(data, "train")
-            self.train_dataset = CaptionImageDataset(data.images, names, train_captions, caption_to_image, transform,
-                                                     sampling=data.sampling, strict=data.strict,
+            names, self.train_captions, caption_to_image = load_caption_split(data, "train")
+            self.train_dataset = CaptionImageDataset(data.images, names, self.train_captions, caption_to_image,
+                                                     transform, sampling=data.sampling, strict=data.strict,
                                                      cache_mb=data.cache_mb)
-            captions = lambda: train_captions  # noqa: E731
-            log.info("training on %d images with %d captions", len(names), len(train_captions))
-        self.tokenizer = self._tokenizer(Path(run_dir) if run_dir else None, captions)
+            log.info("training on %d images with %d captions", len(names), len(self.train_captions))
+        self.tokenizer = self._tokenizer(Path(run_dir) if run_dir else None)
         m.vocab_size, m.context_length = self.tokenizer.vocab_size, self.tokenizer.context_length
         m.pad_id = self.tokenizer.pad_id
         if self.tokenizer.eot_id is not None:
@@ -148,7 +147,7 @@ class ClipTask:
         log.info("starting from the weights of %s", run)
         return load_file(str(Path(run) / "model.safetensors"))
 
-    def _tokenizer(self, run_dir: Path | None, captions) -> TextTokenizer:
+    def _tokenizer(self, run_dir: Path | None) -> TextTokenizer:
         m, data = self.config.model, self.config.data
         if run_dir is not None and (run_dir / "tokenizer.json").exists():  # resuming: keep the run's vocabulary
             return TextTokenizer.load(run_dir / "tokenizer.json")
@@ -157,8 +156,14 @@ class ClipTask:
         if m.text_encoder.startswith("hf:"):  # a pretrained tower comes with its own vocabulary
             return TextTokenizer.from_pretrained(m.text_encoder[3:], data.context_length)
         # Trained once, on rank 0, and sent to the other processes: every rank must encode text identically.
-        tokenizer = build_tokenizer(data.tokenizer, captions(), data.vocab_size, data.context_length) \
-            if dist.is_main() else None
+        tokenizer = None
+        if dist.is_main():
+            captions = self.train_captions
+            if captions is None:
+                from clipsnail.data.shards import read_shard_captions
+
+                captions = read_shard_captions(data.shards, data.tokenizer_captions)
+            tokenizer = build_tokenizer(data.tokenizer, captions, data.vocab_size, data.context_length)
         return dist.broadcast_object(tokenizer)
 
     def build_model(self) -> CLIP:
