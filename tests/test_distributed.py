@@ -186,3 +186,24 @@ def test_classification_trains_under_torchrun(tmp_path):
     steps = [line for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert len(steps) == 3
     assert (run / "model.safetensors").is_file()
+
+
+def test_two_nodes_as_the_readme_launches_them(shapes_dir, tmp_path):
+    """`torchrun --nnodes 2 --node-rank N --master-addr --master-port`, two 'machines' on this one."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = tmp_path / "run"
+    args = tiny_clip_args(shapes_dir, run, "--set", "train.max_steps=3")
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                               "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", str(port),
+                               "-m", "clipsnail", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for rank in (0, 1)]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    for node, (_, err) in zip(nodes, outputs):
+        assert node.returncode == 0, err[-3000:]
+    assert sum(err.count("training finished at step 3") for _, err in outputs) == 1  # node 0 reports
+    assert (run / "model.safetensors").is_file()
