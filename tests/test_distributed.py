@@ -207,3 +207,25 @@ def test_two_nodes_as_the_readme_launches_them(shapes_dir, tmp_path):
         assert node.returncode == 0, err[-3000:]
     assert sum(err.count("training finished at step 3") for _, err in outputs) == 1  # node 0 reports
     assert (run / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("setting", ["train.accum_steps=4", "train.grad_checkpointing=true"])
+def test_memory_savers_train_to_the_same_weights(shapes_dir, tmp_path, setting):
+    from clipsnail.cli import main
+
+    steps = ["--set", "train.max_steps=3", "--set", "train.eval_every=0"]
+    assert main(tiny_clip_args(shapes_dir, tmp_path / "plain", *steps)) == 0
+    assert main(tiny_clip_args(shapes_dir, tmp_path / "saver", *steps, "--set", setting)) == 0
+    expected = load_file(str(tmp_path / "plain" / "model.safetensors"))
+    assert_same_gradients(expected, load_file(str(tmp_path / "saver" / "model.safetensors")), atol=1e-5)
+
+
+def test_grad_checkpointing_needs_a_model_that_supports_it(tmp_path, capsys):
+    from clipsnail.cli import main
+    from clipsnail.data.shapes import generate_attribute_folder
+
+    data = tmp_path / "colours"
+    generate_attribute_folder(data, "color", 4, size=16, seed=0)
+    assert main(["pixelsnail", "train", "--data", str(data), "--config", "tiny", "--out", str(tmp_path / "run"),
+                 "--no-progress", "--set", "grad_checkpointing=true", "--set", "max_steps=1"]) == 2
+    assert "does not support grad_checkpointing" in capsys.readouterr().err
