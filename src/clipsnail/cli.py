@@ -801,7 +801,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="CLIP run directory")
     p.add_argument("--onnx", required=True, metavar="DIR", help="output folder: image_encoder.onnx, "
                    "text_encoder.onnx, tokenizer.json, preprocess.json (replaced atomically when it exists)")
-    p.add_argument("--opset", type=int, help="ai.onnx opset version (default: the exporter's)")
+    p.add_argument("--opset", type=int, help="ai.onnx opset version (default: the exporter's; below 18 the "
+                   "TorchScript exporter is used)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("serve", help="the web app: text and image search over an index, zero-shot labels, generation")
