@@ -7,7 +7,6 @@ import itertools
 import json
 import logging
 import math
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -835,14 +834,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s",
                         stream=sys.stderr)
     logging.getLogger("PIL").setLevel(logging.WARNING)
-    torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if torchrun:
-        from clipsnail import distributed as dist
+    from clipsnail import distributed as dist
+
+    owns_group = False
     try:
         # Under torchrun every process runs this command; joining the group before the task is built lets rank 0
         # train the tokenizer once and share it.
-        if torchrun:
-            dist.init_from_env()
+        owns_group = dist.init_from_env()
         args.func(args)
     except ClipsnailError as e:
         print(f"clipsnail: error: {e}", file=sys.stderr)
@@ -851,7 +849,7 @@ def main(argv: list[str] | None = None) -> int:
         print("clipsnail: interrupted", file=sys.stderr)
         return 130
     finally:
-        if torchrun:
+        if owns_group:
             dist.shutdown()
     return 0
 

@@ -265,19 +265,13 @@ def _prepare_out(out: Path) -> Path:
     return tmp
 
 
-def _finish_out(tmp: Path, out: Path) -> None:
-    if out.is_dir():  # existing and empty (checked before)
-        out.rmdir()
-    os.replace(tmp, out)
-
-
 def _write_run(out: Path, task: str, config, model: torch.nn.Module, tokenizer=None) -> None:
-    from clipsnail.hub import save_run
+    from clipsnail.hub import replace_dir, save_run
 
     tmp = _prepare_out(out)
     try:
         save_run(tmp, task, config, model, tokenizer)
-        _finish_out(tmp, out)
+        replace_dir(tmp, out)  # `out` is absent or empty (checked by _prepare_out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

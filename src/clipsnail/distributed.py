@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -72,11 +73,12 @@ def barrier() -> None:
         dist.barrier()
 
 
-def broadcast_object(obj: Any) -> Any:
-    """Rank 0's `obj` on every rank (e.g. a tokenizer trained once, so every rank encodes text identically)."""
+def from_main(make: Callable[[], Any]) -> Any:
+    """`make()` run on rank 0 only, its result sent to every rank (e.g. a tokenizer trained once, so that every
+    rank encodes text identically)."""
     if not is_distributed():
-        return obj
-    box = [obj]
+        return make()
+    box = [make() if is_main() else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
 

@@ -80,10 +80,7 @@ def _encoders(model):
         def forward(self, tokens: torch.Tensor) -> torch.Tensor:
             if isinstance(self.text, TextTransformer):
                 x = self.text.forward_features(tokens)  # the whole context: a fixed shape
-                # The first <eot> per row (the last position when there is none), as TextTransformer.forward.
-                length = tokens.shape[1]
-                positions = torch.arange(length, device=tokens.device).expand_as(tokens)
-                eot = torch.where(tokens == self.text.eot_id, positions, length - 1).amin(dim=1)
+                eot = self.text.eot_positions(tokens)
                 x = x.gather(1, eot[:, None, None].expand(-1, 1, x.shape[-1])).squeeze(1)
             else:  # a pretrained HF tower pools with its padding mask: no data-dependent shape
                 x = self.text(tokens)
@@ -141,9 +138,9 @@ def _preprocess_spec(model, run_dir: Path) -> dict:
         "run": str(run_dir.resolve()),
         "image_size": cfg.image_size,
         # The rule of clipsnail.data.transforms.eval_transform (torchvision v2), which OnnxClip.preprocess follows.
-        "resize": "shorter side to image_size (bilinear, antialiased; the longer side scaled and truncated), "
-                  "then a centre crop of image_size x image_size",
-        "interpolation": "bilinear",
+        "resize": f"shorter side to image_size ({cfg.image_interpolation}, antialiased; the longer side scaled and "
+                  "truncated), then a centre crop of image_size x image_size",
+        "interpolation": cfg.image_interpolation,
         "channels": "RGB",
         "layout": "NCHW",
         "scale": 1 / 255,
@@ -329,7 +326,8 @@ class OnnxClip:
             new_long = int(size * long / short)
             new_w, new_h = (size, new_long) if w <= h else (new_long, size)
             if (new_w, new_h) != (w, h):
-                image = image.resize((new_w, new_h), Image.BILINEAR, reducing_gap=None)
+                resample = Image.BICUBIC if self.spec.get("interpolation") == "bicubic" else Image.BILINEAR
+                image = image.resize((new_w, new_h), resample, reducing_gap=None)
             top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
             image = image.crop((left, top, left + size, top + size))
         x = np.asarray(image, dtype=np.float32) * np.float32(self.spec["scale"])

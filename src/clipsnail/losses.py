@@ -65,25 +65,24 @@ def distributed_clip_loss(
 
     all_image, all_text = dist.gather_with_grad(image_features), dist.gather_with_grad(text_features)
     all_ids = [dist.gather_no_grad(v) for v in ids]
-    positives = positives_from_ids(*all_ids) if all_ids else None
     if not local_loss or not dist.is_distributed():
-        return clip_loss(all_image, all_text, logit_scale, positives)
+        return clip_loss(all_image, all_text, logit_scale, positives_from_ids(*all_ids) if all_ids else None)
     n = image_features.shape[0]
-    offset = dist.rank() * n
+    rows = slice(dist.rank() * n, (dist.rank() + 1) * n)
     return clip_loss(image_features, text_features, logit_scale,
-                     positives[offset: offset + n] if positives is not None else None,
-                     all_image_features=all_image, all_text_features=all_text, offset=offset)
+                     positives_from_ids(*all_ids, rows=rows) if all_ids else None,
+                     all_image_features=all_image, all_text_features=all_text, offset=rows.start)
 
 
 def _soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return -(targets * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
 
 
-def positives_from_ids(*ids: torch.Tensor) -> torch.Tensor:
+def positives_from_ids(*ids: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
     """[B, B] matrix: pair (i, j) is positive when any of the id vectors agrees at i and j (e.g. image ids,
-    caption-text ids)."""
+    caption-text ids). `rows`: only those rows ([rows, B]), for a process's own samples under local_loss."""
     mask = None
     for v in ids:
-        same = v[:, None] == v[None, :]
+        same = (v if rows is None else v[rows])[:, None] == v[None, :]
         mask = same if mask is None else mask | same
     return mask

@@ -272,6 +272,22 @@ def split_records(
     return kept
 
 
+def load_split(captions: str | Path, images: str | Path, split: str, format: str = "auto",
+               split_file: str | Path | None = None, strict: bool = True) -> tuple[list[str], list[str], list[int]]:
+    """`group_by_image` of one split of a caption file, after checking that the image folder and every image file
+    of the split exist (errors name the caption line). `strict=False` skips malformed caption lines."""
+    images_dir = Path(images)
+    if not images_dir.is_dir():
+        raise DataError(f"{images_dir}: image folder not found")
+    records = split_records(read_captions(captions, format, strict=strict), split, split_file=split_file or None)
+    if not records:
+        raise DataError(f"{captions}: no captions in split {split!r}")
+    for r in records:
+        if not (images_dir / r.image).is_file():
+            raise DataError(f"{r.source}: image {r.image!r} not found in {images_dir}")
+    return group_by_image(records)
+
+
 def group_by_image(records: Iterable[CaptionRecord]) -> tuple[list[str], list[str], list[int]]:
     """(unique images in first-seen order, captions in record order, index of each caption's image)."""
     index: dict[str, int] = {}

@@ -29,8 +29,9 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 from tqdm import tqdm
 
-from clipsnail.data.captions import group_by_image, read_captions, split_records
+from clipsnail.data.captions import load_split
 from clipsnail.data.images import IMAGE_EXTENSIONS, load_image
+from clipsnail.engine import atomic_write_text
 from clipsnail.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -51,10 +52,6 @@ def caption_text_id(caption: str) -> int:
     """Identical caption texts (up to case and spacing) get one id, as in CaptionImageDataset: the CLIP loss may
     treat the same caption of two images as a positive pair."""
     return stable_hash("caption", " ".join(caption.lower().split()))
-
-
-def decode_image(data: bytes, name: str) -> Image.Image:
-    return load_image(name, data)
 
 
 # ----------------------------------------------------------------------------------------------- writing
@@ -113,9 +110,7 @@ class _ShardWriter:
 
 
 def _write_json(path: Path, obj) -> None:
-    temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(temp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
 def _image_ext(name: str, data: bytes) -> str:
@@ -155,15 +150,7 @@ def write_shards(
     if shard_size < 1:
         raise ConfigError(f"shard_size must be at least 1, got {shard_size}")
     images_dir, out_dir = Path(images), Path(out_dir)
-    if not images_dir.is_dir():
-        raise DataError(f"{images_dir}: image folder not found")
-    records = split_records(read_captions(captions, format, strict=strict), split, split_file=split_file)
-    if not records:
-        raise DataError(f"{captions}: no captions in split {split!r}")
-    for r in records:
-        if not (images_dir / r.image).is_file():
-            raise DataError(f"{r.source}: image {r.image!r} not found in {images_dir}")
-    names, texts, caption_to_image = group_by_image(records)
+    names, texts, caption_to_image = load_split(captions, images_dir, split, format, split_file, strict=strict)
     captions_of: list[list[str]] = [[] for _ in names]
     for text, i in zip(texts, caption_to_image):
         captions_of[i].append(text)
@@ -179,7 +166,7 @@ def write_shards(
             path = images_dir / names[i]
             try:
                 data = path.read_bytes()
-                decode_image(data, str(path))  # a corrupt image is caught now, not in every epoch of training
+                load_image(path, data)  # a corrupt image is caught now, not in every epoch of training
                 ext = _image_ext(names[i], data)
             except OSError as e:
                 raise DataError(f"{path}: cannot read: {e.strerror or e}") from e
@@ -456,7 +443,7 @@ class ShardStream(IterableDataset):
         with seeded(sample_seed):
             caption = random.choice(captions)
             try:
-                image = self.transform(decode_image(raw[ext], f"{where}.{ext}"))
+                image = self.transform(load_image(f"{where}.{ext}", raw[ext]))
             except DataError as e:
                 return self._corrupt(str(e))
         return {

@@ -63,10 +63,15 @@ class TextTransformer(nn.Module):
             x = checkpoint(block, x, True, use_reentrant=False) if checkpointing else block(x, causal=True)
         return self.ln_final(x)
 
+    def eot_positions(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Where each row is pooled: its first <eot>, or its last position when it has none (a caller's own
+        tokens). Written without data-dependent shapes, so that it also exports to ONNX."""
+        length = tokens.shape[1]
+        positions = torch.arange(length, device=tokens.device).expand_as(tokens)
+        return torch.where(tokens == self.eot_id, positions, length - 1).amin(dim=1)
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        is_eot = tokens == self.eot_id
-        # argmax finds the first <eot>; a row without one (a caller's own tokens) pools its last position.
-        eot = torch.where(is_eot.any(dim=1), is_eot.int().argmax(dim=1), tokens.shape[1] - 1)
+        eot = self.eot_positions(tokens)
         # Under the causal mask nothing after the last <eot> can reach any pooled state: drop those padding
         # columns. Same result, and captions are usually far shorter than the context.
         x = self.forward_features(tokens[:, : int(eot.max()) + 1])

@@ -16,13 +16,13 @@ from torch import nn
 
 from clipsnail import distributed as dist
 from clipsnail.config import OptimConfig, TrainConfig, from_dict
-from clipsnail.data.captions import group_by_image, read_captions, split_records
+from clipsnail.data.captions import load_split
 from clipsnail.data.datasets import CaptionImageDataset
 from clipsnail.data.tokenizers import TextTokenizer, build_tokenizer
 from clipsnail.data.transforms import clip_train_transform, eval_transform
 from clipsnail.engine import param_groups_by_prefix, unwrap
 from clipsnail.errors import DataError
-from clipsnail.losses import distributed_clip_loss, positives_from_ids
+from clipsnail.losses import distributed_clip_loss
 from clipsnail.models.clip import CLIP, ClipModelConfig
 
 log = logging.getLogger(__name__)
@@ -86,17 +86,7 @@ def load_caption_split(data: ClipDataConfig, split: str):
     """-> (image names, captions, caption_to_image) for one split, after checking every image file exists."""
     if not data.captions or not data.images:
         raise DataError("no training data: give --captions FILE and --images DIR, or --shards")
-    images_dir = Path(data.images)
-    if not images_dir.is_dir():
-        raise DataError(f"{images_dir}: image folder not found")
-    records = read_captions(data.captions, data.format)
-    records = split_records(records, split, split_file=data.split_file or None)
-    if not records:
-        raise DataError(f"{data.captions}: no captions in split {split!r}")
-    for r in records:
-        if not (images_dir / r.image).is_file():
-            raise DataError(f"{r.source}: image {r.image!r} not found in {images_dir}")
-    return group_by_image(records)
+    return load_split(data.captions, data.images, split, data.format, data.split_file)
 
 
 class ClipTask:
@@ -155,16 +145,16 @@ class ClipTask:
             return TextTokenizer.load(Path(self.config.finetune.init) / "tokenizer.json")
         if m.text_encoder.startswith("hf:"):  # a pretrained tower comes with its own vocabulary
             return TextTokenizer.from_pretrained(m.text_encoder[3:], data.context_length)
-        # Trained once, on rank 0, and sent to the other processes: every rank must encode text identically.
-        tokenizer = None
-        if dist.is_main():
+
+        def train() -> TextTokenizer:
             captions = self.train_captions
             if captions is None:
                 from clipsnail.data.shards import read_shard_captions
 
                 captions = read_shard_captions(data.shards, data.tokenizer_captions)
-            tokenizer = build_tokenizer(data.tokenizer, captions, data.vocab_size, data.context_length)
-        return dist.broadcast_object(tokenizer)
+            return build_tokenizer(data.tokenizer, captions, data.vocab_size, data.context_length)
+
+        return dist.from_main(train)  # trained once; every rank must encode text identically
 
     def build_model(self) -> CLIP:
         model = CLIP(self.config.model)
@@ -226,10 +216,10 @@ class ClipTask:
             ids.append(batch["caption_ids"])
         loss = distributed_clip_loss(image_emb, text_emb, scale, ids, local_loss=lc.local_loss)
         with torch.no_grad():  # this process's rows only: a cheap training signal, not a metric
-            positives = positives_from_ids(*ids) if ids else None
             hits = (image_emb @ text_emb.T).argmax(dim=1)
-            ok = positives[torch.arange(len(hits)), hits] if positives is not None else hits == torch.arange(
-                len(hits), device=hits.device)
+            ok = hits == torch.arange(len(hits), device=hits.device)
+            for v in ids:  # a hit on any positive counts (positives_from_ids's rule, without its [B, B] matrix)
+                ok |= v == v[hits]
         return loss, {"logit_scale": scale.item(), "batch_i2t_acc": ok.float().mean().item()}
 
     def after_optimizer_step(self, model: nn.Module) -> None:

@@ -156,9 +156,8 @@ class RetrieveTask:
             self.tokenizer = TextTokenizer.load(tokenizer_path)
         else:
             # Trained on rank 0 and shared: under torchrun every process must encode text identically.
-            self.tokenizer = dist.broadcast_object(
-                build_tokenizer(m.tokenizer, captions, m.vocab_size or 2048, m.context_length)
-                if dist.is_main() else None)
+            self.tokenizer = dist.from_main(
+                lambda: build_tokenizer(m.tokenizer, captions, m.vocab_size or 2048, m.context_length))
         m.vocab_size, m.pad_id, m.eot_id = self.tokenizer.vocab_size, self.tokenizer.pad_id, self.tokenizer.eot_id
         encoder = load_image_encoder(config.encoder, config.encoder_pretrained)
         log.info("encoding %d training images with the frozen encoder %s", len(self.names), config.encoder)
