@@ -221,7 +221,7 @@ def test_existing_out_is_refused(converted, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(DataError, match="already exists"):
+    with pytest.raises(DataError, match="exists, is not empty"):
         convert_open_clip(path, out)
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
     (out / "notes.txt").unlink()

@@ -16,15 +16,14 @@ import argparse
 import json
 import logging
 import math
-import os
 import re
-import shutil
 import zipfile
 from pathlib import Path
 
 import torch
 
 from clipsnail.errors import DataError
+from clipsnail.safeio import check_replaceable, staged_dir
 
 log = logging.getLogger(__name__)
 
@@ -254,27 +253,12 @@ def _load_exactly(path: Path, model: torch.nn.Module, state: dict[str, torch.Ten
     model.load_state_dict(state, strict=True)
 
 
-def _prepare_out(out: Path) -> Path:
-    """The temporary directory to write into; refuses an existing non-empty `out`."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DataError(f"{out}: already exists and is not empty; choose a new --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.convert-{os.getpid()}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    return tmp
-
-
 def _write_run(out: Path, task: str, config, model: torch.nn.Module, tokenizer=None) -> None:
-    from clipsnail.hub import replace_dir, save_run
+    """The run directory `out`, written whole or not at all; an existing non-empty `out` is refused."""
+    from clipsnail.hub import save_run
 
-    tmp = _prepare_out(out)
-    try:
+    with staged_dir(out) as tmp:
         save_run(tmp, task, config, model, tokenizer)
-        replace_dir(tmp, out)  # `out` is absent or empty (checked by _prepare_out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def convert_open_clip(path: str | Path, out_run_dir: str | Path, quick_gelu: bool | None = None) -> dict:
@@ -290,7 +274,7 @@ def convert_open_clip(path: str | Path, out_run_dir: str | Path, quick_gelu: boo
     from clipsnail.tasks.clip import ClipConfig
 
     path, out = Path(path), Path(out_run_dir)
-    _prepare_out(out)  # fail before the (slow) read when --out is taken
+    check_replaceable(out)  # fail before the (slow) read when --out is taken
     state = read_state_dict(path)
     if "text.token_embedding.weight" in state:  # open_clip's CustomTextCLIP: the same text tower under "text."
         state = {k.removeprefix("text."): v for k, v in state.items()}
@@ -368,7 +352,7 @@ def convert_lemevit(path: str | Path, out_run_dir: str | Path, model_name: str, 
         raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
     path, out = Path(path), Path(out_run_dir)
     check_model_name(model_name)
-    _prepare_out(out)
+    check_replaceable(out)
     obj = read_checkpoint(path)
     has = [k for k in ("state_dict_ema", "state_dict", "model") if isinstance(obj.get(k), dict) and obj[k]]
     if weights == "raw":

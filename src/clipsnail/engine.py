@@ -26,7 +26,6 @@ import itertools
 import json
 import logging
 import math
-import os
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -44,6 +43,7 @@ from tqdm.auto import tqdm
 from clipsnail import distributed as dist
 from clipsnail.config import TrainConfig, parse_duration
 from clipsnail.errors import ClipsnailError
+from clipsnail.safeio import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -306,9 +306,8 @@ def save_state(path: Path, state: dict) -> None:
     tensors: dict[str, torch.Tensor] = {}
     skeleton = flatten_state(state, tensors)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(tensors, str(tmp), metadata={"state": json.dumps(skeleton)})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"state": json.dumps(skeleton)})
 
 
 def load_state(path: Path) -> dict:
@@ -335,18 +334,11 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def save_weights(model: nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
     """model.safetensors, atomically. Tied/shared tensors are cloned (safetensors refuses shared storage)."""
     state = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(state, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=metadata)
 
 
 # ----------------------------------------------------------------------------------------------- the loop

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -40,6 +39,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_FILE, TEXT_FILE, TOKENIZER_FILE, PREPROCESS_FILE = (
     "image_encoder.onnx", "text_encoder.onnx", "tokenizer.json", "preprocess.json")
+EXPORT_FORMAT = "clipsnail-onnx-clip"
 IMAGE_INPUT, IMAGE_OUTPUT, TEXT_INPUT, TEXT_OUTPUT = "images", "image_embeddings", "tokens", "text_embeddings"
 # Captions for the exporter's example input and for the self-check at the end.
 CHECK_TEXTS = ["a red circle above a blue square", "a photo of a dog", "two small green triangles"]
@@ -129,12 +129,21 @@ def _example_tokens(model, batch: int):
     return torch.as_tensor(model.tokenizer(texts), dtype=torch.long)
 
 
+def is_export_dir(path: Path) -> bool:
+    """True when `path` holds a preprocess.json this program wrote (its format marker): an export to replace."""
+    try:
+        spec = json.loads((Path(path) / PREPROCESS_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(spec, dict) and str(spec.get("format", "")).startswith(EXPORT_FORMAT + "/")
+
+
 def _preprocess_spec(model, run_dir: Path) -> dict:
     from clipsnail.models.text import TextTransformer
 
     cfg = model.config.model
     return {
-        "format": "clipsnail-onnx-clip/1",
+        "format": f"{EXPORT_FORMAT}/1",
         "run": str(run_dir.resolve()),
         "image_size": cfg.image_size,
         # The rule of clipsnail.data.transforms.eval_transform (torchvision v2), which OnnxClip.preprocess follows.
@@ -189,15 +198,14 @@ def export_onnx(run_dir: str | Path, out_dir: str | Path, opset: int | None = No
     """
     import torch
 
-    from clipsnail.hub import load, read_run_config, replace_dir
+    from clipsnail.hub import load, read_run_config
+    from clipsnail.safeio import check_replaceable, staged_dir
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     task, _ = read_run_config(run_dir)
     if task != "clip":
         raise ExportError(f"{run_dir}: a {task!r} run; only CLIP runs (task 'clip') export to ONNX")
-    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir())
-                                                      and not (out_dir / PREPROCESS_FILE).is_file())):
-        raise DataError(f"{out_dir}: exists and is not an ONNX export; refusing to replace it")
+    check_replaceable(out_dir, is_export_dir, "clipsnail ONNX export")
     if not (run_dir / TOKENIZER_FILE).is_file():
         raise DataError(f"{run_dir}: no {TOKENIZER_FILE}")
     model = load(run_dir)
@@ -207,12 +215,8 @@ def export_onnx(run_dir: str | Path, out_dir: str | Path, opset: int | None = No
     example_images = torch.randn(2, 3, size, size, generator=generator)  # batch 2: 1 would be specialised
     example_tokens = _example_tokens(model, 2)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     timings = {}
-    try:
+    with staged_dir(out_dir, is_ours=is_export_dir, what="clipsnail ONNX export") as tmp:
         # Traced with autograd on: model code may take inference-only fast paths under no_grad (LeMeViT's fused
         # oneDNN Linear+GELU, torch.ops.mkldnn._linear_pointwise) that have no ONNX translation.
         with torch.enable_grad():
@@ -232,10 +236,6 @@ def export_onnx(run_dir: str | Path, out_dir: str | Path, opset: int | None = No
         shutil.copyfile(run_dir / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
         (tmp / PREPROCESS_FILE).write_text(json.dumps(_preprocess_spec(model, run_dir), indent=2) + "\n")
         check = _self_check(model, tmp, check_batch if batch_dynamic else 2, generator)
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     files = {p.name: p.stat().st_size for p in sorted(out_dir.iterdir())}
     return {"run": str(run_dir), "out": str(out_dir), "files": files, "opset": image_io["opset"],
             "image_encoder": image_io, "text_encoder": text_io, "check": check, **timings}

@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
 from clipsnail.config import from_dict, to_dict
-from clipsnail.engine import atomic_write_text, save_weights
+from clipsnail.engine import save_weights
 from clipsnail.errors import DataError
+from clipsnail.safeio import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -27,29 +26,9 @@ def save_run(run_dir: str | Path, task: str, config, model: torch.nn.Module, tok
     run_dir.mkdir(parents=True, exist_ok=True)
     save_weights(model, run_dir / "model.safetensors", metadata={"task": task})
     if tokenizer is not None:
-        tmp = run_dir / ".tokenizer.json.tmp"
-        tokenizer.save(tmp)
-        tmp.replace(run_dir / "tokenizer.json")
+        with atomic_path(run_dir / "tokenizer.json") as tmp:
+            tokenizer.save(tmp)
     atomic_write_text(run_dir / "config.json", json.dumps({"task": task, **to_dict(config)}, indent=2) + "\n")
-
-
-def replace_dir(tmp: Path, out_dir: Path, tag: str = "") -> None:
-    """Put the finished folder `tmp` at `out_dir` by renames. An earlier `out_dir` stays whole until the new one is
-    in place and is deleted after, so a failure at any moment leaves one or the other. Callers check first that
-    an existing `out_dir` is theirs to replace (an index, an export...)."""
-    if out_dir.is_dir() and not any(out_dir.iterdir()):
-        out_dir.rmdir()
-    if not out_dir.exists():
-        os.rename(tmp, out_dir)
-        return
-    old = out_dir.parent / f".{out_dir.name}.old-{tag or os.getpid()}"
-    os.rename(out_dir, old)
-    try:
-        os.rename(tmp, out_dir)
-    except BaseException:
-        os.rename(old, out_dir)
-        raise
-    shutil.rmtree(old, ignore_errors=True)  # an open memory map of a file in it stays valid
 
 
 def read_run_config(run_dir: str | Path) -> tuple[str, dict]:

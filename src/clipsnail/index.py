@@ -36,7 +36,6 @@ import math
 import os
 import shutil
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +48,7 @@ from tqdm import tqdm
 from clipsnail.data.images import list_images
 from clipsnail.errors import ClipsnailError, DataError
 from clipsnail.evaluate import encode_image_paths
-from clipsnail.hub import replace_dir
+from clipsnail.safeio import recover_dir, staged_dir
 
 log = logging.getLogger(__name__)
 
@@ -218,6 +217,7 @@ class ImageIndex:
     @classmethod
     def load(cls, index_dir: str | Path) -> ImageIndex:
         index_dir = Path(index_dir)
+        recover_dir(index_dir)  # an update killed mid-swap left the previous index beside it
         if not index_dir.is_dir():
             raise DataError(f"{index_dir}: no such index directory (make one with `clipsnail index build`)")
         meta_path, files_path, faiss_path = index_dir / META, index_dir / FILES, index_dir / FAISS
@@ -225,15 +225,21 @@ class ImageIndex:
             if not p.is_file():
                 raise DataError(f"{index_dir}: not a clipsnail index (no {p.name})")
         meta = _read_json(meta_path)
-        if meta.get("format") != FORMAT or not isinstance(meta.get("dim"), int) or "root" not in meta:
-            raise DataError(f"{meta_path}: not a clipsnail index description (format/dim/root missing)")
-        if meta.get("version", 0) > VERSION:
-            raise DataError(f"{meta_path}: index format version {meta['version']} is newer than this clipsnail "
-                            f"({VERSION}); upgrade clipsnail or rebuild the index")
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise DataError(f"{meta_path}: not a clipsnail index description (no format {FORMAT!r})")
+        if not isinstance(meta.get("version"), int) or meta["version"] > VERSION:
+            raise DataError(f"{meta_path}: index format version {meta.get('version')!r} is not one this clipsnail "
+                            f"reads (up to {VERSION}); upgrade clipsnail or rebuild the index")
+        for key, kind in (("dim", int), ("count", int), ("root", str), ("faiss", dict)):
+            if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
+                raise DataError(f"{meta_path}: damaged: {key!r} is missing or not {kind.__name__}")
         files = _read_json(files_path)
         rel_paths = files.get("path") if isinstance(files, dict) else None
-        if not isinstance(rel_paths, list) or len(rel_paths) != meta.get("count"):
-            raise DataError(f"{files_path}: damaged file list (expected {meta.get('count')} paths)")
+        if not isinstance(rel_paths, list) or len(rel_paths) != meta["count"]:
+            raise DataError(f"{files_path}: damaged file list (expected {meta['count']} paths)")
+        for rel in rel_paths:
+            if not _is_inside_name(rel):
+                raise DataError(f"{files_path}: damaged: {rel!r} is not a path inside the image folder")
         try:
             faiss_index, mmap = _read_faiss(faiss_path)
         except Exception as e:  # faiss raises RuntimeError with a C++ message for truncated/garbage files
@@ -291,6 +297,14 @@ def _apply_search_params(index, spec: dict) -> None:
         index.hnsw.efSearch = int(spec["efSearch"])
 
 
+def _is_inside_name(rel) -> bool:
+    """A relative path that stays inside its root by its letters alone: no absolute path, no `..`, no empty part.
+    (Links are checked when a file is opened.)"""
+    if not isinstance(rel, str) or not rel or "\0" in rel or os.path.isabs(rel):
+        return False
+    return all(part not in ("", ".", "..") for part in rel.split("/"))
+
+
 def _read_json(path: Path):
     try:
         return json.loads(path.read_text())
@@ -313,17 +327,23 @@ def _read_vectors(index_dir: Path, dim: int, count: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------- writing
 
 
+def is_index_dir(path: Path) -> bool:
+    """True when `path` holds an index.json this program wrote (its format marker), whatever else is damaged."""
+    try:
+        meta = json.loads((path / META).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == FORMAT
+
+
 def _write_index(out_dir: Path, meta: dict, files: dict, vectors: torch.Tensor, faiss_index=None,
                  reuse_from: Path | None = None) -> None:
-    """Write a complete index into a temp directory next to out_dir, then swap it in. faiss_index=None reuses
-    faiss.index and vectors.safetensors of `reuse_from` (hard links where possible)."""
+    """Write a complete index into a temp directory next to out_dir, then swap it in (`safeio.staged_dir`: a kill
+    at any instant leaves the old index or the new one). faiss_index=None reuses faiss.index and
+    vectors.safetensors of `reuse_from` (hard links where possible). A non-empty out_dir that is not an index is
+    refused."""
     faiss = _faiss()
-    out_dir = out_dir.absolute()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{tag}"
-    tmp.mkdir()
-    try:
+    with staged_dir(out_dir, is_ours=is_index_dir, what="clipsnail index") as tmp:
         if faiss_index is None:
             for name in (VECTORS, FAISS):
                 try:
@@ -336,12 +356,6 @@ def _write_index(out_dir: Path, meta: dict, files: dict, vectors: torch.Tensor, 
         meta["faiss"]["mmap"] = _read_faiss(tmp / FAISS)[1]  # recorded as measured, not assumed
         (tmp / FILES).write_text(json.dumps(files, separators=(",", ":")))
         (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
-        if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / META).is_file():
-            raise DataError(f"{out_dir}: exists and is not a clipsnail index; refusing to replace it")
-        replace_dir(tmp, out_dir, tag)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # ----------------------------------------------------------------------------------------------- build / update

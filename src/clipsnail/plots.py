@@ -8,6 +8,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from clipsnail.safeio import atomic_path
+
 
 def plot_training_curves(metrics_path: Path, out_path: Path) -> None:
     """Training loss (with evaluation losses on the same axes), learning rate, and the other evaluation metrics."""
@@ -78,10 +80,9 @@ def _save_figure(fig, out_path: Path) -> None:
 
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(out_path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-    tmp.replace(out_path)
 
 
 def image_grid(
@@ -116,7 +117,6 @@ def image_grid(
 def save_png(image: Image.Image, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    image.save(tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
     return path

@@ -13,12 +13,10 @@ import itertools
 import json
 import logging
 import math
+import os
 import random
 import re
-import shutil
-import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from tqdm import tqdm
 
 from clipsnail.data.captions import hash_split
 from clipsnail.errors import ConfigError, DataError
+from clipsnail.safeio import staged_dir
 
 log = logging.getLogger(__name__)
 
@@ -414,27 +413,35 @@ def scene_matches(scene: Scene, caption: str | CaptionQuery) -> bool:
 # -------------------------------------------------------------------------------------------- generation
 
 
-@contextmanager
-def _atomic_dir(out: Path, overwrite: bool) -> Iterator[Path]:
-    """Yields a temp folder beside `out` that replaces `out` only when the block finishes."""
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise DataError(f"{out}: already exists and is not empty (overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.tmp"
-    tmp.mkdir()
+SHAPES_FORMAT, ATTRIBUTES_FORMAT = "clipsnail-shapes", "clipsnail-shape-attributes"
+
+
+def is_shapes_dir(path: Path) -> bool:
+    """True when `path` holds a scenes.json this program wrote: a shapes folder that --overwrite may replace."""
     try:
-        yield tmp
-        old = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.old"
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old.is_dir():
-        shutil.rmtree(old)
-    elif old.exists():
-        old.unlink()
+        meta = json.loads((Path(path) / "scenes.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    # Folders written before the format marker carry exactly these keys.
+    return isinstance(meta, dict) and (meta.get("format") == SHAPES_FORMAT
+                                       or set(meta) == {"size", "seed", "holdout", "images"})
+
+
+def is_attribute_dir(path: Path) -> bool:
+    """True when `path` holds the attributes.json of `generate_attribute_folder`."""
+    try:
+        meta = json.loads((Path(path) / "attributes.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == ATTRIBUTES_FORMAT
+
+
+def _output_dir(out: Path, overwrite: bool, is_ours: Callable[[Path], bool]):
+    """The temp folder that replaces `out` when the block finishes. overwrite: a folder `is_ours` recognises (an
+    earlier one of the same kind) may be replaced, never any other non-empty folder."""
+    if os.path.lexists(out) and out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise DataError(f"{out}: already exists and is not empty (overwrite to replace it)")
+    return staged_dir(out, is_ours=is_ours if overwrite else None, what="generated shapes folder")
 
 
 def generate_shapes(
@@ -467,7 +474,7 @@ def generate_shapes(
     scenes, splits, rows = {}, [], []
     counts = {"train": 0, "val": 0, "test": 0}
     held_out = 0
-    with _atomic_dir(out, overwrite) as tmp:
+    with _output_dir(out, overwrite, is_shapes_dir) as tmp:
         (tmp / "images").mkdir()
         for i in tqdm(range(n), desc="shapes", unit="img", disable=None):
             name = f"{i:0{width}d}.png"
@@ -485,7 +492,8 @@ def generate_shapes(
             writer = csv.writer(f, lineterminator="\n")
             writer.writerow(("image", "caption"))
             writer.writerows(rows)
-        meta = {"size": size, "seed": seed, "holdout": sorted(map(list, held)), "images": scenes}
+        meta = {"format": SHAPES_FORMAT, "size": size, "seed": seed, "holdout": sorted(map(list, held)),
+                "images": scenes}
         for file, obj in (("scenes.json", meta), ("split.json", {"dataset": "shapes", "images": splits})):
             (tmp / file).write_text(json.dumps(obj, separators=(",", ":")) + "\n", encoding="utf-8")
     summary = {"images": n, "captions": len(rows), **counts, "held_out": held_out}
@@ -529,7 +537,9 @@ def generate_attribute_folder(
     held = _holdout_set(holdout)
     classes = sorted(values[attribute])
     width = max(4, len(str(n_per_class - 1)))
-    with _atomic_dir(Path(out_dir), overwrite) as tmp:
+    with _output_dir(Path(out_dir), overwrite, is_attribute_dir) as tmp:
+        (tmp / "attributes.json").write_text(json.dumps({"format": ATTRIBUTES_FORMAT, "attribute": attribute,
+                                                         "seed": seed, "size": size}) + "\n", encoding="utf-8")
         for cls in classes:
             allowed = [(c, k) for c in COLORS for k in SHAPES if (c, k) not in held
                        and cls == {"color": c, "kind": k, "size": cls}[attribute]]

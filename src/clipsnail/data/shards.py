@@ -31,8 +31,8 @@ from tqdm import tqdm
 
 from clipsnail.data.captions import load_split
 from clipsnail.data.images import IMAGE_EXTENSIONS, load_image
-from clipsnail.engine import atomic_write_text
 from clipsnail.errors import ConfigError, DataError
+from clipsnail.safeio import atomic_write_text
 
 log = logging.getLogger(__name__)
 

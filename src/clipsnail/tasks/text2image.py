@@ -35,6 +35,7 @@ from clipsnail.layers.causal import data_dependent_init
 from clipsnail.layers.mixture import discretized_mix_logistic_nll
 from clipsnail.models.pixelsnail import PixelSNAIL, PixelSNAILConfig
 from clipsnail.models.text2feat import Text2FeatConfig, TextToFeature, nearest
+from clipsnail.safeio import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -227,11 +228,10 @@ class RetrieveTask:
 
         save_run(run_dir, self.name, self.config, model, self.tokenizer)
         if not (run_dir / "bank.json").exists():  # the known images never change during a run
-            save_file({"features": self.features.contiguous()}, str(run_dir / ".bank.safetensors.tmp"))
-            (run_dir / ".bank.safetensors.tmp").replace(run_dir / "bank.safetensors")
+            with atomic_path(run_dir / "bank.safetensors") as tmp:
+                save_file({"features": self.features.contiguous()}, str(tmp))
             bank = {"images_dir": str(Path(self.config.data.images).resolve()), "names": self.names}
-            (run_dir / ".bank.json.tmp").write_text(json.dumps(bank) + "\n")
-            (run_dir / ".bank.json.tmp").replace(run_dir / "bank.json")
+            atomic_write_text(run_dir / "bank.json", json.dumps(bank) + "\n")
 
 
 class FeatureRetriever:

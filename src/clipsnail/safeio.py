@@ -1,0 +1,337 @@
+"""Safe file IO: writes that survive kill -9, folder swaps that never leave nothing behind, and reads that open
+only regular files, of bounded size, under the folder the user named.
+
+Writing. A file is written to a temp sibling `.NAME.tmp-PID-RANDOM` and renamed over NAME (`atomic_write_*`); a
+folder is built in a temp sibling and swapped in (`staged_dir`, `replace_dir`). On Linux the swap is one
+`renameat2(RENAME_EXCHANGE)`: at every instant NAME is either the whole old folder or the whole new one. Where the
+kernel or filesystem cannot exchange, it is two renames (NAME -> `.NAME.old-PID-RANDOM`, temp -> NAME); a kill
+between them leaves NAME missing and the old folder whole beside it, and `recover_dir` (run before every read and
+write of such a folder) renames it back. Temp and old siblings left by a killed process (its PID no longer runs) are
+deleted by the next write of the same NAME, so a kill during a 44 MB checkpoint write does not leave it for good.
+
+Reading. `open_regular` opens without blocking and checks what it opened, so a FIFO (which would block `open`
+forever), a device such as /dev/zero (which never ends) or a socket named `x.jpg` is refused at once, and
+`read_regular` stops past `max_bytes`, so a file that lies about its size or grows while read cannot exhaust memory.
+`resolve_under` keeps a path inside a root: absolute names, `..` and symbolic links leading out are refused, and
+links are followed only when asked (`follow_links`) and then only to targets still under the root.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import re
+import shutil
+import stat
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from clipsnail.errors import DataError
+
+# One image file is read whole to be decoded; nothing a camera or a scanner writes comes near this.
+MAX_IMAGE_FILE_BYTES = 256 * 2**20
+
+# ----------------------------------------------------------------------------------------------- temp siblings
+
+_TAG = re.compile(r"(tmp|old)-(\d+)-[0-9a-f]+")
+# Names of earlier versions' temp files (".NAME.PID.tmp"), so their leftovers are cleaned too.
+_LEGACY_TAG = re.compile(r"(\d+)\.tmp")
+
+
+def _sibling(path: Path, kind: str) -> Path:
+    return path.with_name(f".{path.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by someone else
+        return True
+    return True
+
+
+def _leftovers(path: Path) -> list[tuple[Path, str, int]]:
+    """(sibling, "tmp" | "old", pid) for each temp or old sibling of `path` whose writer is no longer running."""
+    prefix = f".{path.name}."
+    found = []
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return []
+    for name in names:
+        if not name.startswith(prefix):
+            continue
+        rest = name[len(prefix):]
+        match = _TAG.fullmatch(rest)
+        if match:
+            kind, pid = match.group(1), int(match.group(2))
+        elif _LEGACY_TAG.fullmatch(rest):
+            kind, pid = "tmp", int(_LEGACY_TAG.fullmatch(rest).group(1))
+        else:
+            continue
+        if not _pid_alive(pid):
+            found.append((path.parent / name, kind, pid))
+    return found
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def clean_stale(path: str | Path) -> list[Path]:
+    """Delete the temp siblings of `path` left by writers that were killed; returns what was deleted. An old
+    folder is kept while `path` is missing: `recover_dir` needs it."""
+    path = Path(path)
+    removed = []
+    for sibling, kind, _ in _leftovers(path):
+        if kind == "old" and not os.path.lexists(path):
+            continue
+        _remove(sibling)
+        removed.append(sibling)
+    return removed
+
+
+def recover_dir(path: str | Path) -> bool:
+    """If a swap of the folder `path` was killed between its two renames, put the old folder back. Returns True
+    when it did. Harmless to call on any path; it never touches a swap whose process still runs."""
+    path = Path(path)
+    if os.path.lexists(path):
+        return False
+    olds = sorted((p for p, kind, _ in _leftovers(path) if kind == "old" and p.is_dir()),
+                  key=lambda p: p.stat().st_mtime_ns)
+    if not olds:
+        return False
+    try:
+        os.rename(olds[-1], path)
+    except OSError:  # read-only, or someone else recovered it first
+        return os.path.isdir(path)
+    return True
+
+
+# ----------------------------------------------------------------------------------------------- writing files
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yields a temp path beside `path`; when the block ends without an error it is renamed over `path` (and the
+    leftovers of killed writers of `path` are deleted). On an error the temp file is removed."""
+    path = Path(path)
+    clean_stale(path)
+    tmp = _sibling(path, "tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------------------------- swapping folders
+
+
+def _load_renameat2():
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # not Linux, or a C library older than glibc 2.28
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+_renameat2 = _load_renameat2()
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step; False where the kernel or filesystem cannot."""
+    if _renameat2 is None:
+        return False
+    if _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def replace_dir(staged: Path, out: Path) -> None:
+    """Put the finished folder `staged` at `out` (module docstring: one atomic exchange, or two renames that
+    `recover_dir` repairs after a kill). The previous `out` is deleted after. Callers check first that an existing
+    `out` is theirs to replace."""
+    if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
+        out.rmdir()
+    if not os.path.lexists(out):
+        os.rename(staged, out)
+        return
+    if exchange(staged, out):
+        shutil.rmtree(staged, ignore_errors=True)  # now the old folder; a kill here leaves a stale temp to clean
+        return
+    old = _sibling(out, "old")
+    os.rename(out, old)
+    try:
+        os.rename(staged, out)
+    except BaseException:
+        os.rename(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)  # an open memory map of a file in it stays valid
+
+
+def check_replaceable(out: str | Path, is_ours: Callable[[Path], bool] | None = None, what: str = "folder") -> None:
+    """DataError unless `out` is absent, an empty folder, or a folder `is_ours(out)` recognises as one this
+    program wrote (an index, an export...). `what` names that kind of folder in the error."""
+    out = Path(out)
+    if not os.path.lexists(out):
+        return
+    if out.is_symlink() or not out.is_dir():
+        raise DataError(f"{out}: exists and is not a folder; refusing to replace it")
+    if any(out.iterdir()) and not (is_ours is not None and is_ours(out)):
+        kind = f" and is not a {what}" if is_ours is not None else ""
+        raise DataError(f"{out}: exists, is not empty{kind}; refusing to replace it (choose another path)")
+
+
+@contextlib.contextmanager
+def staged_dir(out: str | Path, is_ours: Callable[[Path], bool] | None = None,
+               what: str = "folder") -> Iterator[Path]:
+    """Yields an empty temp folder beside `out`; when the block ends without an error it replaces `out`.
+
+    `out` is checked by `check_replaceable` before work starts and again just before the swap, so a user's folder
+    is never deleted. A swap of `out` killed earlier is repaired first (`recover_dir`), and its leftovers deleted."""
+    out = Path(out).absolute()
+    recover_dir(out)
+    clean_stale(out)
+    check_replaceable(out, is_ours, what)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _sibling(out, "tmp")
+    tmp.mkdir()
+    try:
+        yield tmp
+        check_replaceable(out, is_ours, what)
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    return "not a regular file"
+
+
+def _fd_path(fd: int) -> str | None:
+    with contextlib.suppress(OSError):
+        return os.readlink(f"/proc/self/fd/{fd}")
+    return None
+
+
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def open_regular(path: str | Path, root: str | Path | None = None, follow_links: bool = True) -> int:
+    """A read-only file descriptor of the regular file `path`, or DataError. Never blocks: opened O_NONBLOCK, then
+    checked, so FIFOs, devices and sockets are refused. root: the file must lie under it once opened (checked on
+    the opened file itself where /proc shows it, so a link swapped in after a check cannot lead elsewhere).
+    follow_links=False refuses a symbolic link as the last path component."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    if not follow_links:
+        flags |= getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise DataError(f"{path}: a symbolic link (not followed)") from None
+        raise DataError(f"{path}: cannot open: {e.strerror or e}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise DataError(f"{path}: {_kind(mode)}, not a regular file; not read")
+        if root is not None:
+            real = _fd_path(fd) or os.path.realpath(path)
+            if not _under(real, os.path.realpath(root)):
+                raise DataError(f"{path}: leads outside {root}; not read")
+        os.set_blocking(fd, True)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_regular(path: str | Path, max_bytes: int = MAX_IMAGE_FILE_BYTES, root: str | Path | None = None,
+                 follow_links: bool = True) -> bytes:
+    """The bytes of the regular file `path` (see `open_regular`), at most `max_bytes`: a larger file, or one that
+    grows past the limit while it is read, is a DataError."""
+    fd = open_regular(path, root, follow_links)
+    with os.fdopen(fd, "rb") as f:
+        size = os.fstat(fd).st_size
+        if size > max_bytes:
+            raise DataError(f"{path}: {size:,} bytes, over the limit of {max_bytes:,}; not read")
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise DataError(f"{path}: grew past the limit of {max_bytes:,} bytes while read; not read")
+    return data
+
+
+def resolve_under(root: str | Path, name: str | Path, follow_links: bool = False) -> Path:
+    """root / name, checked to stay under root: an absolute name, `..` leading out, or a symbolic link on the
+    way is a DataError (with follow_links, links are allowed when what they lead to is still under root).
+    Returns the path as root / name (normalised), not the link's target."""
+    root = Path(root)
+    name = str(name)
+    if os.path.isabs(name) or (len(name) > 1 and name[1] == ":"):
+        raise DataError(f"{name!r}: an absolute path; image names must be relative to {root}")
+    real_root = os.path.realpath(root)
+    joined = os.path.normpath(os.path.join(real_root, name))
+    if not _under(joined, real_root) or joined == real_root:
+        raise DataError(f"{name!r}: leads outside {root}")
+    real = os.path.realpath(joined)
+    if real != joined:  # a symbolic link somewhere below the root
+        if not follow_links:
+            raise DataError(f"{root / name}: a symbolic link (links are followed only with --follow-links)")
+        if not _under(real, real_root):
+            raise DataError(f"{root / name}: a symbolic link leading outside {root}")
+    return root / os.path.relpath(joined, real_root)
+
+
+def regular_file_kind(path: str | Path, follow_links: bool = True) -> str | None:
+    """None when `path` is a regular file (after links when follow_links), else what it is ("a FIFO", "a symbolic
+    link", "missing"...), without opening it."""
+    try:
+        st = os.stat(path, follow_symlinks=follow_links)
+    except OSError as e:
+        return "missing" if e.errno == errno.ENOENT else (e.strerror or str(e))
+    if stat.S_ISLNK(st.st_mode):
+        return "a symbolic link"
+    return None if stat.S_ISREG(st.st_mode) else _kind(st.st_mode)
