@@ -47,6 +47,13 @@ def add_caption_flags(p: argparse.ArgumentParser, required: bool = True) -> None
     p.add_argument("--format", default="auto", help="caption file format (default: detect)")
     p.add_argument("--split-file", help="Karpathy-style split JSON (default: 80/10/10 by image-name hash)")
     p.add_argument("--strict", action="store_true", help="a corrupt image is an error, not a skipped sample")
+    add_follow_links_flag(p)
+
+
+def add_follow_links_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--follow-links", action="store_true",
+                   help="follow symbolic links to images (only links leading to a place inside the image folder; "
+                        "default: links are skipped)")
 
 
 CAPTION_FLAGS = (("captions", "data.captions"), ("images", "data.images"), ("format", "data.format"),
@@ -58,6 +65,8 @@ def flag_overrides(args, extra: tuple[tuple[str, str], ...] = ()) -> list[str]:
     overrides = [f"{key}={getattr(args, flag)}" for flag, key in CAPTION_FLAGS + extra if getattr(args, flag, None)]
     if getattr(args, "strict", False):
         overrides.append("data.strict=true")
+    if getattr(args, "follow_links", False):
+        overrides.append("data.follow_links=true")
     return overrides
 
 
@@ -108,7 +117,7 @@ def cmd_data_shards(args) -> None:
     summary = write_shards(args.captions, args.images, args.out, split=args.split, shard_size=args.shard_size,
                            format=args.format, split_file=args.split_file,
                            seed=None if args.no_shuffle else args.seed, strict=args.strict, prefix=args.prefix,
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, follow_links=args.follow_links)
     print_json(summary)
     print(f"wrote {summary['shards']} shards; stream them with the pattern '{summary['pattern']}'", file=sys.stderr)
 
@@ -435,7 +444,7 @@ def cmd_search(args) -> None:
     query = model.encode_image([args.image]) if args.image else model.encode_text([args.query])
     if index is None:
         index = folder_index(model, args.images, cache_dir=Path(args.model) / "embeddings",
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, follow_links=args.follow_links)
     hits = index.search(query, args.k)[0]
     if args.grid:
         write_result_grid(args.grid, args.query or f"like {Path(args.image).name}", hits)
@@ -461,7 +470,8 @@ def cmd_index_build(args) -> None:
     model = load(args.model, device=args.device)
     threshold = args.approx_threshold if args.approx_threshold is not None else DEFAULT_APPROX_THRESHOLD
     index, stats = build_index(model, args.images, args.out, batch_size=args.batch_size,
-                               progress=not args.no_progress, approx_threshold=threshold, approx_kind=args.approx)
+                               progress=not args.no_progress, approx_threshold=threshold, approx_kind=args.approx,
+                               follow_links=args.follow_links)
     print_json({"index": str(index.index_dir), **stats, "faiss": index.meta["faiss"]})
 
 
@@ -772,6 +782,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--approx-threshold", type=int,
                    help="from this many images on, use an approximate faiss index (default 20000)")
     p.add_argument("--approx", default="ivf", choices=["ivf", "hnsw"], help="approximate index kind (default ivf)")
+    add_follow_links_flag(p)
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_index_build)
@@ -787,6 +798,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", help="an index made by `clipsnail index build`")
     p.add_argument("--model", help="CLIP run directory (with --index: default the one recorded in the index)")
     p.add_argument("--images", help="folder to search instead of an index (embeddings cached in the run directory)")
+    add_follow_links_flag(p)
     p.add_argument("query", nargs="?", help="text query")
     p.add_argument("--image", help="query image (image-to-image search)")
     p.add_argument("-k", type=int, default=9, help="number of results (default 9)")

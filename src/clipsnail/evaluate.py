@@ -173,20 +173,18 @@ def classification_report(logits: torch.Tensor, labels: torch.Tensor,
 
 def evaluate_caption_split(model, captions_file, images_dir, split: str = "test", split_file=None,
                            format: str = "auto", batch_size: int = 256, progress: bool = True,
-                           strict: bool = False) -> tuple[dict, list[str]]:
+                           strict: bool = False, follow_links: bool = False) -> tuple[dict, list[str]]:
     """Retrieval metrics of `model` on one split of a caption corpus -> (metrics, image names evaluated).
 
     Unreadable images are dropped together with their captions, and counted. On generated shapes data
     (scenes.json beside the images) the semantic recall is added.
     """
-    from clipsnail.data.captions import group_by_image, read_captions, split_records
+    from clipsnail.data.captions import load_split
     from clipsnail.data.shapes import scene_judge
-    from clipsnail.errors import DataError
 
-    records = split_records(read_captions(captions_file, format), split, split_file=split_file)
-    if not records:
-        raise DataError(f"{captions_file}: no captions in split {split!r}")
-    names, captions, c2i = group_by_image(records)
+    # The same checks as training: the folder exists, every image of the split is a file under it.
+    names, captions, c2i = load_split(captions_file, images_dir, split, format, split_file,
+                                      follow_links=follow_links)
     images_dir = Path(images_dir)
     image_emb, readable = encode_image_paths(model, [images_dir / n for n in names], batch_size=batch_size,
                                              progress=progress, strict=strict)

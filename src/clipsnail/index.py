@@ -48,7 +48,7 @@ from tqdm import tqdm
 from clipsnail.data.images import list_images
 from clipsnail.errors import ClipsnailError, DataError
 from clipsnail.evaluate import encode_image_paths
-from clipsnail.safeio import recover_dir, staged_dir
+from clipsnail.safeio import check_replaceable, open_regular, recover_dir, staged_dir
 
 log = logging.getLogger(__name__)
 
@@ -164,18 +164,19 @@ def _read_faiss(path: Path):
 # ----------------------------------------------------------------------------------------------- files
 
 
-def _sha1(path: Path) -> str:
+def _sha1(path: Path, root: Path, follow_links: bool) -> str:
     h = hashlib.sha1()
-    with open(path, "rb") as f:
+    # A FIFO or a link out of the root swapped in after the scan is refused here, not waited on or read.
+    with os.fdopen(open_regular(path, root, follow_links), "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
 
 
-def _scan(root: Path, allow_empty: bool) -> dict[str, tuple[int, int]]:
+def _scan(root: Path, allow_empty: bool, follow_links: bool) -> dict[str, tuple[int, int]]:
     """{relative posix path: (size, mtime_ns)} of the image files under root, sorted by path."""
     try:
-        paths = list_images(root)
+        paths = list_images(root, follow_links=follow_links)
     except DataError:
         if allow_empty and root.is_dir():
             return {}
@@ -207,6 +208,8 @@ class ImageIndex:
         self.root = Path(meta["root"])
         self.model_dir = Path(meta["model_dir"]) if meta.get("model_dir") else None
         self.dim = int(meta["dim"])
+        # Symbolic links under the root were indexed (`--follow-links`; only links that stay under the root).
+        self.follow_links = bool(meta.get("follow_links", False))
         self.rel_paths = rel_paths
         self.paths = [self.root / r for r in rel_paths]
         self.faiss_index = faiss_index
@@ -374,12 +377,12 @@ def _encode(model, root: Path, rels: list[str], batch_size: int, progress: bool)
     return vectors[readable], readable.tolist()
 
 
-def _hash_all(root: Path, rels: list[str], progress: bool) -> dict[str, str]:
+def _hash_all(root: Path, rels: list[str], progress: bool, follow_links: bool) -> dict[str, str]:
     out = {}
     for r in tqdm(rels, desc="hash files", unit="file", disable=not progress or len(rels) < 1000):
         try:
-            out[r] = _sha1(root / r)
-        except OSError as e:
+            out[r] = _sha1(root / r, root, follow_links)
+        except (OSError, DataError) as e:
             log.warning("%s: cannot read (%s)", root / r, e)
     return out
 
@@ -387,7 +390,7 @@ def _hash_all(root: Path, rels: list[str], progress: bool) -> dict[str, str]:
 def _finish(model, out_dir: Path, root: Path, model_dir: str | None, entries: dict[str, tuple],
             unreadable: dict[str, tuple], stats: dict, approx_threshold: int, approx_kind: str,
             target_recall: float, vectors: dict[str, torch.Tensor], rebuild: bool, reuse_from: Path | None,
-            created: str | None = None) -> ImageIndex:
+            follow_links: bool, created: str | None = None) -> ImageIndex:
     rels = sorted(entries)
     dim = model.cfg.embed_dim
     stacked = torch.stack([vectors[r] for r in rels]) if rels else torch.zeros(0, dim)
@@ -402,7 +405,8 @@ def _finish(model, out_dir: Path, root: Path, model_dir: str | None, entries: di
         spec = ImageIndex.load(reuse_from).meta["faiss"]
     files = {"path": rels, "size": [entries[r][0] for r in rels], "mtime_ns": [entries[r][1] for r in rels],
              "sha1": [entries[r][2] for r in rels]}
-    meta = {"format": FORMAT, "version": VERSION, "root": str(root), "model_dir": model_dir, "dim": dim,
+    meta = {"format": FORMAT, "version": VERSION, "root": str(root), "follow_links": follow_links,
+            "model_dir": model_dir, "dim": dim,
             "count": len(rels), "faiss": {**spec, "approx_threshold": approx_threshold, "approx_kind": approx_kind},
             "num_unreadable": len(unreadable),
             "unreadable": [{"path": r, "size": s, "mtime_ns": m} for r, (s, m) in sorted(unreadable.items())],
@@ -413,16 +417,17 @@ def _finish(model, out_dir: Path, root: Path, model_dir: str | None, entries: di
 
 def build_index(model, images_dir: str | Path, out_dir: str | Path, batch_size: int = 64, progress: bool = True,
                 approx_threshold: int = DEFAULT_APPROX_THRESHOLD, approx_kind: str = "ivf",
-                target_recall: float = DEFAULT_TARGET_RECALL, model_dir: str | Path | None = None
-                ) -> tuple[ImageIndex, dict]:
+                target_recall: float = DEFAULT_TARGET_RECALL, model_dir: str | Path | None = None,
+                follow_links: bool = False) -> tuple[ImageIndex, dict]:
     """Encode every image under images_dir (recursively) into a new index at out_dir (replacing one there).
     model_dir: the run the model came from (default: `model.run_dir`, set by `clipsnail.load`).
     -> (the index, stats {added, changed, removed, unchanged, unreadable, total, seconds})."""
     t = time.perf_counter()
     root = Path(images_dir).absolute()
-    found = _scan(root, allow_empty=False)
+    check_replaceable(out_dir, is_index_dir, "clipsnail index")  # before the (slow) encoding
+    found = _scan(root, allow_empty=False, follow_links=follow_links)
     rels = list(found)
-    sha1 = _hash_all(root, rels, progress)
+    sha1 = _hash_all(root, rels, progress, follow_links)
     rels = [r for r in rels if r in sha1]
     vecs, readable = _encode(model, root, rels, batch_size, progress)
     good = [r for r, ok in zip(rels, readable) if ok]
@@ -433,7 +438,7 @@ def build_index(model, images_dir: str | Path, out_dir: str | Path, batch_size: 
              "total": len(good)}
     index = _finish(model, Path(out_dir), root, _model_dir(model, model_dir), entries, unreadable, stats,
                     approx_threshold, approx_kind, target_recall, dict(zip(good, vecs)), rebuild=True,
-                    reuse_from=None)
+                    reuse_from=None, follow_links=follow_links)
     stats["seconds"] = round(time.perf_counter() - t, 2)
     log.info("indexed %d images under %s (%d unreadable skipped): %s", len(good), root, len(unreadable), index)
     return index, stats
@@ -455,13 +460,14 @@ def update_index(model, index_dir: str | Path, batch_size: int = 64, progress: b
     old_entries = {r: (s, m, h) for r, s, m, h in zip(files["path"], files["size"], files["mtime_ns"], files["sha1"])}
     old_unreadable = {u["path"]: (u["size"], u["mtime_ns"]) for u in old.meta.get("unreadable", [])}
     root = old.root
-    found = _scan(root, allow_empty=True)
+    found = _scan(root, allow_empty=True, follow_links=old.follow_links)
 
     entries, vectors, unreadable = {}, {}, {}
     todo, changed, touched = [], set(), False
     candidates = [r for r in found if r in old_entries and found[r] != old_entries[r][:2]]
     sha1 = _hash_all(root, [r for r in found if r not in old_entries and r not in old_unreadable] + candidates
-                     + [r for r in found if r in old_unreadable and found[r] != old_unreadable[r]], progress)
+                     + [r for r in found if r in old_unreadable and found[r] != old_unreadable[r]], progress,
+                     old.follow_links)
     row = {r: i for i, r in enumerate(old.rel_paths)}
     for r, stamp in found.items():
         if r in old_entries:
@@ -502,7 +508,7 @@ def update_index(model, index_dir: str | Path, batch_size: int = 64, progress: b
         index = _finish(model, index_dir, root, old.meta.get("model_dir"), entries, unreadable, stats, threshold,
                         spec.get("approx_kind", "ivf"), spec.get("target_recall@10", DEFAULT_TARGET_RECALL),
                         vectors, rebuild=rebuild, reuse_from=None if rebuild else index_dir,
-                        created=old.meta.get("created"))
+                        follow_links=old.follow_links, created=old.meta.get("created"))
     else:
         index = old
     stats["seconds"] = round(time.perf_counter() - t, 2)
@@ -511,7 +517,7 @@ def update_index(model, index_dir: str | Path, batch_size: int = 64, progress: b
 
 
 def folder_index(model, folder: str | Path, cache_dir: str | Path, batch_size: int = 64,
-                 progress: bool = True) -> ImageIndex:
+                 progress: bool = True, follow_links: bool = False) -> ImageIndex:
     """The index of `folder` kept in cache_dir/<hash of the folder path>/: built the first time, then updated
     (only new and changed files are encoded). This is what `clipsnail search --images DIR` uses."""
     folder = Path(folder).resolve()
@@ -519,8 +525,8 @@ def folder_index(model, folder: str | Path, cache_dir: str | Path, batch_size: i
     if (out / META).is_file():
         try:
             index = ImageIndex.load(out)
-            if index.dim == model.cfg.embed_dim and index.root == folder:
+            if index.dim == model.cfg.embed_dim and index.root == folder and index.follow_links == follow_links:
                 return update_index(model, out, batch_size=batch_size, progress=progress)[0]
         except DataError as e:  # a damaged cache is only a cache: rebuild it
             log.warning("rebuilding the embedding cache %s (%s)", out, e)
-    return build_index(model, folder, out, batch_size=batch_size, progress=progress)[0]
+    return build_index(model, folder, out, batch_size=batch_size, progress=progress, follow_links=follow_links)[0]

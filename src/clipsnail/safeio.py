@@ -41,7 +41,8 @@ _TAG = re.compile(r"(tmp|old)-(\d+)-[0-9a-f]+")
 _LEGACY_TAG = re.compile(r"(\d+)\.tmp")
 
 
-def _sibling(path: Path, kind: str) -> Path:
+def temp_sibling(path: Path, kind: str = "tmp") -> Path:
+    """`.NAME.KIND-PID-RANDOM` beside `path`: a name `clean_stale` recognises once its writer is gone."""
     return path.with_name(f".{path.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
@@ -128,7 +129,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     leftovers of killed writers of `path` are deleted). On an error the temp file is removed."""
     path = Path(path)
     clean_stale(path)
-    tmp = _sibling(path, "tmp")
+    tmp = temp_sibling(path, "tmp")
     try:
         yield tmp
         os.replace(tmp, path)
@@ -189,7 +190,7 @@ def replace_dir(staged: Path, out: Path) -> None:
     if exchange(staged, out):
         shutil.rmtree(staged, ignore_errors=True)  # now the old folder; a kill here leaves a stale temp to clean
         return
-    old = _sibling(out, "old")
+    old = temp_sibling(out, "old")
     os.rename(out, old)
     try:
         os.rename(staged, out)
@@ -224,7 +225,7 @@ def staged_dir(out: str | Path, is_ours: Callable[[Path], bool] | None = None,
     clean_stale(out)
     check_replaceable(out, is_ours, what)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _sibling(out, "tmp")
+    tmp = temp_sibling(out, "tmp")
     tmp.mkdir()
     try:
         yield tmp
@@ -238,6 +239,14 @@ def staged_dir(out: str | Path, is_ours: Callable[[Path], bool] | None = None,
 # ----------------------------------------------------------------------------------------------- reading
 
 
+class FileRefused(DataError):
+    """A file that cannot or may not be read: `reason` says why ("a FIFO, not a regular file; not read")."""
+
+    def __init__(self, path: str | Path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
+
+
 def _kind(mode: int) -> str:
     if stat.S_ISFIFO(mode):
         return "a FIFO"
@@ -247,7 +256,7 @@ def _kind(mode: int) -> str:
         return "a socket"
     if stat.S_ISDIR(mode):
         return "a folder"
-    return "not a regular file"
+    return "an unusual file"
 
 
 def _fd_path(fd: int) -> str | None:
@@ -256,7 +265,8 @@ def _fd_path(fd: int) -> str | None:
     return None
 
 
-def _under(path: str, root: str) -> bool:
+def is_under(path: str, root: str) -> bool:
+    """`path` is `root` or inside it (both absolute, resolved; compared by name)."""
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
@@ -272,16 +282,16 @@ def open_regular(path: str | Path, root: str | Path | None = None, follow_links:
         fd = os.open(path, flags)
     except OSError as e:
         if e.errno == errno.ELOOP:
-            raise DataError(f"{path}: a symbolic link (not followed)") from None
-        raise DataError(f"{path}: cannot open: {e.strerror or e}") from None
+            raise FileRefused(path, "a symbolic link (not followed)") from None
+        raise FileRefused(path, f"cannot open: {e.strerror or e}") from None
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            raise DataError(f"{path}: {_kind(mode)}, not a regular file; not read")
+            raise FileRefused(path, f"{_kind(mode)}, not a regular file; not read")
         if root is not None:
             real = _fd_path(fd) or os.path.realpath(path)
-            if not _under(real, os.path.realpath(root)):
-                raise DataError(f"{path}: leads outside {root}; not read")
+            if not is_under(real, os.path.realpath(root)):
+                raise FileRefused(path, f"leads outside {root}; not read")
         os.set_blocking(fd, True)
         return fd
     except BaseException:
@@ -297,10 +307,10 @@ def read_regular(path: str | Path, max_bytes: int = MAX_IMAGE_FILE_BYTES, root: 
     with os.fdopen(fd, "rb") as f:
         size = os.fstat(fd).st_size
         if size > max_bytes:
-            raise DataError(f"{path}: {size:,} bytes, over the limit of {max_bytes:,}; not read")
+            raise FileRefused(path, f"{size:,} bytes, over the limit of {max_bytes:,}; not read")
         data = f.read(max_bytes + 1)
     if len(data) > max_bytes:
-        raise DataError(f"{path}: grew past the limit of {max_bytes:,} bytes while read; not read")
+        raise FileRefused(path, f"grew past the limit of {max_bytes:,} bytes while read; not read")
     return data
 
 
@@ -314,13 +324,13 @@ def resolve_under(root: str | Path, name: str | Path, follow_links: bool = False
         raise DataError(f"{name!r}: an absolute path; image names must be relative to {root}")
     real_root = os.path.realpath(root)
     joined = os.path.normpath(os.path.join(real_root, name))
-    if not _under(joined, real_root) or joined == real_root:
+    if not is_under(joined, real_root) or joined == real_root:
         raise DataError(f"{name!r}: leads outside {root}")
     real = os.path.realpath(joined)
     if real != joined:  # a symbolic link somewhere below the root
         if not follow_links:
             raise DataError(f"{root / name}: a symbolic link (links are followed only with --follow-links)")
-        if not _under(real, real_root):
+        if not is_under(real, real_root):
             raise DataError(f"{root / name}: a symbolic link leading outside {root}")
     return root / os.path.relpath(joined, real_root)
 

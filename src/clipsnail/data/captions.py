@@ -16,10 +16,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from clipsnail.data.images import IMAGE_EXTENSIONS
 from clipsnail.errors import ConfigError, DataError
+from clipsnail.safeio import read_regular, regular_file_kind, resolve_under
 
 log = logging.getLogger(__name__)
 
+# A caption file is read whole; the largest public corpora (COCO, CC3M captions) are well under this.
+MAX_CAPTION_FILE_BYTES = 2 * 2**30
 FORMATS = ("flickr8k_csv", "flickr8k_token", "flickr30k", "coco", "csv", "tsv")
 SPLITS = ("train", "val", "test", "all")
 IMAGE_COLUMNS = ("image", "filename", "file_name", "image_name")
@@ -69,12 +73,17 @@ def _read_text(path: Path) -> str:
     if not path.is_file():
         raise DataError(f"{path}: not a file")
     try:
+        data = read_regular(path, MAX_CAPTION_FILE_BYTES)
+    except DataError as e:
+        raise DataError(f"{e} (a caption file)") from None
+    try:
         # utf-8-sig drops the byte-order mark that spreadsheet programs put in front of CSV exports.
-        text = path.read_text(encoding="utf-8-sig")
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text (bad byte at offset {e.start})") from e
-    except OSError as e:
-        raise DataError(f"{path}: cannot read: {e.strerror or e}") from e
+        line = data[: e.start].count(b"\n") + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at column {column}); "
+                        f"save the file as UTF-8") from None
     if not text.strip():
         raise DataError(f"{path}: empty file")
     return text
@@ -113,6 +122,17 @@ def _find_column(header: list[str], names: Sequence[str], what: str, path: Path)
     )
 
 
+def _swallowed_record(row: list[str], delimiter: str) -> str | None:
+    """A line inside a multi-line field that reads like a record of its own (an image name, then the delimiter):
+    the sign of a quote that was opened and never closed, which makes the reader merge the lines that follow."""
+    for field in row:
+        for line in field.split("\n")[1:]:
+            head = line.split(delimiter, 1)
+            if len(head) == 2 and head[0].strip().strip('"').lower().endswith(IMAGE_EXTENSIONS):
+                return line
+    return None
+
+
 def _read_delimited(text: str, out: _Collector, delimiter: str, quoting: int = csv.QUOTE_MINIMAL) -> None:
     reader = csv.reader(io.StringIO(text), delimiter=delimiter, quoting=quoting)
     try:
@@ -125,6 +145,12 @@ def _read_delimited(text: str, out: _Collector, delimiter: str, quoting: int = c
             lineno, start = start, reader.line_num + 1
             if not any(f.strip() for f in row):
                 continue
+            if reader.line_num > lineno and quoting != csv.QUOTE_NONE:
+                swallowed = _swallowed_record(row, delimiter)
+                if swallowed is not None:  # the whole rest of the file may be one caption: never skip this
+                    raise DataError(f"{out.path}:{lineno}: a quote opened on this line is not closed: lines "
+                                    f"{lineno}-{reader.line_num} were read as one caption, including "
+                                    f"{swallowed[:60]!r}")
             if len(row) > len(header) and caption_col == len(header) - 1:
                 # An unquoted delimiter inside the last column is part of the caption, not a new field.
                 row = row[: len(header) - 1] + [delimiter.join(row[len(header) - 1 :])]
@@ -273,18 +299,34 @@ def split_records(
 
 
 def load_split(captions: str | Path, images: str | Path, split: str, format: str = "auto",
-               split_file: str | Path | None = None, strict: bool = True) -> tuple[list[str], list[str], list[int]]:
+               split_file: str | Path | None = None, strict: bool = True,
+               follow_links: bool = False) -> tuple[list[str], list[str], list[int]]:
     """`group_by_image` of one split of a caption file, after checking that the image folder and every image file
-    of the split exist (errors name the caption line). `strict=False` skips malformed caption lines."""
+    of the split exist (errors name the caption line). `strict=False` skips malformed caption lines.
+
+    Image names must stay inside the image folder: an absolute name, `..` leading out, a symbolic link (unless
+    `follow_links`, and then only to a file under the folder) or something that is not a regular file (a FIFO,
+    a device) is an error naming the caption line."""
     images_dir = Path(images)
     if not images_dir.is_dir():
         raise DataError(f"{images_dir}: image folder not found")
     records = split_records(read_captions(captions, format, strict=strict), split, split_file=split_file or None)
     if not records:
         raise DataError(f"{captions}: no captions in split {split!r}")
+    checked: set[str] = set()
     for r in records:
-        if not (images_dir / r.image).is_file():
+        if r.image in checked:
+            continue
+        checked.add(r.image)
+        try:
+            path = resolve_under(images_dir, r.image, follow_links)
+        except DataError as e:
+            raise DataError(f"{r.source}: image {e}") from None
+        problem = regular_file_kind(path)
+        if problem == "missing":
             raise DataError(f"{r.source}: image {r.image!r} not found in {images_dir}")
+        if problem is not None:
+            raise DataError(f"{r.source}: image {r.image!r} in {images_dir} is {problem}, not an image file")
     return group_by_image(records)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from clipsnail.errors import DataError
+from clipsnail.safeio import MAX_IMAGE_FILE_BYTES, FileRefused, is_under, read_regular, regular_file_kind
 
 log = logging.getLogger(__name__)
 
@@ -33,25 +34,59 @@ def _no_images(root: Path) -> DataError:
     return DataError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
 
 
-def list_images(root: str | Path, recursive: bool = True) -> list[Path]:
-    """Image files under `root` (by extension; hidden files and folders skipped), sorted."""
+def list_images(root: str | Path, recursive: bool = True, follow_links: bool = False) -> list[Path]:
+    """Image files under `root` (by extension; hidden files and folders skipped), sorted.
+
+    Only regular files are listed: FIFOs, devices and sockets named like images are skipped with a warning (reading
+    one would block or never end). Symbolic links (to files or folders) are skipped unless `follow_links`, and even
+    then only those leading to a place under `root`, so nothing outside the folder the user named is ever read."""
     root = Path(root)
     _require_dir(root)
+    real_root = os.path.realpath(root)
     found: list[Path] = []
-    if recursive:
-        seen = set()
-        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-            # Symlinked folders are followed (photo libraries use them), but each real folder only once,
-            # so a link back to a parent cannot loop forever.
-            real = os.path.realpath(dirpath)
-            if real in seen:
-                dirnames[:] = []
+    refused: list[str] = []
+    seen: set[str] = set()
+    folders = [root]
+    while folders:
+        folder = folders.pop()
+        real = os.path.realpath(folder)
+        if real in seen:  # a link back to a folder already listed: no loops, no duplicates
+            continue
+        seen.add(real)
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as e:
+            refused.append(f"{folder} ({e.strerror or e})")
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
                 continue
-            seen.add(real)
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            found += [Path(dirpath) / f for f in filenames if _is_image_name(f)]
-    else:
-        found = [p for p in root.iterdir() if _is_image_name(p.name) and p.is_file()]
+            path = Path(entry.path)
+            try:
+                is_dir = entry.is_dir()  # follows a link
+                if not is_dir and not _is_image_name(entry.name):
+                    continue
+                if entry.is_symlink():
+                    if not follow_links:
+                        refused.append(f"{path} (a symbolic link; --follow-links follows links inside the folder)")
+                        continue
+                    if not is_under(os.path.realpath(path), real_root):
+                        refused.append(f"{path} (a symbolic link leading outside {root})")
+                        continue
+                if is_dir:
+                    if recursive:
+                        folders.append(path)
+                    continue
+                problem = regular_file_kind(path)
+            except OSError as e:
+                problem = e.strerror or str(e)
+            if problem is None:
+                found.append(path)
+            elif problem != "missing":  # a dangling link was reported above, or the file just went away
+                refused.append(f"{path} ({problem})")
+    if refused:
+        log.warning("%s: %d entries skipped: %s%s", root, len(refused), "; ".join(refused[:3]),
+                    " ..." if len(refused) > 3 else "")
     if not found:
         raise _no_images(root)
     return sorted(found)
@@ -97,7 +132,12 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 def load_image(path: str | Path, data: bytes | None = None) -> Image.Image:
     """The image at `path` (or in `data`, read from `path`, e.g. a tar shard), fully decoded, upright (EXIF
     orientation applied), RGB."""
-    source = Path(path) if data is None else io.BytesIO(data)
+    if data is None:
+        try:
+            data = read_regular(path, MAX_IMAGE_FILE_BYTES)  # never blocks on a FIFO, never reads /dev/zero forever
+        except FileRefused as e:
+            raise DataError(f"{path}: cannot read image: {e.reason}") from None
+    source = io.BytesIO(data)
     try:
         with warnings.catch_warnings():
             # A decompression bomb is a bad file in a corpus, not a warning to scroll past.

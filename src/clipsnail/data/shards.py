@@ -32,7 +32,7 @@ from tqdm import tqdm
 from clipsnail.data.captions import load_split
 from clipsnail.data.images import IMAGE_EXTENSIONS, load_image
 from clipsnail.errors import ConfigError, DataError
-from clipsnail.safeio import atomic_write_text
+from clipsnail.safeio import MAX_IMAGE_FILE_BYTES, atomic_write_text, clean_stale, read_regular, temp_sibling
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,7 @@ class _ShardWriter:
     def __init__(self, out_dir: Path, prefix: str, shard_size: int):
         self.out_dir, self.prefix, self.shard_size = out_dir, prefix, shard_size
         self.sizes: dict[str, int] = {}
+        self._temps: dict[str, Path] = {}
         self.samples = 0
         self._tar: tarfile.TarFile | None = None
         self._name = ""
@@ -82,16 +83,15 @@ class _ShardWriter:
             self._close()
             self._name = f"{self.prefix}{len(self.sizes):0{SHARD_DIGITS}d}.tar"
             self.sizes[self._name] = 0
-            self._tar = tarfile.open(self._temp(self._name), "w", format=tarfile.USTAR_FORMAT)
+            clean_stale(self.out_dir / self._name)  # temp files of a write that was killed
+            self._temps[self._name] = temp_sibling(self.out_dir / self._name)
+            self._tar = tarfile.open(self._temps[self._name], "w", format=tarfile.USTAR_FORMAT)
         key = f"{self.samples:0{KEY_DIGITS}d}"
         for ext, data in members.items():
             _add_member(self._tar, f"{key}.{ext}", data)
         self.sizes[self._name] += 1
         self.samples += 1
         return key
-
-    def _temp(self, name: str) -> Path:
-        return self.out_dir / f".{name}.tmp"
 
     def _close(self) -> None:
         if self._tar is not None:
@@ -100,13 +100,13 @@ class _ShardWriter:
 
     def commit(self) -> None:
         self._close()
-        for name in self.sizes:
-            os.replace(self._temp(name), self.out_dir / name)
+        for name, temp in self._temps.items():
+            os.replace(temp, self.out_dir / name)
 
     def abort(self) -> None:
         self._close()
-        for name in self.sizes:
-            self._temp(name).unlink(missing_ok=True)
+        for temp in self._temps.values():
+            temp.unlink(missing_ok=True)
 
 
 def _write_json(path: Path, obj) -> None:
@@ -139,6 +139,7 @@ def write_shards(
     strict: bool = False,
     prefix: str = "",
     progress: bool = False,
+    follow_links: bool = False,
 ) -> dict:
     """Write the images of one split of a caption corpus as tar shards in `out_dir`; returns a summary.
 
@@ -150,7 +151,8 @@ def write_shards(
     if shard_size < 1:
         raise ConfigError(f"shard_size must be at least 1, got {shard_size}")
     images_dir, out_dir = Path(images), Path(out_dir)
-    names, texts, caption_to_image = load_split(captions, images_dir, split, format, split_file, strict=strict)
+    names, texts, caption_to_image = load_split(captions, images_dir, split, format, split_file, strict=strict,
+                                                follow_links=follow_links)
     captions_of: list[list[str]] = [[] for _ in names]
     for text, i in zip(texts, caption_to_image):
         captions_of[i].append(text)
@@ -159,13 +161,21 @@ def write_shards(
         random.Random(seed).shuffle(order)
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    # Only shards listed in sizes.json were written here before: those may be replaced or removed, nothing else.
+    ours = re.compile(re.escape(prefix) + rf"\d{{{SHARD_DIGITS}}}\.tar")
+    recorded = _read_sizes(out_dir)
+    foreign = sorted(p.name for p in out_dir.iterdir() if ours.fullmatch(p.name) and p.name not in recorded)
+    if foreign:
+        raise DataError(f"{out_dir / foreign[0]}: named like a shard but not listed in {out_dir / 'sizes.json'}, so "
+                        f"not written by `clipsnail data shards`; refusing to overwrite it (choose another --out or "
+                        f"--prefix)")
     writer = _ShardWriter(out_dir, prefix, shard_size)
     skipped = written_captions = 0
     try:
         for i in tqdm(order, desc="writing shards", unit="image", disable=not progress):
             path = images_dir / names[i]
             try:
-                data = path.read_bytes()
+                data = read_regular(path, MAX_IMAGE_FILE_BYTES)
                 load_image(path, data)  # a corrupt image is caught now, not in every epoch of training
                 ext = _image_ext(names[i], data)
             except OSError as e:
@@ -192,11 +202,10 @@ def write_shards(
     if skipped:
         log.warning("%d corrupt images skipped", skipped)
 
-    ours = re.compile(re.escape(prefix) + rf"\d{{{SHARD_DIGITS}}}\.tar")
-    for stale in sorted(out_dir.iterdir()):
-        if ours.fullmatch(stale.name) and stale.name not in writer.sizes:
-            log.warning("%s: removed, a shard of an earlier write", stale)
-            stale.unlink()
+    for name in sorted(recorded):
+        if ours.fullmatch(name) and name not in writer.sizes and (out_dir / name).is_file():
+            log.warning("%s: removed, a shard of an earlier write", out_dir / name)
+            (out_dir / name).unlink()
     sizes_path = out_dir / "sizes.json"
     sizes = _read_sizes(out_dir)
     sizes = {k: v for k, v in sizes.items() if not ours.fullmatch(k) and (out_dir / k).is_file()}

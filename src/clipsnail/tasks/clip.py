@@ -47,6 +47,7 @@ class ClipDataConfig:
     sampling: str = "image"  # "image": one random caption per image per epoch; "pair": every caption
     augment: bool = True
     strict: bool = False  # a corrupt image is an error instead of a skipped sample
+    follow_links: bool = False  # image names may be symbolic links (only to files under `images`)
     cache_mb: float = 512  # keep decoded training images in memory up to this size
     max_eval_images: int = 1000  # validation during training uses at most this many images
 
@@ -86,7 +87,7 @@ def load_caption_split(data: ClipDataConfig, split: str):
     """-> (image names, captions, caption_to_image) for one split, after checking every image file exists."""
     if not data.captions or not data.images:
         raise DataError("no training data: give --captions FILE and --images DIR, or --shards")
-    return load_split(data.captions, data.images, split, data.format, data.split_file)
+    return load_split(data.captions, data.images, split, data.format, data.split_file, follow_links=data.follow_links)
 
 
 class ClipTask:

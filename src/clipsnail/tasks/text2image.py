@@ -47,6 +47,7 @@ class CaptionDataConfig:
     format: str = "auto"
     split_file: str = ""  # Karpathy-style split JSON; default: 80/10/10 by a hash of the image name
     strict: bool = False  # a corrupt image is an error instead of a skipped sample
+    follow_links: bool = False  # image names may be symbolic links (only to files under `images`)
     max_eval_images: int = 500  # validation during training uses at most this many images
     image_size: int = 16  # kind pixelsnail: images are resized to this side
     eval_prompts: int = 8  # kind pixelsnail: a grid of samples for this many validation captions after each epoch
