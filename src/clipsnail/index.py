@@ -48,7 +48,7 @@ from tqdm import tqdm
 from clipsnail.data.images import list_images
 from clipsnail.errors import ClipsnailError, DataError
 from clipsnail.evaluate import encode_image_paths
-from clipsnail.safeio import check_replaceable, open_regular, recover_dir, staged_dir
+from clipsnail.safeio import check_replaceable, clean_stale, open_regular, recover_dir, staged_dir
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +221,7 @@ class ImageIndex:
     def load(cls, index_dir: str | Path) -> ImageIndex:
         index_dir = Path(index_dir)
         recover_dir(index_dir)  # an update killed mid-swap left the previous index beside it
+        clean_stale(index_dir)  # and the temp folders of writers that were killed
         if not index_dir.is_dir():
             raise DataError(f"{index_dir}: no such index directory (make one with `clipsnail index build`)")
         meta_path, files_path, faiss_path = index_dir / META, index_dir / FILES, index_dir / FAISS

@@ -46,9 +46,10 @@ def list_images(root: str | Path, recursive: bool = True, follow_links: bool = F
     found: list[Path] = []
     refused: list[str] = []
     seen: set[str] = set()
-    folders = [root]
-    while folders:
-        folder = folders.pop()
+    # Linked folders wait until every real one is listed, so a file is named by its real path when it has one.
+    folders, linked_folders = [root], []
+    while folders or linked_folders:
+        folder = folders.pop() if folders else linked_folders.pop()
         real = os.path.realpath(folder)
         if real in seen:  # a link back to a folder already listed: no loops, no duplicates
             continue
@@ -75,7 +76,7 @@ def list_images(root: str | Path, recursive: bool = True, follow_links: bool = F
                         continue
                 if is_dir:
                     if recursive:
-                        folders.append(path)
+                        (linked_folders if entry.is_symlink() else folders).append(path)
                     continue
                 problem = regular_file_kind(path)
             except OSError as e:
