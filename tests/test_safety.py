@@ -67,7 +67,7 @@ def photos(tmp_path):
     return root
 
 
-# ----------------------------------------------------------------------------------------------- 1. never replace a folder we did not write
+# ----------------------------------------------------------------------- 1. never replace a folder we did not write
 
 
 def test_index_build_refuses_a_users_folder_that_happens_to_hold_index_json(model, photos, tmp_path):
@@ -207,7 +207,7 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     assert path.read_text() == "old" and os.listdir(tmp_path) == ["config.json"]
 
 
-# ----------------------------------------------------------------------------------------------- 3. FIFOs, devices, lying files
+# ------------------------------------------------------------------------------------- 3. FIFOs, devices, lying files
 
 
 def test_fifos_and_devices_named_like_images_are_skipped_not_read(model, photos, tmp_path, caplog):
@@ -352,6 +352,6 @@ def test_an_unclosed_quote_is_an_error_naming_its_line(tmp_path):
 
 def test_non_utf8_bytes_name_the_line(tmp_path):
     path = tmp_path / "captions.csv"
-    path.write_bytes("image,caption\na.jpg,a dog\nb.jpg,caf".encode() + b"\xe9 au lait\n")
+    path.write_bytes(b"image,caption\na.jpg,a dog\nb.jpg,caf" + b"\xe9 au lait\n")
     with pytest.raises(DataError, match=r"captions.csv:3: not UTF-8 text \(byte 0xe9 at column 10\)"):
         read_captions(path)
