@@ -355,3 +355,14 @@ def test_non_utf8_bytes_name_the_line(tmp_path):
     path.write_bytes(b"image,caption\na.jpg,a dog\nb.jpg,caf" + b"\xe9 au lait\n")
     with pytest.raises(DataError, match=r"captions.csv:3: not UTF-8 text \(byte 0xe9 at column 10\)"):
         read_captions(path)
+
+
+def test_a_linked_class_folder_is_not_a_class(tmp_path, caplog):
+    from clipsnail.data.images import list_image_folder
+
+    root, outside = tmp_path / "classes", tmp_path / "outside"
+    noise_image(root / "cat" / "0.png", 0)
+    noise_image(outside / "secrets" / "0.png", 1)
+    os.symlink(outside / "secrets", root / "dog")
+    paths, labels, classes = list_image_folder(root)
+    assert classes == ["cat"] and len(paths) == 1 and "dog: a symbolic link" in caplog.text

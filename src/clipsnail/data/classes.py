@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from clipsnail.data.images import IMAGE_EXTENSIONS, list_images, load_image
+from clipsnail.data.images import IMAGE_EXTENSIONS, class_folders, list_images, load_image
 from clipsnail.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -154,13 +154,9 @@ def _empty_split(source: str, split: str, val_fraction: float, test_fraction: fl
 # ----------------------------------------------------------------------------------------------- image folders
 
 
-def _class_dirs(root: Path) -> list[Path]:
-    return sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-
-
 def _explicit_split_dirs(root: Path) -> dict[str, Path]:
     """ROOT/train + ROOT/val and/or ROOT/test, each holding class folders, or {} when ROOT is not laid out so."""
-    dirs = {s: root / s for s in ("train", "val", "test") if (root / s).is_dir() and _class_dirs(root / s)}
+    dirs = {s: root / s for s in ("train", "val", "test") if (root / s).is_dir() and class_folders(root / s)}
     return dirs if "train" in dirs and len(dirs) > 1 else {}
 
 
@@ -177,7 +173,7 @@ def _read_folder(root: Path, split: str, val_fraction: float, test_fraction: flo
     explicit = _explicit_split_dirs(root)
     if explicit:
         # Labels must mean the same class in every split, so classes come from all the split folders together.
-        classes = sorted({d.name for s in explicit.values() for d in _class_dirs(s)})
+        classes = sorted({d.name for s in explicit.values() for d in class_folders(s)})
         if split == "all":
             use = list(explicit)
         elif split in explicit:
@@ -188,13 +184,13 @@ def _read_folder(root: Path, split: str, val_fraction: float, test_fraction: flo
         paths: list[Path] = []
         labels: list[int] = []
         for s in use:
-            for d in _class_dirs(explicit[s]):
+            for d in class_folders(explicit[s]):
                 images = _list_class(d)
                 paths += images
                 labels += [classes.index(d.name)] * len(images)
         rule = f"folders {', '.join(f'{s}/' for s in use)}"
     else:
-        class_dirs = _class_dirs(root)
+        class_dirs = class_folders(root)
         if not class_dirs:
             raise DataError(f"{root}: no class folders (expected {root}/<class>/<image>)")
         classes = [d.name for d in class_dirs]

@@ -93,6 +93,20 @@ def list_images(root: str | Path, recursive: bool = True, follow_links: bool = F
     return sorted(found)
 
 
+def class_folders(root: Path) -> list[Path]:
+    """The class folders of an image-folder layout, sorted: hidden folders skipped, and symbolic links too (with
+    a warning), since a link may lead out of the folder the user named."""
+    folders = []
+    for d in sorted(root.iterdir()):
+        if d.name.startswith(".") or not d.is_dir():
+            continue
+        if d.is_symlink():
+            log.warning("%s: a symbolic link; not used as a class folder (name the real folder instead)", d)
+            continue
+        folders.append(d)
+    return folders
+
+
 def list_image_folder(root: str | Path) -> tuple[list[Path], list[int], list[str]]:
     """A class-subfolder layout `root/<class>/**/<image>`: (paths, labels, sorted class names).
 
@@ -100,7 +114,7 @@ def list_image_folder(root: str | Path) -> tuple[list[Path], list[int], list[str
     """
     root = Path(root)
     _require_dir(root)
-    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    class_dirs = class_folders(root)
     if not class_dirs:
         raise DataError(f"{root}: no class folders (expected {root}/<class>/<image>)")
     paths: list[Path] = []
