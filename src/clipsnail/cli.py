@@ -202,7 +202,8 @@ def cmd_clip_eval(args) -> None:
 
     model = load(args.model, device=args.device)
     metrics, _ = evaluate_caption_split(model, args.captions, args.images, args.split, args.split_file, args.format,
-                                        args.batch_size, progress=not args.no_progress, strict=args.strict)
+                                        args.batch_size, progress=not args.no_progress, strict=args.strict,
+                                        follow_links=args.follow_links)
     out = Path(args.model) / f"eval_{args.split}.json"
     out.write_text(json.dumps(metrics, indent=2) + "\n")
     print_json(metrics)
@@ -854,12 +855,33 @@ def main(argv: list[str] | None = None) -> int:
         # train the tokenizer once and share it.
         owns_group = dist.init_from_env()
         args.func(args)
+        sys.stdout.flush()  # here, where a closed pipe is caught below, not at exit
     except ClipsnailError as e:
         print(f"clipsnail: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("clipsnail: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # training says where it stopped and how to resume (errors.Interrupted)
+        print(f"clipsnail: {e}" if str(e) else "clipsnail: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        import os
+        import select
+
+        # The reader of stdout went away (`clipsnail search ... | head`): stop quietly, as `cat` does. Another
+        # pipe (a worker's, a socket) breaking is a real error; a closed stdout polls as POLLERR.
+        try:
+            closed = True
+            if hasattr(select, "poll"):
+                poller = select.poll()
+                poller.register(sys.stdout.fileno(), select.POLLOUT)
+                closed = any(events & select.POLLERR for _, events in poller.poll(0))
+        except (AttributeError, ValueError, OSError):  # stdout replaced by an object without a file
+            closed = False
+        if not closed:
+            raise
+        # Python's recipe: point stdout at devnull, so that the flush at exit does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE: what a shell reports for a program that SIGPIPE ended
     finally:
         if owns_group:
             dist.shutdown()

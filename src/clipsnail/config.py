@@ -194,3 +194,45 @@ def parse_duration(text: str) -> float | None:
     if not parts or "".join(n + u for n, u in parts) != text.replace(" ", ""):
         raise ConfigError(f"time budget {text!r}: expected e.g. 90s, 10m, 1h30m")
     return sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+
+
+# ----------------------------------------------------------------------------------------------- value checks
+# Models check their own config where they are built (so a bad `--set` and a bad run config.json fail alike), with
+# ConfigErrors that name the key as `--set` spells it (`model.vision_width`).
+
+
+def check_positive(cfg: Any, *names: str, section: str = "model") -> None:
+    """ConfigError unless every field in `names` is > 0."""
+    for name in names:
+        value = getattr(cfg, name)
+        if not value > 0:  # also refuses NaN
+            raise ConfigError(f"{section}.{name} must be positive, got {value!r}")
+
+
+def check_at_least(cfg: Any, low: float, *names: str, section: str = "model") -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if not value >= low:
+            raise ConfigError(f"{section}.{name} must be at least {low}, got {value!r}")
+
+
+def check_probability(cfg: Any, *names: str, section: str = "model") -> None:
+    """ConfigError unless every field in `names` (a dropout or drop-path rate) is in [0, 1)."""
+    for name in names:
+        value = getattr(cfg, name)
+        if not 0 <= value < 1:
+            raise ConfigError(f"{section}.{name} must be in [0, 1), got {value!r}")
+
+
+def check_choice(cfg: Any, name: str, choices: Iterable[str], section: str = "model") -> None:
+    value, choices = getattr(cfg, name), list(choices)
+    if value not in choices:
+        raise ConfigError(f"{section}.{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def check_heads(cfg: Any, width: str, heads: str, section: str = "model") -> None:
+    """Attention splits `width` channels over `heads` heads: both positive, and heads dividing width."""
+    check_positive(cfg, width, heads, section=section)
+    w, h = getattr(cfg, width), getattr(cfg, heads)
+    if w % h:
+        raise ConfigError(f"{section}.{heads}={h} does not divide {section}.{width}={w}")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -89,9 +91,14 @@ def run_demo(out: Path, steps: int = DEMO_STEPS, quick: bool = False, progress: 
     test_dir = out / "test_images"
     test_dir.mkdir(exist_ok=True)
     for n in names:  # a folder of just the test images, so searches show images the model never trained on
-        link = test_dir / n
-        if not link.exists():
-            link.symlink_to((data_dir / "images" / n).resolve())
+        copy = test_dir / n
+        if copy.is_symlink():  # made by earlier versions; folders are now searched without following links
+            copy.unlink()
+        if not copy.exists():
+            try:  # a hard link costs no space and, unlike a symbolic one, is an ordinary file
+                os.link(data_dir / "images" / n, copy)
+            except OSError:
+                shutil.copyfile(data_dir / "images" / n, copy)
     index = folder_index(model, test_dir, cache_dir=run_dir / "embeddings", progress=False)
     grids = []
     for q in QUERIES:

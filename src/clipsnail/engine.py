@@ -9,6 +9,8 @@ the same weights as an uninterrupted run. That needs three things beyond model/o
 - per-sample randomness (augmentation) is seeded from (seed, epoch, position), not from a global stream that
   worker processes or skipped samples would perturb;
 - the global RNG states (dropout, drop-path) are checkpointed and restored.
+Ctrl-C finishes the step in progress, checkpoints it and stops (`sigint_finishes_the_step`); a second Ctrl-C stops
+at once, and the message says which step the last checkpoint holds.
 
 Under `torchrun` the same loop runs data-parallel (DDP): `batch_size` is the global batch and each of the N
 processes takes its slice of every batch, so the data order and the optimisation do not depend on N, and a run
@@ -26,7 +28,10 @@ import itertools
 import json
 import logging
 import math
+import os
 import random
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -42,7 +47,7 @@ from tqdm.auto import tqdm
 
 from clipsnail import distributed as dist
 from clipsnail.config import TrainConfig, parse_duration
-from clipsnail.errors import ClipsnailError
+from clipsnail.errors import ClipsnailError, DataError, Interrupted
 from clipsnail.safeio import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -311,11 +316,20 @@ def save_state(path: Path, state: dict) -> None:
 
 
 def load_state(path: Path) -> dict:
+    """A checkpoint written by `save_state`. A file cut short or otherwise damaged (it can only happen outside
+    this program: a full disk, a copy cut short) is a DataError that says how to start over."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        skeleton = json.loads(f.metadata()["state"])
-    return unflatten_state(skeleton, load_file(str(path)))
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            skeleton = json.loads((f.metadata() or {})["state"])
+        return unflatten_state(skeleton, load_file(str(path)))
+    except Exception as e:  # safetensors' own error types, OSError, a missing or malformed skeleton
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if isinstance(e, KeyError):
+            reason = f"no {reason} entry"
+        raise DataError(f"{path}: damaged checkpoint ({reason}); delete {path.parent} to start the run over, "
+                        f"or train into another --out") from None
 
 
 def rng_state() -> dict:
@@ -332,6 +346,40 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(tuple(state["numpy"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def state_dict_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> str:
+    """What keeps `found` from loading strictly into a model whose state dict is `expected`: the first missing key,
+    the first unexpected key and the first shape mismatch (with counts), or '' when the keys and shapes agree."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    shapes = [k for k in expected if k in found and tuple(expected[k].shape) != tuple(found[k].shape)]
+
+    def more(keys: list[str]) -> str:
+        return f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+
+    problems = []
+    if missing:
+        problems.append(f"missing key {missing[0]!r}{more(missing)}")
+    if unexpected:
+        problems.append(f"unexpected key {unexpected[0]!r}{more(unexpected)}")
+    if shapes:
+        k = shapes[0]
+        problems.append(f"shape mismatch at {k!r}: the file has {list(found[k].shape)}, the model needs "
+                        f"{list(expected[k].shape)}{more(shapes)}")
+    return ", ".join(problems)
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path, model_is: str,
+                 advice: str = "") -> None:
+    """`model.load_state_dict(state, strict=True)`; when the weights do not fit, a one-line DataError naming `path`,
+    the first missing/unexpected key or shape mismatch, the model (`model_is`: where it was described) and
+    `advice`, instead of PyTorch's many-line RuntimeError."""
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        problem = state_dict_mismatch(model.state_dict(), state) or str(e).strip().splitlines()[0]
+        raise DataError(f"{path}: does not fit {model_is}: {problem}" + (f"; {advice}" if advice else "")) from None
 
 
 def save_weights(model: nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
@@ -404,8 +452,16 @@ class MetricsLog:
         """On resume, drop records written after the checkpoint so the log reads as one uninterrupted run."""
         if not self.path.exists():
             return
-        keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        keep = [ln for ln in self.path.read_text().splitlines() if _record_step(ln) <= step]
         atomic_write_text(self.path, "".join(ln + "\n" for ln in keep))
+
+
+def _record_step(line: str) -> float:
+    """The step of one metrics.jsonl line; infinite (dropped on resume) for a line cut short by a kill."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def fit(task: Task, run_dir: str | Path, progress: bool = True,
@@ -473,23 +529,32 @@ def _fit(task: Task, run_dir: Path, progress: bool, on_step: Callable[[int], Non
     best: float | None = None  # best value of cfg.best_metric so far
     step, batches_done_in_epoch, start_epoch = 0, 0, 0
     ckpt_path = run_dir / CHECKPOINT
+    saved_step: int | None = None  # the step the checkpoint on disk holds
     if ckpt_path.exists():
         state = load_state(ckpt_path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        if ema is not None and "ema" in state:
-            ema.module.load_state_dict(state["ema"])
-        set_rng_state(state["rng"])
+        # A checkpoint that does not fit was written with other model or optimiser settings.
+        advice = (f"this run's settings differ from those the checkpoint was written with: run with those, or "
+                  f"delete {ckpt_path.parent} to start the run over")
+        load_weights(model, state.get("model", {}), ckpt_path, "the model of this run's settings", advice)
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            if ema is not None and "ema" in state:
+                ema.module.load_state_dict(state["ema"])
+            set_rng_state(state["rng"])
+            step, start_epoch, batches_done_in_epoch = state["step"], state["epoch"], state["batches_done_in_epoch"]
+        except (KeyError, ValueError, RuntimeError, TypeError) as e:
+            reason = f"no {e} entry" if isinstance(e, KeyError) else str(e).strip().splitlines()[0]
+            raise DataError(f"{ckpt_path}: cannot resume from it ({reason}); {advice}") from None
         if rank:  # the checkpoint holds rank 0's generators; keep the ranks' dropout masks apart
             torch.manual_seed(int(torch.randint(2**62, ())) + rank)
-        step, start_epoch, batches_done_in_epoch = state["step"], state["epoch"], state["batches_done_in_epoch"]
         best = state.get("best", best)
-        if main:
-            metrics_log.truncate_after(step)
+        saved_step = step
         log.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt_path, step, start_epoch,
                  batches_done_in_epoch)
+    if main:  # the log reads as one run: records past the checkpoint (all of them when starting over) go
+        metrics_log.truncate_after(step)
     train_model = model
     if dist.is_distributed():
         from torch.nn.parallel import DistributedDataParallel
@@ -500,6 +565,7 @@ def _fit(task: Task, run_dir: Path, progress: bool, on_step: Callable[[int], Non
         train_model = torch.compile(train_model)
 
     def checkpoint(epoch: int, batches_done: int) -> None:
+        nonlocal saved_step
         if not main:
             return
         state = {
@@ -510,6 +576,7 @@ def _fit(task: Task, run_dir: Path, progress: bool, on_step: Callable[[int], Non
         if ema is not None:
             state["ema"] = ema.module.state_dict()
         save_state(ckpt_path, state)
+        saved_step = step
 
     def eval_model() -> nn.Module:
         return ema.module if ema is not None else model
@@ -522,83 +589,115 @@ def _fit(task: Task, run_dir: Path, progress: bool, on_step: Callable[[int], Non
     last_log = time.monotonic()
     samples_since_log = 0
     epoch = start_epoch
-    for epoch in itertools.count(start_epoch):
-        if step >= total_steps:
-            break
-        skip = batches_done_in_epoch if epoch == start_epoch else 0
-        loader = train_loader(task, cfg, epoch, skip, device)
-        model.train()
-        batch_index = skip
-        for batch in loader:
-            batch_index += 1
-            if batch is None:  # every sample unreadable (and skipped, counted by the task)
-                if dist.is_distributed():  # the other ranks would wait for this one's gradients forever
-                    raise ClipsnailError(f"rank {rank}: a whole batch of unreadable samples at step {step}")
-                continue
-            batch = move_to(batch, device)
-            optimizer.zero_grad(set_to_none=True)
-            loss, logs = backward(task, train_model, batch, cfg.accum_steps, scaler,
-                                  lambda: torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                                                         enabled=amp_dtype is not None))
-            if not torch.isfinite(loss):
-                raise ClipsnailError(f"loss became {loss.item()} at step {step}: lower the learning rate")
-            if o.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip).item()
-                logs.setdefault("grad_norm", grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            task.after_optimizer_step(model)
-            if ema is not None:
-                ema.update(model, step=step)
-            step += 1
-            samples_since_log += cfg.batch_size
-            lr = optimizer.param_groups[0]["lr"]
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", refresh=False)
-            if step % cfg.log_every == 0 or step == total_steps:
-                mean_loss = dist.all_reduce_mean(loss).item()  # every rank takes part; rank 0 writes
-                now = time.monotonic()
-                if main:
-                    record = {"step": step, "epoch": epoch, "loss": mean_loss, "lr": lr,
-                              "samples_per_s": samples_since_log / max(now - last_log, 1e-9)}
-                    record.update({k: float(v) for k, v in logs.items()})
-                    metrics_log.write(record)
-                last_log, samples_since_log = now, 0
-            if on_step is not None:
-                on_step(step)
+    stop = StopRequest()
+
+    def stop_at_step_boundary(epoch: int, batches_done: int) -> None:
+        """Between two steps, where the state is whole: checkpoint it (unless done already) and stop."""
+        if saved_step != step:
+            checkpoint(epoch, batches_done)
+        raise KeyboardInterrupt
+
+    def interruption() -> str:
+        bar.close()  # first, so that the message gets a line of its own
+        if saved_step is None:
+            return (f"interrupted after step {step} of {total_steps}, before the first checkpoint: the same "
+                    f"command starts the run over")
+        return (f"interrupted after step {step} of {total_steps}; {ckpt_path.parent} holds step {saved_step}: run "
+                f"the same command again to resume from there")
+
+    with sigint_finishes_the_step(stop, interruption):
+        for epoch in itertools.count(start_epoch):
             if step >= total_steps:
                 break
-            if step % cfg.checkpoint_every == 0:
-                checkpoint(epoch, batch_index)
-            if budget is not None and dist.any_rank(time.monotonic() - started > budget, device):
-                out_of_time = True
-                break
-        epoch_done = batch_index >= per_epoch or step >= total_steps
-        if out_of_time and not epoch_done:
-            checkpoint(epoch, batch_index)
-            break
-        last_epoch = step >= total_steps
-        # Rank 0 evaluates and writes; the other ranks wait for it at the barrier below.
-        if main and (last_epoch or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
-            metrics = task.evaluate(model)
-            if ema is not None:  # the average is judged on its own, next to the raw weights
-                metrics.update({f"ema_{k}": v for k, v in task.evaluate(ema.module).items()})
+            skip = batches_done_in_epoch if epoch == start_epoch else 0
+            loader = train_loader(task, cfg, epoch, skip, device)
             model.train()
-            if cfg.best_metric:
-                best = _keep_best(cfg.best_metric, metrics, best, ema.module if cfg.best_metric.startswith("ema_")
-                                  else model, run_dir, step, epoch)
-            if metrics:
-                metrics_log.write({"step": step, "epoch": epoch, **{f"eval/{k}": v for k, v in metrics.items()}})
-                log.info("epoch %d step %d: %s", epoch, step, _fmt(metrics))
-        if main:
-            task.after_epoch(eval_model(), run_dir, epoch)
-            checkpoint(epoch + 1, 0)
-            task.save(eval_model(), run_dir)
-        dist.barrier()
-        if out_of_time:
-            break
+            batch_index = skip
+            while True:
+                try:
+                    batch = next(loader)
+                except StopIteration:
+                    break
+                except Exception:
+                    if stop.requested:  # Ctrl-C reached the DataLoader workers too, and they exited: stop here
+                        stop_at_step_boundary(epoch, batch_index)
+                    raise
+                batch_index += 1
+                if batch is None:  # every sample unreadable (and skipped, counted by the task)
+                    if dist.is_distributed():  # the other ranks would wait for this one's gradients forever
+                        raise ClipsnailError(f"rank {rank}: a whole batch of unreadable samples at step {step}")
+                    continue
+                batch = move_to(batch, device)
+                optimizer.zero_grad(set_to_none=True)
+                loss, logs = backward(task, train_model, batch, cfg.accum_steps, scaler,
+                                      lambda: torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                                                             enabled=amp_dtype is not None))
+                if not torch.isfinite(loss):
+                    raise ClipsnailError(f"loss became {loss.item()} at step {step}: lower the learning rate")
+                if o.grad_clip > 0:
+                    scaler.unscale_(optimizer)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip).item()
+                    logs.setdefault("grad_norm", grad_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                task.after_optimizer_step(model)
+                if ema is not None:
+                    ema.update(model, step=step)
+                step += 1
+                samples_since_log += cfg.batch_size
+                lr = optimizer.param_groups[0]["lr"]
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", refresh=False)
+                if step % cfg.log_every == 0 or step == total_steps:
+                    mean_loss = dist.all_reduce_mean(loss).item()  # every rank takes part; rank 0 writes
+                    now = time.monotonic()
+                    if main:
+                        record = {"step": step, "epoch": epoch, "loss": mean_loss, "lr": lr,
+                                  "samples_per_s": samples_since_log / max(now - last_log, 1e-9)}
+                        record.update({k: float(v) for k, v in logs.items()})
+                        metrics_log.write(record)
+                    last_log, samples_since_log = now, 0
+                if on_step is not None:
+                    try:
+                        on_step(step)
+                    except KeyboardInterrupt:  # a callback stops the run the way Ctrl-C does
+                        stop.requested = True
+                if step >= total_steps:
+                    break
+                if step % cfg.checkpoint_every == 0:
+                    checkpoint(epoch, batch_index)
+                if stop.requested:
+                    stop_at_step_boundary(epoch, batch_index)
+                if budget is not None and dist.any_rank(time.monotonic() - started > budget, device):
+                    out_of_time = True
+                    break
+            epoch_done = batch_index >= per_epoch or step >= total_steps
+            if out_of_time and not epoch_done:
+                checkpoint(epoch, batch_index)
+                break
+            last_epoch = step >= total_steps
+            # Rank 0 evaluates and writes; the other ranks wait for it at the barrier below.
+            if main and (last_epoch or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
+                metrics = task.evaluate(model)
+                if ema is not None:  # the average is judged on its own, next to the raw weights
+                    metrics.update({f"ema_{k}": v for k, v in task.evaluate(ema.module).items()})
+                model.train()
+                if cfg.best_metric:
+                    best = _keep_best(cfg.best_metric, metrics, best, ema.module if cfg.best_metric.startswith("ema_")
+                                      else model, run_dir, step, epoch)
+                if metrics:
+                    metrics_log.write({"step": step, "epoch": epoch, **{f"eval/{k}": v for k, v in metrics.items()}})
+                    log.info("epoch %d step %d: %s", epoch, step, _fmt(metrics))
+            if main:
+                task.after_epoch(eval_model(), run_dir, epoch)
+                checkpoint(epoch + 1, 0)
+                task.save(eval_model(), run_dir)
+            if stop.requested:
+                stop_at_step_boundary(epoch + 1, 0)
+            dist.barrier()
+            if out_of_time:
+                break
     bar.close()
     completed = step >= total_steps
     if main:
@@ -609,6 +708,40 @@ def _fit(task: Task, run_dir: Path, progress: bool, on_step: Callable[[int], Non
         log.info("time budget %s spent at step %d of %d; run the same command again to continue",
                  cfg.time_budget, step, total_steps)
     return FitResult(step=step, epoch=epoch, completed=completed, metrics=metrics, run_dir=run_dir)
+
+
+@dataclass
+class StopRequest:
+    requested: bool = False
+
+
+@contextlib.contextmanager
+def sigint_finishes_the_step(stop: StopRequest, interruption: Callable[[], str]) -> Iterator[None]:
+    """While the block runs, a first Ctrl-C (SIGINT) only sets `stop.requested`: the loop finishes the step in
+    progress, checkpoints it and stops, so the interrupted run resumes exactly. A second Ctrl-C raises
+    KeyboardInterrupt at once. Any KeyboardInterrupt leaves the block as `Interrupted(interruption())`, a message
+    saying where the run stopped and what resumes it.
+
+    The handler is installed only in the main thread of a single-process run that has Python's default SIGINT
+    handler; elsewhere (torchrun, a host application's own handler) Ctrl-C stops at once, as before."""
+    install = (threading.current_thread() is threading.main_thread() and not dist.is_distributed()
+               and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+    pid = os.getpid()
+
+    def handler(signum, frame):
+        if stop.requested or os.getpid() != pid:  # a second Ctrl-C, or a forked DataLoader worker
+            raise KeyboardInterrupt
+        stop.requested = True
+        log.warning("interrupted: stopping after this step (Ctrl-C again to stop at once)")
+
+    previous = signal.signal(signal.SIGINT, handler) if install else None
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted(interruption()) from None
+    finally:
+        if install:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _keep_best(name: str, metrics: dict[str, float], best: float | None, model: nn.Module, run_dir: Path,

@@ -181,6 +181,7 @@ def evaluate_caption_split(model, captions_file, images_dir, split: str = "test"
     """
     from clipsnail.data.captions import load_split
     from clipsnail.data.shapes import scene_judge
+    from clipsnail.errors import DataError
 
     # The same checks as training: the folder exists, every image of the split is a file under it.
     names, captions, c2i = load_split(captions_file, images_dir, split, format, split_file,
@@ -189,6 +190,8 @@ def evaluate_caption_split(model, captions_file, images_dir, split: str = "test"
     image_emb, readable = encode_image_paths(model, [images_dir / n for n in names], batch_size=batch_size,
                                              progress=progress, strict=strict)
     keep = readable.nonzero().squeeze(1)
+    if len(keep) == 0:
+        raise DataError(f"{images_dir}: none of the {len(names)} images of split {split!r} could be read")
     remap = torch.full((len(names),), -1, dtype=torch.long)
     remap[keep] = torch.arange(len(keep))
     pairs = [(c, remap[i].item()) for c, i in zip(captions, c2i) if readable[i]]

@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from clipsnail.config import from_dict, to_dict
-from clipsnail.engine import save_weights
-from clipsnail.errors import DataError
+from clipsnail.engine import load_weights, save_weights
+from clipsnail.errors import ConfigError, DataError
 from clipsnail.safeio import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -39,13 +39,24 @@ def read_run_config(run_dir: str | Path) -> tuple[str, dict]:
     if not path.is_file():
         raise DataError(f"{run_dir}: not a run directory (no config.json)")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: invalid JSON ({e})") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read ({e})") from e
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object at the top level, got {_json_kind(data)}")
     task = data.pop("task", None)
     if task is None:
         raise DataError(f"{path}: no 'task' key")
+    if not isinstance(task, str):
+        raise DataError(f"{path}: 'task' must be a string, got {_json_kind(task)}")
     return task, data
+
+
+def _json_kind(value) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "true/false", type(None): "null"}.get(
+        type(value), "a number")
 
 
 def load(run_dir: str | Path, device: str | torch.device = "cpu", weights: str = "model"):
@@ -59,8 +70,39 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu", weights: str =
     weights: "model" (the end of training: model.safetensors) or "best" (best.safetensors, the best validation
     score, when the run kept one).
     """
+    if weights not in ("model", "best"):
+        raise ValueError(f"weights must be 'model' or 'best', got {weights!r}")
     run_dir = Path(run_dir)
     task, data = read_run_config(run_dir)
+    config = run_dir / "config.json"
+    try:
+        model = _build(run_dir, task, data)
+    except ConfigError as e:  # the run's config.json, not the user's flags, holds the bad value
+        raise DataError(f"{config}: {e}") from None
+    except (ValueError, TypeError) as e:
+        raise DataError(f"{config}: cannot build its model ({e})") from None
+    weights = run_dir / f"{weights}.safetensors"
+    if not weights.is_file():
+        raise DataError(f"{run_dir}: no {weights.name}")
+    try:
+        state = load_file(str(weights))
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+        raise DataError(f"{weights}: cannot read weights ({e})") from e
+    load_weights(model, state, weights, f"the model that {config} describes")
+    model = model.to(device).eval()
+    if task == "t2i_retrieve":  # text-to-image runs come back as generators
+        from clipsnail.tasks.text2image import FeatureRetriever
+
+        return FeatureRetriever(model, run_dir)
+    if task == "t2i_pixelsnail":
+        from clipsnail.tasks.text2image import TextToImage
+
+        return TextToImage(model, model.config).to(device).eval()
+    return model
+
+
+def _build(run_dir: Path, task: str, data: dict) -> torch.nn.Module:
+    """The untrained model that a run's config.json describes, with its inference helpers attached."""
     if task == "clip":
         from clipsnail.data.tokenizers import TextTokenizer
         from clipsnail.data.transforms import eval_transform
@@ -108,24 +150,6 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu", weights: str =
         model = PixelSNAIL(cfg.model)
         model.config = cfg
     else:
-        raise DataError(f"{run_dir}/config.json: unknown task {task!r}")
-    if weights not in ("model", "best"):
-        raise ValueError(f"weights must be 'model' or 'best', got {weights!r}")
-    weights = run_dir / f"{weights}.safetensors"
-    if not weights.is_file():
-        raise DataError(f"{run_dir}: no {weights.name}")
-    try:
-        state = load_file(str(weights))
-    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
-        raise DataError(f"{weights}: cannot read weights ({e})") from e
-    model.load_state_dict(state, strict=True)
-    model = model.to(device).eval()
-    if task == "t2i_retrieve":  # text-to-image runs come back as generators
-        from clipsnail.tasks.text2image import FeatureRetriever
-
-        return FeatureRetriever(model, run_dir)
-    if task == "t2i_pixelsnail":
-        from clipsnail.tasks.text2image import TextToImage
-
-        return TextToImage(model, model.config).to(device).eval()
+        raise DataError(f"{run_dir / 'config.json'}: unknown task {task!r}; valid: clip, classify, pixelsnail, "
+                        f"t2i_retrieve, t2i_pixelsnail")
     return model

@@ -16,6 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clipsnail.config import check_at_least, check_choice, check_heads, check_positive, check_probability
+from clipsnail.errors import ConfigError
+from clipsnail.layers.attention import ACTIVATIONS
 from clipsnail.models.text import PretrainedTextTower, TextTransformer
 from clipsnail.models.vit import VisionTransformer
 
@@ -71,6 +74,57 @@ class ProjectionHead(nn.Module):
         return self.norm(projected + self.fc(projected))
 
 
+def check_config(cfg: ClipModelConfig) -> None:
+    """ConfigError naming the first invalid key of `cfg` (as `--set` spells it: model.vision_width)."""
+    if not cfg.vocab_size > 0:
+        raise ConfigError(f"model.vocab_size must be set (from the tokenizer), got {cfg.vocab_size}")
+    check_positive(cfg, "image_size", "embed_dim", "context_length")
+    check_probability(cfg, "drop_path_rate", "text_dropout", "projection_dropout")
+    check_choice(cfg, "projection", ("linear", "head"))
+    check_choice(cfg, "activation", ACTIVATIONS)
+    check_choice(cfg, "image_interpolation", ("bilinear", "bicubic"))
+    if not all(s > 0 for s in cfg.image_std):
+        raise ConfigError(f"model.image_std must be positive, got {cfg.image_std}")
+    if cfg.image_encoder == "vit":
+        check_positive(cfg, "patch_size", "vision_mlp_ratio")
+        check_at_least(cfg, 0, "vision_depth")
+        check_heads(cfg, "vision_width", "vision_heads")
+        check_choice(cfg, "vision_pool", ("cls", "avg"))
+        check_choice(cfg, "vision_stem", ("patch", "conv"))
+        if cfg.image_size % cfg.patch_size:
+            raise ConfigError(f"model.image_size={cfg.image_size} is not a multiple of model.patch_size="
+                              f"{cfg.patch_size}")
+        if cfg.vision_stem == "conv" and (cfg.patch_size < 2 or cfg.patch_size & (cfg.patch_size - 1)):
+            raise ConfigError(f"model.vision_stem=conv needs a power-of-two model.patch_size, got {cfg.patch_size}")
+    else:
+        check_image_encoder(cfg.image_encoder)
+    if cfg.text_encoder == "transformer":
+        check_positive(cfg, "text_mlp_ratio")
+        check_at_least(cfg, 0, "text_depth")
+        check_heads(cfg, "text_width", "text_heads")
+        if not 0 <= cfg.eot_id < cfg.vocab_size:
+            raise ConfigError(f"model.eot_id={cfg.eot_id} is not a token of the vocabulary (model.vocab_size="
+                              f"{cfg.vocab_size})")
+    elif cfg.text_encoder.startswith("hf:"):
+        check_choice(cfg, "text_pool", ("mean", "cls"))
+    else:
+        raise ConfigError(f"model.text_encoder must be 'transformer' or 'hf:DIR', got {cfg.text_encoder!r}")
+
+
+def check_image_encoder(name: str) -> None:
+    """ConfigError unless `name` ("vit", or a timm model name, optionally "timm:"-prefixed) names a model."""
+    import timm
+
+    import clipsnail.models  # noqa: F401  (registers our own timm models, e.g. LeMeViT)
+
+    if name == "vit" or timm.is_model(name.removeprefix("timm:")):
+        return
+    stem = name.removeprefix("timm:").split("_")[0].split("-")[0]
+    close = timm.list_models(f"*{stem}*")[:8] if stem else []
+    raise ConfigError(f"model.image_encoder: unknown image_encoder {name!r}, neither 'vit' nor a timm model"
+                      + (f"; similar timm models: {', '.join(close)}" if close else ""))
+
+
 def build_projection(kind: str, in_dim: int, out_dim: int, dropout: float) -> nn.Module:
     if kind == "linear":
         proj = nn.Linear(in_dim, out_dim, bias=False)
@@ -109,7 +163,7 @@ def build_image_tower(cfg: ClipModelConfig, load_weights: bool = True) -> nn.Mod
         return timm.create_model(name, **kwargs)
     except RuntimeError as e:
         if "Unknown model" in str(e):
-            raise ValueError(f"unknown image_encoder {cfg.image_encoder!r} (not 'vit' nor a timm model)") from e
+            check_image_encoder(cfg.image_encoder)
         raise
 
 
@@ -136,8 +190,7 @@ class CLIP(nn.Module):
 
     def __init__(self, cfg: ClipModelConfig, load_weights: bool = True):
         super().__init__()
-        if cfg.vocab_size <= 0:
-            raise ValueError("ClipModelConfig.vocab_size must be set (from the tokenizer)")
+        check_config(cfg)
         self.cfg = cfg
         self.visual = build_image_tower(cfg, load_weights)
         self.text = build_text_tower(cfg, load_weights)

@@ -44,6 +44,8 @@ from timm.models._features import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from clipsnail.errors import ConfigError
+
 __all__ = ["LeMeViT", "checkpoint_filter_fn"]
 
 ATTENTION_TYPES = ("C", "D", "D2", "S")
@@ -283,6 +285,47 @@ class LeMeBlock(nn.Module):
         return self._mlp(x, hw), self._mlp(c, None)
 
 
+def _check_args(depth, embed_dim, head_dim, mlp_ratios, attn_type, queries_len, in_chans, num_classes, global_pool,
+                rates, cpe_ks, stem_stride, d_scale) -> None:
+    """ConfigError naming the first invalid LeMeViT argument (as `model.args` spells it: head_dim=32)."""
+    def bad(problem: str) -> ConfigError:
+        return ConfigError(f"LeMeViT: {problem}")
+
+    if len({len(depth), len(embed_dim), len(attn_type), len(mlp_ratios)}) != 1:
+        raise bad(f"depth, embed_dim, attn_type and mlp_ratios need one entry per stage, got {len(depth)}, "
+                  f"{len(embed_dim)}, {len(attn_type)} and {len(mlp_ratios)}")
+    if not depth:
+        raise bad("no stages (depth is empty)")
+    if not head_dim > 0:
+        raise bad(f"head_dim must be positive, got {head_dim!r}")
+    for i, (d, dim, ratio, kind) in enumerate(zip(depth, embed_dim, mlp_ratios, attn_type)):
+        if not d >= 0:
+            raise bad(f"depth[{i}] must be at least 0, got {d!r}")
+        if not dim > 0 or dim % head_dim:
+            raise bad(f"embed_dim[{i}]={dim!r} must be a positive multiple of head_dim={head_dim}")
+        if not ratio > 0:
+            raise bad(f"mlp_ratios[{i}] must be positive, got {ratio!r}")
+        if kind not in ATTENTION_TYPES:
+            raise bad(f"attn_type[{i}]={kind!r} is not one of {', '.join(ATTENTION_TYPES)}")
+    if embed_dim[0] < 2:
+        raise bad(f"embed_dim[0] must be at least 2 (the stem's first conv has embed_dim[0] // 2), got {embed_dim[0]}")
+    for name, value, low in (("queries_len", queries_len, 1), ("in_chans", in_chans, 1),
+                             ("num_classes", num_classes, 0), ("cpe_ks", cpe_ks, 0)):
+        if not value >= low:
+            raise bad(f"{name} must be at least {low}, got {value!r}")
+    if cpe_ks % 2 == 0 and cpe_ks:
+        raise bad(f"cpe_ks must be odd (or 0: no position encoding), got {cpe_ks}")
+    for name, rate in zip(("drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate"), rates):
+        if not 0 <= rate < 1:
+            raise bad(f"{name} must be in [0, 1), got {rate!r}")
+    if stem_stride not in (1, 2, 4):
+        raise bad(f"stem_stride must be 1, 2 or 4, got {stem_stride!r}")
+    if d_scale not in ("dim", "head"):
+        raise bad(f"d_scale must be 'dim' or 'head', got {d_scale!r}")
+    if global_pool not in ("avg", "meta", "image", ""):
+        raise bad(f"global_pool must be 'avg', 'meta', 'image' or '', got {global_pool!r}")
+
+
 def _meta_token_mlp(dim: int, out_dim: int) -> nn.Sequential:
     """Maps the meta tokens to the next stage's width (keys `meta_token_downsample.i.{0,1,3,4}`)."""
     return nn.Sequential(nn.Linear(dim, 4 * dim), nn.LayerNorm(4 * dim), nn.GELU(), nn.Linear(4 * dim, out_dim),
@@ -313,16 +356,11 @@ class LeMeViT(nn.Module):
         d_scale: str = "dim",
     ):
         super().__init__()
-        if not len(depth) == len(embed_dim) == len(attn_type):
-            raise ValueError("depth, embed_dim and attn_type need one entry per stage")
-        if stem_stride not in (1, 2, 4):
-            raise ValueError(f"stem_stride must be 1, 2 or 4, got {stem_stride}")
-        if d_scale not in ("dim", "head"):
-            raise ValueError(f"d_scale must be 'dim' or 'head', got {d_scale!r}")
-        if global_pool not in ("avg", "meta", "image", ""):
-            raise ValueError(f"global_pool must be 'avg', 'meta', 'image' or '', got {global_pool!r}")
         num_stages = len(depth)
         mlp_ratios = [mlp_ratios] * num_stages if isinstance(mlp_ratios, (int, float)) else list(mlp_ratios)
+        _check_args(depth, embed_dim, head_dim, mlp_ratios, attn_type, queries_len, in_chans, num_classes,
+                    global_pool, (drop_rate, proj_drop_rate, attn_drop_rate, drop_path_rate), cpe_ks, stem_stride,
+                    d_scale)
         self.num_classes, self.global_pool = num_classes, global_pool
         self.num_stages, self.embed_dim = num_stages, list(embed_dim)
         self.num_features = self.head_hidden_size = embed_dim[-1]

@@ -21,7 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clipsnail.config import check_at_least, check_choice, check_positive, check_probability
+from clipsnail.errors import ConfigError
 from clipsnail.layers.causal import (
+    NONLINEARITIES,
     GatedResidualBlock,
     causal_attention,
     down_right_shifted_conv2d,
@@ -67,6 +70,20 @@ CONFIGS = {
 }
 
 
+def check_config(cfg: PixelSNAILConfig) -> None:
+    """ConfigError naming the first invalid key of `cfg` (as `--set` spells it: model.filters)."""
+    if cfg.channels not in (1, 3):
+        raise ConfigError(f"model.channels must be 1 or 3, got {cfg.channels!r}")
+    check_positive(cfg, "filters", "nr_mix", "attn_downsample")
+    if cfg.filters % 2:
+        raise ConfigError(f"model.filters must be even (values have filters/2 channels), got {cfg.filters}")
+    check_at_least(cfg, 0, "blocks", "nr_resnet", "cond_dim")
+    check_probability(cfg, "dropout")
+    check_choice(cfg, "nonlinearity", NONLINEARITIES)
+    if cfg.null_condition and not cfg.cond_dim:
+        raise ConfigError("model.null_condition needs a conditional model (model.cond_dim > 0)")
+
+
 def background(height: int, width: int, batch: int, device, dtype) -> torch.Tensor:
     """Two channels holding each position's row and column, centred and scaled: (i - H/2) / H."""
     rows = (torch.arange(height, device=device, dtype=dtype) - height / 2) / height
@@ -109,18 +126,13 @@ class AttentionBlock(nn.Module):
 class PixelSNAIL(nn.Module):
     def __init__(self, cfg: PixelSNAILConfig):
         super().__init__()
-        if cfg.channels not in (1, 3):
-            raise ValueError(f"channels must be 1 or 3, got {cfg.channels}")
-        if cfg.filters % 2:
-            raise ValueError(f"filters must be even (values have filters/2 channels), got {cfg.filters}")
+        check_config(cfg)
         self.cfg = cfg
         self.stem_down = down_shifted_conv2d(cfg.channels + 1, cfg.filters, (1, 3))
         self.stem_down_right = down_right_shifted_conv2d(cfg.channels + 1, cfg.filters, (2, 1))
         self.blocks = nn.ModuleList(AttentionBlock(cfg) for _ in range(cfg.blocks))
         self.head = nin(cfg.filters, cfg.out_channels)
         if cfg.null_condition:
-            if not cfg.cond_dim:
-                raise ValueError("null_condition needs a conditional model (cond_dim > 0)")
             self.null_h = nn.Parameter(torch.zeros(cfg.cond_dim))
 
     def unconditional(self, batch: int) -> torch.Tensor:

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clipsnail.config import check_at_least, check_choice, check_heads, check_positive, check_probability
+from clipsnail.errors import ConfigError
 from clipsnail.models.text import TextTransformer
 
 
@@ -35,19 +37,31 @@ class Text2FeatConfig:
     distance: str = "euclidean"  # nearest known image by "euclidean" distance (the seed) or "cosine"
 
 
+def check_config(cfg: Text2FeatConfig) -> None:
+    """ConfigError naming the first invalid key of `cfg` (as `--set` spells it: model.width)."""
+    check_choice(cfg, "tokenizer", ("char", "bpe"))
+    check_choice(cfg, "pool", ("last", "mean"))
+    check_choice(cfg, "loss", ("mse", "cosine"))
+    check_choice(cfg, "distance", ("euclidean", "cosine"))
+    if cfg.vocab_size <= 0 or cfg.feature_dim <= 0:
+        raise ConfigError(f"model.vocab_size and model.feature_dim must be set (from the tokenizer and the image "
+                          f"encoder), got {cfg.vocab_size} and {cfg.feature_dim}")
+    check_positive(cfg, "context_length")
+    check_heads(cfg, "width", "heads")
+    check_at_least(cfg, 0, "depth")
+    check_probability(cfg, "dropout")
+    for name in ("pad_id", "eot_id"):
+        if not 0 <= getattr(cfg, name) < cfg.vocab_size:
+            raise ConfigError(f"model.{name}={getattr(cfg, name)} is not a token of the vocabulary "
+                              f"(model.vocab_size={cfg.vocab_size})")
+
+
 class TextToFeature(nn.Module):
     """tokens (B, L) -> predicted image features (B, feature_dim)."""
 
     def __init__(self, cfg: Text2FeatConfig):
         super().__init__()
-        if cfg.pool not in ("last", "mean"):
-            raise ValueError(f"pool must be 'last' or 'mean', got {cfg.pool!r}")
-        if cfg.loss not in ("mse", "cosine"):
-            raise ValueError(f"loss must be 'mse' or 'cosine', got {cfg.loss!r}")
-        if cfg.distance not in ("euclidean", "cosine"):
-            raise ValueError(f"distance must be 'euclidean' or 'cosine', got {cfg.distance!r}")
-        if cfg.vocab_size <= 0 or cfg.feature_dim <= 0:
-            raise ValueError(f"vocab_size and feature_dim must be set, got {cfg.vocab_size} and {cfg.feature_dim}")
+        check_config(cfg)
         self.cfg = cfg
         self.text = TextTransformer(cfg.vocab_size, cfg.context_length, cfg.width, cfg.depth, cfg.heads,
                                     eot_id=cfg.eot_id, dropout=cfg.dropout)

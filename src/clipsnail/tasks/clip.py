@@ -20,7 +20,7 @@ from clipsnail.data.captions import load_split
 from clipsnail.data.datasets import CaptionImageDataset
 from clipsnail.data.tokenizers import TextTokenizer, build_tokenizer
 from clipsnail.data.transforms import clip_train_transform, eval_transform
-from clipsnail.engine import param_groups_by_prefix, unwrap
+from clipsnail.engine import load_weights, param_groups_by_prefix, unwrap
 from clipsnail.errors import DataError
 from clipsnail.losses import distributed_clip_loss
 from clipsnail.models.clip import CLIP, ClipModelConfig
@@ -136,7 +136,11 @@ class ClipTask:
             raise DataError(f"{run}: finetune.init needs a CLIP run, this one is a {task!r} run")
         self.config.model = from_dict(ClipModelConfig, data.get("model", {}), where=f"{run}/config.json model")
         log.info("starting from the weights of %s", run)
-        return load_file(str(Path(run) / "model.safetensors"))
+        path = Path(run) / "model.safetensors"
+        try:
+            return load_file(str(path))
+        except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+            raise DataError(f"{path}: cannot read weights ({str(e).strip().splitlines()[0]})") from None
 
     def _tokenizer(self, run_dir: Path | None) -> TextTokenizer:
         m, data = self.config.model, self.config.data
@@ -160,7 +164,9 @@ class ClipTask:
     def build_model(self) -> CLIP:
         model = CLIP(self.config.model)
         if self.init_weights is not None:
-            model.load_state_dict(self.init_weights)
+            init = self.config.finetune.init
+            load_weights(model, self.init_weights, Path(init) / "model.safetensors",
+                         f"the model of {init}/config.json")
         model.tokenizer = self.tokenizer
         model.preprocess = eval_transform(model.cfg.image_size, model.cfg.image_mean, model.cfg.image_std,
                                           model.cfg.image_interpolation)
