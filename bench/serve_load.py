@@ -10,16 +10,25 @@ What it does
    - search: --requests text searches GET /api/search?q=...&k=--k, the queries drawn from a few hundred distinct
      shape descriptions;
    - thumb:  --requests thumbnails GET /api/thumb/{id} of random ids (the server caches 1,024);
-   - image:  --requests // 10 image searches POST /api/search/image with an indexed image as the upload.
+   - image:  --requests // 10 image searches POST /api/search/image with an indexed image as the upload;
+   - big:    --big-uploads image searches with large photos (--big-size, default 7360x4912 = 36 Mpx: JPEGs made
+     here, smooth enough to stay under the 10 MB upload limit), --big-concurrency (8) in flight. The server's
+     memory is sampled from /proc/PID/status every 10 ms: VmRSS just before, the highest VmRSS during (and VmHWM,
+     the kernel's own peak), and VmRSS 3 s after the last answer.
    Each phase reports throughput, latency p50/p90/p99/max and its error count (anything but HTTP 200, or no
    answer), which must be 0.
 4. Stops the server, writes bench/results/serve_load.json and prints a table. Exit status 1 if any request failed.
 
 Client and server share the machine's cores, so on a 2-core CPU the figures are a floor for the server alone.
 
-    .venv/bin/python bench/serve_load.py                 # ~2.5 min the first time (data, CLIP, index), then 30 s
+    .venv/bin/python bench/serve_load.py                 # ~2.5 min the first time (data, CLIP, index), then 1 min
     .venv/bin/python bench/serve_load.py --index DIR     # an existing index, its own CLIP
     .venv/bin/python bench/serve_load.py --quick         # 300 images, 30 CLIP steps, 200 requests: the plumbing
+
+To compare with another version of the server, run the server from that version's source tree:
+
+    git archive COMMIT src | tar -x -C /tmp/old && .venv/bin/python bench/serve_load.py --server-src /tmp/old/src \
+        --out /tmp/serve_load_old.json
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -76,10 +86,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(index: Path, port: int, log_path: Path) -> tuple[subprocess.Popen, float]:
+def start_server(index: Path, port: int, log_path: Path, src: Path) -> tuple[subprocess.Popen, float]:
     import httpx
 
-    env = dict(os.environ, PYTHONPATH=str(_common.ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=str(src) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     log = open(log_path, "w")
     started = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "clipsnail", "serve", "--index", str(index), "--host",
@@ -99,14 +109,77 @@ def start_server(index: Path, port: int, log_path: Path) -> tuple[subprocess.Pop
     raise SystemExit(f"the server did not answer within 180 s; see {log_path}")
 
 
-def server_peak_rss_mib(pid: int) -> float | None:
+def server_memory_mib(pid: int, field: str = "VmHWM") -> float | None:
+    """A field of /proc/PID/status in MiB: VmHWM (peak resident since the start) or VmRSS (resident now)."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return round(int(line.split()[1]) / 2**10, 1)
     except (OSError, ValueError):
         pass
     return None
+
+
+class RssSampler:
+    """The highest VmRSS of a process, sampled every `interval` seconds on a thread while in the `with` block."""
+
+    def __init__(self, pid: int, interval: float = 0.01):
+        self.pid, self.interval, self.peak, self.samples = pid, interval, 0.0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            rss = server_memory_mib(self.pid, "VmRSS")
+            if rss is not None:
+                self.peak, self.samples = max(self.peak, rss), self.samples + 1
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def big_jpegs(count: int, width: int, height: int, seed: int = 0) -> list[tuple[str, bytes]]:
+    """`count` different width x height JPEGs, smooth like a photo of sky and walls (a few MB each at quality 90;
+    noise would push them past the upload limit). Each has its own gradients, so nothing is cached."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    y = np.linspace(0, 1, height, dtype=np.float32)[:, None]
+    x = np.linspace(0, 1, width, dtype=np.float32)[None, :]
+    out = []
+    for i in range(count):
+        f = rng.uniform(1, 6, size=(3, 2))
+        channels = [(127 + 120 * np.sin(2 * np.pi * (f[c, 0] * x + f[c, 1] * y * x + i / count))).astype(np.uint8)
+                    for c in range(3)]
+        buffer = io.BytesIO()
+        Image.fromarray(np.stack(channels, axis=-1)).save(buffer, format="JPEG", quality=90)
+        out.append((f"big{i}.jpg", buffer.getvalue()))
+    return out
+
+
+def big_upload_phase(base: str, pid: int, uploads: list[tuple[str, bytes]], pixels: int, count: int,
+                     concurrency: int, k: int) -> dict:
+    requests = [{"method": "POST", "url": "/api/search/image", "data": {"k": str(k)},
+                 "files": {"file": uploads[i % len(uploads)]}} for i in range(count)]
+    time.sleep(1)  # let the previous phase's memory settle
+    before = server_memory_mib(pid, "VmRSS")
+    with RssSampler(pid) as sampler:
+        result = asyncio.run(load_phase(base, requests, concurrency))
+    time.sleep(3)
+    result.update({
+        "upload_pixels": pixels, "upload_mib_mean": round(sum(len(d) for _, d in uploads) / len(uploads) / 2**20, 2),
+        "rss_before_mib": before, "rss_peak_during_mib": sampler.peak, "rss_samples": sampler.samples,
+        "vm_hwm_after_mib": server_memory_mib(pid, "VmHWM"), "rss_after_mib": server_memory_mib(pid, "VmRSS")})
+    return result
 
 
 def stop_server(proc: subprocess.Popen) -> None:
@@ -180,6 +253,11 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--threads", type=int, default=2, help="torch threads while preparing")
+    p.add_argument("--big-uploads", type=int, default=16, help="large-photo image searches (0: skip the phase)")
+    p.add_argument("--big-concurrency", type=int, default=8)
+    p.add_argument("--big-size", default="7360x4912", help="WIDTHxHEIGHT of the large photos (36 Mpx)")
+    p.add_argument("--server-src", default=str(_common.ROOT / "src"),
+                   help="the source tree the server runs from (default: this checkout's src/)")
     p.add_argument("--quick", action="store_true", help="300 images, 30 CLIP steps, 200 requests")
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -204,8 +282,13 @@ def main() -> None:
     port = free_port()
     log_path = Path(args.work) / "server.log" if not args.index else out.with_suffix(".server.log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    say(f"server: clipsnail serve --index {index} on 127.0.0.1:{port} (log {log_path})")
-    proc, startup_s = start_server(index, port, log_path)
+    big_width, big_height = (int(v) for v in args.big_size.lower().split("x"))
+    big = []
+    if args.big_uploads:
+        say(f"big: making {args.big_concurrency} JPEGs of {big_width}x{big_height}")
+        big = big_jpegs(args.big_concurrency, big_width, big_height)
+    say(f"server: clipsnail serve --index {index} on 127.0.0.1:{port} from {args.server_src} (log {log_path})")
+    proc, startup_s = start_server(index, port, log_path, Path(args.server_src))
     base = f"http://127.0.0.1:{port}"
     rng = random.Random(0)
     phases = {
@@ -221,7 +304,11 @@ def main() -> None:
         for name, reqs in phases.items():
             say(f"{name}: {len(reqs)} requests, {args.concurrency} in flight")
             results[name] = asyncio.run(load_phase(base, reqs, args.concurrency))
-        server_rss = server_peak_rss_mib(proc.pid)
+        server_rss = server_memory_mib(proc.pid, "VmHWM")
+        if big:
+            say(f"big: {args.big_uploads} uploads of {big_width}x{big_height} JPEGs, {args.big_concurrency} in flight")
+            results["big"] = big_upload_phase(base, proc.pid, big, big_width * big_height, args.big_uploads,
+                                              args.big_concurrency, args.k)
     finally:
         stop_server(proc)
 
@@ -233,17 +320,26 @@ def main() -> None:
         "date": _common.now_iso(),
         "config": {"index": str(index), "images": n_images, "requests": args.requests,
                    "concurrency": args.concurrency, "k": args.k, "quick": args.quick,
-                   "clip_steps": None if args.index else args.clip_steps, "size": None if args.index else args.size},
+                   "clip_steps": None if args.index else args.clip_steps, "size": None if args.index else args.size,
+                   "big_uploads": args.big_uploads, "big_concurrency": args.big_concurrency,
+                   "big_size": [big_width, big_height], "server_src": args.server_src},
         "results": {"prepare_s": prepare_s, "server_startup_s": round(startup_s, 1),
                     "server_peak_rss_mib": server_rss, "errors": errors, **results},
         "notes": "Loopback only; the httpx client runs on the same cores as the server (one uvicorn worker, model "
-                 "calls serialised by a lock). Latency is per request as the client sees it, queueing included.",
+                 "calls serialised by a lock). Latency is per request as the client sees it, queueing included. "
+                 "server_peak_rss_mib is VmHWM after the search, thumb and image phases (before big); big's "
+                 "rss_* figures are the server's VmRSS before, at its highest during (sampled every 10 ms) and "
+                 "3 s after that phase.",
     }
     _common.write_json(out, data)
     rows = [[name, r["requests"], r["throughput_rps"], r["latency_ms_p50"], r["latency_ms_p90"],
              r["latency_ms_p99"], r["latency_ms_max"], r["errors"]] for name, r in results.items()]
     say(_common.format_table(["phase", "requests", "req/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "errors"], rows))
     say(f"{n_images} images indexed; server start {startup_s:.1f} s, peak RSS {server_rss} MiB; wrote {out}")
+    if "big" in results:
+        b = results["big"]
+        say(f"big uploads: server RSS {b['rss_before_mib']} MiB before, {b['rss_peak_during_mib']} MiB at most "
+            f"during, {b['rss_after_mib']} MiB after (VmHWM {b['vm_hwm_after_mib']} MiB)")
     if errors:
         raise SystemExit(f"{errors} requests failed")
 

@@ -366,3 +366,14 @@ def test_a_linked_class_folder_is_not_a_class(tmp_path, caplog):
     os.symlink(outside / "secrets", root / "dog")
     paths, labels, classes = list_image_folder(root)
     assert classes == ["cat"] and len(paths) == 1 and "dog: a symbolic link" in caplog.text
+
+
+def test_training_never_writes_into_a_users_folder(shapes_dir, tmp_path, capsys):
+    from conftest import tiny_clip_args
+
+    users = tmp_path / "mine"
+    users.mkdir()
+    (users / "config.json").write_text('{"theme": "dark"}')  # someone's config, not a run's
+    assert main(tiny_clip_args(shapes_dir, users, "--set", "train.max_steps=1")) == 2
+    assert "is not a clipsnail run directory" in capsys.readouterr().err
+    assert os.listdir(users) == ["config.json"] and (users / "config.json").read_text() == '{"theme": "dark"}'

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+import os
 import random
+import shutil
 import struct
 import threading
 import time
@@ -14,6 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from fastapi.responses import HTMLResponse
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -350,3 +354,228 @@ def test_a_clip_run_is_not_a_generator(clip_run):
 
     with pytest.raises(ClipsnailError, match="kind pixelsnail"):
         load_generator(clip_run)
+
+
+# ----------------------------------------------------------------------------------------------- hostile inputs
+
+
+def strict_json(text: str):
+    """JSON as a browser parses it: NaN / Infinity literals are an error."""
+    def refuse(literal):
+        raise ValueError(f"non-standard JSON literal {literal}")
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("field", ["guidance", "temperature", "n", "seed", "rerank", "wait", "prompt"])
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e400", "-1e400"])
+def test_non_finite_numbers_in_generate_are_422(served, field, literal):
+    """Python's json parser accepts NaN and Infinity (and reads 1e400 as Infinity); echoing them in the 422 used to
+    fail to encode: a 500, with or without a generator."""
+    for generator in (None, StandInGenerator()):
+        c = TestClient(create_app(served.index, served.model, generator), base_url=BASE)
+        body = f'{{"prompt": "a red circle", "{field}": {literal}}}'
+        r = c.post("/api/generate", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 422, (field, literal, r.text)
+        detail = strict_json(r.text)["detail"]
+        assert detail[0]["loc"] == ["body", field]
+    assert not generator.calls
+
+
+@pytest.mark.parametrize("value", ["NaN", "nan", "Infinity", "inf", "-inf", "1e400", "1" + "0" * 400])
+def test_non_finite_numbers_in_queries_forms_and_paths_are_422(client, value):
+    responses = [client.get("/api/search", params={"q": "a", "k": value}),
+                 client.post("/api/search/image", files=upload(png()), data={"k": value}),
+                 client.get(f"/api/similar/{value}"), client.get(f"/api/thumb/{value}"),
+                 client.get("/api/similar/0", params={"k": value})]
+    for r in responses:
+        assert r.status_code == 422, (r.url, r.text)
+        strict_json(r.text)
+
+
+def test_api_docs_load_no_third_party_script_and_html_has_a_csp(served, client):
+    """FastAPI's /docs and /redoc load unpinned scripts from a CDN into the app's origin: they are off."""
+    for url in ("/docs", "/redoc", "/docs/oauth2-redirect"):
+        r = client.get(url)
+        assert r.status_code == 404 and "cdn" not in r.text.lower(), url
+    assert client.get("/openapi.json").json()["info"]["title"] == "clipsnail"
+    page = client.get("/")
+    assert "<script src" not in page.text and "<link rel=\"stylesheet\"" not in page.text
+    csp = dict(d.strip().split(" ", 1) for d in page.headers["content-security-policy"].split(";"))
+    assert csp["default-src"] == "'none'" and csp["frame-ancestors"] == "'none'"
+    assert all(s.startswith("'sha256-") for s in csp["script-src"].split()), csp["script-src"]
+    assert csp["img-src"] == "'self' data: blob:"  # thumbnails, generated images (data: URLs), the upload preview
+    assert "http" not in page.headers["content-security-policy"]
+    # any other HTML the app may ever send gets a strict default policy
+    app = create_app(served.index, served.model)
+    app.get("/other")(lambda: HTMLResponse("<p>hi</p>"))
+    other = TestClient(app, base_url=BASE).get("/other")
+    assert other.headers["content-security-policy"].startswith("default-src 'none'")
+    # nosniff on every response, refusals included
+    responses = [page, client.get("/openapi.json"), client.get("/api/info"), client.get("/api/thumb/0"),
+                 client.get("/api/thumb/99999"), client.get("/api/search", params={"k": "x"}),
+                 client.get("/api/info", headers={"host": "evil.example"}),
+                 client.post("/api/search/image", files=upload(png()), headers={"origin": "https://evil.example"})]
+    assert [r.status_code for r in responses] == [200, 200, 200, 200, 404, 422, 400, 403]
+    for r in responses:
+        assert r.headers["x-content-type-options"] == "nosniff", r.url
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:8000@evil.example", "127.0.0.1:P@evil.example", "[::1]evil",
+                                  "[::1]:80evil", "::1", "", "127.0.0.1:", "127.0.0.1:80:80", "localhost.",
+                                  "localhost:8000/x", "user@localhost", "127.0.0.256", "127.1", "127.0.0.1 x",
+                                  "127.0.0.1.evil.example", "localhost.evil.example", "[::1]:123456", "[::2]"])
+def test_host_header_is_parsed_strictly(client, host):
+    r = client.get("/api/info", headers={"host": host})
+    assert r.status_code == 400, (host, r.text)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.1:8000", "127.9.8.7:1", "localhost", "LocalHost:65535",
+                                  "[::1]", "[::1]:8000"])
+def test_loopback_hosts_are_accepted(client, host):
+    assert client.get("/api/info", headers={"host": host}).status_code == 200
+
+
+@pytest.mark.parametrize("origin", ["http://127.0.0.1:8000@evil.example", "http://127.0.0.1:8000/", "null",
+                                    "http://evil.example@127.0.0.1:8000", "ftp://127.0.0.1:8000",
+                                    "http://127.0.0.1:8000 ", "http://127.0.0.1:8001", "127.0.0.1:8000"])
+def test_origin_must_be_exactly_this_host(client, origin):
+    headers = {"host": "127.0.0.1:8000", "origin": origin}
+    assert client.post("/api/search/image", files=upload(png()), headers=headers).status_code == 403, origin
+    headers["origin"] = "http://127.0.0.1:8000"
+    assert client.post("/api/search/image", files=upload(png()), headers=headers).status_code == 200
+
+
+# ----------------------------------------------------------------------------------------------- decoding memory
+
+
+def jpeg(size, orientation: int | None = None) -> bytes:
+    """A smooth (small) JPEG of `size` pixels, optionally with an EXIF orientation tag."""
+    image = Image.linear_gradient("L").resize(size).convert("RGB")
+    out = io.BytesIO()
+    exif = Image.Exif()
+    if orientation:
+        exif[0x0112] = orientation
+    image.save(out, format="JPEG", quality=80, exif=exif.tobytes())
+    return out.getvalue()
+
+
+class Recording:
+    """The served CLIP model, noting the size of each image it is given to encode."""
+
+    def __init__(self, model):
+        self.model, self.sizes = model, []
+
+    def encode_image(self, images, **kw):
+        self.sizes += [im.size for im in images]
+        return self.model.encode_image(images, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
+def test_large_uploads_are_decoded_near_the_model_input_size(served):
+    """A query needs the model's input size (16 here); a 3000x2000 photo used to be decoded whole (and copied)."""
+    model = Recording(served.model)
+    c = TestClient(create_app(served.index, model), base_url=BASE)
+    big_png = io.BytesIO()
+    Image.linear_gradient("L").resize((1200, 900)).save(big_png, format="PNG")
+    for data, portrait in ((jpeg((3000, 2000)), False), (jpeg((3000, 2000), orientation=6), True),
+                           (big_png.getvalue(), False)):
+        r = c.post("/api/search/image", files=upload(data), data={"k": "3"})
+        assert r.status_code == 200, r.text
+        width, height = model.sizes[-1]
+        assert 32 <= min(width, height) < 64, model.sizes[-1]  # twice the input size, at least
+        assert (height > width) == portrait  # EXIF orientation still applied
+    assert c.post("/api/zeroshot", files=upload(jpeg((3000, 2000))), data={"classes": "a, b"}).status_code == 200
+    assert max(model.sizes[-1]) < 100
+
+
+def test_decoding_runs_at_most_max_decoding_at_once(served, monkeypatch):
+    import clipsnail.serve.app as app_module
+
+    running, peak, lock = [0], [0], threading.Lock()
+    real = app_module.decode_upload
+
+    def slow_decode(*args):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        try:
+            time.sleep(0.2)
+            return real(*args)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(app_module, "decode_upload", slow_decode)
+    statuses = []
+    with TestClient(create_app(served.index, served.model, limits=Limits(max_decoding=2)), base_url=BASE) as c:
+        threads = [threading.Thread(target=lambda: statuses.append(
+            c.post("/api/search/image", files=upload(png()), data={"k": "2"}).status_code)) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    assert statuses == [200] * 6
+    assert 1 <= peak[0] <= 2  # six uploads at once, two decodes at a time
+
+
+def test_memory_is_given_back_after_a_large_decode(monkeypatch):
+    from clipsnail.serve import images
+
+    trims = []
+    monkeypatch.setattr(images, "_malloc_trim", lambda pad: trims.append(pad) or 1)
+    large = io.BytesIO()
+    Image.linear_gradient("L").resize((2500, 2000)).save(large, format="PNG")
+    assert 64 <= min(images.decode_upload(large.getvalue(), 10**8, min_side=64).size) < 128
+    assert trims == [0]
+    images.decode_upload(png(), 10**8)
+    assert trims == [0]  # small decodes are left to the allocator
+
+
+# ----------------------------------------------------------------------------------------------- indexed files
+
+
+def answer_within(c, url, seconds=10.0, fifo=None):
+    """c.get(url), failing (not hanging) when no answer comes in time; a FIFO the server blocks on is released."""
+    result = []
+    thread = threading.Thread(target=lambda: result.append(c.get(url)), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive() and fifo is not None:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # lets the blocked open() return
+    assert result, f"{url}: no answer within {seconds} s"
+    return result[0]
+
+
+@pytest.mark.parametrize("follow_links", [False, True])
+def test_indexed_files_replaced_by_fifos_devices_or_outside_links_are_refused_at_once(served, shapes_dir, tmp_path,
+                                                                                       follow_links):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    sources = sorted((shapes_dir / "images").glob("*.png"))[:5]
+    for source in sources:
+        shutil.copy(source, folder / source.name)
+    index, _ = build_index(served.model, folder, tmp_path / "index", progress=False, follow_links=follow_links)
+    outside = tmp_path / "private.png"
+    outside.write_bytes(png(color=(1, 2, 3)))
+    by_name = {p.name: i for i, p in enumerate(index.paths)}
+    fifo, zero, leak, folder_instead = (folder / source.name for source in sources[:4])
+    for path in (fifo, zero, leak):
+        path.unlink()
+    os.mkfifo(fifo)
+    zero.symlink_to("/dev/zero")
+    leak.symlink_to(outside)
+    folder_instead.unlink()
+    folder_instead.mkdir()
+    c = TestClient(create_app(index, served.model), base_url=BASE)
+    expected = {fifo: "FIFO", zero: "device" if follow_links else "symbolic link",
+                leak: "outside" if follow_links else "symbolic link", folder_instead: "folder"}
+    for path, reason in expected.items():
+        for url in (f"/api/thumb/{by_name[path.name]}", f"/api/similar/{by_name[path.name]}"):
+            r = answer_within(c, url, fifo=fifo)
+            assert r.status_code == 404, (url, r.text)
+            detail = r.json()["detail"]
+            assert reason in detail and "cannot be read" in detail, detail
+            assert str(tmp_path) not in detail  # the server's folders stay private
+    assert c.get(f"/api/thumb/{by_name[sources[4].name]}").status_code == 200

@@ -464,6 +464,24 @@ def _record_step(line: str) -> float:
         return math.inf
 
 
+def is_run_dir(path: Path) -> bool:
+    """A folder training wrote: a config.json naming its task, a checkpoint, or a metrics log."""
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        if isinstance(config, dict) and isinstance(config.get("task"), str):
+            return True
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        pass
+    return (path / CHECKPOINT).is_file() or (path / "metrics.jsonl").is_file()
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """Training writes config.json, model.safetensors, plots... into `run_dir`: never into a user's folder."""
+    if run_dir.exists() and (not run_dir.is_dir() or (any(run_dir.iterdir()) and not is_run_dir(run_dir))):
+        raise DataError(f"{run_dir}: exists and is not a clipsnail run directory (nor empty); training would "
+                        f"write its files into it: choose another --out")
+
+
 def fit(task: Task, run_dir: str | Path, progress: bool = True,
         on_step: Callable[[int], None] | None = None) -> FitResult:
     """Train `task` into `run_dir`, resuming from `run_dir/checkpoint` when present.
@@ -483,6 +501,7 @@ def _fit(task: Task, run_dir: Path, progress: bool, on_step: Callable[[int], Non
     rank, world = dist.rank(), dist.world_size()
     main = rank == 0
     if main:
+        check_run_dir(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     if device.type == "cuda" and dist.is_distributed():

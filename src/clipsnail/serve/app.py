@@ -2,34 +2,49 @@
 
 Safe by default, because the index is usually someone's private photo collection:
 - `run_server` binds 127.0.0.1, and requests must name a loopback host (a web page elsewhere cannot reach the app
-  by rebinding its DNS name to 127.0.0.1); a POST from a page of another origin is refused.
+  by rebinding its DNS name to 127.0.0.1). The Host header is parsed strictly: a loopback name (127.x.y.z,
+  localhost, [::1]) and an optional port of digits, nothing else. A POST whose Origin is not exactly
+  http(s)://HOST of the request is refused.
+- No third-party script ever runs in the app's origin: the page is the app's own HTML, its Content-Security-Policy
+  admits only its own inline script and style (by hash), every HTML response carries a CSP, and FastAPI's
+  interactive docs (/docs, /redoc), which load their scripts from a CDN, are off; the schema is at /openapi.json.
 - Request bodies are limited while they are read (FastAPI's `max_body_size`: 413 before the rest arrives).
+  Numbers must be finite (Python's JSON parser accepts NaN and Infinity; they are a 422).
   Uploads must decode as a common raster image whose header declares at most `max_image_pixels` pixels.
+- Decoding memory is bounded: images are decoded on a pool of `max_decoding` threads of its own (waiting requests
+  hold no thread and no pixels), at about twice the model's input size rather than full size (images.py).
 - No path from a request reaches the filesystem: images are named by their position in the index, and only
-  files in the index are ever opened.
+  files in the index are ever opened, through `safeio.read_regular` (regular files under the index's root only;
+  a FIFO or a device named x.jpg is a 404 at once, never a blocked worker).
 - Text, k, class lists and generation sizes are bounded; generation runs one job at a time behind a short queue.
 - Model calls are serialised by a lock (sync routes run in FastAPI's threadpool), so concurrent requests are safe.
 """
 
 
+import asyncio
 import base64
+import collections
 import contextlib
 import dataclasses
 import functools
 import hashlib
 import importlib.resources
+import json
+import math
 import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import numpy as np
 import torch
 from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field, model_validator
 
@@ -42,7 +57,10 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 @dataclasses.dataclass(frozen=True)
 class Limits:
     max_upload_bytes: int = 10 * 2**20
-    max_image_pixels: int = 40_000_000  # ~ a 7,700 x 5,200 photo; PIL's own warning starts at 89 M
+    # ~ a 7,700 x 5,200 photo; PIL's own warning starts at 89 M. Not lower for queries: a large JPEG is decoded at
+    # 1/8 scale, whatever its size, and other formats (decoded whole, at most max_decoding at a time) cost 4-8
+    # bytes a pixel while decoded, 160-320 MB at this limit; refusing 36-Mpx camera photos would save nothing.
+    max_image_pixels: int = 40_000_000
     max_query_chars: int = 200
     max_k: int = 100
     max_classes: int = 50
@@ -54,6 +72,7 @@ class Limits:
     thumb_size: int = 256
     thumb_cache: int = 1024  # thumbnails kept in memory (about 10-20 kB each)
     max_json_bytes: int = 16 * 2**10
+    max_decoding: int = 2  # images decoded at once (each briefly holds its full-size pixels unless a JPEG)
 
 
 # ----------------------------------------------------------------------------------------------- response models
@@ -141,49 +160,141 @@ def _page() -> tuple[str, str]:
     return html, csp
 
 
-def _host_name(host: str) -> str:
-    if host.startswith("["):  # [::1]:8000
-        return host[1:].split("]", 1)[0]
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+# CSP of HTML responses that set none of their own (the page at / sets a stricter-by-hash one).
+DEFAULT_CSP = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+
+# host[:port] as a Host header or an Origin may carry it: a bracketed IPv6 address, or a DNS name / IPv4 address,
+# then optionally ':' and digits. Anything else (userinfo, a path, a second colon, trailing junk) does not match.
+_HOST = r"(?P<name>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9.-]*)(?::[0-9]{1,5})?"
+_HOST_HEADER = re.compile(_HOST)
+_ORIGIN = re.compile(rf"https?://(?P<host>{_HOST})")
+_IPV4_127 = re.compile(r"127\.([0-9]{1,3})\.([0-9]{1,3})\.([0-9]{1,3})")
+
+
+def _host_name(host: str) -> str | None:
+    """The name in a Host header ("[::1]:8000" -> "::1"), lower case; None unless it is exactly host[:port]."""
+    match = _HOST_HEADER.fullmatch(host)
+    if match is None:
+        return None
+    return match["name"].lower().removeprefix("[").removesuffix("]")
+
+
+def _host_allowed(name: str | None, allowed: frozenset[str] | None) -> bool:
+    """allowed None: any well-formed name. Otherwise the name must be in it; "127.0.0.1" in it admits the whole
+    127.0.0.0/8 block, which is all loopback."""
+    if name is None:
+        return False
+    if allowed is None or name in allowed:
+        return True
+    octets = _IPV4_127.fullmatch(name)
+    return "127.0.0.1" in allowed and octets is not None and all(int(o) <= 255 for o in octets.groups())
+
+
+def _same_origin(origin: str, host: str) -> bool:
+    """Origin is exactly http(s)://HOST of this request ("null", paths, userinfo: no)."""
+    match = _ORIGIN.fullmatch(origin)
+    return match is not None and match["host"].lower() == host.lower()
+
+
+def _finite(value):
+    """A validation error echoes its input, and JSON has no NaN or Infinity (Starlette refuses to encode them:
+    a 500): such numbers are shown as strings ("NaN", "Infinity"; 1e400 was parsed as Infinity)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return json.dumps(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _query_side(model) -> int:
+    """The shortest side an image query is decoded at: twice the model's input size (its preprocess resizes the
+    shorter side to that size and crops; the margin keeps the resize's antialiasing as good as from full size).
+    The size is read from the Resize / CenterCrop of `model.preprocess` (clipsnail.load attaches it, from the
+    run's `model.image_size`); 224, the usual CLIP input, when it has none."""
+    sizes = []
+    for transform in getattr(getattr(model, "preprocess", None), "transforms", ()):
+        if type(transform).__name__ in ("Resize", "CenterCrop"):
+            size = getattr(transform, "size", None)
+            sizes += [size] if isinstance(size, int) else list(size or ())
+    return 2 * max((s for s in sizes if isinstance(s, int) and s > 0), default=224)
+
+
+class _LRU:
+    """A bounded map, safe to share between threads (the thumbnail cache)."""
+
+    def __init__(self, size: int):
+        self.size, self.items, self.lock = size, collections.OrderedDict(), threading.Lock()
+
+    def get(self, key):
+        with self.lock:
+            value = self.items.get(key)
+            if value is not None:
+                self.items.move_to_end(key)
+            return value
+
+    def put(self, key, value) -> None:
+        with self.lock:
+            self.items[key] = value
+            self.items.move_to_end(key)
+            while len(self.items) > self.size:
+                self.items.popitem(last=False)
 
 
 def create_app(index, model, generator=None, limits: Limits | None = None,
                allowed_hosts: Sequence[str] | None = LOOPBACK_HOSTS) -> FastAPI:
     """The app over a loaded ImageIndex and its CLIP model (and optionally a text-to-image generator).
 
-    allowed_hosts: the host names a request may address (Host header); None accepts any, for a server bound to a
-    public address on purpose."""
+    allowed_hosts: the host names a request may address (Host header; "127.0.0.1" admits all of 127.0.0.0/8);
+    None accepts any well-formed name, for a server bound to a public address on purpose."""
     limits = limits or Limits()
     queue = GenerationQueue(generator, limits.max_waiting_generations, limits.generate_chunk) if generator else None
+    # Decodes wait for one of these threads without holding a threadpool thread or any pixels; at most
+    # max_decoding full-size images exist at once, however many uploads arrive together.
+    decoder = ThreadPoolExecutor(max_workers=limits.max_decoding, thread_name_prefix="clipsnail-decode")
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
+        decoder.shutdown(wait=False, cancel_futures=True)
         if queue is not None:
             queue.close()
 
+    # docs_url / redoc_url off: FastAPI's pages load unpinned scripts from a CDN into this origin.
     app = FastAPI(title="clipsnail", version="1", summary="Search an image collection by text or by image, "
-                  "zero-shot labels, text to image.", max_body_size=limits.max_json_bytes, lifespan=lifespan)
+                  "zero-shot labels, text to image.", max_body_size=limits.max_json_bytes, lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
     upload_body_limit = limits.max_upload_bytes + 64 * 2**10  # the file plus multipart headers and small fields
     lock = threading.Lock()
     page, csp = _page()
+    query_side = _query_side(model)
     app.state.generation = queue
-    allowed = None if allowed_hosts is None else {h.lower() for h in allowed_hosts}
+    allowed = None if allowed_hosts is None else frozenset(h.lower() for h in allowed_hosts)
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if allowed is not None and _host_name(request.headers.get("host", "")).lower() not in allowed:
-            return JSONResponse({"detail": "unexpected Host header (this server answers loopback names only)"},
-                                status_code=400)
-        origin = request.headers.get("origin")
-        if request.method not in ("GET", "HEAD", "OPTIONS") and origin is not None:  # "null" (sandboxed) too
-            if urlsplit(origin).netloc.lower() != request.headers.get("host", "").lower():
-                return JSONResponse({"detail": "cross-origin request refused"}, status_code=403)
-        response = await call_next(request)
+    def secure(response: Response) -> Response:
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         response.headers.setdefault("Referrer-Policy", "no-referrer")
         response.headers.setdefault("X-Frame-Options", "DENY")
+        if response.headers.get("content-type", "").startswith("text/html"):
+            response.headers.setdefault("Content-Security-Policy", DEFAULT_CSP)
         return response
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        host = request.headers.get("host", "")
+        if not _host_allowed(_host_name(host), allowed):
+            message = "this server answers loopback names only" if allowed is not None else "malformed"
+            return secure(JSONResponse({"detail": f"unexpected Host header ({message})"}, status_code=400))
+        origin = request.headers.get("origin")
+        if request.method not in ("GET", "HEAD", "OPTIONS") and origin is not None:  # "null" (sandboxed) too
+            if not _same_origin(origin, host):
+                return secure(JSONResponse({"detail": "cross-origin request refused"}, status_code=403))
+        return secure(await call_next(request))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError):
+        return JSONResponse({"detail": _finite(jsonable_encoder(exc.errors()))}, status_code=422)
 
     # ------------------------------------------------------------------------------------------- helpers
 
@@ -222,18 +333,39 @@ def create_app(index, model, generator=None, limits: Limits | None = None,
             zero_shot_cache.update((c, found[c]) for c in missing)
         return torch.stack([found[c] for c in classes])
 
-    @functools.lru_cache(maxsize=limits.thumb_cache)
-    def thumb_bytes(i: int) -> tuple[bytes, str]:
-        return thumbnail(Path(index.paths[i]), limits.thumb_size, limits.max_image_pixels)
-
-    async def read_upload(file: UploadFile):
-        data = await file.read(limits.max_upload_bytes + 1)
-        if len(data) > limits.max_upload_bytes:
-            raise _bad_request(413, f"the upload is over {limits.max_upload_bytes // 2**20} MB")
+    async def decode(function: Callable, *args):
+        """function(*args) on the decoding threads; BadImage becomes its HTTP status."""
         try:
-            return await run_in_threadpool(decode_upload, data, limits.max_image_pixels)
+            return await asyncio.get_running_loop().run_in_executor(decoder, functools.partial(function, *args))
         except BadImage as e:
             raise _bad_request(e.status, str(e)) from None
+
+    def read_and_decode(file: UploadFile):
+        # Read here, on a decoding thread, so that waiting uploads hold no copy of their bytes in memory
+        # (Starlette spools each one to a temporary file past 1 MB).
+        data = file.file.read(limits.max_upload_bytes + 1)
+        if len(data) > limits.max_upload_bytes:
+            raise BadImage(f"the upload is over {limits.max_upload_bytes // 2**20} MB", 413)
+        return decode_upload(data, limits.max_image_pixels, query_side)
+
+    async def read_upload(file: UploadFile):
+        return await decode(read_and_decode, file)
+
+    def from_index(function: Callable, i: int, *args):
+        """function(path, root, follow_links, *args) on the indexed file i. Whatever is wrong with the file (gone,
+        replaced by a FIFO, undecodable) is a fault of the server's data, not of the request: a 404 saying what."""
+        try:
+            return function(Path(index.paths[i]), index.root, index.follow_links, *args)
+        except BadImage as e:
+            raise BadImage(str(e) if e.status == 404 else f"the indexed file cannot be decoded: {e}", 404) from None
+
+    def indexed_image(i: int):
+        return from_index(load_file, i, limits.max_image_pixels, query_side)
+
+    thumbs = _LRU(limits.thumb_cache)
+
+    def thumb_bytes(i: int) -> tuple[bytes, str]:
+        return from_index(thumbnail, i, limits.thumb_size, limits.max_image_pixels)
 
     def check_text(text: str, what: str) -> str:
         text = text.strip()
@@ -275,16 +407,13 @@ def create_app(index, model, generator=None, limits: Limits | None = None,
         return SearchResult(hits=hits, seconds=round(time.perf_counter() - start, 4))
 
     @app.get("/api/similar/{id}", response_model=SearchResult, tags=["search"])
-    def similar(id: int = image_id, k: int = k_query):
+    async def similar(id: int = image_id, k: int = k_query):
         """Images like the indexed image `id` (it comes first, with score ~1)."""
         if id >= len(index):
             raise _bad_request(404, "no image with that id in the index")
         start = time.perf_counter()
-        try:
-            image = load_file(Path(index.paths[id]), limits.max_image_pixels)
-        except (OSError, BadImage):
-            raise _bad_request(404, "the indexed file can no longer be read") from None
-        hits = search(embed_image(image), k)
+        image = await decode(indexed_image, id)
+        hits = await run_in_threadpool(lambda: search(embed_image(image), k))
         return SearchResult(hits=hits, seconds=round(time.perf_counter() - start, 4))
 
     @app.post("/api/zeroshot", response_model=ZeroShotResult, tags=["zero-shot"], max_body_size=upload_body_limit)
@@ -306,22 +435,24 @@ def create_app(index, model, generator=None, limits: Limits | None = None,
 
     @app.get("/api/thumb/{id}", tags=["images"], response_class=Response,
              responses={200: {"content": {"image/png": {}, "image/jpeg": {}}}, 404: {"description": "no such id"}})
-    def thumb(id: int = image_id):
+    async def thumb(id: int = image_id):
         """A thumbnail of the indexed image `id` (PNG for small images, JPEG otherwise)."""
         if id >= len(index):
             raise _bad_request(404, "no image with that id in the index")
-        try:
-            data, media_type = thumb_bytes(id)
-        except (OSError, BadImage):
-            raise _bad_request(404, "the indexed file can no longer be read") from None
+        cached = thumbs.get(id)  # a hit need not wait for a decoding thread
+        if cached is None:
+            cached = await decode(thumb_bytes, id)
+            thumbs.put(id, cached)
+        data, media_type = cached
         return Response(data, media_type=media_type, headers={"Cache-Control": "private, max-age=3600"})
 
     class GenerateRequest(BaseModel):
         prompt: str = Field(min_length=1, max_length=limits.max_query_chars)
         n: int = Field(8, ge=1, le=limits.max_generate_n, description="samples to draw")
         rerank: int = Field(4, ge=0, le=limits.max_generate_n, description="keep the best k by CLIP score (0: all)")
-        guidance: float = Field(3.0, ge=0.0, le=10.0, description="classifier-free guidance scale (1: none)")
-        temperature: float = Field(1.0, ge=0.05, le=2.0)
+        guidance: float = Field(3.0, ge=0.0, le=10.0, allow_inf_nan=False,
+                                description="classifier-free guidance scale (1: none)")
+        temperature: float = Field(1.0, ge=0.05, le=2.0, allow_inf_nan=False)
         seed: int | None = Field(None, ge=0, le=2**31 - 1, description="random when not given")
         wait: bool = Field(False, description="answer when the job is done instead of at once")
 

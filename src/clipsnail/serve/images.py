@@ -4,20 +4,46 @@ Only common raster formats are opened (PIL also knows EPS, which runs Ghostscrip
 an upload has no business reaching). The pixel count is checked from the header before anything is decoded, so a
 small file that declares enormous dimensions (a decompression bomb) is refused without allocating its pixels.
 The limit is below PIL's own (Image.MAX_IMAGE_PIXELS, 89 M), which therefore never needs changing.
+
+Memory. A query or a thumbnail needs a few hundred pixels a side, not a 36-megapixel photo (144 MB decoded, and
+PIL's copies for rotation and mode conversion double or triple that). `decode` is given the shortest side the
+caller needs (`min_side`): a JPEG is decoded at a reduced scale by its own decoder (`draft`: 1/2, 1/4 or 1/8 of
+each side, never below `min_side`), and other formats, which cannot be decoded at a reduced size, are shrunk by an
+integer box filter right after decoding, before any copy is made. glibc keeps freed memory in its arenas rather
+than returning it, so after a large decode the heap is trimmed (`malloc_trim`). The app also runs decodes on a
+small pool of threads of their own, which bounds how many full-size images exist at once.
+
+Files of the index are read only through `clipsnail.safeio.read_regular`: opened without blocking, refused unless
+a regular file under the index's root, capped in size. A FIFO or a link to /dev/zero named `x.jpg` is refused at
+once instead of blocking a worker forever.
 """
 
 from __future__ import annotations
 
+import ctypes
 import io
 from pathlib import Path
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
+
+from clipsnail.errors import DataError
+from clipsnail.safeio import MAX_IMAGE_FILE_BYTES, read_regular
 
 FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF")
 
+# A decode at least this large (about 16 MB of pixels) is followed by a heap trim; smaller ones are left to the
+# allocator, since trimming walks every arena and costs about a millisecond.
+TRIM_AFTER_PIXELS = 4_000_000
+
+# EXIF orientation -> the transpose that puts the image upright (as PIL.ImageOps.exif_transpose does).
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}
+_ORIENTATION_TAG = 0x0112
+
 
 class BadImage(ValueError):
-    """Not an image we open, or a damaged one (HTTP 415/400)."""
+    """Not an image we open, or a damaged one (HTTP 415/400), or an indexed file that cannot be read (404)."""
 
     def __init__(self, message: str, status: int = 400):
         super().__init__(message)
@@ -29,6 +55,25 @@ class TooManyPixels(BadImage):
 
     def __init__(self, message: str):
         super().__init__(message, 413)
+
+
+def _load_malloc_trim():
+    try:
+        function = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError, TypeError):  # not glibc (musl, macOS, Windows): nothing to trim
+        return None
+    function.argtypes = [ctypes.c_size_t]
+    function.restype = ctypes.c_int
+    return function
+
+
+_malloc_trim = _load_malloc_trim()
+
+
+def release_memory() -> None:
+    """Give the heap's free pages back to the system (glibc only; a no-op elsewhere)."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
 
 
 def _open_checked(fp, max_pixels: int) -> Image.Image:
@@ -49,18 +94,54 @@ def _open_checked(fp, max_pixels: int) -> Image.Image:
     return image
 
 
-def _load_rgb(image: Image.Image) -> Image.Image:
+def _orientation(image: Image.Image) -> int:
     try:
-        image.load()  # first frame of an animation
-        return ImageOps.exif_transpose(image).convert("RGB")
+        return int(image.getexif().get(_ORIENTATION_TAG, 1))
+    except Exception:  # a damaged EXIF block: show the image as stored
+        return 1
+
+
+def _decode(opened: Image.Image, min_side: int | None) -> tuple[Image.Image, int]:
+    """The opened (header-checked) image -> (RGB, upright, shrunk so that its shorter side is still >= min_side;
+    the number of pixels the decoder produced)."""
+    orientation = _orientation(opened)  # read before conversions, which drop TIFF tags
+    if min_side and opened.format == "JPEG":
+        opened.draft("RGB", (min_side, min_side))  # the decoder itself scales by 1/2, 1/4 or 1/8
+    opened.load()  # first frame of an animation
+    decoded_pixels = opened.width * opened.height
+    image = opened
+    if image.mode != "RGB":
+        # Palette and 16-bit modes cannot be box-filtered; alpha is dropped, as before shrinking.
+        image = image.convert("RGB")
+    factor = min(image.size) // min_side if min_side else 1
+    if factor >= 2:
+        image = image.reduce(factor)  # each output pixel the mean of a factor x factor box
+    if orientation in _UPRIGHT:
+        image = image.transpose(_UPRIGHT[orientation])
+    if image is not opened:
+        # PIL's image files sit in reference cycles, so their pixels would wait for the garbage collector (and
+        # escape the trim below); close() frees them now.
+        opened.close()
+    return image, decoded_pixels
+
+
+def _decode_bytes(data: bytes, max_pixels: int, min_side: int | None) -> Image.Image:
+    image = _open_checked(io.BytesIO(data), max_pixels)
+    try:
+        image, decoded_pixels = _decode(image, min_side)
     except Image.DecompressionBombError as e:
         raise TooManyPixels(str(e)) from None
     except Exception as e:
         raise BadImage(f"cannot decode the image: {e}") from None
+    if decoded_pixels >= TRIM_AFTER_PIXELS:
+        release_memory()
+    return image
 
 
-def decode_upload(data: bytes, max_pixels: int) -> Image.Image:
-    """Bytes from a request -> an RGB PIL image, or BadImage / TooManyPixels saying what is wrong."""
+def decode_upload(data: bytes, max_pixels: int, min_side: int | None = None) -> Image.Image:
+    """Bytes from a request -> an RGB PIL image, or BadImage / TooManyPixels saying what is wrong.
+    min_side: the shortest side the caller needs; a larger image is decoded or shrunk to about that (module
+    docstring). None: full size."""
     if not data:
         raise BadImage("the upload is empty")
     image = _open_checked(io.BytesIO(data), max_pixels)
@@ -68,23 +149,33 @@ def decode_upload(data: bytes, max_pixels: int) -> Image.Image:
         image.verify()  # structure and checksums, before decoding
     except Exception as e:  # PIL's plugins raise a variety of types for broken files
         raise BadImage(f"damaged image: {e}") from None
-    return _load_rgb(_open_checked(io.BytesIO(data), max_pixels))  # verify() leaves the image unusable
+    return _decode_bytes(data, max_pixels, min_side)  # verify() leaves the image it checked unusable
 
 
-def load_file(path: Path, max_pixels: int, draft: int | None = None) -> Image.Image:
-    """An image file of the index -> RGB. draft: a JPEG may be decoded at a reduced size >= draft (much faster)."""
-    with open(path, "rb") as f:
-        image = _open_checked(f, max_pixels)
-        if draft and image.format == "JPEG":
-            image.draft("RGB", (draft, draft))
-        return _load_rgb(image)
+def read_indexed(path: Path, root: Path, follow_links: bool, max_bytes: int = MAX_IMAGE_FILE_BYTES) -> bytes:
+    """The bytes of an indexed file, or BadImage (404) saying why not: missing, not a regular file (a FIFO, a
+    device...), a link not followed or leading outside `root`, or over max_bytes. Never blocks on a FIFO."""
+    try:
+        return read_regular(path, max_bytes, root=root, follow_links=follow_links)
+    except DataError as e:
+        reason = str(e).removeprefix(f"{path}: ")  # the folder stays private; the name is in the search hit
+        raise BadImage(f"the indexed file cannot be read: {reason.replace(str(root), 'the indexed folder')}",
+                       404) from None
+    except OSError as e:  # an IO error while reading
+        raise BadImage(f"the indexed file cannot be read: {e.strerror or type(e).__name__}", 404) from None
 
 
-def thumbnail(path: Path, size: int, max_pixels: int) -> tuple[bytes, str]:
+def load_file(path: Path, root: Path, follow_links: bool, max_pixels: int,
+              min_side: int | None = None) -> Image.Image:
+    """An image file of the index -> RGB (see `read_indexed` and `decode_upload` for root, min_side)."""
+    return _decode_bytes(read_indexed(path, root, follow_links), max_pixels, min_side)
+
+
+def thumbnail(path: Path, root: Path, follow_links: bool, size: int, max_pixels: int) -> tuple[bytes, str]:
     """An indexed image file -> (encoded thumbnail, media type), at most `size` pixels on its longer side.
 
     Small images (the built-in shapes are 16-64 px) are sent as they are, losslessly; the page scales them up."""
-    image = load_file(path, max_pixels, draft=size)
+    image = load_file(path, root, follow_links, max_pixels, min_side=size)
     image.thumbnail((size, size), Image.Resampling.LANCZOS)
     out = io.BytesIO()
     if image.width * image.height <= 96 * 96:
@@ -98,3 +189,4 @@ def png_bytes(image: Image.Image) -> bytes:
     out = io.BytesIO()
     image.save(out, format="PNG")
     return out.getvalue()
+
