@@ -219,6 +219,6 @@ def test_refuses_to_replace_a_folder_that_is_not_an_export(clip_run, tmp_path):
     out = tmp_path / "photos"
     out.mkdir()
     (out / "keep.jpg").write_bytes(b"x")
-    with pytest.raises(Exception, match="is not an ONNX export; refusing"):
+    with pytest.raises(Exception, match="is not a clipsnail ONNX export; refusing"):
         export_onnx(clip_run, out)
     assert [p.name for p in out.iterdir()] == ["keep.jpg"]
