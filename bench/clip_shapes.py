@@ -304,7 +304,8 @@ def train_open_clip(spec: dict, work: Path) -> tuple:
     from torch.utils.data import DataLoader
 
     from clipsnail.data.transforms import eval_transform
-    from clipsnail.engine import ResumableBatchSampler, lr_lambda
+    from clipsnail.engine import ResumableBatchSampler
+    from clipsnail.optim import lr_lambda
     from clipsnail.tasks.clip import ClipTask
 
     cfg, overrides = build_config(spec, "open_clip")
@@ -387,7 +388,7 @@ def step_ab(spec: dict) -> dict:
     import torch
     from open_clip.loss import ClipLoss
 
-    from clipsnail.engine import build_optimizer
+    from clipsnail.optim import build_optimizer
     from clipsnail.tasks.clip import ClipTask
 
     cfg, _ = build_config(spec, "ours_plain_loss")
@@ -399,7 +400,8 @@ def step_ab(spec: dict) -> dict:
     theirs, _ = build_open_clip(cfg.model, task.tokenizer)
     theirs.train()
     o, loss_fn = cfg.optim, ClipLoss()
-    opt_ours, opt_theirs = build_optimizer(task, ours), open_clip_optimizer(theirs, o)
+    opt_ours = build_optimizer(task.config.optim, task.param_groups(ours), ours)
+    opt_theirs = open_clip_optimizer(theirs, o)
 
     def step(model, optimizer, compute_loss) -> float:
         t = time.perf_counter()

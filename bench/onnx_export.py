@@ -66,8 +66,8 @@ def make_run(name: str, spec: dict, run_dir: Path) -> int:
     import torch
 
     from clipsnail.data.tokenizers import train_bpe
-    from clipsnail.hub import save_run
     from clipsnail.models.clip import CLIP
+    from clipsnail.runs import save_run
     from clipsnail.tasks.clip import ClipConfig
 
     texts = captions()

@@ -220,7 +220,7 @@ def caption_overrides(data: Path) -> list[str]:
 def train_retrieve(data: Path, clip_run: Path, run: Path, steps: int) -> dict:
     from clipsnail.config import load_config
     from clipsnail.engine import fit
-    from clipsnail.tasks.text2image import RetrieveConfig, RetrieveTask
+    from clipsnail.tasks.t2i_retrieve import RetrieveConfig, RetrieveTask
 
     cfg = load_config(RetrieveConfig, overrides=caption_overrides(data) + [
         f"encoder={clip_run}", "model.width=128", "model.depth=2", "model.loss=cosine", "model.distance=cosine",
@@ -233,7 +233,7 @@ def train_t2i(data: Path, clip_run: Path, run: Path, minutes: float, smoke: bool
     from clipsnail.config import load_config
     from clipsnail.engine import fit
     from clipsnail.tasks.pixelsnail import preset_overrides
-    from clipsnail.tasks.text2image import TextPixelSNAILConfig, TextPixelSNAILTask
+    from clipsnail.tasks.t2i_pixelsnail import TextPixelSNAILConfig, TextPixelSNAILTask
 
     cfg = load_config(TextPixelSNAILConfig, overrides=preset_overrides("tiny" if smoke else "small")
                       + caption_overrides(data) + [

@@ -13,8 +13,9 @@ from safetensors.torch import load_file
 
 from clipsnail.cli import main
 from clipsnail.config import load_config
-from clipsnail.engine import build_optimizer, fit
+from clipsnail.engine import fit
 from clipsnail.errors import ClipsnailError
+from clipsnail.optim import build_optimizer
 from clipsnail.tasks.classify import ClassifyConfig, ClassifyTask, parse_model_args
 
 # Fast settings: 16px inputs, light augmentation, every step logged.
@@ -120,7 +121,7 @@ def test_meta_tokens_get_no_weight_decay(colours_dir):
     cfg = load_config(ClassifyConfig, None, [f"data.data={colours_dir}", "model.name=lemevit_tiny_cifar", *FAST])
     task = ClassifyTask(cfg)
     model = task.build_model()
-    optimizer = build_optimizer(task, model)
+    optimizer = build_optimizer(task.config.optim, task.param_groups(model), model)
     no_decay = {id(p) for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
     assert id(model.meta_tokens) in no_decay
     assert id(model.head.weight) not in no_decay

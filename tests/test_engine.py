@@ -11,16 +11,10 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from clipsnail.config import OptimConfig, TrainConfig
-from clipsnail.engine import (
-    CHECKPOINT,
-    ResumableBatchSampler,
-    build_optimizer,
-    fit,
-    load_state,
-    lr_lambda,
-    save_state,
-    seeded,
-)
+from clipsnail.engine import ResumableBatchSampler, fit, load_state, save_state
+from clipsnail.optim import build_optimizer, lr_lambda
+from clipsnail.rng import seeded
+from clipsnail.runs import CHECKPOINT, save_weights
 
 
 @dataclasses.dataclass
@@ -78,8 +72,6 @@ class ToyTask:
         pass
 
     def save(self, model, run_dir):
-        from clipsnail.engine import save_weights
-
         save_weights(model, run_dir / "model.safetensors")
 
 
@@ -168,7 +160,7 @@ def test_no_weight_decay_on_gains_biases_and_temperature():
     task = ToyTask()
     model = M()
     task.param_groups = lambda m: [{"params": list(m.named_parameters())}]
-    opt = build_optimizer(task, model)
+    opt = build_optimizer(task.config.optim, task.param_groups(model), model)
     decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     assert decayed == {id(model.lin.weight)}
 

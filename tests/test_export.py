@@ -141,8 +141,8 @@ def test_export_timm_lemevit_tower(clip_run, tmp_path):
     Random weights: the run is the shared one's config and tokenizer with the tower swapped, no training."""
     from clipsnail.config import from_dict
     from clipsnail.data.tokenizers import TextTokenizer
-    from clipsnail.hub import read_run_config, save_run
     from clipsnail.models.clip import CLIP
+    from clipsnail.runs import read_run_config, save_run
     from clipsnail.tasks.clip import ClipConfig
 
     cfg = from_dict(ClipConfig, read_run_config(clip_run)[1])

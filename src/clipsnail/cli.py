@@ -504,7 +504,8 @@ def t2i_config(args):
     from clipsnail.config import load_config
     from clipsnail.models.pixelsnail import CONFIGS
     from clipsnail.tasks.pixelsnail import preset_overrides
-    from clipsnail.tasks.text2image import RetrieveConfig, TextPixelSNAILConfig
+    from clipsnail.tasks.t2i_pixelsnail import TextPixelSNAILConfig
+    from clipsnail.tasks.t2i_retrieve import RetrieveConfig
 
     overrides, yaml_file = [], args.config
     if args.kind == "pixelsnail":
@@ -521,7 +522,8 @@ def t2i_config(args):
 
 
 def cmd_t2i_train(args) -> None:
-    from clipsnail.tasks.text2image import RetrieveTask, TextPixelSNAILTask
+    from clipsnail.tasks.t2i_pixelsnail import TextPixelSNAILTask
+    from clipsnail.tasks.t2i_retrieve import RetrieveTask
 
     cfg = t2i_config(args)
     if args.kind == "pixelsnail":
@@ -532,8 +534,9 @@ def cmd_t2i_train(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    from clipsnail.hub import load, read_run_config
+    from clipsnail.hub import load
     from clipsnail.plots import image_grid, save_png
+    from clipsnail.runs import read_run_config
 
     task, _ = read_run_config(args.model)
     if task not in ("t2i_retrieve", "t2i_pixelsnail"):

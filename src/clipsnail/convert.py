@@ -255,7 +255,7 @@ def _load_exactly(path: Path, model: torch.nn.Module, state: dict[str, torch.Ten
 
 def _write_run(out: Path, task: str, config, model: torch.nn.Module, tokenizer=None) -> None:
     """The run directory `out`, written whole or not at all; an existing non-empty `out` is refused."""
-    from clipsnail.hub import save_run
+    from clipsnail.runs import save_run
 
     with staged_dir(out) as tmp:
         save_run(tmp, task, config, model, tokenizer)

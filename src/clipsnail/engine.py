@@ -33,7 +33,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -48,11 +48,13 @@ from tqdm.auto import tqdm
 from clipsnail import distributed as dist
 from clipsnail.config import TrainConfig, parse_duration
 from clipsnail.errors import ClipsnailError, DataError, Interrupted
+from clipsnail.optim import build_optimizer, lr_lambda, warmup_steps
+from clipsnail.rng import rng_state, set_rng_state
+from clipsnail.runs import CHECKPOINT, check_run_dir, load_weights, save_weights
 from clipsnail.safeio import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "checkpoint/state.safetensors"
 
 
 class Task(Protocol):
@@ -152,36 +154,12 @@ class ResumableBatchSampler(Sampler):
             yield list(zip(order[sl].tolist(), seeds[sl].tolist()))
 
 
-@contextlib.contextmanager
-def seeded(seed: int):
-    """Run a block with torch's and python's global RNG seeded, restoring the outer state afterwards."""
-    py_state = random.getstate()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        random.seed(seed)
-        try:
-            yield
-        finally:
-            random.setstate(py_state)
-
-
 def dataset_size(dataset) -> int:
     return dataset.num_samples if isinstance(dataset, IterableDataset) else len(dataset)
 
 
 def steps_per_epoch(task: Task) -> int:
     return dataset_size(task.train_dataset) // task.config.train.batch_size
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The task's own model inside the DDP and torch.compile wrappers the engine may put around it."""
-    while True:
-        if hasattr(model, "_orig_mod"):  # torch.compile
-            model = model._orig_mod
-        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            return model
 
 
 def split_batch(batch: Any, parts: int) -> list[Any]:
@@ -214,57 +192,6 @@ def train_loader(task: Task, cfg: TrainConfig, epoch: int, skip: int, device: to
         return itertools.islice(loader, max(steps_per_epoch(task) - skip, 0))
     sampler = ResumableBatchSampler(len(dataset), cfg.batch_size, cfg.seed, epoch, skip, rank=rank, world_size=world)
     return iter(DataLoader(dataset, batch_sampler=sampler, **common))
-
-
-# ----------------------------------------------------------------------------------------------- optimiser
-
-
-def no_weight_decay(name: str, p: torch.Tensor) -> bool:
-    """Gains, biases, embeddings-like scalars and the temperature: decaying them only hurts (CLIP, open_clip)."""
-    return p.ndim < 2 or "logit_scale" in name or name.endswith(("bias", "pos_embed", "cls_token", "meta_tokens"))
-
-
-def build_optimizer(task: Task, model: nn.Module) -> torch.optim.Optimizer:
-    cfg = task.config.optim
-    groups = []
-    named = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()  # timm models say which
-
-    def exempt(n: str, p: torch.Tensor) -> bool:
-        return no_weight_decay(n, p) or n in named
-
-    for group in task.param_groups(model):
-        params = [(n, p) for n, p in group["params"] if p.requires_grad]
-        decay = [p for n, p in params if not exempt(n, p)]
-        skip = [p for n, p in params if exempt(n, p)]
-        lr = group.get("lr", cfg.lr)
-        for ps, wd in ((decay, cfg.weight_decay), (skip, 0.0)):
-            if ps:
-                groups.append({"params": ps, "lr": lr, "weight_decay": wd, "name": group.get("name", "")})
-    if not groups:
-        raise ClipsnailError("nothing to train: every parameter is frozen")
-    fused = next(model.parameters()).device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
-
-
-def warmup_steps(o, per_epoch: int) -> int:
-    return round(o.warmup_epochs * per_epoch) if o.warmup_epochs > 0 else o.warmup_steps
-
-
-def lr_lambda(warmup: int, total: int, schedule: str, min_ratio: float,
-              decay: float = 1.0) -> Callable[[int], float]:
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if schedule == "constant":
-            return 1.0
-        if schedule == "exponential":
-            return decay ** (step - warmup)
-        progress = min((step - warmup) / max(total - warmup, 1), 1.0)
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    if schedule not in ("cosine", "constant", "exponential"):
-        raise ClipsnailError(f"unknown schedule {schedule!r}; choose cosine, constant or exponential")
-    return f
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
@@ -330,63 +257,6 @@ def load_state(path: Path) -> dict:
             reason = f"no {reason} entry"
         raise DataError(f"{path}: damaged checkpoint ({reason}); delete {path.parent} to start the run over, "
                         f"or train into another --out") from None
-
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    v, internal, gauss = state["python"]
-    random.setstate((v, tuple(internal), gauss))
-    np.random.set_state(tuple(state["numpy"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def state_dict_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> str:
-    """What keeps `found` from loading strictly into a model whose state dict is `expected`: the first missing key,
-    the first unexpected key and the first shape mismatch (with counts), or '' when the keys and shapes agree."""
-    missing = [k for k in expected if k not in found]
-    unexpected = [k for k in found if k not in expected]
-    shapes = [k for k in expected if k in found and tuple(expected[k].shape) != tuple(found[k].shape)]
-
-    def more(keys: list[str]) -> str:
-        return f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
-
-    problems = []
-    if missing:
-        problems.append(f"missing key {missing[0]!r}{more(missing)}")
-    if unexpected:
-        problems.append(f"unexpected key {unexpected[0]!r}{more(unexpected)}")
-    if shapes:
-        k = shapes[0]
-        problems.append(f"shape mismatch at {k!r}: the file has {list(found[k].shape)}, the model needs "
-                        f"{list(expected[k].shape)}{more(shapes)}")
-    return ", ".join(problems)
-
-
-def load_weights(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path, model_is: str,
-                 advice: str = "") -> None:
-    """`model.load_state_dict(state, strict=True)`; when the weights do not fit, a one-line DataError naming `path`,
-    the first missing/unexpected key or shape mismatch, the model (`model_is`: where it was described) and
-    `advice`, instead of PyTorch's many-line RuntimeError."""
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        problem = state_dict_mismatch(model.state_dict(), state) or str(e).strip().splitlines()[0]
-        raise DataError(f"{path}: does not fit {model_is}: {problem}" + (f"; {advice}" if advice else "")) from None
-
-
-def save_weights(model: nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
-    """model.safetensors, atomically. Tied/shared tensors are cloned (safetensors refuses shared storage)."""
-    state = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata=metadata)
 
 
 # ----------------------------------------------------------------------------------------------- the loop
@@ -464,24 +334,6 @@ def _record_step(line: str) -> float:
         return math.inf
 
 
-def is_run_dir(path: Path) -> bool:
-    """A folder training wrote: a config.json naming its task, a checkpoint, or a metrics log."""
-    try:
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-        if isinstance(config, dict) and isinstance(config.get("task"), str):
-            return True
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        pass
-    return (path / CHECKPOINT).is_file() or (path / "metrics.jsonl").is_file()
-
-
-def check_run_dir(run_dir: Path) -> None:
-    """Training writes config.json, model.safetensors, plots... into `run_dir`: never into a user's folder."""
-    if run_dir.exists() and (not run_dir.is_dir() or (any(run_dir.iterdir()) and not is_run_dir(run_dir))):
-        raise DataError(f"{run_dir}: exists and is not a clipsnail run directory (nor empty); training would "
-                        f"write its files into it: choose another --out")
-
-
 def fit(task: Task, run_dir: str | Path, progress: bool = True,
         on_step: Callable[[int], None] | None = None) -> FitResult:
     """Train `task` into `run_dir`, resuming from `run_dir/checkpoint` when present.
@@ -522,7 +374,7 @@ def _fit(task: Task, run_dir: Path, progress: bool, on_step: Callable[[int], Non
         if not hasattr(model, "set_grad_checkpointing"):
             raise ClipsnailError(f"{type(model).__name__} does not support grad_checkpointing")
         model.set_grad_checkpointing(True)
-    optimizer = build_optimizer(task, model)
+    optimizer = build_optimizer(task.config.optim, task.param_groups(model), model)
     per_epoch = steps_per_epoch(task)
     if per_epoch == 0:
         raise ClipsnailError(
@@ -790,18 +642,3 @@ def _plot_curves(run_dir: Path) -> None:
         plot_training_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
     except Exception as e:  # a plot must never lose a finished run
         log.warning("could not plot training curves: %s", e)
-
-
-def param_groups_by_prefix(model: nn.Module, lrs: Sequence[tuple[str, tuple[str, ...], float | None]],
-                           default_lr: float) -> list[dict]:
-    """Split parameters into named groups by name prefix, each with its own lr (None: default_lr)."""
-    groups = {name: {"name": name, "params": [], "lr": lr or default_lr} for name, _, lr in lrs}
-    rest = {"name": "other", "params": [], "lr": default_lr}
-    for n, p in model.named_parameters():
-        for name, prefixes, _ in lrs:
-            if n.startswith(prefixes):
-                groups[name]["params"].append((n, p))
-                break
-        else:
-            rest["params"].append((n, p))
-    return [g for g in [*groups.values(), rest] if g["params"]]

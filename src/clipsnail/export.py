@@ -198,7 +198,8 @@ def export_onnx(run_dir: str | Path, out_dir: str | Path, opset: int | None = No
     """
     import torch
 
-    from clipsnail.hub import load, read_run_config
+    from clipsnail.hub import load
+    from clipsnail.runs import read_run_config
     from clipsnail.safeio import check_replaceable, staged_dir
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)

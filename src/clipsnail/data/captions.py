@@ -36,6 +36,27 @@ _FORMAT_HELP = (
 _TOKEN_LINE = re.compile(r"(?P<image>[^\t]+)#\d+\t(?P<caption>.*)")
 
 
+@dataclass
+class CaptionDataConfig:
+    """The caption corpus a task trains on: the `data` section of every caption-based task's config."""
+
+    captions: str = ""  # caption file (any of FORMATS)
+    images: str = ""  # folder the caption file's image names are relative to
+    format: str = "auto"
+    split_file: str = ""  # Karpathy-style split JSON; default: 80/10/10 by a hash of the image name
+    strict: bool = False  # a corrupt image is an error instead of a skipped sample
+    follow_links: bool = False  # image names may be symbolic links (only to files under `images`)
+    max_eval_images: int = 500  # validation during training uses at most this many images
+
+
+def load_caption_split(data: CaptionDataConfig, split: str) -> tuple[list[str], list[str], list[int]]:
+    """`load_split` of the corpus a config names: (image names, captions, caption_to_image) of one split."""
+    if not data.captions or not data.images:
+        raise DataError("no caption data: give --captions FILE and --images DIR")
+    return load_split(data.captions, data.images, split, data.format, data.split_file,
+                      follow_links=data.follow_links)
+
+
 @dataclass(frozen=True)
 class CaptionRecord:
     image: str  # as written in the caption file (COCO: file_name)

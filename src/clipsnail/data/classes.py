@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 
 from clipsnail.data.images import IMAGE_EXTENSIONS, class_folders, list_images, load_image
 from clipsnail.errors import ConfigError, DataError
+from clipsnail.rng import seeded
 
 log = logging.getLogger(__name__)
 
@@ -505,8 +506,6 @@ class ClassImageDataset(Dataset):
 
     def __getitem__(self, item: tuple[int, int] | int):
         index, seed = item if isinstance(item, tuple) else (item, item)
-        from clipsnail.engine import seeded
-
         with seeded(seed):
             try:
                 image = self.transform(self.data.image(index))

@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 
 from clipsnail.data.images import load_image
 from clipsnail.errors import DataError
+from clipsnail.rng import seeded
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +72,6 @@ class CaptionImageDataset(Dataset):
 
     def __getitem__(self, item: tuple[int, int] | int):
         index, seed = item if isinstance(item, tuple) else (item, item)
-        from clipsnail.engine import seeded
-
         with seeded(seed):
             if self.sampling == "image":
                 image_id = index

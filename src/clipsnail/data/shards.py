@@ -32,6 +32,7 @@ from tqdm import tqdm
 from clipsnail.data.captions import load_split
 from clipsnail.data.images import IMAGE_EXTENSIONS, load_image
 from clipsnail.errors import ConfigError, DataError
+from clipsnail.rng import seeded
 from clipsnail.safeio import MAX_IMAGE_FILE_BYTES, atomic_write_text, clean_stale, read_regular, temp_sibling
 
 log = logging.getLogger(__name__)
@@ -440,8 +441,6 @@ class ShardStream(IterableDataset):
 
     def decode(self, raw: dict, sample_seed: int) -> dict | None:
         """One training item from a raw sample; None (counted in `skipped`) when it is corrupt."""
-        from clipsnail.engine import seeded
-
         where = f"{raw['__url__']}:{raw['__key__']}"
         ext = next((e for e in IMAGE_EXTS if e in raw), None)
         if ext is None:

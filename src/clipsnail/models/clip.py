@@ -19,6 +19,7 @@ from torch import nn
 from clipsnail.config import check_at_least, check_choice, check_heads, check_positive, check_probability
 from clipsnail.errors import ConfigError
 from clipsnail.layers.attention import ACTIVATIONS
+from clipsnail.models import lemevit  # noqa: F401  (registers LeMeViT with timm, as an image tower)
 from clipsnail.models.text import PretrainedTextTower, TextTransformer
 from clipsnail.models.vit import VisionTransformer
 
@@ -115,8 +116,6 @@ def check_image_encoder(name: str) -> None:
     """ConfigError unless `name` ("vit", or a timm model name, optionally "timm:"-prefixed) names a model."""
     import timm
 
-    import clipsnail.models  # noqa: F401  (registers our own timm models, e.g. LeMeViT)
-
     if name == "vit" or timm.is_model(name.removeprefix("timm:")):
         return
     stem = name.removeprefix("timm:").split("_")[0].split("-")[0]
@@ -150,8 +149,6 @@ def build_image_tower(cfg: ClipModelConfig, load_weights: bool = True) -> nn.Mod
             activation=cfg.activation,
         )
     import timm
-
-    import clipsnail.models  # noqa: F401  (registers our own timm models, e.g. LeMeViT)
 
     name = cfg.image_encoder.removeprefix("timm:")
     kwargs = {"num_classes": 0, "pretrained": cfg.pretrained and load_weights}
@@ -201,13 +198,17 @@ class CLIP(nn.Module):
             cfg.projection, self.text.num_features, cfg.embed_dim, cfg.projection_dropout
         )
         self.logit_scale = nn.Parameter(torch.tensor(cfg.init_logit_scale))
-        # Attached by `clipsnail.load` / the training task so that encode_* accept raw strings and PIL images.
+        # Set together by `clipsnail.tasks.clip.ready_for_inference` (for `clipsnail.load` and training), so that
+        # encode_* accept raw strings and PIL images: the text tokenizer, the evaluation image transform, the
+        # whole task config (`ClipConfig`) and the run directory the weights came from (None while training).
         self.tokenizer = None
         self.preprocess = None
+        self.config = None
+        self.run_dir = None
 
     def __setattr__(self, name, value):
         # Inference helpers, not submodules: no weights, never in state_dict or the summary table.
-        if name in ("tokenizer", "preprocess"):
+        if name in ("tokenizer", "preprocess", "config", "run_dir"):
             object.__setattr__(self, name, value)
         else:
             super().__setattr__(name, value)

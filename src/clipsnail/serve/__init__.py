@@ -10,6 +10,9 @@ import logging
 from pathlib import Path
 
 from clipsnail.errors import ClipsnailError
+from clipsnail.generate import TextToImage
+from clipsnail.hub import load
+from clipsnail.index import ImageIndex
 from clipsnail.serve.app import LOOPBACK_HOSTS, Limits, create_app
 
 __all__ = ["Limits", "create_app", "load_generator", "run_server"]
@@ -19,10 +22,8 @@ log = logging.getLogger(__name__)
 
 def load_generator(run: str | Path, device: str = "cpu"):
     """A text-to-image run of kind pixelsnail, for the prompt box (kind retrieve draws nothing: refused)."""
-    from clipsnail.hub import load
-
     generator = load(run, device=device)
-    if not (hasattr(generator, "generate") and hasattr(generator, "clip")):
+    if not isinstance(generator, TextToImage):
         raise ClipsnailError(f"{run}: --generator needs a text-to-image run of kind pixelsnail "
                              "(`clipsnail t2i train --kind pixelsnail`)")
     return generator
@@ -33,9 +34,6 @@ def run_server(index, generator=None, host: str = "127.0.0.1", port: int = 8000,
     """Load the index at `index` (a folder from `clipsnail index build`), its CLIP model and optionally a generator
     run, and serve the app with uvicorn until interrupted."""
     import uvicorn
-
-    from clipsnail.hub import load
-    from clipsnail.index import ImageIndex
 
     image_index = ImageIndex.load(index)
     if image_index.model_dir is None or not Path(image_index.model_dir).is_dir():

@@ -210,15 +210,8 @@ def _finite(value):
 
 def _query_side(model) -> int:
     """The shortest side an image query is decoded at: twice the model's input size (its preprocess resizes the
-    shorter side to that size and crops; the margin keeps the resize's antialiasing as good as from full size).
-    The size is read from the Resize / CenterCrop of `model.preprocess` (clipsnail.load attaches it, from the
-    run's `model.image_size`); 224, the usual CLIP input, when it has none."""
-    sizes = []
-    for transform in getattr(getattr(model, "preprocess", None), "transforms", ()):
-        if type(transform).__name__ in ("Resize", "CenterCrop"):
-            size = getattr(transform, "size", None)
-            sizes += [size] if isinstance(size, int) else list(size or ())
-    return 2 * max((s for s in sizes if isinstance(s, int) and s > 0), default=224)
+    shorter side to that size and crops; the margin keeps the resize's antialiasing as good as from full size)."""
+    return 2 * model.cfg.image_size
 
 
 class _LRU:
@@ -387,8 +380,7 @@ def create_app(index, model, generator=None, limits: Limits | None = None,
     def info():
         return Info(images=len(index), dim=index.dim, model=Path(index.model_dir).name if index.model_dir else "?",
                     generator=queue is not None,
-                    generator_image_size=generator.config.data.image_size if generator is not None
-                    and hasattr(generator, "config") else None,
+                    generator_image_size=generator.config.data.image_size if generator is not None else None,
                     limits=dataclasses.asdict(limits))
 
     @app.get("/api/search", response_model=SearchResult, tags=["search"])

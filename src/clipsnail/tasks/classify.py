@@ -18,10 +18,11 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.transforms import v2
 
-from clipsnail.config import OptimConfig, TrainConfig
+from clipsnail.config import OptimConfig, TrainConfig, from_dict
 from clipsnail.data.classes import ClassData, ClassImageDataset, read_class_data
-from clipsnail.engine import param_groups_by_prefix
 from clipsnail.errors import ConfigError, DataError
+from clipsnail.optim import param_groups_by_prefix
+from clipsnail.runs import build_described, load_run_weights, save_run
 
 log = logging.getLogger(__name__)
 
@@ -297,6 +298,17 @@ class ClassifyTask:
             log.warning("%d corrupt training images skipped so far", self.train_dataset.skipped)
 
     def save(self, model: nn.Module, run_dir: Path) -> None:
-        from clipsnail.hub import save_run
+        save_run(run_dir, self.name, self.config, model)
 
-        save_run(run_dir, "classify", self.config, model)
+
+def load_run(run_dir: Path, data: dict, weights: str = "model") -> nn.Module:
+    """The timm classifier of a run directory, in eval mode, with three attributes set here and nowhere else:
+    `config` (the run's ClassifyConfig), `class_names` (label i is class_names[i]) and `preprocess` (the
+    evaluation transform: PIL image -> normalised tensor)."""
+    config = build_described(run_dir, lambda: from_dict(ClassifyConfig, data))
+    model = build_described(run_dir, lambda: build_classifier(config.model, load_weights=False))
+    load_run_weights(model, run_dir, weights)
+    model.config = config
+    model.class_names = list(config.model.class_names)
+    model.preprocess = eval_transform(config.data.image_size, config.data.mean, config.data.std)
+    return model

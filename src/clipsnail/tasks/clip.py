@@ -1,4 +1,5 @@
-"""The CLIP training task: caption corpus -> tokenizer + CLIP model + contrastive loss + retrieval evaluation.
+"""The CLIP task: caption corpus -> tokenizer + CLIP model + contrastive loss + retrieval evaluation, and
+`load_run` for a trained CLIP run.
 
 Only what is specific to CLIP lives here; the loop itself is `clipsnail.engine.fit`.
 """
@@ -16,14 +17,16 @@ from torch import nn
 
 from clipsnail import distributed as dist
 from clipsnail.config import OptimConfig, TrainConfig, from_dict
-from clipsnail.data.captions import load_split
+from clipsnail.data.captions import CaptionDataConfig, load_caption_split
 from clipsnail.data.datasets import CaptionImageDataset
 from clipsnail.data.tokenizers import TextTokenizer, build_tokenizer
 from clipsnail.data.transforms import clip_train_transform, eval_transform
-from clipsnail.engine import load_weights, param_groups_by_prefix, unwrap
+from clipsnail.distributed import unwrap
 from clipsnail.errors import DataError
 from clipsnail.losses import distributed_clip_loss
 from clipsnail.models.clip import CLIP, ClipModelConfig
+from clipsnail.optim import param_groups_by_prefix
+from clipsnail.runs import build_described, load_run_weights, load_weights, read_run_config, read_weights, save_run
 
 log = logging.getLogger(__name__)
 
@@ -31,23 +34,17 @@ MAX_LOGIT_SCALE = math.log(100.0)
 
 
 @dataclasses.dataclass
-class ClipDataConfig:
-    captions: str = ""  # caption file (any format of DESIGN.md)
-    images: str = ""  # folder the caption file's image names are relative to
+class ClipDataConfig(CaptionDataConfig):
     # WebDataset tar shards to stream instead ("data/{000000..000099}.tar", see `clipsnail data shards`); the
     # caption file, when also given, then only serves validation.
     shards: str = ""
     shuffle_buffer: int = 1000  # samples shuffled together while streaming shards
     tokenizer_captions: int = 200_000  # shards: train the BPE on at most this many captions from the first shards
-    format: str = "auto"
-    split_file: str = ""  # Karpathy-style split JSON; default: 80/10/10 by a hash of the image name
     tokenizer: str = "bpe"  # "bpe" (byte-level BPE trained on the training captions) or "char"
     vocab_size: int = 2048
     context_length: int = 32
     sampling: str = "image"  # "image": one random caption per image per epoch; "pair": every caption
     augment: bool = True
-    strict: bool = False  # a corrupt image is an error instead of a skipped sample
-    follow_links: bool = False  # image names may be symbolic links (only to files under `images`)
     cache_mb: float = 512  # keep decoded training images in memory up to this size
     max_eval_images: int = 1000  # validation during training uses at most this many images
 
@@ -83,13 +80,6 @@ class ClipConfig:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
 
-def load_caption_split(data: ClipDataConfig, split: str):
-    """-> (image names, captions, caption_to_image) for one split, after checking every image file exists."""
-    if not data.captions or not data.images:
-        raise DataError("no training data: give --captions FILE and --images DIR, or --shards")
-    return load_split(data.captions, data.images, split, data.format, data.split_file, follow_links=data.follow_links)
-
-
 class ClipTask:
     name = "clip"
 
@@ -109,6 +99,8 @@ class ClipTask:
                                              shuffle_buffer=data.shuffle_buffer, strict=data.strict)
             log.info("streaming %d images from %s", self.train_dataset.num_samples, data.shards)
         else:
+            if not data.captions or not data.images:
+                raise DataError("no training data: give --captions FILE and --images DIR, or --shards")
             names, self.train_captions, caption_to_image = load_caption_split(data, "train")
             self.train_dataset = CaptionImageDataset(data.images, names, self.train_captions, caption_to_image,
                                                      transform, sampling=data.sampling, strict=data.strict,
@@ -127,20 +119,12 @@ class ClipTask:
                 log.info("no validation during training (%s)", e)
 
     def _take_init_run(self, run: str) -> dict[str, torch.Tensor]:
-        from safetensors.torch import load_file
-
-        from clipsnail.hub import read_run_config
-
         task, data = read_run_config(run)
         if task != "clip":
             raise DataError(f"{run}: finetune.init needs a CLIP run, this one is a {task!r} run")
         self.config.model = from_dict(ClipModelConfig, data.get("model", {}), where=f"{run}/config.json model")
         log.info("starting from the weights of %s", run)
-        path = Path(run) / "model.safetensors"
-        try:
-            return load_file(str(path))
-        except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
-            raise DataError(f"{path}: cannot read weights ({str(e).strip().splitlines()[0]})") from None
+        return read_weights(Path(run) / "model.safetensors")
 
     def _tokenizer(self, run_dir: Path | None) -> TextTokenizer:
         m, data = self.config.model, self.config.data
@@ -167,9 +151,7 @@ class ClipTask:
             init = self.config.finetune.init
             load_weights(model, self.init_weights, Path(init) / "model.safetensors",
                          f"the model of {init}/config.json")
-        model.tokenizer = self.tokenizer
-        model.preprocess = eval_transform(model.cfg.image_size, model.cfg.image_mean, model.cfg.image_std,
-                                          model.cfg.image_interpolation)
+        ready_for_inference(model, self.tokenizer, self.config)
         ft = self.config.finetune
         for locked, tower in ((ft.lock_image, model.visual), (ft.lock_text, model.text)):
             if locked:
@@ -254,11 +236,40 @@ class ClipTask:
             log.warning("%d corrupt training images skipped so far", self.train_dataset.skipped)
 
     def save(self, model: CLIP, run_dir: Path) -> None:
-        from clipsnail.hub import save_run
-
-        save_run(run_dir, "clip", self.config, model, self.tokenizer)
+        save_run(run_dir, self.name, self.config, model, self.tokenizer)
         if self.config.model.text_encoder.startswith("hf:"):
             # The architecture of a pretrained tower travels with the run; its weights are in model.safetensors.
             (run_dir / "text_encoder").mkdir(exist_ok=True)
             shutil.copyfile(Path(self.config.model.text_encoder[3:]) / "config.json",
                             run_dir / "text_encoder" / "config.json")
+
+
+def ready_for_inference(model: CLIP, tokenizer: TextTokenizer, config: ClipConfig, run_dir: Path | None = None
+                        ) -> CLIP:
+    """Give a CLIP model what `encode_text` / `encode_image` need to take raw strings and images (its tokenizer and
+    evaluation transform), its whole config, and the run it came from (an index records it)."""
+    m = config.model
+    model.tokenizer = tokenizer
+    model.preprocess = eval_transform(m.image_size, m.image_mean, m.image_std, m.image_interpolation)
+    model.config = config
+    model.run_dir = run_dir.resolve() if run_dir is not None else None
+    return model
+
+
+def load_run(run_dir: Path, data: dict, weights: str = "model") -> CLIP:
+    """The CLIP model of a run directory (config.json section `data`), with its tokenizer and preprocess."""
+    config = build_described(run_dir, lambda: from_dict(ClipConfig, data))
+    if config.model.text_encoder.startswith("hf:"):  # the architecture travels with the run (see ClipTask.save)
+        config.model.text_encoder = f"hf:{run_dir / 'text_encoder'}"
+    model = build_described(run_dir, lambda: CLIP(config.model, load_weights=False))
+    load_run_weights(model, run_dir, weights)
+    return ready_for_inference(model, TextTokenizer.load(run_dir / "tokenizer.json"), config, run_dir)
+
+
+def load_clip_run(run: str | Path) -> CLIP:
+    """A CLIP run as a frozen model for another task (text-to-image conditioning, image features)."""
+    run = Path(run)
+    task, data = read_run_config(run)
+    if task != "clip":
+        raise DataError(f"{run}: a CLIP run directory is needed, this one is a {task!r} run")
+    return load_run(run, data).eval().requires_grad_(False)

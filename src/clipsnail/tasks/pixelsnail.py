@@ -17,13 +17,14 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.transforms import v2
 
-from clipsnail.config import OptimConfig, TrainConfig
+from clipsnail.config import OptimConfig, TrainConfig, from_dict
 from clipsnail.data.classes import ClassData, ClassImageDataset, read_class_data
-from clipsnail.engine import param_groups_by_prefix
 from clipsnail.errors import ConfigError, DataError
 from clipsnail.layers.causal import data_dependent_init
 from clipsnail.layers.mixture import bits_per_dim, discretized_mix_logistic_nll
 from clipsnail.models.pixelsnail import CONFIGS, PixelSNAIL, PixelSNAILConfig
+from clipsnail.optim import param_groups_by_prefix
+from clipsnail.runs import build_described, load_run_weights, save_run
 
 log = logging.getLogger(__name__)
 
@@ -156,9 +157,7 @@ class PixelSNAILTask:
                          title=f"epoch {epoch + 1}")
 
     def save(self, model: nn.Module, run_dir: Path) -> None:
-        from clipsnail.hub import save_run
-
-        save_run(run_dir, "pixelsnail", self.config, model)
+        save_run(run_dir, self.name, self.config, model)
 
 
 @torch.no_grad()
@@ -186,3 +185,12 @@ def evaluate_bits_per_dim(model: nn.Module, data: ClassData, transform, config: 
     if not count:
         raise DataError(f"{data.source}: no readable images in split {data.split!r}")
     return bits_per_dim(total / count, config.model.channels * config.data.image_size ** 2)
+
+
+def load_run(run_dir: Path, data: dict, weights: str = "model") -> PixelSNAIL:
+    """The PixelSNAIL of a run directory, with `config` (the run's PixelSNAILTaskConfig: image size, classes)."""
+    config = build_described(run_dir, lambda: from_dict(PixelSNAILTaskConfig, data))
+    model = build_described(run_dir, lambda: PixelSNAIL(config.model))
+    load_run_weights(model, run_dir, weights)
+    model.config = config
+    return model

@@ -1,0 +1,170 @@
+"""Text to image by drawing pixels: PixelSNAIL conditioned, in every gated block, on the frozen CLIP text
+embedding of the caption (the `h` of Conditional PixelCNN). With probability `cond_dropout` the embedding is
+replaced by a learned null vector, which lets the sampler use classifier-free guidance; the CLIP run also reranks
+the samples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import random
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from clipsnail.config import OptimConfig, TrainConfig, from_dict
+from clipsnail.data.captions import CaptionDataConfig, load_caption_split
+from clipsnail.data.datasets import CaptionImageDataset
+from clipsnail.errors import ConfigError, DataError
+from clipsnail.generate import TextToImage
+from clipsnail.layers.causal import data_dependent_init
+from clipsnail.layers.mixture import discretized_mix_logistic_nll
+from clipsnail.models.pixelsnail import PixelSNAIL, PixelSNAILConfig
+from clipsnail.optim import param_groups_by_prefix
+from clipsnail.rng import seeded
+from clipsnail.runs import build_described, load_run_weights, save_run
+from clipsnail.tasks.clip import load_clip_run
+from clipsnail.tasks.pixelsnail import image_transform
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class TextImageDataConfig(CaptionDataConfig):
+    image_size: int = 16  # images are resized to this side
+    eval_prompts: int = 8  # a grid of samples for this many validation captions after each epoch
+
+
+@dataclasses.dataclass
+class TextPixelSNAILConfig:
+    kind: str = "pixelsnail"
+    clip: str = ""  # a CLIP run directory: its frozen text tower gives h, its two towers rerank samples
+    preset: str = "small"  # a PixelSNAIL architecture (models.pixelsnail.CONFIGS); model.* overrides its fields
+    cond_dropout: float = 0.1  # probability that a caption's h is replaced by the learned null vector
+    model: PixelSNAILConfig = dataclasses.field(default_factory=PixelSNAILConfig)
+    data: TextImageDataConfig = dataclasses.field(default_factory=TextImageDataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(
+        lr=1e-3, weight_decay=0.0, betas=(0.95, 0.9995), eps=1e-6, warmup_steps=0, schedule="exponential",
+        lr_decay=0.999998, grad_clip=0.0))
+    train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(batch_size=32, ema_decay=0.999))
+
+
+@torch.no_grad()
+def embed_captions(clip, captions: list[str], batch_size: int = 512) -> tuple[dict[str, int], torch.Tensor]:
+    """Distinct captions -> (row of each caption text, L2-normalised CLIP text embeddings (N, D))."""
+    from clipsnail.evaluate import encode_texts
+
+    rows: dict[str, int] = {}
+    for c in captions:
+        rows.setdefault(c, len(rows))
+    return rows, encode_texts(clip, list(rows), batch_size)
+
+
+class TextPixelSNAILTask:
+    name = "t2i_pixelsnail"
+
+    def __init__(self, config: TextPixelSNAILConfig, run_dir: str | Path | None = None):
+        self.config = config
+        if not 0 <= config.cond_dropout < 1:
+            raise ConfigError(f"cond_dropout must be in [0, 1), got {config.cond_dropout}")
+        data = config.data
+        names, captions, caption_to_image = load_caption_split(data, "train")
+        clip = load_clip_run(config.clip)
+        self.rows, self.embeddings = embed_captions(clip, captions)
+        m = config.model
+        m.channels, m.cond_dim, m.null_condition = 3, self.embeddings.shape[1], config.cond_dropout > 0
+        self.transform = image_transform(data.image_size, None)
+        self.train_dataset = CaptionImageDataset(data.images, names, captions, caption_to_image, self.transform,
+                                                 sampling="image", strict=data.strict)
+        self.val_dataset = None
+        try:
+            names, captions, caption_to_image = load_caption_split(data, "val")
+            self.val_dataset = CaptionImageDataset(data.images, names, captions, caption_to_image, self.transform,
+                                                   sampling="image", strict=data.strict)
+            rows, embeddings = embed_captions(clip, [c for c in captions if c not in self.rows])
+            for c, i in rows.items():
+                self.rows[c] = i + len(self.embeddings)
+            self.embeddings = torch.cat([self.embeddings, embeddings])
+        except DataError as e:
+            log.info("no validation during training (%s)", e)
+        self.dims = 3 * data.image_size**2
+        log.info("text-conditioned PixelSNAIL %s on %d images %dx%d, CLIP text embeddings of size %d",
+                 config.preset, len(self.train_dataset), data.image_size, data.image_size, m.cond_dim)
+
+    def condition(self, captions: list[str]) -> torch.Tensor:
+        return self.embeddings[torch.tensor([self.rows[c] for c in captions])]
+
+    def build_model(self) -> PixelSNAIL:
+        model = PixelSNAIL(self.config.model)
+        n = min(len(self.train_dataset), max(self.config.train.batch_size, 16))
+        batch = self.collate([self.train_dataset[(i, i)] for i in range(n)])
+        data_dependent_init(model, batch["images"], h=batch["h"])
+        return model
+
+    def param_groups(self, model: nn.Module) -> list[dict]:
+        return param_groups_by_prefix(model, [], self.config.optim.lr)
+
+    def collate(self, samples: list) -> dict | None:
+        kept = [s for s in samples if s is not None]
+        if not kept:
+            return None
+        return {"images": torch.stack([s["image"] for s in kept]), "h": self.condition([s["caption"] for s in kept])}
+
+    def loss(self, model: PixelSNAIL, batch: dict):
+        h = batch["h"]
+        if model.training and self.config.cond_dropout > 0:
+            drop = torch.rand(h.shape[0], 1, device=h.device) < self.config.cond_dropout
+            h = torch.where(drop, model.unconditional(h.shape[0]), h)
+        params = model(batch["images"], h=h)
+        nll = discretized_mix_logistic_nll(batch["images"], params.float(), self.config.model.nr_mix)
+        return nll, {"bits_per_dim": nll.item() / (math.log(2) * self.dims)}
+
+    def after_optimizer_step(self, model: nn.Module) -> None:
+        pass
+
+    @torch.no_grad()
+    def evaluate(self, model: PixelSNAIL) -> dict[str, float]:
+        """Bits/dim of validation images given one of their captions (fixed choice), up to max_eval_images."""
+        if self.val_dataset is None:
+            return {}
+        was_training = model.training
+        model.eval()
+        n = min(len(self.val_dataset), self.config.data.max_eval_images)
+        total, count = 0.0, 0
+        for start in range(0, n, 64):
+            batch = self.collate([self.val_dataset[(i, i)] for i in range(start, min(start + 64, n))])
+            if batch is None:
+                continue
+            params = model(batch["images"], h=batch["h"])
+            total += discretized_mix_logistic_nll(batch["images"], params.float(), self.config.model.nr_mix,
+                                                  reduce=False).sum().item()
+            count += len(batch["images"])
+        model.train(was_training)
+        return {"val_bits_per_dim": total / (math.log(2) * self.dims * max(count, 1))}
+
+    def after_epoch(self, model: PixelSNAIL, run_dir: Path, epoch: int) -> None:
+        k = self.config.data.eval_prompts
+        if k <= 0 or self.val_dataset is None:
+            return
+        from clipsnail.sampling import sample, save_sample_grid
+
+        captions = sorted(set(self.val_dataset.captions))
+        with seeded(epoch):
+            prompts = random.sample(captions, min(k, len(captions)))
+        images = sample(model, len(prompts), self.config.data.image_size, h=self.condition(prompts), seed=epoch)
+        save_sample_grid(images, run_dir / "samples" / f"epoch_{epoch + 1:03d}.png", title=f"epoch {epoch + 1}",
+                         labels=prompts)
+
+    def save(self, model: PixelSNAIL, run_dir: Path) -> None:
+        save_run(run_dir, self.name, self.config, model)
+
+
+def load_run(run_dir: Path, data: dict, weights: str = "model") -> TextToImage:
+    """A text-conditioned PixelSNAIL run with the CLIP run it was trained with, as a generator."""
+    config = build_described(run_dir, lambda: from_dict(TextPixelSNAILConfig, data))
+    model = build_described(run_dir, lambda: PixelSNAIL(config.model))
+    load_run_weights(model, run_dir, weights)
+    return TextToImage(model.eval(), config, load_clip_run(config.clip))

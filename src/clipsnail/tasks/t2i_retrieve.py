@@ -1,0 +1,179 @@
+"""Text to image by retrieval: a Transformer reads the prompt and regresses the feature vector that a frozen image
+encoder (a trained CLIP run's image tower, or any timm model) computes for the matching image; "generating" returns
+the known images nearest to the prediction. The run keeps the known images' features (bank.safetensors +
+bank.json), so generating needs neither the encoder nor the images' pixels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from torch.utils.data import Dataset
+
+from clipsnail import distributed as dist
+from clipsnail.config import OptimConfig, TrainConfig, from_dict
+from clipsnail.data.captions import CaptionDataConfig, load_caption_split
+from clipsnail.data.tokenizers import TextTokenizer, build_tokenizer
+from clipsnail.distributed import unwrap
+from clipsnail.errors import ConfigError, DataError
+from clipsnail.generate import FeatureRetriever
+from clipsnail.models.text2feat import Text2FeatConfig, TextToFeature, nearest
+from clipsnail.models.timm_features import TimmImageEncoder
+from clipsnail.optim import param_groups_by_prefix
+from clipsnail.runs import build_described, load_run_weights, save_run
+from clipsnail.safeio import atomic_path, atomic_write_text
+from clipsnail.tasks.clip import load_clip_run
+
+log = logging.getLogger(__name__)
+
+
+def load_image_encoder(spec: str, pretrained: bool = True) -> nn.Module:
+    """`timm:NAME` or a CLIP run directory -> a frozen module with `encode_image` and `preprocess`."""
+    if not spec:
+        raise ConfigError("no image encoder: give --encoder RUN (a CLIP run) or --encoder timm:NAME")
+    if spec.startswith("timm:"):
+        return TimmImageEncoder(spec[5:], pretrained).eval()
+    return load_clip_run(spec)
+
+
+@torch.no_grad()
+def encode_images(encoder: nn.Module, images_dir: str | Path, names: list[str], progress: bool = True) -> torch.Tensor:
+    from clipsnail.evaluate import encode_image_paths
+
+    features, readable = encode_image_paths(encoder, [Path(images_dir) / n for n in names], progress=progress)
+    if not readable.all():
+        bad = names[int((~readable).nonzero()[0])]
+        raise DataError(f"{Path(images_dir) / bad}: unreadable image ({int((~readable).sum())} in all); "
+                        "the feature targets need every image")
+    return features
+
+
+@dataclasses.dataclass
+class RetrieveConfig:
+    kind: str = "retrieve"
+    encoder: str = ""  # a CLIP run directory (its image tower) or timm:NAME
+    encoder_pretrained: bool = True  # timm:NAME with its pretrained weights
+    model: Text2FeatConfig = dataclasses.field(default_factory=Text2FeatConfig)
+    data: CaptionDataConfig = dataclasses.field(default_factory=CaptionDataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(lr=5e-4, weight_decay=0.01,
+                                                                               warmup_steps=100))
+    train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(batch_size=64, epochs=20))
+
+
+class CaptionTargets(Dataset):
+    """Every caption once per epoch: (caption, the row of its image's feature)."""
+
+    def __init__(self, captions: list[str], caption_to_image: list[int]):
+        self.captions, self.caption_to_image = captions, caption_to_image
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, item: tuple[int, int] | int) -> tuple[str, int]:
+        index = item[0] if isinstance(item, tuple) else item
+        return self.captions[index], self.caption_to_image[index]
+
+
+class RetrieveTask:
+    name = "t2i_retrieve"
+
+    def __init__(self, config: RetrieveConfig, run_dir: str | Path | None = None, progress: bool = True):
+        self.config = config
+        data = config.data
+        self.names, captions, caption_to_image = load_caption_split(data, "train")
+        tokenizer_path = Path(run_dir) / "tokenizer.json" if run_dir else None
+        m = config.model
+        if tokenizer_path is not None and tokenizer_path.exists():  # resuming: keep the vocabulary of the run
+            self.tokenizer = TextTokenizer.load(tokenizer_path)
+        else:
+            # Trained on rank 0 and shared: under torchrun every process must encode text identically.
+            self.tokenizer = dist.from_main(
+                lambda: build_tokenizer(m.tokenizer, captions, m.vocab_size or 2048, m.context_length))
+        m.vocab_size, m.pad_id, m.eot_id = self.tokenizer.vocab_size, self.tokenizer.pad_id, self.tokenizer.eot_id
+        encoder = load_image_encoder(config.encoder, config.encoder_pretrained)
+        log.info("encoding %d training images with the frozen encoder %s", len(self.names), config.encoder)
+        self.features = encode_images(encoder, data.images, self.names, progress)
+        m.feature_dim = self.features.shape[1]
+        self.train_dataset = CaptionTargets(captions, caption_to_image)
+        self.val = None
+        try:
+            names, val_captions, val_c2i = load_caption_split(data, "val")
+            keep = [i for i, c in enumerate(val_c2i) if c < data.max_eval_images]
+            names = names[: data.max_eval_images]
+            self.val = (names, [val_captions[i] for i in keep], [val_c2i[i] for i in keep],
+                        encode_images(encoder, data.images, names, progress))
+        except DataError as e:
+            log.info("no validation during training (%s)", e)
+        log.info("training on %d captions of %d images, features of size %d", len(captions), len(self.names),
+                 m.feature_dim)
+
+    def build_model(self) -> TextToFeature:
+        model = TextToFeature(self.config.model)
+        model.tokenizer = self.tokenizer
+        return model
+
+    def param_groups(self, model: nn.Module) -> list[dict]:
+        return param_groups_by_prefix(model, [], self.config.optim.lr)
+
+    def collate(self, samples: list) -> dict:
+        return {"tokens": self.tokenizer([c for c, _ in samples]),
+                "targets": self.features[torch.tensor([i for _, i in samples])]}
+
+    def loss(self, model: TextToFeature, batch: dict):
+        predicted = model(batch["tokens"])
+        return unwrap(model).loss(predicted.float(), batch["targets"]), {}
+
+    def after_optimizer_step(self, model: nn.Module) -> None:
+        pass
+
+    @torch.no_grad()
+    def evaluate(self, model: TextToFeature) -> dict[str, float]:
+        """Validation captions against every known image (training images + validation images): recall@k of the
+        caption's own image, and, on generated shapes data, how often the nearest image fits the caption."""
+        if self.val is None:
+            return {}
+        names, captions, caption_to_image, val_features = self.val
+        was_training = model.training
+        model.eval()
+        bank = torch.cat([self.features, val_features])
+        predicted = torch.cat([model.encode_text(captions[i:i + 256]) for i in range(0, len(captions), 256)])
+        _, hits = nearest(predicted, bank, 5, model.cfg.distance)
+        model.train(was_training)
+        own = torch.tensor(caption_to_image) + len(self.features)
+        metrics = {f"val_image_retrieval_recall@{k}": (hits[:, :k] == own[:, None]).any(1).float().mean().item()
+                   for k in (1, 5)}
+        from clipsnail.data.shapes import scene_judge
+
+        judge = scene_judge(self.config.data.images, self.names + names)
+        if judge is not None:
+            metrics["val_semantic_top1_accuracy"] = sum(
+                judge(int(h), c) for h, c in zip(hits[:, 0], captions)) / max(len(captions), 1)
+        return metrics
+
+    def after_epoch(self, model: nn.Module, run_dir: Path, epoch: int) -> None:
+        pass
+
+    def save(self, model: TextToFeature, run_dir: Path) -> None:
+        save_run(run_dir, self.name, self.config, model, self.tokenizer)
+        if not (run_dir / "bank.json").exists():  # the known images never change during a run
+            with atomic_path(run_dir / "bank.safetensors") as tmp:
+                save_file({"features": self.features.contiguous()}, str(tmp))
+            bank = {"images_dir": str(Path(self.config.data.images).resolve()), "names": self.names}
+            atomic_write_text(run_dir / "bank.json", json.dumps(bank) + "\n")
+
+
+def load_run(run_dir: Path, data: dict, weights: str = "model") -> FeatureRetriever:
+    """A retrieve run as a generator: `generate(prompt, k)` -> the nearest known images."""
+    for key in ("image_size", "eval_prompts"):  # runs written when both text-to-image kinds shared one data section
+        data.get("data", {}).pop(key, None)
+    config = build_described(run_dir, lambda: from_dict(RetrieveConfig, data))
+    model = build_described(run_dir, lambda: TextToFeature(config.model))
+    load_run_weights(model, run_dir, weights)
+    model.tokenizer = TextTokenizer.load(run_dir / "tokenizer.json")
+    return FeatureRetriever(model.eval(), config, run_dir)
