@@ -1,0 +1,109 @@
+"""The shape of the package: no import circles, the training engine above everything but the command line, loading
+a run for inference without the trainer, and comments that cite only what is in the repository."""
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parent.parent / "src"
+PACKAGE = SRC / "clipsnail"
+
+
+def import_graph() -> dict[str, set[str]]:
+    """clipsnail module -> the clipsnail modules it imports anywhere in its text (inside functions too: an import
+    moved into a function to dodge a circle is still a circle)."""
+    modules = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = list(path.relative_to(SRC).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        modules[".".join(parts)] = path
+    graph = {name: set() for name in modules}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(up + ([base] if base else []))
+                # `from pkg import mod` imports the module; `from mod import name` the module it is in
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+            else:
+                continue
+            for target in targets:
+                while target and target not in modules:
+                    target = target.rpartition(".")[0]
+                if target and target != name:
+                    graph[name].add(target)
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_circles():
+    assert cycles(import_graph()) == []
+
+
+def test_the_engine_is_imported_only_by_the_command_line():
+    importers = sorted(m for m, targets in import_graph().items() if "clipsnail.engine" in targets)
+    assert all(m == "clipsnail.demo" or m.startswith("clipsnail.cli") for m in importers), importers
+
+
+def test_lower_layers_never_import_higher_ones():
+    graph = import_graph()
+    low = [m for m in graph if m.startswith(("clipsnail.data", "clipsnail.layers", "clipsnail.models"))] + [
+        "clipsnail.safeio", "clipsnail.rng", "clipsnail.errors", "clipsnail.config", "clipsnail.runs"]
+    high = ("clipsnail.tasks", "clipsnail.engine", "clipsnail.hub", "clipsnail.cli", "clipsnail.serve",
+            "clipsnail.demo", "clipsnail.index", "clipsnail.export", "clipsnail.generate")
+    upward = {m: sorted(t for t in graph[m] if t.startswith(high)) for m in low}
+    assert {m: t for m, t in upward.items() if t} == {}
+
+
+def test_loading_a_run_for_inference_does_not_import_the_trainer(clip_run):
+    code = ("import sys, clipsnail; m = clipsnail.load(sys.argv[1]); m.encode_text(['a red circle']); "
+            "print(sorted(k for k in sys.modules if k in ('clipsnail.engine', 'clipsnail.cli')))")
+    out = subprocess.run([sys.executable, "-c", code, str(clip_run)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_comments_cite_only_what_is_in_the_repository():
+    absent = re.compile(r"seed[ _]?00\d|DESIGN\.md|REFERENCE\.md|\bseeds/", re.IGNORECASE)
+    roots = [PACKAGE, SRC.parent / "tests", SRC.parent / "bench"]
+    hits = [f"{p.relative_to(SRC.parent)}:{i}: {line.strip()}" for root in roots for p in sorted(root.rglob("*.py"))
+            for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+            if absent.search(line) and "seed000_flickr8k" not in line and p.name != "test_structure.py"]
+    assert hits == []
