@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench lint clean browser
+.PHONY: setup demo test test-fast bench lint clean browser
 
 setup: $(STAMP)
 
@@ -18,6 +18,10 @@ demo: $(STAMP)
 
 test: $(STAMP) browser
 	$(PY) -m pytest
+
+# The quick loop: everything but the end-to-end tests marked slow (pyproject.toml).
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow"
 
 # The web app's end-to-end test drives Debian's Chromium (never a browser downloaded by Playwright);
 # it is skipped, saying so, when no Chromium can be installed here.

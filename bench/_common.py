@@ -104,12 +104,14 @@ def peak_rss_mib() -> float:
 
 
 def write_json(path: str | Path, data: dict) -> Path:
-    """Write to a temp name then rename: a killed benchmark never leaves half a results file."""
+    """Write to a temp name then rename (safeio.atomic_write_text): a killed benchmark never leaves half a results
+    file."""
+    use_source_tree()
+    from clipsnail.safeio import atomic_write_text
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
     return path
 
 
@@ -143,6 +145,28 @@ def median(values, ndigits: int | None = None):
         return None
     m = statistics.median(values)
     return round(m, ndigits) if ndigits is not None else m
+
+
+def pixelsnail_rows(presets: str, shapes: str) -> tuple[list[str], list[str]]:
+    """--presets and --shapes, comma-separated -> (presets, shapes); an unknown preset (models.pixelsnail.CONFIGS)
+    or a bad shape ends the benchmark with a message."""
+    use_source_tree()
+    from clipsnail.models.pixelsnail import CONFIGS
+
+    names = [s.strip() for s in presets.split(",") if s.strip()]
+    shape_list = [s.strip() for s in shapes.split(",") if s.strip()]
+    unknown = [s for s in names if s not in CONFIGS]
+    if unknown:
+        raise SystemExit(f"unknown preset(s) {', '.join(unknown)}; choose from {', '.join(CONFIGS)}")
+    for s in shape_list:
+        parse_shape(s)
+    return names, shape_list
+
+
+def under_root(path: str | Path) -> Path:
+    """A path given on the command line; a relative one is taken from the repository root."""
+    path = Path(path)
+    return path if path.is_absolute() else ROOT / path
 
 
 def parse_shape(text: str) -> tuple[int, int, int]:

@@ -105,20 +105,19 @@ def generator_version() -> str:
 def generate_combo_folder(out: Path, n_per_combo: int, size: int, seed: int = 2) -> None:
     """out/<colour>_<kind>/NNNN.png: single shapes of every (colour, kind), random size and position."""
     from clipsnail.data.shapes import COLORS, SHAPES, SIZES, Scene, Shape, render
+    from clipsnail.safeio import staged_dir
 
-    tmp = out.parent / f".{out.name}.{os.getpid()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    for color in COLORS:
-        for kind in SHAPES:
-            folder = tmp / f"{color}_{kind}"
-            folder.mkdir(parents=True)
-            for j in range(n_per_combo):
-                rng = random.Random(f"combo:{seed}:{color}:{kind}:{j}")
-                shape_size = rng.choice(list(SIZES))
-                hw, hh = Shape(kind, color, shape_size, 0.5, 0.5).half_box
-                x, y = rng.uniform(hw + 0.01, 1 - hw - 0.01), rng.uniform(hh + 0.01, 1 - hh - 0.01)
-                render(Scene([Shape(kind, color, shape_size, x, y)]), size).save(folder / f"{j:04d}.png")
-    tmp.rename(out)
+    with staged_dir(out) as tmp:  # built beside `out`, swapped in whole
+        for color in COLORS:
+            for kind in SHAPES:
+                folder = tmp / f"{color}_{kind}"
+                folder.mkdir(parents=True)
+                for j in range(n_per_combo):
+                    rng = random.Random(f"combo:{seed}:{color}:{kind}:{j}")
+                    shape_size = rng.choice(list(SIZES))
+                    hw, hh = Shape(kind, color, shape_size, 0.5, 0.5).half_box
+                    x, y = rng.uniform(hw + 0.01, 1 - hw - 0.01), rng.uniform(hh + 0.01, 1 - hh - 0.01)
+                    render(Scene([Shape(kind, color, shape_size, x, y)]), size).save(folder / f"{j:04d}.png")
 
 
 def prepare_data(args) -> dict:
@@ -642,6 +641,8 @@ def summary_table(results: dict, head: dict | None, step_timing: dict | None) ->
 
 
 def parent_main(args) -> None:
+    from clipsnail.safeio import atomic_write_text
+
     args.holdout = parse_holdout(args.holdout)
     if args.quick:
         args.steps = args.steps or 20
@@ -654,10 +655,8 @@ def parent_main(args) -> None:
     args.n_images = args.n_images or 6000
     args.zs_per_class = args.zs_per_class or 50
     args.combo_per_class = args.combo_per_class or 25
-    out_path = Path(args.out or ("bench/results/clip_shapes_quick.json" if args.quick
-                                 else "bench/results/clip_shapes.json"))
-    if not out_path.is_absolute():
-        out_path = _common.ROOT / out_path
+    out_path = _common.under_root(args.out or ("bench/results/clip_shapes_quick.json" if args.quick
+                                               else "bench/results/clip_shapes.json"))
     variants = {"ours": ["ours", "ours_plain_loss"], "open_clip": ["open_clip"], "both": list(VARIANTS),
                 "head2head": ["ours_plain_loss", "open_clip"]}[args.only]
     if args.skip_plain:
@@ -673,7 +672,7 @@ def parent_main(args) -> None:
             "holdout": args.holdout, "ab_steps": args.ab_steps}
     log_dir = Path(tempfile.mkdtemp(prefix="clip_shapes_bench_"))
     spec_path = log_dir / "spec.json"
-    spec_path.write_text(json.dumps(spec))
+    atomic_write_text(spec_path, json.dumps(spec))
     results = {}
     for v in variants:  # one after another: never two trainings on 2 cores at once
         results[v] = run_child(v, spec_path, log_dir)

@@ -132,8 +132,9 @@ def _ddp_worker(rank: int, world: int, store: str, steps: int, batch_size: int, 
         batch = {k: v[rank * share:(rank + 1) * share] for k, v in full.items()}
         times = train_steps(model, batch, 1, steps + 1)[1:]
         if rank == 0:
-            with open(out, "w") as f:
-                json.dump(times, f)
+            from clipsnail.safeio import atomic_write_text
+
+            atomic_write_text(out, json.dumps(times))
     finally:
         torch.distributed.destroy_process_group()
 

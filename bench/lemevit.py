@@ -402,7 +402,7 @@ def quality(args) -> dict:
 
     data_dir = Path(args.cifar)
     if not data_dir.is_dir():
-        say(f"skipping quality: {data_dir} not found (see ../shared/data/README.md)")
+        say(f"skipping quality: {data_dir} not found (--cifar: a CIFAR-10 image folder, one subfolder per class)")
         return {}
     torch.set_num_threads(args.threads)
     names = [n.strip() for n in args.quality_models.split(",") if n.strip()]
@@ -448,8 +448,8 @@ def quality(args) -> dict:
     report = {
         "benchmark": "lemevit_quality", "machine": _common.machine_info(), "git_commit": _common.git_commit(),
         "date": _common.now_iso(), "command": " ".join(sys.argv),
-        "data": {"path": str(data_dir), "split": "per class, files sorted by name: first 900 train, last 100 test "
-                                                 "(../shared/data/README.md); no validation split, no model selection",
+        "data": {"path": str(data_dir), "split": "per class, files sorted by name: first 900 train, last 100 test; "
+                                                 "no validation split, no model selection",
                  "train_images": len(task.train_data), "test_images": len(test)},
         "recipe": QUALITY_RECIPE, "results": results, "goals": goals,
         "notes": ["test_acc1 is the better of the raw weights and their EMA (both reported); both are the end of "
@@ -513,8 +513,7 @@ def main() -> None:
         peak_mem_child(args)
         return
     args.models = parse_models(args.models, args.compile)
-    out = Path(args.out)
-    args.out = out if out.is_absolute() else _common.ROOT / out
+    args.out = _common.under_root(args.out)
     if args.only in ("speed", "all"):
         speed(args)
     if args.only in ("quality", "all"):

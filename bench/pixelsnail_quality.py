@@ -6,8 +6,9 @@ For each data set (--datasets, default mnist and cifar) and each model (PixelSNA
   train   `clipsnail pixelsnail train` through the Python API: --epochs fixed epochs (default 5 MNIST, 3 CIFAR-10)
           and a --budget wall-clock guard (default 30m, the issue's "within 30 CPU-minutes"), data-dependent init,
           the official Adam betas (0.95, 0.9995), and RECIPE: a short-run version of the official schedule.
-  data    ../shared/data (README): MNIST t10k, first 9,000 images train, last 1,000 test; CIFAR-10 folder, per class
-          the first 900 files train and the last 100 test.
+  data    ../shared/data: MNIST t10k (mnist_test/, the IDX files), first 9,000 images train, last 1,000 test; CIFAR-10
+          test set as an image folder (cifar10_test/<class>/), per class the first 900 files train and the last 100
+          test.
   report  test bits/dim of the EMA weights (what is sampled) and of the raw weights, epochs done, wall time, the
           median logged training speed, and a 4x4 sample grid (cached sampler) saved next to the results.
 Goals (issue): the small config within 30 CPU-minutes reaches MNIST < 1.2 and CIFAR-10 < 4.5 bits/dim. For scale:
@@ -120,7 +121,7 @@ def main() -> None:
     results, goals = {}, {}
     for dataset in args.datasets.split(","):
         if not Path(DATASETS[dataset]["spec"].split(":", 1)[1]).exists():
-            say(f"skipping {dataset}: {DATASETS[dataset]['spec']} not found (see ../shared/data/README.md)")
+            say(f"skipping {dataset}: {DATASETS[dataset]['spec']} not found")
             continue
         epochs = args.epochs_mnist if dataset == "mnist" else args.epochs_cifar
         for model in args.models.split(","):

@@ -440,18 +440,9 @@ def main() -> None:
 
     import torch
 
-    from clipsnail.models.pixelsnail import CONFIGS
-
     torch.set_num_threads(args.threads)
-    presets = [s.strip() for s in args.presets.split(",") if s.strip()]
-    shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
-    unknown = [s for s in presets if s not in CONFIGS]
-    if unknown:
-        raise SystemExit(f"unknown preset(s) {', '.join(unknown)}; choose from {', '.join(CONFIGS)}")
-    for s in shapes:
-        _common.parse_shape(s)
-    out = Path(args.out)
-    out = out if out.is_absolute() else _common.ROOT / out
+    presets, shapes = _common.pixelsnail_rows(args.presets, args.shapes)
+    out = _common.under_root(args.out)
     started, machine = _common.now_iso(), _common.machine_info()
     t_start = time.perf_counter()
     say(f"torch threads {torch.get_num_threads()}, batch {args.batch}, presets {presets}, shapes {shapes}")

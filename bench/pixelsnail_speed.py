@@ -18,9 +18,10 @@ For every (preset, shape) in --presets x --shapes (default small, medium, h12_no
            step, VmHWM reset through /proc/self/clear_refs, one more step; peak RSS (VmHWM of /proc/self/status),
            that minus the RSS once built (training's working memory: activations, gradients, Adam's state), and
            the second step's own peak. --skip-mem to leave it out.
-Parameter counts per row. Goal (from the issue): rosinality's public PyTorch port, 1.64M parameters at 28x28,
-trains at 2.3 images/s on a 2-core CPU like this one (../shared/REFERENCE.md); at a similar parameter count we
-want at least 5x that, >= 11.5 images/s. Judged on the `medium` preset (1.71M parameters) at 28x28x1.
+Parameter counts per row. Goal (from the issue): rosinality's public PyTorch port (pixelsnail-pytorch), 1.64M
+parameters at 28x28, trains at 2.3 images/s (14 s per step of batch 32) on a 2-core CPU like this one, as measured on
+another run of a similar machine; at a similar parameter count we want at least 5x that, >= 11.5 images/s. Judged on
+the `medium` preset (1.71M parameters) at 28x28x1.
 
     .venv/bin/python bench/pixelsnail_speed.py               # full run: ~15 min idle, ~35 min on a shared 2-core CPU
     .venv/bin/python bench/pixelsnail_speed.py --skip-mem    # without the memory processes: about 2/3 of that
@@ -54,7 +55,7 @@ SEED = 0
 LR = 1e-3
 BETAS = (0.95, 0.9995)
 ROSINALITY = {"params": 1_640_000, "images_per_s": 2.3, "shape": "28x28x1", "batch": 32,
-              "source": "../shared/REFERENCE.md: rosinality's PixelSNAIL port, 14 s per training step of batch 32 on "
+              "source": "rosinality's PixelSNAIL port (pixelsnail-pytorch), 14 s per training step of batch 32 on "
                         "a 2-core CPU"}
 GOAL_FACTOR = 5.0
 GOAL_ROW = ("medium", "28x28x1")
@@ -178,7 +179,7 @@ def notes(args) -> list[str]:
         "small because memory the first step freed may still be resident and is reused.",
         "Goal (from the issue): rosinality's PyTorch port (1.64M parameters at 28x28, 256-way categorical output, "
         "one-hot input, 8-head attention with plain matmuls) trains at 2.3 images/s (14 s per step of batch 32) on "
-        "a 2-core CPU like this one (../shared/REFERENCE.md); at a similar parameter count, >= 5x that "
+        "a 2-core CPU like this one; at a similar parameter count, >= 5x that "
         "(11.5 images/s), judged on the medium preset (1.71M parameters) at 28x28x1. That 2.3 was measured on "
         "another run of a similar machine, not in this run.",
         "The machine's cores may be shared with other work (machine.load_average_at_start/_at_end); compare "
@@ -211,18 +212,9 @@ def main() -> None:
 
     import torch
 
-    from clipsnail.models.pixelsnail import CONFIGS
-
     torch.set_num_threads(args.threads)
-    presets = [s.strip() for s in args.presets.split(",") if s.strip()]
-    shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
-    unknown = [s for s in presets if s not in CONFIGS]
-    if unknown:
-        raise SystemExit(f"unknown preset(s) {', '.join(unknown)}; choose from {', '.join(CONFIGS)}")
-    for s in shapes:
-        _common.parse_shape(s)
-    out = Path(args.out)
-    out = out if out.is_absolute() else _common.ROOT / out
+    presets, shapes = _common.pixelsnail_rows(args.presets, args.shapes)
+    out = _common.under_root(args.out)
     started, machine = _common.now_iso(), _common.machine_info()
     t_start = time.perf_counter()
     say(f"torch threads {torch.get_num_threads()}, batch {args.batch} (256-filter presets: {args.large_batch}), "

@@ -8,8 +8,8 @@ Steps (all on this CPU, one command):
             pair included), and, as a cross-check, a deterministic analysis: the foreground's mean colour nearest to
             the palette, and the kind whose mean (fill ratio, aspect, vertical mass) over real renders is nearest.
   CLIP      the demo recipe at 16x16 (conv stem, patch 4), trained on the training split.
-  retrieve  seed 004's system: a char-level Transformer predicts the CLIP image embedding of the prompt's image;
-            the answer is the nearest training image. It cannot show a held-out pair: none is in its bank.
+  retrieve  models.text2feat: a char-level Transformer predicts the CLIP image embedding of the prompt's image; the
+            answer is the nearest training image. It cannot show a held-out pair: none is in its bank.
   pixelsnail  PixelSNAIL `small` conditioned on CLIP's text embedding, caption dropout 0.1 to a learned null
             vector, trained for --t2i-minutes.
   generate  for every prompt "a COLOUR KIND" (28 seen pairs, 4 held out), --samples images under SETTINGS:
@@ -302,6 +302,7 @@ def main() -> None:
     from clipsnail.data.shapes import COLORS, SHAPES
     from clipsnail.hub import load
     from clipsnail.plots import image_grid, save_png
+    from clipsnail.safeio import atomic_write_text
     from clipsnail.sampling import to_pil
 
     torch.set_num_threads(args.threads)
@@ -341,7 +342,8 @@ def main() -> None:
         retrieve_metrics = train_retrieve(data, clip_run, work / "retrieve", args.retrieve_steps)
         timings["retrieve_s"] = round(time.monotonic() - started, 1)
         t2i_train = train_t2i(data, clip_run, work / "t2i", args.t2i_minutes, args.smoke)
-        training_json.write_text(json.dumps({"retrieve": retrieve_metrics, "t2i": t2i_train, "timings": timings}))
+        atomic_write_text(training_json, json.dumps({"retrieve": retrieve_metrics, "t2i": t2i_train,
+                                                     "timings": timings}))
     say(f"retrieve: {retrieve_metrics}")
     say(f"text-conditioned PixelSNAIL: {t2i_train}")
     retriever = load(work / "retrieve")

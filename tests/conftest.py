@@ -1,4 +1,20 @@
+"""Shared test data, tiny runs and helpers. Tests import the plain functions with `from conftest import ...`; the
+fixtures are found by name.
+
+`pytest -m "not slow"` leaves out the end-to-end tests marked slow (multi-process training, ONNX export...)."""
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 # A CLIP small enough to train a few steps in a second or two on a CPU.
 TINY_CLIP = [
@@ -7,6 +23,17 @@ TINY_CLIP = [
     "data.vocab_size=300", "data.context_length=20", "train.batch_size=16", "train.log_every=1",
     "optim.warmup_steps=2",
 ]
+
+# Image classification on 16px inputs with light augmentation, every step logged.
+TINY_CLASSIFY = ["data.image_size=16", "train.batch_size=16", "train.log_every=1", "augment.randaugment=",
+                 "augment.random_erasing=0", "model.drop_path_rate=0", "optim.warmup_epochs=0", "optim.warmup_steps=2"]
+
+# The text-conditioned PixelSNAIL (`t2i train --kind pixelsnail --config tiny`) on 8px images, a few steps.
+TINY_T2I = ["data.image_size=8", "train.batch_size=8", "train.max_steps=2", "data.eval_prompts=2",
+            "data.max_eval_images=8"]
+
+
+# ----------------------------------------------------------------------------------------------- data
 
 
 @pytest.fixture(scope="session")
@@ -18,12 +45,84 @@ def shapes_dir(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def colours_dir(tmp_path_factory):
+    """An image folder of single shapes labelled by colour: 8 classes of 12 images, 16px."""
+    from clipsnail.data.shapes import generate_attribute_folder
+
+    out = tmp_path_factory.mktemp("classes") / "colours"
+    generate_attribute_folder(out, "color", 12, size=16, seed=0)
+    return out
+
+
+def noise_image(path, seed, size=16):
+    """A size x size RGB image of uniform noise drawn from `seed`, saved at `path` (folders made)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def write_idx(path, array):
+    """An IDX file (MNIST's format) of uint8 `array`, gzip-compressed when `path` ends with .gz."""
+    array = np.asarray(array, dtype=np.uint8)
+    raw = (0x800 + array.ndim).to_bytes(4, "big") + np.array(array.shape, ">u4").tobytes() + array.tobytes()
+    if str(path).endswith(".gz"):
+        with gzip.open(path, "wb") as f:
+            f.write(raw)
+    else:
+        path.write_bytes(raw)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- command lines
+
+
+def sets(items):
+    """["a=1", "b=2"] -> ["--set", "a=1", "--set", "b=2"]."""
+    return [a for item in items for a in ("--set", item)]
+
+
+def caption_flags(shapes_dir):
+    """The shapes corpus as a captioned training set on the command line."""
+    return ["--captions", str(shapes_dir / "captions.csv"), "--images", str(shapes_dir / "images"),
+            "--split-file", str(shapes_dir / "split.json"), "--no-progress"]
+
+
 def tiny_clip_args(shapes_dir, out, *extra):
-    args = ["clip", "train", "--captions", str(shapes_dir / "captions.csv"), "--images", str(shapes_dir / "images"),
-            "--split-file", str(shapes_dir / "split.json"), "--out", str(out), "--no-progress"]
-    for item in TINY_CLIP:
-        args += ["--set", item]
-    return args + list(extra)
+    return ["clip", "train", *caption_flags(shapes_dir), "--out", str(out), *sets(TINY_CLIP), *extra]
+
+
+def tiny_t2i_args(clip_run, shapes_dir, out, *settings):
+    """`t2i train` of a tiny text-conditioned PixelSNAIL on the shapes corpus; `settings` override TINY_T2I."""
+    return ["t2i", "train", "--kind", "pixelsnail", "--clip", str(clip_run), "--config", "tiny",
+            *caption_flags(shapes_dir), "--out", str(out), *sets(TINY_T2I + list(settings))]
+
+
+def run_error(capsys, argv, status=2) -> str:
+    """The one `clipsnail:` line on stderr of a command that ends with `status` (2: a `clipsnail: error:` line),
+    never a traceback."""
+    from clipsnail.cli import main
+
+    capsys.readouterr()
+    assert main(argv) == status
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("clipsnail:")]
+    assert len(lines) == 1, err
+    assert status != 2 or lines[0].startswith("clipsnail: error: "), lines
+    return lines[0]
+
+
+def torchrun(args, nproc=2):
+    """`torchrun --standalone --nproc-per-node N -m clipsnail ARGS`, one thread per process."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           "-m", "clipsnail", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+# ----------------------------------------------------------------------------------------------- runs
 
 
 @pytest.fixture(scope="session")
@@ -35,3 +134,62 @@ def clip_run(shapes_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "clip"
     assert main(tiny_clip_args(shapes_dir, out, "--set", "train.max_steps=4")) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def clip_model(clip_run):
+    """`clip_run` loaded for inference (clipsnail.load). Tests must not change it."""
+    import clipsnail
+
+    return clipsnail.load(clip_run)
+
+
+def tiny_clip(context_length=12, **overrides):
+    """A freshly initialised (seed 0) two-block CLIP on 16px images and 50-token texts, for gradient tests."""
+    from clipsnail.models.clip import CLIP, ClipModelConfig
+
+    kw = dict(image_size=16, patch_size=4, vision_width=32, vision_depth=2, vision_heads=2, text_width=32,
+              text_depth=2, text_heads=2, embed_dim=16, vocab_size=50, eot_id=2)
+    torch.manual_seed(0)
+    return CLIP(ClipModelConfig(context_length=context_length, **{**kw, **overrides}))
+
+
+def logged_losses(run):
+    """The training losses of a run's metrics.jsonl, in order."""
+    return [json.loads(ln)["loss"] for ln in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in ln]
+
+
+def assert_same_weights(run_a, run_b):
+    """Both runs saved bit-identical model.safetensors."""
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(run_a / "model.safetensors")), load_file(str(run_b / "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def raise_at(step, exception=KeyboardInterrupt):
+    """An `on_step` hook for engine.fit that raises `exception` after optimiser step `step` (a crash, Ctrl-C)."""
+    def hook(current):
+        if current == step:
+            raise exception
+
+    return hook
+
+
+class StandInGenerator:
+    """The `.generate` interface of TextToImage, drawing noise: the web app's job handling without a trained model.
+    `gate`: each call waits for it; `delay`: each call takes this many seconds more (chunks seen arriving)."""
+
+    def __init__(self, size=8, gate=None, delay=0.0):
+        self.config = SimpleNamespace(data=SimpleNamespace(image_size=size))
+        self.size, self.gate, self.delay, self.calls = size, gate, delay, []
+
+    def generate(self, prompt, n=16, guidance=1.0, rerank=0, temperature=1.0, seed=0):
+        self.calls.append((prompt, n, guidance, rerank, temperature, seed))
+        if self.gate is not None:
+            assert self.gate.wait(30)
+        if self.delay:
+            time.sleep(self.delay)
+        g = torch.Generator().manual_seed(seed)
+        return torch.rand(n, 3, self.size, self.size, generator=g) * 2 - 1, torch.rand(n, generator=g)

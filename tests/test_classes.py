@@ -1,4 +1,3 @@
-import gzip
 import os
 import pickle
 import random
@@ -6,6 +5,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from conftest import write_idx
 from PIL import Image
 
 from clipsnail.data.classes import ClassData, ClassImageDataset, read_class_data, read_idx
@@ -23,17 +23,6 @@ def make_folder(root, counts, ext=".png"):
 
 def names(data):
     return [f"{p.parent.name}/{p.name}" for p in data.paths]
-
-
-def write_idx(path, array):
-    array = np.asarray(array, dtype=np.uint8)
-    raw = (0x800 + array.ndim).to_bytes(4, "big") + np.array(array.shape, ">u4").tobytes() + array.tobytes()
-    if str(path).endswith(".gz"):
-        with gzip.open(path, "wb") as f:
-            f.write(raw)
-    else:
-        path.write_bytes(raw)
-    return path
 
 
 def write_mnist(root, prefix, n, gz=False, seed=0):

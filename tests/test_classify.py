@@ -1,15 +1,14 @@
-"""The image-classification trainer: training reduces the loss, eval writes the DESIGN.md keys and the report files,
+"""The image-classification trainer: training reduces the loss, eval writes the metrics and the report files,
 any timm model works, Mixup really mixes the inputs, resume is exact, grayscale data, bad input."""
 
 from __future__ import annotations
 
-import gzip
 import json
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from conftest import TINY_CLASSIFY, assert_same_weights, logged_losses, raise_at, sets, write_idx
 
 from clipsnail.cli import main
 from clipsnail.config import load_config
@@ -18,34 +17,21 @@ from clipsnail.errors import ClipsnailError
 from clipsnail.optim import build_optimizer
 from clipsnail.tasks.classify import ClassifyConfig, ClassifyTask, parse_model_args
 
-# Fast settings: 16px inputs, light augmentation, every step logged.
-FAST = ["data.image_size=16", "train.batch_size=16", "train.log_every=1", "augment.randaugment=",
-        "augment.random_erasing=0", "model.drop_path_rate=0", "optim.warmup_epochs=0", "optim.warmup_steps=2"]
+
+def tiny_task(data, *settings, fast=TINY_CLASSIFY) -> ClassifyTask:
+    """A LeMeViT-tiny-CIFAR classification task on `data` with the fast settings, then `settings`."""
+    return ClassifyTask(load_config(ClassifyConfig, None, [f"data.data={data}", "model.name=lemevit_tiny_cifar",
+                                                           *fast, *settings]))
 
 
-@pytest.fixture(scope="module")
-def colours_dir(tmp_path_factory):
-    from clipsnail.data.shapes import generate_attribute_folder
-
-    out = tmp_path_factory.mktemp("classes") / "colours"
-    generate_attribute_folder(out, "color", 12, size=16, seed=0)
-    return out
-
-
-def _sets(items):
-    return [a for item in items for a in ("--set", item)]
-
-
-def _losses(run):
-    return [json.loads(ln)["loss"] for ln in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in ln]
-
-
+@pytest.mark.slow
 def test_training_reduces_the_loss_and_eval_writes_the_report(colours_dir, tmp_path, capsys):
     run = tmp_path / "run"
     args = ["classify", "train", "--data", str(colours_dir), "--model", "lemevit_tiny_cifar", "--out", str(run),
-            "--epochs", "6", "--no-progress", *_sets(FAST + ["augment.mixup=0", "augment.cutmix=0", "optim.lr=2e-3"])]
+            "--epochs", "6", "--no-progress",
+            *sets(TINY_CLASSIFY + ["augment.mixup=0", "augment.cutmix=0", "optim.lr=2e-3"])]
     assert main(args) == 0
-    losses = _losses(run)
+    losses = logged_losses(run)
     assert np.mean(losses[-4:]) < 0.8 * np.mean(losses[:4])
     assert (run / "best.safetensors").is_file() and json.loads((run / "best.json").read_text())["metric"] == "val_acc1"
     capsys.readouterr()
@@ -67,7 +53,7 @@ def test_training_reduces_the_loss_and_eval_writes_the_report(colours_dir, tmp_p
 def test_any_timm_model_trains_and_evaluates(colours_dir, tmp_path, capsys):
     run = tmp_path / "resnet"
     assert main(["classify", "train", "--data", str(colours_dir), "--model", "resnet18", "--out", str(run),
-                 "--no-progress", *_sets(FAST + ["train.max_steps=2"])]) == 0
+                 "--no-progress", *sets(TINY_CLASSIFY + ["train.max_steps=2"])]) == 0
     capsys.readouterr()
     assert main(["classify", "eval", "--model", str(run), "--weights", "model", "--split", "val",
                  "--no-progress"]) == 0
@@ -75,16 +61,12 @@ def test_any_timm_model_trains_and_evaluates(colours_dir, tmp_path, capsys):
 
 
 def test_ema_is_evaluated_next_to_the_raw_weights(colours_dir, tmp_path):
-    cfg = load_config(ClassifyConfig, None, [f"data.data={colours_dir}", "model.name=lemevit_tiny_cifar",
-                                             "train.max_steps=2", *FAST])
-    result = fit(ClassifyTask(cfg), tmp_path / "run", progress=False)
+    result = fit(tiny_task(colours_dir, "train.max_steps=2"), tmp_path / "run", progress=False)
     assert {"val_acc1", "ema_val_acc1", "val_loss", "ema_val_loss"} <= set(result.metrics)
 
 
 def test_mixup_mixes_the_images_not_only_the_targets(colours_dir):
-    cfg = load_config(ClassifyConfig, None, [f"data.data={colours_dir}", "model.name=lemevit_tiny_cifar", *FAST,
-                                             "augment.mixup=0.8", "augment.cutmix=0"])
-    task = ClassifyTask(cfg)
+    task = tiny_task(colours_dir, "augment.mixup=0.8", "augment.cutmix=0")
     batch = task.collate([task.train_dataset[(i, i)] for i in range(8)])
     seen = {}
 
@@ -94,43 +76,32 @@ def test_mixup_mixes_the_images_not_only_the_targets(colours_dir):
             return torch.zeros(len(x), 8, requires_grad=True)
 
     loss, _ = task.loss(Spy(), {k: v.clone() for k, v in batch.items()})
-    assert not torch.allclose(seen["x"], batch["images"])  # the seed's script fed the unmixed images
+    assert not torch.allclose(seen["x"], batch["images"])  # mixing only the targets would leave these unchanged
     assert loss.item() == pytest.approx(np.log(8), rel=1e-4)  # uniform logits: CE of any soft target is log(C)
 
 
+@pytest.mark.slow
 def test_resume_after_a_crash_gives_identical_weights(colours_dir, tmp_path):
+    # Mixup/CutMix (numpy RNG), random crops and flips, drop path: all on; the default warmup
+    fast = [s for s in TINY_CLASSIFY if not s.startswith(("model.drop_path_rate", "optim.warmup"))]
+
     def task():
-        cfg = load_config(ClassifyConfig, None, [f"data.data={colours_dir}", "model.name=lemevit_tiny_cifar",
-                                                 "train.max_steps=6", "train.checkpoint_every=2", *FAST[:-3]])
-        return ClassifyTask(cfg)  # Mixup/CutMix (numpy RNG), random crops and flips, drop path: all on
+        return tiny_task(colours_dir, "train.max_steps=6", "train.checkpoint_every=2", fast=fast)
 
     fit(task(), tmp_path / "full", progress=False)
-
-    def crash(step):
-        if step == 3:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        fit(task(), tmp_path / "resumed", progress=False, on_step=crash)
+        fit(task(), tmp_path / "resumed", progress=False, on_step=raise_at(3))
     fit(task(), tmp_path / "resumed", progress=False)
-    a, b = (load_file(str(tmp_path / r / "model.safetensors")) for r in ("full", "resumed"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_weights(tmp_path / "full", tmp_path / "resumed")
 
 
 def test_meta_tokens_get_no_weight_decay(colours_dir):
-    cfg = load_config(ClassifyConfig, None, [f"data.data={colours_dir}", "model.name=lemevit_tiny_cifar", *FAST])
-    task = ClassifyTask(cfg)
+    task = tiny_task(colours_dir)
     model = task.build_model()
     optimizer = build_optimizer(task.config.optim, task.param_groups(model), model)
     no_decay = {id(p) for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
     assert id(model.meta_tokens) in no_decay
     assert id(model.head.weight) not in no_decay
-
-
-def _write_idx(path, array, magic):
-    header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
 
 
 def test_grayscale_mnist_gets_one_input_channel_and_no_flips(tmp_path):
@@ -140,11 +111,10 @@ def test_grayscale_mnist_gets_one_input_channel_and_no_flips(tmp_path):
     for i, y in enumerate(labels):  # a bar whose height encodes the digit
         images[i, 2 + 2 * y: 4 + 2 * y, 4:24] = 255
     images = np.clip(images + rng.integers(0, 30, images.shape), 0, 255)
-    _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", images, 0x803)
-    _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", labels, 0x801)
-    cfg = load_config(ClassifyConfig, None, [f"data.data=mnist:{tmp_path}", "model.name=lemevit_tiny_cifar",
-                                             "train.max_steps=1", *FAST])
-    task = ClassifyTask(cfg)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", images)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", labels)
+    task = tiny_task(f"mnist:{tmp_path}", "train.max_steps=1")
+    cfg = task.config
     assert cfg.model.in_chans == 1 and cfg.augment.hflip == 0 and len(cfg.data.mean) == 1
     model = task.build_model()
     assert model.downsample_layers[0][0].in_channels == 1

@@ -143,6 +143,7 @@ def test_lock_image_tower_and_separate_learning_rates(shapes_dir, tmp_path):
     assert not torch.equal(fresh["text_projection.weight"], trained["text_projection.weight"])
 
 
+@pytest.mark.slow
 def test_sigkill_then_same_command_gives_same_weights(shapes_dir, tmp_path):
     """A run killed with SIGKILL and restarted with the same command ends with the uninterrupted run's weights."""
     steps = ["--set", "train.max_steps=24", "--set", "train.checkpoint_every=2"]

@@ -4,9 +4,8 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_clip_args
+from conftest import tiny_clip_args, torchrun
 from safetensors.torch import load_file
-from test_distributed import torchrun
 
 from clipsnail.cli import main
 
@@ -44,6 +43,7 @@ def test_training_streams_shards_and_resumes_exactly(shapes_dir, shards, tmp_pat
         torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=0, msg=name)
 
 
+@pytest.mark.slow
 def test_streaming_under_torchrun(shapes_dir, shards, tmp_path):
     run = tmp_path / "run"
     done = torchrun(streaming_args(shapes_dir, shards, run))

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from conftest import caption_flags, sets, tiny_t2i_args
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -303,11 +304,9 @@ def test_converted_run_works_for_zeroshot_and_the_index(converted, tmp_path, cap
 
 def test_converted_run_fine_tunes_and_conditions_text_to_image(converted, shapes_dir, tmp_path, capsys):
     _, run = converted[True]
-    data = ["--captions", str(shapes_dir / "captions.csv"), "--images", str(shapes_dir / "images"),
-            "--split-file", str(shapes_dir / "split.json"), "--no-progress"]
     tuned = tmp_path / "tuned"
-    assert main(["clip", "train", "--init", str(run), *data, "--out", str(tuned), "--set", "train.max_steps=2",
-                 "--set", "train.batch_size=8", "--set", "optim.lr=1e-3"]) == 0
+    assert main(["clip", "train", "--init", str(run), *caption_flags(shapes_dir), "--out", str(tuned),
+                 *sets(["train.max_steps=2", "train.batch_size=8", "optim.lr=1e-3"])]) == 0
     assert (tuned / "tokenizer.json").read_text() == (run / "tokenizer.json").read_text()
     model = clipsnail.load(tuned)
     assert model.cfg.activation == "quick_gelu" and model.cfg.vocab_size == 49408
@@ -315,10 +314,7 @@ def test_converted_run_fine_tunes_and_conditions_text_to_image(converted, shapes
     assert not torch.equal(model.visual.patch_embed.weight, start.visual.patch_embed.weight)  # it trained
 
     t2i = tmp_path / "t2i"
-    assert main(["t2i", "train", "--kind", "pixelsnail", "--clip", str(run), "--config", "tiny", *data,
-                 "--out", str(t2i), "--set", "data.image_size=8", "--set", "train.max_steps=2",
-                 "--set", "train.batch_size=8", "--set", "data.eval_prompts=2",
-                 "--set", "data.max_eval_images=8"]) == 0
+    assert main(tiny_t2i_args(run, shapes_dir, t2i)) == 0
     capsys.readouterr()
     images, scores = clipsnail.load(t2i).generate("a red circle", n=2, rerank=1, seed=0)
     assert images.shape == (1, 3, 8, 8) and scores.shape == (1,)

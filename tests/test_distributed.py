@@ -12,21 +12,13 @@ import sys
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import tiny_clip_args
+from conftest import TINY_CLASSIFY, sets, tiny_clip, tiny_clip_args, torchrun
 from safetensors.torch import load_file, save_file
 
 from clipsnail.engine import backward, split_batch
-from clipsnail.models.clip import CLIP, ClipModelConfig
 from clipsnail.tasks.clip import ClipConfig, ClipTask
 
 BATCH = 8
-
-
-def tiny_clip() -> CLIP:
-    torch.manual_seed(0)
-    cfg = ClipModelConfig(image_size=16, patch_size=4, vision_width=32, vision_depth=2, vision_heads=2, text_width=32,
-                          text_depth=2, text_heads=2, embed_dim=16, vocab_size=50, context_length=8, eot_id=2)
-    return CLIP(cfg)
 
 
 def fixed_batch() -> dict:
@@ -72,7 +64,7 @@ def _rank_worker(rank, world, store, out, local_loss, accum_steps):
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
-        model = tiny_clip()
+        model = tiny_clip(context_length=8)
         share = BATCH // world
         batch = {k: v[rank * share:(rank + 1) * share] for k, v in fixed_batch().items()}
         loss, _ = backward(clip_task(local_loss), DistributedDataParallel(model), batch, accum_steps,
@@ -85,19 +77,20 @@ def _rank_worker(rank, world, store, out, local_loss, accum_steps):
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("local_loss,accum_steps", [(False, 1), (True, 1), (True, 2)])
 def test_two_processes_give_the_gradients_of_one_process_on_the_whole_batch(tmp_path, local_loss, accum_steps):
     out = tmp_path / "rank0.safetensors"
     mp.start_processes(_rank_worker, args=(2, tmp_path / "store", str(out), local_loss, accum_steps), nprocs=2,
                        start_method="spawn")
-    expected_loss, expected = gradients(tiny_clip(), fixed_batch())
+    expected_loss, expected = gradients(tiny_clip(context_length=8), fixed_batch())
     got = load_file(str(out))
     torch.testing.assert_close(got.pop("loss")[0], expected_loss, atol=1e-5, rtol=0)
     assert_same_gradients(expected, got)
 
 
 def test_accumulation_over_4_micro_batches_gives_the_full_batch_gradients():
-    model = tiny_clip()
+    model = tiny_clip(context_length=8)
     loss_full, full = gradients(model, fixed_batch())
     loss_accum, accum = gradients(model, fixed_batch(), accum_steps=4)
     torch.testing.assert_close(loss_accum, loss_full, atol=1e-6, rtol=0)
@@ -139,13 +132,7 @@ def test_batch_must_split_evenly_over_accumulation_steps(shapes_dir, tmp_path, c
 # ----------------------------------------------------------------------------------------------- torchrun end to end
 
 
-def torchrun(args, nproc=2):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           "-m", "clipsnail", *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-
-
+@pytest.mark.slow
 def test_torchrun_training_matches_one_process_and_resumes_with_another_process_count(shapes_dir, tmp_path):
     from clipsnail.cli import main
 
@@ -170,17 +157,12 @@ def test_torchrun_training_matches_one_process_and_resumes_with_another_process_
     assert_same_gradients(expected, load_file(str(resumed / "model.safetensors")), atol=1e-4)
 
 
-def test_classification_trains_under_torchrun(tmp_path):
+@pytest.mark.slow
+def test_classification_trains_under_torchrun(colours_dir, tmp_path):
     """The engine serves every task: a LeMeViT classifier under 2 processes."""
-    from clipsnail.data.shapes import generate_attribute_folder
-
-    data = tmp_path / "colours"
-    generate_attribute_folder(data, "color", 12, size=16, seed=0)
     run = tmp_path / "run"
-    fast = ["data.image_size=16", "train.batch_size=16", "train.log_every=1", "augment.randaugment=",
-            "augment.random_erasing=0", "optim.warmup_steps=2", "train.max_steps=3"]
-    done = torchrun(["classify", "train", "--data", str(data), "--model", "lemevit_tiny_cifar", "--out", str(run),
-                     "--no-progress", *[a for item in fast for a in ("--set", item)]])
+    done = torchrun(["classify", "train", "--data", str(colours_dir), "--model", "lemevit_tiny_cifar", "--out",
+                     str(run), "--no-progress", *sets(TINY_CLASSIFY + ["train.max_steps=3"])])
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stderr.count("training finished at step 3") == 1
     steps = [line for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
@@ -188,6 +170,7 @@ def test_classification_trains_under_torchrun(tmp_path):
     assert (run / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_two_nodes_as_the_readme_launches_them(shapes_dir, tmp_path):
     """`torchrun --nnodes 2 --node-rank N --master-addr --master-port`, two 'machines' on this one."""
     import socket

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import assert_same_weights, raise_at
 from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import Dataset
@@ -79,14 +80,6 @@ class Crash(Exception):
     pass
 
 
-def crash_hook(at):
-    def hook(step):
-        if step == at:
-            raise Crash
-
-    return hook
-
-
 def weights(run_dir):
     return load_file(str(run_dir / "model.safetensors"))
 
@@ -96,11 +89,10 @@ def test_resume_after_crash_gives_identical_weights(tmp_path, crash_at):
     full = fit(ToyTask(), tmp_path / "full", progress=False)
     assert full.completed and full.step == 15
     with pytest.raises(Crash):
-        fit(ToyTask(), tmp_path / "resumed", progress=False, on_step=crash_hook(crash_at))
+        fit(ToyTask(), tmp_path / "resumed", progress=False, on_step=raise_at(crash_at, Crash))
     again = fit(ToyTask(), tmp_path / "resumed", progress=False)
     assert again.completed and again.step == 15
-    a, b = weights(tmp_path / "full"), weights(tmp_path / "resumed")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_weights(tmp_path / "full", tmp_path / "resumed")
     # metrics.jsonl reads as one uninterrupted run
     steps = [json.loads(ln)["step"] for ln in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     full_steps = [json.loads(ln)["step"] for ln in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]

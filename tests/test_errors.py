@@ -3,18 +3,10 @@
 import shutil
 
 import pytest
-from conftest import tiny_clip_args
+from conftest import run_error, tiny_clip_args
 from PIL import Image
 
 from clipsnail.cli import main
-
-
-def run_error(capsys, argv) -> str:
-    capsys.readouterr()
-    assert main(argv) == 2
-    err = [ln for ln in capsys.readouterr().err.strip().splitlines() if ln.startswith("clipsnail:")]
-    assert len(err) == 1 and err[0].startswith("clipsnail: error: "), err
-    return err[0]
 
 
 @pytest.fixture

@@ -58,13 +58,14 @@ def assert_matches_torch(model, onnx_clip: OnnxClip) -> None:
         np.testing.assert_allclose(np.linalg.norm(onnx_clip.encode_text(texts), axis=1), 1, atol=1e-5)
 
 
-def test_export_writes_the_files_and_reports(vit_export, clip_run):
+@pytest.mark.slow
+def test_export_writes_the_files_and_reports(vit_export, clip_model):
     out, report = vit_export
     assert sorted(p.name for p in out.iterdir()) == sorted([IMAGE_FILE, TEXT_FILE, TOKENIZER_FILE, PREPROCESS_FILE])
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp folder left behind
     assert set(report["files"]) == {IMAGE_FILE, TEXT_FILE, TOKENIZER_FILE, PREPROCESS_FILE}
     assert isinstance(report["opset"], int) and report["opset"] >= 17
-    model = load(clip_run)
+    model = clip_model
     cfg = model.config.model
     assert report["image_encoder"]["inputs"] == {"images": {"shape": ["batch", 3, cfg.image_size, cfg.image_size],
                                                             "dtype": "float32"}}
@@ -79,10 +80,12 @@ def test_export_writes_the_files_and_reports(vit_export, clip_run):
     assert spec["logit_scale"] == pytest.approx(float(model.logit_scale.detach().exp()))
 
 
-def test_onnxruntime_matches_pytorch(vit_export, clip_run):
-    assert_matches_torch(load(clip_run), OnnxClip(vit_export[0], threads=1))
+@pytest.mark.slow
+def test_onnxruntime_matches_pytorch(vit_export, clip_model):
+    assert_matches_torch(clip_model, OnnxClip(vit_export[0], threads=1))
 
 
+@pytest.mark.slow
 def test_trim_tokens(vit_export):
     onnx_clip = OnnxClip(vit_export[0], threads=1)
     tokens = onnx_clip.tokenize(["a red circle", "a blue star"])
@@ -94,8 +97,9 @@ def test_trim_tokens(vit_export):
     assert onnx_clip.trim_tokens(no_eot).shape == tokens.shape
 
 
-def test_onnx_preprocess_follows_the_run_transform(vit_export, clip_run):
-    model, onnx_clip = load(clip_run), OnnxClip(vit_export[0], threads=1)
+@pytest.mark.slow
+def test_onnx_preprocess_follows_the_run_transform(vit_export, clip_model):
+    model, onnx_clip = clip_model, OnnxClip(vit_export[0], threads=1)
     rng = np.random.default_rng(0)
     # Non-square and larger than the model's input: resized on the short side, then centre-cropped.
     pictures = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in [(40, 30), (16, 16)]]
@@ -110,6 +114,7 @@ def test_onnx_preprocess_follows_the_run_transform(vit_export, clip_run):
     np.testing.assert_allclose(onnx_clip.encode_image(pictures), ref, atol=0.05)
 
 
+@pytest.mark.slow
 def test_onnx_clip_runs_without_torch(vit_export):
     """export.py loaded as a lone file, with `import torch` made to fail, still embeds images and texts."""
     code = textwrap.dedent(f"""
@@ -136,6 +141,7 @@ def test_onnx_clip_runs_without_torch(vit_export):
     assert proc.stdout.strip() == "(2, 2)"
 
 
+@pytest.mark.slow
 def test_export_timm_lemevit_tower(clip_run, tmp_path):
     """A CLIP whose image tower is a timm model (LeMeViT, registered by clipsnail.models.lemevit) exports too.
     Random weights: the run is the shared one's config and tokenizer with the tower swapped, no training."""
@@ -155,6 +161,7 @@ def test_export_timm_lemevit_tower(clip_run, tmp_path):
     assert_matches_torch(load(run), OnnxClip(tmp_path / "onnx", threads=1))
 
 
+@pytest.mark.slow
 def test_export_pretrained_hf_text_tower(shapes_dir, tmp_path):
     """A pretrained Hugging Face text tower (MiniLM, mean-pooled with its padding mask) exports too; OnnxClip trims
     the all-padding columns instead of cutting at <eot>."""
@@ -172,13 +179,14 @@ def test_export_pretrained_hf_text_tower(shapes_dir, tmp_path):
     assert_matches_torch(load(run), onnx_clip)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("opset", [17, 21])
-def test_opset(clip_run, tmp_path, opset):
+def test_opset(clip_run, clip_model, tmp_path, opset):
     """Below 18 the TorchScript exporter writes it (the dynamo one starts at 18); either way the graphs match."""
     report = export_onnx(clip_run, tmp_path / "onnx", opset=opset)
     assert report["opset"] == report["text_encoder"]["opset"] == opset
     assert report["image_encoder"]["outputs"]["image_embeddings"]["shape"][0] == "batch"
-    assert_matches_torch(load(clip_run), OnnxClip(tmp_path / "onnx", threads=1))
+    assert_matches_torch(clip_model, OnnxClip(tmp_path / "onnx", threads=1))
 
 
 def test_non_clip_run_is_a_clear_error(tmp_path, capsys):
@@ -192,6 +200,7 @@ def test_non_clip_run_is_a_clear_error(tmp_path, capsys):
     assert not (tmp_path / "onnx").exists()
 
 
+@pytest.mark.slow
 def test_failed_export_leaves_nothing_half_written(clip_run, vit_export, tmp_path, monkeypatch):
     out = tmp_path / "onnx"
     real = export_module._export_one

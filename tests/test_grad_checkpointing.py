@@ -2,18 +2,10 @@
 
 import pytest
 import torch
+from conftest import tiny_clip
 
 from clipsnail.losses import clip_loss
-from clipsnail.models.clip import CLIP, ClipModelConfig
-
-
-def tiny_clip(image_encoder: str = "vit", **kw) -> CLIP:
-    kw = {"image_size": 16, **kw}
-    cfg = ClipModelConfig(image_encoder=image_encoder, patch_size=4, vision_width=32, vision_depth=2, vision_heads=2,
-                          text_width=32, text_depth=2, text_heads=2, vocab_size=50, context_length=12, eot_id=2,
-                          embed_dim=16, **kw)
-    torch.manual_seed(0)
-    return CLIP(cfg)
+from clipsnail.models.clip import CLIP
 
 
 def loss_and_grads(model: CLIP, images, tokens, checkpointing: bool):
@@ -46,7 +38,7 @@ def test_same_loss_and_gradients_with_checkpointing(kw):
 
 
 def test_same_gradients_with_a_lemevit_tower():
-    model = tiny_clip("lemevit_tiny", image_size=32).train()
+    model = tiny_clip(image_encoder="lemevit_tiny", image_size=32).train()
     images, tokens = batch(32)
     loss0, grads0 = loss_and_grads(model, images, tokens, False)
     loss1, grads1 = loss_and_grads(model, images, tokens, True)

@@ -7,29 +7,11 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_clip_args
-from PIL import Image
+from conftest import noise_image, run_error, tiny_clip_args
 
-import clipsnail
 from clipsnail.cli import main
 from clipsnail.errors import ClipsnailError, DataError
 from clipsnail.index import ImageIndex, build_index, make_faiss_index, update_index
-
-
-@pytest.fixture(scope="module")
-def run_dir(clip_run):
-    return clip_run
-
-
-@pytest.fixture(scope="module")
-def model(run_dir):
-    return clipsnail.load(run_dir)
-
-
-def noise_image(path, seed):
-    rng = np.random.default_rng(seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(path)
 
 
 @pytest.fixture
@@ -68,8 +50,8 @@ def self_top1(index, model):
     return [hits[0].path == p for hits, p in zip(index.search(queries, k=3), index.paths)]
 
 
-def test_build_counts_and_finds_each_image_itself(model, run_dir, photos, tmp_path):
-    counting = Counting(model)
+def test_build_counts_and_finds_each_image_itself(clip_model, clip_run, photos, tmp_path):
+    counting = Counting(clip_model)
     index, stats = build_index(counting, photos, tmp_path / "idx", batch_size=4, progress=False)
     assert stats["added"] == stats["total"] == 11 and stats["unreadable"] == 1 and stats["removed"] == 0
     assert counting.images == 11  # the corrupt file never reaches the model
@@ -81,48 +63,48 @@ def test_build_counts_and_finds_each_image_itself(model, run_dir, photos, tmp_pa
     assert "trip/day1/t0.png" in files["path"] and all(len(h) == 40 for h in files["sha1"])
 
     index = ImageIndex.load(tmp_path / "idx")
-    assert len(index) == 11 and index.dim == 16 and index.model_dir == run_dir.resolve()
+    assert len(index) == 11 and index.dim == 16 and index.model_dir == clip_run.resolve()
     assert all(p.is_absolute() and p.exists() for p in index.paths)
     nested = photos / "trip" / "day1" / "t1.png"
     assert index.contains(nested) and index.contains(photos / "trip" / ".." / "3.png")
     assert not index.contains(photos / "broken.jpg") and not index.contains(tmp_path / "elsewhere.png")
-    assert all(self_top1(index, model))
-    hits = index.search(model.encode_image([nested]).detach().numpy()[0], k=50)[0]  # numpy, 1-D, k > N
+    assert all(self_top1(index, clip_model))
+    hits = index.search(clip_model.encode_image([nested]).detach().numpy()[0], k=50)[0]  # numpy, 1-D, k > N
     assert len(hits) == 11 and hits[0].path == nested and hits[0].score == pytest.approx(1.0, abs=1e-4)
     assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
     assert index.vectors().shape == (11, 16)
 
 
-def test_search_rejects_bad_queries(model, photos, tmp_path):
-    index, _ = build_index(model, photos, tmp_path / "idx", progress=False)
+def test_search_rejects_bad_queries(clip_model, photos, tmp_path):
+    index, _ = build_index(clip_model, photos, tmp_path / "idx", progress=False)
     with pytest.raises(ClipsnailError, match="dim-16"):
         index.search(torch.ones(2, 8), k=3)
     with pytest.raises(ClipsnailError, match="k must be"):
         index.search(torch.ones(1, 16), k=0)
 
 
-def test_update_encodes_only_new_and_changed_files_and_matches_a_fresh_build(model, photos, tmp_path):
-    build_index(model, photos, tmp_path / "idx", batch_size=4, progress=False)
+def test_update_encodes_only_new_and_changed_files_and_matches_a_fresh_build(clip_model, photos, tmp_path):
+    build_index(clip_model, photos, tmp_path / "idx", batch_size=4, progress=False)
     noise_image(photos / "trip" / "new.png", 500)  # added
     noise_image(photos / "2.png", 501)  # changed
     os.utime(photos / "2.png", ns=(time.time_ns(), time.time_ns() + 10**9))
     (photos / "5.png").unlink()  # removed
     os.utime(photos / "6.png", ns=(time.time_ns(), time.time_ns() + 2 * 10**9))  # touched, same bytes
-    counting = Counting(model)
+    counting = Counting(clip_model)
     index, stats = update_index(counting, tmp_path / "idx", batch_size=4, progress=False)
     assert stats == {**stats, "added": 1, "changed": 1, "removed": 1, "unchanged": 9, "unreadable": 1, "total": 11}
     assert counting.images == 2  # the broken file is not retried while it stays the same
 
-    fresh, fresh_stats = build_index(model, photos, tmp_path / "fresh", batch_size=4, progress=False)
+    fresh, fresh_stats = build_index(clip_model, photos, tmp_path / "fresh", batch_size=4, progress=False)
     assert fresh_stats["total"] == 11 and index.paths == fresh.paths
     assert torch.allclose(index.vectors(), fresh.vectors(), atol=1e-5)
-    queries = model.encode_text(["a red circle", "two blue squares"])
+    queries = clip_model.encode_text(["a red circle", "two blue squares"])
     got = [[h.path for h in hits] for hits in index.search(queries, k=5)]
     assert got == [[h.path for h in hits] for hits in fresh.search(queries, k=5)]
 
     meta = tmp_path / "idx" / "index.json"
     stamp = meta.stat().st_mtime_ns
-    counting = Counting(model)
+    counting = Counting(clip_model)
     _, stats = update_index(counting, tmp_path / "idx", progress=False)
     assert (stats["added"], stats["changed"], stats["removed"], stats["unchanged"]) == (0, 0, 0, 11)
     assert counting.calls == 0 and meta.stat().st_mtime_ns == stamp  # nothing changed: nothing written
@@ -144,46 +126,47 @@ def test_approximate_index_agrees_with_exact_on_clustered_data():
         assert (found == truth).all(), kind
 
 
-def test_tiny_threshold_builds_an_approximate_index(model, photos, tmp_path):
-    index, _ = build_index(model, photos, tmp_path / "idx", approx_threshold=1, progress=False)
+def test_tiny_threshold_builds_an_approximate_index(clip_model, photos, tmp_path):
+    index, _ = build_index(clip_model, photos, tmp_path / "idx", approx_threshold=1, progress=False)
     assert index.meta["faiss"]["type"] == "IndexIVFFlat" and index.meta["faiss"]["approx_threshold"] == 1
-    assert all(self_top1(ImageIndex.load(tmp_path / "idx"), model))
-    index, _ = build_index(model, photos, tmp_path / "hnsw", approx_threshold=1, approx_kind="hnsw", progress=False)
-    assert index.meta["faiss"]["type"] == "IndexHNSWFlat" and all(self_top1(index, model))
+    assert all(self_top1(ImageIndex.load(tmp_path / "idx"), clip_model))
+    index, _ = build_index(clip_model, photos, tmp_path / "hnsw", approx_threshold=1, approx_kind="hnsw",
+                           progress=False)
+    assert index.meta["faiss"]["type"] == "IndexHNSWFlat" and all(self_top1(index, clip_model))
 
 
-def test_a_crash_mid_build_or_update_leaves_the_old_index(model, photos, tmp_path):
+def test_a_crash_mid_build_or_update_leaves_the_old_index(clip_model, photos, tmp_path):
     out = tmp_path / "idx"
-    build_index(model, photos, out, batch_size=4, progress=False)
+    build_index(clip_model, photos, out, batch_size=4, progress=False)
     before = json.loads((out / "files.json").read_text())
-    query = model.encode_text(["a red circle"])
+    query = clip_model.encode_text(["a red circle"])
     expected = [h.path for h in ImageIndex.load(out).search(query, k=5)[0]]
     noise_image(photos / "more" / "x.png", 900)
     for i in range(6):
         noise_image(photos / "more" / f"y{i}.png", 901 + i)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        build_index(Counting(model, fail_after=1), photos, out, batch_size=4, progress=False)
+        build_index(Counting(clip_model, fail_after=1), photos, out, batch_size=4, progress=False)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        update_index(Counting(model, fail_after=1), out, batch_size=4, progress=False)
+        update_index(Counting(clip_model, fail_after=1), out, batch_size=4, progress=False)
     index = ImageIndex.load(out)
     assert json.loads((out / "files.json").read_text()) == before and len(index) == 11
     assert [h.path for h in index.search(query, k=5)[0]] == expected
     assert sorted(p.name for p in tmp_path.iterdir()) == ["idx", "photos"]  # no temp directories left behind
 
 
-def test_damaged_or_missing_index_is_a_data_error_naming_the_file(model, photos, tmp_path):
+def test_damaged_or_missing_index_is_a_data_error_naming_the_file(clip_model, photos, tmp_path):
     with pytest.raises(DataError, match="nope"):
         ImageIndex.load(tmp_path / "nope")
     out = tmp_path / "idx"
-    build_index(model, photos, out, progress=False)
+    build_index(clip_model, photos, out, progress=False)
     (out / "faiss.index").write_bytes(b"garbage" * 10)
     with pytest.raises(DataError, match="faiss.index"):
         ImageIndex.load(out)
-    build_index(model, photos, out, progress=False)
+    build_index(clip_model, photos, out, progress=False)
     (out / "index.json").write_text('{"format": "clipsnail-im')
     with pytest.raises(DataError, match="index.json"):
         ImageIndex.load(out)
-    build_index(model, photos, tmp_path / "idx2", progress=False)
+    build_index(clip_model, photos, tmp_path / "idx2", progress=False)
     (tmp_path / "idx2" / "files.json").write_text('{"path": ["0.png"]}')
     with pytest.raises(DataError, match="files.json"):
         ImageIndex.load(tmp_path / "idx2")
@@ -191,7 +174,7 @@ def test_damaged_or_missing_index_is_a_data_error_naming_the_file(model, photos,
     not_an_index.mkdir()
     (not_an_index / "keep.txt").write_text("mine")
     with pytest.raises(DataError, match="not a clipsnail index"):
-        build_index(model, photos, not_an_index, progress=False)
+        build_index(clip_model, photos, not_an_index, progress=False)
     assert (not_an_index / "keep.txt").read_text() == "mine"
 
 
@@ -201,17 +184,9 @@ def cli_json(capsys, argv):
     return json.loads(capsys.readouterr().out)
 
 
-def cli_error(capsys, argv) -> str:
-    capsys.readouterr()
-    assert main(argv) == 2
-    err = [ln for ln in capsys.readouterr().err.strip().splitlines() if ln.startswith("clipsnail:")]
-    assert len(err) == 1 and err[0].startswith("clipsnail: error: "), err
-    return err[0]
-
-
-def test_cli_build_update_search(run_dir, photos, tmp_path, capsys, shapes_dir):
+def test_cli_build_update_search(clip_run, photos, tmp_path, capsys, shapes_dir):
     out = tmp_path / "idx"
-    built = cli_json(capsys, ["index", "build", "--model", str(run_dir), "--images", str(photos), "--out", str(out),
+    built = cli_json(capsys, ["index", "build", "--model", str(clip_run), "--images", str(photos), "--out", str(out),
                               "--batch-size", "4", "--no-progress"])
     assert built["index"] == str(out.absolute()) and built["total"] == 11 and built["unreadable"] == 1
     assert built["faiss"]["type"] == "IndexFlatIP"
@@ -229,11 +204,11 @@ def test_cli_build_update_search(run_dir, photos, tmp_path, capsys, shapes_dir):
     assert {k: stats[k] for k in ("added", "changed", "removed", "unchanged", "unreadable", "total")} == {
         "added": 0, "changed": 0, "removed": 1, "unchanged": 10, "unreadable": 1, "total": 10}
 
-    assert "nope" in cli_error(capsys, ["search", "--index", str(tmp_path / "nope"), "a red circle"])
-    assert "-k" in cli_error(capsys, ["search", "--index", str(out), "a red circle", "-k", "0"])
-    assert "empty" in cli_error(capsys, ["search", "--index", str(out), "  "])
-    assert "exactly one" in cli_error(capsys, ["search", "--index", str(out), "--images", str(photos), "x"])
+    assert "nope" in run_error(capsys, ["search", "--index", str(tmp_path / "nope"), "a red circle"])
+    assert "-k" in run_error(capsys, ["search", "--index", str(out), "a red circle", "-k", "0"])
+    assert "empty" in run_error(capsys, ["search", "--index", str(out), "  "])
+    assert "exactly one" in run_error(capsys, ["search", "--index", str(out), "--images", str(photos), "x"])
     other = tmp_path / "run8"
     assert main(tiny_clip_args(shapes_dir, other, "--set", "train.max_steps=1", "--set", "model.embed_dim=8")) == 0
-    msg = cli_error(capsys, ["search", "--index", str(out), "--model", str(other), "a red circle"])
+    msg = run_error(capsys, ["search", "--index", str(out), "--model", str(other), "a red circle"])
     assert "dimension mismatch" in msg and "dim-16" in msg

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipsnail.losses import clip_loss, positives_from_ids
+from clipsnail.losses import clip_loss, positives_from_ids, soft_target_cross_entropy
 
 
 def features(n=8, d=16, seed=0):
@@ -62,3 +62,15 @@ def test_gradient_reaches_temperature():
     t = torch.tensor(math.log(1 / 0.07), requires_grad=True)
     clip_loss(image, text, t.exp()).backward()
     assert t.grad is not None and t.grad != 0
+
+
+def test_soft_target_cross_entropy_equals_timms():
+    from timm.loss import SoftTargetCrossEntropy
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 10, generator=g) * 3
+    targets = torch.softmax(torch.randn(6, 10, generator=g), dim=-1)  # e.g. Mixup of two smoothed labels
+    torch.testing.assert_close(soft_target_cross_entropy(logits, targets), SoftTargetCrossEntropy()(logits, targets))
+    labels = torch.randint(0, 10, (6,), generator=g)  # one-hot targets: plain cross-entropy
+    torch.testing.assert_close(soft_target_cross_entropy(logits, F.one_hot(labels, 10).float()),
+                               F.cross_entropy(logits, labels))

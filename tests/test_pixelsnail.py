@@ -3,18 +3,24 @@ sampler against the naive one, and the train / eval / sample commands."""
 
 from __future__ import annotations
 
-import gzip
 import json
 
 import numpy as np
 import pytest
 import torch
+from conftest import logged_losses, write_idx
 
 from clipsnail.cli import main
 from clipsnail.layers.causal import WNConv2d, causal_attention, causal_mask, data_dependent_init
-from clipsnail.layers.mixture import discretized_mix_logistic_channel_log_probs, sampling_noise
+from clipsnail.layers.mixture import (
+    bits_per_dim,
+    discretized_mix_logistic_channel_log_probs,
+    discretized_mix_logistic_nll,
+    sampling_noise,
+)
 from clipsnail.models.pixelsnail import CONFIGS, PixelSNAIL, PixelSNAILConfig
 from clipsnail.sampling import cached_sample, naive_sample
+from clipsnail.tasks.pixelsnail import mean_bits_per_dim
 
 
 def _model(channels=3, **kw) -> PixelSNAIL:
@@ -179,10 +185,16 @@ def test_guide_params_moves_logits_and_means_only():
     assert torch.equal(out[:, ~moved], cond[:, ~moved])
 
 
-def _write_idx(path, array, magic):
-    header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
+def test_mean_bits_per_dim_is_the_eval_mode_nll_over_all_batches():
+    model = _model(channels=1).train()
+    x = torch.randint(0, 256, (5, 1, 6, 6), generator=torch.Generator().manual_seed(0)) / 127.5 - 1
+    nr_mix = model.cfg.nr_mix
+    bpd = mean_bits_per_dim(model, [(x[:3], None), (x[3:], None)], nr_mix, 36)
+    assert model.training  # the mode is given back
+    with torch.no_grad():
+        expected = bits_per_dim(discretized_mix_logistic_nll(x, model.eval()(x), nr_mix).item(), 36)
+    assert bpd == pytest.approx(expected, rel=1e-5)
+    assert mean_bits_per_dim(model, [], nr_mix, 36) is None
 
 
 @pytest.fixture(scope="module")
@@ -193,8 +205,8 @@ def digits_dir(tmp_path_factory):
     images = np.zeros((40, 12, 12), np.uint8)
     for i, y in enumerate(labels):
         images[i, 2 + 2 * y : 4 + 2 * y, 2:10] = 255
-    _write_idx(out / "t10k-images-idx3-ubyte.gz", images, 0x803)
-    _write_idx(out / "t10k-labels-idx1-ubyte.gz", labels, 0x801)
+    write_idx(out / "t10k-images-idx3-ubyte.gz", images)
+    write_idx(out / "t10k-labels-idx1-ubyte.gz", labels)
     return out
 
 
@@ -206,7 +218,7 @@ def test_train_eval_sample_commands(digits_dir, tmp_path, capsys):
     assert main(args) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert 0 < metrics["ema_test_bits_per_dim"] < 8
-    losses = [json.loads(ln)["loss"] for ln in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in ln]
+    losses = logged_losses(run)
     assert np.mean(losses[-3:]) < np.mean(losses[:3])
     assert (run / "samples" / "epoch_003.png").is_file()
 

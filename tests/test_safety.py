@@ -10,11 +10,9 @@ import subprocess
 import sys
 from contextlib import contextmanager
 
-import numpy as np
 import pytest
-from PIL import Image
+from conftest import noise_image
 
-import clipsnail
 from clipsnail import safeio
 from clipsnail.cli import main
 from clipsnail.data.captions import load_split, read_captions
@@ -41,22 +39,11 @@ def deadline(seconds=20):
         signal.signal(signal.SIGALRM, old)
 
 
-def noise_image(path, seed, size=16):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
-
-
 def dead_pid():
     """The PID of a process that has exited (so its temp files are leftovers)."""
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
     return proc.pid
-
-
-@pytest.fixture(scope="module")
-def model(clip_run):
-    return clipsnail.load(clip_run)
 
 
 @pytest.fixture
@@ -70,23 +57,23 @@ def photos(tmp_path):
 # ----------------------------------------------------------------------- 1. never replace a folder we did not write
 
 
-def test_index_build_refuses_a_users_folder_that_happens_to_hold_index_json(model, photos, tmp_path):
+def test_index_build_refuses_a_users_folder_that_happens_to_hold_index_json(clip_model, photos, tmp_path):
     users = tmp_path / "mine"
     users.mkdir()
     (users / "index.json").write_text('{"my": "own file"}')
     (users / "thesis.tex").write_text("years of work")
     with pytest.raises(DataError, match="is not a clipsnail index; refusing to replace it"):
-        build_index(model, photos, users, progress=False)
+        build_index(clip_model, photos, users, progress=False)
     assert (users / "thesis.tex").read_text() == "years of work" and sorted(os.listdir(users)) == [
         "index.json", "thesis.tex"]
-    assert main(["index", "build", "--model", str(model.run_dir), "--images", str(photos), "--out", str(users),
+    assert main(["index", "build", "--model", str(clip_model.run_dir), "--images", str(photos), "--out", str(users),
                  "--no-progress"]) == 2
     assert (users / "thesis.tex").exists()
     # an index of ours is replaced, an empty folder is filled
-    build_index(model, photos, tmp_path / "idx", progress=False)
-    build_index(model, photos, tmp_path / "idx", progress=False)
+    build_index(clip_model, photos, tmp_path / "idx", progress=False)
+    build_index(clip_model, photos, tmp_path / "idx", progress=False)
     (tmp_path / "empty").mkdir()
-    assert len(build_index(model, photos, tmp_path / "empty", progress=False)[0]) == 4
+    assert len(build_index(clip_model, photos, tmp_path / "empty", progress=False)[0]) == 4
 
 
 def test_export_shapes_and_shards_refuse_folders_they_did_not_write(clip_run, shapes_dir, tmp_path, capsys):
@@ -147,12 +134,12 @@ def _swap_in_child(call_number, exchange_works, new_dir, out_dir):
     (True, [4, 5, 5], [9, 9, 0]),  # killed before the exchange, after it (old folder not yet deleted), never
     (False, [4, 4, 4, 5, 5], [9, 9, 9, 9, 0]),  # the third kill falls between the two renames: repaired on load
 ], ids=["exchange", "two-renames"])
-def test_a_kill_at_any_instant_of_the_swap_leaves_a_whole_index(model, photos, tmp_path, exchange_works, sizes,
+def test_a_kill_at_any_instant_of_the_swap_leaves_a_whole_index(clip_model, photos, tmp_path, exchange_works, sizes,
                                                                  exits):
     old, new, out = tmp_path / "old", tmp_path / "new", tmp_path / "idx"
-    build_index(model, photos, old, progress=False)
+    build_index(clip_model, photos, old, progress=False)
     noise_image(photos / "extra.png", 99)
-    build_index(model, photos, new, progress=False)
+    build_index(clip_model, photos, new, progress=False)
     for call_number, (size, exit_code) in enumerate(zip(sizes, exits), 1):
         shutil.copytree(old, out)
         child = multiprocessing.get_context("fork").Process(
@@ -163,7 +150,7 @@ def test_a_kill_at_any_instant_of_the_swap_leaves_a_whole_index(model, photos, t
         index = ImageIndex.load(out)
         assert len(index) == size and index.vectors().shape == (size, 16)
         assert index.search(index.vectors()[:1], k=1)[0][0].id == 0
-        update_index(model, out, progress=False)  # the next write deletes what the killed one left beside it
+        update_index(clip_model, out, progress=False)  # the next write deletes what the killed one left beside it
         assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".idx")] == []
         shutil.rmtree(out)
 
@@ -210,13 +197,13 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
 # ------------------------------------------------------------------------------------- 3. FIFOs, devices, lying files
 
 
-def test_fifos_and_devices_named_like_images_are_skipped_not_read(model, photos, tmp_path, caplog):
+def test_fifos_and_devices_named_like_images_are_skipped_not_read(clip_model, photos, tmp_path, caplog):
     os.mkfifo(photos / "pipe.jpg")
     os.symlink("/dev/zero", photos / "zero.jpg")
     with deadline():
         assert [p.name for p in list_images(photos)] == ["0.png", "1.png", "2.png", "3.png"]
         assert "pipe.jpg (a FIFO)" in caplog.text
-        index, stats = build_index(model, photos, tmp_path / "idx", progress=False)
+        index, stats = build_index(clip_model, photos, tmp_path / "idx", progress=False)
         assert stats["total"] == 4
         with pytest.raises(DataError, match="a FIFO, not a regular file"):
             load_image(photos / "pipe.jpg")
@@ -225,7 +212,7 @@ def test_fifos_and_devices_named_like_images_are_skipped_not_read(model, photos,
         # a file swapped for a FIFO after indexing: the update refuses it instead of waiting on it
         (photos / "1.png").unlink()
         os.mkfifo(photos / "1.png")
-        assert update_index(model, tmp_path / "idx", progress=False)[1]["total"] == 3
+        assert update_index(clip_model, tmp_path / "idx", progress=False)[1]["total"] == 3
 
 
 def test_read_regular_refuses_files_over_the_limit(tmp_path):
@@ -267,9 +254,9 @@ def test_links_are_skipped_by_default_and_never_lead_outside(tree, caplog):
     assert "leading outside" in caplog.text
 
 
-def test_the_index_never_holds_or_serves_a_file_outside_its_folder(model, tree, tmp_path):
+def test_the_index_never_holds_or_serves_a_file_outside_its_folder(clip_model, tree, tmp_path):
     root, outside = tree
-    index, _ = build_index(model, root, tmp_path / "idx", progress=False, follow_links=True)
+    index, _ = build_index(clip_model, root, tmp_path / "idx", progress=False, follow_links=True)
     assert not any("secret" in str(p) or "private" in str(p) for p in index.paths)
     assert index.follow_links and ImageIndex.load(tmp_path / "idx").follow_links
     with pytest.raises(DataError, match="leads outside"):
@@ -283,8 +270,8 @@ def test_the_index_never_holds_or_serves_a_file_outside_its_folder(model, tree, 
         ImageIndex.load(tmp_path / "idx")
 
 
-def test_index_json_that_is_a_list_or_lacks_a_key_is_one_clear_error(model, photos, tmp_path):
-    build_index(model, photos, tmp_path / "idx", progress=False)
+def test_index_json_that_is_a_list_or_lacks_a_key_is_one_clear_error(clip_model, photos, tmp_path):
+    build_index(clip_model, photos, tmp_path / "idx", progress=False)
     meta_path = tmp_path / "idx" / "index.json"
     meta = json.loads(meta_path.read_text())
     meta_path.write_text("[1, 2]")

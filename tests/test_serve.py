@@ -16,12 +16,11 @@ import zlib
 from types import SimpleNamespace
 
 import pytest
-import torch
+from conftest import StandInGenerator, tiny_t2i_args
 from fastapi.responses import HTMLResponse
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from clipsnail import load
 from clipsnail.cli import main
 from clipsnail.index import ImageIndex, build_index
 from clipsnail.serve import Limits, create_app
@@ -30,30 +29,15 @@ BASE = "http://127.0.0.1"  # the app answers loopback host names only
 
 
 @pytest.fixture(scope="module")
-def served(clip_run, shapes_dir, tmp_path_factory):
-    model = load(clip_run)
-    index, _ = build_index(model, shapes_dir / "images", tmp_path_factory.mktemp("serve") / "index", progress=False)
-    return SimpleNamespace(index=index, model=model)
+def served(clip_model, shapes_dir, tmp_path_factory):
+    index, _ = build_index(clip_model, shapes_dir / "images", tmp_path_factory.mktemp("serve") / "index",
+                           progress=False)
+    return SimpleNamespace(index=index, model=clip_model)
 
 
 @pytest.fixture(scope="module")
 def client(served):
     return TestClient(create_app(served.index, served.model), base_url=BASE)
-
-
-class StandInGenerator:
-    """The `.generate` interface of TextToImage, drawing noise: the app's job handling without a trained model."""
-
-    def __init__(self, size=8, gate: threading.Event | None = None):
-        self.config = SimpleNamespace(data=SimpleNamespace(image_size=size))
-        self.size, self.gate, self.calls = size, gate, []
-
-    def generate(self, prompt, n=16, guidance=1.0, rerank=0, temperature=1.0, seed=0):
-        self.calls.append((prompt, n, guidance, rerank, temperature, seed))
-        if self.gate is not None:
-            assert self.gate.wait(30)
-        g = torch.Generator().manual_seed(seed)
-        return torch.rand(n, 3, self.size, self.size, generator=g) * 2 - 1, torch.rand(n, generator=g)
 
 
 def png(size=(16, 16), color=(200, 30, 30)) -> bytes:
@@ -326,17 +310,12 @@ def test_generation_queue_is_bounded_and_one_at_a_time(served):
     assert r.status_code == 200 and r.json()["status"] == "done"  # room again once the queue drained
 
 
+@pytest.mark.slow
 def test_generation_with_a_tiny_trained_text_to_image_run(served, clip_run, shapes_dir, tmp_path):
     from clipsnail.serve import load_generator
 
     run = tmp_path / "t2i"
-    args = ["t2i", "train", "--kind", "pixelsnail", "--clip", str(clip_run), "--config", "tiny",
-            "--captions", str(shapes_dir / "captions.csv"), "--images", str(shapes_dir / "images"),
-            "--split-file", str(shapes_dir / "split.json"), "--no-progress", "--out", str(run)]
-    for item in ["data.image_size=8", "train.max_steps=2", "train.batch_size=8", "data.eval_prompts=1",
-                 "data.max_eval_images=8"]:
-        args += ["--set", item]
-    assert main(args) == 0
+    assert main(tiny_t2i_args(clip_run, shapes_dir, run, "data.eval_prompts=1")) == 0
     c = TestClient(create_app(served.index, served.model, load_generator(run)), base_url=BASE)
     assert c.get("/api/info").json()["generator_image_size"] == 8
     r = c.post("/api/generate", json={"prompt": "a red circle", "n": 3, "rerank": 2, "guidance": 2, "seed": 0,

@@ -15,9 +15,8 @@ import time
 from types import SimpleNamespace
 
 import pytest
-import torch
+from conftest import StandInGenerator
 
-from clipsnail import load
 from clipsnail.index import build_index
 from clipsnail.serve import Limits, create_app
 
@@ -38,25 +37,14 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium binary fou
                                 "or `make browser`; or set CHROMIUM=/path/to/chrome)")
 
 
-class SlowNoiseGenerator:
-    """TextToImage's `.generate` interface drawing noise, a little slowly, so the page shows chunks arriving."""
-
-    config = SimpleNamespace(data=SimpleNamespace(image_size=8))
-
-    def generate(self, prompt, n=16, guidance=1.0, rerank=0, temperature=1.0, seed=0):
-        time.sleep(0.3)
-        g = torch.Generator().manual_seed(seed)
-        return torch.rand(n, 3, 8, 8, generator=g) * 2 - 1, torch.rand(n, generator=g)
-
-
 @pytest.fixture(scope="module")
-def server(shapes_dir, clip_run, tmp_path_factory):
+def server(shapes_dir, clip_model, tmp_path_factory):
     import uvicorn
 
     root = tmp_path_factory.mktemp("serve_e2e")
-    model = load(clip_run)
-    index, _ = build_index(model, shapes_dir / "images", root / "index", progress=False)
-    app = create_app(index, model, SlowNoiseGenerator(), Limits(generate_chunk=2))
+    index, _ = build_index(clip_model, shapes_dir / "images", root / "index", progress=False)
+    # noise drawn a little slowly, so the page shows chunks arriving
+    app = create_app(index, clip_model, StandInGenerator(delay=0.3), Limits(generate_chunk=2))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))  # a free port, held from here on: no race with other processes
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))

@@ -1,4 +1,4 @@
-"""Text to image: the seed-004 feature predictor (retrieve) and the text-conditioned PixelSNAIL (guided, reranked),
+"""Text to image: the text-to-feature predictor (retrieve) and the text-conditioned PixelSNAIL (guided, reranked),
 through the CLI and the Python API, on tiny shapes data and a tiny CLIP run."""
 
 from __future__ import annotations
@@ -7,24 +7,15 @@ import json
 
 import pytest
 import torch
+from conftest import caption_flags, sets, tiny_t2i_args
 from PIL import Image
 
 from clipsnail import load
 from clipsnail.cli import main
 from clipsnail.models.text2feat import Text2FeatConfig, TextToFeature, nearest
 
-
-def _caption_flags(shapes_dir):
-    return ["--captions", str(shapes_dir / "captions.csv"), "--images", str(shapes_dir / "images"),
-            "--split-file", str(shapes_dir / "split.json"), "--no-progress"]
-
-
 TINY_RETRIEVE = ["model.width=32", "model.depth=1", "model.heads=2", "model.context_length=48",
                  "train.batch_size=16", "train.log_every=1"]
-
-
-def _sets(items):
-    return [a for item in items for a in ("--set", item)]
 
 
 @pytest.mark.parametrize("pool,loss,distance", [("last", "mse", "euclidean"), ("mean", "cosine", "cosine")])
@@ -57,8 +48,8 @@ def test_nearest_finds_the_closest_known_feature_by_either_distance():
 
 def test_retrieve_train_and_generate(shapes_dir, clip_run, tmp_path, capsys):
     run = tmp_path / "retrieve"
-    args = ["t2i", "train", "--kind", "retrieve", "--encoder", str(clip_run), *_caption_flags(shapes_dir),
-            "--out", str(run), *_sets(TINY_RETRIEVE + ["train.max_steps=6"])]
+    args = ["t2i", "train", "--kind", "retrieve", "--encoder", str(clip_run), *caption_flags(shapes_dir),
+            "--out", str(run), *sets(TINY_RETRIEVE + ["train.max_steps=6"])]
     assert main(args) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert 0 <= metrics["val_image_retrieval_recall@1"] <= metrics["val_image_retrieval_recall@5"] <= 1
@@ -79,10 +70,11 @@ def test_retrieve_train_and_generate(shapes_dir, clip_run, tmp_path, capsys):
     assert [round(d, 4) for _, d in retriever.generate("a blue square", k=4)] == distances
 
 
+@pytest.mark.slow
 def test_retrieve_with_a_timm_encoder(shapes_dir, tmp_path, capsys):
     run = tmp_path / "retrieve_timm"
-    args = ["t2i", "train", "--kind", "retrieve", "--encoder", "timm:resnet18", *_caption_flags(shapes_dir),
-            "--out", str(run), *_sets(TINY_RETRIEVE + ["train.max_steps=2", "encoder_pretrained=false",
+    args = ["t2i", "train", "--kind", "retrieve", "--encoder", "timm:resnet18", *caption_flags(shapes_dir),
+            "--out", str(run), *sets(TINY_RETRIEVE + ["train.max_steps=2", "encoder_pretrained=false",
                                                        "model.loss=cosine", "model.pool=mean"])]
     assert main(args) == 0
     capsys.readouterr()
@@ -91,10 +83,7 @@ def test_retrieve_with_a_timm_encoder(shapes_dir, tmp_path, capsys):
 
 def test_text_conditioned_pixelsnail_guided_and_reranked(shapes_dir, clip_run, tmp_path, capsys):
     run = tmp_path / "t2i"
-    args = ["t2i", "train", "--kind", "pixelsnail", "--clip", str(clip_run), "--config", "tiny",
-            *_caption_flags(shapes_dir), "--out", str(run),
-            *_sets(["data.image_size=8", "train.max_steps=3", "train.batch_size=8", "cond_dropout=0.5",
-                    "data.eval_prompts=2", "data.max_eval_images=16"])]
+    args = tiny_t2i_args(clip_run, shapes_dir, run, "train.max_steps=3", "cond_dropout=0.5", "data.max_eval_images=16")
     assert main(args) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert 0 < metrics["val_bits_per_dim"] < 16 and 0 < metrics["ema_val_bits_per_dim"] < 16
@@ -119,7 +108,7 @@ def test_text_conditioned_pixelsnail_guided_and_reranked(shapes_dir, clip_run, t
 
 
 def test_bad_inputs_are_named(shapes_dir, clip_run, tmp_path, capsys):
-    base = ["t2i", "train", *_caption_flags(shapes_dir), *_sets(TINY_RETRIEVE + ["train.max_steps=1"])]
+    base = ["t2i", "train", *caption_flags(shapes_dir), *sets(TINY_RETRIEVE + ["train.max_steps=1"])]
     assert main([*base, "--kind", "retrieve", "--out", str(tmp_path / "a")]) == 2
     assert "encoder" in capsys.readouterr().err
     assert main([*base, "--kind", "retrieve", "--encoder", str(shapes_dir), "--out", str(tmp_path / "b")]) == 2
@@ -127,7 +116,7 @@ def test_bad_inputs_are_named(shapes_dir, clip_run, tmp_path, capsys):
     classify_like = tmp_path / "not_clip"
     classify_like.mkdir()
     (classify_like / "config.json").write_text('{"task": "pixelsnail"}')
-    assert main(["t2i", "train", "--kind", "pixelsnail", "--clip", str(classify_like), *_caption_flags(shapes_dir),
+    assert main(["t2i", "train", "--kind", "pixelsnail", "--clip", str(classify_like), *caption_flags(shapes_dir),
                  "--out", str(tmp_path / "c")]) == 2
     assert "CLIP run directory is needed" in capsys.readouterr().err
     assert main(["generate", "--model", str(clip_run), "a red circle", "--out", str(tmp_path / "x.png")]) == 2

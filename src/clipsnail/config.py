@@ -2,6 +2,19 @@
 
 An unknown key is an error that lists the valid ones; a leaf name that is unique in the tree may be given without
 its section (`--set image_encoder=lemevit_tiny` means `model.image_encoder`).
+
+`load_config` merges, later winning: `defaults` (a task's preset) < the YAML file < `values` (typed values, e.g.
+from command-line flags) < `overrides`, in their order. An override is either a `--set` string "key=value", whose
+value is parsed as YAML (`--set train.epochs=5` is the number 5), or a (key, value) pair whose value is used as
+given. Typed values are never parsed: `--images 010` stays the folder "010" and `--captions on` the file "on". Every
+value then goes through the conversions and checks of a YAML file's values (`from_dict`): "5" for an int field is
+5, "true" for a bool field is True, 2.5 for an int field is an error.
+
+The `clipsnail` command passes its flags as typed values: the data and model flags of a command (`--captions`,
+`--images`, `--data`, `--model`...) as `values`, which `--set` overrides; then the `--set` strings; then the
+training flags (`--epochs`, `--time-budget`, `--seed`, `--device`) as pairs, so these win over `--set`. A PixelSNAIL
+preset (`--config tiny`, default small) is `defaults`: a YAML file given to `--config` instead sets fields over the
+small preset.
 """
 
 from __future__ import annotations
@@ -10,7 +23,7 @@ import dataclasses
 import re
 import types
 import typing
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -84,9 +97,13 @@ def from_dict(cls: type, data: dict, where: str = "", base: Any = None) -> Any:
     return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
 
 
-def load_config(cls: type, yaml_path: str | Path | None = None, overrides: Iterable[str] = (),
-                defaults: dict | None = None) -> Any:
-    """defaults (a task's preset) < YAML file < `--set` overrides."""
+def load_config(cls: type, yaml_path: str | Path | None = None, overrides: Iterable[str | tuple[str, Any]] = (),
+                defaults: dict | None = None, values: Mapping[str, Any] | None = None) -> Any:
+    """defaults (a task's preset, a nested dict) < YAML file < `values` < `overrides` (in order).
+
+    `values`: typed values by key ("data.images", or a unique leaf name), used as given (never parsed as YAML).
+    `overrides`: `--set` strings "key=value" (the value parsed as YAML) or (key, value) pairs (used as given).
+    """
     data: dict = {}
     _merge(data, defaults or {})
     if yaml_path:
@@ -101,16 +118,25 @@ def load_config(cls: type, yaml_path: str | Path | None = None, overrides: Itera
             raise ConfigError(f"{path}: expected a mapping at the top level")
         _merge(data, loaded)
     leaves = _leaf_paths(cls)
+    for key, value in (values or {}).items():
+        _assign(data, _resolve_key(key, leaves), value)
     for item in overrides:
+        if isinstance(item, tuple):
+            key, value = item
+            _assign(data, _resolve_key(key, leaves), value)
+            continue
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected key=value")
-        path = _resolve_key(key.strip(), leaves)
-        node = data
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        _assign(data, _resolve_key(key.strip(), leaves), yaml.safe_load(raw) if raw.strip() else "")
     return from_dict(cls, data)
+
+
+def _assign(data: dict, path: tuple[str, ...], value: Any) -> None:
+    node = data
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+    node[path[-1]] = value
 
 
 def _merge(into: dict, new: dict) -> None:

@@ -15,6 +15,23 @@ from pathlib import Path
 
 import torch
 
+from clipsnail.config import load_config
+from clipsnail.data.images import list_image_folder
+from clipsnail.data.shapes import generate_attribute_folder, generate_shapes
+from clipsnail.engine import fit
+from clipsnail.evaluate import (
+    classification_metrics,
+    encode_image_paths,
+    evaluate_caption_split,
+    zero_shot_logits,
+    zero_shot_weights,
+)
+from clipsnail.hub import load
+from clipsnail.index import folder_index
+from clipsnail.plots import write_result_grid
+from clipsnail.safeio import atomic_write_text
+from clipsnail.tasks.clip import ClipConfig, ClipTask
+
 log = logging.getLogger(__name__)
 
 QUERIES = ["a red circle", "a blue square", "two green triangles", "a large yellow star",
@@ -23,40 +40,22 @@ HOLDOUT = [("purple", "triangle")]
 DEMO_STEPS = 1500
 
 
-def demo_config(data_dir: Path, steps: int):
-    from clipsnail.config import load_config
-    from clipsnail.tasks.clip import ClipConfig
-
-    overrides = [
-        f"data.captions={data_dir / 'captions.csv'}", f"data.images={data_dir / 'images'}",
-        f"data.split_file={data_dir / 'split.json'}", "train.batch_size=128", "train.log_every=10",
-        "train.checkpoint_every=100", "optim.lr=1e-3", "optim.weight_decay=0.2", "optim.warmup_steps=50",
-        "model.patch_size=8",
+def demo_config(data_dir: Path, steps: int) -> ClipConfig:
+    data_dir = Path(data_dir)
+    return load_config(ClipConfig, values={
+        "data.captions": str(data_dir / "captions.csv"), "data.images": str(data_dir / "images"),
+        "data.split_file": str(data_dir / "split.json"), "train.batch_size": 128, "train.log_every": 10,
+        "train.checkpoint_every": 100, "optim.lr": 1e-3, "optim.weight_decay": 0.2, "optim.warmup_steps": 50,
+        "model.patch_size": 8,
         # A convolutional stem: with a plain patchify stem a ViT this small learns colour at once but not the
         # outlines of the shapes within minutes (BENCHMARKS.md).
-        "model.vision_stem=conv", "data.context_length=24", "train.eval_every=0",
-    ]
-    overrides.append(f"train.max_steps={steps}")
-    return load_config(ClipConfig, overrides=overrides)
+        "model.vision_stem": "conv", "data.context_length": 24, "train.eval_every": 0,
+        "train.max_steps": steps,
+    })
 
 
 def run_demo(out: Path, steps: int = DEMO_STEPS, quick: bool = False, progress: bool = True) -> dict:
     """quick: a few hundred images and `steps` as given (for smoke tests)."""
-    from clipsnail.cli import write_result_grid
-    from clipsnail.data.images import list_image_folder
-    from clipsnail.data.shapes import generate_attribute_folder, generate_shapes
-    from clipsnail.engine import fit
-    from clipsnail.evaluate import (
-        classification_metrics,
-        encode_image_paths,
-        evaluate_caption_split,
-        zero_shot_logits,
-        zero_shot_weights,
-    )
-    from clipsnail.hub import load
-    from clipsnail.index import folder_index
-    from clipsnail.tasks.clip import ClipTask
-
     out.mkdir(parents=True, exist_ok=True)
     data_dir, run_dir = out / "shapes", out / "run"
     n_images = 600 if quick else 6000
@@ -103,10 +102,11 @@ def run_demo(out: Path, steps: int = DEMO_STEPS, quick: bool = False, progress: 
     grids = []
     for q in QUERIES:
         hits = index.search(model.encode_text([q]), k=9)[0]
-        grids.append(write_result_grid(out / "queries" / (q.replace(" ", "_") + ".png"), q, hits))
+        grids.append(write_result_grid(out / "queries" / (q.replace(" ", "_") + ".png"), q,
+                                       [(h.path, h.score) for h in hits]))
 
     summary = {k: round(v, 4) for k, v in metrics.items() if "rank" not in k}
-    (out / "demo_metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / "demo_metrics.json", json.dumps(summary, indent=2) + "\n")
     say("")
     say(json.dumps(summary, indent=2))
     say("")

@@ -1,6 +1,6 @@
 """Evaluation: retrieval recall@k (clip_benchmark definitions), zero-shot classification, encoding helpers.
 
-Retrieval with several captions per image (DESIGN.md contract):
+Retrieval with several captions per image:
 - image_retrieval_recall@k (text -> image): per caption, is its image among the top k images; mean over captions.
 - text_retrieval_recall@k (image -> text): per image, is ANY of its captions among the top k captions; mean over
   images.
@@ -152,7 +152,7 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, top: int 
 
 def classification_report(logits: torch.Tensor, labels: torch.Tensor,
                           class_names: Sequence[str]) -> tuple[dict, dict, str]:
-    """The DESIGN.md classification keys (acc1, acc5, macro precision/recall/F1), and from scikit-learn the
+    """The classification metrics (acc1, acc5, macro precision/recall/F1), and from scikit-learn the
     per-class precision/recall/F1/support, as (metrics, per_class, printable report)."""
     from sklearn.metrics import classification_report as sk_report
     from sklearn.metrics import precision_recall_fscore_support

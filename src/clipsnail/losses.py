@@ -1,5 +1,6 @@
 """Training losses. CLIP's symmetric InfoNCE (with a multi-positive variant for batches that hold several
-captions of one image, or the same caption for several images)."""
+captions of one image, or the same caption for several images), and cross-entropy against soft targets (label
+smoothing, Mixup/CutMix)."""
 
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ def clip_loss(
     Features must already be L2-normalised and `logit_scale` is exp(t), as in the CLIP paper and open_clip's
     ClipLoss. With `positives=None` the targets are the diagonal. `positives` is a boolean matrix (True on the
     diagonal) marking every pair that truly matches: each row's target is then spread uniformly over its
-    positives, so a duplicate is not punished as a negative (seed 000's motivation for soft targets, done without
-    its fixed temperature and unnormalised similarities).
+    positives, so a duplicate is not punished as a negative (the similarities stay cosines scaled by the
+    learned temperature, not raw dot products at a fixed one).
 
     Rows and columns may differ (open_clip's `local_loss`): the rows are this process's samples, which sit at
     `offset` in the global batch, and the columns are `all_*_features`, the whole batch gathered from every
@@ -43,7 +44,8 @@ def clip_loss(
         return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
     targets = positives.to(logits_per_image.dtype)
     targets = targets / targets.sum(dim=1, keepdim=True)
-    return (_soft_cross_entropy(logits_per_image, targets) + _soft_cross_entropy(logits_per_text, targets)) / 2
+    return (soft_target_cross_entropy(logits_per_image, targets)
+            + soft_target_cross_entropy(logits_per_text, targets)) / 2
 
 
 def distributed_clip_loss(
@@ -74,7 +76,9 @@ def distributed_clip_loss(
                      all_image_features=all_image, all_text_features=all_text, offset=rows.start)
 
 
-def _soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of -sum_c targets[c] * log softmax(logits)[c]: cross-entropy when each row of `targets`
+    is a distribution over the classes rather than one label (timm's SoftTargetCrossEntropy)."""
     return -(targets * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from clipsnail.data.images import load_image
 from clipsnail.safeio import atomic_path
 
 
@@ -120,3 +121,9 @@ def save_png(image: Image.Image, path: str | Path) -> Path:
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
     return path
+
+
+def write_result_grid(path: str | Path, title: str, results: Sequence[tuple[str | Path, float]]) -> Path:
+    """Search results as a grid PNG: (image path, score) pairs, best first, each image labelled with its score."""
+    images = [load_image(p) for p, _ in results]
+    return save_png(image_grid(images, title=title, labels=[f"{s:.3f}" for _, s in results]), path)

@@ -1,5 +1,5 @@
 """A model summary table: layers to a given depth, their output shapes on an example input, parameter counts,
-and whether they train or are frozen (what seed 003 used torchinfo for)."""
+and whether they train or are frozen (what torchinfo's summary shows)."""
 
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ class CaptionImageDataset(Dataset):
     """Images with one or more captions each.
 
     sampling="image": one item per image, with one of its captions drawn at random (each epoch sees every image
-    once and a batch never holds the same image twice); sampling="pair": one item per caption (seed 000).
+    once and a batch never holds the same image twice); sampling="pair": one item per caption.
     A corrupt image yields None (collate drops it and counts it) unless strict. Decoded images are kept in memory
     up to `cache_mb` (small corpora are then decoded once, not once per epoch).
     """

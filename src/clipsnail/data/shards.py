@@ -13,6 +13,7 @@ have seen: see `ShardStream`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import itertools
@@ -33,7 +34,7 @@ from clipsnail.data.captions import load_split
 from clipsnail.data.images import IMAGE_EXTENSIONS, load_image
 from clipsnail.errors import ConfigError, DataError
 from clipsnail.rng import seeded
-from clipsnail.safeio import MAX_IMAGE_FILE_BYTES, atomic_write_text, clean_stale, read_regular, temp_sibling
+from clipsnail.safeio import MAX_IMAGE_FILE_BYTES, atomic_path, atomic_write_text, read_regular
 
 log = logging.getLogger(__name__)
 
@@ -68,25 +69,21 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 class _ShardWriter:
-    """Tar shards of at most `shard_size` samples. They are written under temp names and renamed only once all
-    are complete (`commit`), so a failed write leaves the folder as it was."""
+    """Tar shards of at most `shard_size` samples; `open_shard(name)` gives the path to write shard `name` to."""
 
-    def __init__(self, out_dir: Path, prefix: str, shard_size: int):
-        self.out_dir, self.prefix, self.shard_size = out_dir, prefix, shard_size
+    def __init__(self, prefix: str, shard_size: int, open_shard: Callable[[str], Path]):
+        self.prefix, self.shard_size, self._open_shard = prefix, shard_size, open_shard
         self.sizes: dict[str, int] = {}
-        self._temps: dict[str, Path] = {}
         self.samples = 0
         self._tar: tarfile.TarFile | None = None
         self._name = ""
 
     def add(self, members: dict[str, bytes]) -> str:
         if self._tar is None or self.sizes[self._name] == self.shard_size:
-            self._close()
+            self.close()
             self._name = f"{self.prefix}{len(self.sizes):0{SHARD_DIGITS}d}.tar"
             self.sizes[self._name] = 0
-            clean_stale(self.out_dir / self._name)  # temp files of a write that was killed
-            self._temps[self._name] = temp_sibling(self.out_dir / self._name)
-            self._tar = tarfile.open(self._temps[self._name], "w", format=tarfile.USTAR_FORMAT)
+            self._tar = tarfile.open(self._open_shard(self._name), "w", format=tarfile.USTAR_FORMAT)
         key = f"{self.samples:0{KEY_DIGITS}d}"
         for ext, data in members.items():
             _add_member(self._tar, f"{key}.{ext}", data)
@@ -94,20 +91,10 @@ class _ShardWriter:
         self.samples += 1
         return key
 
-    def _close(self) -> None:
+    def close(self) -> None:
         if self._tar is not None:
             self._tar.close()
             self._tar = None
-
-    def commit(self) -> None:
-        self._close()
-        for name, temp in self._temps.items():
-            os.replace(temp, self.out_dir / name)
-
-    def abort(self) -> None:
-        self._close()
-        for temp in self._temps.values():
-            temp.unlink(missing_ok=True)
 
 
 def _write_json(path: Path, obj) -> None:
@@ -170,36 +157,37 @@ def write_shards(
         raise DataError(f"{out_dir / foreign[0]}: named like a shard but not listed in {out_dir / 'sizes.json'}, so "
                         f"not written by `clipsnail data shards`; refusing to overwrite it (choose another --out or "
                         f"--prefix)")
-    writer = _ShardWriter(out_dir, prefix, shard_size)
     skipped = written_captions = 0
-    try:
-        for i in tqdm(order, desc="writing shards", unit="image", disable=not progress):
-            path = images_dir / names[i]
-            try:
-                data = read_regular(path, MAX_IMAGE_FILE_BYTES)
-                load_image(path, data)  # a corrupt image is caught now, not in every epoch of training
-                ext = _image_ext(names[i], data)
-            except OSError as e:
-                raise DataError(f"{path}: cannot read: {e.strerror or e}") from e
-            except DataError as e:
-                if strict:
-                    raise
-                log.warning("skipping %s", e)
-                skipped += 1
-                continue
-            meta = {"captions": captions_of[i], "image": names[i]}
-            writer.add({
-                ext: data,
-                "json": json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8"),
-                "txt": captions_of[i][0].encode("utf-8"),
-            })
-            written_captions += len(captions_of[i])
-        if not writer.sizes:
-            raise DataError(f"{captions}: no readable images in split {split!r} ({skipped} corrupt)")
-    except BaseException:
-        writer.abort()
-        raise
-    writer.commit()
+    # Each shard is written under a temp name (safeio.atomic_path) and renamed over its own name only once all are
+    # complete: a failed or killed write leaves the folder as it was.
+    with contextlib.ExitStack() as temps:
+        writer = _ShardWriter(prefix, shard_size, lambda name: temps.enter_context(atomic_path(out_dir / name)))
+        try:
+            for i in tqdm(order, desc="writing shards", unit="image", disable=not progress):
+                path = images_dir / names[i]
+                try:
+                    data = read_regular(path, MAX_IMAGE_FILE_BYTES)
+                    load_image(path, data)  # a corrupt image is caught now, not in every epoch of training
+                    ext = _image_ext(names[i], data)
+                except OSError as e:
+                    raise DataError(f"{path}: cannot read: {e.strerror or e}") from e
+                except DataError as e:
+                    if strict:
+                        raise
+                    log.warning("skipping %s", e)
+                    skipped += 1
+                    continue
+                meta = {"captions": captions_of[i], "image": names[i]}
+                writer.add({
+                    ext: data,
+                    "json": json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8"),
+                    "txt": captions_of[i][0].encode("utf-8"),
+                })
+                written_captions += len(captions_of[i])
+            if not writer.sizes:
+                raise DataError(f"{captions}: no readable images in split {split!r} ({skipped} corrupt)")
+        finally:
+            writer.close()
     if skipped:
         log.warning("%d corrupt images skipped", skipped)
 

@@ -1,4 +1,4 @@
-"""Text tokenizers: byte-level BPE trained on the captions (CLIP), characters (seed 004), or OpenAI CLIP's own BPE
+"""Text tokenizers: byte-level BPE trained on the captions (CLIP), characters (text2feat), or OpenAI CLIP's own BPE
 (for converted pretrained CLIP models, see `clipsnail.convert`).
 
 All are Hugging Face `tokenizers` objects configured completely (normaliser, pre-tokeniser, start/end tokens,
@@ -130,7 +130,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 4096, context_length: int 
 
 
 def train_chars(texts: Iterable[str], context_length: int = 64, lowercase: bool = True) -> TextTokenizer:
-    """One token per character (seed 004); characters never seen in `texts` map to <unk>."""
+    """One token per character; characters never seen in `texts` map to <unk>."""
     texts = list(texts)
     if lowercase:
         texts = [t.lower() for t in texts]

@@ -1,9 +1,10 @@
 """CLIP (Radford et al. 2021): an image tower and a text tower projected into one space, compared by cosine.
 
 Towers: the small ViT of `vit.py` ("vit"), or any timm model by name ("timm:resnet18", "lemevit_tiny", ...);
-the text tower is the causal Transformer of `text.py`. Projections: a linear map as in the paper, or seed 000's
-projection head (Linear-GELU-Linear-Dropout + residual, LayerNorm). The temperature is learned as
-`logit_scale = log(1/0.07)` and its exp is clamped to 100 by the training task after each step (open_clip).
+the text tower is the causal Transformer of `text.py`. Projections: a linear map as in the paper, or an MLP
+projection head (Linear-GELU-Linear-Dropout + residual, LayerNorm; configs/flickr8k_resnet50.yaml uses it). The
+temperature is learned as `logit_scale = log(1/0.07)` and its exp is clamped to 100 by the training task after each
+step (open_clip).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class ClipModelConfig:
     context_length: int = 32  # filled from the tokenizer
     eot_id: int = 2
     embed_dim: int = 128
-    projection: str = "linear"  # "linear" (paper) or "head" (seed 000)
+    projection: str = "linear"  # "linear" (paper) or "head" (ProjectionHead)
     projection_dropout: float = 0.1
     activation: str = "gelu"  # of both towers' MLPs: "gelu", or "quick_gelu" (OpenAI's pretrained CLIP weights)
     init_logit_scale: float = math.log(1 / 0.07)
@@ -62,7 +63,7 @@ class ClipModelConfig:
 
 
 class ProjectionHead(nn.Module):
-    """Seed 000's head: a linear projection plus a GELU MLP residual, then LayerNorm."""
+    """An MLP projection head: a linear projection plus a GELU MLP residual, then LayerNorm."""
 
     def __init__(self, in_dim: int, out_dim: int, dropout: float = 0.1):
         super().__init__()

@@ -19,8 +19,8 @@ Where it departs, it is on purpose:
   `proj_drop_rate` for that);
 - `mlp_dwconv` applies its depthwise conv to image tokens on their grid (the official code would feed it a token
   sequence and crash); meta tokens have no grid and skip it;
-- D attention computes the paper's resolution-dependent scale (`d_scale="dim"`, REFERENCE.md). The official file does
-  too in its flash-attn/xformers branches, but its plain-PyTorch branch calls SDPA without a scale, i.e. head_dim^-0.5;
+- D attention computes the paper's resolution-dependent scale (`d_scale="dim"`). The official file does too in
+  its flash-attn/xformers branches, but its plain-PyTorch branch calls SDPA without a scale, i.e. head_dim^-0.5;
   `d_scale="head"` reproduces that branch.
 - `stem_stride` 2 or 1 (instead of 4) keeps more tokens for small inputs such as 32x32 CIFAR images; the weights
   have the same shapes, only the conv strides change.

@@ -1,7 +1,7 @@
 """PixelSNAIL (Chen, Mishra, Rohaninejad, Abbeel 2017): an autoregressive image model that mixes causal
 convolutions (local context, PixelCNN++) with causal self-attention (the whole past, in one step).
 
-Follows the official TensorFlow model `_base_noup_smallkey_spec` (REFERENCE.md):
+Follows the model `_base_noup_smallkey_spec` of the authors' TensorFlow code (pixelsnail-public):
 - input: the image in [-1, 1] plus a channel of ones (so that zero padding is distinguishable from black);
 - stem: down_shift(down_shifted_conv [1,3]) + right_shift(down_right_shifted_conv [2,1]): row above and pixel to
   the left, strictly before the current pixel;

@@ -79,11 +79,11 @@ class TextTransformer(nn.Module):
 
 
 class PretrainedTextTower(nn.Module):
-    """A pretrained Hugging Face encoder from a local folder (seed 000 used DistilBERT) as the text tower.
+    """A pretrained Hugging Face encoder from a local folder (DistilBERT, all-MiniLM-L6-v2...) as the text tower.
 
     Pooling: "mean" over non-padding tokens (what sentence-transformers models such as all-MiniLM-L6-v2 were
-    trained with) or "cls" (the first token, seed 000). With `load_weights=False` only the architecture is built
-    from the folder's config.json (the weights then come from a run's model.safetensors).
+    trained with) or "cls" (the first token, as BERT-style encoders are pooled). With `load_weights=False` only the
+    architecture is built from the folder's config.json (the weights then come from a run's model.safetensors).
     """
 
     def __init__(self, model_dir: str, pool: str = "mean", pad_id: int = 0, load_weights: bool = True):

@@ -1,10 +1,11 @@
-"""Seed 004's text-to-image system: a Transformer reads a prompt and predicts the feature vector that a frozen image
+"""Text to image by retrieval: a Transformer reads a prompt and predicts the feature vector that a frozen image
 encoder computes for the matching image; "generation" looks the prediction up among known images.
 
-The seed builds a character-level causal Transformer, takes the state of the last non-padding token and regresses
-a ResNet-18 feature with MSE. Here the text tower is the one CLIP uses (`TextTransformer`: causal, char-level or
-BPE tokens, pooled at <eot>, which is the last non-padding token) or mean-pooled over the prompt's tokens, the head
-is linear, the loss is MSE or cosine, and the image encoder is a trained CLIP run or any timm model.
+The defaults are the plain version of this system: character tokens, a causal Transformer whose state at the last
+non-padding token is regressed onto the image feature with MSE, and the nearest known image by Euclidean distance.
+The text tower is the one CLIP uses (`TextTransformer`: causal, char-level or BPE tokens, pooled at <eot>, which is
+the last non-padding token) or mean-pooled over the prompt's tokens, the head is linear, the loss is MSE or cosine,
+and the image encoder is a trained CLIP run or any timm model (e.g. ResNet-18).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from clipsnail.models.text import TextTransformer
 
 @dataclasses.dataclass
 class Text2FeatConfig:
-    tokenizer: str = "char"  # "char" (the seed) or "bpe"
+    tokenizer: str = "char"  # "char" or "bpe"
     vocab_size: int = 0  # BPE: the vocabulary to learn (0: 2048); then the tokenizer's actual size
     context_length: int = 64
     pad_id: int = 0
@@ -31,10 +32,10 @@ class Text2FeatConfig:
     depth: int = 4
     heads: int = 4
     dropout: float = 0.1
-    pool: str = "last"  # "last": the last non-padding token's state (the seed); "mean": mean over the prompt
+    pool: str = "last"  # "last": the last non-padding token's state; "mean": mean over the prompt
     feature_dim: int = 0  # filled in from the image encoder
-    loss: str = "mse"  # "mse" (the seed) or "cosine"
-    distance: str = "euclidean"  # nearest known image by "euclidean" distance (the seed) or "cosine"
+    loss: str = "mse"  # "mse" or "cosine"
+    distance: str = "euclidean"  # nearest known image by "euclidean" distance or "cosine"
 
 
 def check_config(cfg: Text2FeatConfig) -> None:

@@ -1,9 +1,9 @@
 """The image-classification task: labelled images -> any timm model (LeMeViT included) -> cross-entropy.
 
-Seed 002's training script, done properly: Mixup/CutMix really mix the inputs (the seed mixed the targets only),
-soft-target cross-entropy with label smoothing, RandAugment and random erasing, AdamW without decay on gains, biases
-and meta tokens, warmup + cosine, AMP, gradient clipping, an EMA of the weights evaluated on its own, resume after a
-kill and the best weights by validation accuracy (all from the shared engine).
+The DeiT recipe: Mixup/CutMix that mix the input images as well as the targets, soft-target cross-entropy with label
+smoothing, RandAugment and random erasing, AdamW (no decay on gains, biases and meta tokens) with warmup + cosine;
+and from the shared engine AMP, gradient clipping, an EMA of the weights evaluated on its own, resume after a kill
+and the best weights by validation accuracy.
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ from torchvision.transforms import v2
 
 from clipsnail.config import OptimConfig, TrainConfig, from_dict
 from clipsnail.data.classes import ClassData, ClassImageDataset, read_class_data
+from clipsnail.data.transforms import eval_transform
 from clipsnail.errors import ConfigError, DataError
+from clipsnail.losses import soft_target_cross_entropy
 from clipsnail.optim import param_groups_by_prefix
 from clipsnail.runs import build_described, load_run_weights, save_run
 
@@ -149,11 +151,6 @@ def resolve_input(cfg: ClassifyConfig) -> tuple[int, list[float], list[float]]:
     return size, mean, std
 
 
-def eval_transform(size: int, mean, std) -> v2.Compose:
-    return v2.Compose([v2.ToImage(), v2.Resize(size, antialias=True), v2.CenterCrop(size),
-                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
-
-
 def train_transform(a: AugmentConfig, size: int, mean, std, native_size: int | None) -> v2.Compose:
     crop = a.crop
     if crop == "auto":  # small images (CIFAR, MNIST) are not cropped to 8% of their area; they are padded and shifted
@@ -278,7 +275,7 @@ class ClassifyTask:
             targets = F.one_hot(labels, self.config.model.num_classes).float() * (1 - smoothing) + \
                 smoothing / self.config.model.num_classes
         logits = model(images)
-        loss = torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()  # soft-target CE
+        loss = soft_target_cross_entropy(logits.float(), targets)
         with torch.no_grad():
             acc = (logits.argmax(1) == labels).float().mean().item()  # on mixed images: a rough signal only
         return loss, {"batch_acc": acc}

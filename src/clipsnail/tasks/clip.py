@@ -7,6 +7,7 @@ Only what is specific to CLIP lives here; the loop itself is `clipsnail.engine.f
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
 import shutil
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.data import IterableDataset
 
 from clipsnail import distributed as dist
 from clipsnail.config import OptimConfig, TrainConfig, from_dict
@@ -63,9 +65,9 @@ class FinetuneConfig:
     # A CLIP run to start from (e.g. one written by `clipsnail convert`): its architecture, tokenizer and weights
     # replace the model section; the training run keeps its own data, optimiser and schedule.
     init: str = ""
-    lock_image: bool = False  # freeze the image tower (open_clip --lock-image; seed 000 trainable=False)
+    lock_image: bool = False  # freeze the image tower (open_clip --lock-image)
     lock_text: bool = False
-    image_lr: float | None = None  # per-part learning rates (seed 000: 1e-4 image, 1e-5 text, 1e-3 heads)
+    image_lr: float | None = None  # per-part learning rates (e.g. 1e-4 image, 1e-5 text, 1e-3 heads)
     text_lr: float | None = None
     head_lr: float | None = None
 
@@ -157,6 +159,17 @@ class ClipTask:
             if locked:
                 tower.requires_grad_(False)
         return model
+
+    def example_batch(self) -> dict:
+        """A collated batch of the first two readable training samples (from the first shard of a stream): the
+        example input of `clipsnail clip summary`."""
+        dataset = self.train_dataset
+        if isinstance(dataset, IterableDataset):  # a stream of shards
+            dataset.set_epoch(0, batch_size=2)
+            readable = iter(dataset)
+        else:
+            readable = (dataset[(i, i)] for i in range(len(dataset)))
+        return self.collate(list(itertools.islice((s for s in readable if s is not None), 2)))
 
     def param_groups(self, model: nn.Module) -> list[dict]:
         ft = self.config.finetune

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -29,6 +29,14 @@ from clipsnail.runs import build_described, load_run_weights, save_run
 log = logging.getLogger(__name__)
 
 
+def pixelsnail_optim() -> OptimConfig:
+    """The optimiser of the official PixelSNAIL code, for every PixelSNAIL task: Adam (no weight decay) with betas
+    (0.95, 0.9995) and eps 1e-6 at lr 1e-3, no warmup, the learning rate multiplied by 0.999998 after every step,
+    no gradient clipping."""
+    return OptimConfig(lr=1e-3, weight_decay=0.0, betas=(0.95, 0.9995), eps=1e-6, warmup_steps=0,
+                       schedule="exponential", lr_decay=0.999998, grad_clip=0.0)
+
+
 @dataclasses.dataclass
 class PixelSNAILDataConfig:
     data: str = ""  # mnist:DIR | cifar:DIR | folder:ROOT | ROOT
@@ -46,9 +54,7 @@ class PixelSNAILTaskConfig:
     preset: str = "small"  # a named architecture (models.pixelsnail.CONFIGS); model.* overrides its fields
     model: PixelSNAILConfig = dataclasses.field(default_factory=PixelSNAILConfig)
     data: PixelSNAILDataConfig = dataclasses.field(default_factory=PixelSNAILDataConfig)
-    optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(
-        lr=1e-3, weight_decay=0.0, betas=(0.95, 0.9995), eps=1e-6, warmup_steps=0, schedule="exponential",
-        lr_decay=0.999998, grad_clip=0.0))
+    optim: OptimConfig = dataclasses.field(default_factory=pixelsnail_optim)
     train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(batch_size=32, ema_decay=0.9995))
     class_names: list[str] = dataclasses.field(default_factory=list)  # filled in from the data
 
@@ -70,6 +76,51 @@ def image_transform(size: int, native: int | None) -> v2.Compose:
 
 def _to_signed(t: torch.Tensor) -> torch.Tensor:  # a named function, not a lambda: DataLoader workers pickle it
     return t * 2 - 1
+
+
+def one_hot_condition(labels: torch.Tensor, cond_dim: int) -> torch.Tensor | None:
+    """Class labels -> the one-hot `h` of a class-conditional PixelSNAIL; None when it is unconditional."""
+    return F.one_hot(labels, cond_dim).float() if cond_dim else None
+
+
+def initialised_model(config: PixelSNAILConfig, dataset: Sequence, collate: Callable[[list], dict],
+                      inputs: Callable[[dict], tuple[torch.Tensor, torch.Tensor | None]],
+                      batch_size: int) -> PixelSNAIL:
+    """A new PixelSNAIL after data-dependent initialisation on the first max(batch_size, 16) training samples (a
+    fixed, seeded choice). `inputs(batch)` is the task's (images, h) of a collated batch."""
+    model = PixelSNAIL(config)
+    n = min(len(dataset), max(batch_size, 16))
+    images, h = inputs(collate([dataset[(i, i)] for i in range(n)]))
+    data_dependent_init(model, images, h=h)
+    return model
+
+
+def nll_loss(model: nn.Module, images: torch.Tensor, h: torch.Tensor | None, nr_mix: int,
+             dims: int) -> tuple[torch.Tensor, dict[str, float]]:
+    """The training loss (mean negative log-likelihood per image, in nats) and its bits/dim for the log."""
+    loss = discretized_mix_logistic_nll(images, model(images, h=h).float(), nr_mix)
+    return loss, {"bits_per_dim": bits_per_dim(loss.item(), dims)}
+
+
+@torch.no_grad()
+def mean_bits_per_dim(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]], nr_mix: int,
+                      dims: int) -> float | None:
+    """Mean negative log-likelihood in bits per dimension over (images, h) batches, in eval mode (no dropout), on
+    the model's device; None when the batches held no image."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for images, h in batches:
+            images = images.to(device)
+            h = h.to(device) if h is not None else None
+            total += discretized_mix_logistic_nll(images, model(images, h=h).float(), nr_mix,
+                                                  reduce=False).sum().item()
+            count += len(images)
+    finally:
+        model.train(was_training)
+    return bits_per_dim(total / count, dims) if count else None
 
 
 def read_images(cfg: PixelSNAILTaskConfig, split: str) -> ClassData:
@@ -109,17 +160,14 @@ class PixelSNAILTask:
                  train.split_rule or train.source)
 
     def condition(self, labels: torch.Tensor) -> torch.Tensor | None:
-        if not self.config.model.cond_dim:
-            return None
-        return F.one_hot(labels, self.config.model.cond_dim).float()
+        return one_hot_condition(labels, self.config.model.cond_dim)
+
+    def inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return batch["images"], self.condition(batch["labels"])
 
     def build_model(self) -> PixelSNAIL:
-        model = PixelSNAIL(self.config.model)
-        # Data-dependent initialisation on the first training images (a fixed, seeded choice).
-        n = min(len(self.train_dataset), max(self.config.train.batch_size, 16))
-        batch = self.collate([self.train_dataset[(i, i)] for i in range(n)])
-        data_dependent_init(model, batch["images"], h=self.condition(batch["labels"]))
-        return model
+        return initialised_model(self.config.model, self.train_dataset, self.collate, self.inputs,
+                                 self.config.train.batch_size)
 
     def param_groups(self, model: nn.Module) -> list[dict]:
         return param_groups_by_prefix(model, [], self.config.optim.lr)
@@ -128,11 +176,7 @@ class PixelSNAILTask:
         return self.train_dataset.collate(samples)
 
     def loss(self, model: nn.Module, batch: dict):
-        images = batch["images"]
-        params = model(images, h=self.condition(batch["labels"]))
-        nll = discretized_mix_logistic_nll(images, params.float(), self.config.model.nr_mix, reduce=False)
-        loss = nll.mean()
-        return loss, {"bits_per_dim": loss.item() / (math.log(2) * self.dims)}
+        return nll_loss(model, *self.inputs(batch), self.config.model.nr_mix, self.dims)
 
     def after_optimizer_step(self, model: nn.Module) -> None:
         pass
@@ -169,22 +213,12 @@ def evaluate_bits_per_dim(model: nn.Module, data: ClassData, transform, config: 
 
     dataset = ClassImageDataset(data, transform)
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=dataset.collate)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for batch in tqdm(loader, disable=not progress, desc="bits/dim", leave=False):
-        if batch is None:
-            continue
-        images = batch["images"].to(device)
-        h = F.one_hot(batch["labels"], config.model.cond_dim).float().to(device) if config.model.cond_dim else None
-        total += discretized_mix_logistic_nll(images, model(images, h=h).float(), config.model.nr_mix,
-                                              reduce=False).sum().item()
-        count += len(images)
-    model.train(was_training)
-    if not count:
+    batches = ((batch["images"], one_hot_condition(batch["labels"], config.model.cond_dim))
+               for batch in tqdm(loader, disable=not progress, desc="bits/dim", leave=False) if batch is not None)
+    bpd = mean_bits_per_dim(model, batches, config.model.nr_mix, config.model.channels * config.data.image_size ** 2)
+    if bpd is None:
         raise DataError(f"{data.source}: no readable images in split {data.split!r}")
-    return bits_per_dim(total / count, config.model.channels * config.data.image_size ** 2)
+    return bpd
 
 
 def load_run(run_dir: Path, data: dict, weights: str = "model") -> PixelSNAIL:

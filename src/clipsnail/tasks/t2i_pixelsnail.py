@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import random
 from pathlib import Path
 
@@ -20,14 +19,18 @@ from clipsnail.data.captions import CaptionDataConfig, load_caption_split
 from clipsnail.data.datasets import CaptionImageDataset
 from clipsnail.errors import ConfigError, DataError
 from clipsnail.generate import TextToImage
-from clipsnail.layers.causal import data_dependent_init
-from clipsnail.layers.mixture import discretized_mix_logistic_nll
 from clipsnail.models.pixelsnail import PixelSNAIL, PixelSNAILConfig
 from clipsnail.optim import param_groups_by_prefix
 from clipsnail.rng import seeded
 from clipsnail.runs import build_described, load_run_weights, save_run
 from clipsnail.tasks.clip import load_clip_run
-from clipsnail.tasks.pixelsnail import image_transform
+from clipsnail.tasks.pixelsnail import (
+    image_transform,
+    initialised_model,
+    mean_bits_per_dim,
+    nll_loss,
+    pixelsnail_optim,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +49,7 @@ class TextPixelSNAILConfig:
     cond_dropout: float = 0.1  # probability that a caption's h is replaced by the learned null vector
     model: PixelSNAILConfig = dataclasses.field(default_factory=PixelSNAILConfig)
     data: TextImageDataConfig = dataclasses.field(default_factory=TextImageDataConfig)
-    optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(
-        lr=1e-3, weight_decay=0.0, betas=(0.95, 0.9995), eps=1e-6, warmup_steps=0, schedule="exponential",
-        lr_decay=0.999998, grad_clip=0.0))
+    optim: OptimConfig = dataclasses.field(default_factory=pixelsnail_optim)
     train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(batch_size=32, ema_decay=0.999))
 
 
@@ -97,12 +98,13 @@ class TextPixelSNAILTask:
     def condition(self, captions: list[str]) -> torch.Tensor:
         return self.embeddings[torch.tensor([self.rows[c] for c in captions])]
 
+    @staticmethod
+    def inputs(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        return batch["images"], batch["h"]
+
     def build_model(self) -> PixelSNAIL:
-        model = PixelSNAIL(self.config.model)
-        n = min(len(self.train_dataset), max(self.config.train.batch_size, 16))
-        batch = self.collate([self.train_dataset[(i, i)] for i in range(n)])
-        data_dependent_init(model, batch["images"], h=batch["h"])
-        return model
+        return initialised_model(self.config.model, self.train_dataset, self.collate, self.inputs,
+                                 self.config.train.batch_size)
 
     def param_groups(self, model: nn.Module) -> list[dict]:
         return param_groups_by_prefix(model, [], self.config.optim.lr)
@@ -118,9 +120,7 @@ class TextPixelSNAILTask:
         if model.training and self.config.cond_dropout > 0:
             drop = torch.rand(h.shape[0], 1, device=h.device) < self.config.cond_dropout
             h = torch.where(drop, model.unconditional(h.shape[0]), h)
-        params = model(batch["images"], h=h)
-        nll = discretized_mix_logistic_nll(batch["images"], params.float(), self.config.model.nr_mix)
-        return nll, {"bits_per_dim": nll.item() / (math.log(2) * self.dims)}
+        return nll_loss(model, batch["images"], h, self.config.model.nr_mix, self.dims)
 
     def after_optimizer_step(self, model: nn.Module) -> None:
         pass
@@ -130,20 +130,12 @@ class TextPixelSNAILTask:
         """Bits/dim of validation images given one of their captions (fixed choice), up to max_eval_images."""
         if self.val_dataset is None:
             return {}
-        was_training = model.training
-        model.eval()
         n = min(len(self.val_dataset), self.config.data.max_eval_images)
-        total, count = 0.0, 0
-        for start in range(0, n, 64):
-            batch = self.collate([self.val_dataset[(i, i)] for i in range(start, min(start + 64, n))])
-            if batch is None:
-                continue
-            params = model(batch["images"], h=batch["h"])
-            total += discretized_mix_logistic_nll(batch["images"], params.float(), self.config.model.nr_mix,
-                                                  reduce=False).sum().item()
-            count += len(batch["images"])
-        model.train(was_training)
-        return {"val_bits_per_dim": total / (math.log(2) * self.dims * max(count, 1))}
+        batches = (self.collate([self.val_dataset[(i, i)] for i in range(start, min(start + 64, n))])
+                   for start in range(0, n, 64))
+        bpd = mean_bits_per_dim(model, (self.inputs(b) for b in batches if b is not None), self.config.model.nr_mix,
+                                self.dims)
+        return {} if bpd is None else {"val_bits_per_dim": bpd}
 
     def after_epoch(self, model: PixelSNAIL, run_dir: Path, epoch: int) -> None:
         k = self.config.data.eval_prompts

@@ -1,0 +1,97 @@
+"""`clipsnail classify train|eval`: image classifiers (LeMeViT or any timm model) on folders, MNIST or CIFAR."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from clipsnail.cli.common import (
+    Subcommands,
+    add_train_flags,
+    flag_values,
+    print_json,
+    print_summary,
+    task_config,
+    train_and_report,
+    write_json,
+)
+from clipsnail.data.classes import read_class_data
+from clipsnail.errors import ClipsnailError
+from clipsnail.evaluate import classification_report
+from clipsnail.hub import load
+from clipsnail.plots import plot_confusion_matrix, plot_training_curves
+from clipsnail.safeio import atomic_write_text
+from clipsnail.summary import model_summary
+from clipsnail.tasks.classify import ClassifyConfig, ClassifyTask, predict
+
+
+def register(sub: Subcommands) -> None:
+    classify = sub.add_parser("classify", help="train and evaluate image classifiers (LeMeViT or any timm model)"
+                              ).add_subparsers(dest="classify_command", required=True)
+    p = classify.add_parser("train", help="train a classifier on an image folder, MNIST idx or CIFAR batches")
+    p.add_argument("--data", help="folder:ROOT | mnist:DIR | cifar:DIR | ROOT (data.data)")
+    p.add_argument("--model", help="timm model name, e.g. lemevit_tiny, lemevit_tiny_cifar, resnet18 (model.name)")
+    p.add_argument("--pretrained", help="'timm' (download timm's weights) or a checkpoint file (model.pretrained)")
+    add_train_flags(p)
+    p.set_defaults(func=cmd_classify_train)
+
+    p = classify.add_parser("eval", help="accuracy, macro precision/recall/F1 on a split; prints JSON and writes a "
+                                         "per-class report, a confusion matrix and the training curves")
+    p.add_argument("--model", required=True, help="run directory")
+    p.add_argument("--data", help="data spec (default: the run's training data)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
+    p.add_argument("--weights", default="auto", choices=["auto", "best", "model"],
+                   help="best.safetensors (best validation accuracy) or model.safetensors; auto: best when present")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_classify_eval)
+
+
+def classify_config(args: argparse.Namespace) -> ClassifyConfig:
+    values = flag_values(args, (("data", "data.data"), ("model", "model.name"), ("pretrained", "model.pretrained")))
+    return task_config(ClassifyConfig, args, values, args.config)
+
+
+def cmd_classify_train(args: argparse.Namespace) -> None:
+    task = ClassifyTask(classify_config(args), run_dir=args.out)
+    cfg = task.config
+
+    def summary() -> str:
+        example = torch.zeros(2, cfg.model.in_chans, cfg.data.image_size, cfg.data.image_size)
+        return model_summary(task.build_model().eval(), (example,))
+
+    print_summary(summary)
+    train_and_report(task, args)
+
+
+def cmd_classify_eval(args: argparse.Namespace) -> None:
+    run = Path(args.model)
+    weights = args.weights
+    if weights == "auto":
+        weights = "best" if (run / "best.safetensors").is_file() else "model"
+    model = load(run, device=args.device, weights=weights)
+    cfg = model.config
+    data = read_class_data(args.data or cfg.data.data, args.split, cfg.data.val_fraction, cfg.data.test_fraction)
+    if data.classes != model.class_names:
+        raise ClipsnailError(f"{data.source}: classes {data.classes[:6]} do not match the model's "
+                             f"{model.class_names[:6]} (same names, same order needed)")
+    logits, labels = predict(model, data, model.preprocess, args.batch_size, progress=not args.no_progress)
+    metrics, per_class, report = classification_report(logits, labels, data.classes)
+    metrics.update({"split": args.split, "weights": weights})
+    out = run / f"eval_{args.split}"
+    out.mkdir(exist_ok=True)
+    write_json(out / "metrics.json", metrics)
+    write_json(out / "per_class.json", per_class)
+    atomic_write_text(out / "classification_report.txt", f"{data.source} split {args.split}: {data.split_rule}\n\n"
+                                                         f"{report}")
+    plot_confusion_matrix(labels.numpy(), logits.argmax(1).numpy(), data.classes, out / "confusion_matrix.png",
+                          title=f"{cfg.model.name} on {args.split} (acc1 {metrics['acc1']:.3f})")
+    if (run / "metrics.jsonl").is_file():
+        plot_training_curves(run / "metrics.jsonl", out / "curves.png")
+    print_json(metrics)
+    print(f"wrote {out}/: metrics.json, per_class.json, classification_report.txt, confusion_matrix.png, curves.png",
+          file=sys.stderr)

@@ -1,0 +1,93 @@
+"""`clipsnail clip train|eval|summary`: train CLIP on a caption corpus, retrieval recall@k, the model table."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from clipsnail.cli.common import (
+    Subcommands,
+    add_caption_flags,
+    add_train_flags,
+    caption_values,
+    print_json,
+    print_summary,
+    task_config,
+    train_and_report,
+    write_json,
+)
+from clipsnail.evaluate import evaluate_caption_split
+from clipsnail.hub import load
+from clipsnail.models.clip import CLIP
+from clipsnail.summary import model_summary
+from clipsnail.tasks.clip import ClipConfig, ClipTask
+
+
+def register(sub: Subcommands) -> None:
+    clip = sub.add_parser("clip", help="train, evaluate and inspect CLIP models").add_subparsers(
+        dest="clip_command", required=True)
+    p = clip.add_parser("train", help="train CLIP on a caption corpus (runs data-parallel under torchrun)")
+    add_caption_flags(p, required=False)
+    p.add_argument("--shards", help='stream WebDataset tar shards, e.g. "data/{000000..000099}.tar" (see `data '
+                   'shards`); --captions/--images then only serve validation')
+    p.add_argument("--init", metavar="RUN", help="start from this CLIP run's architecture, tokenizer and weights "
+                   "(fine-tuning, e.g. a run made by `clipsnail convert`)")
+    add_train_flags(p)
+    p.set_defaults(func=cmd_clip_train)
+
+    p = clip.add_parser("eval", help="retrieval recall@k on a split (clip_benchmark definitions); prints JSON")
+    p.add_argument("--model", required=True, help="run directory")
+    add_caption_flags(p)
+    p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_clip_eval)
+
+    p = clip.add_parser("summary", help="print the model summary table (of a run, or of a config)")
+    p.add_argument("--model", help="run directory (default: build from --config/--set)")
+    p.add_argument("--config")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--depth", type=int, default=2)
+    p.set_defaults(func=cmd_clip_summary)
+
+
+def clip_config(args: argparse.Namespace) -> ClipConfig:
+    values = caption_values(args, (("shards", "data.shards"), ("init", "finetune.init")))
+    return task_config(ClipConfig, args, values, getattr(args, "config", None))
+
+
+def cmd_clip_train(args: argparse.Namespace) -> None:
+    task = ClipTask(clip_config(args), run_dir=args.out)
+
+    def summary() -> str:
+        example = task.example_batch()
+        return model_summary(task.build_model(), (example["images"], example["tokens"]))
+
+    print_summary(summary)
+    train_and_report(task, args)
+
+
+def cmd_clip_summary(args: argparse.Namespace) -> None:
+    if args.model:
+        model = load(args.model)
+        cfg = model.cfg
+    else:
+        config = clip_config(args)
+        cfg = config.model
+        cfg.vocab_size = cfg.vocab_size or config.data.vocab_size
+        model = CLIP(cfg)
+    images = torch.zeros(2, 3, cfg.image_size, cfg.image_size)
+    tokens = torch.full((2, cfg.context_length), cfg.eot_id)
+    print(model_summary(model, (images, tokens), depth=args.depth))
+
+
+def cmd_clip_eval(args: argparse.Namespace) -> None:
+    model = load(args.model, device=args.device)
+    metrics, _ = evaluate_caption_split(model, args.captions, args.images, args.split, args.split_file, args.format,
+                                        args.batch_size, progress=not args.no_progress, strict=args.strict,
+                                        follow_links=args.follow_links)
+    write_json(Path(args.model) / f"eval_{args.split}.json", metrics)
+    print_json(metrics)

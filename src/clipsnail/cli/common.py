@@ -1,0 +1,113 @@
+"""What the `clipsnail` commands share: the training and caption-data flags, how flags become config values, JSON
+output, and the end of every `train` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from clipsnail import distributed as dist
+from clipsnail.config import load_config
+from clipsnail.engine import fit
+from clipsnail.safeio import atomic_write_text
+
+# What ArgumentParser.add_subparsers() returns, to which each command module's `register` adds its commands (the
+# class is not public argparse API).
+Subcommands = Any
+
+# ----------------------------------------------------------------------------------------------- flags
+
+
+def add_train_flags(p: argparse.ArgumentParser,
+                    config_help: str = "YAML config file (overridden by the flags below)") -> None:
+    p.add_argument("--out", required=True, help="run directory (resumes when it holds a checkpoint)")
+    p.add_argument("--config", help=config_help)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set model.embed_dim=256 (repeatable)")
+    p.add_argument("--epochs", type=int, help="training epochs (train.epochs)")
+    p.add_argument("--time-budget", help="stop cleanly after this long, e.g. 10m (train.time_budget)")
+    p.add_argument("--seed", type=int, help="random seed (train.seed)")
+    p.add_argument("--device", help="auto, cpu, cuda, mps (train.device)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+TRAIN_FLAGS = (("epochs", "train.epochs"), ("time_budget", "train.time_budget"), ("seed", "train.seed"),
+               ("device", "train.device"))
+
+
+def add_caption_flags(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--captions", required=required, help="caption file (Flickr8k CSV/token, Flickr30k, COCO, CSV/TSV)")
+    p.add_argument("--images", required=required, help="folder the caption file's image names are relative to")
+    p.add_argument("--format", default="auto", help="caption file format (default: detect)")
+    p.add_argument("--split-file", help="Karpathy-style split JSON (default: 80/10/10 by image-name hash)")
+    p.add_argument("--strict", action="store_true", help="a corrupt image is an error, not a skipped sample")
+    add_follow_links_flag(p)
+
+
+def add_follow_links_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--follow-links", action="store_true",
+                   help="follow symbolic links to images (only links leading to a place inside the image folder; "
+                        "default: links are skipped)")
+
+
+CAPTION_FLAGS = (("captions", "data.captions"), ("images", "data.images"), ("format", "data.format"),
+                 ("split_file", "data.split_file"))
+
+
+# ----------------------------------------------------------------------------------------------- flags -> config
+
+
+def flag_values(args: argparse.Namespace, flags: tuple[tuple[str, str], ...]) -> dict[str, Any]:
+    """The flags of `flags` (flag -> config key pairs) given a non-empty value, by config key, typed as parsed."""
+    return {key: getattr(args, flag) for flag, key in flags if getattr(args, flag, None)}
+
+
+def caption_values(args: argparse.Namespace, extra: tuple[tuple[str, str], ...] = ()) -> dict[str, Any]:
+    """The caption-data flags given (and the `extra` flag -> key pairs), by config key."""
+    values = flag_values(args, CAPTION_FLAGS + extra)
+    if getattr(args, "strict", False):
+        values["data.strict"] = True
+    if getattr(args, "follow_links", False):
+        values["data.follow_links"] = True
+    return values
+
+
+def task_config(cls: type, args: argparse.Namespace, values: dict[str, Any], yaml_file: str | None = None,
+                defaults: dict | None = None) -> Any:
+    """A task's config from its command's flags: `defaults` (a preset) < the YAML file < `values` (the command's
+    data and model flags) < `--set` strings < the training flags (--epochs, --time-budget, --seed, --device)."""
+    training = [(key, getattr(args, flag)) for flag, key in TRAIN_FLAGS if getattr(args, flag, None) is not None]
+    return load_config(cls, yaml_file, [*getattr(args, "overrides", []), *training], defaults=defaults,
+                       values=values)
+
+
+# ----------------------------------------------------------------------------------------------- output
+
+
+def print_json(obj) -> None:
+    print(json.dumps(obj, indent=2))
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def print_summary(summary: Callable[[], str]) -> None:
+    """The model table before training; under torchrun from one process only."""
+    if dist.is_main():
+        print(summary(), file=sys.stderr)
+
+
+def train_and_report(task, args: argparse.Namespace) -> None:
+    """Every `train` command ends the same way: fit (resuming when RUN holds a checkpoint), say how it ended."""
+    result = fit(task, args.out, progress=not args.no_progress)
+    if not dist.is_main():  # under torchrun one process reports
+        return
+    state = "finished" if result.completed else "stopped by the time budget (run again to continue)"
+    print(f"training {state} at step {result.step}; run directory: {args.out}", file=sys.stderr)
+    if result.metrics:
+        print_json(result.metrics)

@@ -1,0 +1,67 @@
+"""`clipsnail convert` (pretrained OpenAI/open_clip CLIP or LeMeViT weights -> a run directory) and `clipsnail export`
+(a CLIP run -> ONNX)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from clipsnail.cli.common import Subcommands, print_json
+from clipsnail.convert import convert_lemevit, convert_open_clip, read_class_names
+from clipsnail.errors import ClipsnailError
+from clipsnail.export import export_onnx
+
+
+def register_export(sub: Subcommands) -> None:
+    p = sub.add_parser("export", help="export a CLIP run's image and text encoders to ONNX (runs on onnxruntime "
+                                      "without PyTorch); prints JSON")
+    p.add_argument("--model", required=True, help="CLIP run directory")
+    p.add_argument("--onnx", required=True, metavar="DIR", help="output folder: image_encoder.onnx, "
+                   "text_encoder.onnx, tokenizer.json, preprocess.json (replaced atomically when it exists)")
+    p.add_argument("--opset", type=int, help="ai.onnx opset version (default: the exporter's; below 18 the "
+                   "TorchScript exporter is used)")
+    p.set_defaults(func=cmd_export)
+
+
+def register_convert(sub: Subcommands) -> None:
+    p = sub.add_parser("convert", help="pretrained OpenAI/open_clip CLIP (ViT) or official LeMeViT weights -> a run "
+                                       "directory; prints JSON")
+    p.add_argument("--from", dest="source", required=True, metavar="KIND:PATH",
+                   help="open_clip:FILE (.safetensors, or a .bin/.pt state dict) or lemevit:FILE (.pth)")
+    p.add_argument("--out", required=True, help="run directory to create (must not exist, or be empty)")
+    p.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction, default=None,
+                   help="open_clip: the weights use QuickGELU (OpenAI's models); default: open_clip_config.json "
+                        "next to the file, else no")
+    p.add_argument("--model", help="lemevit: the architecture (lemevit_tiny, lemevit_small, lemevit_base)")
+    p.add_argument("--weights", choices=["ema", "raw"], default="ema",
+                   help="lemevit: the EMA weights (state_dict_ema, default; the official evaluation's) or the raw ones")
+    p.add_argument("--num-classes", type=int, help="lemevit: expected classes (default: the checkpoint's head)")
+    p.add_argument("--class-names", help="lemevit: file with one class name per line (default class_0, class_1, ...)")
+    p.set_defaults(func=cmd_convert)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    for name in ("onnxscript", "onnx_ir", "torch.onnx"):  # the exporter logs every optimisation pass at INFO
+        logging.getLogger(name).setLevel(logging.WARNING)
+    print_json(export_onnx(args.model, args.onnx, opset=args.opset))
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    kind, sep, path = args.source.partition(":")
+    if not sep or not path:
+        raise ClipsnailError(f"--from {args.source!r}: expected open_clip:PATH or lemevit:PATH")
+    if kind == "open_clip":
+        if args.model or args.class_names or args.num_classes is not None or args.weights != "ema":
+            raise ClipsnailError("--model, --num-classes, --class-names and --weights apply to lemevit:PATH only")
+        print_json(convert_open_clip(path, args.out, quick_gelu=args.quick_gelu))
+    elif kind == "lemevit":
+        if not args.model:
+            raise ClipsnailError("lemevit:PATH needs --model (lemevit_tiny, lemevit_small or lemevit_base)")
+        if args.quick_gelu is not None:
+            raise ClipsnailError("--quick-gelu / --no-quick-gelu apply to open_clip:PATH only")
+        names = read_class_names(args.class_names) if args.class_names else None
+        print_json(convert_lemevit(path, args.out, args.model, num_classes=args.num_classes, weights=args.weights,
+                                   class_names=names))
+    else:
+        raise ClipsnailError(f"--from {args.source!r}: unknown source {kind!r}; choose open_clip:PATH or "
+                             "lemevit:PATH")

@@ -1,0 +1,128 @@
+"""`clipsnail pixelsnail train|eval|sample`: the autoregressive image model on MNIST, CIFAR or image folders."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from clipsnail.cli.common import (
+    Subcommands,
+    add_train_flags,
+    flag_values,
+    print_json,
+    print_summary,
+    task_config,
+    train_and_report,
+    write_json,
+)
+from clipsnail.data.classes import read_class_data
+from clipsnail.errors import ClipsnailError
+from clipsnail.hub import load
+from clipsnail.models.pixelsnail import CONFIGS
+from clipsnail.sampling import sample, save_sample_grid
+from clipsnail.summary import model_summary
+from clipsnail.tasks.pixelsnail import PixelSNAILTask, PixelSNAILTaskConfig, evaluate_bits_per_dim, image_transform
+
+
+def register(sub: Subcommands) -> None:
+    snail = sub.add_parser("pixelsnail", help="autoregressive image model: train, bits/dim, sample").add_subparsers(
+        dest="pixelsnail_command", required=True)
+    p = snail.add_parser("train", help="train PixelSNAIL on MNIST idx, CIFAR batches or an image folder")
+    p.add_argument("--data", help="mnist:DIR | cifar:DIR | folder:ROOT (data.data)")
+    p.add_argument("--condition", choices=["class"], help="condition on the class label (data.condition)")
+    add_train_flags(p, config_help="a preset (small, tiny, h12_noup_smallkey, h8_noup_smallkey, h12_pool2_smallkey; "
+                                   "default small) or a YAML config file")
+    p.set_defaults(func=cmd_pixelsnail_train)
+
+    p = snail.add_parser("eval", help="negative log-likelihood in bits/dim on a split; prints JSON")
+    p.add_argument("--model", required=True, help="run directory")
+    p.add_argument("--data", help="data spec (default: the run's training data)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_pixelsnail_eval)
+
+    p = snail.add_parser("sample", help="draw images and save them as a grid PNG")
+    p.add_argument("--model", required=True, help="run directory")
+    p.add_argument("-n", type=int, default=16, help="number of images")
+    p.add_argument("--out", required=True, help="grid PNG")
+    p.add_argument("--class", dest="class_", help="class index or name (class-conditional runs)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--method", choices=["cached", "naive"], default="cached",
+                   help="cached: every layer computed once per pixel (default); naive: a full forward per pixel")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_pixelsnail_sample)
+
+
+def preset_or_yaml(config: str | None) -> tuple[dict, str | None]:
+    """--config of a PixelSNAIL task: a preset name, or a YAML file over the default preset (small). Returns the
+    preset as config defaults (`preset` and its `model` fields, which the YAML file and --set override) and the YAML
+    file (None for a preset)."""
+    preset, yaml_file = (config, None) if config in CONFIGS else ("small", config or None)
+    return {"preset": preset, "model": dict(CONFIGS[preset])}, yaml_file
+
+
+def pixelsnail_config(args: argparse.Namespace) -> PixelSNAILTaskConfig:
+    defaults, yaml_file = preset_or_yaml(args.config)
+    values = flag_values(args, (("data", "data.data"), ("condition", "data.condition")))
+    return task_config(PixelSNAILTaskConfig, args, values, yaml_file, defaults)
+
+
+def cmd_pixelsnail_train(args: argparse.Namespace) -> None:
+    task = PixelSNAILTask(pixelsnail_config(args), run_dir=args.out)
+    cfg = task.config
+
+    def summary() -> str:
+        size = cfg.data.image_size
+        h = torch.zeros(2, cfg.model.cond_dim) if cfg.model.cond_dim else None
+        return model_summary(task.build_model().eval(), (torch.zeros(2, cfg.model.channels, size, size), h), depth=1)
+
+    print_summary(summary)
+    train_and_report(task, args)
+
+
+def cmd_pixelsnail_eval(args: argparse.Namespace) -> None:
+    model = load(args.model, device=args.device)
+    cfg = model.config
+    data = read_class_data(args.data or cfg.data.data, args.split, cfg.data.val_fraction, cfg.data.test_fraction)
+    transform = image_transform(cfg.data.image_size, data.native_size)
+    bpd = evaluate_bits_per_dim(model, data, transform, cfg, args.batch_size, progress=not args.no_progress)
+    metrics = {"bits_per_dim": bpd, "split": args.split, "num_images": len(data)}
+    write_json(Path(args.model) / f"eval_{args.split}.json", metrics)
+    print_json(metrics)
+
+
+def cmd_pixelsnail_sample(args: argparse.Namespace) -> None:
+    model = load(args.model, device=args.device)
+    cfg = model.config
+    h = None
+    if cfg.model.cond_dim:
+        if args.class_ is None:
+            raise ClipsnailError(f"{args.model} is class-conditional: give --class (0..{cfg.model.cond_dim - 1} or "
+                                 f"one of {', '.join(cfg.class_names[:10])})")
+        label = cfg.class_names.index(args.class_) if args.class_ in cfg.class_names else None
+        if label is None:
+            try:
+                label = int(args.class_)
+            except ValueError:
+                label = -1
+        if not 0 <= label < cfg.model.cond_dim:
+            raise ClipsnailError(f"--class {args.class_!r}: expected 0..{cfg.model.cond_dim - 1} or one of "
+                                 f"{', '.join(cfg.class_names)}")
+        h = torch.nn.functional.one_hot(torch.full((args.n,), label), cfg.model.cond_dim).float()
+    elif args.class_ is not None:
+        raise ClipsnailError(f"{args.model} is unconditional: --class does not apply")
+    started = time.monotonic()
+    images = sample(model, args.n, cfg.data.image_size, h=h, temperature=args.temperature, seed=args.seed,
+                    method=args.method, progress=not args.no_progress)
+    seconds = time.monotonic() - started
+    title = f"{args.n} samples" + (f", class {args.class_}" if h is not None else "") + f", T={args.temperature}"
+    save_sample_grid(images, args.out, title=title)
+    print(f"wrote {args.out} ({args.n} images in {seconds:.1f} s, {args.method} sampler)", file=sys.stderr)

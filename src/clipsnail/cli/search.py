@@ -1,0 +1,178 @@
+"""`clipsnail index build|update`, `search`, `zeroshot` and `serve`: using a CLIP run on images."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from clipsnail.cli.common import Subcommands, add_follow_links_flag, print_json
+from clipsnail.data.images import list_image_folder
+from clipsnail.errors import ClipsnailError
+from clipsnail.evaluate import (
+    classification_metrics,
+    default_templates,
+    encode_image_paths,
+    read_templates,
+    zero_shot_logits,
+    zero_shot_weights,
+)
+from clipsnail.hub import load
+from clipsnail.index import DEFAULT_APPROX_THRESHOLD, ImageIndex, build_index, folder_index, update_index
+from clipsnail.plots import write_result_grid
+
+
+def register(sub: Subcommands) -> None:
+    """Adds `zeroshot`, `index` and `search` (`serve` comes later in the command list: `register_serve`)."""
+    p = sub.add_parser("zeroshot", help="zero-shot classification with prompt ensembles")
+    p.add_argument("--model", required=True)
+    p.add_argument("--classes", help="comma-separated class names")
+    p.add_argument("--templates", help="file with one prompt template per line ('{}' = class name)")
+    p.add_argument("--folder", help="image folder with one subfolder per class: prints acc1/acc5/mean_per_class_recall")
+    p.add_argument("images", nargs="*", help="image files")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_zeroshot)
+
+    index = sub.add_parser("index", help="a saved, searchable index of an image folder (faiss)").add_subparsers(
+        dest="index_command", required=True)
+    p = index.add_parser("build", help="encode every image under a folder (recursively) into an index; prints JSON")
+    p.add_argument("--model", required=True, help="CLIP run directory")
+    p.add_argument("--images", required=True, help="image folder (searched recursively)")
+    p.add_argument("--out", required=True, help="index directory (replaced atomically when it exists)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--approx-threshold", type=int,
+                   help="from this many images on, use an approximate faiss index (default 20000)")
+    p.add_argument("--approx", default="ivf", choices=["ivf", "hnsw"], help="approximate index kind (default ivf)")
+    add_follow_links_flag(p)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_index_build)
+    p = index.add_parser("update", help="add new/changed images, drop deleted ones (the rest is not re-encoded)")
+    p.add_argument("--index", required=True, help="index directory made by `clipsnail index build`")
+    p.add_argument("--model", help="CLIP run directory (default: the one recorded in the index)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_index_update)
+
+    p = sub.add_parser("search", help="search an index or an image folder by text (or by an image); prints JSON")
+    p.add_argument("--index", help="an index made by `clipsnail index build`")
+    p.add_argument("--model", help="CLIP run directory (with --index: default the one recorded in the index)")
+    p.add_argument("--images", help="folder to search instead of an index (embeddings cached in the run directory)")
+    add_follow_links_flag(p)
+    p.add_argument("query", nargs="?", help="text query")
+    p.add_argument("--image", help="query image (image-to-image search)")
+    p.add_argument("-k", type=int, default=9, help="number of results (default 9)")
+    p.add_argument("--grid", help="write a result grid PNG here")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_search)
+
+
+def register_serve(sub: Subcommands) -> None:
+    p = sub.add_parser("serve", help="the web app: text and image search over an index, zero-shot labels, generation")
+    p.add_argument("--index", required=True, help="an index made by `clipsnail index build`")
+    p.add_argument("--generator", help="a text-to-image run (t2i train --kind pixelsnail) for the prompt box")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_zeroshot(args: argparse.Namespace) -> None:
+    model = load(args.model, device=args.device)
+    templates = read_templates(args.templates) if args.templates else default_templates()
+    if args.folder:
+        paths, labels, classes = list_image_folder(args.folder)
+        if args.classes:  # user-given prompt names, in the sorted folder order
+            names = [c.strip() for c in args.classes.split(",")]
+            if len(names) != len(classes):
+                raise ClipsnailError(f"--classes has {len(names)} names but {args.folder} has {len(classes)} "
+                                     f"class folders ({', '.join(classes)})")
+            classes = names
+        image_emb, readable = encode_image_paths(model, paths, progress=not args.no_progress)
+        logits = zero_shot_logits(image_emb[readable], zero_shot_weights(model, classes, templates))
+        metrics = classification_metrics(logits, torch.tensor(labels)[readable])
+        metrics.update({"num_images": int(readable.sum()), "num_classes": len(classes)})
+        print_json(metrics)
+        return
+    if not args.images or not args.classes:
+        raise ClipsnailError("zeroshot needs --classes and IMAGE files, or --folder ROOT")
+    classes = [c.strip() for c in args.classes.split(",") if c.strip()]
+    image_emb, readable = encode_image_paths(model, args.images, progress=False, strict=True)
+    probs = zero_shot_logits(image_emb, zero_shot_weights(model, classes, templates)).softmax(dim=1)
+    result = []
+    for path, p in zip(args.images, probs):
+        order = p.argsort(descending=True).tolist()
+        result.append({"image": str(path), "label": classes[order[0]],
+                       "probs": {classes[j]: round(p[j].item(), 4) for j in order}})
+    print_json(result)
+
+
+def cmd_search(args: argparse.Namespace) -> None:
+    if args.query is not None and args.image:
+        raise ClipsnailError("search needs exactly one of: a text query, or --image FILE (not both)")
+    if args.query is None and not args.image:
+        raise ClipsnailError("search needs a text query or --image FILE")
+    if args.query is not None and not args.query.strip():
+        raise ClipsnailError("the text query is empty")
+    if args.k < 1:
+        raise ClipsnailError(f"-k must be at least 1, got {args.k}")
+    if bool(args.images) == bool(args.index):
+        raise ClipsnailError("search needs exactly one of: --index INDEX, or --images DIR --model RUN")
+    index = None
+    if args.index:
+        index = ImageIndex.load(args.index)
+        model_dir = args.model or index.model_dir
+        if model_dir is None:
+            raise ClipsnailError(f"{args.index}: the index does not record its model; pass --model RUN")
+    elif not args.model:
+        raise ClipsnailError("search --images DIR needs --model RUN")
+    else:
+        model_dir = args.model
+    model = load(model_dir, device=args.device)
+    if index is not None and model.cfg.embed_dim != index.dim:
+        raise ClipsnailError(f"dimension mismatch: {model_dir} makes dim-{model.cfg.embed_dim} embeddings, but "
+                             f"{args.index} holds dim-{index.dim} vectors")
+    # The query first: a bad query image must fail before minutes of encoding the folder.
+    query = model.encode_image([args.image]) if args.image else model.encode_text([args.query])
+    if index is None:
+        index = folder_index(model, args.images, cache_dir=Path(args.model) / "embeddings",
+                             progress=not args.no_progress, follow_links=args.follow_links)
+    hits = index.search(query, args.k)[0]
+    if args.grid:
+        write_result_grid(args.grid, args.query or f"like {Path(args.image).name}", [(h.path, h.score) for h in hits])
+    print_json([{"path": str(h.path), "score": round(h.score, 4)} for h in hits])
+
+
+def cmd_index_build(args: argparse.Namespace) -> None:
+    if args.batch_size < 1:
+        raise ClipsnailError(f"--batch-size must be at least 1, got {args.batch_size}")
+    model = load(args.model, device=args.device)
+    threshold = args.approx_threshold if args.approx_threshold is not None else DEFAULT_APPROX_THRESHOLD
+    index, stats = build_index(model, args.images, args.out, batch_size=args.batch_size,
+                               progress=not args.no_progress, approx_threshold=threshold, approx_kind=args.approx,
+                               follow_links=args.follow_links)
+    print_json({"index": str(index.index_dir), **stats, "faiss": index.meta["faiss"]})
+
+
+def cmd_index_update(args: argparse.Namespace) -> None:
+    if args.batch_size < 1:
+        raise ClipsnailError(f"--batch-size must be at least 1, got {args.batch_size}")
+    old = ImageIndex.load(args.index)
+    model_dir = args.model or old.model_dir
+    if model_dir is None:
+        raise ClipsnailError(f"{args.index}: the index does not record its model; pass --model RUN")
+    model = load(model_dir, device=args.device)
+    index, stats = update_index(model, args.index, batch_size=args.batch_size, progress=not args.no_progress)
+    print_json({"index": str(index.index_dir), **stats})
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    # Imported here: the web stack (FastAPI, uvicorn) is needed by this command only, and would add ~0.2 s to
+    # the start of every other one.
+    from clipsnail.serve import run_server
+
+    run_server(index=args.index, generator=args.generator, host=args.host, port=args.port, device=args.device)

@@ -1,0 +1,96 @@
+"""`clipsnail t2i train` and `clipsnail generate`: text to image, by a feature predictor that retrieves known images
+or by a PixelSNAIL conditioned on CLIP's text embedding."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+from clipsnail.cli.common import (
+    Subcommands,
+    add_caption_flags,
+    add_train_flags,
+    caption_values,
+    print_json,
+    task_config,
+    train_and_report,
+)
+from clipsnail.cli.pixelsnail import preset_or_yaml
+from clipsnail.data.images import load_image
+from clipsnail.errors import ClipsnailError
+from clipsnail.hub import load
+from clipsnail.plots import image_grid, save_png
+from clipsnail.runs import read_run_config
+from clipsnail.sampling import to_pil
+from clipsnail.tasks.t2i_pixelsnail import TextPixelSNAILConfig, TextPixelSNAILTask
+from clipsnail.tasks.t2i_retrieve import RetrieveConfig, RetrieveTask
+
+
+def register(sub: Subcommands) -> None:
+    t2i = sub.add_parser("t2i", help="text to image: train a feature predictor or a text-conditioned PixelSNAIL"
+                         ).add_subparsers(dest="t2i_command", required=True)
+    p = t2i.add_parser("train", help="train on a caption corpus (e.g. the shapes data)")
+    p.add_argument("--kind", choices=["retrieve", "pixelsnail"], default="pixelsnail",
+                   help="retrieve: predict the image encoder's feature of the prompt's image and return the nearest "
+                        "known images; pixelsnail: PixelSNAIL conditioned on CLIP's text embedding")
+    p.add_argument("--encoder", help="kind retrieve: a CLIP run directory or timm:NAME (encoder)")
+    p.add_argument("--clip", help="kind pixelsnail: the CLIP run directory whose text tower conditions (clip)")
+    add_caption_flags(p, required=False)
+    add_train_flags(p, config_help="kind pixelsnail: a preset (small, tiny, ...; default small); or a YAML config "
+                                   "file")
+    p.set_defaults(func=cmd_t2i_train)
+
+    p = sub.add_parser("generate", help="images for a prompt from a text-to-image run; writes a grid PNG")
+    p.add_argument("--model", required=True, help="t2i run directory")
+    p.add_argument("prompt", help="the text, e.g. 'a red circle above a blue square'")
+    p.add_argument("-n", type=int, default=16, help="samples to draw (kind retrieve: nearest images to show)")
+    p.add_argument("--rerank", type=int, default=0, help="keep the k samples CLIP scores highest (0: keep all)")
+    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1: none; try 3)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="grid PNG")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_generate)
+
+
+def t2i_config(args: argparse.Namespace) -> TextPixelSNAILConfig | RetrieveConfig:
+    if args.kind == "pixelsnail":
+        defaults, yaml_file = preset_or_yaml(args.config)
+        return task_config(TextPixelSNAILConfig, args, caption_values(args, (("clip", "clip"),)), yaml_file, defaults)
+    return task_config(RetrieveConfig, args, caption_values(args, (("encoder", "encoder"),)), args.config)
+
+
+def cmd_t2i_train(args: argparse.Namespace) -> None:
+    cfg = t2i_config(args)
+    if args.kind == "pixelsnail":
+        task = TextPixelSNAILTask(cfg, run_dir=args.out)
+    else:
+        task = RetrieveTask(cfg, run_dir=args.out, progress=not args.no_progress)
+    train_and_report(task, args)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    task, _ = read_run_config(args.model)
+    if task not in ("t2i_retrieve", "t2i_pixelsnail"):
+        raise ClipsnailError(f"{args.model}: not a text-to-image run (its task is {task!r}); train one with "
+                             "`clipsnail t2i train`")
+    generator = load(args.model, device=args.device)
+    if task == "t2i_retrieve":
+        matches = generator.generate(args.prompt, k=args.n)
+        print_json([{"image": str(p), "distance": round(d, 4)} for p, d in matches])
+        grid = image_grid([load_image(p) for p, _ in matches], title=f"nearest known images: {args.prompt}",
+                          labels=[f"{d:.3f}" for _, d in matches], cell=96)
+    else:
+        images, scores = generator.generate(args.prompt, n=args.n, guidance=args.guidance, rerank=args.rerank,
+                                            temperature=args.temperature, seed=args.seed,
+                                            progress=not args.no_progress)
+        print_json({"prompt": args.prompt, "n": args.n, "kept": len(images), "guidance": args.guidance,
+                    "clip_scores": [round(float(s), 4) for s in scores]})
+        title = f"{args.prompt} (guidance {args.guidance:g}" + (f", best {args.rerank} of {args.n})" if args.rerank
+                                                                else ")")
+        grid = image_grid(to_pil(images), title=title, labels=[f"{float(s):.3f}" for s in scores], cell=64,
+                          cols=max(1, math.ceil(math.sqrt(len(images)))))
+    save_png(grid, args.out)
+    print(f"wrote {args.out}", file=sys.stderr)
