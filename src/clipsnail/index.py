@@ -366,7 +366,7 @@ def _write_index(out_dir: Path, meta: dict, files: dict, vectors: torch.Tensor, 
 
 
 def _model_dir(model, model_dir) -> str | None:
-    model_dir = model_dir or getattr(model, "run_dir", None)
+    model_dir = model_dir or model.run_dir  # a CLIP model knows its run (None while it trains)
     return str(Path(model_dir).resolve()) if model_dir else None
 
 
