@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clipsnail import pretrained as weights
 from clipsnail.config import check_at_least, check_choice, check_heads, check_positive, check_probability
 from clipsnail.errors import ConfigError
 from clipsnail.layers.attention import ACTIVATIONS
@@ -31,7 +32,10 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 @dataclass
 class ClipModelConfig:
     image_encoder: str = "vit"  # "vit", or a timm model name, optionally prefixed "timm:"
-    pretrained: bool = False  # timm towers only: load timm's weights (needs a download on first use)
+    # timm towers only: false; true (timm's weights, a download on first use); or a weights file / packaged name
+    # ("efficientnet-lite0"), read by `clipsnail.pretrained.load_pretrained_state`. Typed `str | bool` so that the
+    # config coerces a file name as text while old configs' true/false (and "True"/"False") keep their meaning.
+    pretrained: str | bool = False
     image_size: int = 32
     patch_size: int = 4
     vision_width: int = 192
@@ -152,17 +156,23 @@ def build_image_tower(cfg: ClipModelConfig, load_weights: bool = True) -> nn.Mod
     import timm
 
     name = cfg.image_encoder.removeprefix("timm:")
-    kwargs = {"num_classes": 0, "pretrained": cfg.pretrained and load_weights}
+    from_file = not weights.is_off(cfg.pretrained) and not weights.is_timm(cfg.pretrained)
+    kwargs = {"num_classes": 0, "pretrained": weights.is_timm(cfg.pretrained) and load_weights}
+    if from_file:  # architecture arguments the weights need (BatchNorm eps...), also when rebuilt without them
+        kwargs.update(weights.model_kwargs(str(cfg.pretrained)))
     if cfg.drop_path_rate:
         kwargs["drop_path_rate"] = cfg.drop_path_rate
     try:  # transformers need the input size up front; convnets take any size and reject the keyword
-        return timm.create_model(name, img_size=cfg.image_size, **kwargs)
+        tower = timm.create_model(name, img_size=cfg.image_size, **kwargs)
     except TypeError:
-        return timm.create_model(name, **kwargs)
+        tower = timm.create_model(name, **kwargs)
     except RuntimeError as e:
         if "Unknown model" in str(e):
             check_image_encoder(cfg.image_encoder)
         raise
+    if from_file and load_weights:  # a local file or an installed package: no download
+        weights.load_pretrained_state(str(cfg.pretrained), tower)
+    return tower
 
 
 def build_text_tower(cfg: ClipModelConfig, load_weights: bool = True) -> nn.Module:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.transforms import v2
 
+from clipsnail import pretrained as weights
 from clipsnail.config import OptimConfig, TrainConfig, from_dict
 from clipsnail.data.classes import ClassData, ClassImageDataset, read_class_data
 from clipsnail.data.transforms import eval_transform
@@ -108,21 +109,22 @@ def build_classifier(m: ClassifyModelConfig, load_weights: bool = True) -> nn.Mo
     check_model_name(m.name)
     kwargs = dict(num_classes=m.num_classes, in_chans=m.in_chans, drop_rate=m.drop_rate,
                   drop_path_rate=m.drop_path_rate, **parse_model_args(m.args))
-    if load_weights and m.pretrained:
+    from_file = not weights.is_off(m.pretrained) and m.pretrained != "timm"
+    if from_file:  # architecture arguments the weights need (BatchNorm eps...), also when rebuilt without them
+        kwargs = {**weights.model_kwargs(m.pretrained), **kwargs}
+    if load_weights and m.pretrained == "timm":
         kwargs["pretrained"] = True
-        if m.pretrained != "timm":
-            path = Path(m.pretrained)
-            if not path.is_file():
-                raise DataError(f"{path}: pretrained checkpoint not found")
-            # timm reads it (safetensors, or torch.load with weights_only=True: no code runs) and drops a head of
-            # another size; our checkpoint_filter_fn unwraps state_dict / state_dict_ema / module. for LeMeViT.
-            kwargs["pretrained_cfg_overlay"] = dict(file=str(path))
     try:
         model = timm.create_model(m.name, **kwargs)
     except TypeError as e:
         raise ConfigError(f"model {m.name!r}: {e} (check model.args)") from e
     except RuntimeError as e:
         raise DataError(f"{m.pretrained}: cannot load into {m.name} ({str(e).splitlines()[0]})") from e
+    if from_file and load_weights:
+        # A file (safetensors, or torch.load with weights_only=True: no code runs; state_dict / state_dict_ema /
+        # model wrappers unwrapped) or an installed package's weights, matched by name or, for another layout of the
+        # same architecture (efficientnet_pytorch), by order; a head of another size is dropped.
+        weights.load_pretrained_state(m.pretrained, model)
     if m.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
@@ -142,6 +144,9 @@ def resolve_input(cfg: ClassifyConfig) -> tuple[int, list[float], list[float]]:
     check_model_name(cfg.model.name)
     pcfg = timm.models.get_pretrained_cfg(cfg.model.name)
     pcfg = pcfg.to_dict() if pcfg is not None else {}
+    packaged = weights.input_normalization(cfg.model.pretrained) if isinstance(cfg.model.pretrained, str) else None
+    if packaged is not None:  # packaged weights say what inputs they were trained on
+        pcfg["mean"], pcfg["std"] = packaged
     size = cfg.data.image_size or int(pcfg.get("input_size", (3, 224, 224))[-1])
     mean = list(cfg.data.mean or pcfg.get("mean", (0.485, 0.456, 0.406)))
     std = list(cfg.data.std or pcfg.get("std", (0.229, 0.224, 0.225)))
