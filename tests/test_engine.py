@@ -126,6 +126,11 @@ def test_max_steps_and_eval_every(tmp_path):
     assert (tmp_path / "curves.png").exists()
 
 
+def test_checkpoint_every_zero_checkpoints_only_at_epoch_ends(tmp_path):
+    result = fit(ToyTask(checkpoint_every=0), tmp_path, progress=False)
+    assert result.completed and load_state(tmp_path / CHECKPOINT)["step"] == result.step
+
+
 def test_sampler_order_is_a_function_of_seed_and_epoch_and_can_skip():
     full = list(ResumableBatchSampler(20, 4, seed=3, epoch=1))
     assert len(full) == 5 and full == list(ResumableBatchSampler(20, 4, seed=3, epoch=1))

@@ -536,7 +536,7 @@ def _fit(task: Task, run_dir: Path, progress: bool, on_step: Callable[[int], Non
                         stop.requested = True
                 if step >= total_steps:
                     break
-                if step % cfg.checkpoint_every == 0:
+                if cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0:
                     checkpoint(epoch, batch_index)
                 if stop.requested:
                     stop_at_step_boundary(epoch, batch_index)
