@@ -131,11 +131,10 @@ def _example_tokens(model, batch: int):
 
 def is_export_dir(path: Path) -> bool:
     """True when `path` holds a preprocess.json this program wrote (its format marker): an export to replace."""
-    try:
-        spec = json.loads((Path(path) / PREPROCESS_FILE).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(spec, dict) and str(spec.get("format", "")).startswith(EXPORT_FORMAT + "/")
+    from clipsnail.safeio import read_json_object
+
+    spec = read_json_object(Path(path) / PREPROCESS_FILE)
+    return spec is not None and str(spec.get("format", "")).startswith(EXPORT_FORMAT + "/")
 
 
 def _preprocess_spec(model, run_dir: Path) -> dict:

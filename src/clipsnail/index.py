@@ -48,7 +48,7 @@ from tqdm import tqdm
 from clipsnail.data.images import list_images
 from clipsnail.errors import ClipsnailError, DataError
 from clipsnail.evaluate import encode_image_paths
-from clipsnail.safeio import check_replaceable, clean_stale, open_regular, recover_dir, staged_dir
+from clipsnail.safeio import check_replaceable, clean_stale, open_regular, read_json_object, recover_dir, staged_dir
 
 log = logging.getLogger(__name__)
 
@@ -333,11 +333,8 @@ def _read_vectors(index_dir: Path, dim: int, count: int) -> torch.Tensor:
 
 def is_index_dir(path: Path) -> bool:
     """True when `path` holds an index.json this program wrote (its format marker), whatever else is damaged."""
-    try:
-        meta = json.loads((path / META).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(meta, dict) and meta.get("format") == FORMAT
+    meta = read_json_object(path / META)
+    return meta is not None and meta.get("format") == FORMAT
 
 
 def _write_index(out_dir: Path, meta: dict, files: dict, vectors: torch.Tensor, faiss_index=None,

@@ -18,7 +18,7 @@ from torch import nn
 
 from clipsnail.config import to_dict
 from clipsnail.errors import ConfigError, DataError
-from clipsnail.safeio import atomic_path, atomic_write_text
+from clipsnail.safeio import atomic_path, atomic_write_text, read_json_object
 
 CHECKPOINT = "checkpoint/state.safetensors"
 T = TypeVar("T")
@@ -138,12 +138,9 @@ def save_weights(model: nn.Module, path: Path, metadata: dict[str, str] | None =
 
 def is_run_dir(path: Path) -> bool:
     """A folder training wrote: a config.json naming its task, a checkpoint, or a metrics log."""
-    try:
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-        if isinstance(config, dict) and isinstance(config.get("task"), str):
-            return True
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        pass
+    config = read_json_object(path / "config.json")
+    if config is not None and isinstance(config.get("task"), str):
+        return True
     return (path / CHECKPOINT).is_file() or (path / "metrics.jsonl").is_file()
 
 

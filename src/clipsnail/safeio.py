@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import json
 import os
 import re
 import shutil
@@ -198,6 +199,16 @@ def replace_dir(staged: Path, out: Path) -> None:
         os.rename(old, out)
         raise
     shutil.rmtree(old, ignore_errors=True)  # an open memory map of a file in it stays valid
+
+
+def read_json_object(path: str | Path) -> dict | None:
+    """The JSON object in `path`, or None when it is missing, unreadable or not an object: how a folder's marker file
+    (an index's index.json, an export's preprocess.json...) is read to decide whether this program wrote it."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def check_replaceable(out: str | Path, is_ours: Callable[[Path], bool] | None = None, what: str = "folder") -> None:

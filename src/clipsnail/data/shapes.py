@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from clipsnail.data.captions import hash_split
 from clipsnail.errors import ConfigError, DataError
-from clipsnail.safeio import staged_dir
+from clipsnail.safeio import read_json_object, staged_dir
 
 log = logging.getLogger(__name__)
 
@@ -418,22 +418,16 @@ SHAPES_FORMAT, ATTRIBUTES_FORMAT = "clipsnail-shapes", "clipsnail-shape-attribut
 
 def is_shapes_dir(path: Path) -> bool:
     """True when `path` holds a scenes.json this program wrote: a shapes folder that --overwrite may replace."""
-    try:
-        meta = json.loads((Path(path) / "scenes.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
+    meta = read_json_object(Path(path) / "scenes.json")
     # Folders written before the format marker carry exactly these keys.
-    return isinstance(meta, dict) and (meta.get("format") == SHAPES_FORMAT
-                                       or set(meta) == {"size", "seed", "holdout", "images"})
+    return meta is not None and (meta.get("format") == SHAPES_FORMAT
+                                 or set(meta) == {"size", "seed", "holdout", "images"})
 
 
 def is_attribute_dir(path: Path) -> bool:
     """True when `path` holds the attributes.json of `generate_attribute_folder`."""
-    try:
-        meta = json.loads((Path(path) / "attributes.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(meta, dict) and meta.get("format") == ATTRIBUTES_FORMAT
+    meta = read_json_object(Path(path) / "attributes.json")
+    return meta is not None and meta.get("format") == ATTRIBUTES_FORMAT
 
 
 def _output_dir(out: Path, overwrite: bool, is_ours: Callable[[Path], bool]):
