@@ -18,30 +18,48 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from clipsnail.data.datasets import ImageListDataset, collate_indexed_images
+from clipsnail.errors import DataError
 
 log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
 def encode_image_paths(model, paths: Sequence[str | Path], batch_size: int = 256, num_workers: int = 0,
-                       progress: bool = True, strict: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (embeddings [N, D] float32 on CPU, readable [N] bool). Rows of unreadable images are zero."""
+                       progress: bool = True, strict: bool = False, encode: Callable | None = None,
+                       dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (embeddings [N, D] on CPU, readable [N] bool). Rows of unreadable images are zero.
+    encode: what to compute from a batch of preprocessed images (default `model.encode_image`), e.g. a frozen
+    tower's tokens [B, M, C], which then come back as [N, M, C] in `dtype`."""
     model.eval()
+    encode = encode or model.encode_image
     dataset = ImageListDataset(paths, model.preprocess, strict=strict)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_indexed_images)
     out, readable = None, torch.zeros(len(paths), dtype=torch.bool)
     for idx, images in tqdm(loader, desc="encode images", disable=not progress, unit="batch"):
         if images is None:
             continue
-        emb = model.encode_image(images).float().cpu()
+        emb = encode(images).to(torch.device("cpu"), dtype)
         if out is None:
-            out = torch.zeros(len(paths), emb.shape[1])
+            out = torch.zeros(len(paths), *emb.shape[1:], dtype=dtype)
         out[idx], readable[idx] = emb, True
     if out is None:
         out = torch.zeros(len(paths), model.cfg.embed_dim)
     if (~readable).any():
         log.warning("%d of %d images could not be read and were skipped", int((~readable).sum()), len(paths))
     return out, readable
+
+
+def encode_every_image(model, images_dir: str | Path, names: Sequence[str], progress: bool = True,
+                       **kwargs) -> torch.Tensor:
+    """`encode_image_paths` of images_dir/name for each name, when every one must be readable (a frozen
+    encoder's features as training targets or inputs); DataError naming the first unreadable image."""
+    features, readable = encode_image_paths(model, [Path(images_dir) / n for n in names], progress=progress,
+                                            **kwargs)
+    if not readable.all():
+        bad = names[int((~readable).nonzero()[0])]
+        raise DataError(f"{Path(images_dir) / bad}: unreadable image ({int((~readable).sum())} in all); "
+                        "training on a frozen encoder's features needs every image")
+    return features
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ import torch
 
 from clipsnail.errors import DataError
 from clipsnail.runs import read_run_config
-from clipsnail.tasks import classify, clip, pixelsnail, t2i_pixelsnail, t2i_retrieve
+from clipsnail.tasks import caption, classify, clip, pixelsnail, t2i_pixelsnail, t2i_retrieve
 
 LOADERS = {
     "clip": clip.load_run,  # a CLIP model: encode_text / encode_image take strings, PIL images or paths
@@ -21,6 +21,7 @@ LOADERS = {
     "pixelsnail": pixelsnail.load_run,  # PixelSNAIL with .config
     "t2i_retrieve": t2i_retrieve.load_run,  # a FeatureRetriever: .generate(prompt, k) -> nearest known images
     "t2i_pixelsnail": t2i_pixelsnail.load_run,  # a TextToImage: .generate(prompt, n, guidance, rerank)
+    "caption": caption.load_run,  # a Captioner: .caption(images, beam_size, rerank_clip) -> captions
 }
 
 

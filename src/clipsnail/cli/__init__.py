@@ -1,7 +1,8 @@
 """The `clipsnail` command. Library code logs; this package is the only place that prints.
 
 One module per command group, each adding its subcommands (`register`) next to their handlers: `data` (data shapes,
-data shards), `clip` (clip train, eval, summary), `classify`, `pixelsnail`, `t2i` (t2i train, generate), `search`
+data shards), `clip` (clip train, eval, summary), `classify`, `pixelsnail`, `t2i` (t2i train, generate), `caption`
+(caption train, eval, describe), `search`
 (zeroshot, index build/update, search, serve), `convert` (convert, export), `demo`; the flags and output they share
 are in `common`.
 """
@@ -15,7 +16,7 @@ import select
 import sys
 
 from clipsnail import distributed as dist
-from clipsnail.cli import classify, clip, convert, data, demo, pixelsnail, search, t2i
+from clipsnail.cli import caption, classify, clip, convert, data, demo, pixelsnail, search, t2i
 from clipsnail.errors import ClipsnailError
 
 
@@ -28,14 +29,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # in the order `clipsnail --help` lists the commands
     for register in (demo.register, data.register, clip.register, classify.register, pixelsnail.register,
-                     t2i.register, search.register, convert.register_export, search.register_serve,
+                     t2i.register, caption.register, search.register, convert.register_export, search.register_serve,
                      convert.register_convert):
         register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(caption.route(sys.argv[1:] if argv is None else list(argv)))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s",
                         stream=sys.stderr)
     logging.getLogger("PIL").setLevel(logging.WARNING)

