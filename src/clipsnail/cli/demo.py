@@ -1,23 +1,67 @@
-"""`clipsnail demo`: the whole CLIP pipeline on generated shapes data (`clipsnail.demo`)."""
+"""`clipsnail demo`: the whole CLIP pipeline on generated shapes data, or with `--photos DIR` text search over your
+own photos (`clipsnail.demo`)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from clipsnail.cli.common import Subcommands
-from clipsnail.demo import DEMO_STEPS, run_demo
+from clipsnail.cli.common import Subcommands, add_caption_flags, caption_values
+from clipsnail.demo import DEMO_STEPS, PHOTO_DEMO_OUT, PHOTO_DEMO_STEPS, PRETRAINED_PRESET, run_demo, run_photo_demo
+from clipsnail.errors import ClipsnailError
 
 
 def register(sub: Subcommands) -> None:
-    p = sub.add_parser("demo", help="generate shapes data, train a small CLIP, evaluate and search (~10 min on a CPU)")
-    p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
-    p.add_argument("--steps", type=int, help="training steps (default 1500: about 10 minutes on 2 CPU cores)")
+    p = sub.add_parser("demo", help="generate shapes data, train a small CLIP, evaluate and search (~10 min on a CPU); "
+                       "with --photos DIR: search your own photos by text")
+    p.add_argument("--out", help=f"output folder (default: demo_out; with --photos: {PHOTO_DEMO_OUT})")
+    p.add_argument("--steps", type=int, help=f"training steps (default {DEMO_STEPS}: about 10 minutes on 2 CPU cores; "
+                   f"with --photos: {PHOTO_DEMO_STEPS} fine-tuning steps, under 4 minutes)")
     p.add_argument("--quick", action="store_true", help="600 images and 30 steps: a smoke test, not a model")
     p.add_argument("--no-progress", action="store_true")
+
+    photos = p.add_argument_group(
+        "search your own photos",
+        "--photos DIR indexes a folder of photos (recursively) with a CLIP and answers text queries with 3x3 result "
+        "grids. The CLIP is the pretrained preset (pip install 'clipsnail[pretrained]') fine-tuned on a caption set "
+        "(--captions FILE --images DIR; re-running resumes it), or an existing CLIP run (--model RUN).")
+    photos.add_argument("--photos", metavar="DIR", help="the folder of photos to search")
+    photos.add_argument("--model", metavar="RUN", help="search with this CLIP run (e.g. OUT/run of an earlier demo)")
+    add_caption_flags(photos, required=False)
+    photos.add_argument("--query", action="append", metavar="TEXT",
+                        help="a text query (repeatable; default: a few general ones, e.g. \"a dog\")")
+    photos.add_argument("--config", help=f"the CLIP config to fine-tune (default: the pretrained preset "
+                        f"configs/{PRETRAINED_PRESET.name})")
+    photos.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a value of that config (repeatable)")
+    photos.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (fine-tuning and search)")
     p.set_defaults(func=cmd_demo)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    run_demo(Path(args.out), steps=args.steps or (30 if args.quick else DEMO_STEPS), quick=args.quick,
-             progress=not args.no_progress)
+    if args.photos is None:
+        photo_flags = (("--model", args.model), ("--captions", args.captions), ("--images", args.images),
+                       ("--split-file", args.split_file), ("--query", args.query), ("--config", args.config),
+                       ("--set", args.overrides), ("--follow-links", args.follow_links), ("--strict", args.strict),
+                       ("--format", args.format != "auto"), ("--device", args.device != "auto"))
+        given = [flag for flag, value in photo_flags if value]
+        if given:
+            raise ClipsnailError(f"{given[0]} is a flag of the photo demo: add --photos DIR")
+        run_demo(Path(args.out or "demo_out"), steps=args.steps or (30 if args.quick else DEMO_STEPS),
+                 quick=args.quick, progress=not args.no_progress)
+        return
+    if args.quick:
+        raise ClipsnailError("--quick is for the shapes demo; --photos takes --steps")
+    if bool(args.captions) != bool(args.images):
+        raise ClipsnailError("--captions FILE and --images DIR (the folder its image names are relative to) go "
+                             "together")
+    if args.model and (args.steps is not None or args.config or args.overrides):
+        raise ClipsnailError("--steps, --config and --set are for fine-tuning (--captions); --model RUN is used as "
+                             "it is")
+    if args.steps is not None and args.steps < 1:
+        raise ClipsnailError(f"--steps must be at least 1, got {args.steps}")
+    run_photo_demo(Path(args.photos), Path(args.out or PHOTO_DEMO_OUT), model_run=args.model,
+                   caption_data=caption_values(args) if args.captions else None,
+                   steps=args.steps or PHOTO_DEMO_STEPS, queries=args.query,
+                   config=args.config or PRETRAINED_PRESET, overrides=args.overrides, device=args.device,
+                   follow_links=args.follow_links, progress=not args.no_progress)

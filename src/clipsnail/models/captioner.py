@@ -108,7 +108,8 @@ class CaptionDecoder(nn.Module):
 
         beam_size=1 is greedy decoding. A beam ends when it emits <eot>; an image is done when it has
         `beam_size` ended beams, and after `max_length` tokens (default: the context) unfinished beams count as
-        ended. `banned`: token ids never emitted (besides <pad> and <sot>).
+        ended. `banned`: token ids never emitted (besides <pad> and <sot>). Each step reruns the decoder over the
+        whole prefix (no key/value cache): captions are a few dozen tokens, and the image side is computed once.
         """
         if beam_size < 1:
             raise ValueError(f"beam_size must be at least 1, got {beam_size}")
