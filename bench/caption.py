@@ -17,7 +17,7 @@ What it does
    baseline. BLEU-4 and CIDEr-D (pycocoevalcap) per fold, and their mean.
 3. Writes bench/results/caption.json and prints tables.
 
-    .venv/bin/python bench/caption.py                      # both parts (about 20 min on 2 CPU cores)
+    .venv/bin/python bench/caption.py                      # both parts (about 45 min on 2 CPU cores)
     .venv/bin/python bench/caption.py --skip-coco --shapes-steps 50 --out /tmp/c.json   # checks it works
 """
 
@@ -120,8 +120,8 @@ def coco_part(work: Path, folds: int, steps: int, clip_steps: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shapes-steps", type=int, default=1000)
-    ap.add_argument("--coco-steps", type=int, default=300)
+    ap.add_argument("--shapes-steps", type=int, default=500)
+    ap.add_argument("--coco-steps", type=int, default=200)
     ap.add_argument("--clip-steps", type=int, default=40, help="fine-tuning steps of the reranking CLIP (0: none)")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--skip-shapes", action="store_true")
