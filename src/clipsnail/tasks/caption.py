@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from clipsnail import distributed as dist
-from clipsnail import pretrained as weights
+from clipsnail import pretrained
 from clipsnail.captioning import Captioner, DecodeConfig, caption_metrics, decode_captions, shapes_caption_metrics
 from clipsnail.config import OptimConfig, TrainConfig, from_dict
 from clipsnail.data.captions import CaptionDataConfig, load_caption_split
@@ -81,7 +81,7 @@ def load_token_encoder(config: CaptionConfig) -> nn.Module:
     spec = config.encoder
     if not spec:
         raise ConfigError("no image encoder: give --encoder efficientnet-lite0, timm:NAME or a CLIP run directory")
-    if (packaged := weights.packaged(spec)) is not None:
+    if (packaged := pretrained.packaged(spec)) is not None:
         encoder = TimmImageEncoder(packaged.architecture, spec, config.data.image_size)
     elif spec.startswith("timm:"):
         encoder = TimmImageEncoder(spec[5:], config.encoder_pretrained, config.data.image_size)
@@ -96,7 +96,7 @@ class CaptionTask:
     def __init__(self, config: CaptionConfig, run_dir: str | Path | None = None, progress: bool = True):
         self.config = config
         data, m = config.data, config.model
-        if config.encoder and not weights.packaged(config.encoder) and not config.encoder.startswith("timm:"):
+        if config.encoder and not pretrained.packaged(config.encoder) and not config.encoder.startswith("timm:"):
             config.encoder = str(Path(config.encoder).resolve())  # a CLIP run: the caption run must find it again
         self.names, captions, caption_to_image = load_caption_split(data, "train")
         tokenizer_path = Path(run_dir) / "tokenizer.json" if run_dir else None
