@@ -21,9 +21,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from clipsnail.data.shapes import Scene, names_colour_and_shape, parse_caption, scene_matches
+from clipsnail.data.captions import captions_by_image, load_caption_split
+from clipsnail.data.images import as_pil_images
+from clipsnail.data.shapes import Scene, names_colour_and_shape, parse_caption, scene_matches, scenes_for
 from clipsnail.data.tokenizers import UNK, TextTokenizer
 from clipsnail.errors import DataError
+from clipsnail.evaluate import encode_every_image, encode_image_paths
 from clipsnail.models.captioner import CaptionDecoder
 
 CAPTION_EXTRA = "pip install 'clipsnail[caption]'"
@@ -60,6 +63,12 @@ def _coco_scores(references: Sequence[Sequence[str]], candidates: Sequence[str])
         bleu, _ = Bleu(4).compute_score(refs, hyps)
     cider, each = Cider().compute_score(refs, hyps)
     return float(bleu[3]), float(cider), [float(x) for x in each]
+
+
+def generated_scenes(images_dir: str | Path, names: Sequence[str]) -> list[Scene] | None:
+    """The generated scene of every image in `names`, or None unless all are generated shapes data."""
+    scenes = scenes_for(images_dir, names)
+    return scenes if scenes is not None and None not in scenes else None
 
 
 def shapes_caption_metrics(scenes: Sequence[Scene], candidates: Sequence[str]) -> dict[str, float]:
@@ -141,7 +150,7 @@ class Captioner:
     def image_tokens(self, images: Sequence) -> torch.Tensor:
         """The frozen encoder's tokens [B, M, C] of PIL images or paths."""
         device = next(self.decoder.parameters()).device
-        batch = torch.stack([self.encoder.preprocess(im) for im in as_pil(images)])
+        batch = torch.stack([self.encoder.preprocess(im) for im in as_pil_images(images)])
         return self.encoder.encode_tokens(batch.to(device))
 
     def caption(self, images: Sequence, beam_size: int | None = None, rerank_clip=None,
@@ -150,7 +159,7 @@ class Captioner:
         decode = DecodeConfig(**{**vars(self.config.decode),
                                  **({"beam_size": beam_size} if beam_size else {}),
                                  **({"length_penalty": length_penalty} if length_penalty is not None else {})})
-        pil = as_pil(images)
+        pil = as_pil_images(images)
         beams = decode_captions(self.decoder, self.tokenizer, self.image_tokens(pil), decode)
         results = []
         for image, candidates in zip(pil, beams):
@@ -160,13 +169,6 @@ class Captioner:
                 ranked = [Caption(text, score) for text, score in candidates]
             results.append(Caption(ranked[0].text, ranked[0].score, ranked[0].clip_score, ranked[1:]))
         return results
-
-
-def as_pil(images: Sequence) -> list:
-    """Paths read as RGB PIL images (`load_image`: regular files only, size-capped); PIL images kept."""
-    from clipsnail.data.images import load_image
-
-    return [load_image(im) if isinstance(im, str) or hasattr(im, "__fspath__") else im for im in images]
 
 
 # ----------------------------------------------------------------------------------------------- baseline
@@ -204,26 +206,20 @@ def evaluate_captioner(captioner: Captioner, captions: str | Path, images: str |
 
     metrics: bleu4, cider, and on generated shapes data colour_shape_accuracy and caption_true; with `baseline`,
     the same for the nearest-neighbour captions of the run's training images (`baseline_bleu4`, ...)."""
-    from clipsnail.data.captions import load_caption_split
-    from clipsnail.data.shapes import scenes_for
-
     data = type(captioner.config.data)(captions=str(captions), images=str(images), format=format,
                                        split_file=split_file or "", follow_links=follow_links)
     names, texts, caption_to_image = load_caption_split(data, split)
     if max_images:
         names = names[:max_images]
-    references = [[] for _ in names]
-    for text, image in zip(texts, caption_to_image):
-        if image < len(names):
-            references[image].append(text)
+    references = captions_by_image(texts, caption_to_image, len(names))
     paths = [Path(images) / n for n in names]
     results = []
     for i in tqdm(range(0, len(paths), 32), desc="caption", disable=not progress, unit="batch"):
         results += captioner.caption(paths[i:i + 32], beam_size=beam_size, rerank_clip=rerank_clip)
     candidates = [r.text for r in results]
     metrics = {"images": len(names), **caption_metrics(references, candidates)}
-    scenes = scenes_for(images, names)
-    if scenes is not None and None not in scenes:
+    scenes = generated_scenes(images, names)
+    if scenes is not None:
         metrics.update(shapes_caption_metrics(scenes, candidates))
     rows = [{"image": n, "caption": r.text, "score": round(r.score, 4),
              **({"clip_score": round(r.clip_score, 4)} if r.clip_score is not None else {}), "references": refs}
@@ -231,7 +227,7 @@ def evaluate_captioner(captioner: Captioner, captions: str | Path, images: str |
     if baseline:
         guesses = nearest_neighbour_baseline(captioner, paths, progress)
         metrics.update({f"baseline_{k}": v for k, v in caption_metrics(references, guesses).items()})
-        if scenes is not None and None not in scenes:
+        if scenes is not None:
             metrics.update({f"baseline_{k}": v for k, v in shapes_caption_metrics(scenes, guesses).items()})
         for row, guess in zip(rows, guesses):
             row["baseline"] = guess
@@ -241,14 +237,9 @@ def evaluate_captioner(captioner: Captioner, captions: str | Path, images: str |
 def nearest_neighbour_baseline(captioner: Captioner, paths: Sequence[Path], progress: bool = True) -> list[str]:
     """`nearest_neighbour_captions` of `paths` among the training images of the caption run, under the run's
     frozen encoder (pooled features)."""
-    from clipsnail.data.captions import load_caption_split
-    from clipsnail.evaluate import encode_every_image, encode_image_paths
-
     train = captioner.config.data
     names, texts, caption_to_image = load_caption_split(train, "train")
-    per_image = [[] for _ in names]
-    for text, image in zip(texts, caption_to_image):
-        per_image[image].append(text)
+    per_image = captions_by_image(texts, caption_to_image, len(names))
     train_features = encode_every_image(captioner.encoder, train.images, names, progress)
     test_features, _ = encode_image_paths(captioner.encoder, paths, progress=progress)
     return nearest_neighbour_captions(train_features, per_image, test_features)

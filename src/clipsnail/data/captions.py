@@ -351,6 +351,16 @@ def load_split(captions: str | Path, images: str | Path, split: str, format: str
     return group_by_image(records)
 
 
+def captions_by_image(captions: Sequence[str], caption_to_image: Sequence[int], num_images: int) -> list[list[str]]:
+    """The captions of each of the first `num_images` images (the inverse of `group_by_image`'s caption_to_image);
+    captions of later images are left out."""
+    by_image: list[list[str]] = [[] for _ in range(num_images)]
+    for text, image in zip(captions, caption_to_image):
+        if image < num_images:
+            by_image[image].append(text)
+    return by_image
+
+
 def group_by_image(records: Iterable[CaptionRecord]) -> tuple[list[str], list[str], list[int]]:
     """(unique images in first-seen order, captions in record order, index of each caption's image)."""
     index: dict[str, int] = {}

@@ -144,6 +144,14 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im if im.mode == "RGB" else im.convert("RGB")
 
 
+def as_pil_images(images) -> list[Image.Image]:
+    """Images given as paths (read with `load_image`) or PIL images (kept), one or a list, as a list of PIL
+    images: what `encode_image`-style methods accept."""
+    if not isinstance(images, (list, tuple)):
+        images = [images]
+    return [load_image(im) if isinstance(im, (str, bytes)) or hasattr(im, "__fspath__") else im for im in images]
+
+
 def load_image(path: str | Path, data: bytes | None = None) -> Image.Image:
     """The image at `path` (or in `data`, read from `path`, e.g. a tar shard), fully decoded, upright (EXIF
     orientation applied), RGB."""

@@ -30,7 +30,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 from tqdm import tqdm
 
-from clipsnail.data.captions import load_split
+from clipsnail.data.captions import captions_by_image, load_split
 from clipsnail.data.images import IMAGE_EXTENSIONS, load_image
 from clipsnail.errors import ConfigError, DataError
 from clipsnail.rng import seeded
@@ -141,9 +141,7 @@ def write_shards(
     images_dir, out_dir = Path(images), Path(out_dir)
     names, texts, caption_to_image = load_split(captions, images_dir, split, format, split_file, strict=strict,
                                                 follow_links=follow_links)
-    captions_of: list[list[str]] = [[] for _ in names]
-    for text, i in zip(texts, caption_to_image):
-        captions_of[i].append(text)
+    captions_of = captions_by_image(texts, caption_to_image, len(names))
     order = sorted(range(len(names)), key=lambda i: names[i])
     if seed is not None:
         random.Random(seed).shuffle(order)

@@ -259,11 +259,8 @@ class CLIP(nn.Module):
         return self.encode_image(images), self.encode_text(tokens), self.logit_scale.exp()
 
     def _preprocess_images(self, images) -> torch.Tensor:
-        from clipsnail.data.images import load_image
+        from clipsnail.data.images import as_pil_images
 
         if self.preprocess is None:
             raise RuntimeError("this CLIP model has no preprocess transform attached; pass a tensor")
-        if not isinstance(images, (list, tuple)):
-            images = [images]
-        pil = [load_image(im) if isinstance(im, (str, bytes)) or hasattr(im, "__fspath__") else im for im in images]
-        return torch.stack([self.preprocess(im) for im in pil])
+        return torch.stack([self.preprocess(im) for im in as_pil_images(images)])

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from clipsnail import pretrained as weights
+from clipsnail.data.transforms import eval_transform
 from clipsnail.errors import ConfigError
 
 
@@ -49,8 +50,6 @@ class TimmImageEncoder(nn.Module):
         if image_size is None and not from_file:
             self.preprocess = timm.data.create_transform(**data_cfg)
         else:
-            from clipsnail.data.transforms import eval_transform
-
             self.preprocess = eval_transform(image_size or data_cfg["input_size"][-1], mean, std,
                                              data_cfg.get("interpolation", "bilinear"))
         self.cfg = types.SimpleNamespace(embed_dim=self.model.num_features)  # as CLIP's cfg.embed_dim

@@ -18,11 +18,17 @@ from torch import nn
 
 from clipsnail import distributed as dist
 from clipsnail import pretrained
-from clipsnail.captioning import Captioner, DecodeConfig, caption_metrics, decode_captions, shapes_caption_metrics
+from clipsnail.captioning import (
+    Captioner,
+    DecodeConfig,
+    caption_metrics,
+    decode_captions,
+    generated_scenes,
+    shapes_caption_metrics,
+)
 from clipsnail.config import OptimConfig, TrainConfig, from_dict
-from clipsnail.data.captions import CaptionDataConfig, load_caption_split
+from clipsnail.data.captions import CaptionDataConfig, captions_by_image, load_caption_split
 from clipsnail.data.datasets import CaptionTargets
-from clipsnail.data.shapes import scenes_for
 from clipsnail.data.tokenizers import TextTokenizer, build_tokenizer
 from clipsnail.distributed import unwrap
 from clipsnail.errors import ConfigError, DataError
@@ -118,10 +124,7 @@ class CaptionTask:
         try:
             names, val_captions, val_c2i = load_caption_split(data, "val")
             names = names[: data.max_eval_images]
-            references = [[] for _ in names]
-            for caption, image in zip(val_captions, val_c2i):
-                if image < len(names):
-                    references[image].append(caption)
+            references = captions_by_image(val_captions, val_c2i, len(names))
             self.val = (names, references, self.encode(names, progress))
         except DataError as e:
             log.info("no validation during training (%s)", e)
@@ -162,8 +165,8 @@ class CaptionTask:
                     decode_captions(unwrap(model), self.tokenizer, image_tokens, self.config.decode)]
         model.train(was_training)
         metrics = {f"val_{k}": v for k, v in caption_metrics(references, captions).items()}
-        scenes = scenes_for(self.config.data.images, names)
-        if scenes is not None and None not in scenes:
+        scenes = generated_scenes(self.config.data.images, names)
+        if scenes is not None:
             metrics.update({f"val_{k}": v for k, v in shapes_caption_metrics(scenes, captions).items()})
         return metrics
 
