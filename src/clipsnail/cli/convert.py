@@ -7,7 +7,16 @@ import argparse
 import logging
 
 from clipsnail.cli.common import Subcommands, print_json
-from clipsnail.convert import convert_lemevit, convert_open_clip, read_class_names
+from clipsnail.convert import (
+    CONSE_DEFAULT,
+    CONSE_TEMPERATURE,
+    CONSE_TEMPLATE,
+    CONSE_TOP_K,
+    convert_conse,
+    convert_lemevit,
+    convert_open_clip,
+    read_class_names,
+)
 from clipsnail.errors import ClipsnailError
 from clipsnail.export import export_onnx
 
@@ -24,10 +33,12 @@ def register_export(sub: Subcommands) -> None:
 
 
 def register_convert(sub: Subcommands) -> None:
-    p = sub.add_parser("convert", help="pretrained OpenAI/open_clip CLIP (ViT) or official LeMeViT weights -> a run "
-                                       "directory; prints JSON")
+    p = sub.add_parser("convert", help="pretrained OpenAI/open_clip CLIP (ViT) or official LeMeViT weights, or a "
+                                       "ConSE CLIP of the packaged models -> a run directory; prints JSON")
     p.add_argument("--from", dest="source", required=True, metavar="KIND:PATH",
-                   help="open_clip:FILE (.safetensors, or a .bin/.pt state dict) or lemevit:FILE (.pth)")
+                   help="open_clip:FILE (.safetensors, or a .bin/.pt state dict), lemevit:FILE (.pth), or "
+                        f"conse:IMAGE+TEXT (a zero-shot CLIP from an ImageNet classifier and a sentence encoder, "
+                        f"e.g. conse:{CONSE_DEFAULT})")
     p.add_argument("--out", required=True, help="run directory to create (must not exist, or be empty)")
     p.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction, default=None,
                    help="open_clip: the weights use QuickGELU (OpenAI's models); default: open_clip_config.json "
@@ -37,6 +48,12 @@ def register_convert(sub: Subcommands) -> None:
                    help="lemevit: the EMA weights (state_dict_ema, default; the official evaluation's) or the raw ones")
     p.add_argument("--num-classes", type=int, help="lemevit: expected classes (default: the checkpoint's head)")
     p.add_argument("--class-names", help="lemevit: file with one class name per line (default class_0, class_1, ...)")
+    p.add_argument("--top-k", type=int, default=CONSE_TOP_K,
+                   help=f"conse: the most probable labels combined into an image embedding (default {CONSE_TOP_K})")
+    p.add_argument("--temperature", type=float, default=CONSE_TEMPERATURE,
+                   help=f"conse: the classifier's softmax temperature (default {CONSE_TEMPERATURE:g})")
+    p.add_argument("--template", default=CONSE_TEMPLATE,
+                   help=f"conse: how a label is put into words for the text encoder (default {CONSE_TEMPLATE!r})")
     p.set_defaults(func=cmd_convert)
 
 
@@ -49,7 +66,16 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_convert(args: argparse.Namespace) -> None:
     kind, sep, path = args.source.partition(":")
     if not sep or not path:
-        raise ClipsnailError(f"--from {args.source!r}: expected open_clip:PATH or lemevit:PATH")
+        raise ClipsnailError(f"--from {args.source!r}: expected open_clip:PATH, lemevit:PATH or conse:IMAGE+TEXT")
+    conse_options = {"top_k": args.top_k, "temperature": args.temperature, "template": args.template}
+    if kind != "conse" and (args.top_k, args.temperature, args.template) != (CONSE_TOP_K, CONSE_TEMPERATURE,
+                                                                            CONSE_TEMPLATE):
+        raise ClipsnailError("--top-k, --temperature and --template apply to conse:IMAGE+TEXT only")
+    if kind == "conse":
+        if args.model or args.class_names or args.num_classes is not None or args.quick_gelu is not None:
+            raise ClipsnailError("conse:IMAGE+TEXT takes --top-k, --temperature and --template only")
+        print_json(convert_conse(path, args.out, **conse_options))
+        return
     if kind == "open_clip":
         if args.model or args.class_names or args.num_classes is not None or args.weights != "ema":
             raise ClipsnailError("--model, --num-classes, --class-names and --weights apply to lemevit:PATH only")
@@ -63,5 +89,5 @@ def cmd_convert(args: argparse.Namespace) -> None:
         print_json(convert_lemevit(path, args.out, args.model, num_classes=args.num_classes, weights=args.weights,
                                    class_names=names))
     else:
-        raise ClipsnailError(f"--from {args.source!r}: unknown source {kind!r}; choose open_clip:PATH or "
-                             "lemevit:PATH")
+        raise ClipsnailError(f"--from {args.source!r}: unknown source {kind!r}; choose open_clip:PATH, "
+                             "lemevit:PATH or conse:IMAGE+TEXT")

@@ -1,17 +1,21 @@
 """CLIP (Radford et al. 2021): an image tower and a text tower projected into one space, compared by cosine.
 
 Towers: the small ViT of `vit.py` ("vit"), or any timm model by name ("timm:resnet18", "lemevit_tiny", ...);
-the text tower is the causal Transformer of `text.py`. Projections: a linear map as in the paper, or an MLP
-projection head (Linear-GELU-Linear-Dropout + residual, LayerNorm; configs/flickr8k_resnet50.yaml uses it). The
-temperature is learned as `logit_scale = log(1/0.07)` and its exp is clamped to 100 by the training task after each
-step (open_clip).
+the text tower is the causal Transformer of `text.py`, or a pretrained Hugging Face encoder. Projections: a linear
+map as in the paper, or an MLP projection head (Linear-GELU-Linear-Dropout + residual, LayerNorm;
+configs/flickr8k_resnet50.yaml uses it). The image side can instead end in a ConSE head (Norouzi et al., ICLR 2014,
+"Zero-Shot Learning by Convex Combination of Semantic Embeddings"): an ImageNet classifier whose T most probable
+labels' text embeddings, weighted by their probabilities, are the image embedding. Over a pretrained classifier and
+a pretrained sentence encoder that is a CLIP that works with no image-text training at all (`clipsnail convert
+--from conse:...`), and one that `clip train --init` can fine-tune like any other. The temperature is learned as
+`logit_scale = log(1/0.07)` and its exp is clamped to 100 by the training task after each step (open_clip).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +64,12 @@ class ClipModelConfig:
     eot_id: int = 2
     embed_dim: int = 128
     projection: str = "linear"  # "linear" (paper) or "head" (ProjectionHead)
+    # The image side's head: "" (the same kind as `projection`) or "conse" (ConseHead, over the labels below)
+    image_projection: str = ""
+    conse_labels: list[str] = field(default_factory=list)  # the classifier's label names, in its output order
+    conse_template: str = "a photo of a {}."  # how each label was put into words for its text embedding
+    conse_top_k: int = 10  # T: the most probable labels combined
+    conse_temperature: float = 2.0  # the classifier's logits are divided by it before the softmax
     projection_dropout: float = 0.1
     activation: str = "gelu"  # of both towers' MLPs: "gelu", or "quick_gelu" (OpenAI's pretrained CLIP weights)
     init_logit_scale: float = math.log(1 / 0.07)
@@ -82,6 +92,32 @@ class ProjectionHead(nn.Module):
         return self.norm(projected + self.fc(projected))
 
 
+class ConseHead(nn.Module):
+    """ConSE: an image's embedding is the convex combination of the text embeddings of its T most probable labels.
+
+    f(x) = 1/Z sum_{t<=T} p(y_t | x) s(y_t), with y_t the t-th most probable label, s(y) its text embedding
+    (`label_embeddings`, unit rows: the text tower's embeddings of `template.format(name)`) and
+    Z = sum_{t<=T} p(y_t | x). Probabilities are a softmax of the classifier's logits divided by `temperature`: above
+    1 it spreads weight over more labels, which helps when the top label is wrong but a related one is right. Both the
+    classifier and the label embeddings are parameters, so fine-tuning on captions can move them; the top-T choice
+    is not differentiable, the weights of the chosen labels are.
+    """
+
+    def __init__(self, in_dim: int, num_labels: int, embed_dim: int, top_k: int = 10, temperature: float = 2.0):
+        super().__init__()
+        self.classifier = nn.Linear(in_dim, num_labels)
+        self.label_embeddings = nn.Parameter(torch.zeros(num_labels, embed_dim))
+        self.top_k, self.temperature = top_k, temperature
+
+    def label_probabilities(self, features: torch.Tensor) -> torch.Tensor:
+        return (self.classifier(features) / self.temperature).softmax(dim=-1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        top_p, top_labels = self.label_probabilities(features).topk(self.top_k, dim=-1)  # [B, T]
+        weights = top_p / top_p.sum(dim=-1, keepdim=True)
+        return torch.einsum("bt,btd->bd", weights, self.label_embeddings[top_labels])
+
+
 def check_config(cfg: ClipModelConfig) -> None:
     """ConfigError naming the first invalid key of `cfg` (as `--set` spells it: model.vision_width)."""
     if not cfg.vocab_size > 0:
@@ -89,6 +125,14 @@ def check_config(cfg: ClipModelConfig) -> None:
     check_positive(cfg, "image_size", "embed_dim", "context_length")
     check_probability(cfg, "drop_path_rate", "text_dropout", "projection_dropout")
     check_choice(cfg, "projection", ("linear", "head"))
+    check_choice(cfg, "image_projection", ("", "linear", "head", "conse"))
+    if cfg.image_projection == "conse":
+        if not cfg.conse_labels:
+            raise ConfigError("model.image_projection=conse needs model.conse_labels (the classifier's label names)")
+        check_positive(cfg, "conse_temperature")
+        if not 1 <= cfg.conse_top_k <= len(cfg.conse_labels):
+            raise ConfigError(f"model.conse_top_k must be between 1 and the {len(cfg.conse_labels)} labels, got "
+                              f"{cfg.conse_top_k}")
     check_choice(cfg, "activation", ACTIVATIONS)
     check_choice(cfg, "image_interpolation", ("bilinear", "bicubic"))
     if not all(s > 0 for s in cfg.image_std):
@@ -129,6 +173,12 @@ def check_image_encoder(name: str) -> None:
     close = timm.list_models(f"*{stem}*")[:8] if stem else []
     raise ConfigError(f"model.image_encoder: unknown image_encoder {name!r}, neither 'vit' nor a timm model"
                       + (f"; similar timm models: {', '.join(close)}" if close else ""))
+
+
+def build_image_projection(cfg: ClipModelConfig, in_dim: int) -> nn.Module:
+    if cfg.image_projection == "conse":
+        return ConseHead(in_dim, len(cfg.conse_labels), cfg.embed_dim, cfg.conse_top_k, cfg.conse_temperature)
+    return build_projection(cfg.image_projection or cfg.projection, in_dim, cfg.embed_dim, cfg.projection_dropout)
 
 
 def build_projection(kind: str, in_dim: int, out_dim: int, dropout: float) -> nn.Module:
@@ -205,9 +255,7 @@ class CLIP(nn.Module):
         self.cfg = cfg
         self.visual = build_image_tower(cfg, load_weights)
         self.text = build_text_tower(cfg, load_weights)
-        self.image_projection = build_projection(
-            cfg.projection, self.visual.num_features, cfg.embed_dim, cfg.projection_dropout
-        )
+        self.image_projection = build_image_projection(cfg, self.visual.num_features)
         self.text_projection = build_projection(
             cfg.projection, self.text.num_features, cfg.embed_dim, cfg.projection_dropout
         )

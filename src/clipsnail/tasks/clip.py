@@ -71,6 +71,9 @@ class FinetuneConfig:
     image_lr: float | None = None  # per-part learning rates (e.g. 1e-4 image, 1e-5 text, 1e-3 heads)
     text_lr: float | None = None
     head_lr: float | None = None
+    # A ConSE image head (model.image_projection=conse): its ImageNet classifier and its label-embedding matrix
+    classifier_lr: float | None = None
+    label_lr: float | None = None
 
 
 @dataclasses.dataclass
@@ -177,6 +180,8 @@ class ClipTask:
         return param_groups_by_prefix(model, [
             ("image_tower", ("visual.",), ft.image_lr),
             ("text_tower", ("text.",), ft.text_lr),
+            ("classifier", ("image_projection.classifier.",), ft.classifier_lr),
+            ("label_embeddings", ("image_projection.label_embeddings",), ft.label_lr),
             ("heads", ("image_projection.", "text_projection.", "logit_scale"), ft.head_lr),
         ], self.config.optim.lr)
 
@@ -250,12 +255,17 @@ class ClipTask:
             log.warning("%d corrupt training images skipped so far", self.train_dataset.skipped)
 
     def save(self, model: CLIP, run_dir: Path) -> None:
-        save_run(run_dir, self.name, self.config, model, self.tokenizer)
-        if self.config.model.text_encoder.startswith("hf:"):
-            # The architecture of a pretrained tower travels with the run; its weights are in model.safetensors.
-            (run_dir / "text_encoder").mkdir(exist_ok=True)
-            shutil.copyfile(Path(text_model_dir(self.config.model.text_encoder[3:])) / "config.json",
-                            run_dir / "text_encoder" / "config.json")
+        save_clip_run(run_dir, self.config, model, self.tokenizer)
+
+
+def save_clip_run(run_dir: Path, config: ClipConfig, model: CLIP, tokenizer: TextTokenizer) -> None:
+    """config.json, model.safetensors, tokenizer.json and, for a pretrained Hugging Face text tower, its
+    architecture (text_encoder/config.json: the run then loads without the package that provided the weights)."""
+    save_run(run_dir, "clip", config, model, tokenizer)
+    if config.model.text_encoder.startswith("hf:"):
+        (run_dir / "text_encoder").mkdir(exist_ok=True)
+        shutil.copyfile(Path(text_model_dir(config.model.text_encoder[3:])) / "config.json",
+                        run_dir / "text_encoder" / "config.json")
 
 
 def ready_for_inference(model: CLIP, tokenizer: TextTokenizer, config: ClipConfig, run_dir: Path | None = None
