@@ -21,6 +21,7 @@ from clipsnail.evaluate import (
 from clipsnail.hub import load
 from clipsnail.index import DEFAULT_APPROX_THRESHOLD, ImageIndex, build_index, folder_index, update_index
 from clipsnail.plots import write_result_grid
+from clipsnail.query import Term, combine, local_image, parse_query
 
 
 def register(sub: Subcommands) -> None:
@@ -57,12 +58,20 @@ def register(sub: Subcommands) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_index_update)
 
-    p = sub.add_parser("search", help="search an index or an image folder by text (or by an image); prints JSON")
+    p = sub.add_parser(
+        "search", help="search an index or an image folder by text (or by an image); prints JSON",
+        description="Search by a query of weighted text and image terms, added or subtracted: "
+                    "`clipsnail search --index IDX \"2:golden retriever\" + ./pool.jpg - fruit`. Terms are "
+                    "separated by a standalone + or - (spaces around it; a + or - inside a word is text). A term "
+                    "may start with a weight, a number above 0 and a colon (2:cat, 0.5:cat). A term naming an "
+                    "existing image file, or starting with ./, ../, / or ~/, is an image. The query vector is the "
+                    "normalised sum of weight * term vector (negative after -).")
     p.add_argument("--index", help="an index made by `clipsnail index build`")
     p.add_argument("--model", help="CLIP run directory (with --index: default the one recorded in the index)")
     p.add_argument("--images", help="folder to search instead of an index (embeddings cached in the run directory)")
     add_follow_links_flag(p)
-    p.add_argument("query", nargs="?", help="text query")
+    # nargs="*": the shell form `a + ./b.jpg - c` arrives as several arguments ("-" alone is one too).
+    p.add_argument("query", nargs="*", help="query: text, or terms joined by + and - (see above)")
     p.add_argument("--image", help="query image (image-to-image search)")
     p.add_argument("-k", type=int, default=9, help="number of results (default 9)")
     p.add_argument("--grid", help="write a result grid PNG here")
@@ -112,12 +121,11 @@ def cmd_zeroshot(args: argparse.Namespace) -> None:
 
 
 def cmd_search(args: argparse.Namespace) -> None:
-    if args.query is not None and args.image:
+    text = " ".join(args.query) if args.query else None
+    if text is not None and args.image:
         raise ClipsnailError("search needs exactly one of: a text query, or --image FILE (not both)")
-    if args.query is None and not args.image:
+    if text is None and not args.image:
         raise ClipsnailError("search needs a text query or --image FILE")
-    if args.query is not None and not args.query.strip():
-        raise ClipsnailError("the text query is empty")
     if args.k < 1:
         raise ClipsnailError(f"-k must be at least 1, got {args.k}")
     if bool(args.images) == bool(args.index):
@@ -132,18 +140,23 @@ def cmd_search(args: argparse.Namespace) -> None:
         raise ClipsnailError("search --images DIR needs --model RUN")
     else:
         model_dir = args.model
+    # Before loading the model: a malformed query or a missing image term is a one-line error at once.
+    terms = parse_query(text, image=local_image) if text is not None else [Term(1.0, "image", args.image)]
     model = load(model_dir, device=args.device)
     if index is not None and model.cfg.embed_dim != index.dim:
         raise ClipsnailError(f"dimension mismatch: {model_dir} makes dim-{model.cfg.embed_dim} embeddings, but "
                              f"{args.index} holds dim-{index.dim} vectors")
     # The query first: a bad query image must fail before minutes of encoding the folder.
-    query = model.encode_image([args.image]) if args.image else model.encode_text([args.query])
+    with torch.inference_mode():
+        vectors = [model.encode_image([t.value]) if t.kind == "image" else model.encode_text([t.value])
+                   for t in terms]
+    query = combine(vectors, [t.weight for t in terms])
     if index is None:
         index = folder_index(model, args.images, cache_dir=Path(args.model) / "embeddings",
                              progress=not args.no_progress, follow_links=args.follow_links)
     hits = index.search(query, args.k)[0]
     if args.grid:
-        write_result_grid(args.grid, args.query or f"like {Path(args.image).name}", [(h.path, h.score) for h in hits])
+        write_result_grid(args.grid, text or f"like {Path(args.image).name}", [(h.path, h.score) for h in hits])
     print_json([{"path": str(h.path), "score": round(h.score, 4)} for h in hits])
 
 

@@ -15,7 +15,9 @@ Safe by default, because the index is usually someone's private photo collection
   hold no thread and no pixels), at about twice the model's input size rather than full size (images.py).
 - No path from a request reaches the filesystem: images are named by their position in the index, and only
   files in the index are ever opened, through `safeio.read_regular` (regular files under the index's root only;
-  a FIFO or a device named x.jpg is a 404 at once, never a blocked worker).
+  a FIFO or a device named x.jpg is a 404 at once, never a blocked worker). An image term of a search query
+  (clipsnail.query) names an indexed image by its path relative to the index root and uses its stored vector; no
+  file is opened for it, and any other term that looks like a path is a 422.
 - Text, k, class lists and generation sizes are bounded; generation runs one job at a time behind a short queue.
 - Model calls are serialised by a lock (sync routes run in FastAPI's threadpool), so concurrent requests are safe.
 """
@@ -48,6 +50,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field, model_validator
 
+from clipsnail.data.images import IMAGE_EXTENSIONS
+from clipsnail.index import VECTORS
+from clipsnail.query import QueryError, combine, looks_like_path, parse_query
 from clipsnail.serve.generation import GenerationQueue, QueueFull
 from clipsnail.serve.images import BadImage, decode_upload, load_file, thumbnail
 
@@ -81,6 +86,7 @@ class Limits:
 class Hit(BaseModel):
     id: int = Field(description="position in the index; the only way to name an image")
     name: str = Field(description="file name (no folder)")
+    path: str = Field(description="path relative to the index root: names the image as a term of a search query")
     score: float = Field(description="cosine similarity")
     thumb_url: str
 
@@ -307,8 +313,56 @@ def create_app(index, model, generator=None, limits: Limits | None = None,
             return []
         with lock:
             hits = index.search(np.ascontiguousarray(queries, dtype=np.float32), k=k)[0]
-        return [Hit(id=h.id, name=Path(h.path).name, score=round(float(h.score), 4), thumb_url=f"/api/thumb/{h.id}")
-                for h in hits]
+        return [Hit(id=h.id, name=Path(h.path).name, path=index.rel_paths[h.id], score=round(float(h.score), 4),
+                    thumb_url=f"/api/thumb/{h.id}") for h in hits]
+
+    @functools.cache  # built on first use (a text-only server never needs it), whole before any thread sees it
+    def ids_by_path() -> dict[str, int]:
+        return {rel: i for i, rel in enumerate(index.rel_paths)}
+
+    def indexed_id(text: str) -> int | None:
+        """The position of the indexed image whose path relative to the root is `text` (or ./`text`)."""
+        return ids_by_path().get(text.removeprefix("./"))
+
+    def index_image(text: str) -> str | None:
+        """parse_query's image terms on a server: an image of the index, never a file of the server. Only names
+        with an image extension can be indexed images, so text terms cost no lookup."""
+        if not (looks_like_path(text) or text.lower().endswith(IMAGE_EXTENSIONS)):
+            return None
+        if indexed_id(text) is not None:
+            return text
+        if looks_like_path(text):
+            raise QueryError(f"{text}: not an image of this index (name one by its path relative to the index "
+                             "root, as search results show it)")
+        return None  # "cat.png" that is not in the index: text, as on the command line
+
+    # Opened now and kept (memory-mapped, one row read per image term): an `index update` while the server runs
+    # swaps in a new directory whose rows may be in another order, and this handle still reads the files of the
+    # index being served.
+    try:
+        from safetensors import safe_open
+
+        stored = safe_open(str(index.index_dir / VECTORS), framework="numpy")
+        problem = None if stored.get_slice("vectors").get_shape() == [len(index), index.dim] else "wrong shape"
+    except Exception as e:  # safetensors' own error types
+        stored, problem = None, str(e)
+
+    def stored_vector(i: int) -> np.ndarray:
+        """The indexed embedding i [1, D]."""
+        if problem is not None:  # the server's data is damaged, not the request
+            raise _bad_request(404, f"the index's stored vectors cannot be read ({problem})")
+        with lock:
+            return np.asarray(stored.get_slice("vectors")[i:i + 1], dtype=np.float32)
+
+    def query_vector(q: str) -> np.ndarray:
+        """The embedding of a query in clipsnail.query's grammar; a malformed query is a 422 saying why."""
+        try:
+            terms = parse_query(q, image=index_image)
+            vectors = [torch.from_numpy(stored_vector(indexed_id(t.value)) if t.kind == "image"
+                                        else embed_text(t.value)) for t in terms]
+            return combine(vectors, [t.weight for t in terms]).numpy()
+        except QueryError as e:
+            raise _bad_request(422, str(e)) from None
 
     zero_shot_cache: dict[str, torch.Tensor] = {}
 
@@ -384,10 +438,13 @@ def create_app(index, model, generator=None, limits: Limits | None = None,
                     limits=dataclasses.asdict(limits))
 
     @app.get("/api/search", response_model=SearchResult, tags=["search"])
-    def search_text(q: str = Query(min_length=1, max_length=limits.max_query_chars, description="text query"),
+    def search_text(q: str = Query(min_length=1, max_length=limits.max_query_chars,
+                                   description="text, or weighted terms added and subtracted: '2:golden retriever "
+                                               "+ trip/pool.jpg - fruit' (an image term is an indexed image's path, "
+                                               "as hits show it)"),
                     k: int = k_query):
         start = time.perf_counter()
-        hits = search(embed_text(check_text(q, "query")), k)
+        hits = search(query_vector(q), k)
         return SearchResult(hits=hits, seconds=round(time.perf_counter() - start, 4))
 
     @app.post("/api/search/image", response_model=SearchResult, tags=["search"], max_body_size=upload_body_limit)

@@ -1,0 +1,272 @@
+"""Query algebra (clipsnail.query): the grammar and its errors, how weights and negative terms move the ranking
+(on an index whose embeddings are known exactly), and the same grammar in `clipsnail search` and /api/search."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import noise_image, run_error
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from clipsnail.cli import main
+from clipsnail.data.images import as_pil_images
+from clipsnail.errors import ClipsnailError
+from clipsnail.index import build_index
+from clipsnail.query import QueryError, Term, combine, local_image, parse_query
+from clipsnail.serve import create_app
+
+# ----------------------------------------------------------------------------------------------- the grammar
+
+
+@pytest.mark.parametrize("query,terms", [
+    ("golden retriever", [(1.0, "golden retriever")]),
+    ("2:golden retriever", [(2.0, "golden retriever")]),
+    ("0.5:cat + 1e1:dog", [(0.5, "cat"), (10.0, "dog")]),
+    ("a red circle - fruit", [(1.0, "a red circle"), (-1.0, "fruit")]),
+    ("- fruit + 2:cat", [(-1.0, "fruit"), (2.0, "cat")]),
+    ("+ cat", [(1.0, "cat")]),
+    ("cat  -\tdog +  3:bird ", [(1.0, "cat"), (-1.0, "dog"), (3.0, "bird")]),
+    # Text, not operators or weights: + and - inside words, a colon after a prefix that is not a number.
+    ("t-shirt", [(1.0, "t-shirt")]),
+    ("a -b c+ c++", [(1.0, "a -b c+ c++")]),
+    ("photo: a dog", [(1.0, "photo: a dog")]),
+    ("re:union - x-ray", [(1.0, "re:union"), (-1.0, "x-ray")]),
+    ("AC/DC ~5 dogs", [(1.0, "AC/DC ~5 dogs")]),
+    ("2:photo: a dog", [(2.0, "photo: a dog")]),
+])
+def test_the_grammar_parses_weights_signs_and_text(query, terms):
+    assert parse_query(query) == [Term(w, "text", v) for w, v in terms]
+
+
+@pytest.mark.parametrize("query,message", [
+    ("", "the text query is empty"),
+    ("   ", "the text query is empty"),
+    ("cat +", "no term after the '+' at the end"),
+    ("cat -  ", "no term after the '-' at the end"),
+    ("-", "no term after the '-' at the end"),
+    ("+ + dog", "no term after the '+' at character 1"),
+    ("cat + - dog", "no term after the '+' at character 5"),
+    ("nan:cat", "term 'nan:cat': the weight 'nan' must be a finite number above 0"),
+    ("cat + inf:dog", "term 'inf:dog': the weight 'inf'"),
+    ("0:cat", "term '0:cat': the weight '0'"),
+    ("cat + -1:dog", "term '-1:dog': the weight '-1'"),
+    ("2:", "term '2:': nothing after the weight"),
+    ("- fruit", "every term is negative"),
+    ("- fruit - 2:cat", "every term is negative"),
+])
+def test_malformed_queries_are_one_line_errors_saying_where(query, message):
+    with pytest.raises(QueryError) as e:
+        parse_query(query)
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert isinstance(e.value, ClipsnailError)  # the CLI prints it as one line
+
+
+def test_image_terms_on_the_command_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (8, 8), (200, 0, 0)).save(tmp_path / "pool.jpg")
+    (tmp_path / "notes.png.txt").write_text("x")
+    (tmp_path / "folder.png").mkdir()
+    assert parse_query("2:golden retriever + ./pool.jpg - fruit", local_image) == [
+        Term(2.0, "text", "golden retriever"), Term(1.0, "image", "pool.jpg"), Term(-1.0, "text", "fruit")]
+    # An existing image file is an image without ./ ; a missing one without it is text.
+    assert parse_query("pool.jpg - 0.5:other.jpg", local_image) == [
+        Term(1.0, "image", "pool.jpg"), Term(-0.5, "text", "other.jpg")]
+    absolute = str(tmp_path / "pool.jpg")
+    assert parse_query(f"3:{absolute}", local_image) == [Term(3.0, "image", absolute)]
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert parse_query("~/pool.jpg", local_image) == [Term(1.0, "image", absolute)]
+    assert parse_query("notes.png.txt + folder.png", local_image)[1] == Term(1.0, "text", "folder.png")
+    for query, message in [("cat + ./missing.jpg", "./missing.jpg: no such image file"),
+                           ("/no/such/dir/x.png", "/no/such/dir/x.png: no such image file"),
+                           ("../", "../: not an image file"), ("~/folder.png", "~/folder.png: not an image file")]:
+        with pytest.raises(QueryError, match=message):
+            parse_query(query, local_image)
+
+
+def test_combine_is_the_normalised_weighted_sum_of_unit_vectors():
+    a, b = torch.tensor([[3.0, 0, 0]]), torch.tensor([[0, 0.5, 0]])  # unit-normalised first: lengths do not count
+    assert torch.allclose(combine([a, b], [1.0, 1.0]), torch.tensor([[1, 1, 0]]) / 2**0.5)
+    assert torch.allclose(combine([a, b], [2.0, -1.0]), torch.tensor([[2, -1, 0]]) / 5**0.5)
+    unit = F.normalize(torch.randn(1, 16), dim=-1)
+    assert torch.equal(combine([unit], [1.0]), unit) and torch.equal(combine([unit[0]], [2.0]), unit)
+    with pytest.raises(QueryError, match="cancel out"):
+        combine([a, a], [1.0, -1.0])
+    with pytest.raises(QueryError, match="cancel out"):
+        combine([a, b, a], [2.0, 0.0001, -2.0])  # what is left is below rounding-noise level of the weights
+
+
+# ----------------------------------------------------------------------------------------------- rankings
+
+
+class ColourModel:
+    """A stand-in CLIP with known geometry: an image embeds as its mean RGB colour, a text as the sum of the
+    colours it names (an unknown word as a fourth direction)."""
+
+    WORDS = {"red": (1, 0, 0), "green": (0, 1, 0), "blue": (0, 0, 1), "yellow": (1, 1, 0), "cyan": (0, 1, 1)}
+
+    def __init__(self):
+        from types import SimpleNamespace
+
+        self.cfg, self.run_dir = SimpleNamespace(embed_dim=4, image_size=8), None
+
+    def eval(self):
+        return self
+
+    def preprocess(self, image):
+        return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32)).permute(2, 0, 1) / 255
+
+    def encode_image(self, images):
+        if not isinstance(images, torch.Tensor):
+            images = torch.stack([self.preprocess(im) for im in as_pil_images(images)])
+        rgb = images.mean(dim=(2, 3))
+        return F.normalize(torch.cat([rgb, torch.zeros(len(rgb), 1)], dim=1), dim=-1)
+
+    def encode_text(self, texts):
+        rows = []
+        for text in texts:
+            known = [self.WORDS[w] for w in text.split() if w in self.WORDS]
+            rows.append([*np.sum(known, axis=0), 0.0] if known else [0.0, 0.0, 0.0, 1.0])
+        return F.normalize(torch.tensor(rows, dtype=torch.float32), dim=-1)
+
+
+# Solid colours; orange and lime lie between red and green, nearer one of them ((3, 1, 0) and (1, 3, 0)).
+COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0),
+           "orange": (255, 85, 0), "lime": (85, 255, 0), "more/cyan": (0, 255, 255)}
+
+
+@pytest.fixture(scope="module")
+def colours(tmp_path_factory):
+    root = tmp_path_factory.mktemp("colours")
+    for name, rgb in COLOURS.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), rgb).save(root / f"{name}.png")
+    model = ColourModel()
+    index, _ = build_index(model, root, root.parent / "colour-index", progress=False)
+    return model, index
+
+
+def ranking(colours, query: str) -> list[str]:
+    model, index = colours
+    terms = parse_query(query)
+    vector = combine([model.encode_text([t.value]) for t in terms], [t.weight for t in terms])
+    return [index.rel_paths[h.id].removesuffix(".png") for h in index.search(vector, k=len(index))[0]]
+
+
+def test_a_negative_term_ranks_what_is_like_a_but_not_b_first(colours):
+    assert ranking(colours, "yellow")[0] == "yellow"
+    minus = ranking(colours, "yellow - green")
+    assert minus[:2] == ["red", "orange"] and minus[-1] in ("green", "more/cyan")
+    assert ranking(colours, "- green + yellow") == minus  # where the negative term stands does not matter
+    assert ranking(colours, "yellow - red")[:2] == ["green", "lime"]
+
+
+def test_weights_pull_the_query_towards_their_term(colours):
+    assert ranking(colours, "red + green")[0] == "yellow"
+    towards_red, towards_green = ranking(colours, "3:red + green"), ranking(colours, "red + 3:green")
+    assert towards_red[0] == "orange" and towards_green[0] == "lime"
+    assert towards_red.index("red") < towards_red.index("green")
+    assert towards_green.index("green") < towards_green.index("red")
+
+
+# ----------------------------------------------------------------------------------------------- the web app
+
+
+@pytest.fixture(scope="module")
+def web(colours):
+    model, index = colours
+    return TestClient(create_app(index, model), base_url="http://127.0.0.1")
+
+
+def web_ranking(web, q: str) -> list[str]:
+    r = web.get("/api/search", params={"q": q, "k": 10})
+    assert r.status_code == 200, r.text
+    return [h["path"].removesuffix(".png") for h in r.json()["hits"]]
+
+
+def test_the_web_search_takes_the_grammar_with_indexed_images_as_terms(web, colours):
+    assert web_ranking(web, "yellow - green")[:2] == ["red", "orange"]
+    assert web_ranking(web, "3:red + green")[0] == "orange" and web_ranking(web, "red + 3:green")[0] == "lime"
+    # Image terms use the stored vectors of the index, named by their path as hits show it.
+    hits = web.get("/api/search", params={"q": "more/cyan.png", "k": 2}).json()["hits"]
+    assert hits[0]["path"] == "more/cyan.png" and hits[0]["name"] == "cyan.png" and hits[0]["score"] > 0.999
+    assert web_ranking(web, "red.png + green.png")[0] == "yellow"
+    assert web_ranking(web, "3:./red.png + green.png")[0] == "orange"
+    assert web_ranking(web, "yellow - green.png")[:2] == ["red", "orange"]
+    assert web_ranking(web, "cyan") == web_ranking(web, "more/cyan.png")
+    assert web_ranking(web, "purple.png")  # not in the index and not path-like: text, as on the command line
+
+
+@pytest.mark.parametrize("q,detail", [
+    ("cat +", "no term after the '+' at the end"),
+    ("+ + dog", "no term after the '+' at character 1"),
+    ("nan:red", "the weight 'nan'"),
+    ("- red", "every term is negative"),
+    ("red - red", "cancel out"),
+    ("red.png - red", "cancel out"),
+    ("/etc/passwd", "/etc/passwd: not an image of this index"),
+    ("red + ../../etc/passwd", "../../etc/passwd: not an image of this index"),
+    ("~/photo.jpg", "~/photo.jpg: not an image of this index"),
+    ("./nope.png", "./nope.png: not an image of this index"),
+    (" ", "the text query is empty"),
+])
+def test_malformed_web_queries_are_422_with_the_message(web, q, detail):
+    r = web.get("/api/search", params={"q": q})
+    assert r.status_code == 422, r.text
+    assert detail in r.json()["detail"]
+
+
+def test_an_absolute_path_to_an_indexed_file_is_not_an_image_term(web, colours):
+    _, index = colours
+    r = web.get("/api/search", params={"q": str(index.paths[0])})  # the server's own path of an indexed file
+    assert r.status_code == 422 and "not an image of this index" in r.json()["detail"]
+
+
+# ----------------------------------------------------------------------------------------------- the command line
+
+
+@pytest.fixture(scope="module")
+def noise_index(clip_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("noise") / "photos"
+    for i in range(6):
+        noise_image(root / f"{i}.png", i)
+    (root / "broken.png").write_bytes(b"\x89PNG not really")
+    index, _ = build_index(clip_model, root, root.parent / "idx", progress=False)
+    return root, index
+
+
+def search_json(capsys, argv):
+    capsys.readouterr()
+    assert main(argv) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_the_shell_form_on_the_command_line(clip_model, noise_index, capsys, monkeypatch):
+    root, index = noise_index
+    idx = str(index.index_dir)
+    # A plain query searches with exactly the vector it always did.
+    plain = search_json(capsys, ["search", "--index", idx, "a red circle", "-k", "6"])
+    direct = index.search(clip_model.encode_text(["a red circle"]), k=6)[0]
+    assert plain == [{"path": str(h.path), "score": round(h.score, 4)} for h in direct]
+    # Several arguments, "-" and "+" among them, are one query; ./ names a file in the working directory.
+    monkeypatch.chdir(root)
+    hits = search_json(capsys, ["search", "--index", idx, "2:a red circle", "+", "9:./3.png", "-", "blue", "-k", "6"])
+    terms = [clip_model.encode_text(["a red circle"]), clip_model.encode_image([root / "3.png"]),
+             clip_model.encode_text(["blue"])]
+    expected = index.search(combine(terms, [2.0, 9.0, -1.0]), k=6)[0]
+    assert [h["path"] for h in hits] == [str(h.path) for h in expected]
+    assert [h["score"] for h in hits] == [round(h.score, 4) for h in expected]
+    assert search_json(capsys, ["search", "--index", idx, "-", "blue", "+", "a red circle"])  # negative first
+    # --image still works, and gives the same as the query of that one image
+    by_flag = search_json(capsys, ["search", "--index", idx, "--image", "3.png", "-k", "3"])
+    assert by_flag == search_json(capsys, ["search", "--index", idx, "./3.png", "-k", "3"])
+    assert by_flag[0]["path"] == str(root / "3.png") and by_flag[0]["score"] == pytest.approx(1.0, abs=1e-3)
+    assert "no term after the '+' at the end" in run_error(capsys, ["search", "--index", idx, "cat", "+"])
+    assert "the weight 'nan'" in run_error(capsys, ["search", "--index", idx, "nan:cat"])
+    assert "every term is negative" in run_error(capsys, ["search", "--index", idx, "-", "fruit"])
+    assert "./gone.png: no such image file" in run_error(capsys, ["search", "--index", idx, "cat", "-", "./gone.png"])
+    assert "broken.png: cannot read image" in run_error(capsys, ["search", "--index", idx, "cat + ./broken.png"])
+    assert "cancel out" in run_error(capsys, ["search", "--index", idx, "cat - cat"])
+    assert "exactly one" in run_error(capsys, ["search", "--index", idx, "cat", "--image", "3.png"])
