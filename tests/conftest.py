@@ -16,6 +16,10 @@ import pytest
 import torch
 from PIL import Image
 
+# No test may reach the network: Hugging Face libraries (model names such as hf-hub:ORG/NAME, transformers) read
+# their cache only. Set before any of them is imported, since huggingface_hub reads it once, at import.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
 # A CLIP small enough to train a few steps in a second or two on a CPU.
 TINY_CLIP = [
     "model.image_size=16", "model.patch_size=4", "model.vision_width=32", "model.vision_depth=1",
@@ -152,6 +156,35 @@ def tiny_clip(context_length=12, **overrides):
               text_depth=2, text_heads=2, embed_dim=16, vocab_size=50, eot_id=2)
     torch.manual_seed(0)
     return CLIP(ClipModelConfig(context_length=context_length, **{**kw, **overrides}))
+
+
+def make_open_clip(quick_gelu: bool, seed: int = 0, head_width: int = 64):
+    """A tiny open_clip CLIP ViT (by default 2 heads of 64 in both towers, as CLIP), every parameter random."""
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    torch.manual_seed(seed)
+    model = CLIP(embed_dim=32,
+                 vision_cfg=CLIPVisionCfg(layers=2, width=128, head_width=head_width, patch_size=8, image_size=32),
+                 text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=128, heads=128 // head_width,
+                                      layers=2),
+                 quick_gelu=quick_gelu)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name == "logit_scale":
+                p.fill_(3.7)
+            elif name.endswith(("ln_1.weight", "ln_2.weight", "ln_pre.weight", "ln_post.weight", "ln_final.weight")):
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0, 0.1)
+    return model.eval()
+
+
+def save_safetensors(model, path):
+    """`model`'s state dict as a safetensors file at `path` (returned)."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
 
 
 def logged_losses(run):

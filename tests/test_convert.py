@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from conftest import caption_flags, sets, tiny_t2i_args
+from conftest import caption_flags, make_open_clip, save_safetensors, sets, tiny_t2i_args
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -66,32 +66,6 @@ def test_build_tokenizer_knows_openai():
 
 
 # ----------------------------------------------------------------------------------------------- open_clip CLIP
-
-
-def make_open_clip(quick_gelu: bool, seed: int = 0, head_width: int = 64):
-    """A tiny open_clip CLIP ViT (by default 2 heads of 64 in both towers, as CLIP), every parameter random."""
-    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
-
-    torch.manual_seed(seed)
-    model = CLIP(embed_dim=32,
-                 vision_cfg=CLIPVisionCfg(layers=2, width=128, head_width=head_width, patch_size=8, image_size=32),
-                 text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=128, heads=128 // head_width,
-                                      layers=2),
-                 quick_gelu=quick_gelu)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name == "logit_scale":
-                p.fill_(3.7)
-            elif name.endswith(("ln_1.weight", "ln_2.weight", "ln_pre.weight", "ln_post.weight", "ln_final.weight")):
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(0, 0.1)
-    return model.eval()
-
-
-def save_safetensors(model, path):
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from clipsnail.models import lemevit as _lemevit  # noqa: E402,F401
 
 
 def load(run_dir, device="cpu"):
-    """Load the model of a run directory (see `clipsnail.hub.load`)."""
+    """Load the model of a run directory, or of a model name such as hf-hub:ORG/NAME (see `clipsnail.hub.load`)."""
     from clipsnail.hub import load as _load
 
     return _load(run_dir, device=device)

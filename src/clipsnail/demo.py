@@ -41,6 +41,7 @@ from clipsnail.evaluate import (
 )
 from clipsnail.hub import load
 from clipsnail.index import ImageIndex, build_index, folder_index, is_index_dir, update_index
+from clipsnail.model_names import resolve_run
 from clipsnail.models.clip import ClipModelConfig
 from clipsnail.plots import write_result_grid
 from clipsnail.pretrained import PRETRAINED_EXTRA, is_off, is_timm, resolve, text_model_dir
@@ -262,8 +263,10 @@ def check_transformers(text_encoder: str) -> None:
         raise ClipsnailError(f"the text tower {text_encoder} needs the transformers package ({PRETRAINED_EXTRA})")
 
 
-def load_clip_for_photos(run: Path, device: str):
-    """The CLIP model of `run` (any CLIP run: trained, fine-tuned or converted), on `device`."""
+def load_clip_for_photos(run: str | Path, device: str):
+    """The CLIP model of `run` (any CLIP run: trained, fine-tuned or converted, or a name such as hf-hub:ORG/NAME),
+    on `device`."""
+    run = resolve_run(run)
     task, data = read_run_config(run)
     if task != "clip":
         raise DataError(f"{run}: a {task!r} run; searching photos needs a CLIP run")

@@ -198,10 +198,11 @@ def export_onnx(run_dir: str | Path, out_dir: str | Path, opset: int | None = No
     import torch
 
     from clipsnail.hub import load
+    from clipsnail.model_names import resolve_run
     from clipsnail.runs import read_run_config
     from clipsnail.safeio import check_replaceable, staged_dir
 
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    run_dir, out_dir = resolve_run(run_dir), Path(out_dir)  # a run directory, or a name such as hf-hub:ORG/NAME
     task, _ = read_run_config(run_dir)
     if task != "clip":
         raise ExportError(f"{run_dir}: a {task!r} run; only CLIP runs (task 'clip') export to ONNX")

@@ -2,7 +2,8 @@
 
 Each task module knows how to load its own runs (`load_run`); this is the table that picks one by the task name in
 the run's config.json. Weights only ever travel as safetensors: nothing here unpickles a file. Checkpoints from
-elsewhere (OpenAI CLIP / open_clip, official LeMeViT) become run directories through `clipsnail convert`.
+elsewhere (OpenAI CLIP / open_clip, official LeMeViT) become run directories through `clipsnail convert`, or, for
+open_clip models on the Hugging Face hub, by name (`hf-hub:ORG/NAME`, see `clipsnail.model_names`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 import torch
 
 from clipsnail.errors import DataError
+from clipsnail.model_names import resolve_run
 from clipsnail.runs import read_run_config
 from clipsnail.tasks import caption, classify, clip, pixelsnail, t2i_pixelsnail, t2i_retrieve
 
@@ -28,8 +30,8 @@ LOADERS = {
 def load(run_dir: str | Path, device: str | torch.device = "cpu", weights: str = "model"):
     """The model of a run directory, in eval mode on `device` (what each kind is: `LOADERS`).
     weights: "model" (the end of training: model.safetensors) or "best" (best.safetensors, the best validation
-    score, when the run kept one)."""
-    run_dir = Path(run_dir)
+    score, when the run kept one). `run_dir` may also be a model name such as hf-hub:ORG/NAME (`resolve_run`)."""
+    run_dir = resolve_run(run_dir)
     task, data = read_run_config(run_dir)
     if task not in LOADERS:
         raise DataError(f"{run_dir / 'config.json'}: unknown task {task!r}; valid: {', '.join(LOADERS)}")

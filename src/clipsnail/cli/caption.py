@@ -22,6 +22,7 @@ from clipsnail.cli.common import (
 )
 from clipsnail.errors import ClipsnailError
 from clipsnail.hub import load
+from clipsnail.model_names import resolve_name, resolve_run
 from clipsnail.summary import model_summary
 from clipsnail.tasks.caption import CaptionConfig, CaptionTask
 
@@ -87,8 +88,9 @@ def add_decode_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_caption_train(args: argparse.Namespace) -> None:
-    task = CaptionTask(task_config(CaptionConfig, args, caption_values(args, (("encoder", "encoder"),)),
-                                   args.config), run_dir=args.out, progress=not args.no_progress)
+    config = task_config(CaptionConfig, args, caption_values(args, (("encoder", "encoder"),)), args.config)
+    config.encoder = resolve_name(config.encoder)  # hf-hub:ORG/NAME -> its cached CLIP run, the folder the task reads
+    task = CaptionTask(config, run_dir=args.out, progress=not args.no_progress)
     print_summary(lambda: model_summary(task.build_model()))
     train_and_report(task, args)
 
@@ -104,7 +106,7 @@ def load_captioner(args: argparse.Namespace) -> tuple[Captioner, object]:
     if args.rerank_clip:
         from clipsnail.tasks.clip import load_clip_run
 
-        clip = load_clip_run(args.rerank_clip).to(args.device)
+        clip = load_clip_run(resolve_run(args.rerank_clip)).to(args.device)
         if (args.beam or captioner.config.decode.beam_size) < 2:
             print("note: --rerank-clip with a beam of 1 has a single candidate to rerank", file=sys.stderr)
     return captioner, clip

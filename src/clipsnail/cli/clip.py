@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 
@@ -20,6 +19,7 @@ from clipsnail.cli.common import (
 )
 from clipsnail.evaluate import evaluate_caption_split
 from clipsnail.hub import load
+from clipsnail.model_names import resolve_name
 from clipsnail.models.clip import CLIP
 from clipsnail.summary import model_summary
 from clipsnail.tasks.clip import ClipConfig, ClipTask
@@ -33,7 +33,7 @@ def register(sub: Subcommands) -> None:
     p.add_argument("--shards", help='stream WebDataset tar shards, e.g. "data/{000000..000099}.tar" (see `data '
                    'shards`); --captions/--images then only serve validation')
     p.add_argument("--init", metavar="RUN", help="start from this CLIP run's architecture, tokenizer and weights "
-                   "(fine-tuning, e.g. a run made by `clipsnail convert`)")
+                   "(fine-tuning, e.g. a run made by `clipsnail convert`, or hf-hub:ORG/NAME)")
     add_train_flags(p)
     p.set_defaults(func=cmd_clip_train)
 
@@ -56,7 +56,9 @@ def register(sub: Subcommands) -> None:
 
 def clip_config(args: argparse.Namespace) -> ClipConfig:
     values = caption_values(args, (("shards", "data.shards"), ("init", "finetune.init")))
-    return task_config(ClipConfig, args, values, getattr(args, "config", None))
+    config = task_config(ClipConfig, args, values, getattr(args, "config", None))
+    config.finetune.init = resolve_name(config.finetune.init)  # hf-hub:ORG/NAME -> its run: the task reads folders
+    return config
 
 
 def cmd_clip_train(args: argparse.Namespace) -> None:
@@ -89,5 +91,5 @@ def cmd_clip_eval(args: argparse.Namespace) -> None:
     metrics, _ = evaluate_caption_split(model, args.captions, args.images, args.split, args.split_file, args.format,
                                         args.batch_size, progress=not args.no_progress, strict=args.strict,
                                         follow_links=args.follow_links)
-    write_json(Path(args.model) / f"eval_{args.split}.json", metrics)
+    write_json(model.run_dir / f"eval_{args.split}.json", metrics)
     print_json(metrics)

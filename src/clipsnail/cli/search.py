@@ -152,7 +152,7 @@ def cmd_search(args: argparse.Namespace) -> None:
                    for t in terms]
     query = combine(vectors, [t.weight for t in terms])
     if index is None:
-        index = folder_index(model, args.images, cache_dir=Path(args.model) / "embeddings",
+        index = folder_index(model, args.images, cache_dir=model.run_dir / "embeddings",
                              progress=not args.no_progress, follow_links=args.follow_links)
     hits = index.search(query, args.k)[0]
     if args.grid:

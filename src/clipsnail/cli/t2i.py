@@ -20,6 +20,7 @@ from clipsnail.cli.pixelsnail import preset_or_yaml
 from clipsnail.data.images import load_image
 from clipsnail.errors import ClipsnailError
 from clipsnail.hub import load
+from clipsnail.model_names import resolve_name
 from clipsnail.plots import image_grid, save_png
 from clipsnail.runs import read_run_config
 from clipsnail.sampling import to_pil
@@ -56,10 +57,17 @@ def register(sub: Subcommands) -> None:
 
 
 def t2i_config(args: argparse.Namespace) -> TextPixelSNAILConfig | RetrieveConfig:
+    # A CLIP named hf-hub:ORG/NAME becomes its cached run: the tasks, and the configs saved with their runs, hold
+    # folders.
     if args.kind == "pixelsnail":
         defaults, yaml_file = preset_or_yaml(args.config)
-        return task_config(TextPixelSNAILConfig, args, caption_values(args, (("clip", "clip"),)), yaml_file, defaults)
-    return task_config(RetrieveConfig, args, caption_values(args, (("encoder", "encoder"),)), args.config)
+        config = task_config(TextPixelSNAILConfig, args, caption_values(args, (("clip", "clip"),)), yaml_file,
+                             defaults)
+        config.clip = resolve_name(config.clip)
+        return config
+    config = task_config(RetrieveConfig, args, caption_values(args, (("encoder", "encoder"),)), args.config)
+    config.encoder = resolve_name(config.encoder)
+    return config
 
 
 def cmd_t2i_train(args: argparse.Namespace) -> None:

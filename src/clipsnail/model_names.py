@@ -1,0 +1,264 @@
+"""Pretrained CLIPs by name: `resolve_run("hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K")` -> a run directory.
+
+Wherever a CLIP run directory is taken (`clipsnail.load`, `--model`, `--init`, `finetune.init`, `--clip`, ...) a
+name `SCHEME:NAME` of a scheme in `SCHEMES` is taken too. `resolve_run` returns an existing path as it is (so a
+folder really called `hf-hub:x` still wins), and turns a name into a run directory cached under
+`$CLIPSNAIL_HOME/runs/SCHEME/SAFE_NAME/` (`CLIPSNAIL_HOME` defaults to ~/.cache/clipsnail), made once and reused.
+
+`hf-hub:ORG/NAME` is open_clip's name for a Hugging Face model repository holding `open_clip_config.json` and
+`open_clip_model.safetensors`. Both files are fetched with `huggingface_hub` into its own cache (so HF_HOME,
+HF_HUB_CACHE, HF_HUB_OFFLINE and HF_TOKEN mean what they mean to every other Hugging Face library) and converted once
+by `convert_open_clip` into `runs/hf-hub/ORG--NAME/COMMIT/`. The commit is the one the Hugging Face cache's
+`refs/main` names when it holds open_clip_config.json (then nothing is asked of the network, and a converted run of
+that commit is used as it is), else the hub's main branch. A newer revision is taken by downloading it again
+(`hf download ORG/NAME ...` moves refs/main; the next use converts that commit). Offline or with the hub unreachable,
+a name whose files are not in that cache but which was converted before uses the newest such run; one never seen is
+a one-line error saying what to download and where to put it.
+
+A cached run is written into a private temp folder and renamed into place, under a lock: concurrent first uses
+(the processes of a torchrun) convert once, and a kill -9 leaves at most a temp folder that the next use deletes,
+never half a run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+from huggingface_hub import _CACHED_NO_EXIST, constants, hf_hub_download, try_to_load_from_cache
+from huggingface_hub.file_download import repo_folder_name
+from huggingface_hub.utils import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+from clipsnail.convert import convert_open_clip
+from clipsnail.errors import DataError
+from clipsnail.safeio import clean_stale, recover_dir, temp_sibling
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: concurrent first uses may both convert; the rename below still keeps one whole run
+    fcntl = None
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HOME = "~/.cache/clipsnail"
+
+
+class Scheme(NamedTuple):
+    """How the names of one scheme become run directories.
+
+    write(name, out): writes the run directory of `name` (the text after "SCHEME:") into the folder `out`, which does
+    not exist yet. With `revision`, it gets "NAME@REVISION" instead, the exact version to write.
+    revision: None when a name always means the same run (it is cached once); else revision(name) says which
+    version the name stands for now (a commit), and each version is cached in its own sub-folder. When it, or
+    write, raises `Unreachable` (offline, and not downloaded before), the newest version converted before is used."""
+
+    write: Callable[[str, Path], None]
+    revision: Callable[[str], str] | None = None
+
+
+class Unreachable(DataError):
+    """The source of a name cannot be reached now (offline, no connection) and has nothing cached for it."""
+
+
+def clipsnail_home() -> Path:
+    return Path(os.environ.get("CLIPSNAIL_HOME") or DEFAULT_HOME).expanduser()
+
+
+def scheme_of(spec: str | Path) -> str | None:
+    """The scheme of `spec` when it is a model name (a known `SCHEME:` prefix, and no such file or folder), else
+    None: `spec` is a path (or something else, such as `timm:NAME`, for the caller to read)."""
+    text = str(spec)
+    scheme, sep, _ = text.partition(":")
+    if not sep or scheme not in SCHEMES or os.path.lexists(text):
+        return None
+    return scheme
+
+
+def resolve_run(spec: str | Path) -> Path:
+    """The run directory `spec` stands for: `spec` itself when it is a path, or the cached run of a model name
+    (module docstring), made on first use."""
+    scheme = scheme_of(spec)
+    if scheme is None:
+        return Path(spec)
+    name = str(spec)[len(scheme) + 1:]
+    if not name.strip():
+        raise DataError(f"{spec}: no name after '{scheme}:' (e.g. hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K)")
+    entry = SCHEMES[scheme]
+    folder = clipsnail_home() / "runs" / scheme / safe_name(name)
+    if entry.revision is None:
+        return _cached(folder, lambda out: entry.write(name, out), spec)
+    try:
+        revision = entry.revision(name)
+        return _cached(folder / safe_name(revision), lambda out: entry.write(f"{name}@{revision}", out), spec)
+    except Unreachable:
+        earlier = sorted((p.parent for p in folder.glob("*/config.json")), key=lambda p: p.stat().st_mtime_ns)
+        if not earlier:
+            raise
+        log.warning("%s: cannot be fetched now; using the run converted earlier, %s", spec, earlier[-1])
+        return earlier[-1]
+
+
+def resolve_name(spec: str) -> str:
+    """A config value that may name a CLIP run (`finetune.init`, `clip`, `encoder`): a model name becomes the path
+    of its cached run, so that the task and the config saved with its run hold a folder; anything else (a path,
+    timm:NAME, a packaged name, "") is returned unchanged."""
+    return str(resolve_run(spec)) if spec and scheme_of(spec) else spec
+
+
+def safe_name(name: str) -> str:
+    """A folder name for `name`: ORG/NAME -> ORG--NAME (as the Hugging Face cache names its folders); names with
+    other characters, or whose mapping could collide with another name's, get a hash of the name appended."""
+    safe = name.replace("/", "--")
+    if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}", safe) and "--" not in name:
+        return safe
+    readable = re.sub(r"[^A-Za-z0-9._+-]+", "_", safe).lstrip("._-")[:60]
+    return f"{readable}-{hashlib.sha256(name.encode()).hexdigest()[:16]}"
+
+
+def _is_run(path: Path) -> bool:
+    return (path / "config.json").is_file()
+
+
+@contextlib.contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    """Holds an exclusive lock on `out`'s lock file (released by the kernel if the process dies)."""
+    if fcntl is None:
+        yield
+        return
+    with open(out.with_name(f".{out.name}.lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def _cached(out: Path, write: Callable[[Path], None], spec: str | Path) -> Path:
+    """`out`, written by `write` first when it is not a run yet (module docstring: once, whole, under a lock)."""
+    if _is_run(out):
+        return out
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"{spec}: cannot create the cache folder {out.parent} ({e.strerror or e}); set "
+                        "CLIPSNAIL_HOME to a writable folder") from None
+    with _locked(out):
+        recover_dir(out)
+        if _is_run(out):  # another process made it while this one waited for the lock
+            return out
+        clean_stale(out)  # the temp folders of converters that were killed
+        stage = temp_sibling(out, "tmp")
+        stage.mkdir()
+        try:
+            log.info("%s: converting once into %s", spec, out)
+            write(stage / "run")
+            try:
+                os.rename(stage / "run", out)  # atomic; also replaces an empty folder
+            except OSError:
+                if not _is_run(out):
+                    raise DataError(f"{out}: exists and is not a run directory; delete it to convert {spec} "
+                                    "again") from None
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- hf-hub
+
+HF_HUB_FILES = ("open_clip_config.json", "open_clip_model.safetensors")
+# A repository id as the hub allows it: two parts of letters, digits, '-', '_' and '.', no '--' or '..'.
+_HF_PART = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?")
+
+
+def _repo_id(name: str) -> str:
+    parts = name.split("/")
+    if len(parts) != 2 or not all(_HF_PART.fullmatch(p) for p in parts) or "--" in name or ".." in name:
+        raise DataError(f"hf-hub:{name}: not a Hugging Face model name; expected hf-hub:ORG/NAME, e.g. "
+                        "hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K")
+    return name
+
+
+def _not_an_open_clip_repo(repo: str, filename: str) -> DataError:
+    return DataError(f"hf-hub:{repo}: the repository has no {filename}; only open_clip models "
+                     f"({' + '.join(HF_HUB_FILES)}) load by name")
+
+
+@contextlib.contextmanager
+def _quiet_hub_log() -> Iterator[None]:
+    """huggingface_hub logs each retry of an unreachable hub twice (its handler and the root's): the error below
+    says it in one line. Its download progress bars are not log records and still show."""
+    logger = logging.getLogger("huggingface_hub")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _download(repo: str, filename: str, revision: str | None = None) -> Path:
+    """One file of `repo` from the Hugging Face cache, downloaded into it when missing; one-line errors."""
+    cache = constants.HF_HUB_CACHE
+    if not constants.HF_HUB_OFFLINE:
+        log.info("hf-hub:%s: fetching %s from the Hugging Face hub into %s", repo, filename, cache)
+    try:
+        with _quiet_hub_log():
+            return Path(hf_hub_download(repo, filename, revision=revision))
+    except LocalEntryNotFoundError:  # before EntryNotFoundError, its base: offline or unreachable, not cached
+        why = ("HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else
+               "the hub cannot be reached (without a network, HF_HUB_OFFLINE=1 skips the retries)")
+        raise Unreachable(
+            f"hf-hub:{repo}: not in the Hugging Face cache ({cache}) and {why}; on a machine that is online run "
+            f"`hf download {repo} {' '.join(HF_HUB_FILES)}` (`huggingface-cli download` in older huggingface_hub) "
+            f"and copy the folder {repo_folder_name(repo_id=repo, repo_type='model')} of its Hugging Face cache "
+            f"into {cache}, or download those two files into one folder and run `clipsnail convert --from "
+            f"open_clip:FOLDER/{HF_HUB_FILES[1]} --out RUN`, then use RUN"
+        ) from None
+    except RepositoryNotFoundError:  # also private and gated repositories without a token that may read them
+        raise DataError(f"hf-hub:{repo}: no such model on the Hugging Face hub, or a private or gated one (log in "
+                        "with `hf auth login`, or set HF_TOKEN)") from None
+    except EntryNotFoundError:
+        raise _not_an_open_clip_repo(repo, filename) from None
+    except HfHubHTTPError as e:  # before OSError, which it also is
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"hf-hub:{repo}: {filename}: the hub answered: {first}") from None
+    except OSError as e:
+        raise DataError(f"hf-hub:{repo}: cannot write {filename} into the Hugging Face cache {cache} "
+                        f"({e.strerror or e})") from None
+
+
+def _file(repo: str, filename: str, revision: str | None = None) -> Path:
+    """One file of `repo` at `revision` (default: the commit the cache's refs/main names, or else the hub's main):
+    from the Hugging Face cache without asking the hub when it is there, else downloaded into it."""
+    cached = try_to_load_from_cache(repo, filename, revision=revision)
+    if isinstance(cached, str):
+        return Path(cached)
+    if cached is _CACHED_NO_EXIST and constants.HF_HUB_OFFLINE:  # the hub said so when last asked
+        raise _not_an_open_clip_repo(repo, filename)
+    return _download(repo, filename, revision)
+
+
+def _hf_hub_revision(name: str) -> str:
+    """The commit of the small config file: the run of that commit may be cached already, with no need of the
+    weights (a snapshot folder is named by its commit)."""
+    return _file(_repo_id(name), HF_HUB_FILES[0]).parent.name
+
+
+def _write_hf_hub(pinned: str, out: Path) -> None:
+    name, _, commit = pinned.rpartition("@")
+    repo = _repo_id(name)
+    _, weights = (_file(repo, f, commit) for f in HF_HUB_FILES)  # both of one commit, side by side
+    try:
+        convert_open_clip(weights, out)  # reads open_clip_config.json beside the weights
+    except DataError as e:
+        raise DataError(f"hf-hub:{repo}: {e}") from None
+
+
+# Adding a scheme is one line: "NAME": Scheme(write) with write(name, out) writing a run directory into out.
+SCHEMES: dict[str, Scheme] = {
+    "hf-hub": Scheme(_write_hf_hub, revision=_hf_hub_revision),
+}
