@@ -37,6 +37,20 @@ TINY_T2I = ["data.image_size=8", "train.batch_size=8", "train.max_steps=2", "dat
             "data.max_eval_images=8"]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def clipsnail_home(tmp_path_factory):
+    """Runs made from model names (conse:..., hf-hub:...) are cached here for the session, never in the user's
+    ~/.cache/clipsnail. Tests that need an empty cache set CLIPSNAIL_HOME themselves (monkeypatch)."""
+    home = tmp_path_factory.mktemp("clipsnail_home")
+    before = os.environ.get("CLIPSNAIL_HOME")
+    os.environ["CLIPSNAIL_HOME"] = str(home)
+    yield home
+    if before is None:
+        os.environ.pop("CLIPSNAIL_HOME", None)
+    else:
+        os.environ["CLIPSNAIL_HOME"] = before
+
+
 # ----------------------------------------------------------------------------------------------- data
 
 

@@ -154,3 +154,105 @@ def test_convert_conse_rejects_bad_specs(capsys, tmp_path):
                               str(tmp_path / "r")])
     assert "apply to conse:IMAGE+TEXT only" in line
     assert not (tmp_path / "r").exists()
+
+
+# ----------------------------------------------------------------------------------------------- the packaged models
+
+CONSE_NAME = "conse:efficientnet-lite0+all-minilm-l6-v2"
+
+
+@pytest.fixture(scope="session")
+def conse_run_of_name(clipsnail_home):
+    """The ConSE run of the two packaged models, made once for the session through its model name, in the session's
+    CLIPSNAIL_HOME."""
+    from clipsnail.model_names import resolve_run
+
+    run = resolve_run(CONSE_NAME)
+    assert run.is_relative_to(clipsnail_home)
+    return run
+
+
+def minilm_by_hand(texts):
+    """all-MiniLM-L6-v2 sentence embeddings as its model card computes them: mean of the token states over the
+    attention mask, L2-normalised."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from clipsnail.pretrained import text_model_dir
+
+    folder = text_model_dir("all-minilm-l6-v2")
+    tokenizer, model = AutoTokenizer.from_pretrained(folder), AutoModel.from_pretrained(folder).eval()
+    batch = tokenizer(list(texts), padding=True, truncation=True, max_length=64, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    return F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+
+
+@pytest.mark.slow
+def test_packaged_conse_is_the_formula_over_the_real_classifier_and_sentence_encoder(conse_run_of_name, tmp_path):
+    """The converted run's image embedding equals ConSE computed independently: timm's tf_efficientnet_lite0 with
+    the packaged ImageNet weights for the probabilities, MiniLM through transformers for the label embeddings."""
+    import timm
+    from PIL import Image
+
+    from clipsnail.convert import imagenet_label_names
+    from clipsnail.pretrained import load_pretrained_state
+
+    model = clipsnail.load(conse_run_of_name)
+    cfg = model.cfg
+    assert (cfg.conse_top_k, cfg.conse_temperature, cfg.conse_template) == (10, 2.0, "a photo of a {}.")
+    assert cfg.conse_labels == imagenet_label_names() and cfg.conse_labels[281] == "tabby, tabby cat"
+    rng = torch.Generator().manual_seed(0)
+    photo = tmp_path / "photo.png"
+    Image.fromarray((torch.rand(240, 320, 3, generator=rng) * 255).byte().numpy()).save(photo)
+
+    classifier = timm.create_model("tf_efficientnet_lite0", num_classes=1000, bn_eps=1e-3).eval()
+    load_pretrained_state("efficientnet-lite0", classifier)
+    pixels = model.preprocess(Image.open(photo).convert("RGB")).unsqueeze(0)
+    with torch.no_grad():
+        probs = (classifier(pixels)[0] / 2.0).softmax(-1)
+    top_p, top = probs.topk(10)
+    labels = minilm_by_hand([f"a photo of a {cfg.conse_labels[j]}." for j in top.tolist()])
+    expected = F.normalize((top_p / top_p.sum()) @ labels, dim=-1)
+    with torch.no_grad():
+        got = model.encode_image([photo])[0]
+        query = model.encode_text(["a dog on a sofa"])[0]
+    torch.testing.assert_close(got, expected, atol=2e-4, rtol=0)
+    torch.testing.assert_close(query, minilm_by_hand(["a dog on a sofa"])[0], atol=2e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_packaged_conse_name_is_converted_once_and_searches(conse_run_of_name, shapes_dir, tmp_path, capsys):
+    run = conse_run_of_name
+    stamp = (run / "model.safetensors").stat().st_mtime_ns
+    from clipsnail.model_names import resolve_run
+
+    assert resolve_run(CONSE_NAME) == run and (run / "model.safetensors").stat().st_mtime_ns == stamp
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for image in sorted((shapes_dir / "images").iterdir())[:4]:
+        (photos / image.name).write_bytes(image.read_bytes())
+    assert main(["index", "build", "--model", CONSE_NAME, "--images", str(photos), "--out", str(tmp_path / "idx"),
+                 "--no-progress"]) == 0
+    built = json.loads(capsys.readouterr().out)
+    assert built["total"] == 4
+    assert main(["search", "--index", str(tmp_path / "idx"), "a circle", "-k", "2"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 2
+
+
+@pytest.mark.slow
+def test_photo_demo_with_nothing_but_a_folder_uses_the_conse_model(conse_run_of_name, shapes_dir, tmp_path, capsys):
+    run = conse_run_of_name
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for image in sorted((shapes_dir / "images").iterdir())[:6]:
+        (photos / image.name).write_bytes(image.read_bytes())
+    out = tmp_path / "out"
+    assert main(["demo", "--photos", str(photos), "--out", str(out), "--query", "a red circle", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "photos_summary.json").read_text())
+    assert summary["model"] == str(run.resolve())
+    assert summary["indexing"]["total"] == 6 and len(summary["queries"][0]["hits"]) == 6
+    assert (out / "queries" / "a_red_circle.png").is_file()
+    assert "--model hf-hub:" in printed and "--captions" in printed  # how to do better
+    assert "fine-tuning" not in summary and "fine_tuned_steps" not in summary

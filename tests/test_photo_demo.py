@@ -110,9 +110,11 @@ def test_query_names_stay_inside_the_grid_folder(photos, clip_run, tmp_path):
     assert not (tmp_path / "escape.png").exists()
 
 
-def test_a_clip_is_needed(photos, tmp_path, capsys):
-    line = run_error(capsys, ["demo", "--photos", str(photos), "--out", str(tmp_path / "out")])
-    assert "--captions FILE --images DIR" in line and "--model RUN" in line
+def test_a_model_and_captions_together_are_refused(photos, shapes_dir, clip_run, tmp_path, capsys):
+    line = run_error(capsys, ["demo", "--photos", str(photos), "--out", str(tmp_path / "out"), "--model",
+                              str(clip_run), "--captions", str(shapes_dir / "captions.csv"), "--images",
+                              str(shapes_dir / "images")])
+    assert "--captions FILE --images DIR" in line and "--model RUN" in line and "not both" in line
     assert not (tmp_path / "out").exists()
 
 

@@ -5,8 +5,9 @@ Shapes (`run_demo`): generate captioned shapes (purple triangles held out of tra
 retrieval metrics on the test split -> zero-shot colour and shape classification -> text queries answered with 3x3
 grids.
 
-Photos (`run_photo_demo`): a CLIP (the pretrained preset fine-tuned on a caption set, or an existing run) -> an
-index of the folder, updated incrementally on later runs -> text queries answered with 3x3 grids and a JSON summary.
+Photos (`run_photo_demo`): a CLIP (by default the zero-shot ConSE CLIP of the packaged models, with no training; or
+one fine-tuned on a caption set, or an existing run or model name) -> an index of the folder, updated incrementally
+on later runs -> text queries answered with 3x3 grids and a JSON summary.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 
 from clipsnail.config import load_config
+from clipsnail.convert import CONSE_DEFAULT
 from clipsnail.data.images import list_image_folder
 from clipsnail.data.shapes import generate_attribute_folder, generate_shapes
 from clipsnail.engine import fit, resolve_device
@@ -150,10 +152,17 @@ PHOTO_QUERIES = ["a dog", "people at the beach", "food on a plate", "a city stre
 # The preset fine-tunes at about 0.46 steps/s (batch 32, 2 CPU cores): 100 steps take under 4 minutes, and 40 already
 # reached text->image recall@5 0.665 on held-out COCO photos (BENCHMARKS.md).
 PHOTO_DEMO_STEPS = 100
+# What `demo --photos DIR` searches with when given nothing else: made offline from the packaged models.
+PHOTO_MODEL = f"conse:{CONSE_DEFAULT}"
+# What it suggests when online: open_clip's ViT-B/32 trained on LAION-2B.
+BETTER_HUB_MODEL = "hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K"
 PHOTO_DEMO_OUT = "demo_photos_out"
 # The preset is part of the source tree, not of the installed package: found from here in a checkout (the project
 # installs itself editable).
 PRETRAINED_PRESET = Path(__file__).resolve().parents[2] / "configs" / "pretrained_small.yaml"
+# What --captions fine-tunes by default: the ConSE model (PHOTO_MODEL) with a locked image tower. On COCO-mini it
+# scored above the preset fine-tuned for as many steps, and above it before any step (bench/photo_search.py).
+CONSE_FINETUNE = PRETRAINED_PRESET.with_name("conse_finetune.yaml")
 PHOTO_SUMMARY = "photos_summary.json"
 # Everything the photo demo writes into its folder; any other entry there is someone else's.
 PHOTO_DEMO_ENTRIES = ("run", "index", "queries", PHOTO_SUMMARY)
@@ -163,21 +172,25 @@ TOP_HITS_SHOWN = 3
 
 def run_photo_demo(photos: str | Path, out: str | Path, *, model_run: str | Path | None = None,
                    caption_data: Mapping[str, Any] | None = None, steps: int = PHOTO_DEMO_STEPS,
-                   queries: Sequence[str] | None = None, config: str | Path | None = PRETRAINED_PRESET,
+                   queries: Sequence[str] | None = None, config: str | Path | None = CONSE_FINETUNE,
                    overrides: Sequence[str] = (), device: str = "auto", follow_links: bool = False,
                    progress: bool = True) -> dict:
     """Index the folder `photos` with a CLIP and answer `queries` (default `PHOTO_QUERIES`) with result grids.
 
-    The CLIP is either the run `model_run`, or `config` (default: the pretrained preset, whose projection heads start
-    random) fine-tuned for `steps` on `caption_data` (config values: {"data.captions": FILE, "data.images": DIR,
-    ...}) into out/run, resuming the run already there. `overrides` are `--set` strings for that config. The index
-    is out/index: a later call encodes only new and changed photos (every photo again when the model changed).
+    The CLIP is the run or model name `model_run` (default, when no `caption_data` is given either: `PHOTO_MODEL`,
+    the ConSE CLIP of the packaged models, which needs no training), or `config` (default: the pretrained preset,
+    whose projection heads start random) fine-tuned for `steps` on `caption_data` (config values: {"data.captions":
+    FILE, "data.images": DIR, ...}) into out/run, resuming the run already there. `overrides` are `--set` strings
+    for that config. The index is out/index: a later call encodes only new and changed photos (every photo again
+    when the model changed).
     Writes out/queries/*.png and out/photos_summary.json, prints a summary, and returns the summary."""
     photos, out = Path(photos).expanduser(), Path(out).expanduser()
-    if (model_run is None) == (caption_data is None):
-        raise ClipsnailError("demo --photos needs a CLIP to search with: --captions FILE --images DIR (fine-tunes the "
-                             "pretrained preset on your captioned photos) or --model RUN (an existing CLIP run), "
-                             "not " + ("both" if model_run is not None else "neither"))
+    if model_run is not None and caption_data is not None:
+        raise ClipsnailError("demo --photos searches with --model RUN or fine-tunes on --captions FILE --images DIR, "
+                             "not both")
+    zero_shot = model_run is None and caption_data is None
+    if zero_shot:
+        model_run = PHOTO_MODEL
     if not photos.is_dir():
         raise DataError(f"{photos}: no such folder of photos")
     queries = list(queries) if queries else list(PHOTO_QUERIES)
@@ -187,15 +200,24 @@ def run_photo_demo(photos: str | Path, out: str | Path, *, model_run: str | Path
     started = time.perf_counter()
     summary: dict[str, Any] = {"photos": str(photos.resolve())}
 
-    if model_run is not None:
-        say(f"[1/3] using the CLIP run {model_run}")
-        model = load_clip_for_photos(Path(model_run).expanduser(), device)
+    if zero_shot:
+        say(f"[1/3] using {PHOTO_MODEL}: a zero-shot CLIP made from the packaged ImageNet classifier and sentence "
+            f"encoder, no training (made once, then cached) ...")
+        model = load_clip_for_photos(model_run, device)
+    elif model_run is not None:
+        say(f"[1/3] using the CLIP {model_run}")
+        model = load_clip_for_photos(model_run, device)
     else:
-        cfg = photo_demo_config(caption_data, steps, config, overrides, device)
+        start = []
+        if config is not None and Path(config) == CONSE_FINETUNE:  # a --set finetune.init=... still wins
+            start = [("finetune.init", str(resolve_run(PHOTO_MODEL)))]
+        cfg = photo_demo_config(caption_data, steps, config, [*start, *overrides], device)
         check_towers_installed(cfg.model)  # seconds, not minutes, into the command
         run_dir = out / "run"
-        start = Path(config).name if config is not None else "a CLIP from scratch"
-        say(f"[1/3] fine-tuning {start} on {cfg.data.captions} for {steps} steps into {run_dir} (re-running resumes "
+        what = Path(config).name if config is not None else "a CLIP from scratch"
+        if start:
+            what = f"{PHOTO_MODEL} ({what})"
+        say(f"[1/3] fine-tuning {what} on {cfg.data.captions} for {steps} steps into {run_dir} (re-running resumes "
             f"from its checkpoint) ...")
         out.mkdir(parents=True, exist_ok=True)
         t = time.perf_counter()
@@ -232,15 +254,18 @@ def run_photo_demo(photos: str | Path, out: str | Path, *, model_run: str | Path
     summary["seconds"] = round(time.perf_counter() - started, 1)
     atomic_write_text(out / PHOTO_SUMMARY, json.dumps(summary, indent=2) + "\n")
     print_photo_summary(summary, index, out)
+    if zero_shot:
+        print_how_to_do_better(photos, out)
     return summary
 
 
-def photo_demo_config(caption_data: Mapping[str, Any], steps: int, config: str | Path | None = PRETRAINED_PRESET,
+def photo_demo_config(caption_data: Mapping[str, Any], steps: int, config: str | Path | None = CONSE_FINETUNE,
                       overrides: Sequence[str] = (), device: str = "auto") -> ClipConfig:
     """`config` (a YAML file; None: the from-scratch defaults) fine-tuned for `steps` on `caption_data`. Later wins:
     the file < the caption data and the demo's schedule < `overrides` (`--set` strings) < `steps` and `device`."""
     if config is not None and not Path(config).is_file():
-        where = " (it comes with the source repository; pass --config FILE)" if config == PRETRAINED_PRESET else ""
+        ours = config in (PRETRAINED_PRESET, CONSE_FINETUNE)
+        where = " (it comes with the source repository; pass --config FILE)" if ours else ""
         raise ConfigError(f"{config}: config file not found{where}")
     return load_config(ClipConfig, config, [*overrides, ("train.max_steps", steps), ("train.device", device)],
                        values={**caption_data,
@@ -261,6 +286,17 @@ def check_towers_installed(model: ClipModelConfig) -> None:
 def check_transformers(text_encoder: str) -> None:
     if importlib.util.find_spec("transformers") is None:
         raise ClipsnailError(f"the text tower {text_encoder} needs the transformers package ({PRETRAINED_EXTRA})")
+
+
+def print_how_to_do_better(photos: Path, out: Path) -> None:
+    """The zero-shot model knows 1000 ImageNet things and finds photos by them: what to run for more."""
+    args = f"--photos {shlex.quote(str(photos))} --out {shlex.quote(str(out))}"
+    say("")
+    say("better results (this model finds photos by the ImageNet things it sees in them, not by whole scenes):")
+    say("  online, a CLIP trained on 2 billion captioned images (a 600 MB download, once):")
+    say(f"    clipsnail demo {args} --model {BETTER_HUB_MODEL}")
+    say("  or fine-tune on captioned photos (COCO captions JSON, Flickr8k/30k, CSV/TSV):")
+    say(f"    clipsnail demo {args} --captions CAPTIONS --images IMAGES")
 
 
 def load_clip_for_photos(run: str | Path, device: str):

@@ -5,6 +5,10 @@ name `SCHEME:NAME` of a scheme in `SCHEMES` is taken too. `resolve_run` returns 
 folder really called `hf-hub:x` still wins), and turns a name into a run directory cached under
 `$CLIPSNAIL_HOME/runs/SCHEME/SAFE_NAME/` (`CLIPSNAIL_HOME` defaults to ~/.cache/clipsnail), made once and reused.
 
+`conse:IMAGE+TEXT` (e.g. `conse:efficientnet-lite0+all-minilm-l6-v2`) is the zero-shot ConSE CLIP that
+`convert_conse` builds from installed packages, cached in `runs/conse/NAME/VERSION/`, where VERSION changes with the
+converter's settings and the packages' versions.
+
 `hf-hub:ORG/NAME` is open_clip's name for a Hugging Face model repository holding `open_clip_config.json` and
 `open_clip_model.safetensors`. Both files are fetched with `huggingface_hub` into its own cache (so HF_HOME,
 HF_HUB_CACHE, HF_HUB_OFFLINE and HF_TOKEN mean what they mean to every other Hugging Face library) and converted once
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.metadata
 import logging
 import os
 import re
@@ -36,8 +41,16 @@ from huggingface_hub import _CACHED_NO_EXIST, constants, hf_hub_download, try_to
 from huggingface_hub.file_download import repo_folder_name
 from huggingface_hub.utils import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-from clipsnail.convert import convert_open_clip
+from clipsnail.convert import (
+    CONSE_LEMMAS,
+    CONSE_TEMPERATURE,
+    CONSE_TEMPLATE,
+    CONSE_TOP_K,
+    convert_conse,
+    convert_open_clip,
+)
 from clipsnail.errors import DataError
+from clipsnail.pretrained import PACKAGED, PACKAGED_TEXT
 from clipsnail.safeio import clean_stale, recover_dir, temp_sibling
 
 try:
@@ -258,7 +271,28 @@ def _write_hf_hub(pinned: str, out: Path) -> None:
         raise DataError(f"hf-hub:{repo}: {e}") from None
 
 
+def _conse_revision(name: str) -> str:
+    """A ConSE run is made here, from installed packages: its version is that of the converter's settings and of the
+    packages holding the weights, so an upgrade of either makes a new run instead of reusing a stale one."""
+    versions = []
+    for part in name.split("+"):
+        known = PACKAGED.get(part.lower())
+        distribution = known.distribution if known else PACKAGED_TEXT.get(part.lower(), (None,))[0]
+        try:
+            versions.append(importlib.metadata.version(distribution) if distribution else part)
+        except importlib.metadata.PackageNotFoundError:
+            versions.append("missing")  # the conversion itself says which package to install
+    settings = repr((CONSE_TEMPLATE, CONSE_LEMMAS, CONSE_TOP_K, CONSE_TEMPERATURE, versions))
+    return hashlib.sha1(settings.encode()).hexdigest()[:12]
+
+
+def _write_conse(pinned: str, out: Path) -> None:
+    convert_conse(pinned.rpartition("@")[0], out)
+
+
 # Adding a scheme is one line: "NAME": Scheme(write) with write(name, out) writing a run directory into out.
 SCHEMES: dict[str, Scheme] = {
     "hf-hub": Scheme(_write_hf_hub, revision=_hf_hub_revision),
+    # conse:IMAGE+TEXT, e.g. conse:efficientnet-lite0+all-minilm-l6-v2: a zero-shot CLIP of the packaged models
+    "conse": Scheme(_write_conse, revision=_conse_revision),
 }

