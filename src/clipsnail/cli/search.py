@@ -19,7 +19,14 @@ from clipsnail.evaluate import (
     zero_shot_weights,
 )
 from clipsnail.hub import load
-from clipsnail.index import DEFAULT_APPROX_THRESHOLD, ImageIndex, build_index, folder_index, update_index
+from clipsnail.index import (
+    DEFAULT_APPROX_THRESHOLD,
+    ImageIndex,
+    build_index,
+    default_workers,
+    folder_index,
+    update_index,
+)
 from clipsnail.plots import write_result_grid
 from clipsnail.query import Term, combine, local_image, parse_query
 
@@ -43,6 +50,7 @@ def register(sub: Subcommands) -> None:
     p.add_argument("--images", required=True, help="image folder (searched recursively)")
     p.add_argument("--out", required=True, help="index directory (replaced atomically when it exists)")
     p.add_argument("--batch-size", type=int, default=64)
+    add_workers_flag(p)
     p.add_argument("--approx-threshold", type=int,
                    help="from this many images on, use an approximate faiss index (default 20000)")
     p.add_argument("--approx", default="ivf", choices=["ivf", "hnsw"], help="approximate index kind (default ivf)")
@@ -54,6 +62,7 @@ def register(sub: Subcommands) -> None:
     p.add_argument("--index", required=True, help="index directory made by `clipsnail index build`")
     p.add_argument("--model", help="CLIP run directory (default: the one recorded in the index)")
     p.add_argument("--batch-size", type=int, default=64)
+    add_workers_flag(p)
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_index_update)
@@ -78,6 +87,19 @@ def register(sub: Subcommands) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_search)
+
+
+def add_workers_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=int, default=None,
+                   help=f"processes decoding photos while the model encodes (default {default_workers()}: one per "
+                        "core, at most 8; 0: decode in the main process)")
+
+
+def check_index_flags(args: argparse.Namespace) -> None:
+    if args.batch_size < 1:
+        raise ClipsnailError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.workers is not None and args.workers < 0:
+        raise ClipsnailError(f"--workers must be 0 or more, got {args.workers}")
 
 
 def register_serve(sub: Subcommands) -> None:
@@ -161,25 +183,24 @@ def cmd_search(args: argparse.Namespace) -> None:
 
 
 def cmd_index_build(args: argparse.Namespace) -> None:
-    if args.batch_size < 1:
-        raise ClipsnailError(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_index_flags(args)
     model = load(args.model, device=args.device)
     threshold = args.approx_threshold if args.approx_threshold is not None else DEFAULT_APPROX_THRESHOLD
     index, stats = build_index(model, args.images, args.out, batch_size=args.batch_size,
                                progress=not args.no_progress, approx_threshold=threshold, approx_kind=args.approx,
-                               follow_links=args.follow_links)
+                               follow_links=args.follow_links, workers=args.workers)
     print_json({"index": str(index.index_dir), **stats, "faiss": index.meta["faiss"]})
 
 
 def cmd_index_update(args: argparse.Namespace) -> None:
-    if args.batch_size < 1:
-        raise ClipsnailError(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_index_flags(args)
     old = ImageIndex.load(args.index)
     model_dir = args.model or old.model_dir
     if model_dir is None:
         raise ClipsnailError(f"{args.index}: the index does not record its model; pass --model RUN")
     model = load(model_dir, device=args.device)
-    index, stats = update_index(model, args.index, batch_size=args.batch_size, progress=not args.no_progress)
+    index, stats = update_index(model, args.index, batch_size=args.batch_size, progress=not args.no_progress,
+                                workers=args.workers)
     print_json({"index": str(index.index_dir), **stats})
 
 

@@ -109,17 +109,20 @@ class CaptionTargets(Dataset):
 
 
 class ImageListDataset(Dataset):
-    """Plain list of image paths for encoding (search, evaluation); unreadable files yield None."""
+    """Plain list of image paths for encoding (search, evaluation); unreadable files yield None.
+    min_side: decode each image only to about this shorter side (`load_image`); None: full size."""
 
-    def __init__(self, paths: Sequence[str | Path], transform: Callable, strict: bool = False):
+    def __init__(self, paths: Sequence[str | Path], transform: Callable, strict: bool = False,
+                 min_side: int | None = None):
         self.paths, self.transform, self.strict = [Path(p) for p in paths], transform, strict
+        self.min_side = min_side
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int):
         try:
-            return index, self.transform(load_image(self.paths[index]))
+            return index, self.transform(load_image(self.paths[index], min_side=self.min_side))
         except DataError as e:
             if self.strict:
                 raise

@@ -9,9 +9,11 @@ Memory. A query or a thumbnail needs a few hundred pixels a side, not a 36-megap
 PIL's copies for rotation and mode conversion double or triple that). `decode` is given the shortest side the
 caller needs (`min_side`): a JPEG is decoded at a reduced scale by its own decoder (`draft`: 1/2, 1/4 or 1/8 of
 each side, never below `min_side`), and other formats, which cannot be decoded at a reduced size, are shrunk by an
-integer box filter right after decoding, before any copy is made. glibc keeps freed memory in its arenas rather
-than returning it, so after a large decode the heap is trimmed (`malloc_trim`). The app also runs decodes on a
-small pool of threads of their own, which bounds how many full-size images exist at once.
+integer box filter right after decoding, before any copy is made (`clipsnail.data.images.decode_opened`, which
+index builds use too: queries and indexed photos go through the same steps, transparent pixels composited on
+white in both). glibc keeps freed memory in its arenas rather than returning it, so after a large decode the heap
+is trimmed (`malloc_trim`). The app also runs decodes on a small pool of threads of their own, which bounds how
+many full-size images exist at once.
 
 Files of the index are read only through `clipsnail.safeio.read_regular`: opened without blocking, refused unless
 a regular file under the index's root, capped in size. A FIFO or a link to /dev/zero named `x.jpg` is refused at
@@ -26,6 +28,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from clipsnail.data.images import decode_opened
 from clipsnail.errors import DataError
 from clipsnail.safeio import MAX_IMAGE_FILE_BYTES, read_regular
 
@@ -34,13 +37,6 @@ FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF")
 # A decode at least this large (about 16 MB of pixels) is followed by a heap trim; smaller ones are left to the
 # allocator, since trimming walks every arena and costs about a millisecond.
 TRIM_AFTER_PIXELS = 4_000_000
-
-# EXIF orientation -> the transpose that puts the image upright (as PIL.ImageOps.exif_transpose does).
-_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
-            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
-            8: Image.Transpose.ROTATE_90}
-_ORIENTATION_TAG = 0x0112
-
 
 class BadImage(ValueError):
     """Not an image we open, or a damaged one (HTTP 415/400), or an indexed file that cannot be read (404)."""
@@ -94,41 +90,10 @@ def _open_checked(fp, max_pixels: int) -> Image.Image:
     return image
 
 
-def _orientation(image: Image.Image) -> int:
-    try:
-        return int(image.getexif().get(_ORIENTATION_TAG, 1))
-    except Exception:  # a damaged EXIF block: show the image as stored
-        return 1
-
-
-def _decode(opened: Image.Image, min_side: int | None) -> tuple[Image.Image, int]:
-    """The opened (header-checked) image -> (RGB, upright, shrunk so that its shorter side is still >= min_side;
-    the number of pixels the decoder produced)."""
-    orientation = _orientation(opened)  # read before conversions, which drop TIFF tags
-    if min_side and opened.format == "JPEG":
-        opened.draft("RGB", (min_side, min_side))  # the decoder itself scales by 1/2, 1/4 or 1/8
-    opened.load()  # first frame of an animation
-    decoded_pixels = opened.width * opened.height
-    image = opened
-    if image.mode != "RGB":
-        # Palette and 16-bit modes cannot be box-filtered; alpha is dropped, as before shrinking.
-        image = image.convert("RGB")
-    factor = min(image.size) // min_side if min_side else 1
-    if factor >= 2:
-        image = image.reduce(factor)  # each output pixel the mean of a factor x factor box
-    if orientation in _UPRIGHT:
-        image = image.transpose(_UPRIGHT[orientation])
-    if image is not opened:
-        # PIL's image files sit in reference cycles, so their pixels would wait for the garbage collector (and
-        # escape the trim below); close() frees them now.
-        opened.close()
-    return image, decoded_pixels
-
-
 def _decode_bytes(data: bytes, max_pixels: int, min_side: int | None) -> Image.Image:
     image = _open_checked(io.BytesIO(data), max_pixels)
     try:
-        image, decoded_pixels = _decode(image, min_side)
+        image, decoded_pixels = decode_opened(image, min_side)
     except Image.DecompressionBombError as e:
         raise TooManyPixels(str(e)) from None
     except Exception as e:

@@ -1,0 +1,247 @@
+#!/usr/bin/env python
+"""Benchmark: photos/s of `clipsnail index build` on 12-Mpx camera JPEGs against a plain encoding loop.
+
+Photos   the first --photos (default 48) COCO-mini photos (../shared/data/coco_val_mini/images, sorted by name),
+         upscaled bicubically to 4000x3000 (portrait ones to 3000x4000) and saved as JPEG quality 90 in a temp
+         folder; every fourth is stored sideways with EXIF orientation 6, as phones store photos taken upright, so
+         both paths must rotate it. Upscaled photos are smoother than a camera's, so their files are smaller
+         (the mean size is in the JSON) and Huffman decoding, which no draft skips, is cheaper than on real ones.
+Systems  vit_b32: open_clip's ViT-B-32 with random weights (torch seed 0), saved as safetensors and converted by
+         `clipsnail convert --from open_clip:FILE`; conse: `clipsnail convert --from
+         conse:efficientnet-lite0+all-minilm-l6-v2` (skipped with a message where this clipsnail has no such
+         source). Both take 224 px inputs.
+Measured per system, side by side in one process, alternating which goes first, --repeats times (median):
+  index  clipsnail.index.build_index(model, folder, out) with its defaults (batch 64, default_workers() decoding
+         processes, JPEGs drafted to the model's input size), including its file hashing and faiss build;
+  plain  the loop written the plain way: Image.open(p), ImageOps.exif_transpose, convert("RGB") (full decode),
+         the model's own preprocess, model.encode_image on batches of 64, all in this process.
+  photos/s = photos / wall seconds; speedup = index / plain. Also the cosine between each photo's two embeddings
+  (draft-decoded vs fully decoded) and, with --sweep-workers, index build photos/s for each worker count (the
+  measurement behind clipsnail.index.default_workers).
+Results: bench/results/index_photos.json; `speedup_vs_plain_loop` is the conse system's when it ran, else
+vit_b32's (`speedup_system` says which). The machine's load average is recorded at the start and the end: other
+work on the shared cores slows both paths alike, so the side-by-side ratio is the figure that counts.
+
+    .venv/bin/python bench/index_photos.py                          # both systems, 3 repeats, sweep 0,1,2,3
+    .venv/bin/python bench/index_photos.py --systems conse --sweep-workers ''
+    .venv/bin/python bench/index_photos.py --photos 8 --repeats 1 --out /tmp/p.json   # checks that it works
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import _common
+
+_common.use_source_tree()
+
+DATA = _common.ROOT.parent / "shared" / "data" / "coco_val_mini" / "images"
+CLI = [sys.executable, "-m", "clipsnail"]
+SYSTEMS = ("vit_b32", "conse")
+CONSE_SOURCE = "conse:efficientnet-lite0+all-minilm-l6-v2"
+SIZE, QUALITY, BATCH = (4000, 3000), 90, 64
+RCLIP_NOTE = ("for information: rclip publishes about 160-180 photos/s indexing on an Apple M1 Max (other hardware, "
+              "other model sizes; not measured here)")
+
+
+def env() -> dict:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(_common.ROOT / "src") + os.pathsep + e.get("PYTHONPATH", "")
+    return e
+
+
+def make_photos(out: Path, n: int) -> dict:
+    from PIL import Image
+
+    sources = sorted(p for p in DATA.iterdir() if p.suffix.lower() in (".jpg", ".jpeg") and not p.name.startswith("."))
+    if len(sources) < n:
+        raise SystemExit(f"{DATA}: {len(sources)} photos, --photos {n} asked for")
+    out.mkdir(parents=True)
+    sideways = 0
+    for i, src in enumerate(sources[:n]):
+        with Image.open(src) as im:
+            im = im.convert("RGB")
+        size = SIZE if im.width >= im.height else SIZE[::-1]
+        big = im.resize(size, Image.Resampling.BICUBIC)
+        exif = Image.Exif()
+        if i % 4 == 3:  # stored as a phone held upright stores it: pixels turned, orientation 6 turns them back
+            big = big.transpose(Image.Transpose.ROTATE_90)
+            exif[0x0112] = 6
+            sideways += 1
+        big.save(out / f"{i:03d}.jpg", format="JPEG", quality=QUALITY, exif=exif.tobytes())
+    sizes = [p.stat().st_size for p in out.iterdir()]
+    return {"photos": n, "pixels": f"{SIZE[0]}x{SIZE[1]}", "jpeg_quality": QUALITY, "stored_sideways_exif6": sideways,
+            "mean_file_mib": round(sum(sizes) / len(sizes) / 2**20, 2)}
+
+
+def convert(source: str, run: Path) -> str | None:
+    """`clipsnail convert --from SOURCE --out RUN`; None when it worked, else why not (its last error line)."""
+    proc = subprocess.run([*CLI, "convert", "--from", source, "--out", str(run)], cwd=_common.ROOT, env=env(),
+                          capture_output=True, text=True)
+    if proc.returncode == 0:
+        return None
+    lines = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else f"exit {proc.returncode}"
+
+
+def make_run(system: str, work: Path) -> tuple[Path | None, str | None]:
+    run = work / f"{system}_run"
+    if system == "vit_b32":
+        import open_clip
+        import torch
+        from safetensors.torch import save_file
+
+        torch.manual_seed(0)
+        model = open_clip.create_model("ViT-B-32", pretrained=None)
+        weights = work / "vit_b32_random.safetensors"
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+        del model
+        problem = convert(f"open_clip:{weights}", run)
+    else:
+        problem = convert(CONSE_SOURCE, run)
+    return (None, problem) if problem else (run, None)
+
+
+def plain_loop(model, paths: list[Path]):
+    import torch
+    from PIL import Image, ImageOps
+
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(paths), BATCH):
+            images = []
+            for p in paths[i: i + BATCH]:
+                im = Image.open(p)
+                images.append(ImageOps.exif_transpose(im).convert("RGB"))
+            out.append(model.encode_image(torch.stack([model.preprocess(im) for im in images])))
+    return torch.cat(out)
+
+
+def measure(model, photos: Path, work: Path, repeats: int) -> dict:
+    from clipsnail.index import build_index
+
+    paths = sorted(photos.iterdir())
+    n = len(paths)
+    rates = {"index": [], "plain": []}
+    index_vectors = plain_vectors = None
+    for r in range(repeats):
+        order = ("index", "plain") if r % 2 == 0 else ("plain", "index")
+        for which in order:
+            t = time.perf_counter()
+            if which == "index":
+                index, stats = build_index(model, photos, work / f"index_{r}", progress=False)
+                assert stats["total"] == n, stats
+                index_vectors = index.vectors()
+            else:
+                plain_vectors = plain_loop(model, paths)
+            rates[which].append(n / (time.perf_counter() - t))
+            _common.say(f"    repeat {r + 1} {which:5s} {rates[which][-1]:6.2f} photos/s  "
+                        f"load {os.getloadavg()[0]:.2f}")
+    cosine = (index_vectors * plain_vectors.float()).sum(dim=1)
+    index_rate, plain_rate = _common.median(rates["index"]), _common.median(rates["plain"])
+    return {"index_build_photos_per_s": round(index_rate, 2), "plain_loop_photos_per_s": round(plain_rate, 2),
+            "ratio": round(index_rate / plain_rate, 2),
+            "index_build_photos_per_s_each": [round(v, 2) for v in rates["index"]],
+            "plain_loop_photos_per_s_each": [round(v, 2) for v in rates["plain"]],
+            "cosine_draft_vs_full_decode": {"min": round(cosine.min().item(), 4),
+                                            "median": round(cosine.median().item(), 4)}}
+
+
+def sweep(model, photos: Path, work: Path, workers: list[int], repeats: int) -> dict:
+    """index build photos/s for each worker count, the counts rotated between repeats (median)."""
+    from clipsnail.index import build_index
+
+    n = len(list(photos.iterdir()))
+    rates: dict[int, list[float]] = {w: [] for w in workers}
+    for r in range(repeats):
+        for w in workers[r % len(workers):] + workers[: r % len(workers)]:
+            t = time.perf_counter()
+            build_index(model, photos, work / f"sweep_{w}_{r}", progress=False, workers=w)
+            rates[w].append(n / (time.perf_counter() - t))
+            _common.say(f"    repeat {r + 1} workers={w} {rates[w][-1]:6.2f} photos/s  load {os.getloadavg()[0]:.2f}")
+    return {str(w): round(_common.median(v), 2) for w, v in rates.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    ap.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, from {', '.join(SYSTEMS)}")
+    ap.add_argument("--photos", type=int, default=48)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--sweep-workers", default="0,1,2,3",
+                    help="index build photos/s for these worker counts too ('' for none)")
+    ap.add_argument("--out", default=str(_common.RESULTS / "index_photos.json"))
+    args = ap.parse_args()
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = [s for s in systems if s not in SYSTEMS]
+    if unknown or not systems:
+        raise SystemExit(f"--systems: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(SYSTEMS)}")
+    sweep_workers = [int(w) for w in args.sweep_workers.split(",") if w.strip()]
+    if not DATA.is_dir():
+        _common.say(f"skipped: COCO-mini photos not found at {DATA} (see ../shared/data/README.md)")
+        return
+    import clipsnail
+    from clipsnail.index import default_workers
+
+    machine = _common.machine_info()
+    commit = _common.git_commit()
+    results, skipped = {}, {}
+    with tempfile.TemporaryDirectory(prefix="clipsnail-bench-photos-") as tmp:
+        work = Path(tmp)
+        t = time.perf_counter()
+        photo_info = make_photos(work / "photos", args.photos)
+        _common.say(f"{args.photos} photos of {photo_info['pixels']} ({photo_info['mean_file_mib']} MiB each on "
+                    f"average) made in {time.perf_counter() - t:.0f} s")
+        for system in systems:
+            run, problem = make_run(system, work)
+            if run is None:
+                skipped[system] = problem
+                _common.say(f"{system}: skipped ({problem})")
+                continue
+            model = clipsnail.load(run)
+            _common.say(f"{system}: {model.cfg.image_size} px, default workers {default_workers()}")
+            row = measure(model, work / "photos", work / system, args.repeats)
+            row["image_size"] = model.cfg.image_size
+            if sweep_workers:
+                row["index_build_photos_per_s_by_workers"] = sweep(model, work / "photos", work / system,
+                                                                   sweep_workers, args.repeats)
+            results[system] = row
+            _common.say(f"  index build {row['index_build_photos_per_s']} photos/s, plain loop "
+                        f"{row['plain_loop_photos_per_s']} photos/s: {row['ratio']}x")
+            del model
+    if not results:
+        raise SystemExit("no system ran: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
+    speedup_system = "conse" if "conse" in results else next(iter(results))
+    header = ["system", "index_build_photos/s", "plain_loop_photos/s", "ratio", "cos_min"]
+    _common.say("\n" + _common.format_table(header, [
+        [s, r["index_build_photos_per_s"], r["plain_loop_photos_per_s"], r["ratio"],
+         r["cosine_draft_vs_full_decode"]["min"]] for s, r in results.items()]))
+    load_end = [round(x, 2) for x in os.getloadavg()]
+    report = {
+        "benchmark": "index_photos", "machine": {**machine, "load_average_at_end": load_end},
+        "git_commit": commit, "date": _common.now_iso(),
+        "config": {**photo_info, "source": str(DATA.relative_to(_common.ROOT.parent)), "repeats": args.repeats,
+                   "batch_size": BATCH, "index_workers_default": default_workers(), "systems": systems,
+                   "sweep_workers": sweep_workers},
+        "speedup_vs_plain_loop": results[speedup_system]["ratio"], "speedup_system": speedup_system,
+        "target_speedup": 3.0, "results": results, "skipped": skipped,
+        "notes": [
+            "photos/s = photos / wall seconds, median over repeats; index and plain measured alternately in one "
+            "process on the same photos and model",
+            "the machine's cores are shared with other work (load averages in machine); the ratio, measured side "
+            "by side, is the figure that counts",
+            "vit_b32 has random weights: its cosine agreement says little about a trained model's",
+            RCLIP_NOTE,
+        ],
+    }
+    path = _common.write_json(args.out, report)
+    _common.say(f"speedup ({speedup_system}): {report['speedup_vs_plain_loop']}x; wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
