@@ -76,7 +76,7 @@ def zeroshot_all(run: Path) -> dict:
     import torch.nn.functional as F
 
     import clipsnail
-    from clipsnail.convert import imagenet_label_names
+    from clipsnail.convert import conse_label_texts, imagenet_label_definitions, imagenet_label_names
     from clipsnail.data.captions import load_split
     from clipsnail.evaluate import encode_image_paths, encode_texts
 
@@ -91,21 +91,26 @@ def zeroshot_all(run: Path) -> dict:
         text = encode_texts(model, captions)
         head = model.image_projection
         as_converted = recalls(F.normalize(head(features), dim=-1), text, c2i)
-        default = (head.top_k, head.temperature, model.cfg.conse_template)
+        default = (head.top_k, head.temperature, model.cfg.conse_template, bool(model.cfg.conse_definitions))
         sweep = []
-        for lemmas, template in itertools.product((1, 2), TEMPLATES):
-            labels = [template.format(name) for name in imagenet_label_names(lemmas)]
-            head.label_embeddings.copy_(model.encode_text(labels))
+        definitions = imagenet_label_definitions()
+        for lemmas, template, with_definitions in itertools.product((1, 2), TEMPLATES, (False, True)):
+            names = imagenet_label_names(lemmas)
+            texts = conse_label_texts(names, template, definitions if with_definitions else [])
+            per_label = model.encode_text([t for group in texts for t in group]).view(len(names), len(texts[0]), -1)
+            head.label_embeddings.copy_(F.normalize(per_label.mean(dim=1), dim=-1))
             for top_k, temperature in COMBINATIONS:
                 head.top_k, head.temperature = top_k, temperature
                 r = recalls(F.normalize(head(features), dim=-1), text, c2i)
-                sweep.append({"lemmas": lemmas, "template": template, "top_k": top_k, "temperature": temperature,
+                sweep.append({"lemmas": lemmas, "template": template, "definitions": with_definitions,
+                              "top_k": top_k, "temperature": temperature,
                               **{k: r[k] for k in ("t2i_R@1", "t2i_R@5", "t2i_R@10")}})
-                _common.say(f"  lemmas {lemmas} {template!r:22} T={top_k:<4} temp {temperature}: "
-                            f"t2i R@5 {r['t2i_R@5']:.3f}")
+                _common.say(f"  lemmas {lemmas} {template!r:22} definitions {with_definitions:d} T={top_k:<4} "
+                            f"temp {temperature}: t2i R@5 {r['t2i_R@5']:.3f}")
     best = max(sweep, key=lambda row: row["t2i_R@5"])
     return {"images": len(names), "captions": len(captions), "as_converted": as_converted,
-            "settings": {"top_k": default[0], "temperature": default[1], "template": default[2]},
+            "settings": {"top_k": default[0], "temperature": default[1], "template": default[2],
+                         "definitions": default[3]},
             "image_encode_seconds": round(seconds, 1), "sweep": sweep, "best_of_sweep": best}
 
 

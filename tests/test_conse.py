@@ -10,7 +10,7 @@ from conftest import TINY_CLIP, caption_flags, run_error, sets, tiny_clip
 
 import clipsnail
 from clipsnail.cli import main
-from clipsnail.errors import ConfigError
+from clipsnail.errors import ConfigError, DataError
 from clipsnail.models.clip import ConseHead
 from clipsnail.runs import read_weights
 
@@ -202,6 +202,7 @@ def test_packaged_conse_is_the_formula_over_the_real_classifier_and_sentence_enc
     cfg = model.cfg
     assert (cfg.conse_top_k, cfg.conse_temperature, cfg.conse_template) == (10, 2.0, "a photo of a {}.")
     assert cfg.conse_labels == imagenet_label_names() and cfg.conse_labels[281] == "tabby, tabby cat"
+    assert cfg.conse_definitions[281] == "a cat with a grey or tawny coat mottled with black"
     rng = torch.Generator().manual_seed(0)
     photo = tmp_path / "photo.png"
     Image.fromarray((torch.rand(240, 320, 3, generator=rng) * 255).byte().numpy()).save(photo)
@@ -212,7 +213,9 @@ def test_packaged_conse_is_the_formula_over_the_real_classifier_and_sentence_enc
     with torch.no_grad():
         probs = (classifier(pixels)[0] / 2.0).softmax(-1)
     top_p, top = probs.topk(10)
-    labels = minilm_by_hand([f"a photo of a {cfg.conse_labels[j]}." for j in top.tolist()])
+    names = minilm_by_hand([f"a photo of a {cfg.conse_labels[j]}." for j in top.tolist()])
+    defined = minilm_by_hand([f"a photo of a {cfg.conse_labels[j]}: {cfg.conse_definitions[j]}." for j in top.tolist()])
+    labels = F.normalize(names + defined, dim=-1)  # the mean of two unit vectors, made unit again
     expected = F.normalize((top_p / top_p.sum()) @ labels, dim=-1)
     with torch.no_grad():
         got = model.encode_image([photo])[0]
@@ -256,3 +259,14 @@ def test_photo_demo_with_nothing_but_a_folder_uses_the_conse_model(conse_run_of_
     assert (out / "queries" / "a_red_circle.png").is_file()
     assert "--model hf-hub:" in printed and "--captions" in printed  # how to do better
     assert "fine-tuning" not in summary and "fine_tuned_steps" not in summary
+
+
+def test_label_texts_pair_each_name_with_its_definition():
+    from clipsnail.convert import conse_label_texts
+
+    texts = conse_label_texts(["crane", "tabby"], "a photo of a {}.", ["large wading bird.", "a mottled cat"])
+    assert texts == [["a photo of a crane.", "a photo of a crane: large wading bird."],
+                     ["a photo of a tabby.", "a photo of a tabby: a mottled cat."]]
+    assert conse_label_texts(["crane"], "{}", []) == [["crane"]]
+    with pytest.raises(DataError, match="1 label definitions given for 2 labels"):
+        conse_label_texts(["crane", "tabby"], "{}", ["a bird"])

@@ -149,8 +149,8 @@ def say(text: str) -> None:
 # General subjects of personal photo collections; any set of --query replaces them.
 PHOTO_QUERIES = ["a dog", "people at the beach", "food on a plate", "a city street at night", "a birthday cake",
                  "mountains"]
-# The preset fine-tunes at about 0.46 steps/s (batch 32, 2 CPU cores): 100 steps take under 4 minutes, and 40 already
-# reached text->image recall@5 0.665 on held-out COCO photos (BENCHMARKS.md).
+# ConSE fine-tunes (configs/conse_finetune.yaml) at about 0.31 steps/s (batch 32, 2 CPU cores): 100 steps take about
+# 5.5 minutes, and 40 already lifted held-out COCO-mini text->image recall@5 from 0.90 to 0.92 (BENCHMARKS.md).
 PHOTO_DEMO_STEPS = 100
 # What `demo --photos DIR` searches with when given nothing else: made offline from the packaged models.
 PHOTO_MODEL = f"conse:{CONSE_DEFAULT}"

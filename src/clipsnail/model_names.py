@@ -42,6 +42,7 @@ from huggingface_hub.file_download import repo_folder_name
 from huggingface_hub.utils import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
 from clipsnail.convert import (
+    CONSE_DEFINITIONS,
     CONSE_LEMMAS,
     CONSE_TEMPERATURE,
     CONSE_TEMPLATE,
@@ -282,7 +283,7 @@ def _conse_revision(name: str) -> str:
             versions.append(importlib.metadata.version(distribution) if distribution else part)
         except importlib.metadata.PackageNotFoundError:
             versions.append("missing")  # the conversion itself says which package to install
-    settings = repr((CONSE_TEMPLATE, CONSE_LEMMAS, CONSE_TOP_K, CONSE_TEMPERATURE, versions))
+    settings = repr((CONSE_TEMPLATE, CONSE_LEMMAS, CONSE_DEFINITIONS, CONSE_TOP_K, CONSE_TEMPERATURE, versions))
     return hashlib.sha1(settings.encode()).hexdigest()[:12]
 
 

@@ -68,6 +68,9 @@ class ClipModelConfig:
     image_projection: str = ""
     conse_labels: list[str] = field(default_factory=list)  # the classifier's label names, in its output order
     conse_template: str = "a photo of a {}."  # how each label was put into words for its text embedding
+    # Each label's definition (WordNet's for ImageNet), or none: with them a label's embedding is the mean of those of
+    # template(name) and template("name: definition")
+    conse_definitions: list[str] = field(default_factory=list)
     conse_top_k: int = 10  # T: the most probable labels combined
     conse_temperature: float = 2.0  # the classifier's logits are divided by it before the softmax
     projection_dropout: float = 0.1
@@ -96,7 +99,8 @@ class ConseHead(nn.Module):
     """ConSE: an image's embedding is the convex combination of the text embeddings of its T most probable labels.
 
     f(x) = 1/Z sum_{t<=T} p(y_t | x) s(y_t), with y_t the t-th most probable label, s(y) its text embedding
-    (`label_embeddings`, unit rows: the text tower's embeddings of `template.format(name)`) and
+    (`label_embeddings`, unit rows: the text tower's mean embedding of the label's name, and of its definition where
+    one is known, each in `template`) and
     Z = sum_{t<=T} p(y_t | x). Probabilities are a softmax of the classifier's logits divided by `temperature`: above
     1 it spreads weight over more labels, which helps when the top label is wrong but a related one is right. Both the
     classifier and the label embeddings are parameters, so fine-tuning on captions can move them; the top-T choice
