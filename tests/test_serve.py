@@ -16,14 +16,16 @@ import zlib
 from types import SimpleNamespace
 
 import pytest
-from conftest import StandInGenerator, tiny_t2i_args
+from conftest import StandInGenerator, run_error, tiny_t2i_args
 from fastapi.responses import HTMLResponse
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from clipsnail.cli import main
+from clipsnail.errors import ClipsnailError
 from clipsnail.index import ImageIndex, build_index
-from clipsnail.serve import Limits, create_app
+from clipsnail.serve import Limits, allowed_host_names, create_app
+from clipsnail.serve.app import LOOPBACK_HOSTS
 
 BASE = "http://127.0.0.1"  # the app answers loopback host names only
 
@@ -218,6 +220,77 @@ def test_foreign_hosts_and_origins_are_refused(client):
         assert r.status_code == 403, origin
     r = client.post("/api/search/image", files=upload(png()), headers={"origin": "http://127.0.0.1"})
     assert r.status_code == 200
+
+
+def test_a_server_bound_elsewhere_still_refuses_rebound_names(served):
+    """Bound to 127.0.0.2 or to every interface, the Host check stays on: a rebound DNS name is refused, the bound
+    address and names given with --allow-host are answered."""
+    names = allowed_host_names("127.0.0.2")
+    assert names == ("127.0.0.1", "localhost", "::1", "127.0.0.2")
+    bound = TestClient(create_app(served.index, served.model, allowed_hosts=names), base_url="http://127.0.0.2")
+    assert bound.get("/api/info", headers={"host": "evil.example:8000"}).status_code == 400
+    assert bound.get("/api/info", headers={"host": "127.0.0.2:8000"}).status_code == 200
+    r = bound.post("/api/search/image", files=upload(png()),
+                   headers={"host": "evil.example:8000", "origin": "http://evil.example:8000"})
+    assert r.status_code == 400 and "--allow-host" in r.json()["detail"]
+
+    everywhere = TestClient(create_app(served.index, served.model, any_ip_address=True,
+                                       allowed_hosts=allowed_host_names("0.0.0.0", ["PhotoBox.local"])))
+    assert allowed_host_names("0.0.0.0") == LOOPBACK_HOSTS
+    for host, status in [("192.168.1.5:8000", 200), ("[fe80::1]:8000", 200), ("photobox.local:8000", 200),
+                         ("evil.example", 400), ("192.168.1.5.evil.example", 400)]:
+        assert everywhere.get("/api/info", headers={"host": host}).status_code == status, host
+    with pytest.raises(ClipsnailError, match="--allow-host 'bad name': not a host name"):
+        allowed_host_names("0.0.0.0", ["bad name"])
+
+
+def test_answers_cannot_be_embedded_by_other_sites(client):
+    r = client.get("/api/thumb/0")
+    assert r.status_code == 200 and r.headers["cross-origin-resource-policy"] == "same-origin"
+
+
+def test_slow_request_headers_are_cut_off(monkeypatch):
+    """A real uvicorn server with our protocol: a client sending its headers too slowly (slowloris) is
+    disconnected; a normal request on another connection is answered."""
+    import socket
+
+    import uvicorn
+
+    import clipsnail.serve as serve
+
+    monkeypatch.setattr(serve, "HEADER_TIMEOUT_S", 0.3)
+
+    async def app(scope, receive, send):
+        if scope["type"] == "http":
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, http=serve.HeaderTimeoutH11,
+                                           log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(200):
+            if server.started:
+                break
+            time.sleep(0.02)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as slow:
+            slow.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and then nothing
+            time.sleep(0.8)
+            assert slow.recv(100) == b""  # closed by the server
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as quick:
+            quick.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            time.sleep(0.5)  # longer than the header timeout: the answered request must not be cut
+            assert quick.recv(100).startswith(b"HTTP/1.1 200")
+    finally:
+        server.should_exit = True
+        thread.join(timeout=5)
+
+
+def test_serve_refuses_a_bad_port(capsys, tmp_path):
+    line = run_error(capsys, ["serve", "--index", str(tmp_path / "none"), "--port", "99999"])
+    assert "--port must be between 1 and 65535, got 99999" in line
 
 
 def test_thumbnail_of_a_file_gone_since_indexing_is_404(served, tmp_path):

@@ -107,7 +107,11 @@ def register_serve(sub: Subcommands) -> None:
     p.add_argument("--index", required=True, help="an index made by `clipsnail index build`")
     p.add_argument("--generator", help="a text-to-image run (t2i train --kind pixelsnail) for the prompt box")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="also answer requests addressed to this host name (repeatable; loopback names and the "
+                   "--host address always are, any IP address when --host is 0.0.0.0 or ::); other names are "
+                   "refused against DNS rebinding")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_serve)
 
@@ -209,4 +213,5 @@ def cmd_serve(args: argparse.Namespace) -> None:
     # the start of every other one.
     from clipsnail.serve import run_server
 
-    run_server(index=args.index, generator=args.generator, host=args.host, port=args.port, device=args.device)
+    run_server(index=args.index, generator=args.generator, host=args.host, port=args.port, device=args.device,
+               allow_hosts=args.allow_host)

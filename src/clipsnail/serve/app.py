@@ -31,6 +31,7 @@ import dataclasses
 import functools
 import hashlib
 import importlib.resources
+import ipaddress
 import json
 import math
 import re
@@ -51,6 +52,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field, model_validator
 
 from clipsnail.data.images import IMAGE_EXTENSIONS
+from clipsnail.errors import ClipsnailError
 from clipsnail.index import VECTORS
 from clipsnail.query import QueryError, combine, looks_like_path, parse_query
 from clipsnail.serve.generation import GenerationQueue, QueueFull
@@ -185,12 +187,40 @@ def _host_name(host: str) -> str | None:
     return match["name"].lower().removeprefix("[").removesuffix("]")
 
 
-def _host_allowed(name: str | None, allowed: frozenset[str] | None) -> bool:
-    """allowed None: any well-formed name. Otherwise the name must be in it; "127.0.0.1" in it admits the whole
-    127.0.0.0/8 block, which is all loopback."""
+# The addresses that bind every interface: the host names to answer are then whatever addresses the machine has.
+WILDCARD_ADDRESSES = ("0.0.0.0", "::")
+
+
+def _ip_literal(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def allowed_host_names(bind: str, extra: Sequence[str] = ()) -> tuple[str, ...]:
+    """The Host names a server bound to `bind` answers: the loopback names, the bound address itself, and `extra`
+    (`serve --allow-host NAME`, lower-cased; a bad name is a ClipsnailError). A DNS name is never admitted unless
+    listed: that is what defeats DNS rebinding, where a page on evil.example re-resolves its own name to this
+    server and then reads it as same-origin (Host: evil.example)."""
+    names = list(LOOPBACK_HOSTS)
+    for name in [bind, *extra]:
+        name = name.strip().lower().removeprefix("[").removesuffix("]")
+        if name and name not in names and name not in WILDCARD_ADDRESSES:
+            if _HOST_HEADER.fullmatch(name) is None and not _ip_literal(name):
+                raise ClipsnailError(f"--allow-host {name!r}: not a host name or IP address")
+            names.append(name)
+    return tuple(names)
+
+
+def _host_allowed(name: str | None, allowed: frozenset[str], any_ip_address: bool) -> bool:
+    """The name must be in `allowed` ("127.0.0.1" there admits the whole 127.0.0.0/8 block, which is all loopback),
+    or be an IP address when `any_ip_address` (a wildcard bind: an address literal cannot be rebound to another
+    machine the way a DNS name can)."""
     if name is None:
         return False
-    if allowed is None or name in allowed:
+    if name in allowed or (any_ip_address and _ip_literal(name)):
         return True
     octets = _IPV4_127.fullmatch(name)
     return "127.0.0.1" in allowed and octets is not None and all(int(o) <= 255 for o in octets.groups())
@@ -242,11 +272,12 @@ class _LRU:
 
 
 def create_app(index, model, generator=None, limits: Limits | None = None,
-               allowed_hosts: Sequence[str] | None = LOOPBACK_HOSTS) -> FastAPI:
+               allowed_hosts: Sequence[str] = LOOPBACK_HOSTS, any_ip_address: bool = False) -> FastAPI:
     """The app over a loaded ImageIndex and its CLIP model (and optionally a text-to-image generator).
 
-    allowed_hosts: the host names a request may address (Host header; "127.0.0.1" admits all of 127.0.0.0/8);
-    None accepts any well-formed name, for a server bound to a public address on purpose."""
+    allowed_hosts: the host names a request may address (Host header; "127.0.0.1" admits all of 127.0.0.0/8;
+    `allowed_host_names` makes the list for a bound address); any_ip_address: also any IP address (for a server
+    bound to every interface, reached at whichever address the machine has)."""
     limits = limits or Limits()
     queue = GenerationQueue(generator, limits.max_waiting_generations, limits.generate_chunk) if generator else None
     # Decodes wait for one of these threads without holding a threadpool thread or any pixels; at most
@@ -269,12 +300,14 @@ def create_app(index, model, generator=None, limits: Limits | None = None,
     page, csp = _page()
     query_side = _query_side(model)
     app.state.generation = queue
-    allowed = None if allowed_hosts is None else frozenset(h.lower() for h in allowed_hosts)
+    allowed = frozenset(h.lower() for h in allowed_hosts)
 
     def secure(response: Response) -> Response:
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         response.headers.setdefault("Referrer-Policy", "no-referrer")
         response.headers.setdefault("X-Frame-Options", "DENY")
+        # No other site may embed our answers (thumbnails above all) as images or scripts of its own pages.
+        response.headers.setdefault("Cross-Origin-Resource-Policy", "same-origin")
         if response.headers.get("content-type", "").startswith("text/html"):
             response.headers.setdefault("Content-Security-Policy", DEFAULT_CSP)
         return response
@@ -282,8 +315,9 @@ def create_app(index, model, generator=None, limits: Limits | None = None,
     @app.middleware("http")
     async def guard(request: Request, call_next):
         host = request.headers.get("host", "")
-        if not _host_allowed(_host_name(host), allowed):
-            message = "this server answers loopback names only" if allowed is not None else "malformed"
+        if not _host_allowed(_host_name(host), allowed, any_ip_address):
+            answered = ", ".join(sorted(allowed)) + (" and IP addresses" if any_ip_address else "")
+            message = f"this server answers {answered}; start it with --allow-host NAME to answer another name"
             return secure(JSONResponse({"detail": f"unexpected Host header ({message})"}, status_code=400))
         origin = request.headers.get("origin")
         if request.method not in ("GET", "HEAD", "OPTIONS") and origin is not None:  # "null" (sandboxed) too
