@@ -212,3 +212,77 @@ def test_cli_build_update_search(clip_run, photos, tmp_path, capsys, shapes_dir)
     assert main(tiny_clip_args(shapes_dir, other, "--set", "train.max_steps=1", "--set", "model.embed_dim=8")) == 0
     msg = run_error(capsys, ["search", "--index", str(out), "--model", str(other), "a red circle"])
     assert "dimension mismatch" in msg and "dim-16" in msg
+
+
+def perturbed_copy(run, out, seed=0):
+    """A copy of `run` at `out` whose weights then change, as when the run trains further."""
+    import shutil
+
+    import clipsnail
+    from clipsnail.runs import save_weights
+
+    shutil.copytree(run, out)
+    model = clipsnail.load(out)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)) * 0.05)
+    save_weights(model, out / "model.safetensors")
+    return out
+
+
+def test_an_index_takes_vectors_from_the_model_that_made_it_only(clip_run, photos, tmp_path, capsys):
+    """Another run of the same dimension neither updates nor searches the index (its vectors would be mixed in,
+    or compared with another model's text vectors); the index stays as it was."""
+    import shutil
+
+    out = tmp_path / "idx"
+    cli_json(capsys, ["index", "build", "--model", str(clip_run), "--images", str(photos), "--out", str(out),
+                      "--no-progress"])
+    meta_before = (out / "index.json").read_bytes()
+    assert json.loads(meta_before)["model_weights"]["sha1"]
+    other = tmp_path / "other"
+    shutil.copytree(clip_run, other)  # same weights, another run
+    noise_image(photos / "new.png", 999)
+    msg = run_error(capsys, ["index", "update", "--index", str(out), "--model", str(other), "--no-progress"])
+    assert "adds to them with that run only" in msg and "clipsnail index build --model" in msg
+    assert (out / "index.json").read_bytes() == meta_before
+    msg = run_error(capsys, ["search", "--index", str(out), "--model", str(other), "a red circle"])
+    assert f"made by {clip_run.resolve()}" in msg
+
+
+def test_vectors_of_a_run_that_trained_further_are_never_used(clip_run, photos, tmp_path, capsys):
+    """The run's weights change after the index was built: searching refuses with the command to run, `index
+    update` encodes every image again (with the new weights), and then search works."""
+    import clipsnail
+
+    run = perturbed_copy(clip_run, tmp_path / "run")
+    out = tmp_path / "idx"
+    old = clipsnail.load(run)
+    build_index(old, photos, out, progress=False)
+    perturbed_copy(clip_run, tmp_path / "run2", seed=1)
+    os.replace(tmp_path / "run2" / "model.safetensors", run / "model.safetensors")  # "trained further"
+    msg = run_error(capsys, ["search", "--index", str(out), "a red circle"])
+    assert "changed since its vectors were made" in msg and f"clipsnail index update --index {out}" in msg
+
+    stats = cli_json(capsys, ["index", "update", "--index", str(out), "--no-progress"])
+    assert stats["reencoded"] == stats["total"] == 11 and stats["unchanged"] == 11
+    new = clipsnail.load(run)
+    index = ImageIndex.load(out)
+    expected = new.encode_image(index.paths)
+    torch.testing.assert_close(index.vectors(), expected, atol=1e-5, rtol=0)
+    assert not index.weights_changed()
+    assert len(cli_json(capsys, ["search", "--index", str(out), "a red circle", "-k", "3"])) == 3
+    assert cli_json(capsys, ["index", "update", "--index", str(out), "--no-progress"])["reencoded"] == 0
+
+
+def test_search_images_cache_follows_the_run_weights(clip_run, photos, tmp_path, capsys):
+    """`search --model RUN --images DIR` keeps its vectors in RUN/embeddings: after RUN's weights change, the
+    cached vectors are encoded again, so an image still finds itself with score 1."""
+    run = perturbed_copy(clip_run, tmp_path / "run")
+    query = str(photos / "3.png")
+    argv = ["search", "--model", str(run), "--images", str(photos), "--image", query, "-k", "1", "--no-progress"]
+    assert cli_json(capsys, argv)[0]["path"] == query
+    perturbed_copy(clip_run, tmp_path / "run2", seed=7)
+    os.replace(tmp_path / "run2" / "model.safetensors", run / "model.safetensors")
+    hit = cli_json(capsys, argv)[0]
+    assert hit["path"] == query and hit["score"] == pytest.approx(1.0, abs=1e-4)

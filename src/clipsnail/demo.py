@@ -12,7 +12,6 @@ on later runs -> text queries answered with 3x3 grids and a JSON summary.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -47,7 +46,7 @@ from clipsnail.model_names import resolve_run
 from clipsnail.models.clip import ClipModelConfig
 from clipsnail.plots import write_result_grid
 from clipsnail.pretrained import PRETRAINED_EXTRA, is_off, is_timm, resolve, text_model_dir
-from clipsnail.runs import read_run_config
+from clipsnail.runs import read_run_config, weights_fingerprint
 from clipsnail.safeio import atomic_write_text, is_under, read_json_object
 from clipsnail.tasks.clip import ClipConfig, ClipTask
 
@@ -226,7 +225,7 @@ def run_photo_demo(photos: str | Path, out: str | Path, *, model_run: str | Path
         summary["fine_tuned_steps"] = result.step
         model = load(run_dir, device=resolve_device(device))
     summary["model"] = str(model.run_dir)
-    summary["model_weights_sha1"] = weights_sha1(model.run_dir)
+    summary["model_weights_sha1"] = (weights_fingerprint(model.run_dir) or {}).get("sha1")
     held_out = last_evaluation(model.run_dir)
     if held_out:
         summary["held_out"] = held_out
@@ -330,15 +329,6 @@ def check_photo_demo_out(out: Path, photos: Path) -> None:
         more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
         raise DataError(f"{out}: holds {foreign[0]!r}{more}, which the photo demo did not write; refusing to write "
                         f"into it (choose another --out)")
-
-
-def weights_sha1(run_dir: Path) -> str:
-    """The fingerprint of a run's weights: the index's vectors are valid only for the weights that made them."""
-    digest = hashlib.sha1()
-    with open(Path(run_dir) / "model.safetensors", "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def last_evaluation(run_dir: Path) -> dict[str, float]:

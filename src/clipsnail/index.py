@@ -48,6 +48,7 @@ from tqdm import tqdm
 from clipsnail.data.images import list_images
 from clipsnail.errors import ClipsnailError, DataError
 from clipsnail.evaluate import encode_image_paths
+from clipsnail.runs import same_weights, weights_fingerprint
 from clipsnail.safeio import check_replaceable, clean_stale, open_regular, read_json_object, recover_dir, staged_dir
 
 log = logging.getLogger(__name__)
@@ -210,6 +211,8 @@ class ImageIndex:
         self.meta = meta
         self.root = Path(meta["root"])
         self.model_dir = Path(meta["model_dir"]) if meta.get("model_dir") else None
+        # The fingerprint of the weights that made the vectors (runs.weights_fingerprint); None in older indexes
+        self.model_weights = meta.get("model_weights") if isinstance(meta.get("model_weights"), dict) else None
         self.dim = int(meta["dim"])
         # Symbolic links under the root were indexed (`--follow-links`; only links that stay under the root).
         self.follow_links = bool(meta.get("follow_links", False))
@@ -256,6 +259,28 @@ class ImageIndex:
                             f"{meta_path.name} says {len(rel_paths)} of dim {meta['dim']}")
         _apply_search_params(faiss_index, meta.get("faiss", {}))
         return cls(index_dir, meta, rel_paths, faiss_index, mmap)
+
+    def other_model(self, model_dir: str | Path | None) -> bool:
+        """Whether the run at model_dir is not the one that made these vectors (unknown either side: False)."""
+        if model_dir is None or self.model_dir is None:
+            return False
+        return Path(model_dir).resolve() != self.model_dir.resolve()
+
+    def weights_changed(self) -> bool:
+        """Whether the run that made these vectors has other weights now (it trained further, or was replaced)."""
+        return self.model_dir is not None and not same_weights(self.model_dir, self.model_weights)
+
+    def check_model(self, model_dir: str | Path | None) -> None:
+        """ClipsnailError unless the run at model_dir, as its weights are now, made these vectors: a query vector
+        of another model (or of the same run trained further) is not comparable with them."""
+        if self.other_model(model_dir):
+            raise ClipsnailError(f"{self.index_dir}: its vectors were made by {self.model_dir}, not {model_dir}; "
+                                 f"search with that run, or re-encode every image with yours: clipsnail index build "
+                                 f"--model {model_dir} --images {self.root} --out {self.index_dir}")
+        if self.weights_changed():
+            raise ClipsnailError(f"{self.index_dir}: the weights of {self.model_dir} changed since its vectors were "
+                                 f"made (trained further?); encode them again: clipsnail index update --index "
+                                 f"{self.index_dir}")
 
     def __len__(self) -> int:
         return len(self.rel_paths)
@@ -422,7 +447,7 @@ def _finish(model, out_dir: Path, root: Path, model_dir: str | None, entries: di
     files = {"path": rels, "size": [entries[r][0] for r in rels], "mtime_ns": [entries[r][1] for r in rels],
              "sha1": [entries[r][2] for r in rels]}
     meta = {"format": FORMAT, "version": VERSION, "root": str(root), "follow_links": follow_links,
-            "model_dir": model_dir, "dim": dim,
+            "model_dir": model_dir, "model_weights": weights_fingerprint(model_dir) if model_dir else None, "dim": dim,
             "count": len(rels), "faiss": {**spec, "approx_threshold": approx_threshold, "approx_kind": approx_kind},
             "num_unreadable": len(unreadable),
             "unreadable": [{"path": r, "size": s, "mtime_ns": m} for r, (s, m) in sorted(unreadable.items())],
@@ -465,14 +490,23 @@ def update_index(model, index_dir: str | Path, batch_size: int = 64, progress: b
                  approx_threshold: int | None = None, workers: int | None = None) -> tuple[ImageIndex, dict]:
     """Bring an index up to date with its folder: encode new and changed files (changed: size or mtime differ and
     the sha1 confirms), drop deleted ones, keep every other vector as stored. Writes nothing when nothing changed.
-    workers: as for `build_index`.
-    -> (the index, stats {added, changed, removed, unchanged, unreadable, total, seconds})."""
+    The model must be the run that made the index (ClipsnailError otherwise); when that run's weights changed
+    since, every image is encoded again. workers: as for `build_index`.
+    -> (the index, stats {added, changed, removed, unchanged, unreadable, total, reencoded (unchanged files
+    encoded again for new weights), seconds})."""
     t = time.perf_counter()
     index_dir = Path(index_dir)
     old = ImageIndex.load(index_dir)
-    if model.cfg.embed_dim != old.dim:
-        raise ClipsnailError(f"{index_dir} holds dim-{old.dim} vectors but the model makes dim-{model.cfg.embed_dim} "
-                             f"ones: update with the model that built it ({old.model_dir})")
+    if model.cfg.embed_dim != old.dim or old.other_model(model.run_dir):
+        made_by = f"dim-{old.dim} vectors of {old.model_dir}" if old.model_dir else f"dim-{old.dim} vectors"
+        raise ClipsnailError(f"{index_dir} holds {made_by}; `index update` adds to them with that run only (its "
+                             f"default). To encode every image with {model.run_dir or 'this model'} instead: "
+                             f"clipsnail index build --model RUN --images {old.root} --out {index_dir}")
+    # The same run with other weights (it trained further): every vector is encoded again, none is mixed in.
+    encode_all = old.weights_changed()
+    if encode_all:
+        log.warning("%s: the weights of %s changed since the index was made: encoding every image again",
+                    index_dir, old.model_dir)
     old_vectors = old.vectors()
     files = _read_json(index_dir / FILES)
     old_entries = {r: (s, m, h) for r, s, m, h in zip(files["path"], files["size"], files["mtime_ns"], files["sha1"])}
@@ -487,9 +521,14 @@ def update_index(model, index_dir: str | Path, batch_size: int = 64, progress: b
                      + [r for r in found if r in old_unreadable and found[r] != old_unreadable[r]], progress,
                      old.follow_links)
     row = {r: i for i, r in enumerate(old.rel_paths)}
+    reencoded = set()
     for r, stamp in found.items():
         if r in old_entries:
-            if stamp == old_entries[r][:2]:
+            if stamp == old_entries[r][:2] and encode_all:
+                todo.append(r)
+                reencoded.add(r)
+                sha1[r] = old_entries[r][2]
+            elif stamp == old_entries[r][:2]:
                 entries[r], vectors[r] = old_entries[r], old_vectors[row[r]]
             elif r in sha1 and sha1[r] == old_entries[r][2]:  # touched, same bytes: keep the vector
                 entries[r], vectors[r], touched = (*stamp, sha1[r]), old_vectors[row[r]], True
@@ -511,14 +550,14 @@ def update_index(model, index_dir: str | Path, batch_size: int = 64, progress: b
         if not ok:
             unreadable[r] = found[r]
     removed = [r for r in old_entries if r not in entries]
-    added = [r for r in todo if r in entries and r not in changed]
+    added = [r for r in todo if r in entries and r not in changed and r not in reencoded]
     n_changed = sum(1 for r in changed if r in entries)
     stats = {"added": len(added), "changed": n_changed, "removed": len(removed),
              "unchanged": len(entries) - len(added) - n_changed, "unreadable": len(unreadable),
-             "total": len(entries)}
+             "total": len(entries), "reencoded": sum(1 for r in reencoded if r in entries)}
     threshold = approx_threshold if approx_threshold is not None else old.meta["faiss"].get(
         "approx_threshold", DEFAULT_APPROX_THRESHOLD)
-    vectors_changed = bool(added or n_changed or removed)
+    vectors_changed = bool(added or n_changed or removed or reencoded)
     if vectors_changed or touched or unreadable != old_unreadable or threshold != old.meta["faiss"].get(
             "approx_threshold"):
         spec = old.meta["faiss"]
@@ -543,7 +582,8 @@ def folder_index(model, folder: str | Path, cache_dir: str | Path, batch_size: i
     if (out / META).is_file():
         try:
             index = ImageIndex.load(out)
-            if index.dim == model.cfg.embed_dim and index.root == folder and index.follow_links == follow_links:
+            if (index.dim == model.cfg.embed_dim and index.root == folder and index.follow_links == follow_links
+                    and not index.other_model(model.run_dir)):
                 return update_index(model, out, batch_size=batch_size, progress=progress)[0]
         except DataError as e:  # a damaged cache is only a cache: rebuild it
             log.warning("rebuilding the embedding cache %s (%s)", out, e)

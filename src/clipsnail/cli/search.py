@@ -172,6 +172,8 @@ def cmd_search(args: argparse.Namespace) -> None:
     if index is not None and model.cfg.embed_dim != index.dim:
         raise ClipsnailError(f"dimension mismatch: {model_dir} makes dim-{model.cfg.embed_dim} embeddings, but "
                              f"{args.index} holds dim-{index.dim} vectors")
+    if index is not None:
+        index.check_model(model.run_dir)  # the vectors must be this run's, as its weights are now
     # The query first: a bad query image must fail before minutes of encoding the folder.
     with torch.inference_mode():
         vectors = [model.encode_image([t.value]) if t.kind == "image" else model.encode_text([t.value])

@@ -90,6 +90,7 @@ def run_server(index, generator=None, host: str = "127.0.0.1", port: int = 8000,
     if image_index.model_dir is None or not Path(image_index.model_dir).is_dir():
         raise ClipsnailError(f"{index}: the CLIP run that made this index ({image_index.model_dir}) is not there; "
                              "rebuild the index with `clipsnail index build --model RUN`")
+    image_index.check_model(image_index.model_dir)
     model = load(image_index.model_dir, device=device)
     gen = load_generator(generator, device) if generator else None
     if host not in LOOPBACK_HOSTS:
