@@ -86,7 +86,8 @@ def test_the_engine_is_imported_only_by_the_command_line():
 def test_lower_layers_never_import_higher_ones():
     graph = import_graph()
     low = [m for m in graph if m.startswith(("clipsnail.data", "clipsnail.layers", "clipsnail.models"))] + [
-        "clipsnail.safeio", "clipsnail.rng", "clipsnail.errors", "clipsnail.config", "clipsnail.runs"]
+        "clipsnail.safeio", "clipsnail.rng", "clipsnail.errors", "clipsnail.config", "clipsnail.runs",
+        "clipsnail.display", "clipsnail.query"]
     high = ("clipsnail.tasks", "clipsnail.engine", "clipsnail.hub", "clipsnail.cli", "clipsnail.serve",
             "clipsnail.demo", "clipsnail.index", "clipsnail.export", "clipsnail.generate")
     upward = {m: sorted(t for t in graph[m] if t.startswith(high)) for m in low}

@@ -31,6 +31,7 @@ from clipsnail.config import load_config
 from clipsnail.convert import CONSE_DEFAULT
 from clipsnail.data.images import list_image_folder
 from clipsnail.data.shapes import generate_attribute_folder, generate_shapes
+from clipsnail.display import printable
 from clipsnail.engine import fit, resolve_device
 from clipsnail.errors import ClipsnailError, ConfigError, DataError
 from clipsnail.evaluate import (
@@ -140,7 +141,7 @@ def article(word: str) -> str:
 
 
 def say(text: str) -> None:
-    print(text, file=sys.stdout, flush=True)
+    print(printable(text, keep_lines=True), file=sys.stdout, flush=True)  # photo names are shown raw nowhere
 
 
 # ----------------------------------------------------------------------------------------------- your own photos

@@ -17,6 +17,7 @@ import sys
 
 from clipsnail import distributed as dist
 from clipsnail.cli import caption, classify, clip, convert, data, demo, pixelsnail, search, t2i
+from clipsnail.display import PrintableFilter, printable
 from clipsnail.errors import ClipsnailError
 
 
@@ -39,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(caption.route(sys.argv[1:] if argv is None else list(argv)))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s",
                         stream=sys.stderr)
+    for handler in logging.getLogger().handlers:  # file names in log lines cannot carry terminal escapes
+        if not any(isinstance(f, PrintableFilter) for f in handler.filters):
+            handler.addFilter(PrintableFilter())
     logging.getLogger("PIL").setLevel(logging.WARNING)
 
     owns_group = False
@@ -49,10 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
         sys.stdout.flush()  # here, where a closed pipe is caught below, not at exit
     except ClipsnailError as e:
-        print(f"clipsnail: error: {e}", file=sys.stderr)
+        print(f"clipsnail: error: {printable(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # training says where it stopped and how to resume (errors.Interrupted)
-        print(f"clipsnail: {e}" if str(e) else "clipsnail: interrupted", file=sys.stderr)
+        print(f"clipsnail: {printable(e)}" if str(e) else "clipsnail: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         # The reader of stdout went away (`clipsnail search ... | head`): stop quietly, as `cat` does. Another

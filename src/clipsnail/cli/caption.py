@@ -16,6 +16,7 @@ from clipsnail.cli.common import (
     caption_values,
     print_json,
     print_summary,
+    say,
     task_config,
     train_and_report,
     write_json,
@@ -129,7 +130,7 @@ def cmd_caption_describe(args: argparse.Namespace) -> None:
         return
     for row in rows:
         texts = [c["text"] for c in row["captions"]]
-        print(f"{row['image']}: {texts[0]}" + "".join(f"\n    {t}" for t in texts[1:]))
+        say(f"{row['image']}: {texts[0]}" + "".join(f"\n    {t}" for t in texts[1:]), file=sys.stdout)
 
 
 def cmd_caption_eval(args: argparse.Namespace) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
@@ -14,6 +13,7 @@ from clipsnail.cli.common import (
     flag_values,
     print_json,
     print_summary,
+    say,
     task_config,
     train_and_report,
     write_json,
@@ -93,5 +93,4 @@ def cmd_classify_eval(args: argparse.Namespace) -> None:
     if (run / "metrics.jsonl").is_file():
         plot_training_curves(run / "metrics.jsonl", out / "curves.png")
     print_json(metrics)
-    print(f"wrote {out}/: metrics.json, per_class.json, classification_report.txt, confusion_matrix.png, curves.png",
-          file=sys.stderr)
+    say(f"wrote {out}/: metrics.json, per_class.json, classification_report.txt, confusion_matrix.png, curves.png")

@@ -12,6 +12,7 @@ from typing import Any
 
 from clipsnail import distributed as dist
 from clipsnail.config import load_config
+from clipsnail.display import printable
 from clipsnail.engine import fit
 from clipsnail.safeio import atomic_write_text
 
@@ -89,7 +90,12 @@ def task_config(cls: type, args: argparse.Namespace, values: dict[str, Any], yam
 
 
 def print_json(obj) -> None:
-    print(json.dumps(obj, indent=2))
+    print(json.dumps(obj, indent=2))  # ASCII: control characters and undecodable bytes come out escaped
+
+
+def say(text: str, file=None) -> None:
+    """A line of text for the user (stderr unless `file`), with file names in it escaped (display.printable)."""
+    print(printable(text, keep_lines=True), file=file or sys.stderr)
 
 
 def write_json(path: Path, obj) -> None:
@@ -108,6 +114,6 @@ def train_and_report(task, args: argparse.Namespace) -> None:
     if not dist.is_main():  # under torchrun one process reports
         return
     state = "finished" if result.completed else "stopped by the time budget (run again to continue)"
-    print(f"training {state} at step {result.step}; run directory: {args.out}", file=sys.stderr)
+    say(f"training {state} at step {result.step}; run directory: {args.out}")
     if result.metrics:
         print_json(result.metrics)

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from clipsnail.cli.common import Subcommands, add_caption_flags, print_json
+from clipsnail.cli.common import Subcommands, add_caption_flags, print_json, say
 from clipsnail.data.shapes import COLORS, SHAPES, generate_shapes
 from clipsnail.data.shards import write_shards
 from clipsnail.errors import ClipsnailError
@@ -45,8 +44,7 @@ def cmd_data_shapes(args: argparse.Namespace) -> None:
                               captions_per_image=args.captions_per_image, holdout=holdout, max_shapes=args.max_shapes,
                               sizes=args.sizes.split(","), overwrite=args.overwrite)
     print_json(summary)
-    print(f"wrote {args.out}/captions.csv, {args.out}/images/, {args.out}/split.json, {args.out}/scenes.json",
-          file=sys.stderr)
+    say(f"wrote {args.out}/captions.csv, {args.out}/images/, {args.out}/split.json, {args.out}/scenes.json")
 
 
 def cmd_data_shards(args: argparse.Namespace) -> None:
@@ -55,7 +53,7 @@ def cmd_data_shards(args: argparse.Namespace) -> None:
                            seed=None if args.no_shuffle else args.seed, strict=args.strict, prefix=args.prefix,
                            progress=not args.no_progress, follow_links=args.follow_links)
     print_json(summary)
-    print(f"wrote {summary['shards']} shards; stream them with the pattern '{summary['pattern']}'", file=sys.stderr)
+    say(f"wrote {summary['shards']} shards; stream them with the pattern '{summary['pattern']}'")
 
 
 def parse_holdout(text: str | None) -> list[tuple[str, str]]:

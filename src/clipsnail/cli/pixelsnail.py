@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from clipsnail.cli.common import (
     flag_values,
     print_json,
     print_summary,
+    say,
     task_config,
     train_and_report,
     write_json,
@@ -125,4 +125,4 @@ def cmd_pixelsnail_sample(args: argparse.Namespace) -> None:
     seconds = time.monotonic() - started
     title = f"{args.n} samples" + (f", class {args.class_}" if h is not None else "") + f", T={args.temperature}"
     save_sample_grid(images, args.out, title=title)
-    print(f"wrote {args.out} ({args.n} images in {seconds:.1f} s, {args.method} sampler)", file=sys.stderr)
+    say(f"wrote {args.out} ({args.n} images in {seconds:.1f} s, {args.method} sampler)")

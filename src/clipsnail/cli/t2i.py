@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 
 from clipsnail.cli.common import (
     Subcommands,
@@ -13,6 +12,7 @@ from clipsnail.cli.common import (
     add_train_flags,
     caption_values,
     print_json,
+    say,
     task_config,
     train_and_report,
 )
@@ -101,4 +101,4 @@ def cmd_generate(args: argparse.Namespace) -> None:
         grid = image_grid(to_pil(images), title=title, labels=[f"{float(s):.3f}" for s in scores], cell=64,
                           cols=max(1, math.ceil(math.sqrt(len(images)))))
     save_png(grid, args.out)
-    print(f"wrote {args.out}", file=sys.stderr)
+    say(f"wrote {args.out}")

@@ -52,6 +52,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field, model_validator
 
 from clipsnail.data.images import IMAGE_EXTENSIONS
+from clipsnail.display import display_name
 from clipsnail.errors import ClipsnailError
 from clipsnail.index import VECTORS
 from clipsnail.query import QueryError, combine, looks_like_path, parse_query
@@ -347,12 +348,16 @@ def create_app(index, model, generator=None, limits: Limits | None = None,
             return []
         with lock:
             hits = index.search(np.ascontiguousarray(queries, dtype=np.float32), k=k)[0]
-        return [Hit(id=h.id, name=Path(h.path).name, path=index.rel_paths[h.id], score=round(float(h.score), 4),
-                    thumb_url=f"/api/thumb/{h.id}") for h in hits]
+        # A name that is not UTF-8 is shown lossily (U+FFFD); JSON cannot carry its bytes, the id still names it.
+        return [Hit(id=h.id, name=display_name(Path(h.path).name), path=display_name(index.rel_paths[h.id]),
+                    score=round(float(h.score), 4), thumb_url=f"/api/thumb/{h.id}") for h in hits]
 
     @functools.cache  # built on first use (a text-only server never needs it), whole before any thread sees it
     def ids_by_path() -> dict[str, int]:
-        return {rel: i for i, rel in enumerate(index.rel_paths)}
+        ids = {rel: i for i, rel in enumerate(index.rel_paths)}
+        for i, rel in enumerate(index.rel_paths):  # a path as the answers show it names the image too
+            ids.setdefault(display_name(rel), i)
+        return ids
 
     def indexed_id(text: str) -> int | None:
         """The position of the indexed image whose path relative to the root is `text` (or ./`text`)."""
@@ -466,8 +471,8 @@ def create_app(index, model, generator=None, limits: Limits | None = None,
 
     @app.get("/api/info", response_model=Info, tags=["info"])
     def info():
-        return Info(images=len(index), dim=index.dim, model=Path(index.model_dir).name if index.model_dir else "?",
-                    generator=queue is not None,
+        model_name = display_name(Path(index.model_dir).name) if index.model_dir else "?"
+        return Info(images=len(index), dim=index.dim, model=model_name, generator=queue is not None,
                     generator_image_size=generator.config.data.image_size if generator is not None else None,
                     limits=dataclasses.asdict(limits))
 
