@@ -221,6 +221,7 @@ def test_a_clip_runs_image_tower_as_the_encoder(single_shapes, clip_run, tmp_pat
     assert main(["caption", "train", "--encoder", str(clip_run), *caption_data_flags(single_shapes),
                  "--out", str(out), *sets([*CAPTION_SETTINGS, "train.max_steps=2"])]) == 0
     captioner = load(out)
+    assert not any(p.requires_grad for p in [*captioner.decoder.parameters(), *captioner.encoder.parameters()])
     tokens = captioner.image_tokens([single_shapes / "images" / "000000.png"])
     assert tokens.shape == (1, 17, 32)  # the tiny ViT: a class token and 4x4 patches, width 32
     assert isinstance(captioner.caption([single_shapes / "images" / "000000.png"])[0].text, str)

@@ -97,6 +97,7 @@ def test_text_conditioned_pixelsnail_guided_and_reranked(shapes_dir, clip_run, t
     assert grid.is_file()
 
     t2i = load(run)
+    assert not any(p.requires_grad for p in [*t2i.model.parameters(), *t2i.clip.parameters()])  # for inference
     images, scores = t2i.generate("a red circle", n=4, seed=1)
     assert images.shape == (4, 3, 8, 8) and scores.shape == (4,)
     # reranking keeps the best-scored of the very same draws

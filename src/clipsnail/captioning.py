@@ -141,6 +141,11 @@ class Captioner:
         self.encoder.eval()
         return self
 
+    def requires_grad_(self, requires_grad: bool = True):
+        self.decoder.requires_grad_(requires_grad)
+        self.encoder.requires_grad_(requires_grad)
+        return self
+
     def to(self, device):
         self.decoder.to(device)
         self.encoder.to(device)

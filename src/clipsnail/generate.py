@@ -37,6 +37,10 @@ class FeatureRetriever:
         self.model.eval()
         return self
 
+    def requires_grad_(self, requires_grad: bool = True):
+        self.model.requires_grad_(requires_grad)
+        return self
+
     def to(self, device):
         self.model.to(device)
         self.features = self.features.to(device)
@@ -57,6 +61,12 @@ class TextToImage:
 
     def eval(self):
         self.model.eval()
+        self.clip.eval()
+        return self
+
+    def requires_grad_(self, requires_grad: bool = True):
+        self.model.requires_grad_(requires_grad)
+        self.clip.requires_grad_(requires_grad)
         return self
 
     def to(self, device):

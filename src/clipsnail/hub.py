@@ -28,11 +28,14 @@ LOADERS = {
 
 
 def load(run_dir: str | Path, device: str | torch.device = "cpu", weights: str = "model"):
-    """The model of a run directory, in eval mode on `device` (what each kind is: `LOADERS`).
+    """The model of a run directory, for inference: in eval mode on `device`, its parameters not requiring
+    gradients, so that what it returns (embeddings, logits, captions, samples) holds no autograd graph; a loop
+    keeping embeddings of a whole folder would otherwise keep every graph too. `model.requires_grad_()` makes it
+    trainable again. What each kind is: `LOADERS`.
     weights: "model" (the end of training: model.safetensors) or "best" (best.safetensors, the best validation
     score, when the run kept one). `run_dir` may also be a model name such as hf-hub:ORG/NAME (`resolve_run`)."""
     run_dir = resolve_run(run_dir)
     task, data = read_run_config(run_dir)
     if task not in LOADERS:
         raise DataError(f"{run_dir / 'config.json'}: unknown task {task!r}; valid: {', '.join(LOADERS)}")
-    return LOADERS[task](run_dir, data, weights).to(device).eval()
+    return LOADERS[task](run_dir, data, weights).to(device).eval().requires_grad_(False)
