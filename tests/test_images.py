@@ -79,3 +79,37 @@ def test_list_image_folder_errors(tmp_path):
     (tmp_path / "a").mkdir()
     with pytest.raises(DataError, match="no images"):
         list_image_folder(tmp_path)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
+def test_16_bit_greyscale_keeps_its_grey_levels(tmp_path, fmt):
+    """PIL's convert("RGB") clips I;16 at 255: a mid-grey disc on black came out a white silhouette. It is scaled
+    to 8 bits instead, in every decoder (files, uploads)."""
+    import numpy as np
+
+    from clipsnail.serve.images import decode_upload
+
+    pixels = np.zeros((40, 40), np.uint16)
+    pixels[10:30, 10:30] = 30000  # 46% of full scale
+    pixels[0, 0] = 65535
+    path = tmp_path / f"grey16.{fmt.lower()}"
+    Image.fromarray(pixels).save(path, format=fmt)
+    assert Image.open(path).mode == "I;16"
+    for decoded in (load_image(path), decode_upload(path.read_bytes(), 10_000)):
+        rgb = np.asarray(decoded)
+        assert decoded.mode == "RGB"
+        assert tuple(rgb[20, 20]) == (117, 117, 117) and tuple(rgb[5, 5]) == (0, 0, 0)
+        assert tuple(rgb[0, 0]) == (255, 255, 255)
+
+
+def test_32_bit_and_float_greyscale_are_scaled_by_their_range():
+    import numpy as np
+
+    from clipsnail.data.images import decode_opened
+
+    ints = Image.fromarray(np.array([[0, 1000], [4000, 65535]], np.int32), "I")
+    assert np.asarray(decode_opened(ints)[0])[:, :, 0].tolist() == [[0, 4], [16, 255]]  # 16-bit data in I
+    floats = Image.fromarray(np.array([[0.0, 0.5], [0.25, 1.0]], np.float32), "F")
+    assert np.asarray(decode_opened(floats)[0])[:, :, 0].tolist() == [[0, 128], [64, 255]]
+    odd = Image.fromarray(np.array([[-5.0, float("nan")], [5.0, 15.0]], np.float32), "F")
+    assert np.asarray(decode_opened(odd)[0])[:, :, 0].tolist() == [[0, 64], [128, 255]]

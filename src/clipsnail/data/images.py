@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 import warnings
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from clipsnail.errors import DataError
@@ -149,7 +151,27 @@ def _orientation(image: Image.Image) -> int:
         return 1
 
 
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """A single-channel image of more than 8 bits (16-bit PNG/TIFF: I;16*, I; floating point: F) as 8-bit L,
+    scaled by its type's range. PIL's convert("L"/"RGB") clips these at 255 instead: every pixel brighter than
+    1/256 of full scale comes out white, a silhouette. 16-bit data opened as I (32-bit) is scaled as 16-bit; other
+    I and F data by its own value range (no fixed range to keep)."""
+    values = np.asarray(im, dtype=np.float32)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
+    if im.mode.startswith("I;16") or (im.mode == "I" and low >= 0 and 255 < high <= 65535):
+        low, high = 0.0, 65535.0
+    elif low >= 0 and high <= (1.0 if im.mode == "F" else 255.0):
+        low, high = 0.0, 1.0 if im.mode == "F" else 255.0  # already 8-bit values (or 0..1 floats)
+    elif not math.isfinite(low) or not math.isfinite(high) or high <= low:
+        values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+        low, high = float(values.min()), max(float(values.max()), float(values.min()) + 1.0)
+    scaled = np.clip((values - low) * (255.0 / (high - low)), 0, 255)
+    return Image.fromarray(np.rint(scaled).astype(np.uint8), "L")
+
+
 def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode.startswith("I") or im.mode == "F":
+        im = _to_8bit(im)
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
         # Transparent pixels keep arbitrary colour values underneath; composite on white as viewers show them.
         rgba = im.convert("RGBA")
