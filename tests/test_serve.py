@@ -122,6 +122,22 @@ def test_image_search_finds_the_same_image_first(client, served):
     assert [h["id"] for h in similar] == [h["id"] for h in hits]
 
 
+def test_an_uploaded_transparent_image_is_decoded_as_when_it_was_indexed(clip_model, tmp_path):
+    """Alpha is composited on white by the one decoder that indexing and uploads share: uploading an indexed
+    RGBA image gives back its stored vector (score 1), where dropping alpha left black and a different vector."""
+    folder = tmp_path / "alpha"
+    folder.mkdir()
+    rgba = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
+    rgba.paste((220, 20, 20, 255), (8, 8, 24, 24))  # a red square on a transparent (black underneath) field
+    rgba.save(folder / "square.png")
+    Image.new("RGB", (32, 32), (0, 0, 0)).save(folder / "black.png")
+    index, _ = build_index(clip_model, folder, tmp_path / "idx", progress=False)
+    client = TestClient(create_app(index, clip_model), base_url=BASE)
+    r = client.post("/api/search/image", files=upload((folder / "square.png").read_bytes(), "square.png"))
+    hits = r.json()["hits"]
+    assert hits[0]["name"] == "square.png" and hits[0]["score"] >= 0.9999, hits
+
+
 def test_zero_shot_labels(client, served):
     r = client.post("/api/zeroshot", files=upload(served.index.paths[0].read_bytes()),
                     data={"classes": " red shape, blue shape ,green shape, red shape,"})
