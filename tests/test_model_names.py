@@ -292,3 +292,14 @@ def test_paths_are_returned_as_they_are(hub, tmp_path, monkeypatch):
     assert resolve_run("hf-hub:org/name") == type(tmp_path)("hf-hub:org/name")
     assert resolve_run(tmp_path / "missing") == tmp_path / "missing"  # read_run_config says it is not there
     assert resolve_run("runs/x") == type(tmp_path)("runs/x")
+
+
+def test_a_run_folder_named_relatively_is_stored_in_full(tmp_path, monkeypatch):
+    from clipsnail.model_names import resolve_name
+
+    (tmp_path / "runs" / "clip").mkdir(parents=True)
+    (tmp_path / "runs" / "clip" / "config.json").write_text('{"task": "clip"}')
+    monkeypatch.chdir(tmp_path)
+    assert resolve_name("runs/clip") == str((tmp_path / "runs" / "clip").resolve())
+    for unchanged in ("", "efficientnet-lite0", "timm:resnet18", "runs/missing"):
+        assert resolve_name(unchanged) == unchanged

@@ -4,14 +4,17 @@ through the CLI and the Python API, on tiny shapes data and a tiny CLIP run."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import caption_flags, sets, tiny_t2i_args
+from conftest import caption_flags, run_error, sets, tiny_t2i_args
 from PIL import Image
 
 from clipsnail import load
 from clipsnail.cli import main
+from clipsnail.errors import DataError
+from clipsnail.generate import TextToImage
 from clipsnail.models.text2feat import Text2FeatConfig, TextToFeature, nearest
 
 TINY_RETRIEVE = ["model.width=32", "model.depth=1", "model.heads=2", "model.context_length=48",
@@ -122,3 +125,31 @@ def test_bad_inputs_are_named(shapes_dir, clip_run, tmp_path, capsys):
     assert "CLIP run directory is needed" in capsys.readouterr().err
     assert main(["generate", "--model", str(clip_run), "a red circle", "--out", str(tmp_path / "x.png")]) == 2
     assert "not a text-to-image run" in capsys.readouterr().err
+
+
+def test_a_run_names_its_clip_run_so_that_it_is_found_from_any_folder(shapes_dir, clip_run, tmp_path, monkeypatch,
+                                                                      capsys):
+    """`--clip runs/clip` relative to where training ran is stored in full; a config that still holds a relative
+    path (an older run) fails naming its config.json and the key, not only the missing folder."""
+    import shutil
+
+    work = tmp_path / "work"
+    shutil.copytree(clip_run, work / "runs" / "clip")
+    monkeypatch.chdir(work)
+    run = work / "runs" / "t2i"
+    args = tiny_t2i_args(Path("runs/clip"), shapes_dir, run, "train.max_steps=1", "data.max_eval_images=4")
+    assert main(args) == 0
+    config_path = run / "config.json"
+    config = json.loads(config_path.read_text())
+    assert config["clip"] == str((work / "runs" / "clip").resolve())
+
+    monkeypatch.chdir(tmp_path)  # elsewhere
+    assert isinstance(load(run), TextToImage)
+    config["clip"] = "runs/clip"  # as older runs stored it
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(DataError) as e:
+        load(run)
+    message = str(e.value)
+    assert message.startswith(f"{config_path}: clip = 'runs/clip' cannot be loaded") and "current folder" in message
+    line = run_error(capsys, ["generate", "--model", str(run), "a red circle", "--out", str(tmp_path / "g.png")])
+    assert str(config_path) in line

@@ -121,9 +121,13 @@ def resolve_run(spec: str | Path) -> Path:
 
 def resolve_name(spec: str) -> str:
     """A config value that may name a CLIP run (`finetune.init`, `clip`, `encoder`): a model name becomes the path
-    of its cached run, so that the task and the config saved with its run hold a folder; anything else (a path,
-    timm:NAME, a packaged name, "") is returned unchanged."""
-    return str(resolve_run(spec)) if spec and scheme_of(spec) else spec
+    of its cached run, and a run folder its absolute path, so that the config saved with the new run names a
+    folder that is found from anywhere; anything else (timm:NAME, a packaged name, "") is returned unchanged."""
+    if spec and scheme_of(spec):
+        return str(resolve_run(spec))
+    if spec and (Path(spec).expanduser() / "config.json").is_file():
+        return str(Path(spec).expanduser().resolve())
+    return spec
 
 
 def safe_name(name: str) -> str:

@@ -65,6 +65,19 @@ def _json_kind(value) -> str:
         type(value), "a number")
 
 
+def load_referenced(run_dir: Path, key: str, value: str, load: Callable[[str], T]) -> T:
+    """`load(value)`, the run that the run at run_dir names in its config.json under `key` (a text-to-image run's
+    `clip`, a caption run's `encoder`), with a failure reported as a problem of that config.json: the user asked
+    for run_dir, not for the run it points to."""
+    try:
+        return load(value)
+    except DataError as e:
+        relative = not Path(value).is_absolute() and not Path(value).exists()
+        hint = (f"; a relative path there is taken from the current folder ({Path.cwd()}): run from the folder "
+                f"the run was trained in, or write the path in full" if relative else "")
+        raise DataError(f"{run_dir / 'config.json'}: {key} = {value!r} cannot be loaded ({e}){hint}") from None
+
+
 def build_described(run_dir: Path, build: Callable[[], T]) -> T:
     """`build()` (a model from a run's config), with a bad value reported as a problem of the run's config.json
     rather than of the user's flags."""

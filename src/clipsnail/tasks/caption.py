@@ -36,7 +36,7 @@ from clipsnail.evaluate import encode_every_image
 from clipsnail.models.captioner import CaptionDecoder, CaptionModelConfig
 from clipsnail.models.timm_features import TimmImageEncoder, feature_tokens
 from clipsnail.optim import param_groups_by_prefix
-from clipsnail.runs import build_described, load_run_weights, save_run
+from clipsnail.runs import build_described, load_referenced, load_run_weights, save_run
 from clipsnail.tasks.clip import load_clip_run
 
 log = logging.getLogger(__name__)
@@ -184,4 +184,5 @@ def load_run(run_dir: Path, data: dict, weights: str = "model") -> Captioner:
     decoder = build_described(run_dir, lambda: CaptionDecoder(config.model))
     load_run_weights(decoder, run_dir, weights)
     tokenizer = TextTokenizer.load(run_dir / "tokenizer.json")
-    return Captioner(decoder.eval(), load_token_encoder(config), tokenizer, config)
+    encoder = load_referenced(run_dir, "encoder", config.encoder, lambda _: load_token_encoder(config))
+    return Captioner(decoder.eval(), encoder, tokenizer, config)
