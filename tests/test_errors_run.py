@@ -294,7 +294,8 @@ def test_interrupt_inside_a_step_names_the_last_checkpoint(capsys, shapes_dir, t
 
 
 @pytest.mark.slow
-def test_sigint_stops_after_the_step_with_a_checkpoint(shapes_dir, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C, and what job schedulers send
+def test_a_stop_signal_stops_after_the_step_with_a_checkpoint(shapes_dir, tmp_path, signum):
     from clipsnail.engine import load_state
 
     out = tmp_path / "r"
@@ -309,7 +310,7 @@ def test_sigint_stops_after_the_step_with_a_checkpoint(shapes_dir, tmp_path):
     while proc.poll() is None and time.monotonic() < deadline and (
             not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=240)
     err = err.decode()
     assert proc.returncode == 130, err

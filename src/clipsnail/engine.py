@@ -9,8 +9,8 @@ the same weights as an uninterrupted run. That needs three things beyond model/o
 - per-sample randomness (augmentation) is seeded from (seed, epoch, position), not from a global stream that
   worker processes or skipped samples would perturb;
 - the global RNG states (dropout, drop-path) are checkpointed and restored.
-Ctrl-C finishes the step in progress, checkpoints it and stops (`sigint_finishes_the_step`); a second Ctrl-C stops
-at once, and the message says which step the last checkpoint holds.
+Ctrl-C or SIGTERM finishes the step in progress, checkpoints it and stops (`stop_signals_finish_the_step`); a second
+one stops at once, and the message says which step the last checkpoint holds.
 
 Under `torchrun` the same loop runs data-parallel (DDP): `batch_size` is the global batch and each of the N
 processes takes its slice of every batch, so the data order and the optimisation do not depend on N, and a run
@@ -476,7 +476,7 @@ def _fit(task: Task, run_dir: Path, progress: bool, on_step: Callable[[int], Non
         return (f"interrupted after step {step} of {total_steps}; {ckpt_path.parent} holds step {saved_step}: run "
                 f"the same command again to resume from there")
 
-    with sigint_finishes_the_step(stop, interruption):
+    with stop_signals_finish_the_step(stop, interruption):
         for epoch in itertools.count(start_epoch):
             if step >= total_steps:
                 break
@@ -586,33 +586,40 @@ class StopRequest:
     requested: bool = False
 
 
+# What Ctrl-C sends, and what job schedulers (Slurm, Kubernetes, systemd) send before they kill a job.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextlib.contextmanager
-def sigint_finishes_the_step(stop: StopRequest, interruption: Callable[[], str]) -> Iterator[None]:
-    """While the block runs, a first Ctrl-C (SIGINT) only sets `stop.requested`: the loop finishes the step in
-    progress, checkpoints it and stops, so the interrupted run resumes exactly. A second Ctrl-C raises
+def stop_signals_finish_the_step(stop: StopRequest, interruption: Callable[[], str]) -> Iterator[None]:
+    """While the block runs, a first Ctrl-C (SIGINT) or SIGTERM only sets `stop.requested`: the loop finishes the
+    step in progress, checkpoints it and stops, so the interrupted run resumes exactly. A second one raises
     KeyboardInterrupt at once. Any KeyboardInterrupt leaves the block as `Interrupted(interruption())`, a message
     saying where the run stopped and what resumes it.
 
-    The handler is installed only in the main thread of a single-process run that has Python's default SIGINT
-    handler; elsewhere (torchrun, a host application's own handler) Ctrl-C stops at once, as before."""
-    install = (threading.current_thread() is threading.main_thread() and not dist.is_distributed()
-               and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+    A handler is installed only in the main thread of a single-process run, for a signal that has its default
+    handler (Python's for SIGINT, the system's for SIGTERM); elsewhere (torchrun, a host application's own
+    handler) the signal acts as before."""
+    defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+    main_process = threading.current_thread() is threading.main_thread() and not dist.is_distributed()
+    ours = [s for s in STOP_SIGNALS if main_process and signal.getsignal(s) is defaults[s]]
     pid = os.getpid()
 
     def handler(signum, frame):
-        if stop.requested or os.getpid() != pid:  # a second Ctrl-C, or a forked DataLoader worker
+        if stop.requested or os.getpid() != pid:  # a second signal, or a forked DataLoader worker
             raise KeyboardInterrupt
         stop.requested = True
-        log.warning("interrupted: stopping after this step (Ctrl-C again to stop at once)")
+        again = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+        log.warning("%s: stopping after this step (%s again to stop at once)", signal.Signals(signum).name, again)
 
-    previous = signal.signal(signal.SIGINT, handler) if install else None
+    previous = {s: signal.signal(s, handler) for s in ours}
     try:
         yield
     except KeyboardInterrupt:
         raise Interrupted(interruption()) from None
     finally:
-        if install:
-            signal.signal(signal.SIGINT, previous)
+        for s, old in previous.items():
+            signal.signal(s, old)
 
 
 def _keep_best(name: str, metrics: dict[str, float], best: float | None, model: nn.Module, run_dir: Path,
