@@ -15,7 +15,7 @@ from conftest import make_open_clip, noise_image, run_error, save_safetensors
 from safetensors.torch import load_file, save_file
 
 import clipsnail
-from clipsnail import model_names
+from clipsnail import model_names, safeio
 from clipsnail.cli import main
 from clipsnail.convert import convert_open_clip
 from clipsnail.errors import DataError
@@ -102,9 +102,9 @@ def test_load_by_name_equals_converting_the_file_by_hand(hub, weights, by_hand):
     with torch.no_grad():
         assert torch.equal(model.encode_text(TEXTS), by_hand.encode_text(TEXTS))
         assert torch.equal(model.encode_image(images), by_hand.encode_image(images))
-    # the run is whole, and nothing else is left beside it but its lock file
+    # the run is whole, and nothing else is left beside it (the lock file is removed with the lock)
     assert sorted(p.name for p in model.run_dir.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
-    assert sorted(p.name for p in model.run_dir.parent.iterdir()) == [f".{COMMIT}.lock", COMMIT]
+    assert sorted(p.name for p in model.run_dir.parent.iterdir()) == [COMMIT]
 
 
 def test_later_uses_reuse_the_cached_run(hub, weights, monkeypatch):
@@ -243,7 +243,7 @@ def test_a_non_clip_repository_leaves_no_run(hub, weights, tmp_path):
     with pytest.raises(DataError, match=r"^hf-hub:org/timm-tower: .*a timm image tower"):
         resolve_run("hf-hub:org/timm-tower")
     folder = home / "runs" / "hf-hub" / "org--timm-tower"
-    assert [p.name for p in folder.iterdir()] == [f".{COMMIT}.lock"]
+    assert [p.name for p in folder.iterdir()] == []
 
 
 @pytest.mark.parametrize("locked", [True, False])
@@ -253,7 +253,7 @@ def test_concurrent_first_uses_convert_once(hub, weights, monkeypatch, locked):
     put_in_cache(cache, open_clip_files(weights))
     calls = count_conversions(monkeypatch)
     if not locked:
-        monkeypatch.setattr(model_names, "fcntl", None)
+        monkeypatch.setattr(safeio, "fcntl", None)
     results, errors = [], []
 
     def use():
@@ -281,7 +281,7 @@ def test_the_leftovers_of_a_killed_conversion_are_deleted(hub, weights):
     leftover.mkdir(parents=True)
     (leftover / "config.json").write_text("{}")  # half a run, killed before its rename: never used
     run = resolve_run("hf-hub:org/name")
-    assert sorted(p.name for p in folder.iterdir()) == [f".{COMMIT}.lock", COMMIT]
+    assert sorted(p.name for p in folder.iterdir()) == [COMMIT]
     assert clipsnail.load(run).cfg.image_size == 32
 
 

@@ -364,3 +364,44 @@ def test_training_never_writes_into_a_users_folder(shapes_dir, tmp_path, capsys)
     assert main(tiny_clip_args(shapes_dir, users, "--set", "train.max_steps=1")) == 2
     assert "is not a clipsnail run directory" in capsys.readouterr().err
     assert os.listdir(users) == ["config.json"] and (users / "config.json").read_text() == '{"theme": "dark"}'
+
+
+LOCK_HOLDER = """
+import sys, time
+from clipsnail.safeio import writer_lock
+with writer_lock(sys.argv[1], "test folder"):
+    print("locked", flush=True)
+    time.sleep(60)
+"""
+
+
+@contextmanager
+def locked_by_another_process(folder):
+    """Another process holding the writer lock of `folder` (its pid is yielded)."""
+    proc = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(folder)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        yield proc.pid
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_second_writer_of_a_run_or_index_stops_naming_the_first(clip_run, clip_model, photos, shapes_dir, tmp_path,
+                                                                   capsys):
+    """Two `clip train --out SAME` (or two index builds) at once: the second stops at once with the pid of the
+    first, writing nothing; once the first is gone (even killed), the lock is free again."""
+    from conftest import run_error, tiny_clip_args
+
+    run = tmp_path / "runs" / "clip"
+    with locked_by_another_process(run) as pid:
+        line = run_error(capsys, tiny_clip_args(shapes_dir, run, "--set", "train.max_steps=1"))
+        assert f"{run}: another clipsnail (pid {pid}) is writing this run directory" in line
+        assert not run.exists()
+    index = tmp_path / "idx"
+    with locked_by_another_process(index.absolute()) as pid:
+        line = run_error(capsys, ["index", "build", "--model", str(clip_run), "--images", str(photos), "--out",
+                                  str(index), "--no-progress"])
+        assert f"another clipsnail (pid {pid}) is writing this index" in line and not index.exists()
+    build_index(clip_model, photos, index, progress=False)  # the killed holder left no stale lock behind
+    assert len(ImageIndex.load(index)) > 0

@@ -51,7 +51,7 @@ from clipsnail.errors import ClipsnailError, DataError, Interrupted
 from clipsnail.optim import build_optimizer, lr_lambda, warmup_steps
 from clipsnail.rng import rng_state, set_rng_state
 from clipsnail.runs import CHECKPOINT, check_run_dir, load_weights, save_weights
-from clipsnail.safeio import atomic_path, atomic_write_text
+from clipsnail.safeio import atomic_path, atomic_write_text, writer_lock
 
 log = logging.getLogger(__name__)
 
@@ -342,7 +342,9 @@ def fit(task: Task, run_dir: str | Path, progress: bool = True,
     at the end if it created it."""
     owns_group = dist.init_from_env()
     try:
-        return _fit(task, Path(run_dir), progress, on_step)
+        # One writer per run directory (under torchrun, rank 0 writes it for all).
+        with writer_lock(run_dir, "run directory") if dist.rank() == 0 else contextlib.nullcontext():
+            return _fit(task, Path(run_dir), progress, on_step)
     finally:
         if owns_group:
             dist.shutdown()

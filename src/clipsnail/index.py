@@ -29,7 +29,9 @@ with two renames, so a crash (or an exception while encoding) leaves the previou
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -49,7 +51,15 @@ from clipsnail.data.images import list_images
 from clipsnail.errors import ClipsnailError, DataError
 from clipsnail.evaluate import encode_image_paths
 from clipsnail.runs import same_weights, weights_fingerprint
-from clipsnail.safeio import check_replaceable, clean_stale, open_regular, read_json_object, recover_dir, staged_dir
+from clipsnail.safeio import (
+    check_replaceable,
+    clean_stale,
+    open_regular,
+    read_json_object,
+    recover_dir,
+    staged_dir,
+    writer_lock,
+)
 
 log = logging.getLogger(__name__)
 
@@ -456,6 +466,22 @@ def _finish(model, out_dir: Path, root: Path, model_dir: str | None, entries: di
     return ImageIndex.load(out_dir)
 
 
+def _one_writer(folder_arg: str):
+    """Runs the decorated function under the writer lock (safeio.writer_lock) of the index its argument
+    `folder_arg` names: two builds or updates of one index at once would each encode, and the last rename wins."""
+    def decorate(function):
+        signature = inspect.signature(function)
+
+        @functools.wraps(function)
+        def locked(*args, **kwargs):
+            folder = signature.bind(*args, **kwargs).arguments[folder_arg]
+            with writer_lock(Path(folder).absolute(), "index"):
+                return function(*args, **kwargs)
+        return locked
+    return decorate
+
+
+@_one_writer("out_dir")
 def build_index(model, images_dir: str | Path, out_dir: str | Path, batch_size: int = 64, progress: bool = True,
                 approx_threshold: int = DEFAULT_APPROX_THRESHOLD, approx_kind: str = "ivf",
                 target_recall: float = DEFAULT_TARGET_RECALL, model_dir: str | Path | None = None,
@@ -486,6 +512,7 @@ def build_index(model, images_dir: str | Path, out_dir: str | Path, batch_size: 
     return index, stats
 
 
+@_one_writer("index_dir")
 def update_index(model, index_dir: str | Path, batch_size: int = 64, progress: bool = True,
                  approx_threshold: int | None = None, workers: int | None = None) -> tuple[ImageIndex, dict]:
     """Bring an index up to date with its folder: encode new and changed files (changed: size or mtime differ and

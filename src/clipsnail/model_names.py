@@ -52,12 +52,7 @@ from clipsnail.convert import (
 )
 from clipsnail.errors import DataError
 from clipsnail.pretrained import PACKAGED, PACKAGED_TEXT
-from clipsnail.safeio import clean_stale, recover_dir, temp_sibling
-
-try:
-    import fcntl
-except ImportError:  # not POSIX: concurrent first uses may both convert; the rename below still keeps one whole run
-    fcntl = None
+from clipsnail.safeio import clean_stale, recover_dir, temp_sibling, writer_lock
 
 log = logging.getLogger(__name__)
 
@@ -144,17 +139,6 @@ def _is_run(path: Path) -> bool:
     return (path / "config.json").is_file()
 
 
-@contextlib.contextmanager
-def _locked(out: Path) -> Iterator[None]:
-    """Holds an exclusive lock on `out`'s lock file (released by the kernel if the process dies)."""
-    if fcntl is None:
-        yield
-        return
-    with open(out.with_name(f".{out.name}.lock"), "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        yield
-
-
 def _cached(out: Path, write: Callable[[Path], None], spec: str | Path) -> Path:
     """`out`, written by `write` first when it is not a run yet (module docstring: once, whole, under a lock)."""
     if _is_run(out):
@@ -164,7 +148,7 @@ def _cached(out: Path, write: Callable[[Path], None], spec: str | Path) -> Path:
     except OSError as e:
         raise DataError(f"{spec}: cannot create the cache folder {out.parent} ({e.strerror or e}); set "
                         "CLIPSNAIL_HOME to a writable folder") from None
-    with _locked(out):
+    with writer_lock(out, "cached model", wait=True):
         recover_dir(out)
         if _is_run(out):  # another process made it while this one waited for the lock
             return out

@@ -30,7 +30,12 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from clipsnail.errors import DataError
+from clipsnail.errors import ClipsnailError, DataError
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no locks; every write is still atomic, only two writers are not kept apart
+    fcntl = None
 
 # One image file is read whole to be decoded; nothing a camera or a scanner writes comes near this.
 MAX_IMAGE_FILE_BYTES = 256 * 2**20
@@ -356,3 +361,49 @@ def regular_file_kind(path: str | Path, follow_links: bool = True) -> str | None
     if stat.S_ISLNK(st.st_mode):
         return "a symbolic link"
     return None if stat.S_ISREG(st.st_mode) else _kind(st.st_mode)
+
+
+class Busy(ClipsnailError):
+    """Another process holds the lock of the folder this one would write."""
+
+
+@contextlib.contextmanager
+def writer_lock(folder: str | Path, what: str = "folder", wait: bool = False) -> Iterator[None]:
+    """Holds an exclusive lock on `folder` while the block writes it: a lock file `.NAME.lock` beside it (the
+    folder itself may be swapped whole) holding the writer's pid, removed at the end. The kernel releases the lock
+    when the process dies, so a kill -9 leaves at most an unlocked file that the next writer takes over. A second
+    writer waits when `wait`, or else stops with Busy naming the pid of the first: two trainings into one run
+    would interleave their logs and pair one's config with the other's weights."""
+    folder = Path(folder)
+    if fcntl is None:
+        yield
+        return
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    path = folder.with_name(f".{folder.name}.lock")
+    while True:
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            f.seek(0)
+            pid = f.read(20).strip() or "?"
+            f.close()
+            raise Busy(f"{folder}: another clipsnail (pid {pid}) is writing this {what}; wait for it to finish, "
+                       f"or write elsewhere") from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        f.close()  # the holder removed the file it locked while this process waited: lock the current one
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)  # while still locked: a waiter then sees another inode and starts over
+        f.close()
