@@ -405,3 +405,99 @@ def test_a_second_writer_of_a_run_or_index_stops_naming_the_first(clip_run, clip
         assert f"another clipsnail (pid {pid}) is writing this index" in line and not index.exists()
     build_index(clip_model, photos, index, progress=False)  # the killed holder left no stale lock behind
     assert len(ImageIndex.load(index)) > 0
+
+
+# ----------------------------------------------------------------------- a full or read-only disk
+
+
+def no_space(*args, **kwargs):
+    import errno
+
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_at_the_first_checkpoint_is_one_line_and_the_rerun_starts_over(shapes_dir, tmp_path, capsys,
+                                                                                    monkeypatch):
+    from conftest import run_error, tiny_clip_args
+
+    from clipsnail import engine
+
+    run = tmp_path / "run"
+    args = tiny_clip_args(shapes_dir, run, "--set", "train.max_steps=2", "--set", "train.checkpoint_every=1",
+                          "--set", "train.log_every=1000")
+    monkeypatch.setattr(engine, "save_file", no_space)
+    line = run_error(capsys, args)
+    assert line.startswith(f"clipsnail: error: {run / 'checkpoint' / 'state.safetensors'}: cannot be written: No "
+                           f"space left on device")
+    assert sorted(p.name for p in run.rglob("*")) == ["checkpoint"]  # no half-written file
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main(args) == 0  # the half-made run is taken up, not refused as someone else's folder
+    assert (run / "model.safetensors").is_file()
+
+
+def test_a_full_disk_while_writing_an_index_keeps_the_old_one(clip_run, clip_model, photos, tmp_path, capsys,
+                                                              monkeypatch):
+    from conftest import run_error
+
+    import clipsnail.index as index_module
+
+    out = tmp_path / "idx"
+    build_index(clip_model, photos, out, progress=False)
+    before = (out / "files.json").read_bytes()
+    noise_image(photos / "new.png", 50)
+    faiss = index_module._faiss()
+
+    def faiss_full(*args):
+        raise RuntimeError("Error in faiss::FileIOWriter: write error ... No space left on device")
+
+    monkeypatch.setattr(faiss, "write_index", faiss_full)
+    for argv in (["index", "build", "--model", str(clip_run), "--images", str(photos), "--out", str(out)],
+                 ["index", "update", "--index", str(out)]):
+        line = run_error(capsys, [*argv, "--no-progress"])
+        assert "cannot be written: No space left on device" in line and "is kept as it was" in line, line
+        assert (out / "files.json").read_bytes() == before and len(ImageIndex.load(out)) == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx", "photos"]  # no temp folders left
+
+
+def test_too_little_free_space_is_said_before_encoding(clip_run, photos, tmp_path, capsys, monkeypatch):
+    from conftest import run_error
+
+    import clipsnail.index as index_module
+
+    monkeypatch.setattr(index_module, "_encode", lambda *a, **k: pytest.fail("encoded although the disk is full"))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 2**16, 2**16))
+    line = run_error(capsys, ["index", "build", "--model", str(clip_run), "--images", str(photos), "--out",
+                              str(tmp_path / "idx"), "--no-progress"])
+    assert "an index of 4 images needs about 1 MiB, but only 0 MiB are free" in line
+
+
+def test_a_read_only_disk_met_anywhere_is_one_line(monkeypatch, capsys, tmp_path):
+    import errno
+
+    from conftest import run_error
+
+    from clipsnail.cli import data
+
+    def read_only(args):
+        raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "out" / "captions.csv"))
+
+    monkeypatch.setattr(data, "cmd_data_shapes", read_only)
+    line = run_error(capsys, ["data", "shapes", "--out", str(tmp_path / "out")])
+    assert line == (f"clipsnail: error: {tmp_path / 'out' / 'captions.csv'}: Read-only file system; what was there "
+                    f"before is kept. Free some space (or write elsewhere) and run the command again")
+
+
+def test_search_images_of_a_read_only_run_caches_its_vectors_in_clipsnail_home(clip_run, photos, tmp_path, capsys,
+                                                                               monkeypatch):
+    from clipsnail.cli import search
+
+    clipsnail_home = tmp_path / "home"
+    monkeypatch.setenv("CLIPSNAIL_HOME", str(clipsnail_home))
+    monkeypatch.setattr(search, "writable", lambda folder: False)
+    capsys.readouterr()
+    assert main(["search", "--model", str(clip_run), "--images", str(photos), "a red circle", "-k", "2",
+                 "--no-progress"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 2
+    cached = list((clipsnail_home / "embeddings").glob("*/*/index.json"))  # run, then folder
+    assert len(cached) == 1 and json.loads(cached[0].read_text())["root"] == str(photos.resolve())

@@ -52,6 +52,7 @@ from clipsnail.errors import ClipsnailError, DataError
 from clipsnail.evaluate import encode_image_paths
 from clipsnail.runs import same_weights, weights_fingerprint
 from clipsnail.safeio import (
+    check_free_space,
     check_replaceable,
     clean_stale,
     open_regular,
@@ -400,6 +401,12 @@ def _write_index(out_dir: Path, meta: dict, files: dict, vectors: torch.Tensor, 
 # ----------------------------------------------------------------------------------------------- build / update
 
 
+def index_bytes(images: int, dim: int) -> int:
+    """About what an index of `images` vectors takes on disk: the vectors twice (safetensors and faiss; an IVF or
+    HNSW index holds them plus its structure, within that margin), a file-list row each, and 1 MiB."""
+    return images * (2 * 4 * dim + 400) + 2**20
+
+
 def _model_dir(model, model_dir) -> str | None:
     model_dir = model_dir or model.run_dir  # a CLIP model knows its run (None while it trains)
     return str(Path(model_dir).resolve()) if model_dir else None
@@ -494,6 +501,7 @@ def build_index(model, images_dir: str | Path, out_dir: str | Path, batch_size: 
     root = Path(images_dir).absolute()
     check_replaceable(out_dir, is_index_dir, "clipsnail index")  # before the (slow) encoding
     found = _scan(root, allow_empty=False, follow_links=follow_links)
+    check_free_space(out_dir, index_bytes(len(found), model.cfg.embed_dim), f"an index of {len(found)} images")
     rels = list(found)
     sha1 = _hash_all(root, rels, progress, follow_links)
     rels = [r for r in rels if r in sha1]
@@ -540,6 +548,8 @@ def update_index(model, index_dir: str | Path, batch_size: int = 64, progress: b
     old_unreadable = {u["path"]: (u["size"], u["mtime_ns"]) for u in old.meta.get("unreadable", [])}
     root = old.root
     found = _scan(root, allow_empty=True, follow_links=old.follow_links)
+    # An update writes a whole new index beside the old one, then swaps them.
+    check_free_space(index_dir, index_bytes(len(found), old.dim), f"an index of {len(found)} images")
 
     entries, vectors, unreadable = {}, {}, {}
     todo, changed, touched = [], set(), False

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -182,11 +183,19 @@ def same_weights(run_dir: str | Path, recorded: dict | None) -> bool:
 
 
 def is_run_dir(path: Path) -> bool:
-    """A folder training wrote: a config.json naming its task, a checkpoint, or a metrics log."""
+    """A folder training wrote: a config.json naming its task, a checkpoint, or a metrics log; or nothing but the
+    empty checkpoint folder of a run whose first checkpoint could not be written (a full disk), which the same
+    command must be able to start again."""
     config = read_json_object(path / "config.json")
     if config is not None and isinstance(config.get("task"), str):
         return True
-    return (path / CHECKPOINT).is_file() or (path / "metrics.jsonl").is_file()
+    if (path / CHECKPOINT).is_file() or (path / "metrics.jsonl").is_file():
+        return True
+    checkpoint = path / CHECKPOINT.split("/")[0]
+    try:
+        return os.listdir(path) == [checkpoint.name] and checkpoint.is_dir() and not os.listdir(checkpoint)
+    except OSError:
+        return False
 
 
 def check_run_dir(run_dir: Path) -> None:

@@ -132,16 +132,20 @@ def recover_dir(path: str | Path) -> bool:
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yields a temp path beside `path`; when the block ends without an error it is renamed over `path` (and the
-    leftovers of killed writers of `path` are deleted). On an error the temp file is removed."""
+    leftovers of killed writers of `path` are deleted). On an error the temp file is removed; a full or read-only
+    disk is a DiskError saying that `path` was kept."""
     path = Path(path)
     clean_stale(path)
     tmp = temp_sibling(path, "tmp")
     try:
         yield tmp
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        problem = disk_error(e, path)
+        if problem is not None:
+            raise problem from None
         raise
 
 
@@ -153,6 +157,61 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 def atomic_write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+# What a full, over-quota, read-only or failing disk raises (as errno, or in a library's message: faiss's "write
+# error ... No space left on device", safetensors' "os error 28").
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)
+
+
+class DiskError(ClipsnailError):
+    """A write failed for want of disk: the message names what was being written and says what was kept."""
+
+
+def disk_error(e: BaseException, target: str | Path) -> DiskError | None:
+    """The one-line DiskError for a write of `target` that `e` ended, when `e` is a disk problem; else None."""
+    if isinstance(e, DiskError):
+        return e
+    code = getattr(e, "errno", None)
+    if code not in DISK_ERRNOS:
+        text = str(e)
+        code = next((c for c in DISK_ERRNOS if os.strerror(c) in text or f"os error {c})" in text), None)
+    if code is None:
+        return None
+    target = Path(target)
+    kept = (f"the previous {target.name} is kept as it was" if os.path.lexists(target)
+            else "nothing was left half-written")
+    return DiskError(f"{target}: cannot be written: {os.strerror(code)} (in {target.parent}); {kept}. Free some "
+                     f"space (or write elsewhere) and run the command again")
+
+
+def check_free_space(folder: str | Path, needed_bytes: int, what: str) -> None:
+    """DiskError before the work starts when the disk holding `folder` (or its nearest existing parent) has less
+    than `needed_bytes` free: minutes of encoding should not end in a write that cannot succeed."""
+    probe = Path(folder).absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError:
+        return  # cannot tell: let the write itself say
+    if free < needed_bytes:
+        raise DiskError(f"{folder}: {what} needs about {needed_bytes / 2**20:.0f} MiB, but only "
+                        f"{free / 2**20:.0f} MiB are free on that disk; nothing was written")
+
+
+def writable(folder: str | Path) -> bool:
+    """Whether files can be created in `folder` (made if missing): tried, not guessed from permission bits, which
+    neither a read-only mount nor root's rights show the same way."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = temp_sibling(folder / "probe", "tmp")
+        probe.touch()
+        probe.unlink()
+    except OSError:
+        return False
+    return True
 
 
 # ----------------------------------------------------------------------------------------------- swapping folders
@@ -247,8 +306,11 @@ def staged_dir(out: str | Path, is_ours: Callable[[Path], bool] | None = None,
         yield tmp
         check_replaceable(out, is_ours, what)
         replace_dir(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        problem = disk_error(e, out)
+        if problem is not None:
+            raise problem from None
         raise
 
 

@@ -19,6 +19,7 @@ from clipsnail import distributed as dist
 from clipsnail.cli import caption, classify, clip, convert, data, demo, pixelsnail, search, t2i
 from clipsnail.display import PrintableFilter, printable
 from clipsnail.errors import ClipsnailError
+from clipsnail.safeio import DISK_ERRNOS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,6 +68,12 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 141  # 128 + SIGPIPE: what a shell reports for a program that SIGPIPE ended
+    except OSError as e:  # a full or read-only disk met outside the atomic writers (an appended log, a mkdir)
+        if e.errno not in DISK_ERRNOS:
+            raise
+        print(f"clipsnail: error: {printable(e.filename or '')}: {e.strerror}; what was there before is kept. "
+              f"Free some space (or write elsewhere) and run the command again", file=sys.stderr)
+        return 2
     finally:
         if owns_group:
             dist.shutdown()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
+import logging
 from pathlib import Path
 
 import torch
@@ -27,8 +29,12 @@ from clipsnail.index import (
     folder_index,
     update_index,
 )
+from clipsnail.model_names import clipsnail_home
 from clipsnail.plots import write_result_grid
 from clipsnail.query import Term, combine, local_image, parse_query
+from clipsnail.safeio import writable
+
+log = logging.getLogger(__name__)
 
 
 def register(sub: Subcommands) -> None:
@@ -180,12 +186,24 @@ def cmd_search(args: argparse.Namespace) -> None:
                    for t in terms]
     query = combine(vectors, [t.weight for t in terms])
     if index is None:
-        index = folder_index(model, args.images, cache_dir=model.run_dir / "embeddings",
+        index = folder_index(model, args.images, cache_dir=embeddings_cache(model.run_dir),
                              progress=not args.no_progress, follow_links=args.follow_links)
     hits = index.search(query, args.k)[0]
     if args.grid:
         write_result_grid(args.grid, text or f"like {Path(args.image).name}", [(h.path, h.score) for h in hits])
     print_json([{"path": str(h.path), "score": round(h.score, 4)} for h in hits])
+
+
+def embeddings_cache(run_dir: Path) -> Path:
+    """Where `search --images DIR` keeps the folder's vectors: RUN/embeddings, or, when the run cannot be written
+    (a read-only mount, someone else's run), $CLIPSNAIL_HOME/embeddings/<the run's path hashed>."""
+    cache = Path(run_dir) / "embeddings"
+    if writable(cache):
+        return cache
+    key = hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
+    fallback = clipsnail_home() / "embeddings" / key
+    log.info("%s cannot be written: keeping the vectors in %s", run_dir, fallback)
+    return fallback
 
 
 def cmd_index_build(args: argparse.Namespace) -> None:
