@@ -20,6 +20,7 @@ small preset.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -111,7 +112,7 @@ def load_config(cls: type, yaml_path: str | Path | None = None, overrides: Itera
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: invalid YAML ({e})") from e
         if not isinstance(loaded, dict):
@@ -129,13 +130,34 @@ def load_config(cls: type, yaml_path: str | Path | None = None, overrides: Itera
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected key=value")
         _assign(data, _resolve_key(key.strip(), leaves), yaml.safe_load(raw) if raw.strip() else "")
-    return from_dict(cls, data)
+    config = from_dict(cls, data)
+    check_training(config)
+    return config
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last one silently, so a
+    setting the user wrote first would be ignored without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1}"
+                    f"); the second would silently win", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
 
 
 def _assign(data: dict, path: tuple[str, ...], value: Any) -> None:
     node = data
-    for part in path[:-1]:
+    for depth, part in enumerate(path[:-1]):
         node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            section = ".".join(path[:depth + 1])
+            raise ConfigError(f"config key {section!r}: expected a mapping (a section of keys), got {node!r}")
     node[path[-1]] = value
 
 
@@ -254,6 +276,42 @@ def check_choice(cfg: Any, name: str, choices: Iterable[str], section: str = "mo
     value, choices = getattr(cfg, name), list(choices)
     if value not in choices:
         raise ConfigError(f"{section}.{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def check_finite(cfg: Any, *names: str, section: str = "model") -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if not math.isfinite(value):
+            raise ConfigError(f"{section}.{name} must be a finite number, got {value!r}")
+
+
+def check_training(config: Any) -> None:
+    """The `train` and `optim` sections of a task config (when it has them), checked before anything is built or
+    read: a negative batch size hung evaluation, zero divided by zero, a NaN learning rate trained nothing, and
+    zero epochs saved an untrained model as if the run had finished."""
+    train, optim = getattr(config, "train", None), getattr(config, "optim", None)
+    if isinstance(train, TrainConfig):
+        check_at_least(train, 1, "epochs", "batch_size", "accum_steps", "log_every", section="train")
+        check_at_least(train, 0, "max_steps", "checkpoint_every", "eval_every", "num_workers", section="train")
+        if not 0 <= train.ema_decay < 1:
+            raise ConfigError(f"train.ema_decay must be in [0, 1) (0: no EMA), got {train.ema_decay!r}")
+        if train.batch_size % train.accum_steps:
+            raise ConfigError(f"train.batch_size {train.batch_size} must split evenly into train.accum_steps "
+                              f"{train.accum_steps} micro-batches")
+        check_choice(train, "precision", ("auto", "fp32", "bf16", "fp16"), section="train")
+        parse_duration(train.time_budget)
+    if isinstance(optim, OptimConfig):
+        check_finite(optim, "lr", "weight_decay", "eps", "warmup_epochs", "lr_decay", "min_lr_ratio", "grad_clip",
+                     section="optim")
+        check_positive(optim, "lr", "eps", section="optim")
+        check_at_least(optim, 0, "weight_decay", "warmup_steps", "warmup_epochs", "grad_clip", section="optim")
+        if not all(0 <= b < 1 for b in optim.betas):
+            raise ConfigError(f"optim.betas must each be in [0, 1), got {optim.betas!r}")
+        if not 0 < optim.lr_decay <= 1:
+            raise ConfigError(f"optim.lr_decay must be in (0, 1], got {optim.lr_decay!r}")
+        if not 0 <= optim.min_lr_ratio <= 1:
+            raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {optim.min_lr_ratio!r}")
+        check_choice(optim, "schedule", ("cosine", "constant", "exponential"), section="optim")
 
 
 def check_heads(cfg: Any, width: str, heads: str, section: str = "model") -> None:

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from clipsnail.errors import DataError
+from clipsnail.pretrained import unreadable_torch_file
 from clipsnail.safeio import check_replaceable, staged_dir
 
 log = logging.getLogger(__name__)
@@ -89,9 +90,7 @@ def read_checkpoint(path: str | Path) -> dict:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError for objects outside the allow-list, RuntimeError for non-torch files
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"{path}: not a plain PyTorch state dict that loads with weights_only=True ({reason}); "
-                        "re-save model.state_dict() with torch.save or safetensors") from e
+        raise DataError(unreadable_torch_file(path, e)) from None
     if not isinstance(obj, dict):
         raise DataError(f"{path}: expected a state dict (a mapping of names to tensors), got {type(obj).__name__}")
     return obj

@@ -33,6 +33,7 @@ import random
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -350,6 +351,43 @@ def fit(task: Task, run_dir: str | Path, progress: bool = True,
             dist.shutdown()
 
 
+# Bytes per parameter while training with AdamW in fp32: the weight, its gradient and two moments.
+TRAINING_BYTES_PER_PARAMETER = 16
+
+
+def _available_memory(device: torch.device) -> int | None:
+    """Free memory of `device` in bytes (the CPU's: MemAvailable), or None where it cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_model_fits(task: Task, device: torch.device) -> None:
+    """ClipsnailError before the model is built when its parameters alone, trained with AdamW, need more memory
+    than `device` has free: the model is first built on the meta device, which allocates nothing. (Linux lends
+    memory it does not have, so a huge model would otherwise be built and then killed, or swap for minutes.)"""
+    try:
+        # Quiet: loading start weights into the skeleton is a no-op PyTorch warns about.
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            skeleton = task.build_model()
+    except Exception:  # a model that cannot be built without memory: the real build says what is wrong
+        return
+    params = sum(p.numel() for p in skeleton.parameters())
+    needed, available = params * TRAINING_BYTES_PER_PARAMETER, _available_memory(device)
+    if available is not None and needed > available:
+        raise ClipsnailError(f"the model has {params:,} parameters: training it needs about {needed / 2**30:.1f} "
+                             f"GiB, and {device.type} has {available / 2**30:.1f} GiB free; check its sizes "
+                             f"(model.embed_dim, model.*_width, model.*_depth, vocab_size)")
+
+
 def _fit(task: Task, run_dir: Path, progress: bool, on_step: Callable[[int], None] | None) -> FitResult:
     cfg: TrainConfig = task.config.train
     rank, world = dist.rank(), dist.world_size()
@@ -371,7 +409,15 @@ def _fit(task: Task, run_dir: Path, progress: bool, on_step: Callable[[int], Non
     if cfg.batch_size % world or share % cfg.accum_steps:
         raise ClipsnailError(f"batch_size {cfg.batch_size} must split evenly over {world} process(es) x "
                              f"{cfg.accum_steps} accumulation step(s)")
-    model = task.build_model().to(device)
+    check_model_fits(task, device)
+    try:
+        model = task.build_model().to(device)
+    except (MemoryError, torch.OutOfMemoryError, RuntimeError) as e:
+        if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and "allocate" not in str(e):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ClipsnailError(f"the model does not fit in memory ({first}): check its sizes (model.embed_dim, "
+                             f"model.*_width, model.*_depth, vocab_size)") from None
     if cfg.grad_checkpointing:
         if not hasattr(model, "set_grad_checkpointing"):
             raise ClipsnailError(f"{type(model).__name__} does not support grad_checkpointing")

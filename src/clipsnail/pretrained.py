@@ -184,6 +184,22 @@ def resolve(spec: str | Path) -> Path:
                     f"({PRETRAINED_EXTRA})")
 
 
+def unreadable_torch_file(path: str | Path, e: BaseException) -> str:
+    """Why torch.load(weights_only=True) refused `path`, said as clipsnail sees it. PyTorch's own message suggests
+    weights_only=False, which would run whatever code the file holds: clipsnail never does that."""
+    text = str(e)
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found or "Weights only load failed" in text:
+        what = f" ({found.group(1)})" if found else ""
+        return (f"{path}: holds Python objects besides tensors{what}, which clipsnail does not unpickle: that could "
+                f"run code. clipsnail reads safetensors, or torch files of tensors only. Where you trust the file, "
+                f"re-save its weights once: python -c \"import torch; from safetensors.torch import save_file; "
+                f"s = torch.load('{path}', weights_only=False); s = s.get('state_dict', s); "
+                f"save_file({{k: v.contiguous() for k, v in s.items()}}, 'model.safetensors')\"")
+    first = (text.strip().splitlines() or [type(e).__name__])[0]
+    return f"{path}: cannot read weights ({first})"
+
+
 def read_state(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors or torch file (weights_only: no code runs), unwrapped, `module.` stripped."""
     try:
@@ -194,8 +210,7 @@ def read_state(path: Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  (any reader failure is a bad file)
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise DataError(f"{path}: cannot read weights ({first})") from e
+        raise DataError(unreadable_torch_file(path, e)) from None
     if not isinstance(state, dict):
         raise DataError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
     for key in WRAPPERS:

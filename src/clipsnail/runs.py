@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -99,6 +100,30 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
         raise DataError(f"{path}: cannot read weights ({str(e).strip().splitlines()[0]})") from None
+
+
+def build_for_weights(run_dir: Path, build: Callable[[], T], weights: str = "model") -> T:
+    """`build_described(run_dir, build)` of a model whose weights are `run_dir/{weights}.safetensors`, built first
+    on the meta device (no memory) and checked against the tensor shapes in that file's header: a config.json
+    naming a huge model, or one its weights do not fit, is a one-line error before gigabytes are allocated."""
+    path = run_dir / f"{weights}.safetensors"
+    try:
+        with torch.device("meta"):
+            skeleton = build()
+    except ConfigError as e:
+        raise DataError(f"{run_dir / 'config.json'}: {e}") from None
+    except Exception:  # a model that cannot be built without memory: its weights are checked after the build
+        skeleton = None
+    if skeleton is not None and path.is_file():
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                found = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+        except Exception as e:  # safetensors' own error types for a damaged header
+            raise DataError(f"{path}: cannot read weights ({str(e).strip().splitlines()[0]})") from None
+        problem = state_dict_mismatch(skeleton.state_dict(), found)
+        if problem:
+            raise DataError(f"{path}: does not fit the model that {run_dir / 'config.json'} describes: {problem}")
+    return build_described(run_dir, build)
 
 
 def load_run_weights(model: nn.Module, run_dir: Path, weights: str = "model") -> None:

@@ -92,7 +92,7 @@ def cmd_caption_train(args: argparse.Namespace) -> None:
     config = task_config(CaptionConfig, args, caption_values(args, (("encoder", "encoder"),)), args.config)
     config.encoder = resolve_name(config.encoder)  # hf-hub:ORG/NAME -> its cached CLIP run, the folder the task reads
     task = CaptionTask(config, run_dir=args.out, progress=not args.no_progress)
-    print_summary(lambda: model_summary(task.build_model()))
+    print_summary(task, lambda: model_summary(task.build_model()))
     train_and_report(task, args)
 
 

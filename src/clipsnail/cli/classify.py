@@ -64,7 +64,7 @@ def cmd_classify_train(args: argparse.Namespace) -> None:
         example = torch.zeros(2, cfg.model.in_chans, cfg.data.image_size, cfg.data.image_size)
         return model_summary(task.build_model().eval(), (example,))
 
-    print_summary(summary)
+    print_summary(task, summary)
     train_and_report(task, args)
 
 

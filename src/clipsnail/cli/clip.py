@@ -68,7 +68,7 @@ def cmd_clip_train(args: argparse.Namespace) -> None:
         example = task.example_batch()
         return model_summary(task.build_model(), (example["images"], example["tokens"]))
 
-    print_summary(summary)
+    print_summary(task, summary)
     train_and_report(task, args)
 
 

@@ -13,7 +13,7 @@ from typing import Any
 from clipsnail import distributed as dist
 from clipsnail.config import load_config
 from clipsnail.display import printable
-from clipsnail.engine import fit
+from clipsnail.engine import check_model_fits, fit, resolve_device
 from clipsnail.safeio import atomic_write_text
 
 # What ArgumentParser.add_subparsers() returns, to which each command module's `register` adds its commands (the
@@ -102,8 +102,10 @@ def write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
-def print_summary(summary: Callable[[], str]) -> None:
-    """The model table before training; under torchrun from one process only."""
+def print_summary(task, summary: Callable[[], str]) -> None:
+    """The model table before training (under torchrun from one process only), once the model is known to fit in
+    memory: `summary` builds it."""
+    check_model_fits(task, resolve_device(task.config.train.device))
     if dist.is_main():
         print(summary(), file=sys.stderr)
 

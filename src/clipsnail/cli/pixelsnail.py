@@ -84,7 +84,7 @@ def cmd_pixelsnail_train(args: argparse.Namespace) -> None:
         h = torch.zeros(2, cfg.model.cond_dim) if cfg.model.cond_dim else None
         return model_summary(task.build_model().eval(), (torch.zeros(2, cfg.model.channels, size, size), h), depth=1)
 
-    print_summary(summary)
+    print_summary(task, summary)
     train_and_report(task, args)
 
 

@@ -130,6 +130,11 @@ def check_config(cfg: ClipModelConfig) -> None:
     check_probability(cfg, "drop_path_rate", "text_dropout", "projection_dropout")
     check_choice(cfg, "projection", ("linear", "head"))
     check_choice(cfg, "image_projection", ("", "linear", "head", "conse"))
+    if cfg.image_encoder == "vit" and not weights.is_off(cfg.pretrained):  # it would train from scratch, silently
+        raise ConfigError(f"model.pretrained={cfg.pretrained!r} applies to timm image towers only "
+                          f"(model.image_encoder=timm:NAME, e.g. with model.pretrained=efficientnet-lite0); the "
+                          f"built-in ViT starts from random weights. To start from a trained CLIP run, use "
+                          f"--init RUN (finetune.init)")
     if cfg.image_projection == "conse":
         if not cfg.conse_labels:
             raise ConfigError("model.image_projection=conse needs model.conse_labels (the classifier's label names)")

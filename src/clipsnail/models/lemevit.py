@@ -395,7 +395,7 @@ class LeMeViT(nn.Module):
             + [_meta_token_mlp(embed_dim[i], embed_dim[i + 1]) for i in range(num_stages - 1)]
         )
 
-        rates = torch.linspace(0, drop_path_rate, sum(depth)).tolist()
+        rates = torch.linspace(0, drop_path_rate, sum(depth), device="cpu").tolist()  # also under a meta device
         self.stages = nn.ModuleList()
         for i in range(num_stages):
             first = sum(depth[:i])

@@ -49,7 +49,7 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
         self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid + 1, width))
         self.ln_pre = nn.LayerNorm(width)
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # also under a meta device
         self.blocks = nn.ModuleList(
             TransformerBlock(width, heads, mlp_ratio, drop_path=r, activation=activation) for r in rates
         )

@@ -36,7 +36,7 @@ from clipsnail.evaluate import encode_every_image
 from clipsnail.models.captioner import CaptionDecoder, CaptionModelConfig
 from clipsnail.models.timm_features import TimmImageEncoder, feature_tokens
 from clipsnail.optim import param_groups_by_prefix
-from clipsnail.runs import build_described, load_referenced, load_run_weights, save_run
+from clipsnail.runs import build_described, build_for_weights, load_referenced, load_run_weights, save_run
 from clipsnail.tasks.clip import load_clip_run
 
 log = logging.getLogger(__name__)
@@ -181,7 +181,7 @@ def load_run(run_dir: Path, data: dict, weights: str = "model") -> Captioner:
     """A caption run as a `Captioner`: images -> captions. The frozen encoder is rebuilt from `encoder` (a packaged
     name, timm weights, or the CLIP run it names, which must still be there)."""
     config = build_described(run_dir, lambda: from_dict(CaptionConfig, data))
-    decoder = build_described(run_dir, lambda: CaptionDecoder(config.model))
+    decoder = build_for_weights(run_dir, lambda: CaptionDecoder(config.model), weights)
     load_run_weights(decoder, run_dir, weights)
     tokenizer = TextTokenizer.load(run_dir / "tokenizer.json")
     encoder = load_referenced(run_dir, "encoder", config.encoder, lambda _: load_token_encoder(config))

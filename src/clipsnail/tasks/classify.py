@@ -25,7 +25,7 @@ from clipsnail.data.transforms import eval_transform
 from clipsnail.errors import ConfigError, DataError
 from clipsnail.losses import soft_target_cross_entropy
 from clipsnail.optim import param_groups_by_prefix
-from clipsnail.runs import build_described, load_run_weights, save_run
+from clipsnail.runs import build_described, build_for_weights, load_run_weights, save_run
 
 log = logging.getLogger(__name__)
 
@@ -308,7 +308,7 @@ def load_run(run_dir: Path, data: dict, weights: str = "model") -> nn.Module:
     `config` (the run's ClassifyConfig), `class_names` (label i is class_names[i]) and `preprocess` (the
     evaluation transform: PIL image -> normalised tensor)."""
     config = build_described(run_dir, lambda: from_dict(ClassifyConfig, data))
-    model = build_described(run_dir, lambda: build_classifier(config.model, load_weights=False))
+    model = build_for_weights(run_dir, lambda: build_classifier(config.model, load_weights=False), weights)
     load_run_weights(model, run_dir, weights)
     model.config = config
     model.class_names = list(config.model.class_names)

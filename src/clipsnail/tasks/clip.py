@@ -29,7 +29,15 @@ from clipsnail.losses import distributed_clip_loss
 from clipsnail.models.clip import CLIP, ClipModelConfig
 from clipsnail.optim import param_groups_by_prefix
 from clipsnail.pretrained import text_model_dir
-from clipsnail.runs import build_described, load_run_weights, load_weights, read_run_config, read_weights, save_run
+from clipsnail.runs import (
+    build_described,
+    build_for_weights,
+    load_run_weights,
+    load_weights,
+    read_run_config,
+    read_weights,
+    save_run,
+)
 
 log = logging.getLogger(__name__)
 
@@ -285,7 +293,7 @@ def load_run(run_dir: Path, data: dict, weights: str = "model") -> CLIP:
     config = build_described(run_dir, lambda: from_dict(ClipConfig, data))
     if config.model.text_encoder.startswith("hf:"):  # the architecture travels with the run (see ClipTask.save)
         config.model.text_encoder = f"hf:{run_dir / 'text_encoder'}"
-    model = build_described(run_dir, lambda: CLIP(config.model, load_weights=False))
+    model = build_for_weights(run_dir, lambda: CLIP(config.model, load_weights=False), weights)
     load_run_weights(model, run_dir, weights)
     return ready_for_inference(model, TextTokenizer.load(run_dir / "tokenizer.json"), config, run_dir)
 

@@ -24,7 +24,7 @@ from clipsnail.layers.causal import data_dependent_init
 from clipsnail.layers.mixture import bits_per_dim, discretized_mix_logistic_nll
 from clipsnail.models.pixelsnail import CONFIGS, PixelSNAIL, PixelSNAILConfig
 from clipsnail.optim import param_groups_by_prefix
-from clipsnail.runs import build_described, load_run_weights, save_run
+from clipsnail.runs import build_described, build_for_weights, load_run_weights, save_run
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +224,7 @@ def evaluate_bits_per_dim(model: nn.Module, data: ClassData, transform, config: 
 def load_run(run_dir: Path, data: dict, weights: str = "model") -> PixelSNAIL:
     """The PixelSNAIL of a run directory, with `config` (the run's PixelSNAILTaskConfig: image size, classes)."""
     config = build_described(run_dir, lambda: from_dict(PixelSNAILTaskConfig, data))
-    model = build_described(run_dir, lambda: PixelSNAIL(config.model))
+    model = build_for_weights(run_dir, lambda: PixelSNAIL(config.model), weights)
     load_run_weights(model, run_dir, weights)
     model.config = config
     return model

@@ -22,7 +22,7 @@ from clipsnail.generate import TextToImage
 from clipsnail.models.pixelsnail import PixelSNAIL, PixelSNAILConfig
 from clipsnail.optim import param_groups_by_prefix
 from clipsnail.rng import seeded
-from clipsnail.runs import build_described, load_referenced, load_run_weights, save_run
+from clipsnail.runs import build_described, build_for_weights, load_referenced, load_run_weights, save_run
 from clipsnail.tasks.clip import load_clip_run
 from clipsnail.tasks.pixelsnail import (
     image_transform,
@@ -157,6 +157,6 @@ class TextPixelSNAILTask:
 def load_run(run_dir: Path, data: dict, weights: str = "model") -> TextToImage:
     """A text-conditioned PixelSNAIL run with the CLIP run it was trained with, as a generator."""
     config = build_described(run_dir, lambda: from_dict(TextPixelSNAILConfig, data))
-    model = build_described(run_dir, lambda: PixelSNAIL(config.model))
+    model = build_for_weights(run_dir, lambda: PixelSNAIL(config.model), weights)
     load_run_weights(model, run_dir, weights)
     return TextToImage(model.eval(), config, load_referenced(run_dir, "clip", config.clip, load_clip_run))

@@ -27,7 +27,7 @@ from clipsnail.generate import FeatureRetriever
 from clipsnail.models.text2feat import Text2FeatConfig, TextToFeature, nearest
 from clipsnail.models.timm_features import TimmImageEncoder
 from clipsnail.optim import param_groups_by_prefix
-from clipsnail.runs import build_described, load_run_weights, save_run
+from clipsnail.runs import build_described, build_for_weights, load_run_weights, save_run
 from clipsnail.safeio import atomic_path, atomic_write_text
 from clipsnail.tasks.clip import load_clip_run
 
@@ -148,7 +148,7 @@ def load_run(run_dir: Path, data: dict, weights: str = "model") -> FeatureRetrie
     for key in ("image_size", "eval_prompts"):  # runs written when both text-to-image kinds shared one data section
         data.get("data", {}).pop(key, None)
     config = build_described(run_dir, lambda: from_dict(RetrieveConfig, data))
-    model = build_described(run_dir, lambda: TextToFeature(config.model))
+    model = build_for_weights(run_dir, lambda: TextToFeature(config.model), weights)
     load_run_weights(model, run_dir, weights)
     model.tokenizer = TextTokenizer.load(run_dir / "tokenizer.json")
     return FeatureRetriever(model.eval(), config, run_dir)
