@@ -501,3 +501,20 @@ def test_search_images_of_a_read_only_run_caches_its_vectors_in_clipsnail_home(c
     assert len(json.loads(capsys.readouterr().out)) == 2
     cached = list((clipsnail_home / "embeddings").glob("*/*/index.json"))  # run, then folder
     assert len(cached) == 1 and json.loads(cached[0].read_text())["root"] == str(photos.resolve())
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_weights_and_vectors_are_written_as_the_umask_says(clip_model, photos, tmp_path, umask):
+    """safetensors writes 0600 whatever the umask; a run or index shared with a group failed on exactly those
+    files. Every file we write gets 0666 less the umask, like the JSON beside it."""
+    from clipsnail.runs import save_weights
+
+    old = os.umask(umask)
+    try:
+        save_weights(clip_model, tmp_path / "model.safetensors")
+        build_index(clip_model, photos, tmp_path / "idx", progress=False)
+    finally:
+        os.umask(old)
+    expected = 0o666 & ~umask
+    files = [tmp_path / "model.safetensors", *(p for p in (tmp_path / "idx").iterdir() if p.is_file())]
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: oct(expected) for p in files}

@@ -129,6 +129,29 @@ def recover_dir(path: str | Path) -> bool:
 # ----------------------------------------------------------------------------------------------- writing files
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it (Linux), else by setting and restoring it."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: Path) -> None:
+    """Give a regular file we just wrote the mode a plain open() would have (0666 less the umask): safetensors
+    writes 0600 whatever the umask, so weights and vectors were unreadable to the others who share a run or index
+    while the files beside them were not."""
+    if path.is_file() and not path.is_symlink():
+        with contextlib.suppress(OSError):
+            os.chmod(path, 0o666 & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yields a temp path beside `path`; when the block ends without an error it is renamed over `path` (and the
@@ -139,6 +162,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = temp_sibling(path, "tmp")
     try:
         yield tmp
+        honour_umask(tmp)
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):
@@ -304,6 +328,8 @@ def staged_dir(out: str | Path, is_ours: Callable[[Path], bool] | None = None,
     tmp.mkdir()
     try:
         yield tmp
+        for file in tmp.rglob("*"):
+            honour_umask(file)
         check_replaceable(out, is_ours, what)
         replace_dir(tmp, out)
     except BaseException as e:
