@@ -159,3 +159,12 @@ def test_split_file(tmp_path, caplog):
 def test_group_by_image():
     records = [CaptionRecord(i, c, "f:1") for i, c in [("b", "x"), ("a", "y"), ("b", "z")]]
     assert group_by_image(records) == (["b", "a"], ["x", "y", "z"], [0, 1, 0])
+
+
+def test_a_coco_image_id_listed_twice_is_named(tmp_path):
+    path = tmp_path / "captions.json"
+    path.write_text(json.dumps({"images": [{"id": 7, "file_name": "a.jpg"}, {"id": 7, "file_name": "b.jpg"}],
+                                "annotations": [{"image_id": 7, "caption": "a dog"}]}))
+    with pytest.raises(DataError, match=r"captions\.json: images\[1\]: image id 7 is listed twice, for 'a\.jpg' and "
+                                        r"'b\.jpg'"):
+        read_captions(path)

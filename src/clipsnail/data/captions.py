@@ -211,6 +211,10 @@ def _read_coco(text: str, out: _Collector) -> None:
     for k, image in enumerate(data["images"]):
         if not isinstance(image, dict) or "id" not in image or "file_name" not in image:
             raise DataError(f"{path}: images[{k}] lacks 'id' or 'file_name'")
+        if image["id"] in names and names[image["id"]] != image["file_name"]:
+            # Which file the captions of that id describe cannot be told: each would get the other's captions.
+            raise DataError(f"{path}: images[{k}]: image id {image['id']!r} is listed twice, for "
+                            f"{names[image['id']]!r} and {image['file_name']!r}")
         names[image["id"]] = image["file_name"]
     for k, ann in enumerate(data["annotations"]):
         if not isinstance(ann, dict) or "image_id" not in ann or "caption" not in ann:
