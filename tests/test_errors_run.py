@@ -98,6 +98,11 @@ def test_resume_with_other_model_settings_names_the_checkpoint(capsys, shapes_di
     assert main(tiny_clip_args(shapes_dir, out, "--set", "train.max_steps=1")) == 0
     msg = run_error(capsys, tiny_clip_args(shapes_dir, out, "--set", "train.max_steps=2",
                                            "--set", "model.embed_dim=8"))
+    # said from the run's config.json before the checkpoint is read
+    assert f"{out}: resuming with other settings than the run's: model.embed_dim was 16, now 8" in msg
+    (out / "config.json").unlink()  # a run stopped before it recorded its settings: the checkpoint tells
+    msg = run_error(capsys, tiny_clip_args(shapes_dir, out, "--set", "train.max_steps=2",
+                                           "--set", "model.embed_dim=8"))
     assert "state.safetensors: does not fit" in msg and "shape mismatch at" in msg and "[16," in msg
     assert "[8," in msg and "delete" in msg
 
@@ -320,3 +325,19 @@ def test_a_stop_signal_stops_after_the_step_with_a_checkpoint(shapes_dir, tmp_pa
     assert step >= 2
     assert last == (f"clipsnail: interrupted after step {step} of 100000; {out / 'checkpoint'} holds step {step}: "
                     f"run the same command again to resume from there")
+
+
+def test_resuming_with_other_settings_is_refused_naming_the_first(shapes_dir, tmp_path, capsys):
+    """A finished or stopped run trains further with a larger step count; with another learning rate (shapes
+    unchanged, so the checkpoint would load) it is refused, and config.json still records the run's settings."""
+    out = tmp_path / "run"
+    assert main(tiny_clip_args(shapes_dir, out, "--set", "train.max_steps=2", "--set", "train.checkpoint_every=1",
+                               "--no-progress")) == 0
+    recorded = (out / "config.json").read_text()
+    line = run_error(capsys, tiny_clip_args(shapes_dir, out, "--set", "train.max_steps=3", "--set",
+                                            "optim.lr=0.0005", "--no-progress"))
+    assert f"{out}: resuming with other settings than the run's: optim.lr was " in line and "now 0.0005" in line
+    assert (out / "config.json").read_text() == recorded
+    assert main(tiny_clip_args(shapes_dir, out, "--set", "train.max_steps=3", "--set", "train.checkpoint_every=1",
+                               "--no-progress")) == 0  # longer: allowed
+    assert json.loads((out / "config.json").read_text())["train"]["max_steps"] == 3

@@ -47,12 +47,12 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from tqdm.auto import tqdm
 
 from clipsnail import distributed as dist
-from clipsnail.config import TrainConfig, parse_duration
+from clipsnail.config import TrainConfig, parse_duration, to_dict
 from clipsnail.errors import ClipsnailError, DataError, Interrupted
 from clipsnail.optim import build_optimizer, lr_lambda, warmup_steps
 from clipsnail.rng import rng_state, set_rng_state
 from clipsnail.runs import CHECKPOINT, check_run_dir, load_weights, save_weights
-from clipsnail.safeio import atomic_path, atomic_write_text, writer_lock
+from clipsnail.safeio import atomic_path, atomic_write_text, read_json_object, writer_lock
 
 log = logging.getLogger(__name__)
 
@@ -351,6 +351,39 @@ def fit(task: Task, run_dir: str | Path, progress: bool = True,
             dist.shutdown()
 
 
+# Settings a resumed run may change: how long it trains and how it runs, not what it learns.
+RESUMABLE_CHANGES = {f"train.{key}" for key in ("epochs", "max_steps", "time_budget", "device", "num_workers",
+                                                "log_every", "checkpoint_every", "eval_every", "compile")}
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out = {}
+        for key, inner in value.items():
+            out.update(_flat(inner, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: list(value) if isinstance(value, tuple) else value}
+
+
+def check_same_settings(run_dir: Path, config: Any) -> None:
+    """ClipsnailError when a run is resumed with settings other than those its config.json records (beyond
+    RESUMABLE_CHANGES): the checkpoint would go on under the new ones and config.json would then say the whole run
+    used them."""
+    recorded = read_json_object(run_dir / "config.json")
+    if recorded is None:
+        return  # stopped before its first save: nothing recorded to differ from
+    recorded.pop("task", None)
+    old, new = _flat(recorded), _flat(json.loads(json.dumps(to_dict(config))))
+    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES]
+    if changed:
+        first = changed[0]
+        more = f" (and {len(changed) - 1} more: {', '.join(changed[1:4])}{'...' if len(changed) > 4 else ''})" \
+            if len(changed) > 1 else ""
+        raise ClipsnailError(f"{run_dir}: resuming with other settings than the run's: {first} was "
+                             f"{old.get(first)!r}, now {new.get(first)!r}{more}. Resume with the run's settings "
+                             f"(its config.json), or train into a new --out")
+
+
 # Bytes per parameter while training with AdamW in fp32: the weight, its gradient and two moments.
 TRAINING_BYTES_PER_PARAMETER = 16
 
@@ -450,6 +483,8 @@ def _fit(task: Task, run_dir: Path, progress: bool, on_step: Callable[[int], Non
     ckpt_path = run_dir / CHECKPOINT
     saved_step: int | None = None  # the step the checkpoint on disk holds
     if ckpt_path.exists():
+        if main:
+            check_same_settings(run_dir, task.config)
         state = load_state(ckpt_path)
         # A checkpoint that does not fit was written with other model or optimiser settings.
         advice = (f"this run's settings differ from those the checkpoint was written with: run with those, or "
