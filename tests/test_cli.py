@@ -144,3 +144,11 @@ def test_python_dash_m_runs_the_same_main():
     result = subprocess.run([sys.executable, "-m", "clipsnail", "search", "-k", "0", "query", "--images", "x"],
                             capture_output=True, text=True, env=env)
     assert result.returncode == 2 and result.stderr == "clipsnail: error: -k must be at least 1, got 0\n"
+
+
+def test_version(capsys):
+    import clipsnail
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"clipsnail {clipsnail.__version__}"

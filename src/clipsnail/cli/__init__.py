@@ -15,11 +15,15 @@ import os
 import select
 import sys
 
+from clipsnail import __version__
 from clipsnail import distributed as dist
 from clipsnail.cli import caption, classify, clip, convert, data, demo, pixelsnail, search, t2i
 from clipsnail.display import PrintableFilter, printable
 from clipsnail.errors import ClipsnailError
 from clipsnail.safeio import DISK_ERRNOS
+
+# faiss prints one "Could not load library with AVX512 support" INFO line per attempt; PIL its plugins.
+QUIET_LOGGERS = ("PIL", "faiss", "faiss.loader", "transformers", "huggingface_hub", "timm", "urllib3", "filelock")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="clipsnail",
         description="CLIP from scratch: train on captioned images, search images by text, classify with no labels; "
                     "LeMeViT and any timm model as image classifiers.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, the INFO lines of the libraries underneath (faiss, transformers) too")
+    parser.add_argument("--version", action="version", version=f"clipsnail {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # in the order `clipsnail --help` lists the commands
     for register in (demo.register, data.register, clip.register, classify.register, pixelsnail.register,
@@ -44,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     for handler in logging.getLogger().handlers:  # file names in log lines cannot carry terminal escapes
         if not any(isinstance(f, PrintableFilter) for f in handler.filters):
             handler.addFilter(PrintableFilter())
-    logging.getLogger("PIL").setLevel(logging.WARNING)
+    if not args.verbose:  # what the libraries underneath say at INFO is noise to a user of this command
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
 
     owns_group = False
     try:

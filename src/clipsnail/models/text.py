@@ -96,7 +96,15 @@ class PretrainedTextTower(nn.Module):
         if pool not in ("mean", "cls"):
             raise ValueError(f"text_pool must be 'mean' or 'cls', got {pool!r}")
         if load_weights:
-            self.model = AutoModel.from_pretrained(model_dir, local_files_only=True)
+            from transformers.utils import logging as hf_logging
+
+            shown = hf_logging.is_progress_bar_enabled()
+            hf_logging.disable_progress_bar()  # a local read: its "Loading weights" bar is noise in every command
+            try:
+                self.model = AutoModel.from_pretrained(model_dir, local_files_only=True)
+            finally:
+                if shown:
+                    hf_logging.enable_progress_bar()
         else:
             self.model = AutoModel.from_config(AutoConfig.from_pretrained(model_dir, local_files_only=True))
         self.pool, self.pad_id = pool, pad_id
