@@ -648,3 +648,13 @@ def test_indexed_files_replaced_by_fifos_devices_or_outside_links_are_refused_at
             assert reason in detail and "cannot be read" in detail, detail
             assert str(tmp_path) not in detail  # the server's folders stay private
     assert c.get(f"/api/thumb/{by_name[sources[4].name]}").status_code == 200
+
+
+def test_every_link_on_the_page_is_answered(client):
+    import re
+
+    page = client.get("/").text
+    links = sorted(set(re.findall(r'href="(/[^"]*)"', page)))
+    assert links, "the page links to the API schema"
+    for link in links:
+        assert client.get(link).status_code == 200, link

@@ -478,6 +478,10 @@ def writer_lock(folder: str | Path, what: str = "folder", wait: bool = False) ->
             f.close()
             raise Busy(f"{folder}: another clipsnail (pid {pid}) is writing this {what}; wait for it to finish, "
                        f"or write elsewhere") from None
+        except OSError:  # a filesystem without locks (some network mounts): writes stay atomic, only unguarded
+            f.close()
+            yield
+            return
         try:
             same = os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
         except FileNotFoundError:
