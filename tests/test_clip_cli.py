@@ -61,6 +61,8 @@ def test_eval_prints_contract_json(run_dir, shapes_dir, capsys):
     assert metrics["image_retrieval_median_rank"] >= 1 and metrics["text_retrieval_mean_rank"] >= 1
     assert metrics["num_images"] > 0 and metrics["num_captions"] == 2 * metrics["num_images"]
     assert json.loads((run_dir / "eval_test.json").read_text()) == metrics
+    # as a user reads them: 4 decimals, not float32 noise
+    assert all(round(v, 4) == v for v in metrics.values() if isinstance(v, float))
 
 
 def test_search_text_and_image_with_cache(run_dir, shapes_dir, tmp_path, capsys):

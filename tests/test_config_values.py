@@ -21,7 +21,7 @@ from clipsnail.tasks.clip import ClipConfig
     ("train.max_steps=-2", "train.max_steps must be at least 0"),
     ("train.ema_decay=1.5", "train.ema_decay must be in [0, 1)"),
     ("train.precision=fp64", "train.precision must be one of"),
-    ("optim.lr=-1", "optim.lr must be positive, got -1.0"),
+    ("optim.lr=-1", "optim.lr must be at least 0, got -1.0"),
     ("optim.lr=.nan", "optim.lr must be a finite number, got nan"),
     ("optim.lr=.inf", "optim.lr must be a finite number, got inf"),
     ("optim.weight_decay=-0.1", "optim.weight_decay must be at least 0"),

@@ -91,6 +91,13 @@ def test_type_a_query_and_see_the_grid(server, browser, tmp_path):
     assert page.evaluate(loaded), "thumbnails did not load"
     scores = [float(s) for s in cards.locator(".score span").first.all_inner_texts()]
     assert scores and -1 <= scores[0] <= 1
+    assert page.url.endswith("?q=a%20red%20circle")  # the address names the search...
+
+    linked = browser.new_page()  # ... and opening it runs the search
+    linked.goto(f"{server.url}/?q=a%20blue%20square")
+    sync_api.expect(linked.locator("#q")).to_have_value("a blue square")
+    sync_api.expect(linked.locator("#status")).to_contain_text("“a blue square”")
+    linked.close()
 
     # search by image: the file picker path (drag and drop ends in the same handler), with zero-shot labels
     page.fill("#classes", "red shape, green shape, blue shape")

@@ -303,8 +303,9 @@ def check_training(config: Any) -> None:
     if isinstance(optim, OptimConfig):
         check_finite(optim, "lr", "weight_decay", "eps", "warmup_epochs", "lr_decay", "min_lr_ratio", "grad_clip",
                      section="optim")
-        check_positive(optim, "lr", "eps", section="optim")
-        check_at_least(optim, 0, "weight_decay", "warmup_steps", "warmup_epochs", "grad_clip", section="optim")
+        check_positive(optim, "eps", section="optim")
+        # lr 0 is allowed: it trains nothing, on purpose (a check that fine-tuning starts from the given weights)
+        check_at_least(optim, 0, "lr", "weight_decay", "warmup_steps", "warmup_epochs", "grad_clip", section="optim")
         if not all(0 <= b < 1 for b in optim.betas):
             raise ConfigError(f"optim.betas must each be in [0, 1), got {optim.betas!r}")
         if not 0 < optim.lr_decay <= 1:

@@ -150,7 +150,7 @@ def say(text: str) -> None:
 PHOTO_QUERIES = ["a dog", "people at the beach", "food on a plate", "a city street at night", "a birthday cake",
                  "mountains"]
 # ConSE fine-tunes (configs/conse_finetune.yaml) at about 0.31 steps/s (batch 32, 2 CPU cores): 100 steps take about
-# 5.5 minutes, and 40 already lifted held-out COCO-mini text->image recall@5 from 0.90 to 0.92 (BENCHMARKS.md).
+# 5.5 minutes, and 40 already lifted held-out COCO-mini text->image recall@5 from 0.91 to 0.93 (BENCHMARKS.md).
 PHOTO_DEMO_STEPS = 100
 # What `demo --photos DIR` searches with when given nothing else: made offline from the packaged models.
 PHOTO_MODEL = f"conse:{CONSE_DEFAULT}"

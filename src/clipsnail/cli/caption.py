@@ -15,6 +15,7 @@ from clipsnail.cli.common import (
     add_train_flags,
     caption_values,
     print_json,
+    print_metrics,
     print_summary,
     say,
     task_config,
@@ -146,4 +147,4 @@ def cmd_caption_eval(args: argparse.Namespace) -> None:
                                        follow_links=args.follow_links)
     if args.out:
         write_json(Path(args.out), rows)
-    print_json({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
+    print_metrics(metrics)

@@ -11,8 +11,9 @@ from clipsnail.cli.common import (
     Subcommands,
     add_train_flags,
     flag_values,
-    print_json,
+    print_metrics,
     print_summary,
+    rounded,
     say,
     task_config,
     train_and_report,
@@ -81,7 +82,7 @@ def cmd_classify_eval(args: argparse.Namespace) -> None:
                              f"{model.class_names[:6]} (same names, same order needed)")
     logits, labels = predict(model, data, model.preprocess, args.batch_size, progress=not args.no_progress)
     metrics, per_class, report = classification_report(logits, labels, data.classes)
-    metrics.update({"split": args.split, "weights": weights})
+    metrics = rounded({**metrics, "split": args.split, "weights": weights})
     out = run / f"eval_{args.split}"
     out.mkdir(exist_ok=True)
     write_json(out / "metrics.json", metrics)
@@ -92,5 +93,5 @@ def cmd_classify_eval(args: argparse.Namespace) -> None:
                           title=f"{cfg.model.name} on {args.split} (acc1 {metrics['acc1']:.3f})")
     if (run / "metrics.jsonl").is_file():
         plot_training_curves(run / "metrics.jsonl", out / "curves.png")
-    print_json(metrics)
+    print_metrics(metrics)
     say(f"wrote {out}/: metrics.json, per_class.json, classification_report.txt, confusion_matrix.png, curves.png")

@@ -11,8 +11,9 @@ from clipsnail.cli.common import (
     add_caption_flags,
     add_train_flags,
     caption_values,
-    print_json,
+    print_metrics,
     print_summary,
+    rounded,
     task_config,
     train_and_report,
     write_json,
@@ -91,5 +92,6 @@ def cmd_clip_eval(args: argparse.Namespace) -> None:
     metrics, _ = evaluate_caption_split(model, args.captions, args.images, args.split, args.split_file, args.format,
                                         args.batch_size, progress=not args.no_progress, strict=args.strict,
                                         follow_links=args.follow_links)
+    metrics = rounded(metrics)  # the file and the output alike
     write_json(model.run_dir / f"eval_{args.split}.json", metrics)
-    print_json(metrics)
+    print_metrics(metrics)

@@ -93,6 +93,21 @@ def print_json(obj) -> None:
     print(json.dumps(obj, indent=2))  # ASCII: control characters and undecodable bytes come out escaped
 
 
+def rounded(value, digits: int = 4):
+    """Metrics as a user reads them: floats to `digits` decimals (0.1209, not float32's 0.12087912112474442)."""
+    if isinstance(value, float):
+        return round(value, digits)
+    if isinstance(value, dict):
+        return {k: rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [rounded(v, digits) for v in value]
+    return value
+
+
+def print_metrics(metrics) -> None:
+    print_json(rounded(metrics))
+
+
 def say(text: str, file=None) -> None:
     """A line of text for the user (stderr unless `file`), with file names in it escaped (display.printable)."""
     print(printable(text, keep_lines=True), file=file or sys.stderr)
@@ -118,4 +133,4 @@ def train_and_report(task, args: argparse.Namespace) -> None:
     state = "finished" if result.completed else "stopped by the time budget (run again to continue)"
     say(f"training {state} at step {result.step}; run directory: {args.out}")
     if result.metrics:
-        print_json(result.metrics)
+        print_metrics(result.metrics)

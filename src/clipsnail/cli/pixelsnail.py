@@ -12,8 +12,9 @@ from clipsnail.cli.common import (
     Subcommands,
     add_train_flags,
     flag_values,
-    print_json,
+    print_metrics,
     print_summary,
+    rounded,
     say,
     task_config,
     train_and_report,
@@ -94,9 +95,9 @@ def cmd_pixelsnail_eval(args: argparse.Namespace) -> None:
     data = read_class_data(args.data or cfg.data.data, args.split, cfg.data.val_fraction, cfg.data.test_fraction)
     transform = image_transform(cfg.data.image_size, data.native_size)
     bpd = evaluate_bits_per_dim(model, data, transform, cfg, args.batch_size, progress=not args.no_progress)
-    metrics = {"bits_per_dim": bpd, "split": args.split, "num_images": len(data)}
+    metrics = rounded({"bits_per_dim": bpd, "split": args.split, "num_images": len(data)})
     write_json(Path(args.model) / f"eval_{args.split}.json", metrics)
-    print_json(metrics)
+    print_metrics(metrics)
 
 
 def cmd_pixelsnail_sample(args: argparse.Namespace) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from clipsnail.cli.common import Subcommands, add_follow_links_flag, print_json
+from clipsnail.cli.common import Subcommands, add_follow_links_flag, print_json, print_metrics
 from clipsnail.data.images import list_image_folder
 from clipsnail.errors import ClipsnailError
 from clipsnail.evaluate import (
@@ -137,7 +137,7 @@ def cmd_zeroshot(args: argparse.Namespace) -> None:
         logits = zero_shot_logits(image_emb[readable], zero_shot_weights(model, classes, templates))
         metrics = classification_metrics(logits, torch.tensor(labels)[readable])
         metrics.update({"num_images": int(readable.sum()), "num_classes": len(classes)})
-        print_json(metrics)
+        print_metrics(metrics)
         return
     if not args.images or not args.classes:
         raise ClipsnailError("zeroshot needs --classes and IMAGE files, or --folder ROOT")
