@@ -262,7 +262,8 @@ def main() -> None:
         "keys": keys, "results": results, "runs": runs,
         "notes": ("conse_t2i_r*: all 159 photos (chance R@5 = 5/159); the fold figures are against each fold's ~32 "
                   "test photos (chance R@5 = 5/32), so conse_fold_t2i_r5, not conse_t2i_r5, compares with the "
-                  "fine-tuned rows. The sweep chose the converter's defaults on this data; the CIFAR-10 class "
+                  "fine-tuned rows. The converter's defaults were chosen on an earlier sweep of this data "
+                  "(best_of_sweep shows how far they are from the best wording and T here); the CIFAR-10 class "
                   "queries are a check on other photos. runs gives each part's own commit, date and machine."),
     }
     _common.write_json(args.out, result)
