@@ -214,6 +214,22 @@ def test_demo_quick_runs_the_whole_pipeline(tmp_path, capsys):
     assert (tmp_path / "run" / "model.safetensors").exists()
 
 
+@pytest.mark.slow
+def test_the_quick_demo_gives_the_same_numbers_every_time(tmp_path):
+    """Two separate processes, one machine: the same metrics to the last digit and the same weights, so the
+    README's demo figures are what a user gets (on the CPU: data, order, augmentation and init are all seeded)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(clipsnail.__file__).parents[1])}
+    outs = [tmp_path / "a", tmp_path / "b"]
+    for out in outs:
+        proc = subprocess.run([sys.executable, "-m", "clipsnail", "demo", "--quick", "--out", str(out),
+                               "--no-progress"], env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    first, second = (json.loads((out / "demo_metrics.json").read_text()) for out in outs)
+    assert first == second
+    a, b = (load_file(str(out / "run" / "model.safetensors")) for out in outs)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_training_images_are_decoded_once_within_the_cache(shapes_dir, monkeypatch):
     from clipsnail.config import load_config
     from clipsnail.data import datasets
