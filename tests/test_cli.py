@@ -152,3 +152,19 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out.strip() == f"clipsnail {clipsnail.__version__}"
+
+
+def test_every_flag_of_every_command_says_what_it_does():
+    import argparse
+
+    def commands(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from commands(sub, f"{path} {name}")
+        yield path, parser
+
+    missing = [f"{path} {action.option_strings[-1]}" for path, parser in commands(build_parser(), "clipsnail")
+               for action in parser._actions
+               if action.option_strings and not action.help and not isinstance(action, argparse._HelpAction)]
+    assert missing == []

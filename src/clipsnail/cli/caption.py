@@ -62,8 +62,9 @@ def register(sub: Subcommands) -> None:
     p.add_argument("--model", required=True, help="caption run directory")
     p.add_argument("--captions", help="caption file (default: the run's training corpus)")
     p.add_argument("--images", help="folder the caption file's image names are relative to")
-    p.add_argument("--format", default="auto")
-    p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
+    p.add_argument("--format", default="auto", help="caption file format (default auto: from the file)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test", "all"],
+                   help="which part of the data to score (default test)")
     p.add_argument("--split-file", help="Karpathy-style split JSON (default: the run's, else by image-name hash)")
     p.add_argument("--max-images", type=int, default=0, help="score at most this many images (0: all)")
     p.add_argument("--baseline", action="store_true",
@@ -85,8 +86,8 @@ def register(sub: Subcommands) -> None:
 def add_decode_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beam", type=int, help="beam size (1: greedy; default: the run's decode.beam_size)")
     p.add_argument("--rerank-clip", help="a CLIP run: keep the beam candidate it scores closest to the image")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def cmd_caption_train(args: argparse.Namespace) -> None:

@@ -43,12 +43,13 @@ def register(sub: Subcommands) -> None:
                                          "per-class report, a confusion matrix and the training curves")
     p.add_argument("--model", required=True, help="run directory")
     p.add_argument("--data", help="data spec (default: the run's training data)")
-    p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
+    p.add_argument("--split", default="test", choices=["train", "val", "test", "all"],
+                   help="which part of the data to score (default test)")
     p.add_argument("--weights", default="auto", choices=["auto", "best", "model"],
                    help="best.safetensors (best validation accuracy) or model.safetensors; auto: best when present")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--batch-size", type=int, default=256, help="images scored at once (default 256)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_classify_eval)
 
 

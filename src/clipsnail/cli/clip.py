@@ -41,17 +41,19 @@ def register(sub: Subcommands) -> None:
     p = clip.add_parser("eval", help="retrieval recall@k on a split (clip_benchmark definitions); prints JSON")
     p.add_argument("--model", required=True, help="run directory")
     add_caption_flags(p)
-    p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--split", default="test", choices=["train", "val", "test", "all"],
+                   help="which captioned images to score (default test; the split file or the run's split rule)")
+    p.add_argument("--batch-size", type=int, default=256, help="images encoded at once (default 256)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_clip_eval)
 
     p = clip.add_parser("summary", help="print the model summary table (of a run, or of a config)")
     p.add_argument("--model", help="run directory (default: build from --config/--set)")
-    p.add_argument("--config")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--depth", type=int, default=2)
+    p.add_argument("--config", help="a YAML config file of the model to describe")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config value (repeatable), e.g. model.embed_dim=256")
+    p.add_argument("--depth", type=int, default=2, help="levels of nested modules in the table (default 2)")
     p.set_defaults(func=cmd_clip_summary)
 
 

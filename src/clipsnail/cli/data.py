@@ -13,16 +13,16 @@ from clipsnail.errors import ClipsnailError
 def register(sub: Subcommands) -> None:
     data = sub.add_parser("data", help="built-in datasets").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("shapes", help="render the captioned shapes dataset")
-    p.add_argument("--out", required=True)
-    p.add_argument("--n", type=int, default=5000, help="number of images")
-    p.add_argument("--size", type=int, default=32, help="image side in pixels")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--captions-per-image", type=int, default=3)
+    p.add_argument("--out", required=True, help="folder to write (new, or one this command wrote: see --overwrite)")
+    p.add_argument("--n", type=int, default=5000, help="number of images (default 5000)")
+    p.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
+    p.add_argument("--seed", type=int, default=0, help="the same seed renders the same scenes (default 0)")
+    p.add_argument("--captions-per-image", type=int, default=3, help="captions written per scene (default 3)")
     p.add_argument("--holdout", default="", help="colour:shape combinations kept out of train/val, e.g. "
                                                  "purple:triangle,yellow:star")
     p.add_argument("--max-shapes", type=int, default=3, help="shapes per scene: 1 to this many")
     p.add_argument("--sizes", default="small,large", help="shape sizes to draw (e.g. 'large' for 16x16 images)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace --out when it holds a shapes dataset")
     p.set_defaults(func=cmd_data_shapes)
 
     p = data.add_parser("shards", help="write a caption corpus as WebDataset tar shards (open_clip/img2dataset "
@@ -34,7 +34,7 @@ def register(sub: Subcommands) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffle of the images across shards")
     p.add_argument("--no-shuffle", action="store_true", help="images in sorted name order instead of shuffled")
     p.add_argument("--prefix", default="", help="shard file name prefix, e.g. 'train-' (default: none)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_data_shards)
 
 

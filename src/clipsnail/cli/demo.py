@@ -26,7 +26,7 @@ def register(sub: Subcommands) -> None:
     p.add_argument("--steps", type=int, help=f"training steps (default {DEMO_STEPS}: about 10 minutes on 2 CPU cores; "
                    f"with --photos --captions: {PHOTO_DEMO_STEPS} fine-tuning steps, about 5.5 minutes)")
     p.add_argument("--quick", action="store_true", help="600 images and 30 steps: a smoke test, not a model")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     photos = p.add_argument_group(
         "search your own photos",

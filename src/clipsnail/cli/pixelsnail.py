@@ -42,10 +42,11 @@ def register(sub: Subcommands) -> None:
     p = snail.add_parser("eval", help="negative log-likelihood in bits/dim on a split; prints JSON")
     p.add_argument("--model", required=True, help="run directory")
     p.add_argument("--data", help="data spec (default: the run's training data)")
-    p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--split", default="test", choices=["train", "val", "test", "all"],
+                   help="which part of the data to score (default test)")
+    p.add_argument("--batch-size", type=int, default=64, help="images scored at once (default 64)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_pixelsnail_eval)
 
     p = snail.add_parser("sample", help="draw images and save them as a grid PNG")
@@ -53,12 +54,13 @@ def register(sub: Subcommands) -> None:
     p.add_argument("-n", type=int, default=16, help="number of images")
     p.add_argument("--out", required=True, help="grid PNG")
     p.add_argument("--class", dest="class_", help="class index or name (class-conditional runs)")
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="sampling temperature: below 1 safer, above 1 more varied (default 1)")
     p.add_argument("--method", choices=["cached", "naive"], default="cached",
                    help="cached: every layer computed once per pixel (default); naive: a full forward per pixel")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="the same seed draws the same samples (default 0)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_pixelsnail_sample)
 
 

@@ -40,13 +40,13 @@ log = logging.getLogger(__name__)
 def register(sub: Subcommands) -> None:
     """Adds `zeroshot`, `index` and `search` (`serve` comes later in the command list: `register_serve`)."""
     p = sub.add_parser("zeroshot", help="zero-shot classification with prompt ensembles")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help="a CLIP run directory or model name (hf-hub:ORG/NAME, conse:...)")
     p.add_argument("--classes", help="comma-separated class names")
     p.add_argument("--templates", help="file with one prompt template per line ('{}' = class name)")
     p.add_argument("--folder", help="image folder with one subfolder per class: prints acc1/acc5/mean_per_class_recall")
     p.add_argument("images", nargs="*", help="image files")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_zeroshot)
 
     index = sub.add_parser("index", help="a saved, searchable index of an image folder (faiss)").add_subparsers(
@@ -55,22 +55,22 @@ def register(sub: Subcommands) -> None:
     p.add_argument("--model", required=True, help="CLIP run directory")
     p.add_argument("--images", required=True, help="image folder (searched recursively)")
     p.add_argument("--out", required=True, help="index directory (replaced atomically when it exists)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="photos encoded at once (default 64)")
     add_workers_flag(p)
     p.add_argument("--approx-threshold", type=int,
                    help="from this many images on, use an approximate faiss index (default 20000)")
     p.add_argument("--approx", default="ivf", choices=["ivf", "hnsw"], help="approximate index kind (default ivf)")
     add_follow_links_flag(p)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_index_build)
     p = index.add_parser("update", help="add new/changed images, drop deleted ones (the rest is not re-encoded)")
     p.add_argument("--index", required=True, help="index directory made by `clipsnail index build`")
     p.add_argument("--model", help="CLIP run directory (default: the one recorded in the index)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="photos encoded at once (default 64)")
     add_workers_flag(p)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_index_update)
 
     p = sub.add_parser(
@@ -90,8 +90,8 @@ def register(sub: Subcommands) -> None:
     p.add_argument("--image", help="query image (image-to-image search)")
     p.add_argument("-k", type=int, default=9, help="number of results (default 9)")
     p.add_argument("--grid", help="write a result grid PNG here")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_search)
 
 
@@ -118,7 +118,7 @@ def register_serve(sub: Subcommands) -> None:
                    help="also answer requests addressed to this host name (repeatable; loopback names and the "
                    "--host address always are, any IP address when --host is 0.0.0.0 or ::); other names are "
                    "refused against DNS rebinding")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
     p.set_defaults(func=cmd_serve)
 
 

@@ -48,11 +48,12 @@ def register(sub: Subcommands) -> None:
     p.add_argument("-n", type=int, default=16, help="samples to draw (kind retrieve: nearest images to show)")
     p.add_argument("--rerank", type=int, default=0, help="keep the k samples CLIP scores highest (0: keep all)")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1: none; try 3)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="sampling temperature: below 1 safer, above 1 more varied images (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="the same seed draws the same images (default 0)")
     p.add_argument("--out", required=True, help="grid PNG")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_generate)
 
 
