@@ -47,3 +47,25 @@ def test_classification_metrics():
     m = classification_metrics(logits, labels)
     assert m["acc1"] == 0.75 and m["acc5"] == 1.0
     assert abs(m["mean_per_class_recall"] - (1 + 1 + 0.5) / 3) < 1e-6
+
+
+def test_zero_shot_probabilities_use_the_models_learned_scale(clip_run, shapes_dir, capsys):
+    """A briefly trained model has learned exp(logit_scale) of about 14: its probabilities come from that scale,
+    not from CLIP's fixed 100, which turned small cosine gaps into p = 1.0 for wrong answers."""
+    import json
+    import math
+
+    import clipsnail
+    from clipsnail.cli import main
+    from clipsnail.evaluate import probability_scale
+
+    model = clipsnail.load(clip_run)
+    scale = probability_scale(model)
+    assert scale == pytest.approx(math.exp(float(model.logit_scale)), rel=1e-6) and scale < 50
+    image = sorted((shapes_dir / "images").iterdir())[0]
+    classes = ["red circle", "blue square", "green triangle"]
+    capsys.readouterr()
+    assert main(["zeroshot", "--model", str(clip_run), "--classes", ",".join(classes), str(image)]) == 0
+    probs = json.loads(capsys.readouterr().out)[0]["probs"]
+    assert max(probs.values()) < 0.999
+    assert sum(probs.values()) == pytest.approx(1.0, abs=1e-3)

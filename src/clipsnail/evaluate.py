@@ -176,8 +176,18 @@ def zero_shot_weights(model, classnames: Sequence[str], templates: Sequence[str]
     return torch.stack(weights)
 
 
-def zero_shot_logits(image_emb: torch.Tensor, class_weights: torch.Tensor) -> torch.Tensor:
-    return 100.0 * image_emb @ class_weights.T  # CLIP's fixed zero-shot scale
+def zero_shot_logits(image_emb: torch.Tensor, class_weights: torch.Tensor, scale: float = 100.0) -> torch.Tensor:
+    """Scaled cosines [images, classes]. The default is CLIP's fixed zero-shot scale (for accuracy, where only the
+    order counts); probabilities should use the model's own learned scale (`probability_scale`)."""
+    return scale * image_emb @ class_weights.T
+
+
+def probability_scale(model) -> float:
+    """exp(logit_scale): the temperature training calibrated the model's softmax with. A model trained for a few
+    steps has learned about 14, and a fixed 100 would turn its small cosine gaps into probabilities near 1.0 for
+    wrong answers (a converted OpenAI or open_clip model brings its own, 100). A model without one keeps 100."""
+    scale = getattr(model, "logit_scale", None)
+    return float(scale.detach().exp()) if isinstance(scale, torch.Tensor) else 100.0
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, top: int = 5) -> dict[str, float]:

@@ -513,9 +513,10 @@ def create_app(index, model, generator=None, limits: Limits | None = None,
         image = await read_upload(file)
 
         def run():
-            from clipsnail.evaluate import zero_shot_logits
+            from clipsnail.evaluate import probability_scale, zero_shot_logits
 
-            probs = zero_shot_logits(torch.from_numpy(embed_image(image)), class_weights(names)).softmax(-1)[0]
+            probs = zero_shot_logits(torch.from_numpy(embed_image(image)), class_weights(names),
+                                     probability_scale(model)).softmax(-1)[0]
             return [Label(label=names[j], prob=round(float(probs[j]), 4)) for j in probs.argsort(descending=True)]
 
         labels = await run_in_threadpool(run)
