@@ -374,7 +374,8 @@ def check_same_settings(run_dir: Path, config: Any) -> None:
         return  # stopped before its first save: nothing recorded to differ from
     recorded.pop("task", None)
     old, new = _flat(recorded), _flat(json.loads(json.dumps(to_dict(config))))
-    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES]
+    # Keys on one side only are settings that another clipsnail version added or dropped, not changes of the user.
+    changed = [k for k in sorted(set(old) & set(new)) if old[k] != new[k] and k not in RESUMABLE_CHANGES]
     if changed:
         first = changed[0]
         more = f" (and {len(changed) - 1} more: {', '.join(changed[1:4])}{'...' if len(changed) > 4 else ''})" \
