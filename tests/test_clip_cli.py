@@ -221,8 +221,8 @@ def test_the_quick_demo_gives_the_same_numbers_every_time(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(Path(clipsnail.__file__).parents[1])}
     outs = [tmp_path / "a", tmp_path / "b"]
     for out in outs:
-        proc = subprocess.run([sys.executable, "-m", "clipsnail", "demo", "--quick", "--out", str(out),
-                               "--no-progress"], env=env, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run([sys.executable, "-m", "clipsnail", "demo", "--quick", "--steps", "8", "--out",
+                               str(out), "--no-progress"], env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-2000:]
     first, second = (json.loads((out / "demo_metrics.json").read_text()) for out in outs)
     assert first == second
