@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -168,3 +169,31 @@ def test_every_flag_of_every_command_says_what_it_does():
                for action in parser._actions
                if action.option_strings and not action.help and not isinstance(action, argparse._HelpAction)]
     assert missing == []
+
+
+def test_help_imports_no_torch_and_lemevit_still_registers_with_timm():
+    """`clipsnail --help` (and a command's help) answers without importing torch, timm or faiss, which take
+    seconds; `import clipsnail` then `import timm` still makes the lemevit_* models known to timm."""
+    code = textwrap.dedent("""
+        import contextlib, io, sys
+        from clipsnail.cli import main
+        for argv in (["--help"], ["clip", "train", "--help"], ["search", "--help"], ["data", "shapes", "--help"]):
+            with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.suppress(SystemExit):
+                main(argv)
+            assert "usage: clipsnail" in out.getvalue(), argv
+        heavy = sorted(name for name in ("torch", "timm", "faiss", "transformers") if name in sys.modules)
+        print("heavy:", heavy)
+        import timm
+        print("registered:", "lemevit_tiny" in timm.list_models("lemevit*"))
+    """)
+    env = {**os.environ, "PYTHONPATH": str(Path(clipsnail.__file__).parents[1])}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["heavy: []", "registered: True"]
+
+
+def test_a_command_line_is_parsed_alike_with_only_its_command_filled_in():
+    line = ["clip", "train", "--out", "runs/x", "--epochs", "2", "--set", "model.embed_dim=64"]
+    assert build_parser(commands=["clip"]).parse_args(line) == build_parser().parse_args(line)
+    with pytest.raises(SystemExit):  # the other commands are names only: their flags are not there
+        build_parser(commands=["clip"]).parse_args(["search", "--index", "x", "a dog"])

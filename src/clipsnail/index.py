@@ -47,7 +47,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from clipsnail.data.images import list_images
+from clipsnail.data.images import default_workers, list_images
 from clipsnail.errors import ClipsnailError, DataError
 from clipsnail.evaluate import encode_image_paths
 from clipsnail.runs import same_weights, weights_fingerprint
@@ -410,15 +410,6 @@ def index_bytes(images: int, dim: int) -> int:
 def _model_dir(model, model_dir) -> str | None:
     model_dir = model_dir or model.run_dir  # a CLIP model knows its run (None while it trains)
     return str(Path(model_dir).resolve()) if model_dir else None
-
-
-def default_workers() -> int:
-    """Decoding processes for index build and update: one per usable core, at most 8. Measured by
-    bench/index_photos.py on 2 cores (12-Mpx JPEGs, photos/s by workers 0/1/2/3): ViT-B/32 9.4/9.4/10.2/10.5,
-    ConSE 16.0/16.4/19.4/19.9, so as many workers as cores, since a worker waits on file reads and the model's
-    threads leave gaps. Past 8, drafted decoding (tens of ms a photo) outruns any CPU model."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(cores, 8))
 
 
 def _encode(model, root: Path, rels: list[str], batch_size: int, progress: bool, workers: int | None):

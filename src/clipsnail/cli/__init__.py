@@ -1,23 +1,21 @@
 """The `clipsnail` command. Library code logs; this package is the only place that prints.
 
-One module per command group, each adding its subcommands (`register`) next to their handlers: `data` (data shapes,
-data shards), `clip` (clip train, eval, summary), `classify`, `pixelsnail`, `t2i` (t2i train, generate), `caption`
-(caption train, eval, describe), `search`
-(zeroshot, index build/update, search, serve), `convert` (convert, export), `demo`; the flags and output they share
-are in `common`.
+One module per command group, each with a function adding a command's flags (`add_clip`, ...) next to its handlers:
+`data` (data shapes, data shards), `clip` (clip train, eval, summary), `classify`, `pixelsnail`, `t2i` (t2i train,
+generate), `caption` (caption train, eval, describe), `search` (zeroshot, index build/update, search, serve),
+`convert` (convert, export), `demo`; the flags and output they share are in `common`.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import select
 import sys
 
 from clipsnail import __version__
-from clipsnail import distributed as dist
-from clipsnail.cli import caption, classify, clip, convert, data, demo, pixelsnail, search, t2i
 from clipsnail.display import PrintableFilter, printable
 from clipsnail.errors import ClipsnailError
 from clipsnail.safeio import DISK_ERRNOS
@@ -25,8 +23,35 @@ from clipsnail.safeio import DISK_ERRNOS
 # faiss prints one "Could not load library with AVX512 support" INFO line per attempt; PIL its plugins.
 QUIET_LOGGERS = ("PIL", "faiss", "faiss.loader", "transformers", "huggingface_hub", "timm", "urllib3", "filelock")
 
+# Every command, in the order `clipsnail --help` lists them: its module in this package, the function there that
+# adds its flags, its one-line help. Only the module of the command being run is imported (it imports torch, timm
+# and the models where it runs them), so `clipsnail --help` answers at once instead of after seconds of imports.
+COMMANDS = {
+    "demo": ("demo", "add_demo", "generate shapes data, train a small CLIP, evaluate and search (~10 min on a CPU); "
+                                 "with --photos DIR: search your own photos by text"),
+    "data": ("data", "add_data", "built-in datasets and downloads, caption corpora as WebDataset shards"),
+    "clip": ("clip", "add_clip", "train, evaluate and inspect CLIP models"),
+    "classify": ("classify", "add_classify", "train and evaluate image classifiers (LeMeViT or any timm model)"),
+    "pixelsnail": ("pixelsnail", "add_pixelsnail", "autoregressive image model: train, bits/dim, sample"),
+    "t2i": ("t2i", "add_t2i", "text to image: train a feature predictor or a text-conditioned PixelSNAIL"),
+    "generate": ("t2i", "add_generate", "images for a prompt from a text-to-image run; writes a grid PNG"),
+    "caption": ("caption", "add_caption",
+                "image captioning: train a caption decoder on a frozen image tower; caption images"),
+    "zeroshot": ("search", "add_zeroshot", "zero-shot classification with prompt ensembles"),
+    "index": ("search", "add_index", "a saved, searchable index of an image folder (faiss)"),
+    "search": ("search", "add_search", "search an index or an image folder by text (or by an image); prints JSON"),
+    "export": ("convert", "add_export", "export a CLIP run's image and text encoders to ONNX (runs on onnxruntime "
+                                        "without PyTorch); prints JSON"),
+    "serve": ("search", "add_serve", "the web app: text and image search over an index, zero-shot labels, "
+                                     "generation"),
+    "convert": ("convert", "add_convert", "pretrained OpenAI/open_clip CLIP (ViT) or official LeMeViT weights, or a "
+                                          "ConSE CLIP of the packaged models -> a run directory; prints JSON"),
+}
 
-def build_parser() -> argparse.ArgumentParser:
+
+def build_parser(commands=None) -> argparse.ArgumentParser:
+    """The whole command line, or (`commands`: the names to fill in) one where the other commands are names and help
+    lines only, which is all `clipsnail --help` and `clipsnail COMMAND ...` need of them."""
     parser = argparse.ArgumentParser(
         prog="clipsnail",
         description="CLIP from scratch: train on captioned images, search images by text, classify with no labels; "
@@ -35,16 +60,23 @@ def build_parser() -> argparse.ArgumentParser:
                         help="debug logging, the INFO lines of the libraries underneath (faiss, transformers) too")
     parser.add_argument("--version", action="version", version=f"clipsnail {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    # in the order `clipsnail --help` lists the commands
-    for register in (demo.register, data.register, clip.register, classify.register, pixelsnail.register,
-                     t2i.register, caption.register, search.register, convert.register_export, search.register_serve,
-                     convert.register_convert):
-        register(sub)
+    for name, (module, add_flags, help_text) in COMMANDS.items():
+        command = sub.add_parser(name, help=help_text)
+        if commands is None or name in commands:
+            getattr(importlib.import_module(f"clipsnail.cli.{module}"), add_flags)(command)
     return parser
 
 
+def command_of(argv: list[str]) -> str | None:
+    """The command word of `argv`: its first argument that is not a flag (the top-level flags take no value)."""
+    return next((arg for arg in argv if not arg.startswith("-")), None)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(caption.route(sys.argv[1:] if argv is None else list(argv)))
+    from clipsnail.cli.caption import route
+
+    argv = route(sys.argv[1:] if argv is None else list(argv))
+    args = build_parser(commands=[command_of(argv)]).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s",
                         stream=sys.stderr)
     for handler in logging.getLogger().handlers:  # file names in log lines cannot carry terminal escapes
@@ -53,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:  # what the libraries underneath say at INFO is noise to a user of this command
         for name in QUIET_LOGGERS:
             logging.getLogger(name).setLevel(logging.WARNING)
+
+    from clipsnail import distributed as dist  # torch: after parsing, so that --help and bad flags answer at once
 
     owns_group = False
     try:

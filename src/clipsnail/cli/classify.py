@@ -5,10 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
 from clipsnail.cli.common import (
-    Subcommands,
     add_train_flags,
     flag_values,
     print_metrics,
@@ -19,19 +16,14 @@ from clipsnail.cli.common import (
     train_and_report,
     write_json,
 )
-from clipsnail.data.classes import read_class_data
 from clipsnail.errors import ClipsnailError
-from clipsnail.evaluate import classification_report
-from clipsnail.hub import load
-from clipsnail.plots import plot_confusion_matrix, plot_training_curves
 from clipsnail.safeio import atomic_write_text
-from clipsnail.summary import model_summary
-from clipsnail.tasks.classify import ClassifyConfig, ClassifyTask, predict
+
+# Each handler imports what it runs (torch, the models, the tasks) so that `clipsnail --help` starts at once.
 
 
-def register(sub: Subcommands) -> None:
-    classify = sub.add_parser("classify", help="train and evaluate image classifiers (LeMeViT or any timm model)"
-                              ).add_subparsers(dest="classify_command", required=True)
+def add_classify(parser: argparse.ArgumentParser) -> None:
+    classify = parser.add_subparsers(dest="classify_command", required=True)
     p = classify.add_parser("train", help="train a classifier on an image folder, MNIST idx or CIFAR batches")
     p.add_argument("--data", help="folder:ROOT | mnist:DIR | cifar:DIR | ROOT (data.data)")
     p.add_argument("--model", help="timm model name, e.g. lemevit_tiny, lemevit_tiny_cifar, resnet18 (model.name)")
@@ -53,12 +45,19 @@ def register(sub: Subcommands) -> None:
     p.set_defaults(func=cmd_classify_eval)
 
 
-def classify_config(args: argparse.Namespace) -> ClassifyConfig:
+def classify_config(args: argparse.Namespace):
+    from clipsnail.tasks.classify import ClassifyConfig
+
     values = flag_values(args, (("data", "data.data"), ("model", "model.name"), ("pretrained", "model.pretrained")))
     return task_config(ClassifyConfig, args, values, args.config)
 
 
 def cmd_classify_train(args: argparse.Namespace) -> None:
+    import torch
+
+    from clipsnail.summary import model_summary
+    from clipsnail.tasks.classify import ClassifyTask
+
     task = ClassifyTask(classify_config(args), run_dir=args.out)
     cfg = task.config
 
@@ -71,6 +70,12 @@ def cmd_classify_train(args: argparse.Namespace) -> None:
 
 
 def cmd_classify_eval(args: argparse.Namespace) -> None:
+    from clipsnail.data.classes import read_class_data
+    from clipsnail.evaluate import classification_report
+    from clipsnail.hub import load
+    from clipsnail.plots import plot_confusion_matrix, plot_training_curves
+    from clipsnail.tasks.classify import predict
+
     run = Path(args.model)
     weights = args.weights
     if weights == "auto":

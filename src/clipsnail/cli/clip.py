@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 from clipsnail.cli.common import (
-    Subcommands,
     add_caption_flags,
     add_train_flags,
     caption_values,
@@ -18,17 +15,12 @@ from clipsnail.cli.common import (
     train_and_report,
     write_json,
 )
-from clipsnail.evaluate import evaluate_caption_split
-from clipsnail.hub import load
-from clipsnail.model_names import resolve_name
-from clipsnail.models.clip import CLIP
-from clipsnail.summary import model_summary
-from clipsnail.tasks.clip import ClipConfig, ClipTask
+
+# Each handler imports what it runs (torch, the models, the tasks) so that `clipsnail --help` starts at once.
 
 
-def register(sub: Subcommands) -> None:
-    clip = sub.add_parser("clip", help="train, evaluate and inspect CLIP models").add_subparsers(
-        dest="clip_command", required=True)
+def add_clip(parser: argparse.ArgumentParser) -> None:
+    clip = parser.add_subparsers(dest="clip_command", required=True)
     p = clip.add_parser("train", help="train CLIP on a caption corpus (runs data-parallel under torchrun)")
     add_caption_flags(p, required=False)
     p.add_argument("--shards", help='stream WebDataset tar shards, e.g. "data/{000000..000099}.tar" (see `data '
@@ -57,7 +49,10 @@ def register(sub: Subcommands) -> None:
     p.set_defaults(func=cmd_clip_summary)
 
 
-def clip_config(args: argparse.Namespace) -> ClipConfig:
+def clip_config(args: argparse.Namespace):
+    from clipsnail.model_names import resolve_name
+    from clipsnail.tasks.clip import ClipConfig
+
     values = caption_values(args, (("shards", "data.shards"), ("init", "finetune.init")))
     config = task_config(ClipConfig, args, values, getattr(args, "config", None))
     config.finetune.init = resolve_name(config.finetune.init)  # hf-hub:ORG/NAME -> its run: the task reads folders
@@ -65,6 +60,9 @@ def clip_config(args: argparse.Namespace) -> ClipConfig:
 
 
 def cmd_clip_train(args: argparse.Namespace) -> None:
+    from clipsnail.summary import model_summary
+    from clipsnail.tasks.clip import ClipTask
+
     task = ClipTask(clip_config(args), run_dir=args.out)
 
     def summary() -> str:
@@ -76,6 +74,12 @@ def cmd_clip_train(args: argparse.Namespace) -> None:
 
 
 def cmd_clip_summary(args: argparse.Namespace) -> None:
+    import torch
+
+    from clipsnail.hub import load
+    from clipsnail.models.clip import CLIP
+    from clipsnail.summary import model_summary
+
     if args.model:
         model = load(args.model)
         cfg = model.cfg
@@ -90,6 +94,9 @@ def cmd_clip_summary(args: argparse.Namespace) -> None:
 
 
 def cmd_clip_eval(args: argparse.Namespace) -> None:
+    from clipsnail.evaluate import evaluate_caption_split
+    from clipsnail.hub import load
+
     model = load(args.model, device=args.device)
     metrics, _ = evaluate_caption_split(model, args.captions, args.images, args.split, args.split_file, args.format,
                                         args.batch_size, progress=not args.no_progress, strict=args.strict,

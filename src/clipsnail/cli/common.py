@@ -10,15 +10,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from clipsnail import distributed as dist
 from clipsnail.config import load_config
 from clipsnail.display import printable
-from clipsnail.engine import check_model_fits, fit, resolve_device
 from clipsnail.safeio import atomic_write_text
 
-# What ArgumentParser.add_subparsers() returns, to which each command module's `register` adds its commands (the
-# class is not public argparse API).
-Subcommands = Any
+# The engine (torch) is imported where a command trains, so that `clipsnail --help` starts at once.
 
 # ----------------------------------------------------------------------------------------------- flags
 
@@ -120,6 +116,9 @@ def write_json(path: Path, obj) -> None:
 def print_summary(task, summary: Callable[[], str]) -> None:
     """The model table before training (under torchrun from one process only), once the model is known to fit in
     memory: `summary` builds it."""
+    from clipsnail import distributed as dist
+    from clipsnail.engine import check_model_fits, resolve_device
+
     check_model_fits(task, resolve_device(task.config.train.device))
     if dist.is_main():
         print(summary(), file=sys.stderr)
@@ -127,6 +126,9 @@ def print_summary(task, summary: Callable[[], str]) -> None:
 
 def train_and_report(task, args: argparse.Namespace) -> None:
     """Every `train` command ends the same way: fit (resuming when RUN holds a checkpoint), say how it ended."""
+    from clipsnail import distributed as dist
+    from clipsnail.engine import fit
+
     result = fit(task, args.out, progress=not args.no_progress)
     if not dist.is_main():  # under torchrun one process reports
         return

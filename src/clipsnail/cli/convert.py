@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from clipsnail.cli.common import Subcommands, print_json
+from clipsnail.cli.common import print_json
 from clipsnail.convert import (
     CONSE_DEFAULT,
     CONSE_TEMPERATURE,
@@ -21,9 +21,7 @@ from clipsnail.errors import ClipsnailError
 from clipsnail.export import export_onnx
 
 
-def register_export(sub: Subcommands) -> None:
-    p = sub.add_parser("export", help="export a CLIP run's image and text encoders to ONNX (runs on onnxruntime "
-                                      "without PyTorch); prints JSON")
+def add_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="CLIP run directory")
     p.add_argument("--onnx", required=True, metavar="DIR", help="output folder: image_encoder.onnx, "
                    "text_encoder.onnx, tokenizer.json, preprocess.json (replaced atomically when it exists)")
@@ -32,9 +30,7 @@ def register_export(sub: Subcommands) -> None:
     p.set_defaults(func=cmd_export)
 
 
-def register_convert(sub: Subcommands) -> None:
-    p = sub.add_parser("convert", help="pretrained OpenAI/open_clip CLIP (ViT) or official LeMeViT weights, or a "
-                                       "ConSE CLIP of the packaged models -> a run directory; prints JSON")
+def add_convert(p: argparse.ArgumentParser) -> None:
     p.add_argument("--from", dest="source", required=True, metavar="KIND:PATH",
                    help="open_clip:FILE (.safetensors, or a .bin/.pt state dict), lemevit:FILE (.pth), or "
                         f"conse:IMAGE+TEXT (a zero-shot CLIP from an ImageNet classifier and a sentence encoder, "

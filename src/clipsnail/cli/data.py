@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from clipsnail.cli.common import Subcommands, add_caption_flags, print_json, say
-from clipsnail.data.shapes import COLORS, SHAPES, generate_shapes
-from clipsnail.data.shards import write_shards
+from clipsnail.cli.common import add_caption_flags, print_json, say
 from clipsnail.errors import ClipsnailError
 
+# Each handler imports what it runs (PIL, torch) so that `clipsnail --help` starts at once.
 
-def register(sub: Subcommands) -> None:
-    data = sub.add_parser("data", help="built-in datasets").add_subparsers(dest="data_command", required=True)
+
+def add_data(parser: argparse.ArgumentParser) -> None:
+    data = parser.add_subparsers(dest="data_command", required=True)
     p = data.add_parser("shapes", help="render the captioned shapes dataset")
     p.add_argument("--out", required=True, help="folder to write (new, or one this command wrote: see --overwrite)")
     p.add_argument("--n", type=int, default=5000, help="number of images (default 5000)")
@@ -39,6 +39,8 @@ def register(sub: Subcommands) -> None:
 
 
 def cmd_data_shapes(args: argparse.Namespace) -> None:
+    from clipsnail.data.shapes import generate_shapes
+
     holdout = parse_holdout(args.holdout)
     summary = generate_shapes(args.out, n=args.n, size=args.size, seed=args.seed,
                               captions_per_image=args.captions_per_image, holdout=holdout, max_shapes=args.max_shapes,
@@ -48,6 +50,8 @@ def cmd_data_shapes(args: argparse.Namespace) -> None:
 
 
 def cmd_data_shards(args: argparse.Namespace) -> None:
+    from clipsnail.data.shards import write_shards
+
     summary = write_shards(args.captions, args.images, args.out, split=args.split, shard_size=args.shard_size,
                            format=args.format, split_file=args.split_file,
                            seed=None if args.no_shuffle else args.seed, strict=args.strict, prefix=args.prefix,
@@ -57,6 +61,8 @@ def cmd_data_shards(args: argparse.Namespace) -> None:
 
 
 def parse_holdout(text: str | None) -> list[tuple[str, str]]:
+    from clipsnail.data.shapes import COLORS, SHAPES
+
     pairs = []
     for item in (text or "").split(","):
         if not item.strip():

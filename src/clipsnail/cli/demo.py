@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from clipsnail.cli.common import Subcommands, add_caption_flags, caption_values
+from clipsnail.cli.common import add_caption_flags, caption_values
 from clipsnail.demo import (
     CONSE_FINETUNE,
     DEMO_STEPS,
@@ -19,9 +19,7 @@ from clipsnail.demo import (
 from clipsnail.errors import ClipsnailError
 
 
-def register(sub: Subcommands) -> None:
-    p = sub.add_parser("demo", help="generate shapes data, train a small CLIP, evaluate and search (~10 min on a CPU); "
-                       "with --photos DIR: search your own photos by text")
+def add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help=f"output folder (default: demo_out; with --photos: {PHOTO_DEMO_OUT})")
     p.add_argument("--steps", type=int, help=f"training steps (default {DEMO_STEPS}: about 10 minutes on 2 CPU cores; "
                    f"with --photos --captions: {PHOTO_DEMO_STEPS} fine-tuning steps, about 5.5 minutes)")

@@ -6,10 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
-
 from clipsnail.cli.common import (
-    Subcommands,
     add_train_flags,
     flag_values,
     print_metrics,
@@ -20,18 +17,13 @@ from clipsnail.cli.common import (
     train_and_report,
     write_json,
 )
-from clipsnail.data.classes import read_class_data
 from clipsnail.errors import ClipsnailError
-from clipsnail.hub import load
-from clipsnail.models.pixelsnail import CONFIGS
-from clipsnail.sampling import sample, save_sample_grid
-from clipsnail.summary import model_summary
-from clipsnail.tasks.pixelsnail import PixelSNAILTask, PixelSNAILTaskConfig, evaluate_bits_per_dim, image_transform
+
+# Each handler imports what it runs (torch, the models, the tasks) so that `clipsnail --help` starts at once.
 
 
-def register(sub: Subcommands) -> None:
-    snail = sub.add_parser("pixelsnail", help="autoregressive image model: train, bits/dim, sample").add_subparsers(
-        dest="pixelsnail_command", required=True)
+def add_pixelsnail(parser: argparse.ArgumentParser) -> None:
+    snail = parser.add_subparsers(dest="pixelsnail_command", required=True)
     p = snail.add_parser("train", help="train PixelSNAIL on MNIST idx, CIFAR batches or an image folder")
     p.add_argument("--data", help="mnist:DIR | cifar:DIR | folder:ROOT (data.data)")
     p.add_argument("--condition", choices=["class"], help="condition on the class label (data.condition)")
@@ -68,17 +60,26 @@ def preset_or_yaml(config: str | None) -> tuple[dict, str | None]:
     """--config of a PixelSNAIL task: a preset name, or a YAML file over the default preset (small). Returns the
     preset as config defaults (`preset` and its `model` fields, which the YAML file and --set override) and the YAML
     file (None for a preset)."""
+    from clipsnail.models.pixelsnail import CONFIGS
+
     preset, yaml_file = (config, None) if config in CONFIGS else ("small", config or None)
     return {"preset": preset, "model": dict(CONFIGS[preset])}, yaml_file
 
 
-def pixelsnail_config(args: argparse.Namespace) -> PixelSNAILTaskConfig:
+def pixelsnail_config(args: argparse.Namespace):
+    from clipsnail.tasks.pixelsnail import PixelSNAILTaskConfig
+
     defaults, yaml_file = preset_or_yaml(args.config)
     values = flag_values(args, (("data", "data.data"), ("condition", "data.condition")))
     return task_config(PixelSNAILTaskConfig, args, values, yaml_file, defaults)
 
 
 def cmd_pixelsnail_train(args: argparse.Namespace) -> None:
+    import torch
+
+    from clipsnail.summary import model_summary
+    from clipsnail.tasks.pixelsnail import PixelSNAILTask
+
     task = PixelSNAILTask(pixelsnail_config(args), run_dir=args.out)
     cfg = task.config
 
@@ -92,6 +93,10 @@ def cmd_pixelsnail_train(args: argparse.Namespace) -> None:
 
 
 def cmd_pixelsnail_eval(args: argparse.Namespace) -> None:
+    from clipsnail.data.classes import read_class_data
+    from clipsnail.hub import load
+    from clipsnail.tasks.pixelsnail import evaluate_bits_per_dim, image_transform
+
     model = load(args.model, device=args.device)
     cfg = model.config
     data = read_class_data(args.data or cfg.data.data, args.split, cfg.data.val_fraction, cfg.data.test_fraction)
@@ -103,6 +108,11 @@ def cmd_pixelsnail_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_pixelsnail_sample(args: argparse.Namespace) -> None:
+    import torch
+
+    from clipsnail.hub import load
+    from clipsnail.sampling import sample, save_sample_grid
+
     model = load(args.model, device=args.device)
     cfg = model.config
     h = None

@@ -7,40 +7,17 @@ import hashlib
 import logging
 from pathlib import Path
 
-import torch
-
-from clipsnail.cli.common import Subcommands, add_follow_links_flag, print_json, print_metrics
-from clipsnail.data.images import list_image_folder
+from clipsnail.cli.common import add_follow_links_flag, print_json, print_metrics
+from clipsnail.data.images import default_workers
 from clipsnail.errors import ClipsnailError
-from clipsnail.evaluate import (
-    classification_metrics,
-    default_templates,
-    encode_image_paths,
-    probability_scale,
-    read_templates,
-    zero_shot_logits,
-    zero_shot_weights,
-)
-from clipsnail.hub import load
-from clipsnail.index import (
-    DEFAULT_APPROX_THRESHOLD,
-    ImageIndex,
-    build_index,
-    default_workers,
-    folder_index,
-    update_index,
-)
-from clipsnail.model_names import clipsnail_home
-from clipsnail.plots import write_result_grid
-from clipsnail.query import Term, combine, local_image, parse_query
 from clipsnail.safeio import writable
+
+# Each handler imports what it runs (torch, faiss, the models) so that `clipsnail --help` starts at once.
 
 log = logging.getLogger(__name__)
 
 
-def register(sub: Subcommands) -> None:
-    """Adds `zeroshot`, `index` and `search` (`serve` comes later in the command list: `register_serve`)."""
-    p = sub.add_parser("zeroshot", help="zero-shot classification with prompt ensembles")
+def add_zeroshot(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="a CLIP run directory or model name (hf-hub:ORG/NAME, conse:...)")
     p.add_argument("--classes", help="comma-separated class names")
     p.add_argument("--templates", help="file with one prompt template per line ('{}' = class name)")
@@ -50,8 +27,9 @@ def register(sub: Subcommands) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_zeroshot)
 
-    index = sub.add_parser("index", help="a saved, searchable index of an image folder (faiss)").add_subparsers(
-        dest="index_command", required=True)
+
+def add_index(parser: argparse.ArgumentParser) -> None:
+    index = parser.add_subparsers(dest="index_command", required=True)
     p = index.add_parser("build", help="encode every image under a folder (recursively) into an index; prints JSON")
     p.add_argument("--model", required=True, help="CLIP run directory")
     p.add_argument("--images", required=True, help="image folder (searched recursively)")
@@ -74,14 +52,14 @@ def register(sub: Subcommands) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_index_update)
 
-    p = sub.add_parser(
-        "search", help="search an index or an image folder by text (or by an image); prints JSON",
-        description="Search by a query of weighted text and image terms, added or subtracted: "
-                    "`clipsnail search --index IDX \"2:golden retriever\" + ./pool.jpg - fruit`. Terms are "
-                    "separated by a standalone + or - (spaces around it; a + or - inside a word is text). A term "
-                    "may start with a weight, a number above 0 and a colon (2:cat, 0.5:cat). A term naming an "
-                    "existing image file, or starting with ./, ../, / or ~/, is an image. The query vector is the "
-                    "normalised sum of weight * term vector (negative after -).")
+
+def add_search(p: argparse.ArgumentParser) -> None:
+    p.description = ("Search by a query of weighted text and image terms, added or subtracted: "
+                     "`clipsnail search --index IDX \"2:golden retriever\" + ./pool.jpg - fruit`. Terms are "
+                     "separated by a standalone + or - (spaces around it; a + or - inside a word is text). A term "
+                     "may start with a weight, a number above 0 and a colon (2:cat, 0.5:cat). A term naming an "
+                     "existing image file, or starting with ./, ../, / or ~/, is an image. The query vector is the "
+                     "normalised sum of weight * term vector (negative after -).")
     p.add_argument("--index", help="an index made by `clipsnail index build`")
     p.add_argument("--model", help="CLIP run directory (with --index: default the one recorded in the index)")
     p.add_argument("--images", help="folder to search instead of an index (embeddings cached in the run directory)")
@@ -109,8 +87,7 @@ def check_index_flags(args: argparse.Namespace) -> None:
         raise ClipsnailError(f"--workers must be 0 or more, got {args.workers}")
 
 
-def register_serve(sub: Subcommands) -> None:
-    p = sub.add_parser("serve", help="the web app: text and image search over an index, zero-shot labels, generation")
+def add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--index", required=True, help="an index made by `clipsnail index build`")
     p.add_argument("--generator", help="a text-to-image run (t2i train --kind pixelsnail) for the prompt box")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
@@ -124,6 +101,20 @@ def register_serve(sub: Subcommands) -> None:
 
 
 def cmd_zeroshot(args: argparse.Namespace) -> None:
+    import torch
+
+    from clipsnail.data.images import list_image_folder
+    from clipsnail.evaluate import (
+        classification_metrics,
+        default_templates,
+        encode_image_paths,
+        probability_scale,
+        read_templates,
+        zero_shot_logits,
+        zero_shot_weights,
+    )
+    from clipsnail.hub import load
+
     model = load(args.model, device=args.device)
     templates = read_templates(args.templates) if args.templates else default_templates()
     if args.folder:
@@ -155,6 +146,13 @@ def cmd_zeroshot(args: argparse.Namespace) -> None:
 
 
 def cmd_search(args: argparse.Namespace) -> None:
+    import torch
+
+    from clipsnail.hub import load
+    from clipsnail.index import ImageIndex, folder_index
+    from clipsnail.plots import write_result_grid
+    from clipsnail.query import Term, combine, local_image, parse_query
+
     text = " ".join(args.query) if args.query else None
     if text is not None and args.image:
         raise ClipsnailError("search needs exactly one of: a text query, or --image FILE (not both)")
@@ -199,6 +197,8 @@ def cmd_search(args: argparse.Namespace) -> None:
 def embeddings_cache(run_dir: Path) -> Path:
     """Where `search --images DIR` keeps the folder's vectors: RUN/embeddings, or, when the run cannot be written
     (a read-only mount, someone else's run), $CLIPSNAIL_HOME/embeddings/<the run's path hashed>."""
+    from clipsnail.model_names import clipsnail_home
+
     cache = Path(run_dir) / "embeddings"
     if writable(cache):
         return cache
@@ -209,6 +209,9 @@ def embeddings_cache(run_dir: Path) -> Path:
 
 
 def cmd_index_build(args: argparse.Namespace) -> None:
+    from clipsnail.hub import load
+    from clipsnail.index import DEFAULT_APPROX_THRESHOLD, build_index
+
     check_index_flags(args)
     model = load(args.model, device=args.device)
     threshold = args.approx_threshold if args.approx_threshold is not None else DEFAULT_APPROX_THRESHOLD
@@ -219,6 +222,9 @@ def cmd_index_build(args: argparse.Namespace) -> None:
 
 
 def cmd_index_update(args: argparse.Namespace) -> None:
+    from clipsnail.hub import load
+    from clipsnail.index import ImageIndex, update_index
+
     check_index_flags(args)
     old = ImageIndex.load(args.index)
     model_dir = args.model or old.model_dir

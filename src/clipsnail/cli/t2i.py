@@ -7,7 +7,6 @@ import argparse
 import math
 
 from clipsnail.cli.common import (
-    Subcommands,
     add_caption_flags,
     add_train_flags,
     caption_values,
@@ -17,20 +16,13 @@ from clipsnail.cli.common import (
     train_and_report,
 )
 from clipsnail.cli.pixelsnail import preset_or_yaml
-from clipsnail.data.images import load_image
 from clipsnail.errors import ClipsnailError
-from clipsnail.hub import load
-from clipsnail.model_names import resolve_name
-from clipsnail.plots import image_grid, save_png
-from clipsnail.runs import read_run_config
-from clipsnail.sampling import to_pil
-from clipsnail.tasks.t2i_pixelsnail import TextPixelSNAILConfig, TextPixelSNAILTask
-from clipsnail.tasks.t2i_retrieve import RetrieveConfig, RetrieveTask
+
+# Each handler imports what it runs (torch, the models, the tasks) so that `clipsnail --help` starts at once.
 
 
-def register(sub: Subcommands) -> None:
-    t2i = sub.add_parser("t2i", help="text to image: train a feature predictor or a text-conditioned PixelSNAIL"
-                         ).add_subparsers(dest="t2i_command", required=True)
+def add_t2i(parser: argparse.ArgumentParser) -> None:
+    t2i = parser.add_subparsers(dest="t2i_command", required=True)
     p = t2i.add_parser("train", help="train on a caption corpus (e.g. the shapes data)")
     p.add_argument("--kind", choices=["retrieve", "pixelsnail"], default="pixelsnail",
                    help="retrieve: predict the image encoder's feature of the prompt's image and return the nearest "
@@ -42,7 +34,8 @@ def register(sub: Subcommands) -> None:
                                    "file")
     p.set_defaults(func=cmd_t2i_train)
 
-    p = sub.add_parser("generate", help="images for a prompt from a text-to-image run; writes a grid PNG")
+
+def add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="t2i run directory")
     p.add_argument("prompt", help="the text, e.g. 'a red circle above a blue square'")
     p.add_argument("-n", type=int, default=16, help="samples to draw (kind retrieve: nearest images to show)")
@@ -57,7 +50,11 @@ def register(sub: Subcommands) -> None:
     p.set_defaults(func=cmd_generate)
 
 
-def t2i_config(args: argparse.Namespace) -> TextPixelSNAILConfig | RetrieveConfig:
+def t2i_config(args: argparse.Namespace):
+    from clipsnail.model_names import resolve_name
+    from clipsnail.tasks.t2i_pixelsnail import TextPixelSNAILConfig
+    from clipsnail.tasks.t2i_retrieve import RetrieveConfig
+
     # A CLIP named hf-hub:ORG/NAME becomes its cached run: the tasks, and the configs saved with their runs, hold
     # folders.
     if args.kind == "pixelsnail":
@@ -72,6 +69,9 @@ def t2i_config(args: argparse.Namespace) -> TextPixelSNAILConfig | RetrieveConfi
 
 
 def cmd_t2i_train(args: argparse.Namespace) -> None:
+    from clipsnail.tasks.t2i_pixelsnail import TextPixelSNAILTask
+    from clipsnail.tasks.t2i_retrieve import RetrieveTask
+
     cfg = t2i_config(args)
     if args.kind == "pixelsnail":
         task = TextPixelSNAILTask(cfg, run_dir=args.out)
@@ -81,6 +81,12 @@ def cmd_t2i_train(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    from clipsnail.data.images import load_image
+    from clipsnail.hub import load
+    from clipsnail.plots import image_grid, save_png
+    from clipsnail.runs import read_run_config
+    from clipsnail.sampling import to_pil
+
     task, _ = read_run_config(args.model)
     if task not in ("t2i_retrieve", "t2i_pixelsnail"):
         raise ClipsnailError(f"{args.model}: not a text-to-image run (its task is {task!r}); train one with "
