@@ -1,10 +1,12 @@
-"""`clipsnail data shapes|shards`: the built-in shapes dataset, and caption corpora as WebDataset tar shards."""
+"""`clipsnail data shapes|cifar10|cifar100|mnist|shards`: the built-in shapes dataset, the standard benchmarks
+downloaded, and caption corpora as WebDataset tar shards."""
 
 from __future__ import annotations
 
 import argparse
 
 from clipsnail.cli.common import add_caption_flags, print_json, say
+from clipsnail.data.downloads import NAMES
 from clipsnail.errors import ClipsnailError
 
 # Each handler imports what it runs (PIL, torch) so that `clipsnail --help` starts at once.
@@ -24,6 +26,16 @@ def add_data(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--sizes", default="small,large", help="shape sizes to draw (e.g. 'large' for 16x16 images)")
     p.add_argument("--overwrite", action="store_true", help="replace --out when it holds a shapes dataset")
     p.set_defaults(func=cmd_data_shapes)
+
+    for name in NAMES:
+        p = data.add_parser(name, help=f"download {DESCRIPTIONS[name]}, MD5-checked, into a folder that --data "
+                                       f"{'mnist' if 'mnist' in name else 'cifar'}:DIR reads; prints JSON")
+        p.add_argument("--out", required=True, help="folder to write (new, empty, or an earlier download: kept when "
+                                                    "it holds this dataset)")
+        p.add_argument("--from", dest="from_dir", metavar="FOLDER",
+                       help="offline: take the dataset's files from this folder (fetched elsewhere) instead of the "
+                            "network; the error of an offline download names them")
+        p.set_defaults(func=cmd_data_download, dataset=name)
 
     p = data.add_parser("shards", help="write a caption corpus as WebDataset tar shards (open_clip/img2dataset "
                                        "format) for streaming training; prints JSON")
@@ -47,6 +59,20 @@ def cmd_data_shapes(args: argparse.Namespace) -> None:
                               sizes=args.sizes.split(","), overwrite=args.overwrite)
     print_json(summary)
     say(f"wrote {args.out}/captions.csv, {args.out}/images/, {args.out}/split.json, {args.out}/scenes.json")
+
+
+DESCRIPTIONS = {"cifar10": "CIFAR-10 (50,000 train + 10,000 test images, 32x32, 10 classes; 163 MB)",
+                "cifar100": "CIFAR-100 (50,000 train + 10,000 test images, 32x32, 100 classes; 161 MB)",
+                "mnist": "MNIST (60,000 train + 10,000 test digits, 28x28; 11 MB)"}
+
+
+def cmd_data_download(args: argparse.Namespace) -> None:
+    from clipsnail.data.downloads import download_dataset
+
+    summary = download_dataset(args.dataset, args.out, from_dir=args.from_dir)
+    print_json(summary)
+    say(f"train on it with --data {summary['data']}, e.g. `clipsnail classify train --data {summary['data']} "
+        f"--out runs/{args.dataset}`")
 
 
 def cmd_data_shards(args: argparse.Namespace) -> None:
