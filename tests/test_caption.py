@@ -264,8 +264,10 @@ def test_caption_images_from_the_command_line_and_python(caption_run, single_sha
         scores = [result.clip_score, *(a.clip_score for a in result.alternatives)]
         assert scores == sorted(scores, reverse=True)  # the candidate CLIP scores highest comes first
 
-    assert main(["caption", "--model", str(caption_run), paths[0]]) == 0
-    assert capsys.readouterr().out.startswith(f"{paths[0]}: ")
+    assert main(["caption", "--model", str(caption_run), paths[0]]) == 0  # JSON, as every other command prints
+    assert json.loads(capsys.readouterr().out)[0]["captions"][0]["text"] == rows[0]["captions"][0]["text"]
+    assert main(["caption", "--model", str(caption_run), paths[0], "--text"]) == 0
+    assert capsys.readouterr().out == f"{paths[0]}: {rows[0]['captions'][0]['text']}\n"
 
 
 def test_caption_commands_refuse_bad_input(clip_run, tmp_path, capsys):

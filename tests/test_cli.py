@@ -197,3 +197,14 @@ def test_a_command_line_is_parsed_alike_with_only_its_command_filled_in():
     assert build_parser(commands=["clip"]).parse_args(line) == build_parser().parse_args(line)
     with pytest.raises(SystemExit):  # the other commands are names only: their flags are not there
         build_parser(commands=["clip"]).parse_args(["search", "--index", "x", "a dog"])
+
+
+@pytest.mark.parametrize("first", ["clipsnail.layers.attention", "clipsnail.tasks.classify", "clipsnail.models.lemevit",
+                                   "clipsnail"])
+def test_lemevit_registers_with_timm_whichever_module_imports_timm_first(first):
+    """The modules that import timm themselves, each imported first in a fresh interpreter: the registration that
+    runs as timm is imported must not import them back half-made (a circular import)."""
+    code = f"import {first}, timm; print('lemevit_tiny' in timm.list_models('lemevit*'))"
+    env = {**os.environ, "PYTHONPATH": str(Path(clipsnail.__file__).parents[1])}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert (result.returncode, result.stdout) == (0, "True\n"), result.stderr

@@ -53,7 +53,11 @@ def test_fine_tunes_indexes_and_answers_queries_then_reuses_run_and_index(photos
     assert len(logged_losses(out / "run")) == 3
     summary = read_summary(out)
     assert summary["fine_tuned_steps"] == 3
-    assert "val_image_retrieval_recall@5" in summary["held_out"]  # the caption set's held-out photos
+    held_out = summary["held_out"]  # the caption set's held-out photos: how many, and what chance is
+    assert "val_image_retrieval_recall@5" in held_out and held_out["val_num_captions"] >= held_out["val_num_images"] > 0
+    chance = min(1.0, 5 / held_out["val_num_images"])
+    assert (f"recall@5 {held_out['val_image_retrieval_recall@5']:.3f} over the {held_out['val_num_images']} captioned "
+            f"photos kept out of fine-tuning ({held_out['val_num_captions']} captions; chance {chance:.3f})") in printed
     assert summary["indexing"]["added"] == summary["indexing"]["total"] == 10
     assert [a["query"] for a in summary["queries"]] == ["a red circle", "two blue squares"]
     for answer, name in zip(summary["queries"], ["a_red_circle.png", "two_blue_squares.png"]):

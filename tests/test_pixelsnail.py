@@ -238,3 +238,10 @@ def test_unknown_preset_is_refused(digits_dir, tmp_path, capsys):
     assert main(["pixelsnail", "train", "--data", f"mnist:{digits_dir}", "--config", "h99", "--out",
                  str(tmp_path / "r"), "--no-progress"]) == 2
     assert "h99" in capsys.readouterr().err
+
+
+def test_the_progress_bar_shows_bits_per_dim_not_nats(digits_dir, tmp_path, capsys):
+    assert main(["pixelsnail", "train", "--data", f"mnist:{digits_dir}", "--config", "tiny", "--out",
+                 str(tmp_path / "run"), "--epochs", "1", "--set", "batch_size=8", "--set", "samples_per_epoch=0"]) == 0
+    bar = capsys.readouterr().err
+    assert "bits_per_dim=" in bar and "loss=" not in bar

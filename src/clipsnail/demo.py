@@ -333,7 +333,8 @@ def check_photo_demo_out(out: Path, photos: Path) -> None:
 
 
 def last_evaluation(run_dir: Path) -> dict[str, float]:
-    """The retrieval recalls of a run's last evaluation on its held-out captions (metrics.jsonl), or {}."""
+    """The retrieval recalls of a run's last evaluation on its held-out captions (metrics.jsonl), with the numbers of
+    images and captions they were measured on, or {}."""
     try:
         lines = (Path(run_dir) / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError):  # a converted run has no training log
@@ -345,7 +346,7 @@ def last_evaluation(run_dir: Path) -> dict[str, float]:
             continue
         if isinstance(record, dict) and any(str(k).startswith("eval/") for k in record):
             return {k.removeprefix("eval/"): round(v, 4) for k, v in record.items()
-                    if k.startswith("eval/") and "recall" in k and isinstance(v, (int, float))}
+                    if k.startswith("eval/") and ("recall" in k or "_num_" in k) and isinstance(v, (int, float))}
     return {}
 
 
@@ -394,10 +395,12 @@ def grid_filename(query: str, taken: set[str]) -> str:
 def print_photo_summary(summary: dict, index: ImageIndex, out: Path) -> None:
     say("")
     if summary.get("held_out"):
-        recall = summary["held_out"].get("val_image_retrieval_recall@5")
-        if recall is not None:
-            say(f"held-out check of the model: text->image recall@5 {recall:.3f} on the captioned photos kept out of "
-                f"fine-tuning")
+        held_out = summary["held_out"]
+        recall, images = held_out.get("val_image_retrieval_recall@5"), held_out.get("val_num_images")
+        if recall is not None and images:
+            say(f"held-out check of the model: text->image recall@5 {recall:.3f} over the {images} captioned photos "
+                f"kept out of fine-tuning ({held_out.get('val_num_captions', '?')} captions; chance "
+                f"{min(1.0, 5 / images):.3f})")
     for answer in summary["queries"]:
         say(f'"{answer["query"]}"  ->  {answer["grid"]}')
         for hit in answer["hits"][:TOP_HITS_SHOWN]:

@@ -72,7 +72,8 @@ class Task(Protocol):
     def evaluate(self, model: nn.Module) -> dict[str, float]: ...
     def save(self, model: nn.Module, run_dir: Path) -> None: ...  # config.json, model.safetensors, tokenizer...
     def after_epoch(self, model: nn.Module, run_dir: Path, epoch: int) -> None: ...
-    # Optional, for losses that couple the samples of a batch (see the module docstring):
+    # Optional: `progress_logs`, the names of `loss` logs the progress bar shows instead of the raw loss (PixelSNAIL's
+    # bits/dim, not nats). For losses that couple the samples of a batch (see the module docstring):
     #   embed(model, batch) -> dict of tensors; loss_from_embeddings(model, parts, batch, fresh) -> (loss, logs)
     # `train_dataset` may also be a streaming IterableDataset with `num_samples` and
     # `set_epoch(epoch, rank=, world_size=, batch_size=, skip_batches=)` (clipsnail.data.shards.ShardStream).
@@ -603,7 +604,8 @@ def _fit(task: Task, run_dir: Path, progress: bool, on_step: Callable[[int], Non
                 samples_since_log += cfg.batch_size
                 lr = optimizer.param_groups[0]["lr"]
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", refresh=False)
+                shown = {k: logs[k] for k in getattr(task, "progress_logs", ()) if k in logs} or {"loss": loss.item()}
+                bar.set_postfix({**{k: f"{v:.4f}" for k, v in shown.items()}, "lr": f"{lr:.2e}"}, refresh=False)
                 if step % cfg.log_every == 0 or step == total_steps:
                     mean_loss = dist.all_reduce_mean(loss).item()  # every rank takes part; rank 0 writes
                     now = time.monotonic()

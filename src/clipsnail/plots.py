@@ -24,7 +24,7 @@ def plot_training_curves(metrics_path: Path, out_path: Path) -> None:
     evals = [r for r in records if any(k.startswith("eval/") for k in r)]
     if not train:
         return
-    eval_keys = sorted({k for r in evals for k in r if k.startswith("eval/")})
+    eval_keys = sorted({k for r in evals for k in r if k.startswith("eval/") and "_num_" not in k})  # not counts
     loss_keys = [k for k in eval_keys if "loss" in k]
     other_keys = [k for k in eval_keys if k not in loss_keys][:8]
     fig, axes = plt.subplots(1, 3 if other_keys else 2, figsize=(13 if other_keys else 9, 3.5))

@@ -69,11 +69,13 @@ def add_caption(parser: argparse.ArgumentParser) -> None:
     add_decode_flags(p)
     p.set_defaults(func=cmd_caption_eval)
 
-    p = caption.add_parser("describe", help="caption images (the default: `clipsnail caption --model RUN IMAGE...`)")
+    p = caption.add_parser("describe", help="caption images, printing JSON (the default: `clipsnail caption --model "
+                                            "RUN IMAGE...`)")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--model", required=True, help="caption run directory")
     p.add_argument("--n-best", type=int, default=1, help="print this many candidates per image")
-    p.add_argument("--json", action="store_true", help="print JSON instead of one line per image")
+    p.add_argument("--text", action="store_true", help="print one line per image (IMAGE: caption) instead of JSON")
+    p.add_argument("--json", action="store_true", help="JSON (the default; kept for scripts that pass it)")
     add_decode_flags(p)
     p.set_defaults(func=cmd_caption_describe)
 
@@ -130,7 +132,9 @@ def cmd_caption_describe(args: argparse.Namespace) -> None:
         rows.append({"image": image, "captions": [
             {"text": c.text, "score": round(c.score, 4),
              **({"clip_score": round(c.clip_score, 4)} if c.clip_score is not None else {})} for c in candidates]})
-    if args.json:
+    if args.text and args.json:
+        raise ClipsnailError("--text and --json: choose one (JSON is the default)")
+    if not args.text:
         print_json(rows)
         return
     for row in rows:

@@ -131,6 +131,7 @@ def read_images(cfg: PixelSNAILTaskConfig, split: str) -> ClassData:
 
 class PixelSNAILTask:
     name = "pixelsnail"
+    progress_logs = ("bits_per_dim",)  # the progress bar in the unit the paper and the evaluation report
 
     def __init__(self, config: PixelSNAILTaskConfig, run_dir: str | Path | None = None):
         self.config = config

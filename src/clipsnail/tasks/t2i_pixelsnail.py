@@ -66,6 +66,7 @@ def embed_captions(clip, captions: list[str], batch_size: int = 512) -> tuple[di
 
 class TextPixelSNAILTask:
     name = "t2i_pixelsnail"
+    progress_logs = ("bits_per_dim",)  # the progress bar in the unit the paper and the evaluation report
 
     def __init__(self, config: TextPixelSNAILConfig, run_dir: str | Path | None = None):
         self.config = config
