@@ -169,3 +169,16 @@ def test_checkpoint_round_trip_of_nested_state(tmp_path):
     assert torch.equal(back["a"], state["a"]) and back["b"] == state["b"] and back["c"][7] is True
     assert torch.equal(back["c"]["d"], state["c"]["d"])
     assert not list(tmp_path.glob(".*tmp"))  # no temp files left behind
+
+
+def test_metrics_reach_tensorboard_as_they_are_logged(tmp_path):
+    pytest.importorskip("tensorboard")  # the tensorboard extra, part of the test extra
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    fit(ToyTask(epochs=2), tmp_path)
+    logged = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    losses = [(e.step, e.value) for e in events.Scalars("loss")]
+    assert losses == [(r["step"], pytest.approx(r["loss"])) for r in logged if "loss" in r]
+    assert [e.step for e in events.Scalars("eval/dummy")] == [r["step"] for r in logged if "eval/dummy" in r]

@@ -34,6 +34,7 @@ import signal
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -302,15 +303,18 @@ def backward(task: Task, model: nn.Module, batch: Any, accum_steps: int, scaler:
 
 
 class MetricsLog:
-    """metrics.jsonl (always) and TensorBoard (when installed)."""
+    """metrics.jsonl (always) and RUN/tensorboard (when tensorboard is installed: pip install
+    'clipsnail[tensorboard]'), each record flushed as it is written, so a killed run keeps its curves."""
 
     def __init__(self, run_dir: Path):
         self.path = run_dir / "metrics.jsonl"
         self.tb = None
-        with contextlib.suppress(Exception):  # tensorboard is optional
+        try:
             from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        except ImportError:  # not installed: metrics.jsonl and curves.png only
+            return
+        self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        weakref.finalize(self, self.tb.close)  # its writer thread ends with the log (when the training ends)
 
     def write(self, record: dict) -> None:
         with self.path.open("a") as f:
@@ -319,6 +323,7 @@ class MetricsLog:
             for k, v in record.items():
                 if k not in ("step", "epoch") and isinstance(v, (int, float)):
                     self.tb.add_scalar(k, v, record["step"])
+            self.tb.flush()
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop records written after the checkpoint so the log reads as one uninterrupted run."""
