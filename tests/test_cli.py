@@ -136,6 +136,28 @@ def test_write_result_grid_takes_path_score_pairs(tmp_path):
     assert out == tmp_path / "grid" / "g.png" and Image.open(out).size[0] > 2 * 100
 
 
+def test_grid_labels_name_the_files_and_every_text_fits_the_grid():
+    from PIL import ImageFont
+
+    from clipsnail.plots import cut_to_width, image_grid, result_labels, wrap_to_width
+
+    labels = result_labels([("/photos/IMG_20240412_093015_HDR_portrait_mode.jpg", 0.3124),
+                            (b"/photos/bad\xff\x1b[2J.png".decode("utf-8", "surrogateescape"), 0.25)])
+    assert labels[0].splitlines()[0] == "0.312"
+    assert labels[1].splitlines() == ["0.250", "bad\ufffd\\x1b[2J.png"]  # lossy, and no terminal escape
+    font = ImageFont.load_default(size=12)
+    cut = cut_to_width(labels[0].splitlines()[1], font, 128)
+    assert font.getlength(cut) <= 128 and cut.startswith("IMG_") and cut.endswith("mode.jpg") and "\u2026" in cut
+
+    title = "a red circle above a blue square and two green triangles (guidance 3, best 4 of 16)"
+    big = ImageFont.load_default(size=18)
+    lines = wrap_to_width(title, big, 268)
+    assert len(lines) > 1 and " ".join(lines) == title and all(big.getlength(ln) <= 268 for ln in lines)
+    tiles = [Image.new("RGB", (8, 8), "red")] * 16
+    short, long = image_grid(tiles, title="a red", cols=4, cell=64), image_grid(tiles, title=title, cols=4, cell=64)
+    assert long.width == short.width and long.height == short.height + 22 * (len(lines) - 1)
+
+
 @pytest.mark.slow
 def test_python_dash_m_runs_the_same_main():
     env = {**os.environ, "PYTHONPATH": str(Path(clipsnail.__file__).parents[1])}

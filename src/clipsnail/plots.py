@@ -9,6 +9,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from clipsnail.data.images import load_image
+from clipsnail.display import display_name, printable
 from clipsnail.safeio import atomic_path
 
 
@@ -93,16 +94,21 @@ def image_grid(
     cols: int = 3,
     cell: int = 128,
 ) -> Image.Image:
-    """Tile images (upscaled with NEAREST so small pixels stay crisp) with a title above and a label under each."""
+    """Tile images (upscaled with NEAREST so small pixels stay crisp) with a title above, wrapped to the grid's
+    width, and under each image its label: lines of text ("0.312" then a file name), each cut to the cell's width."""
     font, small = ImageFont.load_default(size=18), ImageFont.load_default(size=12)
+    cols = max(1, min(cols, len(images))) if images else 1
     rows = max(1, -(-len(images) // cols))
-    title_h = 30 if title else 0
-    label_h = 16 if labels else 0
     pad = 4
-    grid = Image.new("RGB", (cols * (cell + pad) + pad, title_h + rows * (cell + label_h + pad) + pad), "white")
+    width = cols * (cell + pad) + pad
+    title_lines = wrap_to_width(title, font, width - 2 * pad) if title else []
+    title_h = 22 * len(title_lines) + 8 if title_lines else 0
+    label_lines = [str(label).splitlines() for label in labels] if labels else []
+    label_h = 15 * max((len(lines) for lines in label_lines), default=0) + 2 if labels else 0
+    grid = Image.new("RGB", (width, title_h + rows * (cell + label_h + pad) + pad), "white")
     draw = ImageDraw.Draw(grid)
-    if title:
-        draw.text((pad, 6), title, fill="black", font=font)
+    for i, line in enumerate(title_lines):
+        draw.text((pad, 5 + 22 * i), line, fill="black", font=font)
     for i, im in enumerate(images):
         r, c = divmod(i, cols)
         x, y = pad + c * (cell + pad), title_h + pad + r * (cell + label_h + pad)
@@ -110,9 +116,34 @@ def image_grid(
         im = im.convert("RGB")
         scale = cell / max(im.size)
         grid.paste(im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), resample), (x, y))
-        if labels:
-            draw.text((x, y + cell + 2), labels[i][:24], fill="black", font=small)
+        for j, line in enumerate(label_lines[i] if labels else []):
+            draw.text((x, y + cell + 2 + 15 * j), cut_to_width(line, small, cell), fill="black", font=small)
     return grid
+
+
+def wrap_to_width(text: str, font, width: float) -> list[str]:
+    """`text` in lines no wider than `width` pixels, broken between words (a word wider than a line is cut)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(cut_to_width(word, font, width))
+    return lines
+
+
+def cut_to_width(text: str, font, width: float) -> str:
+    """`text` if it fits in `width` pixels, else its start and end around an ellipsis ("IMG_20...0412.jpg"): the
+    end of a file name (its number, its extension) tells photos apart as much as its start."""
+    if font.getlength(text) <= width:
+        return text
+    keep = len(text)
+    while keep > 1:
+        keep -= 1
+        head, tail = text[: (keep + 1) // 2], text[len(text) - keep // 2:] if keep // 2 else ""
+        if font.getlength(f"{head}\u2026{tail}") <= width:
+            return f"{head}\u2026{tail}"
+    return "\u2026"
 
 
 def save_png(image: Image.Image, path: str | Path) -> Path:
@@ -124,6 +155,12 @@ def save_png(image: Image.Image, path: str | Path) -> Path:
 
 
 def write_result_grid(path: str | Path, title: str, results: Sequence[tuple[str | Path, float]]) -> Path:
-    """Search results as a grid PNG: (image path, score) pairs, best first, each image labelled with its score."""
+    """Search results as a grid PNG: (image path, score) pairs, best first, each image labelled with its score and
+    its file name."""
     images = [load_image(p) for p, _ in results]
-    return save_png(image_grid(images, title=title, labels=[f"{s:.3f}" for _, s in results]), path)
+    return save_png(image_grid(images, title=title, labels=result_labels(results)), path)
+
+
+def result_labels(results: Sequence[tuple[str | Path, float]]) -> list[str]:
+    """"0.312" over the file's name (lossy where the name is not UTF-8, control characters escaped)."""
+    return [f"{score:.3f}\n{printable(display_name(Path(p).name))}" for p, score in results]

@@ -83,7 +83,7 @@ def cmd_t2i_train(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     from clipsnail.data.images import load_image
     from clipsnail.hub import load
-    from clipsnail.plots import image_grid, save_png
+    from clipsnail.plots import image_grid, result_labels, save_png
     from clipsnail.runs import read_run_config
     from clipsnail.sampling import to_pil
 
@@ -96,7 +96,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         matches = generator.generate(args.prompt, k=args.n)
         print_json([{"image": str(p), "distance": round(d, 4)} for p, d in matches])
         grid = image_grid([load_image(p) for p, _ in matches], title=f"nearest known images: {args.prompt}",
-                          labels=[f"{d:.3f}" for _, d in matches], cell=96)
+                          labels=result_labels(matches), cell=96)
     else:
         images, scores = generator.generate(args.prompt, n=args.n, guidance=args.guidance, rerank=args.rerank,
                                             temperature=args.temperature, seed=args.seed,
