@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import run_error, sets
+from helpers import run_error, sets
 
 from clipsnail.captioning import (
     caption_metrics,

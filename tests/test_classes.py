@@ -5,7 +5,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from conftest import write_idx
+from helpers import write_idx
 from PIL import Image
 
 from clipsnail.data.classes import ClassData, ClassImageDataset, read_class_data, read_idx

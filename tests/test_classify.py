@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_CLASSIFY, assert_same_weights, logged_losses, raise_at, sets, write_idx
+from helpers import TINY_CLASSIFY, assert_same_weights, logged_losses, raise_at, sets, write_idx
 
 from clipsnail.cli import main
 from clipsnail.config import load_config

@@ -10,7 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import TINY_CLIP
+from helpers import TINY_CLIP
 from PIL import Image
 
 import clipsnail

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_clip_args
+from helpers import tiny_clip_args
 from PIL import Image
 from safetensors.torch import load_file
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_clip_args, torchrun
+from helpers import tiny_clip_args, torchrun
 from safetensors.torch import load_file
 
 from clipsnail.cli import main

@@ -4,7 +4,7 @@ untrained model), and YAML that means something other than it says is refused.""
 from __future__ import annotations
 
 import pytest
-from conftest import run_error, tiny_clip_args
+from helpers import run_error, tiny_clip_args
 
 from clipsnail.config import TrainConfig, load_config
 from clipsnail.errors import ConfigError

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_CLIP, caption_flags, run_error, sets, tiny_clip
+from helpers import TINY_CLIP, caption_flags, run_error, sets, tiny_clip
 
 import clipsnail
 from clipsnail.cli import main

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from conftest import caption_flags, make_open_clip, save_safetensors, sets, tiny_t2i_args
+from helpers import caption_flags, make_open_clip, save_safetensors, sets, tiny_t2i_args
 from PIL import Image
 from safetensors.torch import save_file
 

@@ -8,8 +8,8 @@ import os
 import subprocess
 import sys
 
-from conftest import noise_image
 from fastapi.testclient import TestClient
+from helpers import noise_image
 
 from clipsnail.display import PrintableFilter, display_name, printable
 from clipsnail.index import build_index

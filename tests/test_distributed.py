@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import TINY_CLASSIFY, sets, tiny_clip, tiny_clip_args, torchrun
+from helpers import TINY_CLASSIFY, sets, tiny_clip, tiny_clip_args, torchrun
 from safetensors.torch import load_file, save_file
 
 from clipsnail.engine import backward, split_batch

@@ -12,7 +12,7 @@ import threading
 
 import numpy as np
 import pytest
-from conftest import run_error, write_idx
+from helpers import run_error, write_idx
 
 from clipsnail.cli import main
 from clipsnail.data import downloads

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import assert_same_weights, raise_at
+from helpers import assert_same_weights, raise_at
 from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import Dataset

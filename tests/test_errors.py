@@ -3,7 +3,7 @@
 import shutil
 
 import pytest
-from conftest import run_error, tiny_clip_args
+from helpers import run_error, tiny_clip_args
 from PIL import Image
 
 from clipsnail.cli import main

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from conftest import assert_same_weights, raise_at, run_error, tiny_clip_args
+from helpers import assert_same_weights, raise_at, run_error, tiny_clip_args
 from safetensors.torch import load_file, save_file
 
 import clipsnail

@@ -9,7 +9,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_clip_args
+from helpers import tiny_clip_args
 from PIL import Image
 
 import clipsnail.export as export_module

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import noise_image, run_error
+from helpers import noise_image, run_error
 from PIL import Image, ImageOps
 
 from clipsnail.cli import main
@@ -85,7 +85,7 @@ def test_draft_decoding_keeps_modes_and_alpha_as_a_full_decode(tmp_path):
 def test_embedding_of_a_draft_decoded_large_jpeg_is_close_to_the_full_decode(clip_model, shapes_dir, tmp_path):
     """Tolerance: cosine similarity > 0.99 between the embedding of the photo decoded at 1/8 (then box-shrunk to
     about the model's 16 px) and of the same photo fully decoded, for each of 8 shapes pictures blown up to
-    1024x768 (the tiny model of conftest)."""
+    1024x768 (the tiny model of the tests' helpers)."""
     sources = sorted((shapes_dir / "images").glob("*.png"))[:8]
     paths = []
     for i, src in enumerate(sources):

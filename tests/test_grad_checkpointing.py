@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_clip
+from helpers import tiny_clip
 
 from clipsnail.losses import clip_loss
 from clipsnail.models.clip import CLIP

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import noise_image, run_error, tiny_clip_args
+from helpers import noise_image, run_error, tiny_clip_args
 
 from clipsnail.cli import main
 from clipsnail.errors import ClipsnailError, DataError

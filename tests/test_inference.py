@@ -4,7 +4,7 @@ embeddings of a folder would otherwise keep every graph with them), and `require
 from __future__ import annotations
 
 import torch
-from conftest import noise_image
+from helpers import noise_image
 
 import clipsnail
 

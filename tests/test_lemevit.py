@@ -227,7 +227,7 @@ def test_small_image_variant_keeps_a_16x16_grid_for_32px_input():
 
 
 def test_lemevit_is_a_clip_image_tower(shapes_dir, tmp_path, capsys):
-    from conftest import tiny_clip_args
+    from helpers import tiny_clip_args
 
     from clipsnail.cli import main
     from clipsnail.hub import load

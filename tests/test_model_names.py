@@ -11,7 +11,7 @@ import threading
 import huggingface_hub
 import pytest
 import torch
-from conftest import make_open_clip, noise_image, run_error, save_safetensors
+from helpers import make_open_clip, noise_image, run_error, save_safetensors
 from safetensors.torch import load_file, save_file
 
 import clipsnail

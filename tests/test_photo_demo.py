@@ -8,7 +8,7 @@ import json
 import shutil
 
 import pytest
-from conftest import TINY_CLIP, logged_losses, run_error, sets
+from helpers import TINY_CLIP, logged_losses, run_error, sets
 
 from clipsnail import pretrained
 from clipsnail.cli import main

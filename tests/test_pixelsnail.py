@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import logged_losses, write_idx
+from helpers import logged_losses, write_idx
 
 from clipsnail.cli import main
 from clipsnail.layers.causal import WNConv2d, causal_attention, causal_mask, data_dependent_init

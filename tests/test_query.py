@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import noise_image, run_error
 from fastapi.testclient import TestClient
+from helpers import noise_image, run_error
 from PIL import Image
 
 from clipsnail.cli import main

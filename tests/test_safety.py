@@ -11,7 +11,7 @@ import sys
 from contextlib import contextmanager
 
 import pytest
-from conftest import noise_image
+from helpers import noise_image
 
 from clipsnail import safeio
 from clipsnail.cli import main
@@ -356,7 +356,7 @@ def test_a_linked_class_folder_is_not_a_class(tmp_path, caplog):
 
 
 def test_training_never_writes_into_a_users_folder(shapes_dir, tmp_path, capsys):
-    from conftest import tiny_clip_args
+    from helpers import tiny_clip_args
 
     users = tmp_path / "mine"
     users.mkdir()
@@ -391,7 +391,7 @@ def test_a_second_writer_of_a_run_or_index_stops_naming_the_first(clip_run, clip
                                                                    capsys):
     """Two `clip train --out SAME` (or two index builds) at once: the second stops at once with the pid of the
     first, writing nothing; once the first is gone (even killed), the lock is free again."""
-    from conftest import run_error, tiny_clip_args
+    from helpers import run_error, tiny_clip_args
 
     run = tmp_path / "runs" / "clip"
     with locked_by_another_process(run) as pid:
@@ -418,7 +418,7 @@ def no_space(*args, **kwargs):
 
 def test_a_full_disk_at_the_first_checkpoint_is_one_line_and_the_rerun_starts_over(shapes_dir, tmp_path, capsys,
                                                                                     monkeypatch):
-    from conftest import run_error, tiny_clip_args
+    from helpers import run_error, tiny_clip_args
 
     from clipsnail import engine
 
@@ -438,7 +438,7 @@ def test_a_full_disk_at_the_first_checkpoint_is_one_line_and_the_rerun_starts_ov
 
 def test_a_full_disk_while_writing_an_index_keeps_the_old_one(clip_run, clip_model, photos, tmp_path, capsys,
                                                               monkeypatch):
-    from conftest import run_error
+    from helpers import run_error
 
     import clipsnail.index as index_module
 
@@ -461,7 +461,7 @@ def test_a_full_disk_while_writing_an_index_keeps_the_old_one(clip_run, clip_mod
 
 
 def test_too_little_free_space_is_said_before_encoding(clip_run, photos, tmp_path, capsys, monkeypatch):
-    from conftest import run_error
+    from helpers import run_error
 
     import clipsnail.index as index_module
 
@@ -475,7 +475,7 @@ def test_too_little_free_space_is_said_before_encoding(clip_run, photos, tmp_pat
 def test_a_read_only_disk_met_anywhere_is_one_line(monkeypatch, capsys, tmp_path):
     import errno
 
-    from conftest import run_error
+    from helpers import run_error
 
     from clipsnail.cli import data
 

@@ -16,9 +16,9 @@ import zlib
 from types import SimpleNamespace
 
 import pytest
-from conftest import StandInGenerator, run_error, tiny_t2i_args
 from fastapi.responses import HTMLResponse
 from fastapi.testclient import TestClient
+from helpers import StandInGenerator, run_error, tiny_t2i_args
 from PIL import Image
 
 from clipsnail.cli import main

@@ -15,7 +15,7 @@ import time
 from types import SimpleNamespace
 
 import pytest
-from conftest import StandInGenerator
+from helpers import StandInGenerator
 
 from clipsnail.index import build_index
 from clipsnail.serve import Limits, create_app

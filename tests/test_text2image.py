@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import caption_flags, run_error, sets, tiny_t2i_args
+from helpers import caption_flags, run_error, sets, tiny_t2i_args
 from PIL import Image
 
 from clipsnail import load

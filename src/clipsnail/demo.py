@@ -48,7 +48,7 @@ from clipsnail.models.clip import ClipModelConfig
 from clipsnail.plots import write_result_grid
 from clipsnail.pretrained import PRETRAINED_EXTRA, is_off, is_timm, resolve, text_model_dir
 from clipsnail.runs import read_run_config, weights_fingerprint
-from clipsnail.safeio import atomic_write_text, is_under, read_json_object
+from clipsnail.safeio import atomic_write_json, is_under, read_json_object
 from clipsnail.tasks.clip import ClipConfig, ClipTask
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ def run_demo(out: Path, steps: int = DEMO_STEPS, quick: bool = False, progress: 
                                        [(h.path, h.score) for h in hits]))
 
     summary = {k: round(v, 4) for k, v in metrics.items() if "rank" not in k}
-    atomic_write_text(out / "demo_metrics.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_json(out / "demo_metrics.json", summary)
     say("")
     say(json.dumps(summary, indent=2))
     say("")
@@ -247,12 +247,12 @@ def run_photo_demo(photos: str | Path, out: str | Path, *, model_run: str | Path
         raise DataError(f"{photos}: none of its {stats['unreadable']} image files could be read")
     summary.update({"index": str(index_dir), "indexing": stats})
     # Written now as well: the next run tells from it which model made these vectors, even if this one stops here.
-    atomic_write_text(out / PHOTO_SUMMARY, json.dumps(summary, indent=2) + "\n")
+    atomic_write_json(out / PHOTO_SUMMARY, summary)
 
     say(f"[3/3] answering {len(queries)} text queries ...")
     summary["queries"] = answer_queries(model, index, queries, out / "queries")
     summary["seconds"] = round(time.perf_counter() - started, 1)
-    atomic_write_text(out / PHOTO_SUMMARY, json.dumps(summary, indent=2) + "\n")
+    atomic_write_json(out / PHOTO_SUMMARY, summary)
     print_photo_summary(summary, index, out)
     if zero_shot:
         print_how_to_do_better(photos, out)

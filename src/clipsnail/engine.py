@@ -53,7 +53,7 @@ from clipsnail.errors import ClipsnailError, DataError, Interrupted
 from clipsnail.optim import build_optimizer, lr_lambda, warmup_steps
 from clipsnail.rng import rng_state, set_rng_state
 from clipsnail.runs import CHECKPOINT, check_run_dir, load_weights, save_weights
-from clipsnail.safeio import atomic_path, atomic_write_text, read_json_object, writer_lock
+from clipsnail.safeio import atomic_path, atomic_write_json, atomic_write_text, read_json_object, writer_lock
 
 log = logging.getLogger(__name__)
 
@@ -723,8 +723,8 @@ def _keep_best(name: str, metrics: dict[str, float], best: float | None, model: 
     if best is not None and (value >= best if lower else value <= best):
         return best
     save_weights(model, run_dir / "best.safetensors", metadata={"metric": name, "value": str(value)})
-    atomic_write_text(run_dir / "best.json", json.dumps({"metric": name, "value": value, "step": step,
-                                                         "epoch": epoch + 1}) + "\n")
+    atomic_write_json(run_dir / "best.json", {"metric": name, "value": value, "step": step, "epoch": epoch + 1},
+                      indent=None)
     log.info("best %s so far: %.4f (epoch %d) -> best.safetensors", name, value, epoch + 1)
     return value
 

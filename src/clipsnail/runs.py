@@ -21,7 +21,7 @@ from torch import nn
 
 from clipsnail.config import to_dict
 from clipsnail.errors import ConfigError, DataError
-from clipsnail.safeio import atomic_path, atomic_write_text, read_json_object
+from clipsnail.safeio import atomic_path, atomic_write_json, read_json_object
 
 CHECKPOINT = "checkpoint/state.safetensors"
 T = TypeVar("T")
@@ -35,7 +35,7 @@ def save_run(run_dir: str | Path, task: str, config, model: torch.nn.Module, tok
     if tokenizer is not None:
         with atomic_path(run_dir / "tokenizer.json") as tmp:
             tokenizer.save(tmp)
-    atomic_write_text(run_dir / "config.json", json.dumps({"task": task, **to_dict(config)}, indent=2) + "\n")
+    atomic_write_json(run_dir / "config.json", {"task": task, **to_dict(config)})
 
 
 def read_run_config(run_dir: str | Path) -> tuple[str, dict]:

@@ -173,14 +173,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-
-
 def atomic_write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def atomic_write_json(path: str | Path, obj, indent: int | None = 2, **dumps) -> None:
+    """`obj` as a JSON file ending in a newline (indented for a person to read by default; `dumps`: more
+    json.dumps options), replaced atomically like every file this package writes."""
+    atomic_write_text(path, json.dumps(obj, indent=indent, **dumps) + "\n")
 
 
 # What a full, over-quota, read-only or failing disk raises (as errno, or in a library's message: faiss's "write

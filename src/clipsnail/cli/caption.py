@@ -18,9 +18,9 @@ from clipsnail.cli.common import (
     say,
     task_config,
     train_and_report,
-    write_json,
 )
 from clipsnail.errors import ClipsnailError
+from clipsnail.safeio import atomic_write_json
 
 # Each handler imports what it runs (torch, the models, the tasks) so that `clipsnail --help` starts at once.
 
@@ -156,5 +156,5 @@ def cmd_caption_eval(args: argparse.Namespace) -> None:
                                        max_images=args.max_images, progress=not args.no_progress,
                                        follow_links=args.follow_links)
     if args.out:
-        write_json(Path(args.out), rows)
+        atomic_write_json(Path(args.out), rows)
     print_metrics(metrics)

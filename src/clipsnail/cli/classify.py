@@ -14,10 +14,9 @@ from clipsnail.cli.common import (
     say,
     task_config,
     train_and_report,
-    write_json,
 )
 from clipsnail.errors import ClipsnailError
-from clipsnail.safeio import atomic_write_text
+from clipsnail.safeio import atomic_write_json, atomic_write_text
 
 # Each handler imports what it runs (torch, the models, the tasks) so that `clipsnail --help` starts at once.
 
@@ -91,8 +90,8 @@ def cmd_classify_eval(args: argparse.Namespace) -> None:
     metrics = rounded({**metrics, "split": args.split, "weights": weights})
     out = run / f"eval_{args.split}"
     out.mkdir(exist_ok=True)
-    write_json(out / "metrics.json", metrics)
-    write_json(out / "per_class.json", per_class)
+    atomic_write_json(out / "metrics.json", metrics)
+    atomic_write_json(out / "per_class.json", per_class)
     atomic_write_text(out / "classification_report.txt", f"{data.source} split {args.split}: {data.split_rule}\n\n"
                                                          f"{report}")
     plot_confusion_matrix(labels.numpy(), logits.argmax(1).numpy(), data.classes, out / "confusion_matrix.png",

@@ -13,8 +13,8 @@ from clipsnail.cli.common import (
     rounded,
     task_config,
     train_and_report,
-    write_json,
 )
+from clipsnail.safeio import atomic_write_json
 
 # Each handler imports what it runs (torch, the models, the tasks) so that `clipsnail --help` starts at once.
 
@@ -102,5 +102,5 @@ def cmd_clip_eval(args: argparse.Namespace) -> None:
                                         args.batch_size, progress=not args.no_progress, strict=args.strict,
                                         follow_links=args.follow_links)
     metrics = rounded(metrics)  # the file and the output alike
-    write_json(model.run_dir / f"eval_{args.split}.json", metrics)
+    atomic_write_json(model.run_dir / f"eval_{args.split}.json", metrics)
     print_metrics(metrics)

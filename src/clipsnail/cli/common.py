@@ -7,12 +7,10 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from clipsnail.config import load_config
 from clipsnail.display import printable
-from clipsnail.safeio import atomic_write_text
 
 # The engine (torch) is imported where a command trains, so that `clipsnail --help` starts at once.
 
@@ -107,10 +105,6 @@ def print_metrics(metrics) -> None:
 def say(text: str, file=None) -> None:
     """A line of text for the user (stderr unless `file`), with file names in it escaped (display.printable)."""
     print(printable(text, keep_lines=True), file=file or sys.stderr)
-
-
-def write_json(path: Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def print_summary(task, summary: Callable[[], str]) -> None:

@@ -15,9 +15,9 @@ from clipsnail.cli.common import (
     say,
     task_config,
     train_and_report,
-    write_json,
 )
 from clipsnail.errors import ClipsnailError
+from clipsnail.safeio import atomic_write_json
 
 # Each handler imports what it runs (torch, the models, the tasks) so that `clipsnail --help` starts at once.
 
@@ -103,7 +103,7 @@ def cmd_pixelsnail_eval(args: argparse.Namespace) -> None:
     transform = image_transform(cfg.data.image_size, data.native_size)
     bpd = evaluate_bits_per_dim(model, data, transform, cfg, args.batch_size, progress=not args.no_progress)
     metrics = rounded({"bits_per_dim": bpd, "split": args.split, "num_images": len(data)})
-    write_json(Path(args.model) / f"eval_{args.split}.json", metrics)
+    atomic_write_json(Path(args.model) / f"eval_{args.split}.json", metrics)
     print_metrics(metrics)
 
 

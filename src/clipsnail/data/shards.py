@@ -34,7 +34,7 @@ from clipsnail.data.captions import captions_by_image, load_split
 from clipsnail.data.images import IMAGE_EXTENSIONS, load_image
 from clipsnail.errors import ConfigError, DataError
 from clipsnail.rng import seeded
-from clipsnail.safeio import MAX_IMAGE_FILE_BYTES, atomic_path, atomic_write_text, read_regular
+from clipsnail.safeio import MAX_IMAGE_FILE_BYTES, atomic_path, atomic_write_json, read_regular
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +95,6 @@ class _ShardWriter:
         if self._tar is not None:
             self._tar.close()
             self._tar = None
-
-
-def _write_json(path: Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
 def _image_ext(name: str, data: bytes) -> str:
@@ -196,7 +192,7 @@ def write_shards(
     sizes_path = out_dir / "sizes.json"
     sizes = _read_sizes(out_dir)
     sizes = {k: v for k, v in sizes.items() if not ours.fullmatch(k) and (out_dir / k).is_file()}
-    _write_json(sizes_path, {**sizes, **writer.sizes})
+    atomic_write_json(sizes_path, {**sizes, **writer.sizes}, sort_keys=True, ensure_ascii=False)
 
     summary = {
         "out": str(out_dir),
@@ -210,7 +206,7 @@ def write_shards(
     info = {**summary, "source_captions": str(captions), "source_images": str(images_dir), "format": format,
             "split_file": str(split_file) if split_file else None, "seed": seed, "shard_size": shard_size,
             "sizes": writer.sizes}
-    _write_json(out_dir / f"_{prefix}info.json", info)
+    atomic_write_json(out_dir / f"_{prefix}info.json", info, sort_keys=True, ensure_ascii=False)
     log.info("wrote %d images (%d captions) to %d shards in %s", writer.samples, written_captions,
              len(writer.sizes), out_dir)
     return summary

@@ -7,7 +7,6 @@ bank.json), so generating needs neither the encoder nor the images' pixels.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from clipsnail.models.text2feat import Text2FeatConfig, TextToFeature, nearest
 from clipsnail.models.timm_features import TimmImageEncoder
 from clipsnail.optim import param_groups_by_prefix
 from clipsnail.runs import build_described, build_for_weights, load_run_weights, save_run
-from clipsnail.safeio import atomic_path, atomic_write_text
+from clipsnail.safeio import atomic_path, atomic_write_json
 from clipsnail.tasks.clip import load_clip_run
 
 log = logging.getLogger(__name__)
@@ -140,7 +139,7 @@ class RetrieveTask:
             with atomic_path(run_dir / "bank.safetensors") as tmp:
                 save_file({"features": self.features.contiguous()}, str(tmp))
             bank = {"images_dir": str(Path(self.config.data.images).resolve()), "names": self.names}
-            atomic_write_text(run_dir / "bank.json", json.dumps(bank) + "\n")
+            atomic_write_json(run_dir / "bank.json", bank, indent=None)
 
 
 def load_run(run_dir: Path, data: dict, weights: str = "model") -> FeatureRetriever:
