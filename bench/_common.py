@@ -107,7 +107,7 @@ def write_json(path: str | Path, data: dict) -> Path:
     """Write to a temp name then rename (safeio.atomic_write_text): a killed benchmark never leaves half a results
     file."""
     use_source_tree()
-    from clipsnail.safeio import atomic_write_text
+    from clipsnail.core.safeio import atomic_write_text
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

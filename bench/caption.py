@@ -38,10 +38,10 @@ _common.use_source_tree()
 
 import coco_pretrained  # noqa: E402  (bench/coco_pretrained.py: its folds and its CLIP fine-tuning)
 
-from clipsnail.captioning import evaluate_captioner  # noqa: E402
+from clipsnail.apps.hub import load  # noqa: E402
 from clipsnail.cli import main as cli  # noqa: E402
 from clipsnail.data.shapes import generate_shapes  # noqa: E402
-from clipsnail.hub import load  # noqa: E402
+from clipsnail.inference.captioner import evaluate_captioner  # noqa: E402
 
 COCO = coco_pretrained.DATA
 DECODER = ["model.width=256", "model.depth=3", "model.heads=4", "train.log_every=50", "train.eval_every=0",

@@ -47,7 +47,7 @@ VARIANTS = ("ours", "ours_plain_loss", "open_clip")
 DEFAULT_HOLDOUT = "purple:triangle,cyan:square"
 CAPTIONS_PER_IMAGE = 3
 DATA_SEED = 0
-# The demo's settings (src/clipsnail/demo.py): the current best guess for a 2-core CPU.
+# The demo's settings (src/clipsnail/apps/demo.py): the current best guess for a 2-core CPU.
 MODEL_OVERRIDES = ["model.patch_size=8", "data.context_length=24", "optim.lr=1e-3", "optim.weight_decay=0.2",
                    "optim.warmup_steps=50"]
 # Our recommended recipe for from-scratch training on small data, used only for the "ours" row: a convolutional
@@ -104,8 +104,8 @@ def generator_version() -> str:
 
 def generate_combo_folder(out: Path, n_per_combo: int, size: int, seed: int = 2) -> None:
     """out/<colour>_<kind>/NNNN.png: single shapes of every (colour, kind), random size and position."""
+    from clipsnail.core.safeio import staged_dir
     from clipsnail.data.shapes import COLORS, SHAPES, SIZES, Scene, Shape, render
-    from clipsnail.safeio import staged_dir
 
     with staged_dir(out) as tmp:  # built beside `out`, swapped in whole
         for color in COLORS:
@@ -147,7 +147,7 @@ def prepare_data(args) -> dict:
 
 
 def build_config(spec: dict, variant: str):
-    from clipsnail.config import load_config
+    from clipsnail.core.config import load_config
     from clipsnail.tasks.clip import ClipConfig
 
     shapes = Path(spec["paths"]["shapes"])
@@ -195,9 +195,9 @@ def param_counts(total_model, image_parts, text_parts) -> dict:
 def train_ours(spec: dict, variant: str, work: Path) -> tuple:
     import torch
 
-    from clipsnail.engine import fit
-    from clipsnail.hub import load
+    from clipsnail.apps.hub import load
     from clipsnail.tasks.clip import ClipTask
+    from clipsnail.train.engine import fit
 
     cfg, overrides = build_config(spec, variant)
     run_dir = work / "run"
@@ -215,7 +215,7 @@ def train_ours(spec: dict, variant: str, work: Path) -> tuple:
     losses = [loss for _, loss in curve]
     info = {
         "overrides": overrides,
-        "loss": "clipsnail.losses.clip_loss " + ("multi-positive (image ids + identical caption texts)"
+        "loss": "clipsnail.train.losses.clip_loss " + ("multi-positive (image ids + identical caption texts)"
                                                   if variant == "ours" else "plain (diagonal targets)"),
         "steps": result.step, "completed": result.completed,
         "setup_seconds": round(setup_s, 2), "fit_seconds": round(fit_s, 2),
@@ -231,8 +231,8 @@ def train_ours(spec: dict, variant: str, work: Path) -> tuple:
 
 
 class OpenClipForEval:
-    """open_clip's CLIP with the interface clipsnail.evaluate uses: encode_image(tensor), encode_text(strings),
-    preprocess, cfg.embed_dim, eval(); embeddings L2-normalised like ours."""
+    """open_clip's CLIP with the interface clipsnail.inference.evaluate uses: encode_image(tensor),
+    encode_text(strings), preprocess, cfg.embed_dim, eval(); embeddings L2-normalised like ours."""
 
     def __init__(self, model, tokenizer, preprocess, embed_dim: int):
         from types import SimpleNamespace
@@ -303,9 +303,9 @@ def train_open_clip(spec: dict, work: Path) -> tuple:
     from torch.utils.data import DataLoader
 
     from clipsnail.data.transforms import eval_transform
-    from clipsnail.engine import ResumableBatchSampler
-    from clipsnail.optim import lr_lambda
     from clipsnail.tasks.clip import ClipTask
+    from clipsnail.train.engine import ResumableBatchSampler
+    from clipsnail.train.optim import lr_lambda
 
     cfg, overrides = build_config(spec, "open_clip")
     t = time.perf_counter()
@@ -387,8 +387,8 @@ def step_ab(spec: dict) -> dict:
     import torch
     from open_clip.loss import ClipLoss
 
-    from clipsnail.optim import build_optimizer
     from clipsnail.tasks.clip import ClipTask
+    from clipsnail.train.optim import build_optimizer
 
     cfg, _ = build_config(spec, "ours_plain_loss")
     task = ClipTask(cfg, run_dir=None)
@@ -442,10 +442,10 @@ def step_ab(spec: dict) -> dict:
 def evaluate(model, spec: dict) -> dict:
     import torch
 
-    from clipsnail.data.captions import group_by_image, read_captions, split_records
+    from clipsnail.data.caption_corpora import group_by_image, read_captions, split_records
     from clipsnail.data.images import list_image_folder
     from clipsnail.data.shapes import load_scenes, parse_caption, scene_matches
-    from clipsnail.evaluate import (
+    from clipsnail.inference.evaluate import (
         classification_metrics,
         encode_image_paths,
         encode_texts,
@@ -535,10 +535,10 @@ def child_main(variant: str, spec_path: str, result_path: str) -> None:
         return
     # The imports' share of peak memory, reported apart: the same clipsnail modules in every process (the
     # open_clip one needs ClipTask for its data), plus open_clip in its own.
-    import clipsnail.engine  # noqa: F401
-    import clipsnail.evaluate  # noqa: F401
-    import clipsnail.hub  # noqa: F401
+    import clipsnail.apps.hub  # noqa: F401
+    import clipsnail.inference.evaluate  # noqa: F401
     import clipsnail.tasks.clip  # noqa: F401
+    import clipsnail.train.engine  # noqa: F401
     if variant == "open_clip":
         import open_clip  # noqa: F401
     rss_after_imports = _common.peak_rss_mib()
@@ -641,7 +641,7 @@ def summary_table(results: dict, head: dict | None, step_timing: dict | None) ->
 
 
 def parent_main(args) -> None:
-    from clipsnail.safeio import atomic_write_text
+    from clipsnail.core.safeio import atomic_write_text
 
     args.holdout = parse_holdout(args.holdout)
     if args.quick:
@@ -748,7 +748,8 @@ def notes(args, results: dict) -> list[str]:
         "head-to-head ratios compare implementations, not recipes.",
         "Same for all rows: ClipTask captions/BPE tokenizer/dataset/collate, ResumableBatchSampler order and "
         "per-sample augmentation seeds, torch seed before model init, AdamW (lr, betas, eps, weight_decay from "
-        "ClipConfig), warmup+cosine (clipsnail.engine.lr_lambda), grad-norm clip, logit_scale clamped to [0, ln 100] "
+        "ClipConfig), warmup+cosine (clipsnail.train.optim.lr_lambda), grad-norm clip, logit_scale clamped to "
+        "[0, ln 100] "
         "after each step, fp32, num_workers=0, torch default threads.",
         "Weight decay exclusions differ on purpose, each side using its own rule: ours skips ndim<2, biases, "
         "pos_embed/cls_token and logit_scale; open_clip's loop uses open_clip_train's rule (ndim<2, 'bn'/'ln'/'bias'"

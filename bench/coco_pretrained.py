@@ -138,7 +138,7 @@ def speed(work: Path, split: Path, batch: int, steps: int) -> dict:
 
 def open_clip_config(split: Path, steps: int, batch: int, image_size: int) -> tuple:
     """The ClipConfig the CLI would build for the scratch row, with OPEN_CLIP's overrides: (config, overrides)."""
-    from clipsnail.config import load_config
+    from clipsnail.core.config import load_config
     from clipsnail.tasks.clip import ClipConfig
 
     overrides = [*COMMON, f"train.max_steps={steps}", f"train.batch_size={batch}", f"model.image_size={image_size}",
@@ -153,7 +153,7 @@ def open_clip_child(split: Path, result: Path, steps: int, batch: int, image_siz
     _common.use_source_tree()
     import clip_shapes
 
-    from clipsnail.evaluate import evaluate_caption_split
+    from clipsnail.inference.evaluate import evaluate_caption_split
 
     cfg, overrides = open_clip_config(split, steps, batch, image_size)
     t = time.perf_counter()

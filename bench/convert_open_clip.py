@@ -1,7 +1,7 @@
 """A full-size open_clip CLIP converted to ours: how close the embeddings are, and how fast each runs.
 
 open_clip's ViT-B-32 (QuickGELU, as OpenAI's weights) and ViT-B-16 architectures are built with random weights
-(no pretrained file can be downloaded here), saved as safetensors, converted with `clipsnail.convert`, and both
+(no pretrained file can be downloaded here), saved as safetensors, converted with `clipsnail.apps.convert`, and both
 models embed the same random images and real captions: max |ours - open_clip| of the L2-normalised embeddings,
 and the median time of `encode_image` / `encode_text` on each side, called alternately (batch 16, 2 threads).
 
@@ -38,7 +38,7 @@ def compare(name: str, quick_gelu: bool, batch: int, repeats: int) -> dict:
     from safetensors.torch import save_file
 
     import clipsnail
-    from clipsnail.convert import convert_open_clip
+    from clipsnail.apps.convert import convert_open_clip
 
     torch.manual_seed(0)
     source = open_clip.create_model(name, pretrained=None, force_quick_gelu=quick_gelu).eval()

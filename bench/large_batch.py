@@ -79,7 +79,7 @@ def train_steps(model, batch, accum_steps: int, steps: int, optimizer_step: bool
     allocated between steps, so what a step adds to memory is its activations)."""
     import torch
 
-    from clipsnail.engine import backward
+    from clipsnail.train.engine import backward
 
     task = clip_task()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
@@ -132,7 +132,7 @@ def _ddp_worker(rank: int, world: int, store: str, steps: int, batch_size: int, 
         batch = {k: v[rank * share:(rank + 1) * share] for k, v in full.items()}
         times = train_steps(model, batch, 1, steps + 1)[1:]
         if rank == 0:
-            from clipsnail.safeio import atomic_write_text
+            from clipsnail.core.safeio import atomic_write_text
 
             atomic_write_text(out, json.dumps(times))
     finally:

@@ -394,11 +394,11 @@ def quality(args) -> dict:
     """CIFAR-10 (shared copy, 900 train / 100 test images per class), equal epochs and recipe for each model."""
     import torch
 
-    from clipsnail.config import load_config
-    from clipsnail.engine import fit, load_state
-    from clipsnail.evaluate import classification_report
-    from clipsnail.hub import load
+    from clipsnail.apps.hub import load
+    from clipsnail.core.config import load_config
+    from clipsnail.inference.evaluate import classification_report
     from clipsnail.tasks.classify import ClassifyConfig, ClassifyTask, predict, read_split
+    from clipsnail.train.engine import fit, load_state
 
     data_dir = Path(args.cifar)
     if not data_dir.is_dir():

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark: `clipsnail export --onnx` (clipsnail.export) on this CPU: PyTorch eager vs onnxruntime.
+"""Benchmark: `clipsnail export --onnx` (clipsnail.apps.export) on this CPU: PyTorch eager vs onnxruntime.
 
 For each CLIP config (random weights, a byte-level BPE tokenizer trained on generated shapes-style captions,
 saved as a run directory and exported with export_onnx exactly as the CLI does):
@@ -65,9 +65,9 @@ def captions() -> list[str]:
 def make_run(name: str, spec: dict, run_dir: Path) -> int:
     import torch
 
+    from clipsnail.core.runs import save_run
     from clipsnail.data.tokenizers import train_bpe
     from clipsnail.models.clip import CLIP
-    from clipsnail.runs import save_run
     from clipsnail.tasks.clip import ClipConfig
 
     texts = captions()
@@ -133,8 +133,8 @@ def measure(model, onnx_clip, text_module, batch: int, reps: int, warmup: int, r
 def bench_config(name: str, spec: dict, args, workdir: Path) -> dict:
     import numpy as np
 
-    from clipsnail.export import OnnxClip, _encoders, export_onnx
-    from clipsnail.hub import load
+    from clipsnail.apps.export import OnnxClip, _encoders, export_onnx
+    from clipsnail.apps.hub import load
 
     run_dir, out_dir = workdir / f"{name}_run", workdir / f"{name}_onnx"
     n_params = make_run(name, spec, run_dir)

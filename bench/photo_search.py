@@ -63,7 +63,7 @@ def convert_conse(out: Path) -> Path:
 
 
 def recalls(image_emb, text_emb, caption_to_image) -> dict:
-    from clipsnail.evaluate import retrieval_metrics
+    from clipsnail.inference.evaluate import retrieval_metrics
 
     r = retrieval_metrics(image_emb, text_emb, caption_to_image, ks=(1, 5, 10))
     return {f"t2i_R@{k}": round(r[f"image_retrieval_recall@{k}"], 4) for k in (1, 5, 10)} | {
@@ -76,9 +76,9 @@ def zeroshot_all(run: Path) -> dict:
     import torch.nn.functional as F
 
     import clipsnail
-    from clipsnail.convert import conse_label_texts, imagenet_label_definitions, imagenet_label_names
-    from clipsnail.data.captions import load_split
-    from clipsnail.evaluate import encode_image_paths, encode_texts
+    from clipsnail.apps.convert import conse_label_texts, imagenet_label_definitions, imagenet_label_names
+    from clipsnail.data.caption_corpora import load_split
+    from clipsnail.inference.evaluate import encode_image_paths, encode_texts
 
     names, captions, c2i = load_split(coco.DATA / "captions_val2017.json", coco.DATA / "images", "all")
     model = clipsnail.load(run)
@@ -163,7 +163,7 @@ def cifar_classes(conse: Path) -> dict:
     import torch
 
     import clipsnail
-    from clipsnail.evaluate import (
+    from clipsnail.inference.evaluate import (
         classification_metrics,
         default_templates,
         encode_image_paths,

@@ -51,10 +51,9 @@ RECIPE = ["train.batch_size=16", "model.dropout=0", "train.ema_decay=0.999", "op
 
 
 def train_one(dataset: str, model: str, epochs: int, args) -> dict:
-    from clipsnail.config import load_config
-    from clipsnail.engine import fit, load_state, steps_per_epoch
-    from clipsnail.hub import load
-    from clipsnail.sampling import sample, save_sample_grid
+    from clipsnail.apps.hub import load
+    from clipsnail.core.config import load_config
+    from clipsnail.inference.sampling import sample, save_sample_grid
     from clipsnail.tasks.pixelsnail import (
         PixelSNAILTask,
         PixelSNAILTaskConfig,
@@ -62,6 +61,7 @@ def train_one(dataset: str, model: str, epochs: int, args) -> dict:
         preset_overrides,
         read_images,
     )
+    from clipsnail.train.engine import fit, load_state, steps_per_epoch
 
     spec = DATASETS[dataset]
     overrides = preset_overrides("small") + [

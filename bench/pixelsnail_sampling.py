@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Benchmark: PixelSNAIL sampling speed, the cached sampler (clipsnail.sampling.cached_sample) against the naive one
-(naive_sample: one full forward pass per pixel, what the official code does) and against one forward pass.
+"""Benchmark: PixelSNAIL sampling speed, the cached sampler (clipsnail.inference.sampling.cached_sample) against the
+naive one (naive_sample: one full forward pass per pixel, what the official code does) and against one forward pass.
 
 For every (preset, shape) in --presets x --shapes (default small, h12_noup_smallkey x 32x32x3, 28x28x1):
   model    PixelSNAIL(PixelSNAILConfig(channels=C, **CONFIGS[preset])), torch.manual_seed(0), random weights after
@@ -110,7 +110,7 @@ def sampler_buffer_mib(model, batch: int, height: int, width: int) -> float:
     """Memory the cached sampler allocates up front (conv input buffers, attention key/value caches, the image)."""
     import torch
 
-    from clipsnail.sampling import CachedSampler
+    from clipsnail.inference.sampling import CachedSampler
 
     state = CachedSampler(model, batch, height, width)
     seen: set[int] = set()
@@ -162,7 +162,7 @@ def warm_up_cached(model, batch: int, height: int, width: int, pixels: int = 4) 
     """A few pixel steps on a throw-away cached-sampler state (first-call costs, allocator warm-up)."""
     import torch
 
-    from clipsnail.sampling import CachedSampler
+    from clipsnail.inference.sampling import CachedSampler
 
     with torch.no_grad():
         state = CachedSampler(model, batch, height, width)
@@ -191,7 +191,7 @@ def equal_share(a, b) -> float:
 def exactness_check() -> dict:
     import torch
 
-    from clipsnail.sampling import cached_sample, naive_sample
+    from clipsnail.inference.sampling import cached_sample, naive_sample
 
     out = {"preset": "tiny", "dtype": "float64", "height": EXACT_SIZE, "width": EXACT_SIZE, "batch": 3}
     for channels in (3, 1):
@@ -223,7 +223,7 @@ def mem_child(args) -> None:
     peak, run one cached generation of the batch, print the memory figures as JSON."""
     import torch
 
-    from clipsnail.sampling import cached_sample
+    from clipsnail.inference.sampling import cached_sample
 
     torch.set_num_threads(args.threads)
     preset, shape = args.mem_child
@@ -264,7 +264,7 @@ def measure_mem(preset: str, shape: str, args) -> dict:
 def run_row(preset: str, shape: str, args) -> dict:
     import torch
 
-    from clipsnail.sampling import cached_sample, naive_sample
+    from clipsnail.inference.sampling import cached_sample, naive_sample
 
     height, width, channels = _common.parse_shape(shape)
     pixels = height * width

@@ -4,7 +4,7 @@
 What it does
 1. Unless --index is given: generates captioned shapes (--images at --size), trains a small CLIP with the demo
    recipe for --clip-steps (speed is what is measured here, not search quality) and indexes the images with
-   `clipsnail.index.build_index`. All of it is kept in --work and reused by the next run.
+   `clipsnail.inference.index.build_index`. All of it is kept in --work and reused by the next run.
 2. Starts `clipsnail serve --index ...` in a subprocess on 127.0.0.1 (a free port) and waits for /api/info.
 3. Sends, with at most --concurrency requests in flight (httpx.AsyncClient, one connection per slot):
    - search: --requests text searches GET /api/search?q=...&k=--k, the queries drawn from a few hundred distinct
@@ -55,12 +55,12 @@ say = _common.say
 def prepare_index(work: Path, n: int, size: int, clip_steps: int, threads: int) -> Path:
     import torch
 
+    from clipsnail.apps.demo import demo_config
+    from clipsnail.apps.hub import load
     from clipsnail.data.shapes import generate_shapes
-    from clipsnail.demo import demo_config
-    from clipsnail.engine import fit
-    from clipsnail.hub import load
-    from clipsnail.index import ImageIndex, build_index
+    from clipsnail.inference.index import ImageIndex, build_index
     from clipsnail.tasks.clip import ClipTask
+    from clipsnail.train.engine import fit
 
     torch.set_num_threads(threads)
     data, run, index_dir = work / "shapes", work / "clip", work / "index"
@@ -271,7 +271,7 @@ def main() -> None:
     index = Path(args.index) if args.index else prepare_index(Path(args.work), args.images, args.size,
                                                               args.clip_steps, args.threads)
     prepare_s = round(time.perf_counter() - t, 1)
-    from clipsnail.index import ImageIndex
+    from clipsnail.inference.index import ImageIndex
 
     loaded = ImageIndex.load(index)
     n_images = len(loaded)

@@ -195,9 +195,9 @@ class Analysis:
 
 
 def train_clip(data: Path, run: Path, steps: int) -> None:
-    from clipsnail.demo import demo_config
-    from clipsnail.engine import fit
+    from clipsnail.apps.demo import demo_config
     from clipsnail.tasks.clip import ClipTask
+    from clipsnail.train.engine import fit
 
     if (run / "model.safetensors").exists():  # kept only with --reuse
         return
@@ -218,9 +218,9 @@ def caption_overrides(data: Path) -> list[str]:
 
 
 def train_retrieve(data: Path, clip_run: Path, run: Path, steps: int) -> dict:
-    from clipsnail.config import load_config
-    from clipsnail.engine import fit
+    from clipsnail.core.config import load_config
     from clipsnail.tasks.t2i_retrieve import RetrieveConfig, RetrieveTask
+    from clipsnail.train.engine import fit
 
     cfg = load_config(RetrieveConfig, overrides=caption_overrides(data) + [
         f"encoder={clip_run}", "model.width=128", "model.depth=2", "model.loss=cosine", "model.distance=cosine",
@@ -230,10 +230,10 @@ def train_retrieve(data: Path, clip_run: Path, run: Path, steps: int) -> dict:
 
 
 def train_t2i(data: Path, clip_run: Path, run: Path, minutes: float, smoke: bool) -> dict:
-    from clipsnail.config import load_config
-    from clipsnail.engine import fit
+    from clipsnail.core.config import load_config
     from clipsnail.tasks.pixelsnail import preset_overrides
     from clipsnail.tasks.t2i_pixelsnail import TextPixelSNAILConfig, TextPixelSNAILTask
+    from clipsnail.train.engine import fit
 
     cfg = load_config(TextPixelSNAILConfig, overrides=preset_overrides("tiny" if smoke else "small")
                       + caption_overrides(data) + [
@@ -251,7 +251,7 @@ def r_precision(clip, images, prompt: str, others: list[str]) -> float:
     """Share of images whose CLIP score ranks `prompt` first among [prompt] + others."""
     import torch
 
-    from clipsnail.sampling import to_pil
+    from clipsnail.inference.sampling import to_pil
 
     with torch.no_grad():
         image_emb = clip.encode_image(to_pil(images)).float()
@@ -299,11 +299,11 @@ def main() -> None:
         args.samples, args.judge_images = 2, 400
     import torch
 
+    from clipsnail.apps.hub import load
+    from clipsnail.core.safeio import atomic_write_text
     from clipsnail.data.shapes import COLORS, SHAPES
-    from clipsnail.hub import load
-    from clipsnail.plots import image_grid, save_png
-    from clipsnail.safeio import atomic_write_text
-    from clipsnail.sampling import to_pil
+    from clipsnail.inference.plots import image_grid, save_png
+    from clipsnail.inference.sampling import to_pil
 
     torch.set_num_threads(args.threads)
     work = Path(args.work)

@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from clipsnail.data.captions import (
+from clipsnail.core.errors import DataError
+from clipsnail.data.caption_corpora import (
     CaptionRecord,
     detect_format,
     group_by_image,
@@ -10,7 +11,6 @@ from clipsnail.data.captions import (
     read_captions,
     split_records,
 )
-from clipsnail.errors import DataError
 
 EXPECTED = [
     ("a.jpg", "A dog runs, jumps and plays ."),

@@ -8,8 +8,8 @@ import torch
 from helpers import write_idx
 from PIL import Image
 
+from clipsnail.core.errors import ConfigError, DataError
 from clipsnail.data.classes import ClassData, ClassImageDataset, read_class_data, read_idx
-from clipsnail.errors import ConfigError, DataError
 
 
 def make_folder(root, counts, ext=".png"):

@@ -11,11 +11,11 @@ import torch
 from helpers import TINY_CLASSIFY, assert_same_weights, logged_losses, raise_at, sets, write_idx
 
 from clipsnail.cli import main
-from clipsnail.config import load_config
-from clipsnail.engine import fit
-from clipsnail.errors import ClipsnailError
-from clipsnail.optim import build_optimizer
+from clipsnail.core.config import load_config
+from clipsnail.core.errors import ClipsnailError
 from clipsnail.tasks.classify import ClassifyConfig, ClassifyTask, parse_model_args
+from clipsnail.train.engine import fit
+from clipsnail.train.optim import build_optimizer
 
 
 def tiny_task(data, *settings, fast=TINY_CLASSIFY) -> ClassifyTask:
@@ -27,7 +27,7 @@ def tiny_task(data, *settings, fast=TINY_CLASSIFY) -> ClassifyTask:
 @pytest.mark.slow
 def test_training_reduces_the_loss_and_eval_writes_the_report(colours_dir, tmp_path, capsys):
     run = tmp_path / "run"
-    args = ["classify", "train", "--data", str(colours_dir), "--model", "lemevit_tiny_cifar", "--out", str(run),
+    args = ["classify", "train", "--data", str(colours_dir), "--arch", "lemevit_tiny_cifar", "--out", str(run),
             "--epochs", "6", "--no-progress",
             *sets(TINY_CLASSIFY + ["augment.mixup=0", "augment.cutmix=0", "optim.lr=2e-3"])]
     assert main(args) == 0
@@ -52,7 +52,7 @@ def test_training_reduces_the_loss_and_eval_writes_the_report(colours_dir, tmp_p
 
 def test_any_timm_model_trains_and_evaluates(colours_dir, tmp_path, capsys):
     run = tmp_path / "resnet"
-    assert main(["classify", "train", "--data", str(colours_dir), "--model", "resnet18", "--out", str(run),
+    assert main(["classify", "train", "--data", str(colours_dir), "--arch", "resnet18", "--out", str(run),
                  "--no-progress", *sets(TINY_CLASSIFY + ["train.max_steps=2"])]) == 0
     capsys.readouterr()
     assert main(["classify", "eval", "--model", str(run), "--weights", "model", "--split", "val",
@@ -129,12 +129,12 @@ def test_model_args_are_parsed():
 
 
 def test_bad_input_gives_one_line_errors(colours_dir, tmp_path, capsys):
-    assert main(["classify", "train", "--data", str(colours_dir), "--model", "lemevit_tinyy", "--out",
+    assert main(["classify", "train", "--data", str(colours_dir), "--arch", "lemevit_tinyy", "--out",
                  str(tmp_path / "r"), "--no-progress"]) == 2
     assert "unknown model 'lemevit_tinyy'" in capsys.readouterr().err
     assert main(["classify", "train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "r2"),
                  "--no-progress"]) == 2
     assert "missing" in capsys.readouterr().err
-    assert main(["classify", "train", "--data", str(colours_dir), "--model", "lemevit_tiny_cifar", "--pretrained",
+    assert main(["classify", "train", "--data", str(colours_dir), "--arch", "lemevit_tiny_cifar", "--pretrained",
                  str(tmp_path / "none.pth"), "--out", str(tmp_path / "r3"), "--no-progress"]) == 2
     assert "none.pth: pretrained checkpoint not found" in capsys.readouterr().err

@@ -19,7 +19,7 @@ from clipsnail.cli.classify import classify_config
 from clipsnail.cli.clip import clip_config
 from clipsnail.cli.pixelsnail import pixelsnail_config
 from clipsnail.cli.t2i import t2i_config
-from clipsnail.errors import ConfigError
+from clipsnail.core.errors import ConfigError
 
 
 def parse(line: str):
@@ -72,12 +72,20 @@ def test_precedence_yaml_then_flags_then_set_then_training_flags(tmp_path):
     cfg = clip_config(parse(f"clip train --config {yaml_file} --images from_flag --out o"))
     assert cfg.data.images == "from_flag" and cfg.data.captions == "from_yaml.csv"  # flags over YAML
     assert cfg.train.epochs == 4 and cfg.model.embed_dim == 48
+    # One rule for every flag: preset < YAML < named flags < --set, whatever their order on the line.
     cfg = clip_config(parse(f"clip train --config {yaml_file} --images from_flag --set data.images=from_set "
                             "--set train.epochs=7 --epochs 3 --set train.seed=9 --out o"))
-    assert cfg.data.images == "from_set"  # --set over the data flags
-    assert cfg.train.epochs == 3 and cfg.train.seed == 9  # the training flags over --set
-    cfg = classify_config(parse("classify train --model resnet18 --set model.name=resnet34 --seed 2 --out o"))
+    assert cfg.data.images == "from_set" and cfg.train.epochs == 7 and cfg.train.seed == 9
+    cfg = clip_config(parse(f"clip train --config {yaml_file} --epochs 3 --seed 5 --out o"))
+    assert cfg.train.epochs == 3 and cfg.train.seed == 5  # the training flags over YAML
+    cfg = classify_config(parse("classify train --arch resnet18 --set model.name=resnet34 --seed 2 --out o"))
     assert cfg.model.name == "resnet34" and cfg.train.seed == 2
+
+
+def test_model_names_a_run_and_its_old_use_for_an_architecture_still_works(capsys):
+    assert classify_config(parse("classify train --model resnet18 --out o")).model.name == "resnet18"
+    assert "note: --model resnet18 is now --arch resnet18" in capsys.readouterr().err
+    assert parse("convert --from lemevit:x.pth --model lemevit_tiny --out o").arch == "lemevit_tiny"
 
 
 def test_a_pixelsnail_preset_is_the_default_under_a_yaml_file_and_set(tmp_path):
@@ -126,7 +134,7 @@ def test_commands_are_listed_in_their_order(capsys):
 
 
 def test_write_result_grid_takes_path_score_pairs(tmp_path):
-    from clipsnail.plots import write_result_grid
+    from clipsnail.inference.plots import write_result_grid
 
     paths = []
     for i, colour in enumerate(["red", "blue"]):
@@ -139,7 +147,7 @@ def test_write_result_grid_takes_path_score_pairs(tmp_path):
 def test_grid_labels_name_the_files_and_every_text_fits_the_grid():
     from PIL import ImageFont
 
-    from clipsnail.plots import cut_to_width, image_grid, result_labels, wrap_to_width
+    from clipsnail.inference.plots import cut_to_width, image_grid, result_labels, wrap_to_width
 
     labels = result_labels([("/photos/IMG_20240412_093015_HDR_portrait_mode.jpg", 0.3124),
                             (b"/photos/bad\xff\x1b[2J.png".decode("utf-8", "surrogateescape"), 0.25)])

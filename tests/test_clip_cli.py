@@ -86,7 +86,7 @@ def test_search_text_and_image_with_cache(run_dir, shapes_dir, tmp_path, capsys)
 
 
 def test_search_cache_follows_folder_changes(run_dir, tmp_path):
-    from clipsnail.index import folder_index
+    from clipsnail.inference.index import folder_index
 
     model = clipsnail.load(run_dir)
     folder = tmp_path / "photos"
@@ -132,7 +132,7 @@ def test_lock_image_tower_and_separate_learning_rates(shapes_dir, tmp_path):
     out = tmp_path / "locked"
     assert main(tiny_clip_args(shapes_dir, out, "--set", "train.max_steps=3", "--set", "finetune.lock_image=true",
                                "--set", "finetune.text_lr=1e-5")) == 0
-    from clipsnail.config import from_dict
+    from clipsnail.core.config import from_dict
     from clipsnail.models.clip import CLIP
     from clipsnail.tasks.clip import ClipConfig
 
@@ -195,7 +195,7 @@ def test_bf16_autocast_and_ema_weights_are_saved(shapes_dir, tmp_path):
                                "--set", "train.ema_decay=0.5")) == 0
     losses = [json.loads(ln)["loss"] for ln in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in ln]
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
-    from clipsnail.engine import load_state
+    from clipsnail.train.engine import load_state
 
     state = load_state(out / "checkpoint" / "state.safetensors")
     saved = load_file(str(out / "model.safetensors"))
@@ -231,7 +231,7 @@ def test_the_quick_demo_gives_the_same_numbers_every_time(tmp_path):
 
 
 def test_training_images_are_decoded_once_within_the_cache(shapes_dir, monkeypatch):
-    from clipsnail.config import load_config
+    from clipsnail.core.config import load_config
     from clipsnail.data import datasets
     from clipsnail.tasks.clip import ClipConfig, ClipTask
 

@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from clipsnail.config import load_config, parse_duration
-from clipsnail.errors import ConfigError
+from clipsnail.core.config import load_config, parse_duration
+from clipsnail.core.errors import ConfigError
 from clipsnail.tasks.clip import ClipConfig
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from helpers import run_error, tiny_clip_args
 
-from clipsnail.config import TrainConfig, load_config
-from clipsnail.errors import ConfigError
+from clipsnail.core.config import TrainConfig, load_config
+from clipsnail.core.errors import ConfigError
 from clipsnail.tasks.clip import ClipConfig
 
 

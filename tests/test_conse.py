@@ -10,9 +10,9 @@ from helpers import TINY_CLIP, caption_flags, run_error, sets, tiny_clip
 
 import clipsnail
 from clipsnail.cli import main
-from clipsnail.errors import ConfigError, DataError
+from clipsnail.core.errors import ConfigError, DataError
+from clipsnail.core.runs import read_weights
 from clipsnail.models.clip import ConseHead
-from clipsnail.runs import read_weights
 
 LABELS = ["cat", "dog", "car", "tree", "boat", "cake"]
 TINY_CONSE = ["model.image_projection=conse", f"model.conse_labels=[{', '.join(LABELS)}]", "model.conse_top_k=3",
@@ -116,7 +116,7 @@ def test_conse_round_trips_through_a_run_directory(conse_run):
 
 
 def test_clip_train_init_starts_from_the_conse_run_and_trains_each_part(conse_run, shapes_dir, tmp_path):
-    from clipsnail.config import load_config
+    from clipsnail.core.config import load_config
     from clipsnail.tasks.clip import ClipConfig, ClipTask
 
     values = {"data.captions": str(shapes_dir / "captions.csv"), "data.images": str(shapes_dir / "images"),
@@ -165,7 +165,7 @@ CONSE_NAME = "conse:efficientnet-lite0+all-minilm-l6-v2"
 def conse_run_of_name(clipsnail_home):
     """The ConSE run of the two packaged models, made once for the session through its model name, in the session's
     CLIPSNAIL_HOME."""
-    from clipsnail.model_names import resolve_run
+    from clipsnail.apps.model_names import resolve_run
 
     run = resolve_run(CONSE_NAME)
     assert run.is_relative_to(clipsnail_home)
@@ -177,7 +177,7 @@ def minilm_by_hand(texts):
     attention mask, L2-normalised."""
     from transformers import AutoModel, AutoTokenizer
 
-    from clipsnail.pretrained import text_model_dir
+    from clipsnail.core.pretrained import text_model_dir
 
     folder = text_model_dir("all-minilm-l6-v2")
     tokenizer, model = AutoTokenizer.from_pretrained(folder), AutoModel.from_pretrained(folder).eval()
@@ -195,8 +195,8 @@ def test_packaged_conse_is_the_formula_over_the_real_classifier_and_sentence_enc
     import timm
     from PIL import Image
 
-    from clipsnail.convert import imagenet_label_names
-    from clipsnail.pretrained import load_pretrained_state
+    from clipsnail.apps.convert import imagenet_label_names
+    from clipsnail.core.pretrained import load_pretrained_state
 
     model = clipsnail.load(conse_run_of_name)
     cfg = model.cfg
@@ -228,7 +228,7 @@ def test_packaged_conse_is_the_formula_over_the_real_classifier_and_sentence_enc
 def test_packaged_conse_name_is_converted_once_and_searches(conse_run_of_name, shapes_dir, tmp_path, capsys):
     run = conse_run_of_name
     stamp = (run / "model.safetensors").stat().st_mtime_ns
-    from clipsnail.model_names import resolve_run
+    from clipsnail.apps.model_names import resolve_run
 
     assert resolve_run(CONSE_NAME) == run and (run / "model.safetensors").stat().st_mtime_ns == stamp
     photos = tmp_path / "photos"
@@ -262,7 +262,7 @@ def test_photo_demo_with_nothing_but_a_folder_uses_the_conse_model(conse_run_of_
 
 
 def test_label_texts_pair_each_name_with_its_definition():
-    from clipsnail.convert import conse_label_texts
+    from clipsnail.apps.convert import conse_label_texts
 
     texts = conse_label_texts(["crane", "tabby"], "a photo of a {}.", ["large wading bird.", "a mottled cat"])
     assert texts == [["a photo of a crane.", "a photo of a crane: large wading bird."],

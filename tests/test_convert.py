@@ -14,10 +14,10 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import clipsnail
+from clipsnail.apps.convert import convert_lemevit, convert_open_clip
 from clipsnail.cli import main
-from clipsnail.convert import convert_lemevit, convert_open_clip
+from clipsnail.core.errors import DataError
 from clipsnail.data.tokenizers import TextTokenizer, openai_bpe
-from clipsnail.errors import DataError
 
 open_clip = pytest.importorskip("open_clip")
 
@@ -187,7 +187,7 @@ def test_cli_convert_prints_json(converted, tmp_path, capsys):
     assert main(["convert", "--from", f"timm:{path}", "--out", str(tmp_path / "other")]) == 2
     assert "unknown source 'timm'" in capsys.readouterr().err
     assert main(["convert", "--from", f"lemevit:{path}", "--out", str(tmp_path / "other")]) == 2
-    assert "--model" in capsys.readouterr().err
+    assert "needs --arch" in capsys.readouterr().err
 
 
 def test_existing_out_is_refused(converted, tmp_path):
@@ -266,7 +266,7 @@ def write_images(root, classes=("red", "blue"), per_class=2, size=32):
 
 
 def test_converted_run_works_for_zeroshot_and_the_index(converted, tmp_path, capsys):
-    from clipsnail.index import ImageIndex, build_index, folder_index
+    from clipsnail.inference.index import ImageIndex, build_index, folder_index
 
     _, run = converted[False]
     images = write_images(tmp_path / "images")
@@ -344,7 +344,7 @@ def test_converted_lemevit_gives_the_same_logits(lemevit_checkpoint, tmp_path, w
 def test_converted_lemevit_runs_classify_eval(lemevit_checkpoint, tmp_path, capsys):
     path, _, _ = lemevit_checkpoint
     (tmp_path / "classes.txt").write_text("a\nb\n")
-    assert main(["convert", "--from", f"lemevit:{path}", "--model", "lemevit_tiny", "--out", str(tmp_path / "run"),
+    assert main(["convert", "--from", f"lemevit:{path}", "--arch", "lemevit_tiny", "--out", str(tmp_path / "run"),
                  "--class-names", str(tmp_path / "classes.txt")]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["weights"] == "state_dict_ema" and info["architecture"]["num_classes"] == 2

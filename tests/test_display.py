@@ -11,8 +11,8 @@ import sys
 from fastapi.testclient import TestClient
 from helpers import noise_image
 
-from clipsnail.display import PrintableFilter, display_name, printable
-from clipsnail.index import build_index
+from clipsnail.core.display import PrintableFilter, display_name, printable
+from clipsnail.inference.index import build_index
 from clipsnail.serve import create_app
 
 CLEAR_SCREEN = "\x1b[2J\x1b[HAll good, 0 skipped"

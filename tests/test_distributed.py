@@ -15,8 +15,8 @@ import torch.multiprocessing as mp
 from helpers import TINY_CLASSIFY, sets, tiny_clip, tiny_clip_args, torchrun
 from safetensors.torch import load_file, save_file
 
-from clipsnail.engine import backward, split_batch
 from clipsnail.tasks.clip import ClipConfig, ClipTask
+from clipsnail.train.engine import backward, split_batch
 
 BATCH = 8
 
@@ -59,7 +59,7 @@ def _rank_worker(rank, world, store, out, local_loss, accum_steps):
     """One of `world` processes: its slice of the batch through DDP, the CLIP loss gathered across ranks."""
     from torch.nn.parallel import DistributedDataParallel
 
-    from clipsnail import distributed as dist
+    from clipsnail.core import distributed as dist
 
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
@@ -161,7 +161,7 @@ def test_torchrun_training_matches_one_process_and_resumes_with_another_process_
 def test_classification_trains_under_torchrun(colours_dir, tmp_path):
     """The engine serves every task: a LeMeViT classifier under 2 processes."""
     run = tmp_path / "run"
-    done = torchrun(["classify", "train", "--data", str(colours_dir), "--model", "lemevit_tiny_cifar", "--out",
+    done = torchrun(["classify", "train", "--data", str(colours_dir), "--arch", "lemevit_tiny_cifar", "--out",
                      str(run), "--no-progress", *sets(TINY_CLASSIFY + ["train.max_steps=3"])])
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stderr.count("training finished at step 3") == 1

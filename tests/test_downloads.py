@@ -15,10 +15,10 @@ import pytest
 from helpers import run_error, write_idx
 
 from clipsnail.cli import main
+from clipsnail.core.errors import DataError
 from clipsnail.data import downloads
 from clipsnail.data.classes import read_class_data
 from clipsnail.data.downloads import Dataset, Download, download_dataset
-from clipsnail.errors import DataError
 
 
 def md5(path):

@@ -11,11 +11,11 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import Dataset
 
-from clipsnail.config import OptimConfig, TrainConfig
-from clipsnail.engine import ResumableBatchSampler, fit, load_state, save_state
-from clipsnail.optim import build_optimizer, lr_lambda
-from clipsnail.rng import seeded
-from clipsnail.runs import CHECKPOINT, save_weights
+from clipsnail.core.config import OptimConfig, TrainConfig
+from clipsnail.core.rng import seeded
+from clipsnail.core.runs import CHECKPOINT, save_weights
+from clipsnail.train.engine import ResumableBatchSampler, fit, load_state, save_state
+from clipsnail.train.optim import build_optimizer, lr_lambda
 
 
 @dataclasses.dataclass

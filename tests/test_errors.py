@@ -7,6 +7,7 @@ from helpers import run_error, tiny_clip_args
 from PIL import Image
 
 from clipsnail.cli import main
+from clipsnail.core.errors import ClipsnailError
 
 
 @pytest.fixture
@@ -104,3 +105,16 @@ def test_existing_output_folder_is_not_overwritten(capsys, tmp_path):
     Image.new("RGB", (4, 4)).save(out / "keep.png")
     msg = run_error(capsys, ["data", "shapes", "--out", str(out), "--n", "4"])
     assert str(out) in msg and (out / "keep.png").exists()
+
+
+def test_a_device_name_is_checked_before_anything_runs_on_it():
+    import torch
+
+    from clipsnail.core.devices import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu") and resolve_device("auto").type in ("cpu", "cuda", "mps")
+    with pytest.raises(ClipsnailError, match=r"unknown device 'gpu'; choose auto \(CUDA, else MPS"):
+        resolve_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ClipsnailError, match="CUDA is not available here"):
+            resolve_device("cuda:0")

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from clipsnail.evaluate import classification_metrics, retrieval_metrics, semantic_retrieval_metrics
+from clipsnail.inference.evaluate import classification_metrics, retrieval_metrics, semantic_retrieval_metrics
 
 
 def test_retrieval_metrics_multi_caption_definitions():
@@ -57,7 +57,7 @@ def test_zero_shot_probabilities_use_the_models_learned_scale(clip_run, shapes_d
 
     import clipsnail
     from clipsnail.cli import main
-    from clipsnail.evaluate import probability_scale
+    from clipsnail.inference.evaluate import probability_scale
 
     model = clipsnail.load(clip_run)
     scale = probability_scale(model)

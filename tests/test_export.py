@@ -12,10 +12,18 @@ import torch
 from helpers import tiny_clip_args
 from PIL import Image
 
-import clipsnail.export as export_module
+import clipsnail.apps.export as export_module
+from clipsnail.apps.export import (
+    IMAGE_FILE,
+    PREPROCESS_FILE,
+    TEXT_FILE,
+    TOKENIZER_FILE,
+    ExportError,
+    OnnxClip,
+    export_onnx,
+)
+from clipsnail.apps.hub import load
 from clipsnail.cli import main
-from clipsnail.export import IMAGE_FILE, PREPROCESS_FILE, TEXT_FILE, TOKENIZER_FILE, ExportError, OnnxClip, export_onnx
-from clipsnail.hub import load
 
 TEXTS = ["a red circle", "a blue square to the left of a green triangle", "Two SMALL yellow stars!", "", "zebra 42"]
 ATOL = 1e-4
@@ -145,10 +153,10 @@ def test_onnx_clip_runs_without_torch(vit_export):
 def test_export_timm_lemevit_tower(clip_run, tmp_path):
     """A CLIP whose image tower is a timm model (LeMeViT, registered by clipsnail.models.lemevit) exports too.
     Random weights: the run is the shared one's config and tokenizer with the tower swapped, no training."""
-    from clipsnail.config import from_dict
+    from clipsnail.core.config import from_dict
+    from clipsnail.core.runs import read_run_config, save_run
     from clipsnail.data.tokenizers import TextTokenizer
     from clipsnail.models.clip import CLIP
-    from clipsnail.runs import read_run_config, save_run
     from clipsnail.tasks.clip import ClipConfig
 
     cfg = from_dict(ClipConfig, read_run_config(clip_run)[1])

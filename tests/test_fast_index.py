@@ -13,7 +13,7 @@ from PIL import Image, ImageOps
 
 from clipsnail.cli import main
 from clipsnail.data.images import load_image
-from clipsnail.index import MIN_IMAGES_FOR_WORKERS, build_index, update_index
+from clipsnail.inference.index import MIN_IMAGES_FOR_WORKERS, build_index, update_index
 
 
 def asymmetric(size=(1600, 1200)) -> Image.Image:

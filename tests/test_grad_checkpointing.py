@@ -4,8 +4,8 @@ import pytest
 import torch
 from helpers import tiny_clip
 
-from clipsnail.losses import clip_loss
 from clipsnail.models.clip import CLIP
+from clipsnail.train.losses import clip_loss
 
 
 def loss_and_grads(model: CLIP, images, tokens, checkpointing: bool):

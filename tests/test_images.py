@@ -3,8 +3,8 @@ import io
 import pytest
 from PIL import Image
 
+from clipsnail.core.errors import DataError
 from clipsnail.data.images import list_image_folder, list_images, load_image
-from clipsnail.errors import DataError
 
 
 def save(path, mode="RGB", size=(8, 6), color=(10, 200, 30), format=None):

@@ -10,8 +10,8 @@ import torch
 from helpers import noise_image, run_error, tiny_clip_args
 
 from clipsnail.cli import main
-from clipsnail.errors import ClipsnailError, DataError
-from clipsnail.index import ImageIndex, build_index, make_faiss_index, update_index
+from clipsnail.core.errors import ClipsnailError, DataError
+from clipsnail.inference.index import ImageIndex, build_index, make_faiss_index, update_index
 
 
 @pytest.fixture
@@ -219,7 +219,7 @@ def perturbed_copy(run, out, seed=0):
     import shutil
 
     import clipsnail
-    from clipsnail.runs import save_weights
+    from clipsnail.core.runs import save_weights
 
     shutil.copytree(run, out)
     model = clipsnail.load(out)

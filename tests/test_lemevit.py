@@ -229,8 +229,8 @@ def test_small_image_variant_keeps_a_16x16_grid_for_32px_input():
 def test_lemevit_is_a_clip_image_tower(shapes_dir, tmp_path, capsys):
     from helpers import tiny_clip_args
 
+    from clipsnail.apps.hub import load
     from clipsnail.cli import main
-    from clipsnail.hub import load
 
     run = tmp_path / "clip_lemevit"
     assert main(tiny_clip_args(shapes_dir, run, "--set", "image_encoder=lemevit_tiny_cifar", "--set",

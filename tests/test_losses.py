@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipsnail.losses import clip_loss, positives_from_ids, soft_target_cross_entropy
+from clipsnail.train.losses import clip_loss, positives_from_ids, soft_target_cross_entropy
 
 
 def features(n=8, d=16, seed=0):

@@ -15,12 +15,13 @@ from helpers import make_open_clip, noise_image, run_error, save_safetensors
 from safetensors.torch import load_file, save_file
 
 import clipsnail
-from clipsnail import model_names, safeio
+from clipsnail.apps import model_names
+from clipsnail.apps.convert import convert_open_clip
+from clipsnail.apps.model_names import resolve_name, resolve_run
 from clipsnail.cli import main
-from clipsnail.convert import convert_open_clip
-from clipsnail.errors import DataError
-from clipsnail.index import ImageIndex
-from clipsnail.model_names import resolve_name, resolve_run
+from clipsnail.core import safeio
+from clipsnail.core.errors import DataError
+from clipsnail.inference.index import ImageIndex
 
 pytest.importorskip("open_clip")
 
@@ -295,7 +296,7 @@ def test_paths_are_returned_as_they_are(hub, tmp_path, monkeypatch):
 
 
 def test_a_run_folder_named_relatively_is_stored_in_full(tmp_path, monkeypatch):
-    from clipsnail.model_names import resolve_name
+    from clipsnail.apps.model_names import resolve_name
 
     (tmp_path / "runs" / "clip").mkdir(parents=True)
     (tmp_path / "runs" / "clip" / "config.json").write_text('{"task": "clip"}')

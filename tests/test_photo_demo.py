@@ -10,9 +10,9 @@ import shutil
 import pytest
 from helpers import TINY_CLIP, logged_losses, run_error, sets
 
-from clipsnail import pretrained
+from clipsnail.apps.demo import PHOTO_QUERIES
 from clipsnail.cli import main
-from clipsnail.demo import PHOTO_QUERIES
+from clipsnail.core import pretrained
 
 
 @pytest.fixture

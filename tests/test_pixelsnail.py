@@ -11,6 +11,7 @@ import torch
 from helpers import logged_losses, write_idx
 
 from clipsnail.cli import main
+from clipsnail.inference.sampling import cached_sample, naive_sample
 from clipsnail.layers.causal import WNConv2d, causal_attention, causal_mask, data_dependent_init
 from clipsnail.layers.mixture import (
     bits_per_dim,
@@ -19,7 +20,6 @@ from clipsnail.layers.mixture import (
     sampling_noise,
 )
 from clipsnail.models.pixelsnail import CONFIGS, PixelSNAIL, PixelSNAILConfig
-from clipsnail.sampling import cached_sample, naive_sample
 from clipsnail.tasks.pixelsnail import mean_bits_per_dim
 
 

@@ -1,4 +1,4 @@
-"""Pretrained weights from local files (clipsnail.pretrained): the efficientnet_pytorch layout mapped onto timm's
+"""Pretrained weights from local files (clipsnail.core.pretrained): the efficientnet_pytorch layout mapped onto timm's
 efficientnet_lite0 / tf_efficientnet_lite0 by order, wrapped checkpoints, one-line errors for files of another
 architecture, and the CLIP image tower / classifier built from such a file. No network, no weight package needed
 (two tests use the real efficientnet-lite0 package when it is installed)."""
@@ -13,12 +13,12 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from clipsnail import pretrained
 from clipsnail.cli import main
-from clipsnail.config import from_dict
-from clipsnail.errors import DataError
+from clipsnail.core import pretrained
+from clipsnail.core.config import from_dict
+from clipsnail.core.errors import DataError
+from clipsnail.core.pretrained import load_pretrained_state
 from clipsnail.models.clip import CLIP, ClipModelConfig
-from clipsnail.pretrained import load_pretrained_state
 from clipsnail.tasks.classify import ClassifyModelConfig, build_classifier
 
 # timm's block modules -> efficientnet_pytorch's: a depthwise-separable block (timm's first stage: no expansion) and
@@ -260,7 +260,7 @@ def test_classifier_from_an_efficientnet_pytorch_file(reference, files):
 
 
 def test_classify_cli_wrong_architecture_is_one_line(colours_dir, resnet_file, tmp_path, capsys):
-    assert main(["classify", "train", "--data", str(colours_dir), "--model", "efficientnet_lite0", "--pretrained",
+    assert main(["classify", "train", "--data", str(colours_dir), "--arch", "efficientnet_lite0", "--pretrained",
                  str(resnet_file), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert any(str(resnet_file) in line and "conv1.weight" in line and "(64, 3, 7, 7)" in line
@@ -281,7 +281,7 @@ def test_real_efficientnet_lite0_package_maps_all_296_tensors(caplog):
     assert len(source) == 296
     arch = pretrained.PACKAGED["efficientnet-lite0"].architecture
     model = timm.create_model(arch, num_classes=1000, **pretrained.model_kwargs("efficientnet-lite0"))
-    with caplog.at_level(logging.WARNING, logger="clipsnail.pretrained"):
+    with caplog.at_level(logging.WARNING, logger="clipsnail.core.pretrained"):
         info = load_pretrained_state("efficientnet-lite0", model)
     assert not caplog.records
     assert (info.loaded, info.dropped, info.matched_by) == (296, [], "order")
@@ -293,7 +293,7 @@ def test_real_efficientnet_lite0_package_maps_all_296_tensors(caplog):
 def test_real_package_into_the_symmetric_padding_variant_warns(caplog):
     needs_weights_package()
     model = timm.create_model("efficientnet_lite0", num_classes=0, **pretrained.model_kwargs("efficientnet-lite0"))
-    with caplog.at_level(logging.WARNING, logger="clipsnail.pretrained"):
+    with caplog.at_level(logging.WARNING, logger="clipsnail.core.pretrained"):
         assert load_pretrained_state("efficientnet-lite0", model).loaded == 294  # loaded all the same, no head
     assert [r.getMessage() for r in caplog.records] == [
         "efficientnet-lite0: these weights are for timm's tf_efficientnet_lite0; loaded into efficientnet_lite0 they "

@@ -1,5 +1,5 @@
-"""Query algebra (clipsnail.query): the grammar and its errors, how weights and negative terms move the ranking
-(on an index whose embeddings are known exactly), and the same grammar in `clipsnail search` and /api/search."""
+"""Query algebra (clipsnail.inference.query): the grammar and its errors, how weights and negative terms move the
+ranking (on an index whose embeddings are known exactly), and the same grammar in `clipsnail search` and /api/search."""
 
 import json
 
@@ -12,10 +12,10 @@ from helpers import noise_image, run_error
 from PIL import Image
 
 from clipsnail.cli import main
+from clipsnail.core.errors import ClipsnailError
 from clipsnail.data.images import as_pil_images
-from clipsnail.errors import ClipsnailError
-from clipsnail.index import build_index
-from clipsnail.query import QueryError, Term, combine, local_image, parse_query
+from clipsnail.inference.index import build_index
+from clipsnail.inference.query import QueryError, Term, combine, local_image, parse_query
 from clipsnail.serve import create_app
 
 # ----------------------------------------------------------------------------------------------- the grammar

@@ -13,15 +13,15 @@ from contextlib import contextmanager
 import pytest
 from helpers import noise_image
 
-from clipsnail import safeio
 from clipsnail.cli import main
-from clipsnail.data.captions import load_split, read_captions
+from clipsnail.core import safeio
+from clipsnail.core.errors import DataError
+from clipsnail.data.caption_corpora import load_split, read_captions
 from clipsnail.data.images import list_images, load_image
 from clipsnail.data.shapes import generate_shapes
 from clipsnail.data.shards import write_shards
-from clipsnail.engine import load_state, save_state
-from clipsnail.errors import DataError
-from clipsnail.index import ImageIndex, _write_index, build_index, update_index
+from clipsnail.inference.index import ImageIndex, _write_index, build_index, update_index
+from clipsnail.train.engine import load_state, save_state
 
 
 @contextmanager
@@ -119,7 +119,7 @@ def _die_at(call_number, names):
 
 
 def _swap_in_child(call_number, exchange_works, new_dir, out_dir):
-    import clipsnail.safeio as s
+    import clipsnail.core.safeio as s
 
     if not exchange_works:
         s.exchange = lambda a, b: False
@@ -368,7 +368,7 @@ def test_training_never_writes_into_a_users_folder(shapes_dir, tmp_path, capsys)
 
 LOCK_HOLDER = """
 import sys, time
-from clipsnail.safeio import writer_lock
+from clipsnail.core.safeio import writer_lock
 with writer_lock(sys.argv[1], "test folder"):
     print("locked", flush=True)
     time.sleep(60)
@@ -420,7 +420,7 @@ def test_a_full_disk_at_the_first_checkpoint_is_one_line_and_the_rerun_starts_ov
                                                                                     monkeypatch):
     from helpers import run_error, tiny_clip_args
 
-    from clipsnail import engine
+    from clipsnail.train import engine
 
     run = tmp_path / "run"
     args = tiny_clip_args(shapes_dir, run, "--set", "train.max_steps=2", "--set", "train.checkpoint_every=1",
@@ -429,7 +429,8 @@ def test_a_full_disk_at_the_first_checkpoint_is_one_line_and_the_rerun_starts_ov
     line = run_error(capsys, args)
     assert line.startswith(f"clipsnail: error: {run / 'checkpoint' / 'state.safetensors'}: cannot be written: No "
                            f"space left on device")
-    assert sorted(p.name for p in run.rglob("*")) == ["checkpoint"]  # no half-written file
+    written = sorted(p.relative_to(run).parts[0] for p in run.rglob("*"))  # no half-written file; TensorBoard's log
+    assert set(written) <= {"checkpoint", "tensorboard"} and not list((run / "checkpoint").iterdir())
     monkeypatch.undo()
     capsys.readouterr()
     assert main(args) == 0  # the half-made run is taken up, not refused as someone else's folder
@@ -440,7 +441,7 @@ def test_a_full_disk_while_writing_an_index_keeps_the_old_one(clip_run, clip_mod
                                                               monkeypatch):
     from helpers import run_error
 
-    import clipsnail.index as index_module
+    import clipsnail.inference.index as index_module
 
     out = tmp_path / "idx"
     build_index(clip_model, photos, out, progress=False)
@@ -463,7 +464,7 @@ def test_a_full_disk_while_writing_an_index_keeps_the_old_one(clip_run, clip_mod
 def test_too_little_free_space_is_said_before_encoding(clip_run, photos, tmp_path, capsys, monkeypatch):
     from helpers import run_error
 
-    import clipsnail.index as index_module
+    import clipsnail.inference.index as index_module
 
     monkeypatch.setattr(index_module, "_encode", lambda *a, **k: pytest.fail("encoded although the disk is full"))
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 2**16, 2**16))
@@ -507,7 +508,7 @@ def test_search_images_of_a_read_only_run_caches_its_vectors_in_clipsnail_home(c
 def test_weights_and_vectors_are_written_as_the_umask_says(clip_model, photos, tmp_path, umask):
     """safetensors writes 0600 whatever the umask; a run or index shared with a group failed on exactly those
     files. Every file we write gets 0666 less the umask, like the JSON beside it."""
-    from clipsnail.runs import save_weights
+    from clipsnail.core.runs import save_weights
 
     old = os.umask(umask)
     try:

@@ -22,8 +22,8 @@ from helpers import StandInGenerator, run_error, tiny_t2i_args
 from PIL import Image
 
 from clipsnail.cli import main
-from clipsnail.errors import ClipsnailError
-from clipsnail.index import ImageIndex, build_index
+from clipsnail.core.errors import ClipsnailError
+from clipsnail.inference.index import ImageIndex, build_index
 from clipsnail.serve import Limits, allowed_host_names, create_app
 from clipsnail.serve.app import LOOPBACK_HOSTS
 
@@ -418,7 +418,7 @@ def test_generation_with_a_tiny_trained_text_to_image_run(served, clip_run, shap
 
 
 def test_a_clip_run_is_not_a_generator(clip_run):
-    from clipsnail.errors import ClipsnailError
+    from clipsnail.core.errors import ClipsnailError
     from clipsnail.serve import load_generator
 
     with pytest.raises(ClipsnailError, match="kind pixelsnail"):

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 from helpers import StandInGenerator
 
-from clipsnail.index import build_index
+from clipsnail.inference.index import build_index
 from clipsnail.serve import Limits, create_app
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed "

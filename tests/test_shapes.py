@@ -4,7 +4,8 @@ import random
 import numpy as np
 import pytest
 
-from clipsnail.data.captions import read_captions, split_records
+from clipsnail.core.errors import ConfigError, DataError
+from clipsnail.data.caption_corpora import read_captions, split_records
 from clipsnail.data.images import list_image_folder, load_image
 from clipsnail.data.shapes import (
     COLORS,
@@ -23,7 +24,6 @@ from clipsnail.data.shapes import (
     sample_scene,
     scene_matches,
 )
-from clipsnail.errors import ConfigError, DataError
 
 # A large red circle on the left, a small blue square at the top right, and two green triangles at the bottom.
 SCENE = Scene([

@@ -8,9 +8,9 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from clipsnail.cli import main
+from clipsnail.core.errors import DataError
 from clipsnail.data.shards import ShardStream, caption_text_id, count_samples, expand_urls, write_shards
 from clipsnail.data.transforms import clip_train_transform
-from clipsnail.errors import DataError
 
 N_IMAGES = 24
 TRANSFORM = clip_train_transform(8, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), augment=True)

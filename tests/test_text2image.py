@@ -13,8 +13,8 @@ from PIL import Image
 
 from clipsnail import load
 from clipsnail.cli import main
-from clipsnail.errors import DataError
-from clipsnail.generate import TextToImage
+from clipsnail.core.errors import DataError
+from clipsnail.inference.generate import TextToImage
 from clipsnail.models.text2feat import Text2FeatConfig, TextToFeature, nearest
 
 TINY_RETRIEVE = ["model.width=32", "model.depth=1", "model.heads=2", "model.context_length=48",
@@ -61,8 +61,11 @@ def test_retrieve_train_and_generate(shapes_dir, clip_run, tmp_path, capsys):
         assert (run / name).is_file()
 
     grid = tmp_path / "match.png"
+    # The old verb, `clipsnail generate`, still works and names the new one.
     assert main(["generate", "--model", str(run), "a blue square", "-n", "4", "--out", str(grid)]) == 0
-    matches = json.loads(capsys.readouterr().out)
+    printed = capsys.readouterr()
+    assert "`clipsnail generate` is now `clipsnail t2i generate`" in printed.err
+    matches = json.loads(printed.out)
     assert len(matches) == 4 and Image.open(grid).size[0] > 0
     distances = [m["distance"] for m in matches]
     assert distances == sorted(distances)
@@ -93,7 +96,7 @@ def test_text_conditioned_pixelsnail_guided_and_reranked(shapes_dir, clip_run, t
     assert list((run / "samples").glob("epoch_*.png"))
 
     grid = tmp_path / "grid.png"
-    assert main(["generate", "--model", str(run), "a red circle", "-n", "4", "--rerank", "2", "--guidance", "3",
+    assert main(["t2i", "generate", "--model", str(run), "a red circle", "-n", "4", "--rerank", "2", "--guidance", "3",
                  "--out", str(grid), "--no-progress"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["kept"] == 2 and out["clip_scores"] == sorted(out["clip_scores"], reverse=True)
@@ -123,7 +126,7 @@ def test_bad_inputs_are_named(shapes_dir, clip_run, tmp_path, capsys):
     assert main(["t2i", "train", "--kind", "pixelsnail", "--clip", str(classify_like), *caption_flags(shapes_dir),
                  "--out", str(tmp_path / "c")]) == 2
     assert "CLIP run directory is needed" in capsys.readouterr().err
-    assert main(["generate", "--model", str(clip_run), "a red circle", "--out", str(tmp_path / "x.png")]) == 2
+    assert main(["t2i", "generate", "--model", str(clip_run), "a red circle", "--out", str(tmp_path / "x.png")]) == 2
     assert "not a text-to-image run" in capsys.readouterr().err
 
 
@@ -151,5 +154,5 @@ def test_a_run_names_its_clip_run_so_that_it_is_found_from_any_folder(shapes_dir
         load(run)
     message = str(e.value)
     assert message.startswith(f"{config_path}: clip = 'runs/clip' cannot be loaded") and "current folder" in message
-    line = run_error(capsys, ["generate", "--model", str(run), "a red circle", "--out", str(tmp_path / "g.png")])
+    line = run_error(capsys, ["t2i", "generate", "--model", str(run), "a red circle", "--out", str(tmp_path / "g.png")])
     assert str(config_path) in line

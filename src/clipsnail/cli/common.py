@@ -9,8 +9,9 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from clipsnail.config import load_config
-from clipsnail.display import printable
+from clipsnail.core.config import load_config
+from clipsnail.core.devices import DEVICE_HELP
+from clipsnail.core.display import printable
 
 # The engine (torch) is imported where a command trains, so that `clipsnail --help` starts at once.
 
@@ -26,8 +27,36 @@ def add_train_flags(p: argparse.ArgumentParser,
     p.add_argument("--epochs", type=int, help="training epochs (train.epochs)")
     p.add_argument("--time-budget", help="stop cleanly after this long, e.g. 10m (train.time_budget)")
     p.add_argument("--seed", type=int, help="random seed (train.seed)")
-    p.add_argument("--device", help="auto, cpu, cuda, mps (train.device)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_runtime_flags(p, device=None)  # None: train.device decides (auto unless a YAML file or --set says)
+
+
+class RenamedFlag(argparse.Action):
+    """The old spelling of a flag (`--model NAME` for an architecture, now `--arch NAME`): it does what the new one
+    does, and says so."""
+
+    def __init__(self, option_strings, dest, new: str = "", **kwargs):
+        self.new = new
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        say(f"note: {option_string} {values} is now {self.new} {values} (the old spelling still works)")
+        setattr(namespace, self.dest, values)
+
+
+def add_arch_flag(p: argparse.ArgumentParser, help: str) -> None:
+    """--arch NAME, an architecture; --model always names a run, so its old use here is an alias that warns."""
+    p.add_argument("--arch", help=help)
+    p.add_argument("--model", dest="arch", action=RenamedFlag, new="--arch", metavar="ARCH",
+                   help="the old spelling of --arch")
+
+
+def add_runtime_flags(p: argparse.ArgumentParser, device: str | None = "auto", progress: bool = True) -> None:
+    """--device and --no-progress, declared once for every command that runs a model, with one default: auto (CUDA,
+    else MPS, else the CPU). device None: the flag only overrides the config's train.device (whose default is auto)."""
+    p.add_argument("--device", default=device, help=DEVICE_HELP if device == "auto" else
+                   f"{DEVICE_HELP.replace('; the default', '')} (train.device, default auto)")
+    if progress:
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 TRAIN_FLAGS = (("epochs", "train.epochs"), ("time_budget", "train.time_budget"), ("seed", "train.seed"),
@@ -73,11 +102,12 @@ def caption_values(args: argparse.Namespace, extra: tuple[tuple[str, str], ...] 
 
 def task_config(cls: type, args: argparse.Namespace, values: dict[str, Any], yaml_file: str | None = None,
                 defaults: dict | None = None) -> Any:
-    """A task's config from its command's flags: `defaults` (a preset) < the YAML file < `values` (the command's
-    data and model flags) < `--set` strings < the training flags (--epochs, --time-budget, --seed, --device)."""
-    training = [(key, getattr(args, flag)) for flag, key in TRAIN_FLAGS if getattr(args, flag, None) is not None]
-    return load_config(cls, yaml_file, [*getattr(args, "overrides", []), *training], defaults=defaults,
-                       values=values)
+    """A task's config from its command's flags, by one rule for every command: `defaults` (a preset) < the YAML
+    file (--config) < the named flags (`values`: data and model flags; the training flags --epochs, --time-budget,
+    --seed, --device) < `--set` strings, the most specific and so the last word."""
+    training = {key: getattr(args, flag) for flag, key in TRAIN_FLAGS if getattr(args, flag, None) is not None}
+    return load_config(cls, yaml_file, getattr(args, "overrides", []), defaults=defaults,
+                       values={**values, **training})
 
 
 # ----------------------------------------------------------------------------------------------- output
@@ -110,8 +140,9 @@ def say(text: str, file=None) -> None:
 def print_summary(task, summary: Callable[[], str]) -> None:
     """The model table before training (under torchrun from one process only), once the model is known to fit in
     memory: `summary` builds it."""
-    from clipsnail import distributed as dist
-    from clipsnail.engine import check_model_fits, resolve_device
+    from clipsnail.core import distributed as dist
+    from clipsnail.core.devices import resolve_device
+    from clipsnail.train.engine import check_model_fits
 
     check_model_fits(task, resolve_device(task.config.train.device))
     if dist.is_main():
@@ -120,8 +151,8 @@ def print_summary(task, summary: Callable[[], str]) -> None:
 
 def train_and_report(task, args: argparse.Namespace) -> None:
     """Every `train` command ends the same way: fit (resuming when RUN holds a checkpoint), say how it ended."""
-    from clipsnail import distributed as dist
-    from clipsnail.engine import fit
+    from clipsnail.core import distributed as dist
+    from clipsnail.train.engine import fit
 
     result = fit(task, args.out, progress=not args.no_progress)
     if not dist.is_main():  # under torchrun one process reports

@@ -6,8 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from clipsnail.cli.common import print_json
-from clipsnail.convert import (
+from clipsnail.apps.convert import (
     CONSE_DEFAULT,
     CONSE_TEMPERATURE,
     CONSE_TEMPLATE,
@@ -17,8 +16,9 @@ from clipsnail.convert import (
     convert_open_clip,
     read_class_names,
 )
-from clipsnail.errors import ClipsnailError
-from clipsnail.export import export_onnx
+from clipsnail.apps.export import export_onnx
+from clipsnail.cli.common import add_arch_flag, print_json
+from clipsnail.core.errors import ClipsnailError
 
 
 def add_export(p: argparse.ArgumentParser) -> None:
@@ -39,7 +39,7 @@ def add_convert(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction, default=None,
                    help="open_clip: the weights use QuickGELU (OpenAI's models); default: open_clip_config.json "
                         "next to the file, else no")
-    p.add_argument("--model", help="lemevit: the architecture (lemevit_tiny, lemevit_small, lemevit_base)")
+    add_arch_flag(p, "lemevit: the architecture (lemevit_tiny, lemevit_small, lemevit_base)")
     p.add_argument("--weights", choices=["ema", "raw"], default="ema",
                    help="lemevit: the EMA weights (state_dict_ema, default; the official evaluation's) or the raw ones")
     p.add_argument("--num-classes", type=int, help="lemevit: expected classes (default: the checkpoint's head)")
@@ -68,21 +68,21 @@ def cmd_convert(args: argparse.Namespace) -> None:
                                                                             CONSE_TEMPLATE):
         raise ClipsnailError("--top-k, --temperature and --template apply to conse:IMAGE+TEXT only")
     if kind == "conse":
-        if args.model or args.class_names or args.num_classes is not None or args.quick_gelu is not None:
+        if args.arch or args.class_names or args.num_classes is not None or args.quick_gelu is not None:
             raise ClipsnailError("conse:IMAGE+TEXT takes --top-k, --temperature and --template only")
         print_json(convert_conse(path, args.out, **conse_options))
         return
     if kind == "open_clip":
-        if args.model or args.class_names or args.num_classes is not None or args.weights != "ema":
-            raise ClipsnailError("--model, --num-classes, --class-names and --weights apply to lemevit:PATH only")
+        if args.arch or args.class_names or args.num_classes is not None or args.weights != "ema":
+            raise ClipsnailError("--arch, --num-classes, --class-names and --weights apply to lemevit:PATH only")
         print_json(convert_open_clip(path, args.out, quick_gelu=args.quick_gelu))
     elif kind == "lemevit":
-        if not args.model:
-            raise ClipsnailError("lemevit:PATH needs --model (lemevit_tiny, lemevit_small or lemevit_base)")
+        if not args.arch:
+            raise ClipsnailError("lemevit:PATH needs --arch (lemevit_tiny, lemevit_small or lemevit_base)")
         if args.quick_gelu is not None:
             raise ClipsnailError("--quick-gelu / --no-quick-gelu apply to open_clip:PATH only")
         names = read_class_names(args.class_names) if args.class_names else None
-        print_json(convert_lemevit(path, args.out, args.model, num_classes=args.num_classes, weights=args.weights,
+        print_json(convert_lemevit(path, args.out, args.arch, num_classes=args.num_classes, weights=args.weights,
                                    class_names=names))
     else:
         raise ClipsnailError(f"--from {args.source!r}: unknown source {kind!r}; choose open_clip:PATH, "

@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 
 from clipsnail.cli.common import add_caption_flags, print_json, say
+from clipsnail.core.errors import ClipsnailError
 from clipsnail.data.downloads import NAMES
-from clipsnail.errors import ClipsnailError
 
 # Each handler imports what it runs (PIL, torch) so that `clipsnail --help` starts at once.
 

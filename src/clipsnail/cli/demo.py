@@ -1,13 +1,12 @@
 """`clipsnail demo`: the whole CLIP pipeline on generated shapes data, or with `--photos DIR` text search over your
-own photos (`clipsnail.demo`)."""
+own photos (`clipsnail.apps.demo`)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from clipsnail.cli.common import add_caption_flags, caption_values
-from clipsnail.demo import (
+from clipsnail.apps.demo import (
     CONSE_FINETUNE,
     DEMO_STEPS,
     PHOTO_DEMO_OUT,
@@ -16,7 +15,8 @@ from clipsnail.demo import (
     run_demo,
     run_photo_demo,
 )
-from clipsnail.errors import ClipsnailError
+from clipsnail.cli.common import add_caption_flags, caption_values
+from clipsnail.core.errors import ClipsnailError
 
 
 def add_demo(p: argparse.ArgumentParser) -> None:

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from clipsnail.cli.common import (
+    add_runtime_flags,
     add_train_flags,
     flag_values,
     print_metrics,
@@ -16,8 +17,8 @@ from clipsnail.cli.common import (
     task_config,
     train_and_report,
 )
-from clipsnail.errors import ClipsnailError
-from clipsnail.safeio import atomic_write_json
+from clipsnail.core.errors import ClipsnailError
+from clipsnail.core.safeio import atomic_write_json
 
 # Each handler imports what it runs (torch, the models, the tasks) so that `clipsnail --help` starts at once.
 
@@ -37,8 +38,7 @@ def add_pixelsnail(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="test", choices=["train", "val", "test", "all"],
                    help="which part of the data to score (default test)")
     p.add_argument("--batch-size", type=int, default=64, help="images scored at once (default 64)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_runtime_flags(p)
     p.set_defaults(func=cmd_pixelsnail_eval)
 
     p = snail.add_parser("sample", help="draw images and save them as a grid PNG")
@@ -51,8 +51,7 @@ def add_pixelsnail(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=["cached", "naive"], default="cached",
                    help="cached: every layer computed once per pixel (default); naive: a full forward per pixel")
     p.add_argument("--seed", type=int, default=0, help="the same seed draws the same samples (default 0)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_runtime_flags(p)
     p.set_defaults(func=cmd_pixelsnail_sample)
 
 
@@ -77,7 +76,7 @@ def pixelsnail_config(args: argparse.Namespace):
 def cmd_pixelsnail_train(args: argparse.Namespace) -> None:
     import torch
 
-    from clipsnail.summary import model_summary
+    from clipsnail.core.summary import model_summary
     from clipsnail.tasks.pixelsnail import PixelSNAILTask
 
     task = PixelSNAILTask(pixelsnail_config(args), run_dir=args.out)
@@ -93,8 +92,8 @@ def cmd_pixelsnail_train(args: argparse.Namespace) -> None:
 
 
 def cmd_pixelsnail_eval(args: argparse.Namespace) -> None:
+    from clipsnail.apps.hub import load
     from clipsnail.data.classes import read_class_data
-    from clipsnail.hub import load
     from clipsnail.tasks.pixelsnail import evaluate_bits_per_dim, image_transform
 
     model = load(args.model, device=args.device)
@@ -110,8 +109,8 @@ def cmd_pixelsnail_eval(args: argparse.Namespace) -> None:
 def cmd_pixelsnail_sample(args: argparse.Namespace) -> None:
     import torch
 
-    from clipsnail.hub import load
-    from clipsnail.sampling import sample, save_sample_grid
+    from clipsnail.apps.hub import load
+    from clipsnail.inference.sampling import sample, save_sample_grid
 
     model = load(args.model, device=args.device)
     cfg = model.config

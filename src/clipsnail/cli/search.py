@@ -7,10 +7,10 @@ import hashlib
 import logging
 from pathlib import Path
 
-from clipsnail.cli.common import add_follow_links_flag, print_json, print_metrics
+from clipsnail.cli.common import add_follow_links_flag, add_runtime_flags, print_json, print_metrics
+from clipsnail.core.errors import ClipsnailError
+from clipsnail.core.safeio import writable
 from clipsnail.data.images import default_workers
-from clipsnail.errors import ClipsnailError
-from clipsnail.safeio import writable
 
 # Each handler imports what it runs (torch, faiss, the models) so that `clipsnail --help` starts at once.
 
@@ -23,8 +23,7 @@ def add_zeroshot(p: argparse.ArgumentParser) -> None:
     p.add_argument("--templates", help="file with one prompt template per line ('{}' = class name)")
     p.add_argument("--folder", help="image folder with one subfolder per class: prints acc1/acc5/mean_per_class_recall")
     p.add_argument("images", nargs="*", help="image files")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_runtime_flags(p)
     p.set_defaults(func=cmd_zeroshot)
 
 
@@ -40,16 +39,14 @@ def add_index(parser: argparse.ArgumentParser) -> None:
                    help="from this many images on, use an approximate faiss index (default 20000)")
     p.add_argument("--approx", default="ivf", choices=["ivf", "hnsw"], help="approximate index kind (default ivf)")
     add_follow_links_flag(p)
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_runtime_flags(p)
     p.set_defaults(func=cmd_index_build)
     p = index.add_parser("update", help="add new/changed images, drop deleted ones (the rest is not re-encoded)")
     p.add_argument("--index", required=True, help="index directory made by `clipsnail index build`")
     p.add_argument("--model", help="CLIP run directory (default: the one recorded in the index)")
     p.add_argument("--batch-size", type=int, default=64, help="photos encoded at once (default 64)")
     add_workers_flag(p)
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_runtime_flags(p)
     p.set_defaults(func=cmd_index_update)
 
 
@@ -69,8 +66,7 @@ def add_search(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", help="query image (image-to-image search)")
     p.add_argument("-k", type=int, default=9, help="number of results (default 9)")
     p.add_argument("--grid", help="write a result grid PNG here")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_runtime_flags(p)
     p.set_defaults(func=cmd_search)
 
 
@@ -96,15 +92,16 @@ def add_serve(p: argparse.ArgumentParser) -> None:
                    help="also answer requests addressed to this host name (repeatable; loopback names and the "
                    "--host address always are, any IP address when --host is 0.0.0.0 or ::); other names are "
                    "refused against DNS rebinding")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
+    add_runtime_flags(p, progress=False)
     p.set_defaults(func=cmd_serve)
 
 
 def cmd_zeroshot(args: argparse.Namespace) -> None:
     import torch
 
+    from clipsnail.apps.hub import load
     from clipsnail.data.images import list_image_folder
-    from clipsnail.evaluate import (
+    from clipsnail.inference.evaluate import (
         classification_metrics,
         default_templates,
         encode_image_paths,
@@ -113,7 +110,6 @@ def cmd_zeroshot(args: argparse.Namespace) -> None:
         zero_shot_logits,
         zero_shot_weights,
     )
-    from clipsnail.hub import load
 
     model = load(args.model, device=args.device)
     templates = read_templates(args.templates) if args.templates else default_templates()
@@ -148,10 +144,10 @@ def cmd_zeroshot(args: argparse.Namespace) -> None:
 def cmd_search(args: argparse.Namespace) -> None:
     import torch
 
-    from clipsnail.hub import load
-    from clipsnail.index import ImageIndex, folder_index
-    from clipsnail.plots import write_result_grid
-    from clipsnail.query import Term, combine, local_image, parse_query
+    from clipsnail.apps.hub import load
+    from clipsnail.inference.index import ImageIndex, folder_index
+    from clipsnail.inference.plots import write_result_grid
+    from clipsnail.inference.query import Term, combine, local_image, parse_query
 
     text = " ".join(args.query) if args.query else None
     if text is not None and args.image:
@@ -197,7 +193,7 @@ def cmd_search(args: argparse.Namespace) -> None:
 def embeddings_cache(run_dir: Path) -> Path:
     """Where `search --images DIR` keeps the folder's vectors: RUN/embeddings, or, when the run cannot be written
     (a read-only mount, someone else's run), $CLIPSNAIL_HOME/embeddings/<the run's path hashed>."""
-    from clipsnail.model_names import clipsnail_home
+    from clipsnail.apps.model_names import clipsnail_home
 
     cache = Path(run_dir) / "embeddings"
     if writable(cache):
@@ -209,8 +205,8 @@ def embeddings_cache(run_dir: Path) -> Path:
 
 
 def cmd_index_build(args: argparse.Namespace) -> None:
-    from clipsnail.hub import load
-    from clipsnail.index import DEFAULT_APPROX_THRESHOLD, build_index
+    from clipsnail.apps.hub import load
+    from clipsnail.inference.index import DEFAULT_APPROX_THRESHOLD, build_index
 
     check_index_flags(args)
     model = load(args.model, device=args.device)
@@ -222,8 +218,8 @@ def cmd_index_build(args: argparse.Namespace) -> None:
 
 
 def cmd_index_update(args: argparse.Namespace) -> None:
-    from clipsnail.hub import load
-    from clipsnail.index import ImageIndex, update_index
+    from clipsnail.apps.hub import load
+    from clipsnail.inference.index import ImageIndex, update_index
 
     check_index_flags(args)
     old = ImageIndex.load(args.index)

@@ -1,4 +1,4 @@
-"""`clipsnail t2i train` and `clipsnail generate`: text to image, by a feature predictor that retrieves known images
+"""`clipsnail t2i train` and `clipsnail t2i generate`: text to image, by a feature predictor that retrieves known images
 or by a PixelSNAIL conditioned on CLIP's text embedding."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import math
 
 from clipsnail.cli.common import (
     add_caption_flags,
+    add_runtime_flags,
     add_train_flags,
     caption_values,
     print_json,
@@ -16,7 +17,7 @@ from clipsnail.cli.common import (
     train_and_report,
 )
 from clipsnail.cli.pixelsnail import preset_or_yaml
-from clipsnail.errors import ClipsnailError
+from clipsnail.core.errors import ClipsnailError
 
 # Each handler imports what it runs (torch, the models, the tasks) so that `clipsnail --help` starts at once.
 
@@ -33,6 +34,18 @@ def add_t2i(parser: argparse.ArgumentParser) -> None:
     add_train_flags(p, config_help="kind pixelsnail: a preset (small, tiny, ...; default small); or a YAML config "
                                    "file")
     p.set_defaults(func=cmd_t2i_train)
+    add_generate(t2i.add_parser("generate", help="images for a prompt from a text-to-image run; writes a grid PNG"))
+
+
+def add_generate_alias(p: argparse.ArgumentParser) -> None:
+    """`clipsnail generate`, the old name of `clipsnail t2i generate`: the same flags, and a note."""
+    add_generate(p)
+    p.set_defaults(func=cmd_generate_alias)
+
+
+def cmd_generate_alias(args: argparse.Namespace) -> None:
+    say("note: `clipsnail generate` is now `clipsnail t2i generate` (the old name still works)")
+    cmd_generate(args)
 
 
 def add_generate(p: argparse.ArgumentParser) -> None:
@@ -45,13 +58,12 @@ def add_generate(p: argparse.ArgumentParser) -> None:
                    help="sampling temperature: below 1 safer, above 1 more varied images (default 1)")
     p.add_argument("--seed", type=int, default=0, help="the same seed draws the same images (default 0)")
     p.add_argument("--out", required=True, help="grid PNG")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_runtime_flags(p)
     p.set_defaults(func=cmd_generate)
 
 
 def t2i_config(args: argparse.Namespace):
-    from clipsnail.model_names import resolve_name
+    from clipsnail.apps.model_names import resolve_name
     from clipsnail.tasks.t2i_pixelsnail import TextPixelSNAILConfig
     from clipsnail.tasks.t2i_retrieve import RetrieveConfig
 
@@ -81,11 +93,11 @@ def cmd_t2i_train(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    from clipsnail.apps.hub import load
+    from clipsnail.core.runs import read_run_config
     from clipsnail.data.images import load_image
-    from clipsnail.hub import load
-    from clipsnail.plots import image_grid, result_labels, save_png
-    from clipsnail.runs import read_run_config
-    from clipsnail.sampling import to_pil
+    from clipsnail.inference.plots import image_grid, result_labels, save_png
+    from clipsnail.inference.sampling import to_pil
 
     task, _ = read_run_config(args.model)
     if task not in ("t2i_retrieve", "t2i_pixelsnail"):

@@ -23,9 +23,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from clipsnail.core.errors import ConfigError, DataError
+from clipsnail.core.rng import seeded
 from clipsnail.data.images import IMAGE_EXTENSIONS, class_folders, list_images, load_image
-from clipsnail.errors import ConfigError, DataError
-from clipsnail.rng import seeded
 
 log = logging.getLogger(__name__)
 

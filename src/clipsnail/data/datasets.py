@@ -1,5 +1,5 @@
 """Datasets over caption corpora. Items are addressed by (index, seed) so that augmentation randomness is a pure
-function of the engine's data order, which is what makes resume exact (see `clipsnail.engine`)."""
+function of the engine's data order, which is what makes resume exact (see `clipsnail.train.engine`)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from clipsnail.core.errors import DataError
+from clipsnail.core.rng import seeded
 from clipsnail.data.images import load_image
-from clipsnail.errors import DataError
-from clipsnail.rng import seeded
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
 
-from clipsnail.errors import DataError
-from clipsnail.safeio import read_json_object, staged_dir
+from clipsnail.core.errors import DataError
+from clipsnail.core.safeio import read_json_object, staged_dir
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from clipsnail.errors import DataError
-from clipsnail.safeio import MAX_IMAGE_FILE_BYTES, FileRefused, is_under, read_regular, regular_file_kind
+from clipsnail.core.errors import DataError
+from clipsnail.core.safeio import MAX_IMAGE_FILE_BYTES, FileRefused, is_under, read_regular, regular_file_kind
 
 log = logging.getLogger(__name__)
 

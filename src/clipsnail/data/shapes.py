@@ -23,9 +23,9 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from clipsnail.data.captions import hash_split
-from clipsnail.errors import ConfigError, DataError
-from clipsnail.safeio import read_json_object, staged_dir
+from clipsnail.core.errors import ConfigError, DataError
+from clipsnail.core.safeio import read_json_object, staged_dir
+from clipsnail.data.caption_corpora import hash_split
 
 log = logging.getLogger(__name__)
 

@@ -30,11 +30,11 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 from tqdm import tqdm
 
-from clipsnail.data.captions import captions_by_image, load_split
+from clipsnail.core.errors import ConfigError, DataError
+from clipsnail.core.rng import seeded
+from clipsnail.core.safeio import MAX_IMAGE_FILE_BYTES, atomic_path, atomic_write_json, read_regular
+from clipsnail.data.caption_corpora import captions_by_image, load_split
 from clipsnail.data.images import IMAGE_EXTENSIONS, load_image
-from clipsnail.errors import ConfigError, DataError
-from clipsnail.rng import seeded
-from clipsnail.safeio import MAX_IMAGE_FILE_BYTES, atomic_path, atomic_write_json, read_regular
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """Text tokenizers: byte-level BPE trained on the captions (CLIP), characters (text2feat), or OpenAI CLIP's own BPE
-(for converted pretrained CLIP models, see `clipsnail.convert`).
+(for converted pretrained CLIP models, see `clipsnail.apps.convert`).
 
 All are Hugging Face `tokenizers` objects configured completely (normaliser, pre-tokeniser, start/end tokens,
 truncation and padding to a fixed context), so the saved `tokenizer.json` alone reproduces the encoding.
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from clipsnail.errors import DataError
+from clipsnail.core.errors import DataError
 
 PAD, SOT, EOT, UNK = "<pad>", "<sot>", "<eot>", "<unk>"
 SPECIAL_TOKENS = [PAD, SOT, EOT, UNK]  # ids 0..3 in this order

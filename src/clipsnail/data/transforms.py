@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torchvision.transforms import v2
 
-from clipsnail.errors import ConfigError
+from clipsnail.core.errors import ConfigError
 
 INTERPOLATIONS = {"bilinear": v2.InterpolationMode.BILINEAR, "bicubic": v2.InterpolationMode.BICUBIC}
 

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipsnail import pretrained as weights
-from clipsnail.config import check_at_least, check_choice, check_heads, check_positive, check_probability
-from clipsnail.errors import ConfigError
+from clipsnail.core import pretrained as weights
+from clipsnail.core.config import check_at_least, check_choice, check_heads, check_positive, check_probability
+from clipsnail.core.errors import ConfigError
 from clipsnail.layers.attention import ACTIVATIONS
 from clipsnail.models import lemevit  # noqa: F401  (registers LeMeViT with timm, as an image tower)
 from clipsnail.models.text import PretrainedTextTower, TextTransformer
@@ -37,7 +37,7 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 class ClipModelConfig:
     image_encoder: str = "vit"  # "vit", or a timm model name, optionally prefixed "timm:"
     # timm towers only: false; true (timm's weights, a download on first use); or a weights file / packaged name
-    # ("efficientnet-lite0"), read by `clipsnail.pretrained.load_pretrained_state`. Typed `str | bool` so that the
+    # ("efficientnet-lite0"), read by `clipsnail.core.pretrained.load_pretrained_state`. Typed `str | bool` so that the
     # config coerces a file name as text while old configs' true/false (and "True"/"False") keep their meaning.
     pretrained: str | bool = False
     image_size: int = 32

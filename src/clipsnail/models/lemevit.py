@@ -44,7 +44,7 @@ from timm.models._features import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from clipsnail.errors import ConfigError
+from clipsnail.core.errors import ConfigError
 
 __all__ = ["LeMeViT", "checkpoint_filter_fn"]
 

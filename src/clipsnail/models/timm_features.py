@@ -7,9 +7,9 @@ import types
 import torch
 from torch import nn
 
-from clipsnail import pretrained as weights
+from clipsnail.core import pretrained as weights
+from clipsnail.core.errors import ConfigError
 from clipsnail.data.transforms import eval_transform
-from clipsnail.errors import ConfigError
 
 
 def feature_tokens(features: torch.Tensor) -> torch.Tensor:
@@ -24,7 +24,7 @@ class TimmImageEncoder(nn.Module):
     interface of a CLIP model.
 
     pretrained: True (timm's own weights, a download on first use), False, or a weights file / packaged name
-    (`clipsnail.pretrained`, e.g. "efficientnet-lite0"), whose input normalisation then replaces timm's.
+    (`clipsnail.core.pretrained`, e.g. "efficientnet-lite0"), whose input normalisation then replaces timm's.
     image_size: the side images are resized and centre-cropped to (default: the model's own input size).
     """
 

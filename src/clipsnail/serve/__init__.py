@@ -13,10 +13,10 @@ from pathlib import Path
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from clipsnail.errors import ClipsnailError
-from clipsnail.generate import TextToImage
-from clipsnail.hub import load
-from clipsnail.index import ImageIndex
+from clipsnail.apps.hub import load
+from clipsnail.core.errors import ClipsnailError
+from clipsnail.inference.generate import TextToImage
+from clipsnail.inference.index import ImageIndex
 from clipsnail.serve.app import LOOPBACK_HOSTS, WILDCARD_ADDRESSES, Limits, allowed_host_names, create_app
 
 __all__ = ["Limits", "allowed_host_names", "create_app", "load_generator", "run_server"]

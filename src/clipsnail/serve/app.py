@@ -16,8 +16,8 @@ Safe by default, because the index is usually someone's private photo collection
 - No path from a request reaches the filesystem: images are named by their position in the index, and only
   files in the index are ever opened, through `safeio.read_regular` (regular files under the index's root only;
   a FIFO or a device named x.jpg is a 404 at once, never a blocked worker). An image term of a search query
-  (clipsnail.query) names an indexed image by its path relative to the index root and uses its stored vector; no
-  file is opened for it, and any other term that looks like a path is a 422.
+  (clipsnail.inference.query) names an indexed image by its path relative to the index root and uses its stored
+  vector; no file is opened for it, and any other term that looks like a path is a 422.
 - Text, k, class lists and generation sizes are bounded; generation runs one job at a time behind a short queue.
 - Model calls are serialised by a lock (sync routes run in FastAPI's threadpool), so concurrent requests are safe.
 """
@@ -51,11 +51,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field, model_validator
 
+from clipsnail.core.display import display_name
+from clipsnail.core.errors import ClipsnailError
 from clipsnail.data.images import IMAGE_EXTENSIONS
-from clipsnail.display import display_name
-from clipsnail.errors import ClipsnailError
-from clipsnail.index import VECTORS
-from clipsnail.query import QueryError, combine, looks_like_path, parse_query
+from clipsnail.inference.index import VECTORS
+from clipsnail.inference.query import QueryError, combine, looks_like_path, parse_query
 from clipsnail.serve.generation import GenerationQueue, QueueFull
 from clipsnail.serve.images import BadImage, decode_upload, load_file, thumbnail
 
@@ -394,7 +394,7 @@ def create_app(index, model, generator=None, limits: Limits | None = None,
             return np.asarray(stored.get_slice("vectors")[i:i + 1], dtype=np.float32)
 
     def query_vector(q: str) -> np.ndarray:
-        """The embedding of a query in clipsnail.query's grammar; a malformed query is a 422 saying why."""
+        """The embedding of a query in clipsnail.inference.query's grammar; a malformed query is a 422 saying why."""
         try:
             terms = parse_query(q, image=index_image)
             vectors = [torch.from_numpy(stored_vector(indexed_id(t.value)) if t.kind == "image"
@@ -407,7 +407,7 @@ def create_app(index, model, generator=None, limits: Limits | None = None,
 
     @torch.inference_mode()
     def class_weights(classes: list[str]) -> torch.Tensor:
-        from clipsnail.evaluate import default_templates, zero_shot_weights
+        from clipsnail.inference.evaluate import default_templates, zero_shot_weights
 
         found = {c: zero_shot_cache.get(c) for c in classes}
         missing = [c for c, w in found.items() if w is None]
@@ -513,7 +513,7 @@ def create_app(index, model, generator=None, limits: Limits | None = None,
         image = await read_upload(file)
 
         def run():
-            from clipsnail.evaluate import probability_scale, zero_shot_logits
+            from clipsnail.inference.evaluate import probability_scale, zero_shot_logits
 
             probs = zero_shot_logits(torch.from_numpy(embed_image(image)), class_weights(names),
                                      probability_scale(model)).softmax(-1)[0]

@@ -107,7 +107,7 @@ class GenerationQueue:
             job.finished.set()
 
     def _run(self, job: Job) -> None:
-        from clipsnail.sampling import to_pil
+        from clipsnail.inference.sampling import to_pil
 
         for i, first in enumerate(range(0, job.n, self.chunk)):
             m = min(self.chunk, job.n - first)

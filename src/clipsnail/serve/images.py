@@ -15,7 +15,7 @@ white in both). glibc keeps freed memory in its arenas rather than returning it,
 is trimmed (`malloc_trim`). The app also runs decodes on a small pool of threads of their own, which bounds how
 many full-size images exist at once.
 
-Files of the index are read only through `clipsnail.safeio.read_regular`: opened without blocking, refused unless
+Files of the index are read only through `clipsnail.core.safeio.read_regular`: opened without blocking, refused unless
 a regular file under the index's root, capped in size. A FIFO or a link to /dev/zero named `x.jpg` is refused at
 once instead of blocking a worker forever.
 """
@@ -28,9 +28,9 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from clipsnail.core.errors import DataError
+from clipsnail.core.safeio import MAX_IMAGE_FILE_BYTES, read_regular
 from clipsnail.data.images import decode_opened
-from clipsnail.errors import DataError
-from clipsnail.safeio import MAX_IMAGE_FILE_BYTES, read_regular
 
 FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF")
 

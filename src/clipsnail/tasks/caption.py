@@ -16,9 +16,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from clipsnail import distributed as dist
-from clipsnail import pretrained
-from clipsnail.captioning import (
+from clipsnail.core import distributed as dist
+from clipsnail.core import pretrained
+from clipsnail.core.config import OptimConfig, TrainConfig, from_dict
+from clipsnail.core.distributed import unwrap
+from clipsnail.core.errors import ConfigError, DataError
+from clipsnail.core.runs import build_described, build_for_weights, load_referenced, load_run_weights, save_run
+from clipsnail.data.caption_corpora import CaptionDataConfig, captions_by_image, load_caption_split
+from clipsnail.data.datasets import CaptionTargets
+from clipsnail.data.tokenizers import TextTokenizer, build_tokenizer
+from clipsnail.inference.captioner import (
     Captioner,
     DecodeConfig,
     caption_metrics,
@@ -26,18 +33,11 @@ from clipsnail.captioning import (
     generated_scenes,
     shapes_caption_metrics,
 )
-from clipsnail.config import OptimConfig, TrainConfig, from_dict
-from clipsnail.data.captions import CaptionDataConfig, captions_by_image, load_caption_split
-from clipsnail.data.datasets import CaptionTargets
-from clipsnail.data.tokenizers import TextTokenizer, build_tokenizer
-from clipsnail.distributed import unwrap
-from clipsnail.errors import ConfigError, DataError
-from clipsnail.evaluate import encode_every_image
-from clipsnail.models.captioner import CaptionDecoder, CaptionModelConfig
+from clipsnail.inference.evaluate import encode_every_image
+from clipsnail.models.caption_decoder import CaptionDecoder, CaptionModelConfig
 from clipsnail.models.timm_features import TimmImageEncoder, feature_tokens
-from clipsnail.optim import param_groups_by_prefix
-from clipsnail.runs import build_described, build_for_weights, load_referenced, load_run_weights, save_run
 from clipsnail.tasks.clip import load_clip_run
+from clipsnail.train.optim import param_groups_by_prefix
 
 log = logging.getLogger(__name__)
 

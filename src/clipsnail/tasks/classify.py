@@ -18,14 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.transforms import v2
 
-from clipsnail import pretrained as weights
-from clipsnail.config import OptimConfig, TrainConfig, from_dict
+from clipsnail.core import pretrained as weights
+from clipsnail.core.config import OptimConfig, TrainConfig, from_dict
+from clipsnail.core.errors import ConfigError, DataError
+from clipsnail.core.runs import build_described, build_for_weights, load_run_weights, save_run
 from clipsnail.data.classes import ClassData, ClassImageDataset, read_class_data
 from clipsnail.data.transforms import eval_transform
-from clipsnail.errors import ConfigError, DataError
-from clipsnail.losses import soft_target_cross_entropy
-from clipsnail.optim import param_groups_by_prefix
-from clipsnail.runs import build_described, build_for_weights, load_run_weights, save_run
+from clipsnail.train.losses import soft_target_cross_entropy
+from clipsnail.train.optim import param_groups_by_prefix
 
 log = logging.getLogger(__name__)
 

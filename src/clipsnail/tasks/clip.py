@@ -1,7 +1,7 @@
 """The CLIP task: caption corpus -> tokenizer + CLIP model + contrastive loss + retrieval evaluation, and
 `load_run` for a trained CLIP run.
 
-Only what is specific to CLIP lives here; the loop itself is `clipsnail.engine.fit`.
+Only what is specific to CLIP lives here; the loop itself is `clipsnail.train.engine.fit`.
 """
 
 from __future__ import annotations
@@ -17,19 +17,12 @@ import torch
 from torch import nn
 from torch.utils.data import IterableDataset
 
-from clipsnail import distributed as dist
-from clipsnail.config import OptimConfig, TrainConfig, from_dict
-from clipsnail.data.captions import CaptionDataConfig, load_caption_split
-from clipsnail.data.datasets import CaptionImageDataset
-from clipsnail.data.tokenizers import TextTokenizer, build_tokenizer
-from clipsnail.data.transforms import clip_train_transform, eval_transform
-from clipsnail.distributed import unwrap
-from clipsnail.errors import DataError
-from clipsnail.losses import distributed_clip_loss
-from clipsnail.models.clip import CLIP, ClipModelConfig
-from clipsnail.optim import param_groups_by_prefix
-from clipsnail.pretrained import text_model_dir
-from clipsnail.runs import (
+from clipsnail.core import distributed as dist
+from clipsnail.core.config import OptimConfig, TrainConfig, from_dict
+from clipsnail.core.distributed import unwrap
+from clipsnail.core.errors import DataError
+from clipsnail.core.pretrained import text_model_dir
+from clipsnail.core.runs import (
     build_described,
     build_for_weights,
     load_run_weights,
@@ -38,6 +31,13 @@ from clipsnail.runs import (
     read_weights,
     save_run,
 )
+from clipsnail.data.caption_corpora import CaptionDataConfig, load_caption_split
+from clipsnail.data.datasets import CaptionImageDataset
+from clipsnail.data.tokenizers import TextTokenizer, build_tokenizer
+from clipsnail.data.transforms import clip_train_transform, eval_transform
+from clipsnail.models.clip import CLIP, ClipModelConfig
+from clipsnail.train.losses import distributed_clip_loss
+from clipsnail.train.optim import param_groups_by_prefix
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +245,7 @@ class ClipTask:
     def evaluate(self, model: CLIP) -> dict[str, float]:
         if self.val is None:
             return {}
-        from clipsnail.evaluate import encode_image_paths, encode_texts, retrieval_metrics
+        from clipsnail.inference.evaluate import encode_image_paths, encode_texts, retrieval_metrics
 
         names, captions, c2i = self.val
         keep = len(names) if len(names) <= self.config.data.max_eval_images else self.config.data.max_eval_images

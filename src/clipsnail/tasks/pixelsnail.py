@@ -17,14 +17,14 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.transforms import v2
 
-from clipsnail.config import OptimConfig, TrainConfig, from_dict
+from clipsnail.core.config import OptimConfig, TrainConfig, from_dict
+from clipsnail.core.errors import ConfigError, DataError
+from clipsnail.core.runs import build_described, build_for_weights, load_run_weights, save_run
 from clipsnail.data.classes import ClassData, ClassImageDataset, read_class_data
-from clipsnail.errors import ConfigError, DataError
 from clipsnail.layers.causal import data_dependent_init
 from clipsnail.layers.mixture import bits_per_dim, discretized_mix_logistic_nll
 from clipsnail.models.pixelsnail import CONFIGS, PixelSNAIL, PixelSNAILConfig
-from clipsnail.optim import param_groups_by_prefix
-from clipsnail.runs import build_described, build_for_weights, load_run_weights, save_run
+from clipsnail.train.optim import param_groups_by_prefix
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ class PixelSNAILTask:
         n = self.config.data.samples_per_epoch
         if n <= 0:
             return
-        from clipsnail.sampling import sample, save_sample_grid
+        from clipsnail.inference.sampling import sample, save_sample_grid
 
         labels = torch.arange(n) % self.config.model.cond_dim if self.config.model.cond_dim else None
         images = sample(model, n, self.config.data.image_size, h=self.condition(labels) if labels is not None

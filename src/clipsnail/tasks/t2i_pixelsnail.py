@@ -14,15 +14,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from clipsnail.config import OptimConfig, TrainConfig, from_dict
-from clipsnail.data.captions import CaptionDataConfig, load_caption_split
+from clipsnail.core.config import OptimConfig, TrainConfig, from_dict
+from clipsnail.core.errors import ConfigError, DataError
+from clipsnail.core.rng import seeded
+from clipsnail.core.runs import build_described, build_for_weights, load_referenced, load_run_weights, save_run
+from clipsnail.data.caption_corpora import CaptionDataConfig, load_caption_split
 from clipsnail.data.datasets import CaptionImageDataset
-from clipsnail.errors import ConfigError, DataError
-from clipsnail.generate import TextToImage
+from clipsnail.inference.generate import TextToImage
 from clipsnail.models.pixelsnail import PixelSNAIL, PixelSNAILConfig
-from clipsnail.optim import param_groups_by_prefix
-from clipsnail.rng import seeded
-from clipsnail.runs import build_described, build_for_weights, load_referenced, load_run_weights, save_run
 from clipsnail.tasks.clip import load_clip_run
 from clipsnail.tasks.pixelsnail import (
     image_transform,
@@ -31,6 +30,7 @@ from clipsnail.tasks.pixelsnail import (
     nll_loss,
     pixelsnail_optim,
 )
+from clipsnail.train.optim import param_groups_by_prefix
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class TextPixelSNAILConfig:
 @torch.no_grad()
 def embed_captions(clip, captions: list[str], batch_size: int = 512) -> tuple[dict[str, int], torch.Tensor]:
     """Distinct captions -> (row of each caption text, L2-normalised CLIP text embeddings (N, D))."""
-    from clipsnail.evaluate import encode_texts
+    from clipsnail.inference.evaluate import encode_texts
 
     rows: dict[str, int] = {}
     for c in captions:
@@ -142,7 +142,7 @@ class TextPixelSNAILTask:
         k = self.config.data.eval_prompts
         if k <= 0 or self.val_dataset is None:
             return
-        from clipsnail.sampling import sample, save_sample_grid
+        from clipsnail.inference.sampling import sample, save_sample_grid
 
         captions = sorted(set(self.val_dataset.captions))
         with seeded(epoch):

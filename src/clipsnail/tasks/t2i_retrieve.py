@@ -14,21 +14,21 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from clipsnail import distributed as dist
-from clipsnail.config import OptimConfig, TrainConfig, from_dict
-from clipsnail.data.captions import CaptionDataConfig, load_caption_split
+from clipsnail.core import distributed as dist
+from clipsnail.core.config import OptimConfig, TrainConfig, from_dict
+from clipsnail.core.distributed import unwrap
+from clipsnail.core.errors import ConfigError, DataError
+from clipsnail.core.runs import build_described, build_for_weights, load_run_weights, save_run
+from clipsnail.core.safeio import atomic_path, atomic_write_json
+from clipsnail.data.caption_corpora import CaptionDataConfig, load_caption_split
 from clipsnail.data.datasets import CaptionTargets
 from clipsnail.data.tokenizers import TextTokenizer, build_tokenizer
-from clipsnail.distributed import unwrap
-from clipsnail.errors import ConfigError, DataError
-from clipsnail.evaluate import encode_every_image
-from clipsnail.generate import FeatureRetriever
+from clipsnail.inference.evaluate import encode_every_image
+from clipsnail.inference.generate import FeatureRetriever
 from clipsnail.models.text2feat import Text2FeatConfig, TextToFeature, nearest
 from clipsnail.models.timm_features import TimmImageEncoder
-from clipsnail.optim import param_groups_by_prefix
-from clipsnail.runs import build_described, build_for_weights, load_run_weights, save_run
-from clipsnail.safeio import atomic_path, atomic_write_json
 from clipsnail.tasks.clip import load_clip_run
+from clipsnail.train.optim import param_groups_by_prefix
 
 log = logging.getLogger(__name__)
 

@@ -33,8 +33,8 @@ from pathlib import Path
 
 import torch
 
+from clipsnail.core.errors import ClipsnailError
 from clipsnail.data.images import IMAGE_EXTENSIONS
-from clipsnail.errors import ClipsnailError
 
 
 class QueryError(ClipsnailError):

@@ -41,7 +41,7 @@ from huggingface_hub import _CACHED_NO_EXIST, constants, hf_hub_download, try_to
 from huggingface_hub.file_download import repo_folder_name
 from huggingface_hub.utils import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-from clipsnail.convert import (
+from clipsnail.apps.convert import (
     CONSE_DEFINITIONS,
     CONSE_LEMMAS,
     CONSE_TEMPERATURE,
@@ -50,9 +50,9 @@ from clipsnail.convert import (
     convert_conse,
     convert_open_clip,
 )
-from clipsnail.errors import DataError
-from clipsnail.pretrained import PACKAGED, PACKAGED_TEXT
-from clipsnail.safeio import clean_stale, recover_dir, temp_sibling, writer_lock
+from clipsnail.core.errors import DataError
+from clipsnail.core.pretrained import PACKAGED, PACKAGED_TEXT
+from clipsnail.core.safeio import clean_stale, recover_dir, temp_sibling, writer_lock
 
 log = logging.getLogger(__name__)
 

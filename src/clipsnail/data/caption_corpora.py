@@ -16,9 +16,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from clipsnail.core.errors import ConfigError, DataError
+from clipsnail.core.safeio import read_regular, regular_file_kind, resolve_under
 from clipsnail.data.images import IMAGE_EXTENSIONS
-from clipsnail.errors import ConfigError, DataError
-from clipsnail.safeio import read_regular, regular_file_kind, resolve_under
 
 log = logging.getLogger(__name__)
 

@@ -21,13 +21,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from clipsnail.data.captions import captions_by_image, load_caption_split
+from clipsnail.core.errors import DataError
+from clipsnail.data.caption_corpora import captions_by_image, load_caption_split
 from clipsnail.data.images import as_pil_images
 from clipsnail.data.shapes import Scene, names_colour_and_shape, parse_caption, scene_matches, scenes_for
 from clipsnail.data.tokenizers import UNK, TextTokenizer
-from clipsnail.errors import DataError
-from clipsnail.evaluate import encode_every_image, encode_image_paths
-from clipsnail.models.captioner import CaptionDecoder
+from clipsnail.inference.evaluate import encode_every_image, encode_image_paths
+from clipsnail.models.caption_decoder import CaptionDecoder
 
 CAPTION_EXTRA = "pip install 'clipsnail[caption]'"
 _PUNCTUATION = re.compile(r"[.,!?;:\"()\[\]{}`]|(?<!\w)-+|-+(?!\w)|''|(?<!\w)'|'(?!\w)")

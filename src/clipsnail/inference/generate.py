@@ -9,11 +9,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from clipsnail.errors import DataError
+from clipsnail.core.errors import DataError
+from clipsnail.inference.sampling import sample, to_pil
 from clipsnail.models.clip import CLIP
 from clipsnail.models.pixelsnail import PixelSNAIL
 from clipsnail.models.text2feat import TextToFeature, nearest
-from clipsnail.sampling import sample, to_pil
 
 
 class FeatureRetriever:

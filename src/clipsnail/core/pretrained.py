@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from clipsnail.errors import DataError
+from clipsnail.core.errors import DataError
 
 log = logging.getLogger(__name__)
 

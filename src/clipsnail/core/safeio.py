@@ -30,7 +30,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from clipsnail.errors import ClipsnailError, DataError
+from clipsnail.core.errors import ClipsnailError, DataError
 
 try:
     import fcntl

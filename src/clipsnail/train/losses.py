@@ -63,7 +63,7 @@ def distributed_clip_loss(
     only its own rows against all columns, [b, B] instead of [B, B]: less memory and compute, same gradients.
     Alone in a single process this is just `clip_loss`.
     """
-    from clipsnail import distributed as dist
+    from clipsnail.core import distributed as dist
 
     all_image, all_text = dist.gather_with_grad(image_features), dist.gather_with_grad(text_features)
     all_ids = [dist.gather_no_grad(v) for v in ids]

@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from clipsnail.errors import ConfigError
+from clipsnail.core.errors import ConfigError
 
 
 @dataclasses.dataclass

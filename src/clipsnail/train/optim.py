@@ -9,8 +9,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from clipsnail.config import OptimConfig
-from clipsnail.errors import ClipsnailError
+from clipsnail.core.config import OptimConfig
+from clipsnail.core.errors import ClipsnailError
 
 
 def no_weight_decay(name: str, p: torch.Tensor) -> bool:

@@ -2,7 +2,7 @@
 
 A run directory holds `config.json` (the task name and its whole resolved config), `model.safetensors` (weights
 only: nothing here ever unpickles a file), `tokenizer.json` when text is involved, and while training
-`checkpoint/`, `metrics.jsonl` and plots. Every file is replaced atomically (`clipsnail.safeio`).
+`checkpoint/`, `metrics.jsonl` and plots. Every file is replaced atomically (`clipsnail.core.safeio`).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from clipsnail.config import to_dict
-from clipsnail.errors import ConfigError, DataError
-from clipsnail.safeio import atomic_path, atomic_write_json, read_json_object
+from clipsnail.core.config import to_dict
+from clipsnail.core.errors import ConfigError, DataError
+from clipsnail.core.safeio import atomic_path, atomic_write_json, read_json_object
 
 CHECKPOINT = "checkpoint/state.safetensors"
 T = TypeVar("T")
@@ -209,8 +209,8 @@ def same_weights(run_dir: str | Path, recorded: dict | None) -> bool:
 
 def is_run_dir(path: Path) -> bool:
     """A folder training wrote: a config.json naming its task, a checkpoint, or a metrics log; or nothing but the
-    empty checkpoint folder of a run whose first checkpoint could not be written (a full disk), which the same
-    command must be able to start again."""
+    empty checkpoint folder (and the TensorBoard log) of a run whose first checkpoint could not be written (a full
+    disk), which the same command must be able to start again."""
     config = read_json_object(path / "config.json")
     if config is not None and isinstance(config.get("task"), str):
         return True
@@ -218,7 +218,9 @@ def is_run_dir(path: Path) -> bool:
         return True
     checkpoint = path / CHECKPOINT.split("/")[0]
     try:
-        return os.listdir(path) == [checkpoint.name] and checkpoint.is_dir() and not os.listdir(checkpoint)
+        entries = set(os.listdir(path))
+        return (checkpoint.name in entries and entries <= {checkpoint.name, "tensorboard"} and checkpoint.is_dir()
+                and not os.listdir(checkpoint))
     except OSError:
         return False
 

@@ -17,8 +17,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from clipsnail.core.errors import DataError
 from clipsnail.data.datasets import ImageListDataset, collate_indexed_images
-from clipsnail.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ def default_templates() -> list[str]:
 
 
 def read_templates(path: str | Path) -> list[str]:
-    from clipsnail.errors import DataError
+    from clipsnail.core.errors import DataError
 
     path = Path(path)
     if not path.is_file():
@@ -233,9 +233,9 @@ def evaluate_caption_split(model, captions_file, images_dir, split: str = "test"
     Unreadable images are dropped together with their captions, and counted. On generated shapes data
     (scenes.json beside the images) the semantic recall is added.
     """
-    from clipsnail.data.captions import load_split
+    from clipsnail.core.errors import DataError
+    from clipsnail.data.caption_corpora import load_split
     from clipsnail.data.shapes import scene_judge
-    from clipsnail.errors import DataError
 
     # The same checks as training: the folder exists, every image of the split is a file under it.
     names, captions, c2i = load_split(captions_file, images_dir, split, format, split_file,

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from clipsnail.core.display import display_name, printable
+from clipsnail.core.safeio import atomic_path
 from clipsnail.data.images import load_image
-from clipsnail.display import display_name, printable
-from clipsnail.safeio import atomic_path
 
 
 def plot_training_curves(metrics_path: Path, out_path: Path) -> None:

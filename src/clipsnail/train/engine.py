@@ -47,13 +47,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from tqdm.auto import tqdm
 
-from clipsnail import distributed as dist
-from clipsnail.config import TrainConfig, parse_duration, to_dict
-from clipsnail.errors import ClipsnailError, DataError, Interrupted
-from clipsnail.optim import build_optimizer, lr_lambda, warmup_steps
-from clipsnail.rng import rng_state, set_rng_state
-from clipsnail.runs import CHECKPOINT, check_run_dir, load_weights, save_weights
-from clipsnail.safeio import atomic_path, atomic_write_json, atomic_write_text, read_json_object, writer_lock
+from clipsnail.core import distributed as dist
+from clipsnail.core.config import TrainConfig, parse_duration, to_dict
+from clipsnail.core.devices import resolve_device
+from clipsnail.core.errors import ClipsnailError, DataError, Interrupted
+from clipsnail.core.rng import rng_state, set_rng_state
+from clipsnail.core.runs import CHECKPOINT, check_run_dir, load_weights, save_weights
+from clipsnail.core.safeio import atomic_path, atomic_write_json, atomic_write_text, read_json_object, writer_lock
+from clipsnail.train.optim import build_optimizer, lr_lambda, warmup_steps
 
 log = logging.getLogger(__name__)
 
@@ -90,16 +91,6 @@ class FitResult:
 
 
 # ----------------------------------------------------------------------------------------------- devices/precision
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(name)
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
@@ -734,7 +725,7 @@ def _fmt(metrics: dict[str, float]) -> str:
 
 
 def _plot_curves(run_dir: Path) -> None:
-    from clipsnail.plots import plot_training_curves
+    from clipsnail.inference.plots import plot_training_curves
 
     try:
         plot_training_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")

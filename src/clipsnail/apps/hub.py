@@ -3,7 +3,7 @@
 Each task module knows how to load its own runs (`load_run`); this is the table that picks one by the task name in
 the run's config.json. Weights only ever travel as safetensors: nothing here unpickles a file. Checkpoints from
 elsewhere (OpenAI CLIP / open_clip, official LeMeViT) become run directories through `clipsnail convert`, or, for
-open_clip models on the Hugging Face hub, by name (`hf-hub:ORG/NAME`, see `clipsnail.model_names`).
+open_clip models on the Hugging Face hub, by name (`hf-hub:ORG/NAME`, see `clipsnail.apps.model_names`).
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 
-from clipsnail.errors import DataError
-from clipsnail.model_names import resolve_run
-from clipsnail.runs import read_run_config
+from clipsnail.apps.model_names import resolve_run
+from clipsnail.core.devices import resolve_device
+from clipsnail.core.errors import DataError
+from clipsnail.core.runs import read_run_config
 from clipsnail.tasks import caption, classify, clip, pixelsnail, t2i_pixelsnail, t2i_retrieve
 
 LOADERS = {
@@ -33,9 +34,10 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu", weights: str =
     keeping embeddings of a whole folder would otherwise keep every graph too. `model.requires_grad_()` makes it
     trainable again. What each kind is: `LOADERS`.
     weights: "model" (the end of training: model.safetensors) or "best" (best.safetensors, the best validation
-    score, when the run kept one). `run_dir` may also be a model name such as hf-hub:ORG/NAME (`resolve_run`)."""
+    score, when the run kept one). `run_dir` may also be a model name such as hf-hub:ORG/NAME (`resolve_run`).
+    device: a torch device or its name, or "auto" (CUDA, else MPS, else the CPU)."""
     run_dir = resolve_run(run_dir)
     task, data = read_run_config(run_dir)
     if task not in LOADERS:
         raise DataError(f"{run_dir / 'config.json'}: unknown task {task!r}; valid: {', '.join(LOADERS)}")
-    return LOADERS[task](run_dir, data, weights).to(device).eval().requires_grad_(False)
+    return LOADERS[task](run_dir, data, weights).to(resolve_device(device)).eval().requires_grad_(False)

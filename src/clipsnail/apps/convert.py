@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-from clipsnail.errors import DataError
-from clipsnail.pretrained import unreadable_torch_file
-from clipsnail.safeio import check_replaceable, staged_dir
+from clipsnail.core.errors import DataError
+from clipsnail.core.pretrained import unreadable_torch_file
+from clipsnail.core.safeio import check_replaceable, staged_dir
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +257,7 @@ def _load_exactly(path: Path, model: torch.nn.Module, state: dict[str, torch.Ten
 
 def _write_run(out: Path, task: str, config, model: torch.nn.Module, tokenizer=None) -> None:
     """The run directory `out`, written whole or not at all; an existing non-empty `out` is refused."""
-    from clipsnail.runs import save_run
+    from clipsnail.core.runs import save_run
 
     with staged_dir(out) as tmp:
         save_run(tmp, task, config, model, tokenizer)
@@ -454,9 +454,9 @@ def build_conse(spec: str = CONSE_DEFAULT, labels: list[str] | None = None, temp
     defaults to WordNet's for the ImageNet labels and to none for `labels` given; [] leaves them out."""
     import timm
 
+    from clipsnail.core.pretrained import PACKAGED, load_pretrained_state, model_kwargs, packaged, text_model_dir
     from clipsnail.data.tokenizers import TextTokenizer
     from clipsnail.models.clip import CLIP, ClipModelConfig, build_text_tower
-    from clipsnail.pretrained import PACKAGED, load_pretrained_state, model_kwargs, packaged, text_model_dir
     from clipsnail.tasks.clip import ClipConfig, ready_for_inference
 
     image, plus, text = spec.partition("+")

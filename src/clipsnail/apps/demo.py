@@ -27,29 +27,30 @@ from typing import Any
 
 import torch
 
-from clipsnail.config import load_config
-from clipsnail.convert import CONSE_DEFAULT
+from clipsnail.apps.convert import CONSE_DEFAULT
+from clipsnail.apps.hub import load
+from clipsnail.apps.model_names import resolve_run
+from clipsnail.core.config import load_config
+from clipsnail.core.devices import resolve_device
+from clipsnail.core.display import printable
+from clipsnail.core.errors import ClipsnailError, ConfigError, DataError
+from clipsnail.core.pretrained import PRETRAINED_EXTRA, is_off, is_timm, resolve, text_model_dir
+from clipsnail.core.runs import read_run_config, weights_fingerprint
+from clipsnail.core.safeio import atomic_write_json, is_under, read_json_object
 from clipsnail.data.images import list_image_folder
 from clipsnail.data.shapes import generate_attribute_folder, generate_shapes
-from clipsnail.display import printable
-from clipsnail.engine import fit, resolve_device
-from clipsnail.errors import ClipsnailError, ConfigError, DataError
-from clipsnail.evaluate import (
+from clipsnail.inference.evaluate import (
     classification_metrics,
     encode_image_paths,
     evaluate_caption_split,
     zero_shot_logits,
     zero_shot_weights,
 )
-from clipsnail.hub import load
-from clipsnail.index import ImageIndex, build_index, folder_index, is_index_dir, update_index
-from clipsnail.model_names import resolve_run
+from clipsnail.inference.index import ImageIndex, build_index, folder_index, is_index_dir, update_index
+from clipsnail.inference.plots import write_result_grid
 from clipsnail.models.clip import ClipModelConfig
-from clipsnail.plots import write_result_grid
-from clipsnail.pretrained import PRETRAINED_EXTRA, is_off, is_timm, resolve, text_model_dir
-from clipsnail.runs import read_run_config, weights_fingerprint
-from clipsnail.safeio import atomic_write_json, is_under, read_json_object
 from clipsnail.tasks.clip import ClipConfig, ClipTask
+from clipsnail.train.engine import fit
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,7 @@ BETTER_HUB_MODEL = "hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K"
 PHOTO_DEMO_OUT = "demo_photos_out"
 # The preset is part of the source tree, not of the installed package: found from here in a checkout (the project
 # installs itself editable).
-PRETRAINED_PRESET = Path(__file__).resolve().parents[2] / "configs" / "pretrained_small.yaml"
+PRETRAINED_PRESET = Path(__file__).resolve().parents[3] / "configs" / "pretrained_small.yaml"
 # What --captions fine-tunes by default: the ConSE model (PHOTO_MODEL) with a locked image tower. On COCO-mini it
 # scored above the preset fine-tuned for as many steps, and above it before any step (bench/photo_search.py).
 CONSE_FINETUNE = PRETRAINED_PRESET.with_name("conse_finetune.yaml")

@@ -270,7 +270,7 @@ def to_pil(images: torch.Tensor) -> list:
 
 
 def save_sample_grid(images: torch.Tensor, path: str | Path, title: str = "", labels=None) -> Path:
-    from clipsnail.plots import image_grid, save_png
+    from clipsnail.inference.plots import image_grid, save_png
 
     cols = max(1, math.ceil(math.sqrt(len(images))))
     return save_png(image_grid(to_pil(images), title=title, labels=labels, cols=cols, cell=64), path)

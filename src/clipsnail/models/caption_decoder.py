@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipsnail.config import check_at_least, check_heads, check_positive, check_probability
-from clipsnail.errors import ConfigError
+from clipsnail.core.config import check_at_least, check_heads, check_positive, check_probability
+from clipsnail.core.errors import ConfigError
 from clipsnail.layers import DecoderBlock
 
 
