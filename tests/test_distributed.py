@@ -100,9 +100,10 @@ def test_accumulation_over_4_micro_batches_gives_the_full_batch_gradients():
 
 
 def test_accumulation_for_losses_that_are_means_over_samples():
-    """Tasks without `embed` (classification, PixelSNAIL): the mean of micro-batch means."""
+    """Tasks whose loss does not couple the batch (classification, PixelSNAIL): the mean of micro-batch means."""
+    from clipsnail.train.task import Task
 
-    class MeanSquaredTask:
+    class MeanSquaredTask(Task):
         def loss(self, model, batch):
             return ((model(batch["x"]).squeeze(1) - batch["y"]) ** 2).mean(), {}
 

@@ -16,6 +16,7 @@ from clipsnail.core.rng import seeded
 from clipsnail.core.runs import CHECKPOINT, save_weights
 from clipsnail.train.engine import ResumableBatchSampler, fit, load_state, save_state
 from clipsnail.train.optim import build_optimizer, lr_lambda
+from clipsnail.train.task import Task
 
 
 @dataclasses.dataclass
@@ -42,7 +43,7 @@ class NoisyDataset(Dataset):
             return self.x[index] + 0.1 * torch.randn(4), self.y[index]
 
 
-class ToyTask:
+class ToyTask(Task):
     def __init__(self, crash_at=None, **train):
         self.config = ToyConfig()
         self.config.train = dataclasses.replace(self.config.train, **train)
@@ -62,15 +63,9 @@ class ToyTask:
     def loss(self, model, batch):
         return ((model(batch["x"]).squeeze(1) - batch["y"]) ** 2).mean(), {}
 
-    def after_optimizer_step(self, model):
-        pass
-
     def evaluate(self, model):
         self.evaluations += 1
         return {"dummy": 1.0}
-
-    def after_epoch(self, model, run_dir, epoch):
-        pass
 
     def save(self, model, run_dir):
         save_weights(model, run_dir / "model.safetensors")

@@ -25,7 +25,7 @@ from clipsnail.cli import main
 from clipsnail.core.errors import ClipsnailError
 from clipsnail.inference.index import ImageIndex, build_index
 from clipsnail.serve import Limits, allowed_host_names, create_app
-from clipsnail.serve.app import LOOPBACK_HOSTS
+from clipsnail.serve.security import LOOPBACK_HOSTS
 
 BASE = "http://127.0.0.1"  # the app answers loopback host names only
 
@@ -560,10 +560,10 @@ def test_large_uploads_are_decoded_near_the_model_input_size(served):
 
 
 def test_decoding_runs_at_most_max_decoding_at_once(served, monkeypatch):
-    import clipsnail.serve.app as app_module
+    import clipsnail.serve.service as service_module
 
     running, peak, lock = [0], [0], threading.Lock()
-    real = app_module.decode_upload
+    real = service_module.decode_upload
 
     def slow_decode(*args):
         with lock:
@@ -576,7 +576,7 @@ def test_decoding_runs_at_most_max_decoding_at_once(served, monkeypatch):
             with lock:
                 running[0] -= 1
 
-    monkeypatch.setattr(app_module, "decode_upload", slow_decode)
+    monkeypatch.setattr(service_module, "decode_upload", slow_decode)
     statuses = []
     with TestClient(create_app(served.index, served.model, limits=Limits(max_decoding=2)), base_url=BASE) as c:
         threads = [threading.Thread(target=lambda: statuses.append(

@@ -37,7 +37,7 @@ from clipsnail.inference.evaluate import encode_every_image
 from clipsnail.models.caption_decoder import CaptionDecoder, CaptionModelConfig
 from clipsnail.models.timm_features import TimmImageEncoder, feature_tokens
 from clipsnail.tasks.clip import load_clip_run
-from clipsnail.train.optim import param_groups_by_prefix
+from clipsnail.train.task import Task
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def load_token_encoder(config: CaptionConfig) -> nn.Module:
     return encoder.eval().requires_grad_(False)
 
 
-class CaptionTask:
+class CaptionTask(Task):
     name = "caption"
 
     def __init__(self, config: CaptionConfig, run_dir: str | Path | None = None, progress: bool = True):
@@ -139,18 +139,12 @@ class CaptionTask:
     def build_model(self) -> CaptionDecoder:
         return CaptionDecoder(self.config.model)
 
-    def param_groups(self, model: nn.Module) -> list[dict]:
-        return param_groups_by_prefix(model, [], self.config.optim.lr)
-
     def collate(self, samples: list) -> dict:
         return {"tokens": self.tokenizer([c for c, _ in samples]),
                 "image_tokens": self.image_tokens[torch.tensor([i for _, i in samples])].float()}
 
     def loss(self, model: CaptionDecoder, batch: dict):
         return unwrap(model).loss(batch["image_tokens"], batch["tokens"]), {}
-
-    def after_optimizer_step(self, model: nn.Module) -> None:
-        pass
 
     @torch.no_grad()
     def evaluate(self, model: CaptionDecoder) -> dict[str, float]:
@@ -169,9 +163,6 @@ class CaptionTask:
         if scenes is not None:
             metrics.update({f"val_{k}": v for k, v in shapes_caption_metrics(scenes, captions).items()})
         return metrics
-
-    def after_epoch(self, model: nn.Module, run_dir: Path, epoch: int) -> None:
-        pass
 
     def save(self, model: CaptionDecoder, run_dir: Path) -> None:
         save_run(run_dir, self.name, self.config, model, self.tokenizer)

@@ -25,7 +25,7 @@ from clipsnail.core.runs import build_described, build_for_weights, load_run_wei
 from clipsnail.data.classes import ClassData, ClassImageDataset, read_class_data
 from clipsnail.data.transforms import eval_transform
 from clipsnail.train.losses import soft_target_cross_entropy
-from clipsnail.train.optim import param_groups_by_prefix
+from clipsnail.train.task import Task
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ def predict(model: nn.Module, data: ClassData, transform, batch_size: int = 256,
 # ----------------------------------------------------------------------------------------------- the task
 
 
-class ClassifyTask:
+class ClassifyTask(Task):
     name = "classify"
 
     def __init__(self, config: ClassifyConfig, run_dir: str | Path | None = None):
@@ -263,9 +263,6 @@ class ClassifyTask:
     def build_model(self) -> nn.Module:
         return build_classifier(self.config.model)
 
-    def param_groups(self, model: nn.Module) -> list[dict]:
-        return param_groups_by_prefix(model, [], self.config.optim.lr)
-
     def collate(self, samples: list) -> dict | None:
         return self.train_dataset.collate(samples)
 
@@ -284,9 +281,6 @@ class ClassifyTask:
         with torch.no_grad():
             acc = (logits.argmax(1) == labels).float().mean().item()  # on mixed images: a rough signal only
         return loss, {"batch_acc": acc}
-
-    def after_optimizer_step(self, model: nn.Module) -> None:
-        pass
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         if self.val_data is None:

@@ -38,6 +38,7 @@ from clipsnail.data.transforms import clip_train_transform, eval_transform
 from clipsnail.models.clip import CLIP, ClipModelConfig
 from clipsnail.train.losses import distributed_clip_loss
 from clipsnail.train.optim import param_groups_by_prefix
+from clipsnail.train.task import Task
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,8 @@ class ClipConfig:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
 
-class ClipTask:
+class ClipTask(Task):
+    couples_batch = True  # the contrastive loss: accumulation embeds the whole batch first (open_clip accum_freq)
     name = "clip"
 
     def __init__(self, config: ClipConfig, run_dir: str | Path | None = None):

@@ -24,7 +24,7 @@ from clipsnail.data.classes import ClassData, ClassImageDataset, read_class_data
 from clipsnail.layers.causal import data_dependent_init
 from clipsnail.layers.mixture import bits_per_dim, discretized_mix_logistic_nll
 from clipsnail.models.pixelsnail import CONFIGS, PixelSNAIL, PixelSNAILConfig
-from clipsnail.train.optim import param_groups_by_prefix
+from clipsnail.train.task import Task
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def read_images(cfg: PixelSNAILTaskConfig, split: str) -> ClassData:
     return read_class_data(cfg.data.data, split, cfg.data.val_fraction, cfg.data.test_fraction)
 
 
-class PixelSNAILTask:
+class PixelSNAILTask(Task):
     name = "pixelsnail"
     progress_logs = ("bits_per_dim",)  # the progress bar in the unit the paper and the evaluation report
 
@@ -170,17 +170,11 @@ class PixelSNAILTask:
         return initialised_model(self.config.model, self.train_dataset, self.collate, self.inputs,
                                  self.config.train.batch_size)
 
-    def param_groups(self, model: nn.Module) -> list[dict]:
-        return param_groups_by_prefix(model, [], self.config.optim.lr)
-
     def collate(self, samples: list) -> dict | None:
         return self.train_dataset.collate(samples)
 
     def loss(self, model: nn.Module, batch: dict):
         return nll_loss(model, *self.inputs(batch), self.config.model.nr_mix, self.dims)
-
-    def after_optimizer_step(self, model: nn.Module) -> None:
-        pass
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:

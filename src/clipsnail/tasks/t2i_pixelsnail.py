@@ -12,7 +12,6 @@ import random
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from clipsnail.core.config import OptimConfig, TrainConfig, from_dict
 from clipsnail.core.errors import ConfigError, DataError
@@ -30,7 +29,7 @@ from clipsnail.tasks.pixelsnail import (
     nll_loss,
     pixelsnail_optim,
 )
-from clipsnail.train.optim import param_groups_by_prefix
+from clipsnail.train.task import Task
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +63,7 @@ def embed_captions(clip, captions: list[str], batch_size: int = 512) -> tuple[di
     return rows, encode_texts(clip, list(rows), batch_size)
 
 
-class TextPixelSNAILTask:
+class TextPixelSNAILTask(Task):
     name = "t2i_pixelsnail"
     progress_logs = ("bits_per_dim",)  # the progress bar in the unit the paper and the evaluation report
 
@@ -107,9 +106,6 @@ class TextPixelSNAILTask:
         return initialised_model(self.config.model, self.train_dataset, self.collate, self.inputs,
                                  self.config.train.batch_size)
 
-    def param_groups(self, model: nn.Module) -> list[dict]:
-        return param_groups_by_prefix(model, [], self.config.optim.lr)
-
     def collate(self, samples: list) -> dict | None:
         kept = [s for s in samples if s is not None]
         if not kept:
@@ -122,9 +118,6 @@ class TextPixelSNAILTask:
             drop = torch.rand(h.shape[0], 1, device=h.device) < self.config.cond_dropout
             h = torch.where(drop, model.unconditional(h.shape[0]), h)
         return nll_loss(model, batch["images"], h, self.config.model.nr_mix, self.dims)
-
-    def after_optimizer_step(self, model: nn.Module) -> None:
-        pass
 
     @torch.no_grad()
     def evaluate(self, model: PixelSNAIL) -> dict[str, float]:

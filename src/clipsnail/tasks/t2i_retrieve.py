@@ -28,7 +28,7 @@ from clipsnail.inference.generate import FeatureRetriever
 from clipsnail.models.text2feat import Text2FeatConfig, TextToFeature, nearest
 from clipsnail.models.timm_features import TimmImageEncoder
 from clipsnail.tasks.clip import load_clip_run
-from clipsnail.train.optim import param_groups_by_prefix
+from clipsnail.train.task import Task
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class RetrieveConfig:
     train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(batch_size=64, epochs=20))
 
 
-class RetrieveTask:
+class RetrieveTask(Task):
     name = "t2i_retrieve"
 
     def __init__(self, config: RetrieveConfig, run_dir: str | Path | None = None, progress: bool = True):
@@ -92,9 +92,6 @@ class RetrieveTask:
         model.tokenizer = self.tokenizer
         return model
 
-    def param_groups(self, model: nn.Module) -> list[dict]:
-        return param_groups_by_prefix(model, [], self.config.optim.lr)
-
     def collate(self, samples: list) -> dict:
         return {"tokens": self.tokenizer([c for c, _ in samples]),
                 "targets": self.features[torch.tensor([i for _, i in samples])]}
@@ -102,9 +99,6 @@ class RetrieveTask:
     def loss(self, model: TextToFeature, batch: dict):
         predicted = model(batch["tokens"])
         return unwrap(model).loss(predicted.float(), batch["targets"]), {}
-
-    def after_optimizer_step(self, model: nn.Module) -> None:
-        pass
 
     @torch.no_grad()
     def evaluate(self, model: TextToFeature) -> dict[str, float]:
@@ -129,9 +123,6 @@ class RetrieveTask:
             metrics["val_semantic_top1_accuracy"] = sum(
                 judge(int(h), c) for h, c in zip(hits[:, 0], captions)) / max(len(captions), 1)
         return metrics
-
-    def after_epoch(self, model: nn.Module, run_dir: Path, epoch: int) -> None:
-        pass
 
     def save(self, model: TextToFeature, run_dir: Path) -> None:
         save_run(run_dir, self.name, self.config, model, self.tokenizer)

@@ -38,13 +38,13 @@ import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
+from torch.utils.data import DataLoader, IterableDataset, Sampler
 from tqdm.auto import tqdm
 
 from clipsnail.core import distributed as dist
@@ -55,30 +55,10 @@ from clipsnail.core.rng import rng_state, set_rng_state
 from clipsnail.core.runs import CHECKPOINT, check_run_dir, load_weights, save_weights
 from clipsnail.core.safeio import atomic_path, atomic_write_json, atomic_write_text, read_json_object, writer_lock
 from clipsnail.train.optim import build_optimizer, lr_lambda, warmup_steps
+from clipsnail.train.task import Task
 
 log = logging.getLogger(__name__)
 
-
-
-class Task(Protocol):
-    """What a task gives the engine. `train_dataset[(index, seed)]` returns one sample (or None to skip it)."""
-
-    config: Any  # has .train (TrainConfig) and .optim (OptimConfig)
-    train_dataset: Dataset
-
-    def build_model(self) -> nn.Module: ...
-    def param_groups(self, model: nn.Module) -> list[dict]: ...  # [{"params": [(name, p), ...], "lr": x}, ...]
-    def collate(self, samples: list) -> dict | None: ...  # None: nothing usable in this batch
-    def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]: ...
-    def after_optimizer_step(self, model: nn.Module) -> None: ...
-    def evaluate(self, model: nn.Module) -> dict[str, float]: ...
-    def save(self, model: nn.Module, run_dir: Path) -> None: ...  # config.json, model.safetensors, tokenizer...
-    def after_epoch(self, model: nn.Module, run_dir: Path, epoch: int) -> None: ...
-    # Optional: `progress_logs`, the names of `loss` logs the progress bar shows instead of the raw loss (PixelSNAIL's
-    # bits/dim, not nats). For losses that couple the samples of a batch (see the module docstring):
-    #   embed(model, batch) -> dict of tensors; loss_from_embeddings(model, parts, batch, fresh) -> (loss, logs)
-    # `train_dataset` may also be a streaming IterableDataset with `num_samples` and
-    # `set_epoch(epoch, rank=, world_size=, batch_size=, skip_batches=)` (clipsnail.data.shards.ShardStream).
 
 
 @dataclass
@@ -270,7 +250,7 @@ def backward(task: Task, model: nn.Module, batch: Any, accum_steps: int, scaler:
     def sync(j: int):  # DDP: all-reduce the gradients once, in the last micro-step's backward
         return contextlib.nullcontext() if j == last or not hasattr(model, "no_sync") else model.no_sync()
 
-    if hasattr(task, "embed"):
+    if task.couples_batch:
         # The loss couples all samples (open_clip's accum_freq): embed everything once without gradients, then
         # re-embed each micro-batch with gradients in place of its cached copy, loss over the whole batch.
         with torch.no_grad(), autocast():
@@ -342,7 +322,7 @@ def fit(task: Task, run_dir: str | Path, progress: bool = True,
     try:
         # One writer per run directory (under torchrun, rank 0 writes it for all).
         with writer_lock(run_dir, "run directory") if dist.rank() == 0 else contextlib.nullcontext():
-            return _fit(task, Path(run_dir), progress, on_step)
+            return Training(task, Path(run_dir), progress, on_step).run()
     finally:
         if owns_group:
             dist.shutdown()
@@ -419,248 +399,299 @@ def check_model_fits(task: Task, device: torch.device) -> None:
                              f"(model.embed_dim, model.*_width, model.*_depth, vocab_size)")
 
 
-def _fit(task: Task, run_dir: Path, progress: bool, on_step: Callable[[int], None] | None) -> FitResult:
-    cfg: TrainConfig = task.config.train
-    rank, world = dist.rank(), dist.world_size()
-    main = rank == 0
-    if main:
-        check_run_dir(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
-    if device.type == "cuda" and dist.is_distributed():
-        device = torch.device("cuda", dist.local_rank())
-    amp_dtype = resolve_precision(cfg.precision, device)
-    # Dropout and drop-path masks differ per rank (their data differ anyway); data order and augmentation do not
-    # come from these generators (see ResumableBatchSampler).
-    torch.manual_seed(cfg.seed + rank)
-    random.seed(cfg.seed + rank)
-    np.random.seed((cfg.seed + rank) % 2**32)
+class Training:
+    """One `fit`: what it trains (model, optimiser, schedule, scaler, EMA), where it stands (step, epoch, batch,
+    best metric, the step the checkpoint on disk holds), and the parts of the loop, each a method:
+    `__init__` prepares, `resume` takes up a checkpoint, `train_step` is one optimiser step, `end_of_epoch`
+    evaluates and saves, `checkpoint` writes the whole state. `run` is the loop."""
 
-    share = cfg.batch_size // world
-    if cfg.batch_size % world or share % cfg.accum_steps:
-        raise ClipsnailError(f"batch_size {cfg.batch_size} must split evenly over {world} process(es) x "
-                             f"{cfg.accum_steps} accumulation step(s)")
-    check_model_fits(task, device)
-    try:
-        model = task.build_model().to(device)
-    except (MemoryError, torch.OutOfMemoryError, RuntimeError) as e:
-        if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and "allocate" not in str(e):
-            raise
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ClipsnailError(f"the model does not fit in memory ({first}): check its sizes (model.embed_dim, "
-                             f"model.*_width, model.*_depth, vocab_size)") from None
-    if cfg.grad_checkpointing:
-        if not hasattr(model, "set_grad_checkpointing"):
-            raise ClipsnailError(f"{type(model).__name__} does not support grad_checkpointing")
-        model.set_grad_checkpointing(True)
-    optimizer = build_optimizer(task.config.optim, task.param_groups(model), model)
-    per_epoch = steps_per_epoch(task)
-    if per_epoch == 0:
-        raise ClipsnailError(
-            f"the training set has {dataset_size(task.train_dataset)} samples, fewer than one batch of "
-            f"{cfg.batch_size}: lower --set batch_size or add data"
-        )
-    total_steps = cfg.max_steps or cfg.epochs * per_epoch
-    o = task.config.optim
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(min(warmup_steps(o, per_epoch), total_steps), total_steps, o.schedule, o.min_lr_ratio,
-                             o.lr_decay)
-    )
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    ema = None
-    if cfg.ema_decay > 0:
-        from timm.utils import ModelEmaV3
+    def __init__(self, task: Task, run_dir: Path, progress: bool, on_step: Callable[[int], None] | None):
+        self.task, self.run_dir, self.on_step = task, run_dir, on_step
+        self.cfg: TrainConfig = task.config.train
+        cfg = self.cfg
+        self.rank, world = dist.rank(), dist.world_size()
+        self.main = self.rank == 0
+        if self.main:
+            check_run_dir(run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+        self.device = resolve_device(cfg.device)
+        if self.device.type == "cuda" and dist.is_distributed():
+            self.device = torch.device("cuda", dist.local_rank())
+        self.amp_dtype = resolve_precision(cfg.precision, self.device)
+        # Dropout and drop-path masks differ per rank (their data differ anyway); data order and augmentation do not
+        # come from these generators (see ResumableBatchSampler).
+        torch.manual_seed(cfg.seed + self.rank)
+        random.seed(cfg.seed + self.rank)
+        np.random.seed((cfg.seed + self.rank) % 2**32)
+        share = cfg.batch_size // world
+        if cfg.batch_size % world or share % cfg.accum_steps:
+            raise ClipsnailError(f"batch_size {cfg.batch_size} must split evenly over {world} process(es) x "
+                                 f"{cfg.accum_steps} accumulation step(s)")
+        self.model = self.build_model()
+        self.optimizer = build_optimizer(task.config.optim, task.param_groups(self.model), self.model)
+        self.per_epoch = steps_per_epoch(task)
+        if self.per_epoch == 0:
+            raise ClipsnailError(
+                f"the training set has {dataset_size(task.train_dataset)} samples, fewer than one batch of "
+                f"{cfg.batch_size}: lower --set batch_size or add data")
+        self.total_steps = cfg.max_steps or cfg.epochs * self.per_epoch
+        o = task.config.optim
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(min(warmup_steps(o, self.per_epoch), self.total_steps), self.total_steps,
+                                      o.schedule, o.min_lr_ratio, o.lr_decay))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.ema = None
+        if cfg.ema_decay > 0:
+            from timm.utils import ModelEmaV3
 
-        # Warm-up: the decay ramps from 0 towards ema_decay (1 - (1 + step)^-2/3), so the average of a short run is
-        # not dominated by its random initialisation.
-        ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True)
+            # Warm-up: the decay ramps from 0 towards ema_decay (1 - (1 + step)^-2/3), so the average of a short
+            # run is not dominated by its random initialisation.
+            self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay, use_warmup=True)
+        self.metrics_log = MetricsLog(run_dir) if self.main else None
+        self.ckpt_path = run_dir / CHECKPOINT
+        self.step, self.start_epoch, self.batches_done_in_epoch = 0, 0, 0
+        self.best: float | None = None  # best value of cfg.best_metric so far
+        self.saved_step: int | None = None  # the step the checkpoint on disk holds
+        self.metrics: dict[str, float] = {}
+        self.stop = StopRequest()
+        self.progress = progress
 
-    metrics_log = MetricsLog(run_dir) if main else None
-    best: float | None = None  # best value of cfg.best_metric so far
-    step, batches_done_in_epoch, start_epoch = 0, 0, 0
-    ckpt_path = run_dir / CHECKPOINT
-    saved_step: int | None = None  # the step the checkpoint on disk holds
-    if ckpt_path.exists():
-        if main:
-            check_same_settings(run_dir, task.config)
-        state = load_state(ckpt_path)
-        # A checkpoint that does not fit was written with other model or optimiser settings.
-        advice = (f"this run's settings differ from those the checkpoint was written with: run with those, or "
-                  f"delete {ckpt_path.parent} to start the run over")
-        load_weights(model, state.get("model", {}), ckpt_path, "the model of this run's settings", advice)
+    def build_model(self) -> nn.Module:
+        check_model_fits(self.task, self.device)
         try:
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            scaler.load_state_dict(state["scaler"])
-            if ema is not None and "ema" in state:
-                ema.module.load_state_dict(state["ema"])
-            set_rng_state(state["rng"])
-            step, start_epoch, batches_done_in_epoch = state["step"], state["epoch"], state["batches_done_in_epoch"]
-        except (KeyError, ValueError, RuntimeError, TypeError) as e:
-            reason = f"no {e} entry" if isinstance(e, KeyError) else str(e).strip().splitlines()[0]
-            raise DataError(f"{ckpt_path}: cannot resume from it ({reason}); {advice}") from None
-        if rank:  # the checkpoint holds rank 0's generators; keep the ranks' dropout masks apart
-            torch.manual_seed(int(torch.randint(2**62, ())) + rank)
-        best = state.get("best", best)
-        saved_step = step
-        log.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt_path, step, start_epoch,
-                 batches_done_in_epoch)
-    if main:  # the log reads as one run: records past the checkpoint (all of them when starting over) go
-        metrics_log.truncate_after(step)
-    train_model = model
-    if dist.is_distributed():
-        from torch.nn.parallel import DistributedDataParallel
+            model = self.task.build_model().to(self.device)
+        except (MemoryError, torch.OutOfMemoryError, RuntimeError) as e:
+            if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and "allocate" not in str(e):
+                raise
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ClipsnailError(f"the model does not fit in memory ({first}): check its sizes (model.embed_dim, "
+                                 f"model.*_width, model.*_depth, vocab_size)") from None
+        if self.cfg.grad_checkpointing:
+            if not hasattr(model, "set_grad_checkpointing"):
+                raise ClipsnailError(f"{type(model).__name__} does not support grad_checkpointing")
+            model.set_grad_checkpointing(True)
+        return model
 
-        # Built after loading the checkpoint; DDP also broadcasts rank 0's weights, so every rank starts equal.
-        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:
-        train_model = torch.compile(train_model)
+    def resume(self) -> None:
+        """Take up the checkpoint in the run directory, if there is one; then cut the metrics log back to it, so
+        that the log reads as one run (all of it when starting over)."""
+        if self.ckpt_path.exists():
+            if self.main:
+                check_same_settings(self.run_dir, self.task.config)
+            state = load_state(self.ckpt_path)
+            # A checkpoint that does not fit was written with other model or optimiser settings.
+            advice = (f"this run's settings differ from those the checkpoint was written with: run with those, or "
+                      f"delete {self.ckpt_path.parent} to start the run over")
+            load_weights(self.model, state.get("model", {}), self.ckpt_path, "the model of this run's settings",
+                         advice)
+            try:
+                self.optimizer.load_state_dict(state["optimizer"])
+                self.scheduler.load_state_dict(state["scheduler"])
+                self.scaler.load_state_dict(state["scaler"])
+                if self.ema is not None and "ema" in state:
+                    self.ema.module.load_state_dict(state["ema"])
+                set_rng_state(state["rng"])
+                self.step, self.start_epoch = state["step"], state["epoch"]
+                self.batches_done_in_epoch = state["batches_done_in_epoch"]
+            except (KeyError, ValueError, RuntimeError, TypeError) as e:
+                reason = f"no {e} entry" if isinstance(e, KeyError) else str(e).strip().splitlines()[0]
+                raise DataError(f"{self.ckpt_path}: cannot resume from it ({reason}); {advice}") from None
+            if self.rank:  # the checkpoint holds rank 0's generators; keep the ranks' dropout masks apart
+                torch.manual_seed(int(torch.randint(2**62, ())) + self.rank)
+            self.best = state.get("best", self.best)
+            self.saved_step = self.step
+            log.info("resumed from %s at step %d (epoch %d, batch %d)", self.ckpt_path, self.step, self.start_epoch,
+                     self.batches_done_in_epoch)
+        if self.main:
+            self.metrics_log.truncate_after(self.step)
 
-    def checkpoint(epoch: int, batches_done: int) -> None:
-        nonlocal saved_step
-        if not main:
+    def wrap_for_training(self) -> nn.Module:
+        """The module the steps run through: DDP under torchrun (built after the checkpoint is loaded; it also
+        broadcasts rank 0's weights, so every rank starts equal), compiled when train.compile is set."""
+        train_model = self.model
+        if dist.is_distributed():
+            from torch.nn.parallel import DistributedDataParallel
+
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            train_model = DistributedDataParallel(self.model, device_ids=device_ids)
+        return torch.compile(train_model) if self.cfg.compile else train_model
+
+    def checkpoint(self, epoch: int, batches_done: int) -> None:
+        if not self.main:
             return
         state = {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "rng": rng_state(), "step": step, "epoch": epoch,
-            "batches_done_in_epoch": batches_done, "best": best,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng_state(),
+            "step": self.step, "epoch": epoch, "batches_done_in_epoch": batches_done, "best": self.best,
         }
-        if ema is not None:
-            state["ema"] = ema.module.state_dict()
-        save_state(ckpt_path, state)
-        saved_step = step
+        if self.ema is not None:
+            state["ema"] = self.ema.module.state_dict()
+        save_state(self.ckpt_path, state)
+        self.saved_step = self.step
 
-    def eval_model() -> nn.Module:
-        return ema.module if ema is not None else model
+    def eval_model(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else self.model
 
-    budget = parse_duration(cfg.time_budget)
-    started = time.monotonic()
-    out_of_time = False
-    metrics: dict[str, float] = {}
-    bar = tqdm(total=total_steps, initial=step, disable=not (progress and main), dynamic_ncols=True, desc="train")
-    last_log = time.monotonic()
-    samples_since_log = 0
-    epoch = start_epoch
-    stop = StopRequest()
+    def train_step(self, train_model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        """One optimiser step on `batch` (accumulated over train.accum_steps micro-batches): (loss, logs)."""
+        o, device, amp_dtype = self.task.config.optim, self.device, self.amp_dtype
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, logs = backward(self.task, train_model, move_to(batch, device), self.cfg.accum_steps, self.scaler,
+                              lambda: torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                                                     enabled=amp_dtype is not None))
+        if not torch.isfinite(loss):
+            raise ClipsnailError(f"loss became {loss.item()} at step {self.step}: lower the learning rate")
+        if o.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            logs.setdefault("grad_norm", torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip).item())
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.task.after_optimizer_step(self.model)
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.step)
+        self.step += 1
+        return loss, logs
 
-    def stop_at_step_boundary(epoch: int, batches_done: int) -> None:
+    def end_of_epoch(self, epoch: int) -> None:
+        """Rank 0 evaluates (every train.eval_every epochs and at the end), keeps the best weights, checkpoints and
+        saves the run; the other ranks wait for it at the barrier that follows."""
+        if not self.main:
+            return
+        last_epoch = self.step >= self.total_steps
+        if last_epoch or (self.cfg.eval_every and (epoch + 1) % self.cfg.eval_every == 0):
+            self.metrics = self.task.evaluate(self.model)
+            if self.ema is not None:  # the average is judged on its own, next to the raw weights
+                self.metrics.update({f"ema_{k}": v for k, v in self.task.evaluate(self.ema.module).items()})
+            self.model.train()
+            if self.cfg.best_metric:
+                judged = self.ema.module if self.cfg.best_metric.startswith("ema_") else self.model
+                self.best = _keep_best(self.cfg.best_metric, self.metrics, self.best, judged, self.run_dir,
+                                       self.step, epoch)
+            if self.metrics:
+                self.metrics_log.write({"step": self.step, "epoch": epoch,
+                                        **{f"eval/{k}": v for k, v in self.metrics.items()}})
+                log.info("epoch %d step %d: %s", epoch, self.step, _fmt(self.metrics))
+        self.task.after_epoch(self.eval_model(), self.run_dir, epoch)
+        self.checkpoint(epoch + 1, 0)
+        self.task.save(self.eval_model(), self.run_dir)
+
+    def stop_at_step_boundary(self, epoch: int, batches_done: int) -> None:
         """Between two steps, where the state is whole: checkpoint it (unless done already) and stop."""
-        if saved_step != step:
-            checkpoint(epoch, batches_done)
+        if self.saved_step != self.step:
+            self.checkpoint(epoch, batches_done)
         raise KeyboardInterrupt
 
-    def interruption() -> str:
-        bar.close()  # first, so that the message gets a line of its own
-        if saved_step is None:
-            return (f"interrupted after step {step} of {total_steps}, before the first checkpoint: the same "
-                    f"command starts the run over")
-        return (f"interrupted after step {step} of {total_steps}; {ckpt_path.parent} holds step {saved_step}: run "
-                f"the same command again to resume from there")
+    def interruption(self) -> str:
+        self.bar.close()  # first, so that the message gets a line of its own
+        if self.saved_step is None:
+            return (f"interrupted after step {self.step} of {self.total_steps}, before the first checkpoint: the "
+                    f"same command starts the run over")
+        return (f"interrupted after step {self.step} of {self.total_steps}; {self.ckpt_path.parent} holds step "
+                f"{self.saved_step}: run the same command again to resume from there")
 
-    with stop_signals_finish_the_step(stop, interruption):
-        for epoch in itertools.count(start_epoch):
-            if step >= total_steps:
-                break
-            skip = batches_done_in_epoch if epoch == start_epoch else 0
-            loader = train_loader(task, cfg, epoch, skip, device)
-            model.train()
-            batch_index = skip
-            while True:
-                try:
-                    batch = next(loader)
-                except StopIteration:
+    def run(self) -> FitResult:
+        self.resume()
+        train_model = self.wrap_for_training()
+        cfg, epoch, out_of_time = self.cfg, self.start_epoch, False
+        budget, started = parse_duration(cfg.time_budget), time.monotonic()
+        self.bar = tqdm(total=self.total_steps, initial=self.step, disable=not (self.progress and self.main),
+                        dynamic_ncols=True, desc="train")
+        self.step_log = StepLog(self)
+        with stop_signals_finish_the_step(self.stop, self.interruption):
+            for epoch in itertools.count(self.start_epoch):
+                if self.step >= self.total_steps:
                     break
-                except Exception:
-                    if stop.requested:  # Ctrl-C reached the DataLoader workers too, and they exited: stop here
-                        stop_at_step_boundary(epoch, batch_index)
-                    raise
-                batch_index += 1
-                if batch is None:  # every sample unreadable (and skipped, counted by the task)
-                    if dist.is_distributed():  # the other ranks would wait for this one's gradients forever
-                        raise ClipsnailError(f"rank {rank}: a whole batch of unreadable samples at step {step}")
-                    continue
-                batch = move_to(batch, device)
-                optimizer.zero_grad(set_to_none=True)
-                loss, logs = backward(task, train_model, batch, cfg.accum_steps, scaler,
-                                      lambda: torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                                                             enabled=amp_dtype is not None))
-                if not torch.isfinite(loss):
-                    raise ClipsnailError(f"loss became {loss.item()} at step {step}: lower the learning rate")
-                if o.grad_clip > 0:
-                    scaler.unscale_(optimizer)
-                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip).item()
-                    logs.setdefault("grad_norm", grad_norm)
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                task.after_optimizer_step(model)
-                if ema is not None:
-                    ema.update(model, step=step)
-                step += 1
-                samples_since_log += cfg.batch_size
-                lr = optimizer.param_groups[0]["lr"]
-                bar.update(1)
-                shown = {k: logs[k] for k in getattr(task, "progress_logs", ()) if k in logs} or {"loss": loss.item()}
-                bar.set_postfix({**{k: f"{v:.4f}" for k, v in shown.items()}, "lr": f"{lr:.2e}"}, refresh=False)
-                if step % cfg.log_every == 0 or step == total_steps:
-                    mean_loss = dist.all_reduce_mean(loss).item()  # every rank takes part; rank 0 writes
-                    now = time.monotonic()
-                    if main:
-                        record = {"step": step, "epoch": epoch, "loss": mean_loss, "lr": lr,
-                                  "samples_per_s": samples_since_log / max(now - last_log, 1e-9)}
-                        record.update({k: float(v) for k, v in logs.items()})
-                        metrics_log.write(record)
-                    last_log, samples_since_log = now, 0
-                if on_step is not None:
-                    try:
-                        on_step(step)
-                    except KeyboardInterrupt:  # a callback stops the run the way Ctrl-C does
-                        stop.requested = True
-                if step >= total_steps:
+                skip = self.batches_done_in_epoch if epoch == self.start_epoch else 0
+                loader = train_loader(self.task, cfg, epoch, skip, self.device)
+                self.model.train()
+                self.batch_index = skip  # batches of this epoch done, counted as they are drawn
+                for batch in self.batches(loader, epoch):
+                    self.batch_index += 1
+                    if batch is None:  # every sample unreadable (and skipped, counted by the task)
+                        if dist.is_distributed():  # the other ranks would wait for this one's gradients forever
+                            raise ClipsnailError(f"rank {self.rank}: a whole batch of unreadable samples at step "
+                                                 f"{self.step}")
+                        continue
+                    loss, logs = self.train_step(train_model, batch)
+                    self.step_log.after_step(epoch, loss, logs)
+                    if self.on_step is not None:
+                        try:
+                            self.on_step(self.step)
+                        except KeyboardInterrupt:  # a callback stops the run the way Ctrl-C does
+                            self.stop.requested = True
+                    if self.step >= self.total_steps:
+                        break
+                    if cfg.checkpoint_every > 0 and self.step % cfg.checkpoint_every == 0:
+                        self.checkpoint(epoch, self.batch_index)
+                    if self.stop.requested:
+                        self.stop_at_step_boundary(epoch, self.batch_index)
+                    if budget is not None and dist.any_rank(time.monotonic() - started > budget, self.device):
+                        out_of_time = True
+                        break
+                if out_of_time and not (self.batch_index >= self.per_epoch or self.step >= self.total_steps):
+                    self.checkpoint(epoch, self.batch_index)  # stopped inside the epoch: resume there
                     break
-                if cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0:
-                    checkpoint(epoch, batch_index)
-                if stop.requested:
-                    stop_at_step_boundary(epoch, batch_index)
-                if budget is not None and dist.any_rank(time.monotonic() - started > budget, device):
-                    out_of_time = True
+                self.end_of_epoch(epoch)
+                if self.stop.requested:
+                    self.stop_at_step_boundary(epoch + 1, 0)
+                dist.barrier()
+                if out_of_time:
                     break
-            epoch_done = batch_index >= per_epoch or step >= total_steps
-            if out_of_time and not epoch_done:
-                checkpoint(epoch, batch_index)
-                break
-            last_epoch = step >= total_steps
-            # Rank 0 evaluates and writes; the other ranks wait for it at the barrier below.
-            if main and (last_epoch or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
-                metrics = task.evaluate(model)
-                if ema is not None:  # the average is judged on its own, next to the raw weights
-                    metrics.update({f"ema_{k}": v for k, v in task.evaluate(ema.module).items()})
-                model.train()
-                if cfg.best_metric:
-                    best = _keep_best(cfg.best_metric, metrics, best, ema.module if cfg.best_metric.startswith("ema_")
-                                      else model, run_dir, step, epoch)
-                if metrics:
-                    metrics_log.write({"step": step, "epoch": epoch, **{f"eval/{k}": v for k, v in metrics.items()}})
-                    log.info("epoch %d step %d: %s", epoch, step, _fmt(metrics))
-            if main:
-                task.after_epoch(eval_model(), run_dir, epoch)
-                checkpoint(epoch + 1, 0)
-                task.save(eval_model(), run_dir)
-            if stop.requested:
-                stop_at_step_boundary(epoch + 1, 0)
-            dist.barrier()
-            if out_of_time:
-                break
-    bar.close()
-    completed = step >= total_steps
-    if main:
-        task.save(eval_model(), run_dir)
-        _plot_curves(run_dir)
-    dist.barrier()
-    if out_of_time and not completed:
-        log.info("time budget %s spent at step %d of %d; run the same command again to continue",
-                 cfg.time_budget, step, total_steps)
-    return FitResult(step=step, epoch=epoch, completed=completed, metrics=metrics, run_dir=run_dir)
+        self.bar.close()
+        return self.finish(epoch, out_of_time)
+
+    def batches(self, loader: Iterator, epoch: int) -> Iterator:
+        """The loader's batches; when Ctrl-C reached the DataLoader workers too and they exited, stop cleanly at
+        the step boundary instead of raising their error."""
+        while True:
+            try:
+                batch = next(loader)
+            except StopIteration:
+                return
+            except Exception:
+                if self.stop.requested:
+                    self.stop_at_step_boundary(epoch, self.batch_index)
+                raise
+            yield batch
+
+    def finish(self, epoch: int, out_of_time: bool) -> FitResult:
+        completed = self.step >= self.total_steps
+        if self.main:
+            self.task.save(self.eval_model(), self.run_dir)
+            _plot_curves(self.run_dir)
+        dist.barrier()
+        if out_of_time and not completed:
+            log.info("time budget %s spent at step %d of %d; run the same command again to continue",
+                     self.cfg.time_budget, self.step, self.total_steps)
+        return FitResult(step=self.step, epoch=epoch, completed=completed, metrics=self.metrics,
+                         run_dir=self.run_dir)
+
+
+class StepLog:
+    """After each step: the progress bar, and every train.log_every steps a metrics.jsonl record (the loss averaged
+    over the ranks, the learning rate, samples/s since the last record, the task's logs)."""
+
+    def __init__(self, training: Training):
+        self.training = training
+        self.last_log, self.samples = time.monotonic(), 0
+
+    def after_step(self, epoch: int, loss: torch.Tensor, logs: dict[str, float]) -> None:
+        t = self.training
+        self.samples += t.cfg.batch_size
+        lr = t.optimizer.param_groups[0]["lr"]
+        t.bar.update(1)
+        shown = {k: logs[k] for k in t.task.progress_logs if k in logs} or {"loss": loss.item()}
+        t.bar.set_postfix({**{k: f"{v:.4f}" for k, v in shown.items()}, "lr": f"{lr:.2e}"}, refresh=False)
+        if t.step % t.cfg.log_every == 0 or t.step == t.total_steps:
+            mean_loss = dist.all_reduce_mean(loss).item()  # every rank takes part; rank 0 writes
+            now = time.monotonic()
+            if t.main:
+                record = {"step": t.step, "epoch": epoch, "loss": mean_loss, "lr": lr,
+                          "samples_per_s": self.samples / max(now - self.last_log, 1e-9)}
+                record.update({k: float(v) for k, v in logs.items()})
+                t.metrics_log.write(record)
+            self.last_log, self.samples = now, 0
 
 
 @dataclass

@@ -1,0 +1,204 @@
+"""What the web app does with its index and model, apart from HTTP: embed queries, search, look up indexed images
+and their stored vectors, zero-shot class weights, decode uploads and thumbnails on threads of its own.
+
+Model calls are serialised by one lock (sync routes run in FastAPI's threadpool), so concurrent requests are safe.
+Decoding memory is bounded: images are decoded on a pool of `max_decoding` threads (waiting requests hold no thread
+and no pixels), at about twice the model's input size rather than full size (images.py). Only files in the index
+are ever opened, through `safeio.read_regular` (regular files under the index's root; a FIFO named x.jpg is a 404 at
+once, never a blocked worker).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import functools
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from fastapi import HTTPException, UploadFile
+
+from clipsnail.core.display import display_name
+from clipsnail.data.images import IMAGE_EXTENSIONS
+from clipsnail.inference.index import VECTORS
+from clipsnail.inference.query import QueryError, combine, looks_like_path, parse_query
+from clipsnail.serve.images import BadImage, decode_upload, load_file, thumbnail
+from clipsnail.serve.schemas import Hit, Limits
+
+
+def bad_request(status: int, message: str) -> HTTPException:
+    return HTTPException(status_code=status, detail=message)
+
+
+class LRU:
+    """A bounded map, safe to share between threads (the thumbnail cache)."""
+
+    def __init__(self, size: int):
+        self.size, self.items, self.lock = size, collections.OrderedDict(), threading.Lock()
+
+    def get(self, key):
+        with self.lock:
+            value = self.items.get(key)
+            if value is not None:
+                self.items.move_to_end(key)
+            return value
+
+    def put(self, key, value) -> None:
+        with self.lock:
+            self.items[key] = value
+            self.items.move_to_end(key)
+            while len(self.items) > self.size:
+                self.items.popitem(last=False)
+
+
+class SearchService:
+    """The index and CLIP model one app serves, with the lock, caches and decoding threads around them."""
+
+    def __init__(self, index, model, limits: Limits):
+        self.index, self.model, self.limits = index, model, limits
+        self.lock = threading.Lock()
+        # The shortest side an image query is decoded at: twice the model's input size (its preprocess resizes the
+        # shorter side to that size and crops; the margin keeps the resize's antialiasing as good as from full size).
+        self.query_side = 2 * model.cfg.image_size
+        # Decodes wait for one of these threads without holding a threadpool thread or any pixels; at most
+        # max_decoding full-size images exist at once, however many uploads arrive together.
+        self.decoder = ThreadPoolExecutor(max_workers=limits.max_decoding, thread_name_prefix="clipsnail-decode")
+        self.thumbs = LRU(limits.thumb_cache)
+        self.zero_shot_cache: dict[str, torch.Tensor] = {}
+        # Opened now and kept (memory-mapped, one row read per image term): an `index update` while the server runs
+        # swaps in a new directory whose rows may be in another order, and this handle still reads the files of the
+        # index being served.
+        try:
+            from safetensors import safe_open
+
+            self.stored = safe_open(str(index.index_dir / VECTORS), framework="numpy")
+            shape = self.stored.get_slice("vectors").get_shape()
+            self.stored_problem = None if shape == [len(index), index.dim] else "wrong shape"
+        except Exception as e:  # safetensors' own error types
+            self.stored, self.stored_problem = None, str(e)
+
+    def close(self) -> None:
+        self.decoder.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------------------------------------- embedding, search
+
+    @torch.inference_mode()
+    def embed_text(self, text: str) -> np.ndarray:
+        with self.lock:
+            return self.model.encode_text([text]).float().cpu().numpy()
+
+    @torch.inference_mode()
+    def embed_image(self, image) -> np.ndarray:
+        with self.lock:
+            return self.model.encode_image([image]).float().cpu().numpy()
+
+    def search(self, queries: np.ndarray, k: int) -> list[Hit]:
+        index = self.index
+        k = min(k, len(index))
+        if k == 0:
+            return []
+        with self.lock:
+            hits = index.search(np.ascontiguousarray(queries, dtype=np.float32), k=k)[0]
+        # A name that is not UTF-8 is shown lossily (U+FFFD); JSON cannot carry its bytes, the id still names it.
+        return [Hit(id=h.id, name=display_name(Path(h.path).name), path=display_name(index.rel_paths[h.id]),
+                    score=round(float(h.score), 4), thumb_url=f"/api/thumb/{h.id}") for h in hits]
+
+    @functools.cached_property  # built on first use (a text-only server never needs it)
+    def ids_by_path(self) -> dict[str, int]:
+        ids = {rel: i for i, rel in enumerate(self.index.rel_paths)}
+        for i, rel in enumerate(self.index.rel_paths):  # a path as the answers show it names the image too
+            ids.setdefault(display_name(rel), i)
+        return ids
+
+    def indexed_id(self, text: str) -> int | None:
+        """The position of the indexed image whose path relative to the root is `text` (or ./`text`)."""
+        return self.ids_by_path.get(text.removeprefix("./"))
+
+    def index_image(self, text: str) -> str | None:
+        """parse_query's image terms on a server: an image of the index, never a file of the server. Only names
+        with an image extension can be indexed images, so text terms cost no lookup."""
+        if not (looks_like_path(text) or text.lower().endswith(IMAGE_EXTENSIONS)):
+            return None
+        if self.indexed_id(text) is not None:
+            return text
+        if looks_like_path(text):
+            raise QueryError(f"{text}: not an image of this index (name one by its path relative to the index "
+                             "root, as search results show it)")
+        return None  # "cat.png" that is not in the index: text, as on the command line
+
+    def stored_vector(self, i: int) -> np.ndarray:
+        """The indexed embedding i [1, D]."""
+        if self.stored_problem is not None:  # the server's data is damaged, not the request
+            raise bad_request(404, f"the index's stored vectors cannot be read ({self.stored_problem})")
+        with self.lock:
+            return np.asarray(self.stored.get_slice("vectors")[i:i + 1], dtype=np.float32)
+
+    def query_vector(self, q: str) -> np.ndarray:
+        """The embedding of a query in clipsnail.inference.query's grammar; a malformed query is a 422 saying
+        why."""
+        try:
+            terms = parse_query(q, image=self.index_image)
+            vectors = [torch.from_numpy(self.stored_vector(self.indexed_id(t.value)) if t.kind == "image"
+                                        else self.embed_text(t.value)) for t in terms]
+            return combine(vectors, [t.weight for t in terms]).numpy()
+        except QueryError as e:
+            raise bad_request(422, str(e)) from None
+
+    @torch.inference_mode()
+    def class_weights(self, classes: list[str]) -> torch.Tensor:
+        from clipsnail.inference.evaluate import default_templates, zero_shot_weights
+
+        cache = self.zero_shot_cache
+        found = {c: cache.get(c) for c in classes}
+        missing = [c for c, w in found.items() if w is None]
+        if missing:
+            with self.lock:
+                found.update(zip(missing, zero_shot_weights(self.model, missing, default_templates())))
+            if len(cache) > 4096:  # bounded: users type arbitrary class names
+                cache.clear()
+            cache.update((c, found[c]) for c in missing)
+        return torch.stack([found[c] for c in classes])
+
+    # ------------------------------------------------------------------------------------------- images
+
+    async def decode(self, function: Callable, *args):
+        """function(*args) on the decoding threads; BadImage becomes its HTTP status."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.decoder, functools.partial(function, *args))
+        except BadImage as e:
+            raise bad_request(e.status, str(e)) from None
+
+    def read_and_decode(self, file: UploadFile):
+        # Read here, on a decoding thread, so that waiting uploads hold no copy of their bytes in memory
+        # (Starlette spools each one to a temporary file past 1 MB).
+        limit = self.limits.max_upload_bytes
+        data = file.file.read(limit + 1)
+        if len(data) > limit:
+            raise BadImage(f"the upload is over {limit // 2**20} MB", 413)
+        return decode_upload(data, self.limits.max_image_pixels, self.query_side)
+
+    async def read_upload(self, file: UploadFile):
+        return await self.decode(self.read_and_decode, file)
+
+    def from_index(self, function: Callable, i: int, *args):
+        """function(path, root, follow_links, *args) on the indexed file i. Whatever is wrong with the file (gone,
+        replaced by a FIFO, undecodable) is a fault of the server's data, not of the request: a 404 saying what."""
+        index = self.index
+        try:
+            return function(Path(index.paths[i]), index.root, index.follow_links, *args)
+        except BadImage as e:
+            raise BadImage(str(e) if e.status == 404 else f"the indexed file cannot be decoded: {e}", 404) from None
+
+    def indexed_image(self, i: int):
+        return self.from_index(load_file, i, self.limits.max_image_pixels, self.query_side)
+
+    def thumb_bytes(self, i: int) -> tuple[bytes, str]:
+        return self.from_index(thumbnail, i, self.limits.thumb_size, self.limits.max_image_pixels)
+
+    def check_id(self, i: int) -> None:
+        if i >= len(self.index):
+            raise bad_request(404, "no image with that id in the index")
