@@ -1,8 +1,8 @@
 """Helpers shared by the benchmark scripts in bench/: where the package is, machine description, git commit,
 peak memory, JSON results written atomically, and a plain-text table.
 
-Each benchmark writes bench/results/NAME.json with at least
-{"benchmark", "machine", "git_commit", "date", "config", "results", "notes"}; BENCHMARKS.md summarises them.
+Each benchmark writes bench/results/NAME.json in one envelope (`envelope`): {"benchmark", "machine", "git_commit",
+"date", "config", "results", "notes", ...}; BENCHMARKS.md summarises them.
 """
 
 from __future__ import annotations
@@ -101,6 +101,16 @@ def peak_rss_mib() -> float:
     """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
+
+
+def envelope(*, benchmark: str, config: dict, results, notes, machine: dict | None = None,
+             git_commit: dict | None = None, date: str | None = None, **extra) -> dict:
+    """The one shape of every bench/results/NAME.json: what ran (benchmark, config), where and when (machine,
+    git_commit, date: measured now unless given, e.g. at the start of a long run), what came out (results), what
+    to know when reading it (notes), then anything else the benchmark records (goals, timings, runs...)."""
+    return {"benchmark": benchmark, "machine": machine if machine is not None else machine_info(),
+            "git_commit": git_commit if git_commit is not None else globals()["git_commit"](),
+            "date": date or now_iso(), "config": config, "results": results, "notes": notes, **extra}
 
 
 def write_json(path: str | Path, data: dict) -> Path:

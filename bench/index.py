@@ -198,21 +198,21 @@ def main() -> None:
                                                       if k != "calibrated_recall@10") for h in header]
                                             for r in rows]))
     say(f"goal (1M x 512 ivf: p50 < 5 ms, recall@10 >= 0.95): {goal['met']}  {goal['measured']}")
-    report = {
-        "benchmark": "index", "machine": machine, "git_commit": commit, "date": _common.now_iso(),
-        "config": {"sizes": sizes, "dims": dims, "queries": args.queries, "k": 10, "hnsw_max": hnsw_max,
-                   "uniform_sizes": uniform_sizes, "overlapping_sizes": overlapping_sizes,
-                   "build_threads": args.threads, "query_threads": 1,
-                   "data": f"clustered: latent R^{LATENT_DIM} mixture of {N_CENTRES} gaussians (spread "
-                           f"{SPREAD['clustered']}), random orthonormal map to R^D, + {NOISE} * N(0, I/D) noise, "
-                           f"normalised; overlapping: the same with spread {SPREAD['overlapping']}; queries fresh "
-                           "draws from the same distribution; uniform: random unit vectors (worst case)"},
-        "results": rows, "goal": goal, "seconds": round(time.perf_counter() - started, 1),
-        "peak_rss_mib": _common.peak_rss_mib(),
-        "notes": "Synthetic clustered vectors stand in for CLIP embeddings (uniform 512-d vectors have no neighbours "
-                 "worth the name). Latency: single queries on one faiss thread, index memory-mapped as "
-                 "ImageIndex.load reads it. build_s includes the nprobe/efSearch calibration.",
-    }
+    report = _common.envelope(
+        benchmark="index", machine=machine, git_commit=commit, date=_common.now_iso(),
+        config={"sizes": sizes, "dims": dims, "queries": args.queries, "k": 10, "hnsw_max": hnsw_max,
+                "uniform_sizes": uniform_sizes, "overlapping_sizes": overlapping_sizes,
+                "build_threads": args.threads, "query_threads": 1,
+                "data": f"clustered: latent R^{LATENT_DIM} mixture of {N_CENTRES} gaussians (spread "
+                        f"{SPREAD['clustered']}), random orthonormal map to R^D, + {NOISE} * N(0, I/D) noise, "
+                        f"normalised; overlapping: the same with spread {SPREAD['overlapping']}; queries fresh "
+                        "draws from the same distribution; uniform: random unit vectors (worst case)"},
+        results=rows, goal=goal, seconds=round(time.perf_counter() - started, 1),
+        peak_rss_mib=_common.peak_rss_mib(),
+        notes="Synthetic clustered vectors stand in for CLIP embeddings (uniform 512-d vectors have no neighbours "
+              "worth the name). Latency: single queries on one faiss thread, index memory-mapped as "
+              "ImageIndex.load reads it. build_s includes the nprobe/efSearch calibration.",
+    )
     if args.smoke:
         say("smoke run: results not written")
         return

@@ -222,15 +222,15 @@ def main() -> None:
         [s, r["index_build_photos_per_s"], r["plain_loop_photos_per_s"], r["ratio"],
          r["cosine_draft_vs_full_decode"]["min"]] for s, r in results.items()]))
     load_end = [round(x, 2) for x in os.getloadavg()]
-    report = {
-        "benchmark": "index_photos", "machine": {**machine, "load_average_at_end": load_end},
-        "git_commit": commit, "date": _common.now_iso(),
-        "config": {**photo_info, "source": str(DATA.relative_to(_common.ROOT.parent)), "repeats": args.repeats,
-                   "batch_size": BATCH, "index_workers_default": default_workers(), "systems": systems,
-                   "sweep_workers": sweep_workers},
-        "speedup_vs_plain_loop": results[speedup_system]["ratio"], "speedup_system": speedup_system,
-        "target_speedup": 3.0, "results": results, "skipped": skipped,
-        "notes": [
+    report = _common.envelope(
+        benchmark="index_photos", machine={**machine, "load_average_at_end": load_end},
+        git_commit=commit, date=_common.now_iso(),
+        config={**photo_info, "source": str(DATA.relative_to(_common.ROOT.parent)), "repeats": args.repeats,
+                "batch_size": BATCH, "index_workers_default": default_workers(), "systems": systems,
+                "sweep_workers": sweep_workers},
+        speedup_vs_plain_loop=results[speedup_system]["ratio"], speedup_system=speedup_system,
+        target_speedup=3.0, results=results, skipped=skipped,
+        notes=[
             "photos/s = photos / wall seconds, median over repeats; index and plain measured alternately in one "
             "process on the same photos and model",
             "the machine's cores are shared with other work (load averages in machine); the ratio, measured side "
@@ -238,7 +238,7 @@ def main() -> None:
             "vit_b32 has random weights: its cosine agreement says little about a trained model's",
             RCLIP_NOTE,
         ],
-    }
+    )
     path = _common.write_json(args.out, report)
     _common.say(f"speedup ({speedup_system}): {report['speedup_vs_plain_loop']}x; wrote {path}")
 

@@ -27,6 +27,7 @@ import time
 
 from _common import (
     RESULTS,
+    envelope,
     format_table,
     git_commit,
     machine_info,
@@ -178,21 +179,21 @@ def main() -> None:
         results.update(memory_part(args))
     if args.part in ("2", "both"):
         results["ddp_cpu"] = ddp_part(args)
-    write_json(path, {
-        "benchmark": "large_batch",
-        "machine": machine_info(),
-        "git_commit": git_commit(),
-        "date": now_iso(),
-        "config": {"model": VIT_B32, "batch_size": args.batch_size, "steps": args.steps,
-                   "ddp": {"model": "ClipModelConfig() defaults (32 px)", "batch_size": 128,
-                           "steps": args.ddp_steps, "rounds": args.ddp_rounds}},
-        "results": results,
-        "notes": "Part 1 runs with MALLOC_MMAP_THRESHOLD_=65536 (its child processes only) so that freed tensors "
-                 "leave RSS; that makes every setting's passes slower, alike. Part 1 times forward + backward only. "
-                 "Step peak = rise of peak RSS during the measured passes over the RSS before them (weights, "
-                 "gradients and AdamW state already allocated): the activation memory of one step. All settings "
-                 "give the same gradients (tests/test_distributed.py).",
-    })
+    write_json(path, envelope(
+        benchmark="large_batch",
+        machine=machine_info(),
+        git_commit=git_commit(),
+        date=now_iso(),
+        config={"model": VIT_B32, "batch_size": args.batch_size, "steps": args.steps,
+                "ddp": {"model": "ClipModelConfig() defaults (32 px)", "batch_size": 128,
+                        "steps": args.ddp_steps, "rounds": args.ddp_rounds}},
+        results=results,
+        notes="Part 1 runs with MALLOC_MMAP_THRESHOLD_=65536 (its child processes only) so that freed tensors "
+              "leave RSS; that makes every setting's passes slower, alike. Part 1 times forward + backward only. "
+              "Step peak = rise of peak RSS during the measured passes over the RSS before them (weights, "
+              "gradients and AdamW state already allocated): the activation memory of one step. All settings "
+              "give the same gradients (tests/test_distributed.py).",
+    ))
     say(f"wrote {path}")
 
 

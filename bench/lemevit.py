@@ -288,24 +288,24 @@ def speed(args) -> dict:
             results[name]["peak_mem"] = measure_peak_mem(name, args)
             say(f"  {name}: {results[name]['peak_mem']}")
 
-    report = {
-        "benchmark": "lemevit_speed",
-        "machine": dict(machine, load_average_at_end=load_at_end),
-        "git_commit": _common.git_commit(),
-        "date": started,
-        "command": "python bench/lemevit.py " + " ".join(sys.argv[1:]),
-        "config": {
+    report = _common.envelope(
+        benchmark="lemevit_speed",
+        machine=dict(machine, load_average_at_end=load_at_end),
+        git_commit=_common.git_commit(),
+        date=started,
+        command="python bench/lemevit.py " + " ".join(sys.argv[1:]),
+        config={
             "batch": args.batch, "size": args.size, "threads": args.threads, "rounds": args.rounds,
             "warmup_batches": 1, "models": names, "compile": args.compile, "dtype": "float32",
             "grad_mode": "torch.inference_mode", "seed": SEED, "match_atol": MATCH_ATOL,
             "peak_mem": not args.skip_mem,
         },
-        "results": results,
-        "ratios": ratios,
-        "speedup_vs_reference": speedup_vs_reference,
-        "goals": goals,
-        "notes": notes(args),
-    }
+        results=results,
+        ratios=ratios,
+        speedup_vs_reference=speedup_vs_reference,
+        goals=goals,
+        notes=notes(args),
+    )
     path = _common.write_json(args.out, report)
     say("")
     say(speed_table(results, ratios))
@@ -445,19 +445,19 @@ def quality(args) -> dict:
         goals["lemevit_within_2_points_of_resnet18"] = {"lemevit": lem, "resnet18": res,
                                                         "gap_points": round(100 * (res - lem), 2),
                                                         "met": lem >= res - 0.02}
-    report = {
-        "benchmark": "lemevit_quality", "machine": _common.machine_info(), "git_commit": _common.git_commit(),
-        "date": _common.now_iso(), "command": " ".join(sys.argv),
-        "data": {"path": str(data_dir), "split": "per class, files sorted by name: first 900 train, last 100 test; "
-                                                 "no validation split, no model selection",
-                 "train_images": len(task.train_data), "test_images": len(test)},
-        "recipe": QUALITY_RECIPE, "results": results, "goals": goals,
-        "notes": ["test_acc1 is the better of the raw weights and their EMA (both reported); both are the end of "
-                  "training, nothing is selected on the test set's history",
-                  "train_seconds is wall-clock on this machine and includes data loading and augmentation; "
-                  "median_logged_images_per_s is the median of the engine's per-interval speeds, less affected by "
-                  "other work running during part of the run"],
-    }
+    report = _common.envelope(
+        benchmark="lemevit_quality", machine=_common.machine_info(), git_commit=_common.git_commit(),
+        date=_common.now_iso(), command=" ".join(sys.argv),
+        data={"path": str(data_dir), "split": "per class, files sorted by name: first 900 train, last 100 test; "
+                                             "no validation split, no model selection",
+              "train_images": len(task.train_data), "test_images": len(test)},
+        config={"recipe": QUALITY_RECIPE}, results=results, goals=goals,
+        notes=["test_acc1 is the better of the raw weights and their EMA (both reported); both are the end of "
+               "training, nothing is selected on the test set's history",
+               "train_seconds is wall-clock on this machine and includes data loading and augmentation; "
+               "median_logged_images_per_s is the median of the engine's per-interval speeds, less affected by "
+               "other work running during part of the run"],
+    )
     _common.write_json(args.quality_out, report)
     say(_common.format_table(["model", "epochs", "test acc1 raw", "test acc1 ema", "macro F1 (ema)", "minutes",
                               "img/s", "params M"],

@@ -204,20 +204,20 @@ def main() -> None:
                               "onnx full ms", "speedup full"], rows))
     if args.smoke:
         return
-    report = {
-        "benchmark": "onnx_export", "machine": machine, "git_commit": commit, "date": _common.now_iso(),
-        "config": {"configs": {n: CONFIGS[n] for n in names}, "batches": args.batches, "reps": args.reps,
-                   "warmup": args.warmup, "threads": args.threads,
-                   "spinning": args.spin, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-                   "peak_rss_mib": _common.peak_rss_mib()},
-        "results": results,
-        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
-        "notes": "Random weights (latency and exactness do not depend on training). Medians over alternating calls; "
-                 "the machine is shared with other processes (see load_average_at_start and load_average_at_end), so "
-                 "absolute times are noisy, the ratios less so; *_ms_min are the fastest calls. torch encode_text "
-                 "and OnnxClip.encode_text both run only up to the longest caption's <eot>; the *_full sides run "
-                 "the whole context (the work of a fixed-shape graph).",
-    }
+    report = _common.envelope(
+        benchmark="onnx_export", machine=machine, git_commit=commit, date=_common.now_iso(),
+        config={"configs": {n: CONFIGS[n] for n in names}, "batches": args.batches, "reps": args.reps,
+                "warmup": args.warmup, "threads": args.threads,
+                "spinning": args.spin, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                "peak_rss_mib": _common.peak_rss_mib()},
+        results=results,
+        load_average_at_end=[round(x, 2) for x in os.getloadavg()],
+        notes="Random weights (latency and exactness do not depend on training). Medians over alternating calls; "
+              "the machine is shared with other processes (see load_average_at_start and load_average_at_end), so "
+              "absolute times are noisy, the ratios less so; *_ms_min are the fastest calls. torch encode_text "
+              "and OnnxClip.encode_text both run only up to the longest caption's <eot>; the *_full sides run "
+              "the whole context (the work of a fixed-shape graph).",
+    )
     say(f"wrote {_common.write_json(args.out, report)}")
 
 

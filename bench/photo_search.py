@@ -252,20 +252,20 @@ def main() -> None:
     if "classes" in results:
         keys.update({k: results["classes"][k] for k in ("conse_class_p9", "conse_class_p50")})
         keys["target_class_p9_met"] = keys["conse_class_p9"] >= 0.9
-    result = {
-        "benchmark": "photo_search", "machine": _common.machine_info(), "git_commit": _common.git_commit(),
-        "date": _common.now_iso(),
-        "config": {"data": str(coco.DATA.relative_to(_common.ROOT.parent)), "conse": CONSE_SPEC,
-                   "conse_finetune_config": "configs/conse_finetune.yaml",
-                   "preset_config": "configs/pretrained_small.yaml", "fold_rule": "sorted image index % 5 == k is test",
-                   "cifar": f"{CIFAR.relative_to(_common.ROOT.parent)}, last {CLASS_TEST_FILES} files per class"},
-        "keys": keys, "results": results, "runs": runs,
-        "notes": ("conse_t2i_r*: all 159 photos (chance R@5 = 5/159); the fold figures are against each fold's ~32 "
-                  "test photos (chance R@5 = 5/32), so conse_fold_t2i_r5, not conse_t2i_r5, compares with the "
-                  "fine-tuned rows. The converter's defaults were chosen on an earlier sweep of this data "
-                  "(best_of_sweep shows how far they are from the best wording and T here); the CIFAR-10 class "
-                  "queries are a check on other photos. runs gives each part's own commit, date and machine."),
-    }
+    result = _common.envelope(
+        benchmark="photo_search", machine=_common.machine_info(), git_commit=_common.git_commit(),
+        date=_common.now_iso(),
+        config={"data": str(coco.DATA.relative_to(_common.ROOT.parent)), "conse": CONSE_SPEC,
+                "conse_finetune_config": "configs/conse_finetune.yaml",
+                "preset_config": "configs/pretrained_small.yaml", "fold_rule": "sorted image index % 5 == k is test",
+                "cifar": f"{CIFAR.relative_to(_common.ROOT.parent)}, last {CLASS_TEST_FILES} files per class"},
+        keys=keys, results=results, runs=runs,
+        notes=("conse_t2i_r*: all 159 photos (chance R@5 = 5/159); the fold figures are against each fold's ~32 "
+               "test photos (chance R@5 = 5/32), so conse_fold_t2i_r5, not conse_t2i_r5, compares with the "
+               "fine-tuned rows. The converter's defaults were chosen on an earlier sweep of this data "
+               "(best_of_sweep shows how far they are from the best wording and T here); the CIFAR-10 class "
+               "queries are a check on other photos. runs gives each part's own commit, date and machine."),
+    )
     _common.write_json(args.out, result)
     _common.say(json.dumps(keys, indent=2))
     _common.say(f"wrote {args.out}")

@@ -132,16 +132,16 @@ def main() -> None:
                 "bits_per_dim": snail["test_bits_per_dim_ema"], "target": DATASETS[dataset]["goal"],
                 "train_minutes": round(snail["train_seconds"] / 60, 1),
                 "met": snail["test_bits_per_dim_ema"] < DATASETS[dataset]["goal"] and snail["train_seconds"] <= 1800}
-    report = {
-        "benchmark": "pixelsnail_quality", "machine": _common.machine_info(), "git_commit": _common.git_commit(),
-        "date": _common.now_iso(), "command": " ".join(sys.argv),
-        "data": {k: {"spec": v["spec"], "split": v["split"]} for k, v in DATASETS.items()},
-        "results": results, "goals": goals,
-        "paper": {"cifar10_bits_per_dim": 2.85, "note": "h12_noup_smallkey, 46M parameters, days on GPUs"},
-        "recipe": RECIPE,
-        "notes": ["bits/dim on the test split of the EMA weights (evaluated and sampled) and of the raw weights",
-                  "train_seconds is wall-clock including per-epoch evaluation and the engine's checkpoints"],
-    }
+    report = _common.envelope(
+        benchmark="pixelsnail_quality", machine=_common.machine_info(), git_commit=_common.git_commit(),
+        date=_common.now_iso(), command=" ".join(sys.argv),
+        data={k: {"spec": v["spec"], "split": v["split"]} for k, v in DATASETS.items()},
+        results=results, goals=goals,
+        paper={"cifar10_bits_per_dim": 2.85, "note": "h12_noup_smallkey, 46M parameters, days on GPUs"},
+        config={"recipe": RECIPE},
+        notes=["bits/dim on the test split of the EMA weights (evaluated and sampled) and of the raw weights",
+               "train_seconds is wall-clock including per-epoch evaluation and the engine's checkpoints"],
+    )
     _common.write_json(args.out, report)
     say(_common.format_table(
         ["run", "bits/dim EMA", "bits/dim raw", "epochs", "minutes", "img/s", "params"],

@@ -459,22 +459,22 @@ def main() -> None:
     goals = goals_of(results)
     load_at_end = [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
-    report = {
-        "benchmark": "pixelsnail_sampling",
-        "machine": dict(machine, load_average_at_end=load_at_end),
-        "git_commit": _common.git_commit(),
-        "date": started,
-        "command": "python bench/pixelsnail_sampling.py " + " ".join(sys.argv[1:]),
-        "config": {"presets": presets, "shapes": shapes, "batch": args.batch, "threads": args.threads,
-                   "naive_steps": args.naive_steps, "forward_rounds": args.forward_rounds,
-                   "full_naive": args.full_naive, "full_naive_max_s": args.full_naive_max_s, "dtype": "float32",
-                   "seed": SEED, "noise_seed": NOISE_SEED, "temperature": 1.0, "peak_mem": args.mem},
-        "exactness": exact,
-        "results": results,
-        "goals": goals,
-        "total_seconds": round(time.perf_counter() - t_start, 1),
-        "notes": notes(args),
-    }
+    report = _common.envelope(
+        benchmark="pixelsnail_sampling",
+        machine=dict(machine, load_average_at_end=load_at_end),
+        git_commit=_common.git_commit(),
+        date=started,
+        command="python bench/pixelsnail_sampling.py " + " ".join(sys.argv[1:]),
+        config={"presets": presets, "shapes": shapes, "batch": args.batch, "threads": args.threads,
+                "naive_steps": args.naive_steps, "forward_rounds": args.forward_rounds,
+                "full_naive": args.full_naive, "full_naive_max_s": args.full_naive_max_s, "dtype": "float32",
+                "seed": SEED, "noise_seed": NOISE_SEED, "temperature": 1.0, "peak_mem": args.mem},
+        exactness=exact,
+        results=results,
+        goals=goals,
+        total_seconds=round(time.perf_counter() - t_start, 1),
+        notes=notes(args),
+    )
     path = _common.write_json(out, report)
     say("")
     say(_common.format_table(

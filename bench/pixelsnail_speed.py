@@ -275,21 +275,21 @@ def main() -> None:
             r["peak_mem"] = measure_mem(r["preset"], r["shape"], args)
             say(f"  {key}: {r['peak_mem']}")
 
-    report = {
-        "benchmark": "pixelsnail_speed",
-        "machine": dict(machine, load_average_at_end=load_at_end),
-        "git_commit": _common.git_commit(),
-        "date": started,
-        "command": "python bench/pixelsnail_speed.py " + " ".join(sys.argv[1:]),
-        "config": {"presets": presets, "shapes": shapes, "batch": args.batch, "large_batch": args.large_batch,
-                   "large_batch_presets": [q for q in presets if is_large(q)], "rounds": args.rounds,
-                   "warmup_steps": 1, "threads": args.threads, "optimizer": "Adam", "lr": LR, "betas": list(BETAS),
-                   "dtype": "float32", "mode": "train", "seed": SEED, "peak_mem": not args.skip_mem},
-        "results": results,
-        "goals": {"medium@28x28x1>=5x_rosinality": goal},
-        "total_seconds": round(time.perf_counter() - t_start, 1),
-        "notes": notes(args),
-    }
+    report = _common.envelope(
+        benchmark="pixelsnail_speed",
+        machine=dict(machine, load_average_at_end=load_at_end),
+        git_commit=_common.git_commit(),
+        date=started,
+        command="python bench/pixelsnail_speed.py " + " ".join(sys.argv[1:]),
+        config={"presets": presets, "shapes": shapes, "batch": args.batch, "large_batch": args.large_batch,
+                "large_batch_presets": [q for q in presets if is_large(q)], "rounds": args.rounds,
+                "warmup_steps": 1, "threads": args.threads, "optimizer": "Adam", "lr": LR, "betas": list(BETAS),
+                "dtype": "float32", "mode": "train", "seed": SEED, "peak_mem": not args.skip_mem},
+        results=results,
+        goals={"medium@28x28x1>=5x_rosinality": goal},
+        total_seconds=round(time.perf_counter() - t_start, 1),
+        notes=notes(args),
+    )
     path = _common.write_json(out, report)
     say("")
     say(_common.format_table(

@@ -313,24 +313,24 @@ def main() -> None:
         stop_server(proc)
 
     errors = sum(r["errors"] for r in results.values())
-    data = {
-        "benchmark": "serve_load",
-        "machine": machine,
-        "git_commit": _common.git_commit(),
-        "date": _common.now_iso(),
-        "config": {"index": str(index), "images": n_images, "requests": args.requests,
-                   "concurrency": args.concurrency, "k": args.k, "quick": args.quick,
-                   "clip_steps": None if args.index else args.clip_steps, "size": None if args.index else args.size,
-                   "big_uploads": args.big_uploads, "big_concurrency": args.big_concurrency,
-                   "big_size": [big_width, big_height], "server_src": args.server_src},
-        "results": {"prepare_s": prepare_s, "server_startup_s": round(startup_s, 1),
-                    "server_peak_rss_mib": server_rss, "errors": errors, **results},
-        "notes": "Loopback only; the httpx client runs on the same cores as the server (one uvicorn worker, model "
-                 "calls serialised by a lock). Latency is per request as the client sees it, queueing included. "
-                 "server_peak_rss_mib is VmHWM after the search, thumb and image phases (before big); big's "
-                 "rss_* figures are the server's VmRSS before, at its highest during (sampled every 10 ms) and "
-                 "3 s after that phase.",
-    }
+    data = _common.envelope(
+        benchmark="serve_load",
+        machine=machine,
+        git_commit=_common.git_commit(),
+        date=_common.now_iso(),
+        config={"index": str(index), "images": n_images, "requests": args.requests,
+                "concurrency": args.concurrency, "k": args.k, "quick": args.quick,
+                "clip_steps": None if args.index else args.clip_steps, "size": None if args.index else args.size,
+                "big_uploads": args.big_uploads, "big_concurrency": args.big_concurrency,
+                "big_size": [big_width, big_height], "server_src": args.server_src},
+        results={"prepare_s": prepare_s, "server_startup_s": round(startup_s, 1),
+                 "server_peak_rss_mib": server_rss, "errors": errors, **results},
+        notes="Loopback only; the httpx client runs on the same cores as the server (one uvicorn worker, model "
+              "calls serialised by a lock). Latency is per request as the client sees it, queueing included. "
+              "server_peak_rss_mib is VmHWM after the search, thumb and image phases (before big); big's "
+              "rss_* figures are the server's VmRSS before, at its highest during (sampled every 10 ms) and "
+              "3 s after that phase.",
+    )
     _common.write_json(out, data)
     rows = [[name, r["requests"], r["throughput_rps"], r["latency_ms_p50"], r["latency_ms_p90"],
              r["latency_ms_p99"], r["latency_ms_max"], r["errors"]] for name, r in results.items()]

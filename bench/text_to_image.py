@@ -383,19 +383,19 @@ def main() -> None:
     save_png(image_grid(to_pil(torch.cat(grid_images)), labels=grid_labels, cols=2 * min(4, args.samples), cell=64,
                         title=f"left: plain samples; right: {GRID_RIGHT}"), grid)
     goals = {setting: goals_for(results, setting) for setting in GOAL_SETTINGS}
-    report = {
-        "benchmark": "text_to_image", "machine": _common.machine_info(), "git_commit": _common.git_commit(),
-        "date": _common.now_iso(), "command": " ".join(sys.argv),
-        "setup": {"images": args.n, "size": args.size, "holdout": HOLDOUT, "samples_per_prompt": args.samples,
-                  "rerank_pool": RERANK_POOL, "settings": SETTINGS, "clip_steps": args.clip_steps,
-                  "retrieve_steps": args.retrieve_steps, "t2i_minutes": args.t2i_minutes},
-        "judge_on_real_renders": judge_acc, "retrieve_training": retrieve_metrics, "t2i_training": t2i_train,
-        "results": results, "goals": goals, "timings": timings,
-        "samples_png": str(grid.relative_to(_common.ROOT)) if grid.is_relative_to(_common.ROOT) else str(grid),
-        "notes": ["colour/kind/both: judge CNN accuracy; analysis_*: the deterministic cross-check",
-                  "r_precision uses the same CLIP that reranks, so it favours the rerank settings",
-                  "retrieve returns a training image: it cannot show a held-out pair"],
-    }
+    report = _common.envelope(
+        benchmark="text_to_image", machine=_common.machine_info(), git_commit=_common.git_commit(),
+        date=_common.now_iso(), command=" ".join(sys.argv),
+        config={"images": args.n, "size": args.size, "holdout": HOLDOUT, "samples_per_prompt": args.samples,
+                "rerank_pool": RERANK_POOL, "settings": SETTINGS, "clip_steps": args.clip_steps,
+                "retrieve_steps": args.retrieve_steps, "t2i_minutes": args.t2i_minutes},
+        judge_on_real_renders=judge_acc, retrieve_training=retrieve_metrics, t2i_training=t2i_train,
+        results=results, goals=goals, timings=timings,
+        samples_png=str(grid.relative_to(_common.ROOT)) if grid.is_relative_to(_common.ROOT) else str(grid),
+        notes=["colour/kind/both: judge CNN accuracy; analysis_*: the deterministic cross-check",
+               "r_precision uses the same CLIP that reranks, so it favours the rerank settings",
+               "retrieve returns a training image: it cannot show a held-out pair"],
+    )
     _common.write_json(args.out, report)
     for group in ("seen", "held_out"):
         say(f"{group} pairs")
