@@ -311,6 +311,7 @@ def train_open_clip(spec: dict, work: Path) -> tuple:
     t = time.perf_counter()
     task = ClipTask(cfg, run_dir=None)  # the same captions, tokenizer, dataset and collate as ours
     setup_s = time.perf_counter() - t
+    cfg = task.config  # with the tokenizer's vocabulary size and ids
     m, o, tr = cfg.model, cfg.optim, cfg.train
     torch.manual_seed(tr.seed)  # as engine.fit does before building the model
     random.seed(tr.seed)
@@ -392,6 +393,7 @@ def step_ab(spec: dict) -> dict:
 
     cfg, _ = build_config(spec, "ours_plain_loss")
     task = ClipTask(cfg, run_dir=None)
+    cfg = task.config  # with the tokenizer's vocabulary size and ids
     batch = task.collate([task.train_dataset[(i, i)] for i in range(cfg.train.batch_size)])
     torch.manual_seed(0)
     ours = task.build_model().train()

@@ -95,6 +95,15 @@ class ClipConfig:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
 
+def tokenizer_facts(tokenizer: TextTokenizer) -> dict[str, int]:
+    """What a text tower must agree on with its tokenizer: vocabulary size, context length, padding and end ids."""
+    facts = {"vocab_size": tokenizer.vocab_size, "context_length": tokenizer.context_length,
+             "pad_id": tokenizer.pad_id}
+    if tokenizer.eot_id is not None:  # else the model's default (a pretrained tower pools without one)
+        facts["eot_id"] = tokenizer.eot_id
+    return facts
+
+
 class ClipTask(Task):
     couples_batch = True  # the contrastive loss: accumulation embeds the whole batch first (open_clip accum_freq)
     name = "clip"
@@ -123,10 +132,10 @@ class ClipTask(Task):
                                                      cache_mb=data.cache_mb)
             log.info("training on %d images with %d captions", len(names), len(self.train_captions))
         self.tokenizer = self._tokenizer(Path(run_dir) if run_dir else None)
-        m.vocab_size, m.context_length = self.tokenizer.vocab_size, self.tokenizer.context_length
-        m.pad_id = self.tokenizer.pad_id
-        if self.tokenizer.eot_id is not None:
-            m.eot_id = self.tokenizer.eot_id
+        # The text tower is built for this tokenizer: a copy of the config takes its facts (the caller's stays as
+        # given), and the run's config.json records them.
+        self.config = config = dataclasses.replace(
+            config, model=dataclasses.replace(m, **tokenizer_facts(self.tokenizer)))
         self.val = None
         if data.captions or not data.shards:
             try:
