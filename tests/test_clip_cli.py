@@ -250,3 +250,22 @@ def test_training_images_are_decoded_once_within_the_cache(shapes_dir, monkeypat
     dataset._cache_left = 0  # a full cache decodes every time
     dataset[(1, 1)], dataset[(1, 1)]
     assert len(calls) == 3
+
+
+def test_clip_train_builds_its_model_once_and_prints_its_table(shapes_dir, tmp_path, capsys, monkeypatch):
+    from clipsnail.tasks.clip import ClipTask
+
+    built = []
+    real = ClipTask.build_model
+
+    def counted(self):
+        model = real(self)
+        built.append(next(model.parameters()).device.type)
+        return model
+
+    monkeypatch.setattr(ClipTask, "build_model", counted)
+    capsys.readouterr()
+    assert main(tiny_clip_args(shapes_dir, tmp_path / "run", "--set", "train.max_steps=1")) == 0
+    assert built == ["meta", "cpu"]  # a skeleton for the memory check (allocates nothing), then the model trained
+    table = capsys.readouterr().err
+    assert table.count("total params") == 1 and "2x16" in table  # output shapes of a 2-sample example, embed_dim 16

@@ -15,7 +15,6 @@ from clipsnail.cli.common import (
     caption_values,
     print_json,
     print_metrics,
-    print_summary,
     say,
     task_config,
     train_and_report,
@@ -69,13 +68,11 @@ def add_decode_flags(p: argparse.ArgumentParser) -> None:
 
 def cmd_caption_train(args: argparse.Namespace) -> None:
     from clipsnail.apps.model_names import resolve_name
-    from clipsnail.core.summary import model_summary
     from clipsnail.tasks.caption import CaptionConfig, CaptionTask
 
     config = task_config(CaptionConfig, args, caption_values(args, (("encoder", "encoder"),)), args.config)
     config.encoder = resolve_name(config.encoder)  # hf-hub:ORG/NAME -> its cached CLIP run, the folder the task reads
     task = CaptionTask(config, run_dir=args.out, progress=not args.no_progress)
-    print_summary(task, lambda: model_summary(task.build_model()))
     train_and_report(task, args)
 
 

@@ -11,7 +11,6 @@ from clipsnail.cli.common import (
     add_train_flags,
     flag_values,
     print_metrics,
-    print_summary,
     rounded,
     say,
     task_config,
@@ -56,18 +55,12 @@ def classify_config(args: argparse.Namespace):
 def cmd_classify_train(args: argparse.Namespace) -> None:
     import torch
 
-    from clipsnail.core.summary import model_summary
     from clipsnail.tasks.classify import ClassifyTask
 
     task = ClassifyTask(classify_config(args), run_dir=args.out)
     cfg = task.config
-
-    def summary() -> str:
-        example = torch.zeros(2, cfg.model.in_chans, cfg.data.image_size, cfg.data.image_size)
-        return model_summary(task.build_model().eval(), (example,))
-
-    print_summary(task, summary)
-    train_and_report(task, args)
+    train_and_report(task, args, lambda: (torch.zeros(2, cfg.model.in_chans, cfg.data.image_size,
+                                                      cfg.data.image_size),))
 
 
 def cmd_classify_eval(args: argparse.Namespace) -> None:

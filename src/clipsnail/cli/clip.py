@@ -10,7 +10,6 @@ from clipsnail.cli.common import (
     add_train_flags,
     caption_values,
     print_metrics,
-    print_summary,
     rounded,
     task_config,
     train_and_report,
@@ -60,17 +59,15 @@ def clip_config(args: argparse.Namespace):
 
 
 def cmd_clip_train(args: argparse.Namespace) -> None:
-    from clipsnail.core.summary import model_summary
     from clipsnail.tasks.clip import ClipTask
 
     task = ClipTask(clip_config(args), run_dir=args.out)
 
-    def summary() -> str:
+    def example_inputs() -> tuple:
         example = task.example_batch()
-        return model_summary(task.build_model(), (example["images"], example["tokens"]))
+        return example["images"], example["tokens"]
 
-    print_summary(task, summary)
-    train_and_report(task, args)
+    train_and_report(task, args, example_inputs)
 
 
 def cmd_clip_summary(args: argparse.Namespace) -> None:

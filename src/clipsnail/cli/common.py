@@ -137,24 +137,23 @@ def say(text: str, file=None) -> None:
     print(printable(text, keep_lines=True), file=file or sys.stderr)
 
 
-def print_summary(task, summary: Callable[[], str]) -> None:
-    """The model table before training (under torchrun from one process only), once the model is known to fit in
-    memory: `summary` builds it."""
+def train_and_report(task, args: argparse.Namespace, example_inputs: Callable[[], tuple] | None = None,
+                     depth: int = 2) -> None:
+    """Every `train` command ends the same way: fit (resuming when RUN holds a checkpoint), say how it ended.
+    Before the first step, the table of the model the engine built (under torchrun from one process), with the
+    output shapes of `example_inputs()` when given; the model is built once, by the engine."""
     from clipsnail.core import distributed as dist
-    from clipsnail.core.devices import resolve_device
-    from clipsnail.train.engine import check_model_fits
+    from clipsnail.core.summary import model_summary
+    from clipsnail.train.engine import fit, move_to
 
-    check_model_fits(task, resolve_device(task.config.train.device))
-    if dist.is_main():
-        print(summary(), file=sys.stderr)
+    def print_table(model) -> None:
+        inputs = None
+        if example_inputs is not None:
+            device = next(model.parameters()).device
+            inputs = tuple(move_to(x, device) for x in example_inputs())
+        print(model_summary(model, inputs, depth=depth), file=sys.stderr)
 
-
-def train_and_report(task, args: argparse.Namespace) -> None:
-    """Every `train` command ends the same way: fit (resuming when RUN holds a checkpoint), say how it ended."""
-    from clipsnail.core import distributed as dist
-    from clipsnail.train.engine import fit
-
-    result = fit(task, args.out, progress=not args.no_progress)
+    result = fit(task, args.out, progress=not args.no_progress, on_model=print_table)
     if not dist.is_main():  # under torchrun one process reports
         return
     state = "finished" if result.completed else "stopped by the time budget (run again to continue)"

@@ -11,7 +11,6 @@ from clipsnail.cli.common import (
     add_train_flags,
     flag_values,
     print_metrics,
-    print_summary,
     rounded,
     say,
     task_config,
@@ -76,19 +75,17 @@ def pixelsnail_config(args: argparse.Namespace):
 def cmd_pixelsnail_train(args: argparse.Namespace) -> None:
     import torch
 
-    from clipsnail.core.summary import model_summary
     from clipsnail.tasks.pixelsnail import PixelSNAILTask
 
     task = PixelSNAILTask(pixelsnail_config(args), run_dir=args.out)
     cfg = task.config
 
-    def summary() -> str:
+    def example_inputs() -> tuple:
         size = cfg.data.image_size
         h = torch.zeros(2, cfg.model.cond_dim) if cfg.model.cond_dim else None
-        return model_summary(task.build_model().eval(), (torch.zeros(2, cfg.model.channels, size, size), h), depth=1)
+        return torch.zeros(2, cfg.model.channels, size, size), h
 
-    print_summary(task, summary)
-    train_and_report(task, args)
+    train_and_report(task, args, example_inputs, depth=1)
 
 
 def cmd_pixelsnail_eval(args: argparse.Namespace) -> None:

@@ -312,9 +312,10 @@ def _record_step(line: str) -> float:
         return math.inf
 
 
-def fit(task: Task, run_dir: str | Path, progress: bool = True,
-        on_step: Callable[[int], None] | None = None) -> FitResult:
-    """Train `task` into `run_dir`, resuming from `run_dir/checkpoint` when present.
+def fit(task: Task, run_dir: str | Path, progress: bool = True, on_step: Callable[[int], None] | None = None,
+        on_model: Callable[[nn.Module], None] | None = None) -> FitResult:
+    """Train `task` into `run_dir`, resuming from `run_dir/checkpoint` when present. `on_step(step)` runs after
+    every step; `on_model(model)` once the model is built (rank 0 only: the command line prints its table).
 
     Under torchrun every process calls this; it joins the process group (unless one already exists) and leaves it
     at the end if it created it."""
@@ -322,7 +323,7 @@ def fit(task: Task, run_dir: str | Path, progress: bool = True,
     try:
         # One writer per run directory (under torchrun, rank 0 writes it for all).
         with writer_lock(run_dir, "run directory") if dist.rank() == 0 else contextlib.nullcontext():
-            return Training(task, Path(run_dir), progress, on_step).run()
+            return Training(task, Path(run_dir), progress, on_step, on_model).run()
     finally:
         if owns_group:
             dist.shutdown()
@@ -405,7 +406,8 @@ class Training:
     `__init__` prepares, `resume` takes up a checkpoint, `train_step` is one optimiser step, `end_of_epoch`
     evaluates and saves, `checkpoint` writes the whole state. `run` is the loop."""
 
-    def __init__(self, task: Task, run_dir: Path, progress: bool, on_step: Callable[[int], None] | None):
+    def __init__(self, task: Task, run_dir: Path, progress: bool, on_step: Callable[[int], None] | None,
+                 on_model: Callable[[nn.Module], None] | None = None):
         self.task, self.run_dir, self.on_step = task, run_dir, on_step
         self.cfg: TrainConfig = task.config.train
         cfg = self.cfg
@@ -428,6 +430,8 @@ class Training:
             raise ClipsnailError(f"batch_size {cfg.batch_size} must split evenly over {world} process(es) x "
                                  f"{cfg.accum_steps} accumulation step(s)")
         self.model = self.build_model()
+        if on_model is not None and self.main:
+            on_model(self.model)
         self.optimizer = build_optimizer(task.config.optim, task.param_groups(self.model), self.model)
         self.per_epoch = steps_per_epoch(task)
         if self.per_epoch == 0:
