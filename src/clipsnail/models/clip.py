@@ -14,8 +14,10 @@ a pretrained sentence encoder that is a CLIP that works with no image-text train
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -255,6 +257,18 @@ def build_text_tower(cfg: ClipModelConfig, load_weights: bool = True) -> nn.Modu
     raise ValueError(f"unknown text_encoder {cfg.text_encoder!r}; choose 'transformer' or 'hf:DIR'")
 
 
+@dataclass
+class InferenceKit:
+    """What a CLIP model carries besides its weights, set together for `clipsnail.load` and training: the text
+    tokenizer, the evaluation image transform, the whole task config (`ClipConfig`) and the run directory the
+    weights came from (None while training). A plain object, not a submodule (torchvision's v2 transforms are
+    nn.Modules): nothing of it is in the state_dict or the summary table."""
+    tokenizer: Any = None
+    preprocess: Callable | None = None
+    config: Any = None
+    run_dir: Path | None = None
+
+
 class CLIP(nn.Module):
     """`load_weights=False` skips downloading/reading pretrained tower weights (the caller loads a state dict)."""
 
@@ -269,20 +283,13 @@ class CLIP(nn.Module):
             cfg.projection, self.text.num_features, cfg.embed_dim, cfg.projection_dropout
         )
         self.logit_scale = nn.Parameter(torch.tensor(cfg.init_logit_scale))
-        # Set together by `clipsnail.tasks.clip.ready_for_inference` (for `clipsnail.load` and training), so that
-        # encode_* accept raw strings and PIL images: the text tokenizer, the evaluation image transform, the
-        # whole task config (`ClipConfig`) and the run directory the weights came from (None while training).
-        self.tokenizer = None
-        self.preprocess = None
-        self.config = None
-        self.run_dir = None
+        self.inference = InferenceKit()  # filled by `clipsnail.tasks.clip.ready_for_inference`
 
-    def __setattr__(self, name, value):
-        # Inference helpers, not submodules: no weights, never in state_dict or the summary table.
-        if name in ("tokenizer", "preprocess", "config", "run_dir"):
-            object.__setattr__(self, name, value)
-        else:
-            super().__setattr__(name, value)
+    # What encode_* need to take raw strings and PIL images, read from `inference`.
+    tokenizer = property(lambda self: self.inference.tokenizer)
+    preprocess = property(lambda self: self.inference.preprocess)
+    config = property(lambda self: self.inference.config)
+    run_dir = property(lambda self: self.inference.run_dir)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Gradient checkpointing in both towers (timm's method name; timm image towers have their own)."""

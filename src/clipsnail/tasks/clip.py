@@ -35,7 +35,7 @@ from clipsnail.data.caption_corpora import CaptionDataConfig, load_caption_split
 from clipsnail.data.datasets import CaptionImageDataset
 from clipsnail.data.tokenizers import TextTokenizer, build_tokenizer
 from clipsnail.data.transforms import clip_train_transform, eval_transform
-from clipsnail.models.clip import CLIP, ClipModelConfig
+from clipsnail.models.clip import CLIP, ClipModelConfig, InferenceKit
 from clipsnail.train.losses import distributed_clip_loss
 from clipsnail.train.optim import param_groups_by_prefix
 from clipsnail.train.task import Task
@@ -294,10 +294,10 @@ def ready_for_inference(model: CLIP, tokenizer: TextTokenizer, config: ClipConfi
     """Give a CLIP model what `encode_text` / `encode_image` need to take raw strings and images (its tokenizer and
     evaluation transform), its whole config, and the run it came from (an index records it)."""
     m = config.model
-    model.tokenizer = tokenizer
-    model.preprocess = eval_transform(m.image_size, m.image_mean, m.image_std, m.image_interpolation)
-    model.config = config
-    model.run_dir = run_dir.resolve() if run_dir is not None else None
+    model.inference = InferenceKit(tokenizer=tokenizer, config=config,
+                                   preprocess=eval_transform(m.image_size, m.image_mean, m.image_std,
+                                                             m.image_interpolation),
+                                   run_dir=run_dir.resolve() if run_dir is not None else None)
     return model
 
 
