@@ -129,3 +129,11 @@ def test_comments_cite_only_what_is_in_the_repository():
             for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
             if absent.search(line) and "seed000_flickr8k" not in line and p.name != "test_structure.py"]
     assert hits == []
+
+
+def test_no_function_is_longer_than_a_screen_and_a_half():
+    """A function that does not fit on a screen or two is several functions: none in the package over 100 lines."""
+    long = [f"{p.relative_to(SRC)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for p in sorted(PACKAGE.rglob("*.py")) for node in ast.walk(ast.parse(p.read_text(encoding="utf-8")))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 100]
+    assert long == []

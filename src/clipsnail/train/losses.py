@@ -106,7 +106,7 @@ def siglip_loss(
         rows = torch.arange(logits.shape[0], device=logits.device) + offset
         positives = rows[:, None] == torch.arange(logits.shape[1], device=logits.device)[None, :]
     labels = 2 * positives.to(logits.dtype) - 1
-    return -F.logsigmoid(labels * logits).sum() / logits.shape[1]
+    return -F.logsigmoid(labels * logits).sum() / logits.shape[0]
 
 
 def distributed_siglip_loss(
