@@ -159,6 +159,24 @@ def test_torchrun_training_matches_one_process_and_resumes_with_another_process_
 
 
 @pytest.mark.slow
+def test_lit_with_siglip_under_torchrun_matches_one_process(shapes_dir, tmp_path):
+    """A locked image tower encoded once (rank 0, shared), SigLIP's text exchange, DDP with a frozen tower and an
+    accumulated batch: the weights of one process on the whole batch."""
+    from clipsnail.cli import main
+
+    settings = sets(["train.max_steps=4", "finetune.lock_image=true", "data.augment=false", "loss.kind=siglip",
+                     "train.accum_steps=2"])
+    single = tmp_path / "single"
+    assert main(tiny_clip_args(shapes_dir, single, *settings)) == 0
+    double = tmp_path / "double"
+    done = torchrun(tiny_clip_args(shapes_dir, double, *settings))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(list((double / "feature_cache").glob("image-*.safetensors"))) == 1
+    expected, got = load_file(str(single / "model.safetensors")), load_file(str(double / "model.safetensors"))
+    assert_same_gradients(expected, got, atol=1e-4)
+
+
+@pytest.mark.slow
 def test_classification_trains_under_torchrun(colours_dir, tmp_path):
     """The engine serves every task: a LeMeViT classifier under 2 processes."""
     run = tmp_path / "run"

@@ -74,3 +74,16 @@ def test_checkpointing_only_while_training(monkeypatch):
     calls.clear()
     clip_loss(*model(images, tokens)).backward()
     assert calls == [] and not model.visual.grad_checkpointing and not model.text.grad_checkpointing
+
+
+def test_same_gradients_with_a_timm_image_tower_and_a_pretrained_text_tower():
+    """timm's own `set_grad_checkpointing` and the Hugging Face tower's gradient checkpointing, through CLIP's."""
+    pytest.importorskip("transformers")
+    model = tiny_clip(image_encoder="timm:resnet10t", image_size=32, text_encoder="hf:all-minilm-l6-v2").train()
+    images, tokens = batch(32)
+    loss0, grads0 = loss_and_grads(model, images, tokens, False)
+    loss1, grads1 = loss_and_grads(model, images, tokens, True)
+    assert torch.allclose(loss0, loss1, atol=1e-5)
+    assert grads0.keys() == grads1.keys() and any(n.startswith("text.") for n in grads0)
+    for name in grads0:
+        assert torch.allclose(grads0[name], grads1[name], atol=1e-5), name

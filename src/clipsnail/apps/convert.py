@@ -202,6 +202,7 @@ def infer_clip_config(path: Path, state: dict[str, torch.Tensor], model_cfg: dic
         text_mlp_ratio=t_hidden / text_width, vocab_size=vocab_size, context_length=context_length,
         embed_dim=embed_dim, projection="linear", activation="quick_gelu" if quick_gelu else "gelu",
         init_logit_scale=float(state["logit_scale"].reshape(())) if "logit_scale" in state else math.log(1 / 0.07),
+        init_logit_bias=float(state["logit_bias"].reshape(())) if "logit_bias" in state else None,  # SigLIP's
         image_mean=OPENAI_MEAN, image_std=OPENAI_STD,
     )
 
@@ -225,8 +226,8 @@ def map_open_clip_state(path: Path, state: dict[str, torch.Tensor]) -> dict[str,
             out["image_projection.weight"] = value.T.contiguous()
         elif key == "text_projection" and value.ndim == 2:
             out["text_projection.weight"] = value.T.contiguous()
-        elif key == "logit_scale":
-            out["logit_scale"] = value.reshape(())
+        elif key in ("logit_scale", "logit_bias"):
+            out[key] = value.reshape(())
         elif (m := block.fullmatch(key)) and m.group(3) in _BLOCK_KEYS:
             tower = "visual" if m.group(1) else "text"
             out[f"{tower}.blocks.{m.group(2)}.{_BLOCK_KEYS[m.group(3)]}"] = value

@@ -105,9 +105,9 @@ def cmd_zeroshot(args: argparse.Namespace) -> None:
         classification_metrics,
         default_templates,
         encode_image_paths,
-        probability_scale,
         read_templates,
         zero_shot_logits,
+        zero_shot_probabilities,
         zero_shot_weights,
     )
 
@@ -131,8 +131,7 @@ def cmd_zeroshot(args: argparse.Namespace) -> None:
         raise ClipsnailError("zeroshot needs --classes and IMAGE files, or --folder ROOT")
     classes = [c.strip() for c in args.classes.split(",") if c.strip()]
     image_emb, readable = encode_image_paths(model, args.images, progress=False, strict=True)
-    probs = zero_shot_logits(image_emb, zero_shot_weights(model, classes, templates),
-                             probability_scale(model)).softmax(dim=1)
+    probs = zero_shot_probabilities(model, image_emb, zero_shot_weights(model, classes, templates))
     result = []
     for path, p in zip(args.images, probs):
         order = p.argsort(descending=True).tolist()

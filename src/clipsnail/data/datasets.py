@@ -26,6 +26,10 @@ class CaptionImageDataset(Dataset):
     once and a batch never holds the same image twice); sampling="pair": one item per caption.
     A corrupt image yields None (collate drops it and counts it) unless strict. Decoded images are kept in memory
     up to `cache_mb` (small corpora are then decoded once, not once per epoch).
+
+    `image_features` [images, D] / `text_features` [captions, D], when a task sets them: the kept outputs of a
+    locked tower, given in place of the image ("image_features") or beside the caption ("text_features"); the
+    items and their order stay those of the pixels. A NaN row is an image that could not be read.
     """
 
     def __init__(
@@ -54,6 +58,8 @@ class CaptionImageDataset(Dataset):
         self.skipped = 0
         self._cache: dict[int, Image.Image] = {}
         self._cache_left = cache_mb * 2**20
+        self.image_features: torch.Tensor | None = None
+        self.text_features: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.image_names) if self.sampling == "image" else len(self.captions)
@@ -78,19 +84,23 @@ class CaptionImageDataset(Dataset):
                 caption_id = random.choice(self.captions_of[index])
             else:
                 caption_id, image_id = index, self.caption_to_image[index]
-            try:
-                image = self.transform(self.load(image_id))
-            except DataError as e:
-                if self.strict:
-                    raise
-                log.warning("skipping %s", e)
-                return None
-        return {
-            "image": image,
-            "caption": self.captions[caption_id],
-            "image_id": image_id,
-            "caption_id": self.caption_text_id[caption_id],
-        }
+            if self.image_features is not None:
+                sample = {"image_features": self.image_features[image_id]}
+                if sample["image_features"].isnan().any():  # unreadable, said once when the tower encoded it
+                    return None
+            else:
+                try:
+                    sample = {"image": self.transform(self.load(image_id))}
+                except DataError as e:
+                    if self.strict:
+                        raise
+                    log.warning("skipping %s", e)
+                    return None
+        sample.update(caption=self.captions[caption_id], image_id=image_id,
+                      caption_id=self.caption_text_id[caption_id])
+        if self.text_features is not None:
+            sample["text_features"] = self.text_features[caption_id]
+        return sample
 
 
 class CaptionTargets(Dataset):

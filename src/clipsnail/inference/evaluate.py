@@ -190,6 +190,17 @@ def probability_scale(model) -> float:
     return float(scale.detach().exp()) if isinstance(scale, torch.Tensor) else 100.0
 
 
+def zero_shot_probabilities(model, image_emb: torch.Tensor, class_weights: torch.Tensor) -> torch.Tensor:
+    """[images, classes] probabilities as the model's training calibrated them: a softmax over the classes at its
+    learned temperature (CLIP), or, for a model with a learned bias (SigLIP), each class's own sigmoid, as SigLIP
+    scores every pair on its own (they need not sum to 1: an image may show none of the classes, or two)."""
+    logits = zero_shot_logits(image_emb, class_weights, probability_scale(model))
+    bias = getattr(model, "logit_bias", None)
+    if isinstance(bias, torch.Tensor):
+        return (logits + float(bias.detach())).sigmoid()
+    return logits.softmax(dim=-1)
+
+
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, top: int = 5) -> dict[str, float]:
     """acc1, acc{top} (top capped at the number of classes) and mean per-class recall."""
     labels = torch.as_tensor(labels)

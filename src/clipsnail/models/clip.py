@@ -78,6 +78,10 @@ class ClipModelConfig:
     projection_dropout: float = 0.1
     activation: str = "gelu"  # of both towers' MLPs: "gelu", or "quick_gelu" (OpenAI's pretrained CLIP weights)
     init_logit_scale: float = math.log(1 / 0.07)
+    # SigLIP (Zhai et al. 2023) adds a learned bias to the scaled cosines, initialised at -10 (the loss sets it): most
+    # pairs of a batch are negatives, and a start near their log-odds keeps the first steps from pushing them apart
+    # alone. None: no bias (CLIP's softmax loss has no use for one).
+    init_logit_bias: float | None = None
     image_mean: tuple[float, float, float] = OPENAI_MEAN
     image_std: tuple[float, float, float] = OPENAI_STD
     image_interpolation: str = "bilinear"  # of the resizes in training and evaluation; "bicubic" as OpenAI/open_clip
@@ -283,7 +287,9 @@ class CLIP(nn.Module):
             cfg.projection, self.text.num_features, cfg.embed_dim, cfg.projection_dropout
         )
         self.logit_scale = nn.Parameter(torch.tensor(cfg.init_logit_scale))
+        self.logit_bias = None if cfg.init_logit_bias is None else nn.Parameter(torch.tensor(cfg.init_logit_bias))
         self.inference = InferenceKit()  # filled by `clipsnail.tasks.clip.ready_for_inference`
+        self.pinned_eval: list[str] = []  # submodules that stay in eval mode while training (`lock_*_tower`)
 
     # What encode_* need to take raw strings and PIL images, read from `inference`.
     tokenizer = property(lambda self: self.inference.tokenizer)
@@ -298,6 +304,45 @@ class CLIP(nn.Module):
                 raise ValueError(f"the {type(tower).__name__} tower does not support gradient checkpointing")
             tower.set_grad_checkpointing(enable)
 
+    def lock_image_tower(self, unlocked_groups: int = 0, freeze_bn_stats: bool = True) -> None:
+        """Freeze the image tower (open_clip's `lock_image_tower`), all of it or all but its last `unlocked_groups`
+        layer groups (timm's `group_matcher`, which our ViT and LeMeViT have too). With `freeze_bn_stats` the locked
+        part's BatchNorm statistics stay as they were (a wholly locked tower stays in eval mode, dropout off):
+        else they would follow the new data's batches while the weights around them stay put."""
+        tower = self.visual
+        tower.requires_grad_(False)
+        if not unlocked_groups:
+            self.pinned_eval += ["visual"] if freeze_bn_stats else []
+            return
+        if not hasattr(tower, "group_matcher"):
+            raise ConfigError(f"finetune.lock_image_unlocked_groups: the {type(tower).__name__} image tower has no "
+                              f"layer groups (timm's group_matcher); lock all of it or none")
+        from timm.models import group_modules, group_parameters
+
+        groups = group_parameters(tower, tower.group_matcher())
+        if unlocked_groups >= len(groups):
+            raise ConfigError(f"finetune.lock_image_unlocked_groups={unlocked_groups}: the {type(tower).__name__} "
+                              f"image tower has {len(groups)} layer groups; unlock fewer, or set lock_image false")
+        last_locked = max(groups) - unlocked_groups
+        for group, names in groups.items():
+            for name in names if group > last_locked else ():
+                tower.get_parameter(name).requires_grad_(True)
+        if freeze_bn_stats:
+            self.pinned_eval += [f"visual.{name}" for name, group in group_modules(tower, tower.group_matcher(),
+                                                                                   reverse=True).items()
+                                 if group <= last_locked and isinstance(tower.get_submodule(name), nn.BatchNorm2d)]
+
+    def lock_text_tower(self) -> None:
+        """Freeze the text tower, in eval mode (no dropout) while the rest trains."""
+        self.text.requires_grad_(False)
+        self.pinned_eval.append("text")
+
+    def train(self, mode: bool = True) -> CLIP:
+        super().train(mode)
+        for name in self.pinned_eval:
+            self.get_submodule(name).eval()
+        return self
+
     @property
     def device(self) -> torch.device:
         return self.logit_scale.device
@@ -306,8 +351,7 @@ class CLIP(nn.Module):
         """Images as a preprocessed [B, 3, H, W] tensor, or a list of PIL images / paths (preprocessed here)."""
         if not isinstance(images, torch.Tensor):
             images = self._preprocess_images(images)
-        features = self.image_projection(self.visual(images.to(self.device)))
-        return F.normalize(features, dim=-1) if normalize else features
+        return self.project_image(self.visual(images.to(self.device)), normalize)
 
     def encode_text(self, texts: Sequence[str] | torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Captions as a list of strings (tokenised with the run's tokenizer) or a [B, L] token tensor."""
@@ -315,12 +359,27 @@ class CLIP(nn.Module):
             if self.tokenizer is None:
                 raise RuntimeError("this CLIP model has no tokenizer attached; pass token ids or use clipsnail.load")
             texts = self.tokenizer(texts)
-        features = self.text_projection(self.text(texts.to(self.device)))
-        return F.normalize(features, dim=-1) if normalize else features
+        return self.project_text(self.text(texts.to(self.device)), normalize)
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor):
-        """-> (L2-normalised image embeddings, L2-normalised text embeddings, exp(logit_scale))."""
-        return self.encode_image(images), self.encode_text(tokens), self.logit_scale.exp()
+    # The heads alone, from what a tower computed: a locked tower's outputs are computed once and kept (LiT), and
+    # training then runs only these.
+    def project_image(self, features: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """The image tower's output [B, visual.num_features] -> image embeddings."""
+        embedded = self.image_projection(features.to(self.device))
+        return F.normalize(embedded, dim=-1) if normalize else embedded
+
+    def project_text(self, features: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """The text tower's output [B, text.num_features] -> text embeddings."""
+        embedded = self.text_projection(features.to(self.device))
+        return F.normalize(embedded, dim=-1) if normalize else embedded
+
+    def forward(self, images: torch.Tensor | None = None, tokens: torch.Tensor | None = None, *,
+                image_features: torch.Tensor | None = None, text_features: torch.Tensor | None = None):
+        """-> (L2-normalised image embeddings, L2-normalised text embeddings, exp(logit_scale)). A locked tower's
+        kept outputs (`image_features`, `text_features`) may stand in for its input."""
+        image = self.encode_image(images) if image_features is None else self.project_image(image_features)
+        text = self.encode_text(tokens) if text_features is None else self.project_text(text_features)
+        return image, text, self.logit_scale.exp()
 
     def _preprocess_images(self, images) -> torch.Tensor:
         from clipsnail.data.images import as_pil_images

@@ -111,10 +111,14 @@ class PretrainedTextTower(nn.Module):
         self.num_features = self.model.config.hidden_size
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
+        # transformers renamed gradient_checkpointing_* to activation_checkpointing_* (the old names warn)
+        renamed = hasattr(self.model, "activation_checkpointing_enable")
         if not enable:
-            self.model.gradient_checkpointing_disable()
+            (self.model.activation_checkpointing_disable if renamed else self.model.gradient_checkpointing_disable)()
         elif not getattr(self.model, "supports_gradient_checkpointing", False):
             raise ValueError(f"the text model {type(self.model).__name__} does not support gradient checkpointing")
+        elif renamed:
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 

@@ -69,6 +69,12 @@ class VisionTransformer(nn.Module):
         a third more compute for activation memory of one block instead of all; training mode only."""
         self.grad_checkpointing = enable
 
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm's layer groups, first to last: the stem (patchify, class token, positions, ln_pre), then one group
+        a block, the last block with the final norm (as open_clip groups its ViT for `lock_image_unlocked_groups`)."""
+        return dict(stem=r"^patch_embed|^cls_token|^pos_embed|^ln_pre",
+                    blocks=[(r"^blocks\.(\d+)", None), (r"^ln_post", (len(self.blocks) - 1,))])
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] -> tokens [B, 1 + grid*grid, width] (class token first)."""
         if x.shape[-2:] != (self.image_size, self.image_size):

@@ -107,10 +107,10 @@ def search_routes(limits: Limits) -> APIRouter:
         image = await svc.read_upload(file)
 
         def labels() -> list[Label]:
-            from clipsnail.inference.evaluate import probability_scale, zero_shot_logits
+            from clipsnail.inference.evaluate import zero_shot_probabilities
 
-            probs = zero_shot_logits(torch.from_numpy(svc.embed_image(image)), svc.class_weights(names),
-                                     probability_scale(svc.model)).softmax(-1)[0]
+            probs = zero_shot_probabilities(svc.model, torch.from_numpy(svc.embed_image(image)),
+                                            svc.class_weights(names))[0]
             return [Label(label=names[j], prob=round(float(probs[j]), 4)) for j in probs.argsort(descending=True)]
 
         return ZeroShotResult(labels=await run_in_threadpool(labels), seconds=elapsed(start))

@@ -599,6 +599,7 @@ class Training:
         train_model = self.wrap_for_training()
         cfg, epoch, out_of_time = self.cfg, self.start_epoch, False
         budget, started = parse_duration(cfg.time_budget), time.monotonic()
+        self.task.prepare(self.model, self.device, self.run_dir, self.progress)
         self.bar = tqdm(total=self.total_steps, initial=self.step, disable=not (self.progress and self.main),
                         dynamic_ncols=True, desc="train")
         self.step_log = StepLog(self)

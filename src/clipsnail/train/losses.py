@@ -90,8 +90,8 @@ def siglip_loss(
     Every image-text pair is its own binary problem, labelled +1 when the pair matches and -1 otherwise:
     -sum log sigmoid(label * (logit_scale * image @ text.T + logit_bias)), divided by the number of images
     (rows), as open_clip's SigLipLoss normalises it. No softmax couples a row, so no normalisation over the batch
-    is needed and the bias starts the model off from the heavy imbalance of negatives (the paper initialises it
-    at -10).
+    is needed; the learned bias offsets the heavy imbalance of negatives at the start (the paper initialises it
+    at -10, with t = log 10).
 
     Features must already be L2-normalised; `logit_scale` is exp(t) (the model exponentiates its learned log
     temperature, as for `clip_loss` and in open_clip), `logit_bias` is used as it is. With `positives=None` the
@@ -120,9 +120,9 @@ def distributed_siglip_loss(
 
     Only the texts are all-gathered (with gradients), so each process computes a [b, N*b] block of the global
     [B, B] logits (B = N*b, N processes with b samples each, the same b on every rank), and the loss is that
-    block's sum divided by b. This is the value open_clip's SigLipLoss returns on each rank: it passes the text
-    features around the ranks instead of gathering them (the paper's chunked implementation), and adds every
-    block, also divided by the local batch size.
+    block's sum divided by b. This is the value open_clip's SigLipLoss returns on each rank: by default it passes
+    the text features from rank to rank (the paper's chunked implementation) rather than gathering them (its
+    'gather' option), and adds the loss of every block, each divided by the local batch size.
 
     Why the gradients are those of one process holding the whole batch: with L_r this rank's loss, the
     single-process loss on the whole batch is L = sum of all B*B pair terms / B = (1/N) * sum_r L_r. The gather's

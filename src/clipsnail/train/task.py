@@ -36,6 +36,10 @@ class Task:
         """[{"name", "params": [(name, p), ...], "lr"}, ...]: by default one group at the configured rate."""
         return param_groups_by_prefix(model, [], self.config.optim.lr)
 
+    def prepare(self, model: nn.Module, device: torch.device, run_dir: Path, progress: bool) -> None:
+        """Once the model is built and resumed, before the first step, on every rank (inside the time budget):
+        CLIP runs its locked towers over the training data here, once."""
+
     def collate(self, samples: list) -> dict | None:  # None: nothing usable in this batch
         raise NotImplementedError
 
