@@ -82,8 +82,8 @@ def _encoders(model):
                 x = self.text.forward_features(tokens)  # the whole context: a fixed shape
                 eot = self.text.eot_positions(tokens)
                 x = x.gather(1, eot[:, None, None].expand(-1, 1, x.shape[-1])).squeeze(1)
-            else:  # a pretrained HF tower pools with its padding mask: no data-dependent shape
-                x = self.text(tokens)
+            else:  # a pretrained HF tower pools with its padding mask, over the whole context: a fixed shape
+                x = self.text.forward_context(tokens)
             return F.normalize(self.projection(x), dim=-1)
 
     return ImageEncoder().eval(), TextEncoder().eval()

@@ -123,12 +123,14 @@ class PretrainedTextTower(nn.Module):
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        mask = tokens != self.pad_id
         # The columns after the longest caption of the batch are padding in every row: masked out of attention and
         # of the mean, they change nothing, and they are most of the work (COCO captions fill ~13 of 48 tokens).
-        used = mask.any(dim=0).nonzero()
-        length = int(used.max()) + 1 if len(used) else 1
-        tokens, mask = tokens[:, :length], mask[:, :length].long()
+        positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        return self.forward_context(tokens[:, : int(torch.where(tokens != self.pad_id, positions, 0).amax()) + 1])
+
+    def forward_context(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The pooled features of `tokens` with every column run: a fixed shape, what ONNX export traces."""
+        mask = (tokens != self.pad_id).long()
         hidden = self.model(input_ids=tokens, attention_mask=mask).last_hidden_state
         if self.pool == "cls":
             return hidden[:, 0]
