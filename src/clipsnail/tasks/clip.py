@@ -278,7 +278,7 @@ class ClipTask(Task):
             ("text_tower", ("text.",), ft.text_lr),
             ("classifier", ("image_projection.classifier.",), ft.classifier_lr),
             ("label_embeddings", ("image_projection.label_embeddings",), ft.label_lr),
-            ("heads", ("image_projection.", "text_projection.", "logit_scale"), ft.head_lr),
+            ("heads", ("image_projection.", "text_projection.", "logit_scale", "logit_bias"), ft.head_lr),
         ], self.config.optim.lr)
 
     def collate(self, samples: list) -> dict | None:
