@@ -215,11 +215,16 @@ class ClipTask(Task):
 
     # ------------------------------------------------------------------------------- locked towers, run once
 
+    def image_tower_frozen(self) -> bool:
+        """Wholly locked and in eval mode: the tower gives an image the same output at every step."""
+        ft = self.config.finetune
+        return ft.lock_image and not ft.lock_image_unlocked_groups and ft.lock_image_freeze_bn_stats
+
     def cached_towers(self) -> tuple[bool, bool]:
         """(image, text): which towers run once over the training data instead of at every step. Where a locked
         tower cannot, one line says why it runs at every step."""
         ft, data = self.config.finetune, self.config.data
-        image = ft.lock_image and not ft.lock_image_unlocked_groups and ft.lock_image_freeze_bn_stats
+        image = self.image_tower_frozen()
         if not ft.cache_features or not (image or ft.lock_text):
             return False, False
         if data.shards:
@@ -350,9 +355,7 @@ class ClipTask(Task):
     def embed_images(self, model: CLIP, name: str, paths: list[Path]) -> torch.Tensor:
         """Image embeddings for evaluation (rows of unreadable images zero), from the locked tower's kept outputs
         when it is wholly locked."""
-        ft = self.config.finetune
-        if not (ft.cache_features and ft.lock_image and not ft.lock_image_unlocked_groups
-                and ft.lock_image_freeze_bn_stats):
+        if not (self.config.finetune.cache_features and self.image_tower_frozen()):
             from clipsnail.inference.evaluate import encode_image_paths
 
             return encode_image_paths(model, paths, progress=False)[0]
