@@ -97,16 +97,14 @@ def add_serve(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_zeroshot(args: argparse.Namespace) -> None:
-    import torch
 
     from clipsnail.apps.hub import load
     from clipsnail.data.images import list_image_folder
     from clipsnail.inference.evaluate import (
-        classification_metrics,
         default_templates,
         encode_image_paths,
         read_templates,
-        zero_shot_logits,
+        zero_shot_accuracy,
         zero_shot_probabilities,
         zero_shot_weights,
     )
@@ -122,10 +120,7 @@ def cmd_zeroshot(args: argparse.Namespace) -> None:
                                      f"class folders ({', '.join(classes)})")
             classes = names
         image_emb, readable = encode_image_paths(model, paths, progress=not args.no_progress)
-        logits = zero_shot_logits(image_emb[readable], zero_shot_weights(model, classes, templates))
-        metrics = classification_metrics(logits, torch.tensor(labels)[readable])
-        metrics.update({"num_images": int(readable.sum()), "num_classes": len(classes)})
-        print_metrics(metrics)
+        print_metrics(zero_shot_accuracy(image_emb, readable, labels, zero_shot_weights(model, classes, templates)))
         return
     if not args.images or not args.classes:
         raise ClipsnailError("zeroshot needs --classes and IMAGE files, or --folder ROOT")

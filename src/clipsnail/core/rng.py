@@ -16,7 +16,8 @@ def seeded(seed: int):
 
     Only the CPU generator, which is the one forked and restored: `torch.manual_seed` would also reseed every
     accelerator's generator, leaving that changed after the block, and on a CUDA build of torch it formats a stack
-    trace for each not-yet-initialised backend, about 2 ms per call: per sample, a tenth of a LiT training step."""
+    trace for each not-yet-initialised backend: 0.6 ms a sample under the training loop's stack (0.08 ms from a
+    shallow one), 6% of a LiT step at batch 32, against 0.01 ms for the CPU generator alone."""
     py_state = random.getstate()
     with torch.random.fork_rng(devices=[]):
         torch.random.default_generator.manual_seed(seed)

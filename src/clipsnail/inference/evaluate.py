@@ -215,6 +215,15 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, top: int 
     }
 
 
+def zero_shot_accuracy(image_emb: torch.Tensor, readable: torch.Tensor, labels, class_weights: torch.Tensor
+                       ) -> dict[str, float]:
+    """Zero-shot classification metrics over the readable images (CLIP's fixed scale: only the order counts), with
+    how many images and classes they are over."""
+    logits = zero_shot_logits(image_emb[readable], class_weights)
+    metrics = classification_metrics(logits, torch.as_tensor(labels)[readable])
+    return {**metrics, "num_images": int(readable.sum()), "num_classes": class_weights.shape[0]}
+
+
 def classification_report(logits: torch.Tensor, labels: torch.Tensor,
                           class_names: Sequence[str]) -> tuple[dict, dict, str]:
     """The classification metrics (acc1, acc5, macro precision/recall/F1), and from scikit-learn the

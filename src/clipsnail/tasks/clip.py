@@ -345,25 +345,27 @@ class ClipTask(Task):
     def evaluate(self, model: CLIP) -> dict[str, float]:
         """Retrieval on the validation captions and, with train.zeroshot_folder, zero-shot accuracy on its classes.
         A wholly locked tower's outputs are computed once for the whole run (kept like the training set's)."""
-        metrics = {}
+        metrics, was_training = {}, model.training
+        model.eval()
         if self.val is not None:
             metrics.update(self.evaluate_retrieval(model))
         if self.config.train.zeroshot_folder:
             metrics.update(self.evaluate_zero_shot(model))
+        model.train(was_training)
         return metrics
 
-    def embed_images(self, model: CLIP, name: str, paths: list[Path]) -> torch.Tensor:
-        """Image embeddings for evaluation (rows of unreadable images zero), from the locked tower's kept outputs
-        when it is wholly locked."""
+    def embed_images(self, model: CLIP, name: str, paths: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image embeddings for evaluation, readable [N] bool), as `encode_image_paths` gives them (rows of
+        unreadable images zero), from the locked tower's kept outputs when it is wholly locked."""
         if not (self.config.finetune.cache_features and self.image_tower_frozen()):
             from clipsnail.inference.evaluate import encode_image_paths
 
-            return encode_image_paths(model, paths, progress=False)[0]
+            return encode_image_paths(model, paths, progress=False)
         features = self.tower_outputs(model, name, paths)
         readable = ~features.isnan().any(dim=1)
         with torch.no_grad():
             embedded = model.project_image(features[readable]).cpu()
-        return torch.zeros(len(paths), embedded.shape[1]).index_copy_(0, readable.nonzero()[:, 0], embedded)
+        return torch.zeros(len(paths), embedded.shape[1]).index_copy_(0, readable.nonzero()[:, 0], embedded), readable
 
     def embed_texts(self, model: CLIP, name: str, texts: list[str]) -> torch.Tensor:
         from clipsnail.inference.evaluate import encode_texts
@@ -380,11 +382,8 @@ class ClipTask(Task):
         keep = len(names) if len(names) <= self.config.data.max_eval_images else self.config.data.max_eval_images
         pairs = [(c, i) for c, i in zip(captions, c2i) if i < keep]
         paths = [Path(self.config.data.images) / n for n in names[:keep]]
-        was_training = model.training
-        model.eval()
-        image_emb = self.embed_images(model, "val_image", paths)
+        image_emb, _ = self.embed_images(model, "val_image", paths)
         text_emb = self.embed_texts(model, "val_text", [c for c, _ in pairs])
-        model.train(was_training)
         metrics = retrieval_metrics(image_emb, text_emb, [i for _, i in pairs], ks=(1, 5, 10))
         # The gallery's size says what a recall means: R@5 over 15 images is 1/3 by chance alone.
         return {**{f"val_{k}": v for k, v in metrics.items() if "recall" in k},
@@ -394,25 +393,14 @@ class ClipTask(Task):
         """open_clip's zero-shot evaluation while training: the class names in the default prompt templates,
         ensembled; at most data.max_eval_images images, spread evenly over the folder's sorted order."""
         from clipsnail.data.images import list_image_folder
-        from clipsnail.inference.evaluate import (
-            classification_metrics,
-            default_templates,
-            zero_shot_logits,
-            zero_shot_weights,
-        )
+        from clipsnail.inference.evaluate import default_templates, zero_shot_accuracy, zero_shot_weights
 
         paths, labels, classes = list_image_folder(self.config.train.zeroshot_folder)
         step = max(1, math.ceil(len(paths) / self.config.data.max_eval_images))
-        paths, labels = paths[::step], torch.tensor(labels[::step])
-        was_training = model.training
-        model.eval()
-        image_emb = self.embed_images(model, "zeroshot_image", paths)
-        class_weights = zero_shot_weights(model, classes, default_templates())
-        model.train(was_training)
-        readable = image_emb.norm(dim=1) > 0
-        metrics = classification_metrics(zero_shot_logits(image_emb[readable], class_weights), labels[readable])
-        return {**{f"zeroshot_{k}": v for k, v in metrics.items()}, "zeroshot_num_images": int(readable.sum()),
-                "zeroshot_num_classes": len(classes)}
+        image_emb, readable = self.embed_images(model, "zeroshot_image", paths[::step])
+        metrics = zero_shot_accuracy(image_emb, readable, labels[::step],
+                                     zero_shot_weights(model, classes, default_templates()))
+        return {f"zeroshot_{k}": v for k, v in metrics.items()}
 
     def after_epoch(self, model: nn.Module, run_dir: Path, epoch: int) -> None:
         if self.train_dataset.skipped:
