@@ -407,6 +407,34 @@ def test_a_second_writer_of_a_run_or_index_stops_naming_the_first(clip_run, clip
     assert len(ImageIndex.load(index)) > 0
 
 
+def test_a_link_at_the_lock_name_is_refused_and_its_target_kept(shapes_dir, tmp_path, capsys):
+    """A symbolic link planted at `.NAME.lock` (dangling or not) is never written through: the training stops with
+    one line naming the lock, and the file it points to keeps its bytes."""
+    from helpers import run_error, tiny_clip_args
+
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep\n")
+    run = tmp_path / "run_sym"
+    os.symlink(precious, tmp_path / ".run_sym.lock")
+    line = run_error(capsys, tiny_clip_args(shapes_dir, run, "--set", "train.max_steps=1"))
+    assert f"{tmp_path / '.run_sym.lock'} cannot be used as this run directory's lock (is a symbolic link)" in line
+    assert precious.read_text() == "keep\n" and not run.exists()
+    os.symlink(tmp_path / "nowhere", tmp_path / ".idx.lock")  # a dangling link would otherwise be created
+    with pytest.raises(DataError, match="is a symbolic link"), safeio.writer_lock(tmp_path / "idx", "index"):
+        pass
+    assert not (tmp_path / "nowhere").exists()
+
+
+@pytest.mark.parametrize("kind", ["folder", "fifo"])
+def test_a_lock_name_that_is_not_a_file_is_one_line(tmp_path, kind):
+    lock = tmp_path / ".idx.lock"
+    lock.mkdir() if kind == "folder" else os.mkfifo(lock)
+    with pytest.raises(DataError, match=rf"{lock} cannot be used as this index's lock \(is a (folder|FIFO)\); "
+                                        "remove it"), safeio.writer_lock(tmp_path / "idx", "index"):
+        pass
+    assert lock.is_dir() if kind == "folder" else lock.is_fifo()
+
+
 # ----------------------------------------------------------------------- a full or read-only disk
 
 

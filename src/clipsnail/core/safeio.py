@@ -456,13 +456,38 @@ class Busy(ClipsnailError):
     """Another process holds the lock of the folder this one would write."""
 
 
+def _open_lock_file(path: Path, what: str):
+    """The lock file `path`, opened for reading and writing (created if missing), as a file object. Never through a
+    symbolic link (O_NOFOLLOW: a link planted at the lock's name would otherwise have its target truncated), and
+    only a regular file: anything else is one line naming it, to be removed by the user."""
+    flags = (os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+             | getattr(os, "O_CLOEXEC", 0))
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as e:
+        reason = {errno.ELOOP: "is a symbolic link", errno.EISDIR: "is a folder",
+                  errno.EACCES: "cannot be written", errno.EPERM: "cannot be written"}.get(e.errno)
+        raise DataError(f"{path} cannot be used as this {what}'s lock ({reason or e.strerror or e}); "
+                        "remove it") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise DataError(f"{path} cannot be used as this {what}'s lock (is {_kind(mode)}); remove it")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "r+")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 @contextlib.contextmanager
 def writer_lock(folder: str | Path, what: str = "folder", wait: bool = False) -> Iterator[None]:
     """Holds an exclusive lock on `folder` while the block writes it: a lock file `.NAME.lock` beside it (the
     folder itself may be swapped whole) holding the writer's pid, removed at the end. The kernel releases the lock
     when the process dies, so a kill -9 leaves at most an unlocked file that the next writer takes over. A second
     writer waits when `wait`, or else stops with Busy naming the pid of the first: two trainings into one run
-    would interleave their logs and pair one's config with the other's weights."""
+    would interleave their logs and pair one's config with the other's weights. A symbolic link, a folder or any
+    other non-regular file at the lock's name is refused, never written through."""
     folder = Path(folder)
     if fcntl is None:
         yield
@@ -470,7 +495,7 @@ def writer_lock(folder: str | Path, what: str = "folder", wait: bool = False) ->
     folder.parent.mkdir(parents=True, exist_ok=True)
     path = folder.with_name(f".{folder.name}.lock")
     while True:
-        f = open(path, "a+")
+        f = _open_lock_file(path, what)
         try:
             fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
@@ -484,7 +509,7 @@ def writer_lock(folder: str | Path, what: str = "folder", wait: bool = False) ->
             yield
             return
         try:
-            same = os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
+            same = os.lstat(path).st_ino == os.fstat(f.fileno()).st_ino
         except FileNotFoundError:
             same = False
         if same:
