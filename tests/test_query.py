@@ -270,3 +270,86 @@ def test_the_shell_form_on_the_command_line(clip_model, noise_index, capsys, mon
     assert "broken.png: cannot read image" in run_error(capsys, ["search", "--index", idx, "cat + ./broken.png"])
     assert "cancel out" in run_error(capsys, ["search", "--index", idx, "cat - cat"])
     assert "exactly one" in run_error(capsys, ["search", "--index", idx, "cat", "--image", "3.png"])
+
+
+# ----------------------------------------------------------------------------------------------- bounded cost
+
+
+class CountingColourModel(ColourModel):
+    """ColourModel that records each batch of texts it encodes."""
+
+    def __init__(self):
+        super().__init__()
+        self.text_batches = []
+
+    def encode_text(self, texts):
+        self.text_batches.append(list(texts))
+        return super().encode_text(texts)
+
+
+def test_a_querys_distinct_texts_are_encoded_once_in_one_batch(colours):
+    _, index = colours
+    model = CountingColourModel()
+    web = TestClient(create_app(index, model), base_url="http://127.0.0.1")
+    r = web.get("/api/search", params={"q": " + ".join(["red"] * 16), "k": 3})
+    assert r.status_code == 200 and r.json()["hits"][0]["path"] == "red.png"
+    assert model.text_batches == [["red"]]  # sixteen times the same term costs one encoding
+    model.text_batches.clear()
+    assert web_ranking(web, "red + green - blue + red.png + 2:red")[0] == "orange"
+    assert model.text_batches == [["red", "green", "blue"]]  # one batch, each text once; no image is encoded
+
+
+@pytest.mark.parametrize("terms", [17, 50])
+def test_a_query_of_too_many_terms_is_refused_before_any_work(colours, terms):
+    _, index = colours
+    model = CountingColourModel()
+    web = TestClient(create_app(index, model), base_url="http://127.0.0.1")
+    r = web.get("/api/search", params={"q": " + ".join(["a"] * terms)})
+    assert r.status_code == 422 and f"the query has {terms} terms; at most 16 are allowed" in r.json()["detail"]
+    assert model.text_batches == []
+    with pytest.raises(QueryError, match="at most 16"):
+        parse_query(" - ".join(["a"] * terms))
+
+
+@pytest.mark.parametrize("weight", ["1e40", "1e308", "1001"])
+def test_weights_past_the_bound_are_refused(web, weight):
+    with pytest.raises(QueryError, match=rf"the weight '{weight}' must be a finite number above 0 and at most 1000"):
+        parse_query(f"{weight}:dog + cat")
+    r = web.get("/api/search", params={"q": f"{weight}:red + green"})
+    assert r.status_code == 422 and "at most 1000" in r.json()["detail"]
+
+
+def test_combine_cannot_overflow_or_pass_on_non_finite_vectors():
+    a, b = torch.tensor([[1.0, 0, 0]]), torch.tensor([[0, 1.0, 0]])
+    # Weights far past float32's range still give the direction they mean (a sum in float32 overflowed to inf/NaN).
+    assert torch.allclose(combine([a, b], [1e300, 1e300]), torch.tensor([[1, 1, 0]]) / 2**0.5)
+    assert torch.allclose(combine([a, b], [1e40, 1.0]), a)
+    assert combine([a, b], [1e40, 1.0]).dtype == torch.float32
+    with pytest.raises(QueryError, match="not finite"):
+        combine([a, torch.tensor([[float("nan"), 0, 0]])], [1.0, 1.0])
+    with pytest.raises(QueryError, match="finite"):
+        combine([a, b], [float("inf"), 1.0])
+
+
+def test_an_image_term_with_a_name_the_os_refuses_is_the_querys_own_error(tmp_path):
+    long_name = "./" + "x" * 300 + ".jpg"  # one path part over the 255-byte limit: OSError "File name too long"
+    for query in (f"dog + {long_name}", "./a\0b.jpg"):
+        with pytest.raises(QueryError, match="no such image file"):
+            parse_query(query, local_image)
+    assert parse_query("x" * 300 + ".jpg", local_image)[0].kind == "text"  # not path-like: text, as before
+
+
+def test_a_query_starting_with_minus_goes_after_the_end_of_options(noise_index, capsys):
+    _, index = noise_index
+    idx = str(index.index_dir)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["search", "--index", idx, "-0:dog"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: -0:dog (a value that starts with '-' goes after '--'" in err
+    assert "-- '-0:dog'" in err
+    line = run_error(capsys, ["search", "--index", idx, "--", "-0:dog"])
+    assert "the weight '-0' must be a finite number above 0" in line
+    long_name = "./" + "x" * 300 + ".jpg"
+    assert "no such image file" in run_error(capsys, ["search", "--index", idx, f"dog + {long_name}"])

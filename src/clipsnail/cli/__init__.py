@@ -12,6 +12,7 @@ import argparse
 import importlib
 import logging
 import os
+import re
 import select
 import sys
 
@@ -49,10 +50,28 @@ COMMANDS = {
 }
 
 
+# What an option's name looks like (-k, --index, --set=x); any other word starting with - that argparse could not
+# place is a value, such as a search query "-0:dog" or "-fruit", which argparse takes for an unknown option.
+_OPTION_NAME = re.compile(r"--?[A-Za-z][\w-]*(=.*)?", re.S)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, whose 'unrecognized arguments' error says how to pass a value that starts with '-'."""
+
+    def error(self, message: str):
+        prefix = "unrecognized arguments: "
+        if message.startswith(prefix):
+            values = [a for a in message[len(prefix):].split(" ") if a.startswith("-") and not _OPTION_NAME.fullmatch(a)]
+            if values:
+                message += (f" (a value that starts with '-' goes after '--', which ends the options: "
+                            f"clipsnail search --index IDX -- {values[0]!r})")
+        super().error(message)
+
+
 def build_parser(commands=None) -> argparse.ArgumentParser:
     """The whole command line, or (`commands`: the names to fill in) one where the other commands are names and help
     lines only, which is all `clipsnail --help` and `clipsnail COMMAND ...` need of them."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="clipsnail",
         description="CLIP from scratch: train on captioned images, search images by text, classify with no labels; "
                     "LeMeViT and any timm model as image classifiers.")

@@ -56,13 +56,15 @@ def add_search(p: argparse.ArgumentParser) -> None:
                      "separated by a standalone + or - (spaces around it; a + or - inside a word is text). A term "
                      "may start with a weight, a number above 0 and a colon (2:cat, 0.5:cat). A term naming an "
                      "existing image file, or starting with ./, ../, / or ~/, is an image. The query vector is the "
-                     "normalised sum of weight * term vector (negative after -).")
+                     "normalised sum of weight * term vector (negative after -). A query starting with - goes after "
+                     "--, which ends the options: `clipsnail search --index IDX -- \"- fruit + cat\"`.")
     p.add_argument("--index", help="an index made by `clipsnail index build`")
     p.add_argument("--model", help="CLIP run directory (with --index: default the one recorded in the index)")
     p.add_argument("--images", help="folder to search instead of an index (embeddings cached in the run directory)")
     add_follow_links_flag(p)
     # nargs="*": the shell form `a + ./b.jpg - c` arrives as several arguments ("-" alone is one too).
-    p.add_argument("query", nargs="*", help="query: text, or terms joined by + and - (see above)")
+    p.add_argument("query", nargs="*", help="query: text, or terms joined by + and - (see above); after -- when it "
+                   "starts with -")
     p.add_argument("--image", help="query image (image-to-image search)")
     p.add_argument("-k", type=int, default=9, help="number of results (default 9)")
     p.add_argument("--grid", help="write a result grid PNG here")
@@ -141,7 +143,7 @@ def cmd_search(args: argparse.Namespace) -> None:
     from clipsnail.apps.hub import load
     from clipsnail.inference.index import ImageIndex, folder_index
     from clipsnail.inference.plots import write_result_grid
-    from clipsnail.inference.query import Term, combine, local_image, parse_query
+    from clipsnail.inference.query import Term, combine, local_image, parse_query, term_vectors
 
     text = " ".join(args.query) if args.query else None
     if text is not None and args.image:
@@ -172,8 +174,7 @@ def cmd_search(args: argparse.Namespace) -> None:
         index.check_model(model.run_dir)  # the vectors must be this run's, as its weights are now
     # The query first: a bad query image must fail before minutes of encoding the folder.
     with torch.inference_mode():
-        vectors = [model.encode_image([t.value]) if t.kind == "image" else model.encode_text([t.value])
-                   for t in terms]
+        vectors = term_vectors(terms, model.encode_text, model.encode_image)
     query = combine(vectors, [t.weight for t in terms])
     if index is None:
         index = folder_index(model, args.images, cache_dir=embeddings_cache(model.run_dir),

@@ -5,20 +5,22 @@ Grammar:
     query  := [sign] term (sign term)*
     sign   := "+" | "-"      a standalone + or -: whitespace (or the start / end of the query) on both sides
     term   := [weight ":"] (text | image)
-    weight := a finite number above 0 ("2", "0.5", "1e-1")
+    weight := a number above 0 and at most MAX_WEIGHT ("2", "0.5", "1e-1")
 
 Examples: `2:golden retriever + ./pool.jpg - fruit`, `- fruit + 2:cat` (a negative first term is allowed, as
 long as some term is positive). A + or - inside a word is text ("t-shirt", "-b", "c++"); so is a colon after a
 prefix that is not a number ("photo: a dog"). A number before a colon always is a weight, and a weight that
-parses as a number but is not a finite one above 0 (`nan:`, `inf:`, `0:`, `-1:`) is an error, as are empty terms
-("cat +", "+ + dog", "").
+parses as a number but is not one above 0 and at most MAX_WEIGHT (`nan:`, `inf:`, `0:`, `-1:`, `1e40:`) is an
+error, as are empty terms ("cat +", "+ + dog", "") and queries of more than MAX_TERMS terms.
 
 Which terms are images depends on where the query runs, so `parse_query` asks a callback. On the command line
 (`local_image`) a term is an image when it names an existing regular file with an image extension, or when it
 starts like a path (`./`, `../`, `/`, `~/`, `~user/`), in which case the file must exist. The web app names images
 of its index instead and never reads a path from a request.
 
-The query vector is rclip's: the L2-normalised sum of weight * unit(term vector) (`combine`).
+The query vector is rclip's: the L2-normalised sum of weight * unit(term vector) (`combine`). `term_vectors`
+encodes a query's distinct text terms in one batch (and its distinct images in another), so repeating a term costs
+nothing and a query costs at most two model calls.
 """
 
 from __future__ import annotations
@@ -35,6 +37,11 @@ import torch
 
 from clipsnail.core.errors import ClipsnailError
 from clipsnail.data.images import IMAGE_EXTENSIONS
+
+# Bounds that keep one query's cost and arithmetic in check: a query is encoded in one batch of at most MAX_TERMS
+# texts, and weights differ by at most MAX_WEIGHT / (the smallest weight), far past what changes a ranking.
+MAX_TERMS = 16
+MAX_WEIGHT = 1000.0
 
 
 class QueryError(ClipsnailError):
@@ -65,9 +72,12 @@ def local_image(text: str) -> str | None:
     """The command line's image terms: the file path, or None when `text` is text."""
     if looks_like_path(text):
         path = Path(text).expanduser()
-        if not path.exists():
-            raise QueryError(f"{text}: no such image file (a term starting with ./, ../, / or ~ names a file)")
-        if not path.is_file():
+        try:
+            mode = path.stat().st_mode
+        except (OSError, ValueError):  # missing, or a name the OS refuses (a part over 255 bytes, a NUL byte)
+            raise QueryError(f"{text}: no such image file (a term starting with ./, ../, / or ~ names a file)") \
+                from None
+        if not stat.S_ISREG(mode):
             raise QueryError(f"{text}: not an image file")
         return str(path)
     if text.lower().endswith(IMAGE_EXTENSIONS):
@@ -90,8 +100,9 @@ def _weight(term: str) -> tuple[float, str]:
         weight = float(match[1])
     except ValueError:  # "photo: a dog": the prefix is text
         return 1.0, term
-    if not (math.isfinite(weight) and weight > 0):
-        raise QueryError(f"term {term!r}: the weight {match[1]!r} must be a finite number above 0")
+    if not (math.isfinite(weight) and 0 < weight <= MAX_WEIGHT):
+        raise QueryError(f"term {term!r}: the weight {match[1]!r} must be a finite number above 0 and at most "
+                         f"{MAX_WEIGHT:g}")
     rest = match[2].strip()
     if not rest:
         raise QueryError(f"term {term!r}: nothing after the weight")
@@ -115,6 +126,8 @@ def parse_query(query: str, image: Callable[[str], str | None] | None = None) ->
         position += len(op) + len(text)
     if not texts[0].strip() and len(texts) > 1:  # "- fruit + cat": the first term has the first operator's sign
         signs, texts, where = signs[1:], texts[1:], where[1:]
+    if len(texts) > MAX_TERMS:  # before any term is looked at: the cost of a query is bounded by its size
+        raise QueryError(f"the query has {len(texts)} terms; at most {MAX_TERMS} are allowed")
     terms = []
     for n, (sign, text, at) in enumerate(zip(signs, texts, where)):
         text = text.strip()
@@ -130,21 +143,41 @@ def parse_query(query: str, image: Callable[[str], str | None] | None = None) ->
     return terms
 
 
+def term_vectors(terms: Sequence[Term], encode_texts: Callable[[list[str]], torch.Tensor],
+                 encode_images: Callable[[list[str]], torch.Tensor]) -> list[torch.Tensor]:
+    """One vector [1, D] per term, in order. Each distinct text is encoded once, all of them in one call of
+    `encode_texts` (and likewise the images), so that "a + a + a" costs what "a" does."""
+    vectors: dict[tuple[str, str], torch.Tensor] = {}
+    for kind, encode in (("text", encode_texts), ("image", encode_images)):
+        values = list(dict.fromkeys(t.value for t in terms if t.kind == kind))
+        if values:
+            encoded = encode(values)
+            vectors.update(((kind, v), encoded[i:i + 1]) for i, v in enumerate(values))
+    return [vectors[t.kind, t.value] for t in terms]
+
+
 def combine(vectors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     """The query embedding [1, D] of term embeddings (each [D] or [1, D]) and their signed weights: the
-    L2-normalised sum of weight * unit(vector).
+    L2-normalised sum of weight * unit(vector), summed in float64 with the weights divided by the largest, so that
+    no weight can overflow the sum.
 
     A lone positive term gives its own vector back, so a plain query searches with exactly the encoder's output."""
     if len(vectors) != len(weights) or not vectors:
         raise ValueError(f"need as many vectors as weights (at least one), got {len(vectors)} and {len(weights)}")
-    units = [v.detach().float().reshape(1, -1) for v in vectors]
+    if not all(math.isfinite(w) for w in weights):
+        raise QueryError(f"every weight must be a finite number, got {list(weights)}")
+    units = [v.detach().double().reshape(1, -1) for v in vectors]
+    if not all(bool(torch.isfinite(u).all()) for u in units):
+        raise QueryError("a term's embedding is not finite (the model gave NaN or infinity)")
     units = [u / u.norm().clamp_min(1e-12) for u in units]
     if len(units) == 1 and weights[0] > 0:
         given = vectors[0].detach().reshape(1, -1)
-        return given if abs(float(given.float().norm()) - 1) < 1e-5 else units[0]
-    total = sum(w * u for w, u in zip(weights, units))
+        return given if abs(float(given.float().norm()) - 1) < 1e-5 else units[0].float()
+    largest = max(abs(w) for w in weights)
+    scaled = [w / largest for w in weights]
+    total = sum(w * u for w, u in zip(scaled, units))
     norm = total.norm()
     # Relative to the weights: "a - a" (or "2:a - a + -..." that balance) leaves only rounding noise.
-    if norm <= 1e-4 * sum(abs(w) for w in weights):
+    if not norm > 1e-4 * sum(abs(w) for w in scaled):
         raise QueryError("the terms cancel out: their weighted sum is (nearly) zero; change a weight or a term")
-    return total / norm
+    return (total / norm).float()

@@ -25,7 +25,7 @@ from fastapi import HTTPException, UploadFile
 from clipsnail.core.display import display_name
 from clipsnail.data.images import IMAGE_EXTENSIONS
 from clipsnail.inference.index import VECTORS
-from clipsnail.inference.query import QueryError, combine, looks_like_path, parse_query
+from clipsnail.inference.query import QueryError, combine, looks_like_path, parse_query, term_vectors
 from clipsnail.serve.images import BadImage, decode_upload, load_file, thumbnail
 from clipsnail.serve.schemas import Hit, Limits
 
@@ -87,9 +87,10 @@ class SearchService:
     # ------------------------------------------------------------------------------------------- embedding, search
 
     @torch.inference_mode()
-    def embed_text(self, text: str) -> np.ndarray:
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        """[len(texts), D]: one batch, under one hold of the model lock."""
         with self.lock:
-            return self.model.encode_text([text]).float().cpu().numpy()
+            return self.model.encode_text(texts).float().cpu().numpy()
 
     @torch.inference_mode()
     def embed_image(self, image) -> np.ndarray:
@@ -142,8 +143,10 @@ class SearchService:
         why."""
         try:
             terms = parse_query(q, image=self.index_image)
-            vectors = [torch.from_numpy(self.stored_vector(self.indexed_id(t.value)) if t.kind == "image"
-                                        else self.embed_text(t.value)) for t in terms]
+            vectors = term_vectors(
+                terms, lambda texts: torch.from_numpy(self.embed_texts(texts)),
+                lambda names: torch.from_numpy(np.concatenate([self.stored_vector(self.indexed_id(n))
+                                                               for n in names])))
             return combine(vectors, [t.weight for t in terms]).numpy()
         except QueryError as e:
             raise bad_request(422, str(e)) from None
