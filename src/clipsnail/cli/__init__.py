@@ -61,7 +61,8 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str):
         prefix = "unrecognized arguments: "
         if message.startswith(prefix):
-            values = [a for a in message[len(prefix):].split(" ") if a.startswith("-") and not _OPTION_NAME.fullmatch(a)]
+            words = message[len(prefix):].split(" ")
+            values = [a for a in words if a.startswith("-") and not _OPTION_NAME.fullmatch(a)]
             if values:
                 message += (f" (a value that starts with '-' goes after '--', which ends the options: "
                             f"clipsnail search --index IDX -- {values[0]!r})")
