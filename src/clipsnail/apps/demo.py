@@ -32,7 +32,7 @@ from clipsnail.apps.hub import load
 from clipsnail.apps.model_names import resolve_run
 from clipsnail.core.config import load_config
 from clipsnail.core.devices import resolve_device
-from clipsnail.core.display import printable
+from clipsnail.core.display import print_lines
 from clipsnail.core.errors import ClipsnailError, ConfigError, DataError
 from clipsnail.core.pretrained import PRETRAINED_EXTRA, is_off, is_timm, resolve, text_model_dir
 from clipsnail.core.runs import read_run_config, weights_fingerprint
@@ -128,11 +128,11 @@ def run_demo(out: Path, steps: int = DEMO_STEPS, quick: bool = False, progress: 
     summary = {k: round(v, 4) for k, v in metrics.items() if "rank" not in k}
     atomic_write_json(out / "demo_metrics.json", summary)
     say("")
-    say(json.dumps(summary, indent=2))
+    say(*json.dumps(summary, indent=2).splitlines())
     say("")
     say(f"trained {result.step} steps; model: {run_dir} (config.json, model.safetensors, tokenizer.json, "
         f"metrics.jsonl, curves.png)")
-    say("query grids:\n" + "\n".join(f"  {g}" for g in grids))
+    say("query grids:", *(f"  {g}" for g in grids))
     say(f"try: clipsnail search --model {run_dir} --images {test_dir} \"a large blue star\" --grid star.png")
     return summary
 
@@ -141,8 +141,8 @@ def article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def say(text: str) -> None:
-    print(printable(text, keep_lines=True), file=sys.stdout, flush=True)  # photo names are shown raw nowhere
+def say(*lines: str) -> None:
+    print_lines(*lines, file=sys.stdout)
 
 
 # ----------------------------------------------------------------------------------------------- your own photos
@@ -317,9 +317,13 @@ def load_clip_for_photos(run: str | Path, device: str):
 def check_photo_demo_out(out: Path, photos: Path) -> None:
     """The output folder must be new, empty, or one this demo wrote (only `PHOTO_DEMO_ENTRIES` and the temp files
     of their atomic writes): the demo writes and replaces files in it. Nor may it lie inside the photo folder,
-    whose index would then take in the demo's own result grids."""
+    whose index would then take in the demo's own result grids, nor hold it, where the demo's writes would replace
+    "photos"."""
     if is_under(os.path.realpath(out), os.path.realpath(photos)):
         raise DataError(f"{out}: inside the photo folder {photos}; its result grids would be indexed as photos: "
+                        f"choose an --out elsewhere")
+    if is_under(os.path.realpath(photos), os.path.realpath(out)):
+        raise DataError(f"{photos}: inside the output folder {out}, whose files the demo writes and replaces: "
                         f"choose an --out elsewhere")
     if not os.path.lexists(out):
         return

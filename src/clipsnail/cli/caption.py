@@ -117,7 +117,7 @@ def cmd_caption_describe(args: argparse.Namespace) -> None:
         return
     for row in rows:
         texts = [c["text"] for c in row["captions"]]
-        say(f"{row['image']}: {texts[0]}" + "".join(f"\n    {t}" for t in texts[1:]), file=sys.stdout)
+        say(f"{row['image']}: {texts[0]}", *(f"    {t}" for t in texts[1:]), file=sys.stdout)
 
 
 def cmd_caption_eval(args: argparse.Namespace) -> None:

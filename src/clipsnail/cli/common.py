@@ -11,7 +11,7 @@ from typing import Any
 
 from clipsnail.core.config import load_config
 from clipsnail.core.devices import DEVICE_HELP
-from clipsnail.core.display import printable
+from clipsnail.core.display import print_lines
 
 # The engine (torch) is imported where a command trains, so that `clipsnail --help` starts at once.
 
@@ -132,9 +132,10 @@ def print_metrics(metrics) -> None:
     print_json(rounded(metrics))
 
 
-def say(text: str, file=None) -> None:
-    """A line of text for the user (stderr unless `file`), with file names in it escaped (display.printable)."""
-    print(printable(text, keep_lines=True), file=file or sys.stderr)
+def say(*lines: str, file=None) -> None:
+    """Lines of text for the user (stderr unless `file`), each printed as one line with file names in it escaped
+    (display.print_lines)."""
+    print_lines(*lines, file=file or sys.stderr)
 
 
 def train_and_report(task, args: argparse.Namespace, example_inputs: Callable[[], tuple] | None = None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 
 # C0 and C1 control characters (newline and tab too) and lone surrogates.
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
@@ -28,6 +29,14 @@ def printable(text: object, keep_lines: bool = False) -> str:
     that printing it cannot move the cursor, clear the screen or start a new line. keep_lines: newlines and tabs
     stay (a message of ours that spans lines)."""
     return (_UNPRINTABLE_BUT_LINES if keep_lines else _UNPRINTABLE).sub(_escape, str(text))
+
+
+def print_lines(*lines: object, file=None) -> None:
+    """Prints each of `lines` as exactly one line (stdout unless `file`): a newline or a terminal escape inside one
+    (a file's name, a folder given on the command line) is shown escaped, so that no name can forge a line of
+    output. A message of several lines is passed as several lines."""
+    for line in lines:
+        print(printable(line), file=file or sys.stdout, flush=True)
 
 
 def display_name(name: str) -> str:
