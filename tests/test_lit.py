@@ -29,18 +29,22 @@ def cache_lines(caplog) -> list[str]:
 
 def test_kept_rows_are_read_back_and_only_new_items_encoded(tmp_path):
     calls = []
-
-    def encode(rows):
-        calls.append(list(rows))
-        return torch.tensor([[float(r), 1.0] for r in rows])
-
     d1, d2, d3, d9 = (content_digest(name.encode()) for name in ("1", "2", "3", "9"))
+    value = {d1: 1.0, d2: 2.0, d3: 3.0, d9: 9.0}  # the tower's output for each item
+
+    def encoder(digests):
+        def encode(rows):
+            calls.append(list(rows))
+            return torch.tensor([[value[digests[r]], 1.0] for r in rows])
+        return encode
+
     cache = FeatureCache(tmp_path, "image", "ab" * 20)
-    first = cache.outputs([d1, d2, d3], encode)
-    assert calls == [[0, 1, 2]] and first[:, 0].tolist() == [0, 1, 2]
-    again = FeatureCache(tmp_path, "image", "ab" * 20).outputs([d3, d9, d1], encode)
-    assert calls[1] == [1]  # only the new item
-    assert again[:, 0].tolist() == [2, 1, 0]  # d3's row, then d9 (encoded as row 1), then d1's
+    first = cache.outputs([d1, d2, d3], encoder([d1, d2, d3]))
+    assert calls == [[0, 1, 2]] and first[:, 0].tolist() == [1, 2, 3]
+    again = FeatureCache(tmp_path, "image", "ab" * 20).outputs([d3, d9, d1], encoder([d3, d9, d1]))
+    assert calls[1] == [0, 2]  # the kept items, encoded again to check the file against the tower
+    assert calls[2:] == [[1]]  # then only the new item
+    assert again[:, 0].tolist() == [3, 9, 1]
     # The file holds exactly the items of the last call.
     assert sorted(FeatureCache(tmp_path, "image", "ab" * 20).read()) == sorted([d1, d3, d9])
 

@@ -246,6 +246,9 @@ class ClipTask(Task):
         if image:  # NaN rows: images that cannot be read, skipped by the dataset as it skips undecodable ones
             paths = [dataset.image_path(i) for i in range(len(dataset.image_names))]
             dataset.image_features = dist.from_main(lambda: self.tower_outputs(clip, "image", paths, progress))
+            unreadable = int(dataset.image_features.isnan().any(dim=1).sum())
+            if unreadable == len(paths):  # every sample would be skipped: no step could ever be made
+                raise DataError(f"no training image could be read ({unreadable} skipped)")
         if text:
             dataset.text_features = dist.from_main(lambda: self.tower_outputs(clip, "text", dataset.captions))
 
@@ -266,15 +269,25 @@ class ClipTask(Task):
         return self.memo[(name, key)]
 
     def example_batch(self) -> dict:
-        """A collated batch of the first two readable training samples (from the first shard of a stream): the
-        example input of `clipsnail clip summary`."""
+        """A collated batch of the first two readable training samples (from the first pass over the shards of a
+        stream): the example input of `clipsnail clip summary`. DataError when no training image can be read."""
         dataset = self.train_dataset
-        if isinstance(dataset, IterableDataset):  # a stream of shards
+        if isinstance(dataset, IterableDataset):  # a stream of shards, endless: one pass at most
             dataset.set_epoch(0, batch_size=2)
-            readable = iter(dataset)
+            kept, skipped, first = [], 0, None
+            for sample in itertools.islice(iter(dataset), dataset.num_samples):
+                if sample is None:
+                    skipped += 1
+                    continue
+                kept.append(sample)
+                if len(kept) == 2:
+                    break
         else:
-            readable = (dataset[(i, i)] for i in range(len(dataset)))
-        return self.collate(list(itertools.islice((s for s in readable if s is not None), 2)))
+            kept, skipped, first = readable_examples(dataset, 2)
+        if not kept:
+            raise DataError(f"no training image could be read ({skipped} skipped)"
+                            + (f", e.g. {first}" if first else ""))
+        return self.collate(kept)
 
     def param_groups(self, model: nn.Module) -> list[dict]:
         ft = self.config.finetune
@@ -431,6 +444,32 @@ def image_digest(path: Path) -> str | None:
     except DataError as e:
         log.warning("skipping %s", e)
         return None
+
+
+def readable_examples(dataset: CaptionImageDataset, count: int) -> tuple[list[dict], int, str | None]:
+    """(the samples of the first `count` readable images, how many images before them could not be read, why the
+    first of those could not), trying each image once with its first caption. The dataset, strict for the while,
+    raises instead of logging a warning per image: the caller says it once."""
+    kept, skipped, first = [], 0, None
+    strict, dataset.strict = dataset.strict, True
+    try:
+        for image_id, captions in enumerate(dataset.captions_of):
+            if not captions:
+                continue
+            index = image_id if dataset.sampling == "image" else captions[0]
+            try:
+                sample = dataset[(index, index)]
+            except DataError as e:
+                sample, first = None, first or str(e)
+            if sample is None:
+                skipped += 1
+                continue
+            kept.append(sample)
+            if len(kept) == count:
+                break
+    finally:
+        dataset.strict = strict
+    return kept, skipped, first
 
 
 def image_tower_outputs(clip: CLIP, cache: FeatureCache, paths: list[Path], progress: bool) -> torch.Tensor:

@@ -609,6 +609,7 @@ class Training:
                     break
                 skip = self.batches_done_in_epoch if epoch == self.start_epoch else 0
                 loader = train_loader(self.task, cfg, epoch, skip, self.device)
+                step_before = self.step
                 self.model.train()
                 self.batch_index = skip  # batches of this epoch done, counted as they are drawn
                 for batch in self.batches(loader, epoch):
@@ -634,6 +635,9 @@ class Training:
                     if budget is not None and dist.any_rank(time.monotonic() - started > budget, self.device):
                         out_of_time = True
                         break
+                if self.step == step_before and skip < self.per_epoch:  # the next epoch would fare no better
+                    raise DataError(f"no training image could be read: epoch {epoch} made no step, every sample "
+                                    f"of its {self.batch_index - skip} batches was skipped")
                 if out_of_time and not (self.batch_index >= self.per_epoch or self.step >= self.total_steps):
                     self.checkpoint(epoch, self.batch_index)  # stopped inside the epoch: resume there
                     break
