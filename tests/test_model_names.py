@@ -3,6 +3,7 @@ models--ORG--NAME/refs/main and snapshots/COMMIT/), converted once into $CLIPSNA
 throughout (no test reaches the network)."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from clipsnail.apps.convert import convert_open_clip
 from clipsnail.apps.model_names import resolve_name, resolve_run
 from clipsnail.cli import main
 from clipsnail.core import safeio
-from clipsnail.core.errors import DataError
+from clipsnail.core.errors import ClipsnailError, DataError
 from clipsnail.inference.index import ImageIndex
 
 pytest.importorskip("open_clip")
@@ -243,8 +244,7 @@ def test_a_non_clip_repository_leaves_no_run(hub, weights, tmp_path):
     put_in_cache(cache, open_clip_files(tmp_path / "open_clip_model.safetensors"), repo="org/timm-tower")
     with pytest.raises(DataError, match=r"^hf-hub:org/timm-tower: .*a timm image tower"):
         resolve_run("hf-hub:org/timm-tower")
-    folder = home / "runs" / "hf-hub" / "org--timm-tower"
-    assert [p.name for p in folder.iterdir()] == []
+    assert not (home / "runs").exists()  # not even the empty folders a run would have gone in
 
 
 @pytest.mark.parametrize("locked", [True, False])
@@ -304,3 +304,204 @@ def test_a_run_folder_named_relatively_is_stored_in_full(tmp_path, monkeypatch):
     assert resolve_name("runs/clip") == str((tmp_path / "runs" / "clip").resolve())
     for unchanged in ("", "efficientnet-lite0", "timm:resnet18", "runs/missing"):
         assert resolve_name(unchanged) == unchanged
+
+
+# ----------------------------------------------------------------------------------------------- hostile input
+
+def with_config(weights, text):
+    """The files of a hub repository whose open_clip_config.json is `text` (bytes, or an object dumped to JSON)."""
+    return {"open_clip_config.json": text if isinstance(text, bytes) else json.dumps(text).encode(),
+            "open_clip_model.safetensors": weights}
+
+
+def changed(section, key, value):
+    """CONFIG with `section`'s `key` set to `value` (a section of "model_cfg" is made when missing)."""
+    config = json.loads(json.dumps(CONFIG))
+    target = config
+    for part in section.split("."):
+        target = target.setdefault(part, {})
+    target[key] = value
+    return config
+
+
+def assert_refused(home, spec, *parts):
+    """resolve_run(spec) is one line naming each of `parts`, and leaves no run in the cache."""
+    with pytest.raises(ClipsnailError) as e:
+        resolve_run(spec)
+    message = str(e.value)
+    assert "\n" not in message and len(message) < 600, message
+    for part in parts:
+        assert part in message, (part, message)
+    assert not list((home / "runs").rglob("config.json")), "a run that cannot load was cached"
+    return message
+
+
+@pytest.mark.parametrize("config, key", [
+    (changed("model_cfg.text_cfg", "heads", "two"), "text_cfg.heads"),
+    (changed("model_cfg.text_cfg", "heads", 0), "text_cfg.heads"),
+    (changed("model_cfg.text_cfg", "heads", 3), "text_cfg.heads"),  # does not divide the width 128
+    (changed("model_cfg.text_cfg", "heads", True), "text_cfg.heads"),
+    (changed("model_cfg.vision_cfg", "head_width", 0), "vision_cfg.head_width"),
+    (changed("model_cfg.vision_cfg", "head_width", -64), "vision_cfg.head_width"),
+    (changed("model_cfg.vision_cfg", "head_width", "64"), "vision_cfg.head_width"),
+    (changed("model_cfg", "quick_gelu", "false"), "model_cfg.quick_gelu"),
+    (changed("model_cfg", "vision_cfg", [1, 2]), "model_cfg.vision_cfg"),
+    (changed("model_cfg", "text_cfg", "x"), "model_cfg.text_cfg"),
+    (changed("preprocess_cfg", "mean", "abc"), "preprocess_cfg.mean"),
+    (changed("preprocess_cfg", "std", "abc"), "preprocess_cfg.std"),
+    (changed("preprocess_cfg", "mean", [0.5, "x", 0.5]), "preprocess_cfg.mean"),
+    (changed("preprocess_cfg", "std", [0.5, 0.5]), "preprocess_cfg.std"),
+    (changed("preprocess_cfg", "std", [0.5, 0.0, 0.5]), "preprocess_cfg.std"),
+    (changed("preprocess_cfg", "mean", [True, 0.5, 0.5]), "preprocess_cfg.mean"),
+    (changed("preprocess_cfg", "interpolation", ["bicubic"] * 1000), "preprocess_cfg.interpolation"),
+    ({**CONFIG, "model_cfg": [1, 2]}, "model_cfg"),
+    ({**CONFIG, "preprocess_cfg": "bicubic"}, "preprocess_cfg"),
+    ([CONFIG], "top level"),
+    (None, "top level"),
+    (b'{"model_cfg": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested"),
+    (b'\xff\xfe{"model_cfg": {}}', "open_clip_config.json"),
+])
+def test_malformed_open_clip_configs_are_one_line_errors_naming_the_key(hub, weights, config, key):
+    cache, home = hub
+    put_in_cache(cache, with_config(weights, config))
+    assert_refused(home, "hf-hub:org/name", "hf-hub:org/name", "open_clip_config.json", key)
+
+
+@pytest.mark.parametrize("section, key, text", [
+    ("preprocess_cfg", "mean", "[NaN, 0.5, 0.5]"),
+    ("preprocess_cfg", "std", "[0.25, Infinity, 0.25]"),
+    ("preprocess_cfg", "mean", "[-Infinity, 0.5, 0.5]"),
+])
+def test_non_finite_mean_and_std_are_refused(hub, weights, section, key, text):
+    cache, home = hub
+    body = json.dumps(changed(section, key, "@@")).replace('"@@"', text).encode()
+    put_in_cache(cache, with_config(weights, body))
+    assert_refused(home, "hf-hub:org/name", "open_clip_config.json", f"{section}.{key}", "finite")
+
+
+def test_non_finite_weights_are_refused_naming_the_tensor(hub, weights, tmp_path):
+    cache, home = hub
+    state = load_file(str(weights))
+    state["visual.proj"][3, 1] = float("nan")
+    save_file(state, str(tmp_path / "open_clip_model.safetensors"))
+    put_in_cache(cache, open_clip_files(tmp_path / "open_clip_model.safetensors"))
+    assert_refused(home, "hf-hub:org/name", "open_clip_model.safetensors", "visual.proj", "finite")
+
+
+def test_a_long_mean_is_refused_before_caching_and_shown_short(hub, weights):
+    cache, home = hub
+    put_in_cache(cache, with_config(weights, changed("preprocess_cfg", "mean", [0.5] * 100_000)))
+    message = assert_refused(home, "hf-hub:org/name", "preprocess_cfg.mean", "100000")
+    assert len(message) < 400, message
+
+
+def test_a_mean_of_one_number_means_each_channel_as_in_open_clip(hub, weights):
+    cache, _ = hub
+    put_in_cache(cache, with_config(weights, changed("preprocess_cfg", "mean", 0.25)))
+    assert tuple(clipsnail.load("hf-hub:org/name").cfg.image_mean) == (0.25, 0.25, 0.25)
+
+
+@pytest.mark.parametrize("ref", ["../../../../../etc", "main/../x", "", "0123"])
+def test_a_refs_main_naming_no_commit_is_one_line(hub, weights, ref):
+    cache, home = hub
+    snapshot = put_in_cache(cache, open_clip_files(weights))
+    (snapshot.parent.parent / "refs" / "main").write_text(ref)
+    assert_refused(home, "hf-hub:org/name", "hf-hub:org/name", "refs/main")
+    assert not (home / "runs").exists()
+
+
+def test_zeroshot_never_prints_nan(hub, weights, tmp_path, capsys, monkeypatch):
+    from clipsnail.inference import evaluate
+
+    cache, _ = hub
+    put_in_cache(cache, open_clip_files(weights))
+    image = noise_image(tmp_path / "a.png", seed=0, size=32)
+    monkeypatch.setattr(evaluate, "zero_shot_probabilities",
+                        lambda model, emb, weights: torch.full((len(emb), 2), float("nan")))
+    line = run_error(capsys, ["zeroshot", "--model", "hf-hub:org/name", "--classes", "cat,dog", str(image)])
+    assert "probs" in line and "finite" in line
+    assert "NaN" not in capsys.readouterr().out
+
+
+def test_json_text_refuses_non_finite_numbers_naming_where():
+    from clipsnail.core.display import json_text
+
+    assert json.loads(json_text({"a": [1, 2.5], "b": "c"})) == {"a": [1, 2.5], "b": "c"}
+    for value, where in ((float("nan"), "[0].probs.dog"), (float("inf"), "[0].probs.dog")):
+        with pytest.raises(DataError, match=re.escape(where)):
+            json_text([{"image": "a.png", "probs": {"cat": 0.5, "dog": value}}])
+
+
+# ----------------------------------------------------------------------------------------------- conse: names
+
+def fake_conse(monkeypatch):
+    """convert_conse replaced by a writer of an empty clip run (the real one reads 110 MB of packaged weights);
+    returns the specs it was asked to convert."""
+    calls = []
+
+    def write(spec, out):
+        calls.append(spec)
+        out.mkdir()
+        (out / "config.json").write_text('{"task": "clip"}')
+
+    monkeypatch.setattr(model_names, "convert_conse", write)
+    return calls
+
+
+def text_model(folder, weights=b"weights"):
+    """A folder that passes for a Hugging Face text model (the fake conversion reads nothing of it)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text('{"model_type": "bert"}')
+    (folder / "model.safetensors").write_bytes(weights)
+    return folder
+
+
+def test_a_conse_text_folder_is_cached_by_its_real_path_and_its_files(hub, tmp_path, monkeypatch):
+    calls = fake_conse(monkeypatch)
+    first, second = tmp_path / "a", tmp_path / "b"
+    text_model(first / "minilm")
+    text_model(second / "minilm", b"other weights")
+    monkeypatch.chdir(first)
+    run = resolve_run("conse:efficientnet-lite0+minilm")
+    assert resolve_run("conse:efficientnet-lite0+minilm") == run and len(calls) == 1
+    assert calls[0] == f"efficientnet-lite0+{(first / 'minilm').resolve()}"  # a path found from anywhere
+    monkeypatch.chdir(second)  # the same words name another folder
+    other = resolve_run("conse:efficientnet-lite0+minilm")
+    assert other != run and len(calls) == 2
+    monkeypatch.chdir(first)
+    (first / "minilm" / "model.safetensors").write_bytes(b"junk")  # the folder's model replaced
+    replaced = resolve_run("conse:efficientnet-lite0+minilm")
+    assert replaced not in (run, other) and len(calls) == 3
+    assert resolve_run(f"conse:efficientnet-lite0+{first / 'minilm'}") == replaced and len(calls) == 3
+
+
+def test_conse_names_are_case_folded_but_folders_are_not(hub, tmp_path, monkeypatch):
+    calls = fake_conse(monkeypatch)
+    run = resolve_run("conse:efficientnet-lite0+all-minilm-l6-v2")
+    for spelling in ("conse:EfficientNet-Lite0+All-MiniLM-L6-v2", "CONSE:EFFICIENTNET-LITE0+all-MiniLM-L6-v2"):
+        assert resolve_run(spelling) == run
+    assert calls == ["efficientnet-lite0+all-minilm-l6-v2"]
+    text_model(tmp_path / "Mine")
+    monkeypatch.chdir(tmp_path)
+    resolve_run("conse:EfficientNet-Lite0+Mine")
+    assert calls[-1] == f"efficientnet-lite0+{(tmp_path / 'Mine').resolve()}"
+
+
+def test_conse_alone_suggests_a_conse_name(hub):
+    for spec in ("conse:", "conse:  "):
+        with pytest.raises(DataError) as e:
+            resolve_run(spec)
+        assert "conse:efficientnet-lite0+all-minilm-l6-v2" in str(e.value) and "hf-hub" not in str(e.value)
+
+
+@pytest.mark.parametrize("spec", ["conse:resnet50+all-minilm-l6-v2", "conse:efficientnet-lite0",
+                                  "conse:efficientnet-lite0+", "conse:+all-minilm-l6-v2", "conse:x/y",
+                                  "conse:efficientnet-lite0+no-such-folder", "conse:efficientnet-lite0+../..",
+                                  "conse:efficientnet-lite0+all-minilm-l6-v2+more"])
+def test_rejected_conse_names_leave_nothing_in_the_cache(hub, spec, monkeypatch, tmp_path):
+    _, home = hub
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError) as e:
+        resolve_run(spec)
+    assert "\n" not in str(e.value) and "conse:efficientnet-lite0+all-minilm-l6-v2" in str(e.value)
+    assert not (home / "runs").exists()

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from clipsnail.core.errors import DataError
+from clipsnail.core.errors import ConfigError, DataError
 from clipsnail.core.pretrained import unreadable_torch_file
 from clipsnail.core.safeio import check_replaceable, staged_dir
 
@@ -112,30 +112,105 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------------------------- open_clip
 
 
-def _open_clip_config(path: Path) -> dict:
-    """open_clip_config.json next to the weights (as in open_clip's Hugging Face hub repos), or {}."""
-    cfg_path = path.with_name("open_clip_config.json")
-    if not cfg_path.is_file():
+def _shown(value, limit: int = 60) -> str:
+    """`value` as an error message shows it: a long list by its first items and its length, a long string cut, so
+    that one line names the problem whatever the file holds."""
+    if isinstance(value, (list, tuple)) and len(value) > 4:
+        return f"[{', '.join(_shown(v, 20) for v in value[:3])}, ... ({len(value)} values)]"
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _section(cfg_path: Path, parent: dict, key: str, where: str = "") -> dict:
+    """The object `parent[key]` ({} when absent or null); anything else is an error naming the key."""
+    value = parent.get(key)
+    if value is None:
         return {}
+    if not isinstance(value, dict):
+        raise DataError(f"{cfg_path}: {where}{key} must be an object ({{...}}), got {_shown(value)}")
+    return value
+
+
+def _open_clip_config(path: Path) -> dict:
+    """open_clip_config.json next to the weights (as in open_clip's Hugging Face hub repos), or none. Its sections
+    (model_cfg, model_cfg.vision_cfg / text_cfg, preprocess_cfg) are objects in what is returned, so readers
+    need not check their types; values inside them are checked where they are read."""
+    cfg_path = path.with_name("open_clip_config.json")
     try:
-        return json.loads(cfg_path.read_text())
+        config = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
     except json.JSONDecodeError as e:
-        raise DataError(f"{cfg_path}: invalid JSON ({e})") from e
+        raise DataError(f"{cfg_path}: invalid JSON ({e})") from None
+    except RecursionError:  # a hostile file of deeply nested lists: the parser recurses once per level
+        raise DataError(f"{cfg_path}: nested too deeply to be an open_clip config") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{cfg_path}: cannot read as UTF-8 text ({e})") from None
+    if not isinstance(config, dict):
+        raise DataError(f"{cfg_path}: expected a JSON object at the top level, got {_shown(config)}")
+    model_cfg = dict(_section(cfg_path, config, "model_cfg"))
+    for tower in ("vision_cfg", "text_cfg"):
+        model_cfg[tower] = _section(cfg_path, model_cfg, tower, "model_cfg.")
+    return {**config, "model_cfg": model_cfg, "preprocess_cfg": _section(cfg_path, config, "preprocess_cfg")}
+
+
+def _positive_int(cfg_path: Path, section: dict, key: str, where: str) -> int | None:
+    """`section[key]`, a whole number above 0, or None when absent: a string, 0 or true is an error naming it
+    (they would divide by zero or build a model of another shape)."""
+    value = section.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise DataError(f"{cfg_path}: {where}.{key}={_shown(value)} must be a whole number above 0")
+    return value
+
+
+def _channels(cfg_path: Path, preprocess: dict, key: str) -> tuple[float, float, float] | None:
+    """preprocess_cfg.mean or .std: three finite numbers (std above 0), or None when absent. One number means it
+    for each channel, as in open_clip. Checked here so that a run that could never load is never written."""
+    value = preprocess.get(key)
+    if value is None:
+        return None
+    where = f"{cfg_path}: preprocess_cfg.{key}={_shown(value)}"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = [value] * 3
+    if (not isinstance(value, list) or len(value) != 3
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+        raise DataError(f"{where} must be 3 numbers, one per RGB channel")
+    if not all(math.isfinite(v) for v in value):
+        raise DataError(f"{where} must hold finite numbers (not NaN or infinity)")
+    if key == "std" and not all(v > 0 for v in value):
+        raise DataError(f"{where} must be above 0 (the pixels are divided by it)")
+    return float(value[0]), float(value[1]), float(value[2])
+
+
+def check_finite(where: str | Path, state: dict[str, torch.Tensor]) -> None:
+    """A one-line error naming the first tensor holding NaN or infinity: such weights convert and load, and every
+    output computed from them is NaN."""
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor) or not (value.is_floating_point() or value.is_complex()):
+            continue
+        if not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise DataError(f"{where}: tensor {key} holds {bad} of {value.numel()} values that are not finite numbers "
+                            "(NaN or infinity); the weights are damaged")
 
 
 def _check_options(path: Path, model_cfg: dict) -> None:
+    """model_cfg as `_open_clip_config` returns it: its towers' sections are objects."""
+    cfg_path = path.with_name("open_clip_config.json")
     for section, options in _SUPPORTED_OPTIONS.items():
         for key, allowed in options.items():
-            value = (model_cfg.get(section) or {}).get(key)
+            value = model_cfg[section].get(key)
             if value is None or allowed is None:
                 continue
             if value not in allowed:
-                raise DataError(f"{path.with_name('open_clip_config.json')}: {section}.{key}={value!r} is not "
-                                f"supported (clipsnail implements OpenAI's CLIP ViT architecture)")
-    text_cfg = model_cfg.get("text_cfg") or {}
+                raise DataError(f"{cfg_path}: {section}.{key}={_shown(value)} is not supported (clipsnail implements "
+                                "OpenAI's CLIP ViT architecture)")
+    text_cfg = model_cfg["text_cfg"]
     if text_cfg.get("pool_type") == "eos" and text_cfg.get("eos_id") != 49407:  # pooled where ours pools only then
-        raise DataError(f"{path.with_name('open_clip_config.json')}: text_cfg.pool_type='eos' with eos_id="
-                        f"{text_cfg.get('eos_id')!r} is not supported (only OpenAI's <end_of_text>, 49407)")
+        raise DataError(f"{cfg_path}: text_cfg.pool_type='eos' with eos_id={_shown(text_cfg.get('eos_id'))} is not "
+                        "supported (only OpenAI's <end_of_text>, 49407)")
+    if not isinstance(model_cfg.get("quick_gelu", False), bool):  # bool("false") would be True
+        raise DataError(f"{cfg_path}: model_cfg.quick_gelu={_shown(model_cfg['quick_gelu'])} must be true or false")
 
 
 def _check_supported(path: Path, state: dict[str, torch.Tensor]) -> None:
@@ -159,10 +234,21 @@ def _depth(path: Path, state: dict, prefix: str) -> int:
     return len(blocks)
 
 
-def _heads(path: Path, width: int, head_width: int, tower: str) -> int:
-    if width % head_width:
-        raise DataError(f"{path}: {tower} width {width} is not a multiple of the head width {head_width}")
-    return width // head_width
+def _heads(path: Path, widths: tuple[int, int], model_cfg: dict) -> tuple[int, int]:
+    """(vision heads, text heads): from open_clip_config.json when it says (vision_cfg.head_width, text_cfg.heads),
+    else CLIP's 64-wide heads. `widths`: those of the two towers, as the weights' shapes give them."""
+    cfg_path = path.with_name("open_clip_config.json")
+    vision_width, text_width = widths
+    head_width = _positive_int(cfg_path, model_cfg.get("vision_cfg") or {}, "head_width", "vision_cfg")
+    if vision_width % (head_width or 64):
+        where = f"{cfg_path}: vision_cfg.head_width={head_width}" if head_width else f"{path}: the head width 64"
+        raise DataError(f"{where} does not divide the vision width {vision_width}")
+    text_heads = _positive_int(cfg_path, model_cfg.get("text_cfg") or {}, "heads", "text_cfg")
+    if text_heads is None and text_width % 64:
+        raise DataError(f"{path}: text width {text_width} is not a multiple of the head width 64")
+    if text_heads is not None and text_width % text_heads:
+        raise DataError(f"{cfg_path}: text_cfg.heads={text_heads} does not divide the text width {text_width}")
+    return vision_width // (head_width or 64), text_heads or text_width // 64
 
 
 def infer_clip_config(path: Path, state: dict[str, torch.Tensor], model_cfg: dict, quick_gelu: bool):
@@ -190,9 +276,7 @@ def infer_clip_config(path: Path, state: dict[str, torch.Tensor], model_cfg: dic
                         f"{text_width} to the image embedding size {embed_dim}")
     v_depth = _depth(path, state, "visual.transformer.resblocks.")
     t_depth = _depth(path, state, "transformer.resblocks.")
-    vision_cfg, text_cfg = model_cfg.get("vision_cfg") or {}, model_cfg.get("text_cfg") or {}
-    v_heads = _heads(path, width, int(vision_cfg.get("head_width", 64)), "vision")
-    t_heads = int(text_cfg["heads"]) if "heads" in text_cfg else _heads(path, text_width, 64, "text")
+    v_heads, t_heads = _heads(path, (width, text_width), model_cfg)
     v_hidden = shape("visual.transformer.resblocks.0.mlp.c_fc.weight")[0]
     t_hidden = shape("transformer.resblocks.0.mlp.c_fc.weight")[0]
     return ClipModelConfig(
@@ -264,6 +348,30 @@ def _write_run(out: Path, task: str, config, model: torch.nn.Module, tokenizer=N
         save_run(tmp, task, config, model, tokenizer)
 
 
+def _preprocess(path: Path, m, preprocess: dict) -> None:
+    """The input normalisation and resize of open_clip_config.json's preprocess_cfg, checked, into the model config
+    `m` (a value not given keeps OpenAI's, as in open_clip)."""
+    cfg_path = path.with_name("open_clip_config.json")
+    mean, std = _channels(cfg_path, preprocess, "mean"), _channels(cfg_path, preprocess, "std")
+    m.image_mean, m.image_std = mean or m.image_mean, std or m.image_std
+    m.image_interpolation = preprocess.get("interpolation") or "bicubic"  # OpenAI's and open_clip's default
+    if m.image_interpolation not in ("bicubic", "bilinear"):
+        raise DataError(f"{cfg_path}: preprocess_cfg.interpolation={_shown(m.image_interpolation)} is not supported "
+                        "(bicubic or bilinear)")
+
+
+def _check_loadable(path: Path, config) -> None:
+    """The config about to be written, read back as loading the run will read it: a run that could never load is
+    an error now, not a cached run failing at every use."""
+    from clipsnail.core.config import from_dict, to_dict
+
+    try:
+        from_dict(type(config), json.loads(json.dumps(to_dict(config), allow_nan=False)))
+    except (ConfigError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError(f"{path}: the converted run would not load ({first[:200]})") from None
+
+
 def convert_open_clip(path: str | Path, out_run_dir: str | Path, quick_gelu: bool | None = None) -> dict:
     """An OpenAI / open_clip CLIP ViT checkpoint -> a clipsnail "clip" run directory; returns a summary.
 
@@ -282,12 +390,13 @@ def convert_open_clip(path: str | Path, out_run_dir: str | Path, quick_gelu: boo
     if "text.token_embedding.weight" in state:  # open_clip's CustomTextCLIP: the same text tower under "text."
         state = {k.removeprefix("text."): v for k, v in state.items()}
     _check_supported(path, state)
+    check_finite(path, state)
     oc_config = _open_clip_config(path)
     model_cfg = oc_config.get("model_cfg") or {}
     _check_options(path, model_cfg)
     if quick_gelu is None:
-        if "quick_gelu" in model_cfg:
-            quick_gelu, source = bool(model_cfg["quick_gelu"]), "open_clip_config.json"
+        if model_cfg.get("quick_gelu") is not None:
+            quick_gelu, source = model_cfg["quick_gelu"], "open_clip_config.json"
         elif "input_resolution" in state:  # only OpenAI's own (TorchScript) models carry this: QuickGELU
             quick_gelu, source = True, "an OpenAI export (it has input_resolution)"
         else:
@@ -296,13 +405,7 @@ def convert_open_clip(path: str | Path, out_run_dir: str | Path, quick_gelu: boo
         source = "given"
     log.info("activation: %s (%s)", "QuickGELU" if quick_gelu else "GELU", source)
     m = infer_clip_config(path, state, model_cfg, quick_gelu)
-    preprocess = oc_config.get("preprocess_cfg") or {}
-    if preprocess.get("mean") and preprocess.get("std"):
-        m.image_mean, m.image_std = tuple(preprocess["mean"]), tuple(preprocess["std"])
-    m.image_interpolation = preprocess.get("interpolation") or "bicubic"  # OpenAI's and open_clip's default
-    if m.image_interpolation not in ("bicubic", "bilinear"):
-        raise DataError(f"{path.with_name('open_clip_config.json')}: preprocess_cfg.interpolation="
-                        f"{m.image_interpolation!r} is not supported (bicubic or bilinear)")
+    _preprocess(path, m, oc_config.get("preprocess_cfg") or {})
     tokenizer = openai_bpe(m.context_length)
     if m.vocab_size != tokenizer.vocab_size:
         raise DataError(f"{path}: a vocabulary of {m.vocab_size} tokens, not OpenAI CLIP's BPE "
@@ -313,6 +416,7 @@ def convert_open_clip(path: str | Path, out_run_dir: str | Path, quick_gelu: boo
     config = ClipConfig(model=m)
     config.data.tokenizer = "openai"  # a fine-tuning run keeps this vocabulary
     config.data.vocab_size, config.data.context_length = m.vocab_size, m.context_length
+    _check_loadable(path, config)
     _write_run(out, "clip", config, model, tokenizer)
     params = sum(p.numel() for p in model.parameters())
     log.info("wrote %s: CLIP ViT %dpx/%d, %s parameters", out, m.image_size, m.patch_size, f"{params:,}")
@@ -369,6 +473,7 @@ def convert_lemevit(path: str | Path, out_run_dir: str | Path, model_name: str, 
     state = checkpoint_filter_fn({chosen: obj[chosen]} if chosen else obj)
     if not state:
         raise DataError(f"{path}: no tensors found")
+    check_finite(path, state)
     head = state.get("head.weight")
     found = int(head.shape[0]) if head is not None else 0
     if num_classes is None:
@@ -513,6 +618,7 @@ def convert_conse(spec: str, out_run_dir: str | Path, **options) -> dict:
     out = Path(out_run_dir)
     check_replaceable(out)
     model, config, tokenizer = build_conse(spec, **options)
+    check_finite(f"conse:{spec}", model.state_dict())  # a local text model's damaged weights
     with staged_dir(out) as tmp:
         save_clip_run(tmp, config, model, tokenizer)
     m = config.model

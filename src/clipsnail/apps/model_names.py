@@ -7,7 +7,11 @@ folder really called `hf-hub:x` still wins), and turns a name into a run directo
 
 `conse:IMAGE+TEXT` (e.g. `conse:efficientnet-lite0+all-minilm-l6-v2`) is the zero-shot ConSE CLIP that
 `convert_conse` builds from installed packages, cached in `runs/conse/NAME/VERSION/`, where VERSION changes with the
-converter's settings and the packages' versions.
+converter's settings and the packages' versions. The packaged models' names are case-folded (every spelling shares
+one run); TEXT may be a local Hugging Face model folder, named in the cache by its absolute real path, and VERSION
+then changes with its files too (their names, sizes and modification times), so that a folder whose model was
+replaced, or the same words naming another folder from another directory, is converted anew.
+A name that cannot be converted leaves nothing in the cache. The scheme itself is case-insensitive (CONSE:...).
 
 `hf-hub:ORG/NAME` is open_clip's name for a Hugging Face model repository holding `open_clip_config.json` and
 `open_clip_model.safetensors`. Both files are fetched with `huggingface_hub` into its own cache (so HF_HOME,
@@ -42,6 +46,7 @@ from huggingface_hub.file_download import repo_folder_name
 from huggingface_hub.utils import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
 from clipsnail.apps.convert import (
+    CONSE_DEFAULT,
     CONSE_DEFINITIONS,
     CONSE_LEMMAS,
     CONSE_TEMPERATURE,
@@ -50,6 +55,7 @@ from clipsnail.apps.convert import (
     convert_conse,
     convert_open_clip,
 )
+from clipsnail.core.display import printable
 from clipsnail.core.errors import DataError
 from clipsnail.core.pretrained import PACKAGED, PACKAGED_TEXT
 from clipsnail.core.safeio import clean_stale, recover_dir, temp_sibling, writer_lock
@@ -70,6 +76,10 @@ class Scheme(NamedTuple):
 
     write: Callable[[str, Path], None]
     revision: Callable[[str], str] | None = None
+    example: str = ""  # a name of this scheme, for the error of a name left empty
+    # canonical(name): the one spelling under which a name is cached (the spellings of one model share its run),
+    # raising DataError for a name that can be told bad before anything is written into the cache.
+    canonical: Callable[[str], str] | None = None
 
 
 class Unreachable(DataError):
@@ -85,9 +95,9 @@ def scheme_of(spec: str | Path) -> str | None:
     None: `spec` is a path (or something else, such as `timm:NAME`, for the caller to read)."""
     text = str(spec)
     scheme, sep, _ = text.partition(":")
-    if not sep or scheme not in SCHEMES or os.path.lexists(text):
+    if not sep or scheme.lower() not in SCHEMES or os.path.lexists(text):
         return None
-    return scheme
+    return scheme.lower()
 
 
 def resolve_run(spec: str | Path) -> Path:
@@ -96,11 +106,33 @@ def resolve_run(spec: str | Path) -> Path:
     scheme = scheme_of(spec)
     if scheme is None:
         return Path(spec)
+    entry = SCHEMES[scheme]
     name = str(spec)[len(scheme) + 1:]
     if not name.strip():
-        raise DataError(f"{spec}: no name after '{scheme}:' (e.g. hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K)")
-    entry = SCHEMES[scheme]
+        raise DataError(f"{spec}: no name after '{scheme}:' (e.g. {entry.example})")
+    if entry.canonical is not None:
+        name = entry.canonical(name)
     folder = clipsnail_home() / "runs" / scheme / safe_name(name)
+    try:
+        return _resolve_in(folder, entry, name, spec)
+    except BaseException:
+        _remove_empty(folder)  # a name that failed leaves nothing behind
+        raise
+
+
+def _remove_empty(folder: Path) -> None:
+    """`folder`, and the scheme's and runs/ folders above it, removed while they are empty."""
+    for path in (folder, folder.parent, folder.parent.parent):
+        try:
+            path.rmdir()
+        except FileNotFoundError:  # never made (a name refused before its folder was)
+            continue
+        except OSError:  # not empty: other runs, or a lock another process holds
+            return
+
+
+def _resolve_in(folder: Path, entry: Scheme, name: str, spec: str | Path) -> Path:
+    """The run of `name` in its cache folder `folder` (`resolve_run`)."""
     if entry.revision is None:
         return _cached(folder, lambda out: entry.write(name, out), spec)
     try:
@@ -228,6 +260,10 @@ def _download(repo: str, filename: str, revision: str | None = None) -> Path:
     except HfHubHTTPError as e:  # before OSError, which it also is
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"hf-hub:{repo}: {filename}: the hub answered: {first}") from None
+    except ValueError as e:  # huggingface_hub's checks of what its cache holds (a revision naming no snapshot path)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"hf-hub:{repo}: {filename}: the Hugging Face cache {cache} is damaged "
+                        f"({first[:200]})") from None
     except OSError as e:
         raise DataError(f"hf-hub:{repo}: cannot write {filename} into the Hugging Face cache {cache} "
                         f"({e.strerror or e})") from None
@@ -236,7 +272,11 @@ def _download(repo: str, filename: str, revision: str | None = None) -> Path:
 def _file(repo: str, filename: str, revision: str | None = None) -> Path:
     """One file of `repo` at `revision` (default: the commit the cache's refs/main names, or else the hub's main):
     from the Hugging Face cache without asking the hub when it is there, else downloaded into it."""
-    cached = try_to_load_from_cache(repo, filename, revision=revision)
+    try:
+        cached = try_to_load_from_cache(repo, filename, revision=revision)
+    except (OSError, ValueError) as e:  # a damaged cache folder (a file where a folder belongs...)
+        raise DataError(f"hf-hub:{repo}: {filename}: cannot read the Hugging Face cache {constants.HF_HUB_CACHE} "
+                        f"({e})") from None
     if isinstance(cached, str):
         return Path(cached)
     if cached is _CACHED_NO_EXIST and constants.HF_HUB_OFFLINE:  # the hub said so when last asked
@@ -244,10 +284,29 @@ def _file(repo: str, filename: str, revision: str | None = None) -> Path:
     return _download(repo, filename, revision)
 
 
+def _check_ref(repo: str) -> None:
+    """The cache's refs/main, when there is one, names a commit: huggingface_hub joins what it holds to a path
+    (a "../.." there fails deep inside it, or reads outside the repository's folder)."""
+    ref = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo, repo_type="model") / "refs" / "main"
+    if not ref.is_file():  # none yet, or something huggingface_hub skips too (a FIFO would block a read)
+        return
+    try:
+        with open(ref, "rb") as f:
+            text = f.read(200)
+    except OSError as e:
+        raise DataError(f"hf-hub:{repo}: cannot read {ref} ({e.strerror or e})") from None
+    if not re.fullmatch(rb"[0-9a-f]{40}", text):
+        raise DataError(f"hf-hub:{repo}: {ref} holds {printable(text.decode('utf-8', 'replace')[:60])!r}, not a "
+                        f"commit (40 hexadecimal digits); delete it and download the model again (`hf download "
+                        f"{repo} {' '.join(HF_HUB_FILES)}`)")
+
+
 def _hf_hub_revision(name: str) -> str:
     """The commit of the small config file: the run of that commit may be cached already, with no need of the
     weights (a snapshot folder is named by its commit)."""
-    return _file(_repo_id(name), HF_HUB_FILES[0]).parent.name
+    repo = _repo_id(name)
+    _check_ref(repo)
+    return _file(repo, HF_HUB_FILES[0]).parent.name
 
 
 def _write_hf_hub(pinned: str, out: Path) -> None:
@@ -260,15 +319,64 @@ def _write_hf_hub(pinned: str, out: Path) -> None:
         raise DataError(f"hf-hub:{repo}: {e}") from None
 
 
+CONSE_EXAMPLE = f"conse:{CONSE_DEFAULT}"
+# A local text model folder has a config, a tokenizer and weights: far more files than that is not one (and walking
+# a whole disk to fingerprint it would take minutes).
+_MAX_FOLDER_FILES = 10_000
+
+
+def _conse_name(name: str) -> str:
+    """The one spelling under which a ConSE name is cached: the packaged models' names case-folded (as they are
+    looked up), a local text model folder as its absolute real path (the same words name another folder from
+    another directory, and the run's config must name one found from anywhere). A name that cannot be converted is
+    refused here, before anything is written into the cache."""
+    image, plus, text = name.partition("+")
+    expected = (f"expected conse:IMAGE+TEXT with IMAGE one of {', '.join(PACKAGED)} and TEXT a sentence encoder "
+                f"({', '.join(PACKAGED_TEXT)}, or a Hugging Face model folder), e.g. {CONSE_EXAMPLE}")
+    if not plus or not text.strip() or image.strip().lower() not in PACKAGED:
+        raise DataError(f"conse:{name}: {expected}")
+    if text.strip().lower() in PACKAGED_TEXT:
+        return f"{image.strip().lower()}+{text.strip().lower()}"
+    folder = Path(text).expanduser()
+    if not (folder / "config.json").is_file():
+        raise DataError(f"conse:{name}: {text} is not a packaged sentence encoder, nor a Hugging Face model folder "
+                        f"(no config.json in it); {expected}")
+    return f"{image.strip().lower()}+{folder.resolve()}"
+
+
+def _folder_fingerprint(folder: Path) -> str:
+    """What identifies the contents of a local model folder without reading its weights: each file's path in it,
+    size and modification time, and where a symbolic link (a Hugging Face cache snapshot's files) leads. Replacing
+    or editing a file changes them, so the cached run of the old contents is not used for the new. Hidden files
+    (.git) are left out: the model loaders read none of them."""
+    entries = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for file in sorted(f for f in files if not f.startswith(".")):
+            path = os.path.join(root, file)
+            try:
+                st = os.stat(path)
+                entries.append((os.path.relpath(path, folder), st.st_size, st.st_mtime_ns, os.path.realpath(path)))
+            except OSError:  # a broken link: the conversion says what it lacks
+                entries.append((os.path.relpath(path, folder), None))
+            if len(entries) > _MAX_FOLDER_FILES:
+                raise DataError(f"{folder}: holds over {_MAX_FOLDER_FILES} files; not a text model folder")
+    return hashlib.sha256(repr(entries).encode()).hexdigest()[:16]
+
+
 def _conse_revision(name: str) -> str:
-    """A ConSE run is made here, from installed packages: its version is that of the converter's settings and of the
-    packages holding the weights, so an upgrade of either makes a new run instead of reusing a stale one."""
+    """A ConSE run is made here, from installed packages and local folders: its version is that of the converter's
+    settings, of the packages holding the weights and of a local folder's files (`_folder_fingerprint`), so that an
+    upgrade or a changed folder makes a new run instead of reusing a stale one. `name` is `_conse_name`'s."""
     versions = []
-    for part in name.split("+"):
-        known = PACKAGED.get(part.lower())
-        distribution = known.distribution if known else PACKAGED_TEXT.get(part.lower(), (None,))[0]
+    for part in name.split("+", 1):
+        known = PACKAGED.get(part)
+        distribution = known.distribution if known else PACKAGED_TEXT.get(part, (None,))[0]
+        if distribution is None:
+            versions.append(_folder_fingerprint(Path(part)))
+            continue
         try:
-            versions.append(importlib.metadata.version(distribution) if distribution else part)
+            versions.append(importlib.metadata.version(distribution))
         except importlib.metadata.PackageNotFoundError:
             versions.append("missing")  # the conversion itself says which package to install
     settings = repr((CONSE_TEMPLATE, CONSE_LEMMAS, CONSE_DEFINITIONS, CONSE_TOP_K, CONSE_TEMPERATURE, versions))
@@ -281,7 +389,7 @@ def _write_conse(pinned: str, out: Path) -> None:
 
 # Adding a scheme is one line: "NAME": Scheme(write) with write(name, out) writing a run directory into out.
 SCHEMES: dict[str, Scheme] = {
-    "hf-hub": Scheme(_write_hf_hub, revision=_hf_hub_revision),
+    "hf-hub": Scheme(_write_hf_hub, revision=_hf_hub_revision, example="hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K"),
     # conse:IMAGE+TEXT, e.g. conse:efficientnet-lite0+all-minilm-l6-v2: a zero-shot CLIP of the packaged models
-    "conse": Scheme(_write_conse, revision=_conse_revision),
+    "conse": Scheme(_write_conse, revision=_conse_revision, example=CONSE_EXAMPLE, canonical=_conse_name),
 }

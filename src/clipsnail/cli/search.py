@@ -101,6 +101,7 @@ def add_serve(p: argparse.ArgumentParser) -> None:
 def cmd_zeroshot(args: argparse.Namespace) -> None:
 
     from clipsnail.apps.hub import load
+    from clipsnail.core.display import json_text
     from clipsnail.data.images import list_image_folder
     from clipsnail.inference.evaluate import (
         default_templates,
@@ -134,7 +135,7 @@ def cmd_zeroshot(args: argparse.Namespace) -> None:
         order = p.argsort(descending=True).tolist()
         result.append({"image": str(path), "label": classes[order[0]],
                        "probs": {classes[j]: round(p[j].item(), 4) for j in order}})
-    print_json(result)
+    print(json_text(result))  # a NaN probability is an error, never invalid JSON
 
 
 def cmd_search(args: argparse.Namespace) -> None:

@@ -7,10 +7,14 @@ JSON encoder accepts). Nothing here changes which file is meant: only how its na
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import re
 import sys
+
+from clipsnail.core.errors import DataError
 
 # C0 and C1 control characters (newline and tab too) and lone surrogates.
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
@@ -46,6 +50,33 @@ def display_name(name: str) -> str:
         return os.fsencode(name).decode("utf-8", "replace")
     except UnicodeEncodeError:  # a lone surrogate that did not come from the file system
         return name.encode("utf-8", "replace").decode("utf-8")
+
+
+def json_text(obj, indent: int | None = 2) -> str:
+    """`obj` as JSON text, refusing NaN and infinity: json.dumps writes them as NaN / Infinity, which no JSON
+    parser reads, so an answer computed from damaged weights would look like a result and break whatever reads
+    it. The error says where the number is ([0].probs.dog). ASCII: control characters and undecodable bytes come
+    out escaped."""
+    try:
+        return json.dumps(obj, indent=indent, allow_nan=False)
+    except ValueError:
+        where = _non_finite(obj, "")
+        if where is None:  # another ValueError (a circular reference): not ours to word
+            raise
+        raise DataError(f"the answer holds a number that is not finite at {where or 'the top level'} (NaN or "
+                        "infinity, computed from weights or inputs that hold one); nothing printed") from None
+
+
+def _non_finite(obj, where: str) -> str | None:
+    """The path of the first float in `obj` that is NaN or infinite, or None."""
+    if isinstance(obj, float):
+        return None if math.isfinite(obj) else where
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for key, value in items:
+        found = _non_finite(value, f"{where}[{key}]" if isinstance(key, int) else f"{where}.{key}".lstrip("."))
+        if found is not None:
+            return found
+    return None
 
 
 class PrintableFilter(logging.Filter):
