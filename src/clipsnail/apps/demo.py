@@ -32,7 +32,7 @@ from clipsnail.apps.hub import load
 from clipsnail.apps.model_names import resolve_run
 from clipsnail.core.config import load_config
 from clipsnail.core.devices import resolve_device
-from clipsnail.core.display import print_lines
+from clipsnail.core.display import json_text, print_lines
 from clipsnail.core.errors import ClipsnailError, ConfigError, DataError
 from clipsnail.core.pretrained import PRETRAINED_EXTRA, is_off, is_timm, resolve, text_model_dir
 from clipsnail.core.runs import read_run_config, weights_fingerprint
@@ -128,7 +128,7 @@ def run_demo(out: Path, steps: int = DEMO_STEPS, quick: bool = False, progress: 
     summary = {k: round(v, 4) for k, v in metrics.items() if "rank" not in k}
     atomic_write_json(out / "demo_metrics.json", summary)
     say("")
-    say(*json.dumps(summary, indent=2).splitlines())
+    say(*json_text(summary).splitlines())
     say("")
     say(f"trained {result.step} steps; model: {run_dir} (config.json, model.safetensors, tokenizer.json, "
         f"metrics.jsonl, curves.png)")

@@ -4,14 +4,13 @@ output, and the end of every `train` command."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable
 from typing import Any
 
 from clipsnail.core.config import load_config
 from clipsnail.core.devices import DEVICE_HELP
-from clipsnail.core.display import print_lines
+from clipsnail.core.display import json_text, print_lines
 
 # The engine (torch) is imported where a command trains, so that `clipsnail --help` starts at once.
 
@@ -114,7 +113,7 @@ def task_config(cls: type, args: argparse.Namespace, values: dict[str, Any], yam
 
 
 def print_json(obj) -> None:
-    print(json.dumps(obj, indent=2))  # ASCII: control characters and undecodable bytes come out escaped
+    print(json_text(obj))  # never NaN or Infinity, which no JSON parser reads; ASCII, names escaped
 
 
 def rounded(value, digits: int = 4):
