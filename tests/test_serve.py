@@ -265,24 +265,22 @@ def test_answers_cannot_be_embedded_by_other_sites(client):
     assert r.status_code == 200 and r.headers["cross-origin-resource-policy"] == "same-origin"
 
 
-def test_slow_request_headers_are_cut_off(monkeypatch):
+def test_slow_request_headers_are_cut_off():
     """A real uvicorn server with our protocol: a client sending its headers too slowly (slowloris) is
-    disconnected; a normal request on another connection is answered."""
+    disconnected; a normal request on another connection is answered. (Bodies: tests/test_serve_limits.py.)"""
     import socket
 
     import uvicorn
 
-    import clipsnail.serve as serve
-
-    monkeypatch.setattr(serve, "HEADER_TIMEOUT_S", 0.3)
+    from clipsnail.serve import LimitedH11
 
     async def app(scope, receive, send):
         if scope["type"] == "http":
             await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
             await send({"type": "http.response.body", "body": b"ok"})
 
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, http=serve.HeaderTimeoutH11,
-                                           log_level="warning", lifespan="off"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off",
+                                           http=LimitedH11.configured(header_timeout_s=0.3)))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:

@@ -94,6 +94,9 @@ def add_serve(p: argparse.ArgumentParser) -> None:
                    help="also answer requests addressed to this host name (repeatable; loopback names and the "
                    "--host address always are, any IP address when --host is 0.0.0.0 or ::); other names are "
                    "refused against DNS rebinding")
+    p.add_argument("--max-connections-per-client", type=int, default=32, metavar="N",
+                   help="open connections one client address may hold (an IPv6 client: one /64); more are closed "
+                   "at once (default 32; 0: no cap, e.g. behind a reverse proxy, where every client has its address)")
     add_runtime_flags(p, progress=False)
     p.set_defaults(func=cmd_serve)
 
@@ -234,4 +237,4 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from clipsnail.serve import run_server
 
     run_server(index=args.index, generator=args.generator, host=args.host, port=args.port, device=args.device,
-               allow_hosts=args.allow_host)
+               allow_hosts=args.allow_host, max_connections_per_client=args.max_connections_per_client)

@@ -7,10 +7,14 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import math
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from clipsnail.apps.hub import load
@@ -19,51 +23,141 @@ from clipsnail.inference.generate import TextToImage
 from clipsnail.inference.index import ImageIndex
 from clipsnail.serve.app import LOOPBACK_HOSTS, WILDCARD_ADDRESSES, Limits, allowed_host_names, create_app
 
-__all__ = ["Limits", "allowed_host_names", "create_app", "load_generator", "run_server"]
+__all__ = ["LimitedH11", "Limits", "allowed_host_names", "create_app", "load_generator", "run_server"]
 
 log = logging.getLogger(__name__)
 
-# Connection limits: each open socket is a file descriptor, and a default `ulimit -n` is 1024. A client gets this
-# long to send a request's headers (slowloris: headers one byte at a time keep a socket forever) ...
+# Connection limits. Each open socket is a file descriptor (a default `ulimit -n` is 1024) and one of uvicorn's
+# MAX_CONCURRENCY places, so a client that sends slowly must not keep one for long. A client gets this long to send
+# a request's headers (slowloris: headers one byte at a time) ...
 HEADER_TIMEOUT_S = 10.0
-IDLE_TIMEOUT_S = 5  # ... and a kept-alive connection is closed after this long without a new request.
+# ... and this long from the end of the headers to the end of the body (a 10 MB upload, Limits.max_upload_bytes,
+# needs about 2.8 Mbit/s); past it the request is answered 408, unless an answer has begun, and the connection closed.
+BODY_TIMEOUT_S = 30.0
+IDLE_TIMEOUT_S = 5  # a kept-alive connection is closed after this long without a new request
 MAX_CONCURRENCY = 256  # connections and running requests; past it a request gets 503 at once
+# Open connections per client address (an IPv6 client: per /64, what one host is usually given). One more is closed
+# as soon as it is accepted, before anything is read, so that one client cannot take all MAX_CONCURRENCY places
+# (browsers open at most 6 per server). Behind a reverse proxy every client has the proxy's address: raise it there.
+MAX_CONNECTIONS_PER_CLIENT = 32
 
 
-class HeaderTimeoutH11(H11Protocol):
-    """uvicorn's h11 protocol, closing a connection whose request headers take longer than HEADER_TIMEOUT_S (uvicorn
-    itself waits forever for them; its keep-alive timer is reset by every byte)."""
+def client_key(host: str) -> str:
+    """What the per-client cap counts by: the IP address, or for IPv6 its /64 network (one host may use them all)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if address.version == 6:
+        if address.ipv4_mapped is not None:  # an IPv4 client of a dual-stack socket
+            return str(address.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
+
+
+class LimitedH11(H11Protocol):
+    """uvicorn's h11 protocol with the limits it lacks (it waits forever for headers and bodies: its keep-alive timer
+    is reset by every byte): a deadline for a request's headers and one for its body, and at most
+    `max_connections_per_client` open connections per client. `configured(...)` makes a variant with other values
+    (uvicorn takes a class, and makes one instance per connection)."""
+
+    header_timeout_s: float = HEADER_TIMEOUT_S
+    body_timeout_s: float = BODY_TIMEOUT_S
+    max_connections_per_client: int = MAX_CONNECTIONS_PER_CLIENT  # 0: no cap
+    _last_refusal_logged = -math.inf  # on this class: a flood of refused connections logs a line a minute at most
+
+    @classmethod
+    def configured(cls, **limits: float) -> type[LimitedH11]:
+        unknown = set(limits) - {"header_timeout_s", "body_timeout_s", "max_connections_per_client"}
+        if unknown:
+            raise TypeError(f"unknown connection limits: {sorted(unknown)}")
+        return type(cls.__name__, (cls,), limits)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._headers_timer: asyncio.TimerHandle | None = None
-        self._waiting_since_cycle = None
-        self._wait_for_headers()
+        self._body_timer: asyncio.TimerHandle | None = None
+        self._counted_as = client_key(self.client[0]) if self.client else None
+        if self._over_client_cap():
+            transport.close()
+            return
+        self._arm_timers()
 
-    def _wait_for_headers(self) -> None:
-        self._waiting_since_cycle = self.cycle
-        self._headers_timer = self.loop.call_later(HEADER_TIMEOUT_S, self._headers_too_slow)
+    def _over_client_cap(self) -> bool:
+        cap = self.max_connections_per_client
+        if not cap or self._counted_as is None:
+            return False
+        # Counted by a scan of uvicorn's own set of open connections (this one included), which holds a few hundred
+        # at most: no count of ours to keep in step with it.
+        key = self._counted_as
+        open_here = sum(1 for c in self.connections
+                        if getattr(c, "_counted_as", None) == key and not c.transport.is_closing())
+        if open_here <= cap:
+            return False
+        now = time.monotonic()
+        if now - LimitedH11._last_refusal_logged >= 60:
+            LimitedH11._last_refusal_logged = now
+            log.warning("closing new connections from %s: it has %d open, the most one client may have "
+                        "(serve --max-connections-per-client)", key, cap)
+        return True
+
+    def _arm_timers(self) -> None:
+        """Run the header clock while a request's headers are awaited, and the body clock while its body is; both
+        start when their wait does and are never restarted by the bytes that arrive."""
+        # (A connection upgraded to a WebSocket has another protocol now, and its own rules.)
+        closing = self.transport.is_closing() or self.transport.get_protocol() is not self
+        state = self.conn.their_state
+        self._headers_timer = self._timer(self._headers_timer, state is h11.IDLE and not closing,
+                                          self.header_timeout_s, self._headers_too_slow)
+        # The body clock runs until the body's end even when the app has answered already: a 413 is sent before
+        # the rest of a large body arrives, and uvicorn then reads that rest, discarding it.
+        self._body_timer = self._timer(self._body_timer, state is h11.SEND_BODY and not closing,
+                                       self.body_timeout_s, self._body_too_slow)
+
+    def _timer(self, timer: asyncio.TimerHandle | None, wanted: bool, seconds: float, callback):
+        if wanted and timer is None:
+            return self.loop.call_later(seconds, callback)
+        if not wanted and timer is not None:
+            timer.cancel()
+            return None
+        return timer
 
     def _headers_too_slow(self) -> None:
         self._headers_timer = None
         if not self.transport.is_closing():
             self.transport.close()
 
+    def _body_too_slow(self) -> None:
+        self._body_timer = None
+        if self.transport.is_closing():
+            return
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_started and self.conn.our_state is h11.SEND_RESPONSE:
+            # Say why (a slow uplink rather than an attack, perhaps). The app, waiting for the body, now reads a
+            # disconnect, and whatever it answers goes nowhere.
+            cycle.disconnected = True
+            cycle.message_event.set()
+            message = f"the request body did not arrive within {self.body_timeout_s:g} s".encode()
+            headers = [(b"content-type", b"text/plain; charset=utf-8"),
+                       (b"content-length", str(len(message)).encode()), (b"connection", b"close")]
+            for event in (h11.Response(status_code=408, headers=headers, reason=b"Request Timeout"),
+                          h11.Data(data=message), h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+        self.transport.close()
+
     def handle_events(self) -> None:
         super().handle_events()
-        if self._headers_timer is not None and self.cycle is not self._waiting_since_cycle:  # headers arrived
-            self._headers_timer.cancel()
-            self._headers_timer = None
+        self._arm_timers()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if self._headers_timer is None and not self.transport.is_closing():
-            self._wait_for_headers()  # the next request on this connection
+        self._arm_timers()  # the next request's headers, unless the body of this one is still arriving
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._headers_timer is not None:
-            self._headers_timer.cancel()
-            self._headers_timer = None
+        for timer in (self._headers_timer, self._body_timer):
+            if timer is not None:
+                timer.cancel()
+        self._headers_timer = self._body_timer = None
         super().connection_lost(exc)
 
 
@@ -77,14 +171,20 @@ def load_generator(run: str | Path, device: str = "cpu"):
 
 
 def run_server(index, generator=None, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu",
-               limits: Limits | None = None, allow_hosts: Sequence[str] = ()) -> None:
+               limits: Limits | None = None, allow_hosts: Sequence[str] = (),
+               max_connections_per_client: int = MAX_CONNECTIONS_PER_CLIENT) -> None:
     """Load the index at `index` (a folder from `clipsnail index build`), its CLIP model and optionally a generator
     run, and serve the app with uvicorn until interrupted. Requests must address the server by a loopback name,
-    the bound address or one of `allow_hosts` (any IP address too when bound to all interfaces)."""
+    the bound address or one of `allow_hosts` (any IP address too when bound to all interfaces). A client address
+    may hold `max_connections_per_client` connections at once (0: any number, up to MAX_CONCURRENCY)."""
     import uvicorn
 
     if not 1 <= port <= 65535:
         raise ClipsnailError(f"--port must be between 1 and 65535, got {port}")
+    if max_connections_per_client < 0:
+        raise ClipsnailError(f"--max-connections-per-client must be 0 (no cap) or more, got "
+                             f"{max_connections_per_client}")
+    protocol = LimitedH11.configured(max_connections_per_client=max_connections_per_client)
     names = allowed_host_names(host, allow_hosts)
     image_index = ImageIndex.load(index)
     if image_index.model_dir is None or not Path(image_index.model_dir).is_dir():
@@ -101,5 +201,5 @@ def run_server(index, generator=None, host: str = "127.0.0.1", port: int = 8000,
     log.info("%d images indexed with %s%s; answering Host %s%s", len(image_index), image_index.model_dir,
              f"; generator {generator}" if generator else "", ", ".join(names),
              " and any IP address" if any_ip_address else "")
-    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False, http=HeaderTimeoutH11,
+    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False, http=protocol,
                 timeout_keep_alive=IDLE_TIMEOUT_S, limit_concurrency=MAX_CONCURRENCY)

@@ -11,6 +11,10 @@ Safe by default, because the index is usually someone's private photo collection
   admits only its own inline script and style (by hash), every HTML response carries a CSP, and FastAPI's
   interactive docs (/docs, /redoc), which load their scripts from a CDN, are off; the schema is at /openapi.json.
 - Request bodies are limited while they are read (FastAPI's `max_body_size`: 413 before the rest arrives).
+  Under `run_server` (its uvicorn protocol, `LimitedH11` in serve/__init__.py), a request's headers must arrive
+  within 10 s and its body within 30 s of them (else 408 and the connection closed), and one client address may
+  hold at most 32 connections (`serve --max-connections-per-client`; more are closed at once), so that slow or
+  numerous connections from one client cannot take the server's 256 places.
   Numbers must be finite (Python's JSON parser accepts NaN and Infinity; they are a 422).
   Uploads must decode as a common raster image whose header declares at most `max_image_pixels` pixels.
 - Decoding memory is bounded: images are decoded on a pool of `max_decoding` threads of its own (waiting requests
