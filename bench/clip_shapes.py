@@ -148,7 +148,7 @@ def prepare_data(args) -> dict:
 
 def build_config(spec: dict, variant: str):
     from clipsnail.core.config import load_config
-    from clipsnail.tasks.clip import ClipConfig
+    from clipsnail.families.clip import ClipConfig
 
     shapes = Path(spec["paths"]["shapes"])
     overrides = [

@@ -139,7 +139,7 @@ def speed(work: Path, split: Path, batch: int, steps: int) -> dict:
 def open_clip_config(split: Path, steps: int, batch: int, image_size: int) -> tuple:
     """The ClipConfig the CLI would build for the scratch row, with OPEN_CLIP's overrides: (config, overrides)."""
     from clipsnail.core.config import load_config
-    from clipsnail.tasks.clip import ClipConfig
+    from clipsnail.families.clip import ClipConfig
 
     overrides = [*COMMON, f"train.max_steps={steps}", f"train.batch_size={batch}", f"model.image_size={image_size}",
                  "train.device=cpu", *OPEN_CLIP]

@@ -89,8 +89,9 @@ def child(row: str, split: Path, run: Path, budget: float, conse: Path | None) -
     _common.use_source_tree()
     import clipsnail.apps.hub as hub
     from clipsnail.core.config import load_config
+    from clipsnail.families.clip import ClipConfig
     from clipsnail.inference.evaluate import evaluate_caption_split
-    from clipsnail.tasks.clip import ClipConfig, ClipTask
+    from clipsnail.tasks.clip import ClipTask
     from clipsnail.train import engine
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

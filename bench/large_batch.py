@@ -55,7 +55,8 @@ def clip_task(local_loss: bool = False):
     """A CLIP task without data: only its loss is used."""
     import dataclasses
 
-    from clipsnail.tasks.clip import ClipConfig, ClipTask
+    from clipsnail.families.clip import ClipConfig
+    from clipsnail.tasks.clip import ClipTask
 
     task = ClipTask.__new__(ClipTask)
     task.config = ClipConfig()

@@ -396,8 +396,9 @@ def quality(args) -> dict:
 
     from clipsnail.apps.hub import load
     from clipsnail.core.config import load_config
+    from clipsnail.families.classify import ClassifyConfig, predict
     from clipsnail.inference.evaluate import classification_report
-    from clipsnail.tasks.classify import ClassifyConfig, ClassifyTask, predict, read_split
+    from clipsnail.tasks.classify import ClassifyTask, read_split
     from clipsnail.train.engine import fit, load_state
 
     data_dir = Path(args.cifar)

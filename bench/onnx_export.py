@@ -67,8 +67,8 @@ def make_run(name: str, spec: dict, run_dir: Path) -> int:
 
     from clipsnail.core.runs import save_run
     from clipsnail.data.tokenizers import train_bpe
+    from clipsnail.families.clip import ClipConfig
     from clipsnail.models.clip import CLIP
-    from clipsnail.tasks.clip import ClipConfig
 
     texts = captions()
     tokenizer = train_bpe(texts[::7], vocab_size=spec["vocab_size"], context_length=spec["context_length"])

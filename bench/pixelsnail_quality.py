@@ -53,14 +53,9 @@ RECIPE = ["train.batch_size=16", "model.dropout=0", "train.ema_decay=0.999", "op
 def train_one(dataset: str, model: str, epochs: int, args) -> dict:
     from clipsnail.apps.hub import load
     from clipsnail.core.config import load_config
+    from clipsnail.families.pixelsnail import PixelSNAILTaskConfig, evaluate_bits_per_dim, preset_overrides
     from clipsnail.inference.sampling import sample, save_sample_grid
-    from clipsnail.tasks.pixelsnail import (
-        PixelSNAILTask,
-        PixelSNAILTaskConfig,
-        evaluate_bits_per_dim,
-        preset_overrides,
-        read_images,
-    )
+    from clipsnail.tasks.pixelsnail import PixelSNAILTask, read_images
     from clipsnail.train.engine import fit, load_state, steps_per_epoch
 
     spec = DATASETS[dataset]

@@ -219,7 +219,8 @@ def caption_overrides(data: Path) -> list[str]:
 
 def train_retrieve(data: Path, clip_run: Path, run: Path, steps: int) -> dict:
     from clipsnail.core.config import load_config
-    from clipsnail.tasks.t2i_retrieve import RetrieveConfig, RetrieveTask
+    from clipsnail.families.t2i_retrieve import RetrieveConfig
+    from clipsnail.tasks.t2i_retrieve import RetrieveTask
     from clipsnail.train.engine import fit
 
     cfg = load_config(RetrieveConfig, overrides=caption_overrides(data) + [
@@ -231,8 +232,9 @@ def train_retrieve(data: Path, clip_run: Path, run: Path, steps: int) -> dict:
 
 def train_t2i(data: Path, clip_run: Path, run: Path, minutes: float, smoke: bool) -> dict:
     from clipsnail.core.config import load_config
-    from clipsnail.tasks.pixelsnail import preset_overrides
-    from clipsnail.tasks.t2i_pixelsnail import TextPixelSNAILConfig, TextPixelSNAILTask
+    from clipsnail.families.pixelsnail import preset_overrides
+    from clipsnail.families.t2i_pixelsnail import TextPixelSNAILConfig
+    from clipsnail.tasks.t2i_pixelsnail import TextPixelSNAILTask
     from clipsnail.train.engine import fit
 
     cfg = load_config(TextPixelSNAILConfig, overrides=preset_overrides("tiny" if smoke else "small")

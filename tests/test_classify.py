@@ -13,7 +13,8 @@ from helpers import TINY_CLASSIFY, assert_same_weights, logged_losses, raise_at,
 from clipsnail.cli import main
 from clipsnail.core.config import load_config
 from clipsnail.core.errors import ClipsnailError
-from clipsnail.tasks.classify import ClassifyConfig, ClassifyTask, parse_model_args
+from clipsnail.families.classify import ClassifyConfig, parse_model_args
+from clipsnail.tasks.classify import ClassifyTask
 from clipsnail.train.engine import fit
 from clipsnail.train.optim import build_optimizer
 

@@ -133,8 +133,8 @@ def test_lock_image_tower_and_separate_learning_rates(shapes_dir, tmp_path):
     assert main(tiny_clip_args(shapes_dir, out, "--set", "train.max_steps=3", "--set", "finetune.lock_image=true",
                                "--set", "finetune.text_lr=1e-5")) == 0
     from clipsnail.core.config import from_dict
+    from clipsnail.families.clip import ClipConfig
     from clipsnail.models.clip import CLIP
-    from clipsnail.tasks.clip import ClipConfig
 
     cfg = from_dict(ClipConfig, {k: v for k, v in json.loads((out / "config.json").read_text()).items()
                                  if k != "task"})
@@ -233,7 +233,8 @@ def test_the_quick_demo_gives_the_same_numbers_every_time(tmp_path):
 def test_training_images_are_decoded_once_within_the_cache(shapes_dir, monkeypatch):
     from clipsnail.core.config import load_config
     from clipsnail.data import datasets
-    from clipsnail.tasks.clip import ClipConfig, ClipTask
+    from clipsnail.families.clip import ClipConfig
+    from clipsnail.tasks.clip import ClipTask
 
     args = tiny_clip_args(shapes_dir, "unused")
     overrides = [args[i + 1] for i, a in enumerate(args) if a == "--set"]

@@ -4,7 +4,7 @@ import pytest
 
 from clipsnail.core.config import load_config, parse_duration
 from clipsnail.core.errors import ConfigError
-from clipsnail.tasks.clip import ClipConfig
+from clipsnail.families.clip import ClipConfig
 
 
 def test_yaml_then_overrides(tmp_path):

@@ -8,7 +8,7 @@ from helpers import run_error, tiny_clip_args
 
 from clipsnail.core.config import TrainConfig, load_config
 from clipsnail.core.errors import ConfigError
-from clipsnail.tasks.clip import ClipConfig
+from clipsnail.families.clip import ClipConfig
 
 
 @pytest.mark.parametrize("setting, message", [

@@ -117,7 +117,8 @@ def test_conse_round_trips_through_a_run_directory(conse_run):
 
 def test_clip_train_init_starts_from_the_conse_run_and_trains_each_part(conse_run, shapes_dir, tmp_path):
     from clipsnail.core.config import load_config
-    from clipsnail.tasks.clip import ClipConfig, ClipTask
+    from clipsnail.families.clip import ClipConfig
+    from clipsnail.tasks.clip import ClipTask
 
     values = {"data.captions": str(shapes_dir / "captions.csv"), "data.images": str(shapes_dir / "images"),
               "data.split_file": str(shapes_dir / "split.json"), "finetune.init": str(conse_run)}

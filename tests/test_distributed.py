@@ -15,7 +15,8 @@ import torch.multiprocessing as mp
 from helpers import TINY_CLASSIFY, sets, tiny_clip, tiny_clip_args, torchrun
 from safetensors.torch import load_file, save_file
 
-from clipsnail.tasks.clip import ClipConfig, ClipTask
+from clipsnail.families.clip import ClipConfig
+from clipsnail.tasks.clip import ClipTask
 from clipsnail.train.engine import backward, split_batch
 
 BATCH = 8

@@ -246,7 +246,8 @@ def test_closed_stdout_pipe_ends_quietly(clip_run, shapes_dir, tmp_path):
 
 def clip_task(shapes_dir, out, *overrides):
     from clipsnail.core.config import load_config
-    from clipsnail.tasks.clip import ClipConfig, ClipTask
+    from clipsnail.families.clip import ClipConfig
+    from clipsnail.tasks.clip import ClipTask
 
     args = tiny_clip_args(shapes_dir, out, *overrides)
     sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]

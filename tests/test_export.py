@@ -156,8 +156,8 @@ def test_export_timm_lemevit_tower(clip_run, tmp_path):
     from clipsnail.core.config import from_dict
     from clipsnail.core.runs import read_run_config, save_run
     from clipsnail.data.tokenizers import TextTokenizer
+    from clipsnail.families.clip import ClipConfig
     from clipsnail.models.clip import CLIP
-    from clipsnail.tasks.clip import ClipConfig
 
     cfg = from_dict(ClipConfig, read_run_config(clip_run)[1])
     cfg.model.image_encoder, cfg.model.image_size = "lemevit_tiny", 32

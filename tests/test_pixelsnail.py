@@ -11,6 +11,7 @@ import torch
 from helpers import logged_losses, write_idx
 
 from clipsnail.cli import main
+from clipsnail.families.pixelsnail import mean_bits_per_dim
 from clipsnail.inference.sampling import cached_sample, naive_sample
 from clipsnail.layers.causal import WNConv2d, causal_attention, causal_mask, data_dependent_init
 from clipsnail.layers.mixture import (
@@ -20,7 +21,6 @@ from clipsnail.layers.mixture import (
     sampling_noise,
 )
 from clipsnail.models.pixelsnail import CONFIGS, PixelSNAIL, PixelSNAILConfig
-from clipsnail.tasks.pixelsnail import mean_bits_per_dim
 
 
 def _model(channels=3, **kw) -> PixelSNAIL:

@@ -18,8 +18,8 @@ from clipsnail.core import pretrained
 from clipsnail.core.config import from_dict
 from clipsnail.core.errors import DataError
 from clipsnail.core.pretrained import load_pretrained_state
+from clipsnail.families.classify import ClassifyModelConfig, build_classifier
 from clipsnail.models.clip import CLIP, ClipModelConfig
-from clipsnail.tasks.classify import ClassifyModelConfig, build_classifier
 
 # timm's block modules -> efficientnet_pytorch's: a depthwise-separable block (timm's first stage: no expansion) and
 # an inverted-residual block (with its 1x1 expansion conv).
@@ -301,7 +301,7 @@ def test_real_package_into_the_symmetric_padding_variant_warns(caplog):
 
 
 def test_classify_normalises_inputs_as_packaged_weights_expect():
-    from clipsnail.tasks.classify import ClassifyConfig, resolve_input
+    from clipsnail.families.classify import ClassifyConfig, resolve_input
 
     cfg = from_dict(ClassifyConfig, {"model": {"name": "tf_efficientnet_lite0", "pretrained": "efficientnet-lite0"}})
     size, mean, std = resolve_input(cfg)

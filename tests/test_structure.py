@@ -89,6 +89,7 @@ LAYERS = [
     ("clipsnail.data", "clipsnail.layers"),  # reading data; building blocks of the models
     ("clipsnail.models",),
     ("clipsnail.inference",),  # metrics, sampling, generation, captioning, the index, figures
+    ("clipsnail.families",),  # each model family's run format: config, save, load (clipsnail.load)
     ("clipsnail.train",),  # the engine, losses, optimiser
     ("clipsnail.tasks",),
     ("clipsnail.apps",),  # load by name, convert, export, demos

@@ -7,11 +7,12 @@ import sys
 __version__ = "0.1.0"
 
 
-def load(run_dir, device="cpu"):
-    """Load the model of a run directory, or of a model name such as hf-hub:ORG/NAME (see `clipsnail.apps.hub.load`)."""
+def load(run_dir, device="cpu", weights="model"):
+    """The model of a run directory, or of a model name such as hf-hub:ORG/NAME, ready for inference (see
+    `clipsnail.families.load`)."""
     from clipsnail.apps.hub import load as _load
 
-    return _load(run_dir, device=device)
+    return _load(run_dir, device=device, weights=weights)
 
 
 class _RegisterWithTimm(importlib.abc.MetaPathFinder):

@@ -381,8 +381,8 @@ def convert_open_clip(path: str | Path, out_run_dir: str | Path, quick_gelu: boo
     The head counts come from that config too when present, else CLIP's rule: width // 64.
     """
     from clipsnail.data.tokenizers import openai_bpe
+    from clipsnail.families.clip import ClipConfig
     from clipsnail.models.clip import CLIP
-    from clipsnail.tasks.clip import ClipConfig
 
     path, out = Path(path), Path(out_run_dir)
     check_replaceable(out)  # fail before the (slow) read when --out is taken
@@ -452,8 +452,8 @@ def convert_lemevit(path: str | Path, out_run_dir: str | Path, model_name: str, 
     "raw" the plain state_dict. Class names default to class_0, class_1, ...; `classify eval` needs the real ones
     (in the data's folder order), e.g. ImageNet's synset ids.
     """
+    from clipsnail.families.classify import ClassifyConfig, build_classifier, check_model_name, resolve_input
     from clipsnail.models.lemevit import checkpoint_filter_fn
-    from clipsnail.tasks.classify import ClassifyConfig, build_classifier, check_model_name, resolve_input
 
     if weights not in ("ema", "raw"):
         raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
@@ -562,8 +562,8 @@ def build_conse(spec: str = CONSE_DEFAULT, labels: list[str] | None = None, temp
 
     from clipsnail.core.pretrained import PACKAGED, load_pretrained_state, model_kwargs, packaged, text_model_dir
     from clipsnail.data.tokenizers import TextTokenizer
+    from clipsnail.families.clip import ClipConfig, ready_for_inference
     from clipsnail.models.clip import CLIP, ClipModelConfig, build_text_tower
-    from clipsnail.tasks.clip import ClipConfig, ready_for_inference
 
     image, plus, text = spec.partition("+")
     weights = packaged(image)
@@ -613,7 +613,7 @@ def build_conse(spec: str = CONSE_DEFAULT, labels: list[str] | None = None, temp
 
 def convert_conse(spec: str, out_run_dir: str | Path, **options) -> dict:
     """A ConSE CLIP (see `build_conse`, which takes `options`) -> a "clip" run directory; returns a summary."""
-    from clipsnail.tasks.clip import save_clip_run
+    from clipsnail.families.clip import save_clip_run
 
     out = Path(out_run_dir)
     check_replaceable(out)

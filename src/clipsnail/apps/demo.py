@@ -39,6 +39,7 @@ from clipsnail.core.runs import read_run_config, weights_fingerprint
 from clipsnail.core.safeio import atomic_write_json, is_under, read_json_object
 from clipsnail.data.images import list_image_folder
 from clipsnail.data.shapes import generate_attribute_folder, generate_shapes
+from clipsnail.families.clip import ClipConfig
 from clipsnail.inference.evaluate import (
     classification_metrics,
     encode_image_paths,
@@ -49,7 +50,7 @@ from clipsnail.inference.evaluate import (
 from clipsnail.inference.index import ImageIndex, build_index, folder_index, is_index_dir, update_index
 from clipsnail.inference.plots import write_result_grid
 from clipsnail.models.clip import ClipModelConfig
-from clipsnail.tasks.clip import ClipConfig, ClipTask
+from clipsnail.tasks.clip import ClipTask
 from clipsnail.train.engine import fit
 
 log = logging.getLogger(__name__)

@@ -68,7 +68,8 @@ def add_decode_flags(p: argparse.ArgumentParser) -> None:
 
 def cmd_caption_train(args: argparse.Namespace) -> None:
     from clipsnail.apps.model_names import resolve_name
-    from clipsnail.tasks.caption import CaptionConfig, CaptionTask
+    from clipsnail.families.caption import CaptionConfig
+    from clipsnail.tasks.caption import CaptionTask
 
     config = task_config(CaptionConfig, args, caption_values(args, (("encoder", "encoder"),)), args.config)
     config.encoder = resolve_name(config.encoder)  # hf-hub:ORG/NAME -> its cached CLIP run, the folder the task reads
@@ -90,7 +91,7 @@ def load_captioner(args: argparse.Namespace):
     clip = None
     if args.rerank_clip:
         from clipsnail.core.devices import resolve_device
-        from clipsnail.tasks.clip import load_clip_run
+        from clipsnail.families.clip import load_clip_run
 
         clip = load_clip_run(resolve_run(args.rerank_clip)).to(resolve_device(args.device))
         if (args.beam or captioner.config.decode.beam_size) < 2:

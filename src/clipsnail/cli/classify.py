@@ -46,7 +46,7 @@ def add_classify(parser: argparse.ArgumentParser) -> None:
 
 
 def classify_config(args: argparse.Namespace):
-    from clipsnail.tasks.classify import ClassifyConfig
+    from clipsnail.families.classify import ClassifyConfig
 
     values = flag_values(args, (("data", "data.data"), ("arch", "model.name"), ("pretrained", "model.pretrained")))
     return task_config(ClassifyConfig, args, values, args.config)
@@ -66,9 +66,9 @@ def cmd_classify_train(args: argparse.Namespace) -> None:
 def cmd_classify_eval(args: argparse.Namespace) -> None:
     from clipsnail.apps.hub import load
     from clipsnail.data.classes import read_class_data
+    from clipsnail.families.classify import predict
     from clipsnail.inference.evaluate import classification_report
     from clipsnail.inference.plots import plot_confusion_matrix, plot_training_curves
-    from clipsnail.tasks.classify import predict
 
     run = Path(args.model)
     weights = args.weights

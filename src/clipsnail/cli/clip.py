@@ -50,7 +50,7 @@ def add_clip(parser: argparse.ArgumentParser) -> None:
 
 def clip_config(args: argparse.Namespace):
     from clipsnail.apps.model_names import resolve_name
-    from clipsnail.tasks.clip import ClipConfig
+    from clipsnail.families.clip import ClipConfig
 
     values = caption_values(args, (("shards", "data.shards"), ("init", "finetune.init")))
     config = task_config(ClipConfig, args, values, getattr(args, "config", None))

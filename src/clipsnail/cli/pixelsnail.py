@@ -65,7 +65,7 @@ def preset_or_yaml(config: str | None) -> tuple[dict, str | None]:
 
 
 def pixelsnail_config(args: argparse.Namespace):
-    from clipsnail.tasks.pixelsnail import PixelSNAILTaskConfig
+    from clipsnail.families.pixelsnail import PixelSNAILTaskConfig
 
     defaults, yaml_file = preset_or_yaml(args.config)
     values = flag_values(args, (("data", "data.data"), ("condition", "data.condition")))
@@ -91,7 +91,7 @@ def cmd_pixelsnail_train(args: argparse.Namespace) -> None:
 def cmd_pixelsnail_eval(args: argparse.Namespace) -> None:
     from clipsnail.apps.hub import load
     from clipsnail.data.classes import read_class_data
-    from clipsnail.tasks.pixelsnail import evaluate_bits_per_dim, image_transform
+    from clipsnail.families.pixelsnail import evaluate_bits_per_dim, image_transform
 
     model = load(args.model, device=args.device)
     cfg = model.config

@@ -64,8 +64,8 @@ def add_generate(p: argparse.ArgumentParser) -> None:
 
 def t2i_config(args: argparse.Namespace):
     from clipsnail.apps.model_names import resolve_name
-    from clipsnail.tasks.t2i_pixelsnail import TextPixelSNAILConfig
-    from clipsnail.tasks.t2i_retrieve import RetrieveConfig
+    from clipsnail.families.t2i_pixelsnail import TextPixelSNAILConfig
+    from clipsnail.families.t2i_retrieve import RetrieveConfig
 
     # A CLIP named hf-hub:ORG/NAME becomes its cached run: the tasks, and the configs saved with their runs, hold
     # folders.

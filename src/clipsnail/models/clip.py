@@ -288,7 +288,7 @@ class CLIP(nn.Module):
         )
         self.logit_scale = nn.Parameter(torch.tensor(cfg.init_logit_scale))
         self.logit_bias = None if cfg.init_logit_bias is None else nn.Parameter(torch.tensor(cfg.init_logit_bias))
-        self.inference = InferenceKit()  # filled by `clipsnail.tasks.clip.ready_for_inference`
+        self.inference = InferenceKit()  # filled by `clipsnail.families.clip.ready_for_inference`
         self.pinned_eval: list[str] = []  # submodules that stay in eval mode while training (`lock_*_tower`)
 
     # What encode_* need to take raw strings and PIL images, read from `inference`.

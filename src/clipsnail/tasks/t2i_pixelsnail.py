@@ -6,50 +6,25 @@ the samples.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import random
 from pathlib import Path
 
 import torch
 
-from clipsnail.core.config import OptimConfig, TrainConfig, from_dict
 from clipsnail.core.errors import ConfigError, DataError
 from clipsnail.core.rng import seeded
-from clipsnail.core.runs import build_described, build_for_weights, load_referenced, load_run_weights, save_run
-from clipsnail.data.caption_corpora import CaptionDataConfig, load_caption_split
+from clipsnail.core.runs import save_run
+from clipsnail.data.caption_corpora import load_caption_split
 from clipsnail.data.datasets import CaptionImageDataset
-from clipsnail.inference.generate import TextToImage
-from clipsnail.models.pixelsnail import PixelSNAIL, PixelSNAILConfig
-from clipsnail.tasks.clip import load_clip_run
-from clipsnail.tasks.pixelsnail import (
-    image_transform,
-    initialised_model,
-    mean_bits_per_dim,
-    nll_loss,
-    pixelsnail_optim,
-)
+from clipsnail.families.clip import load_clip_run
+from clipsnail.families.pixelsnail import image_transform, mean_bits_per_dim
+from clipsnail.families.t2i_pixelsnail import TextPixelSNAILConfig
+from clipsnail.models.pixelsnail import PixelSNAIL
+from clipsnail.tasks.pixelsnail import initialised_model, nll_loss
 from clipsnail.train.task import Task
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class TextImageDataConfig(CaptionDataConfig):
-    image_size: int = 16  # images are resized to this side
-    eval_prompts: int = 8  # a grid of samples for this many validation captions after each epoch
-
-
-@dataclasses.dataclass
-class TextPixelSNAILConfig:
-    kind: str = "pixelsnail"
-    clip: str = ""  # a CLIP run directory: its frozen text tower gives h, its two towers rerank samples
-    preset: str = "small"  # a PixelSNAIL architecture (models.pixelsnail.CONFIGS); model.* overrides its fields
-    cond_dropout: float = 0.1  # probability that a caption's h is replaced by the learned null vector
-    model: PixelSNAILConfig = dataclasses.field(default_factory=PixelSNAILConfig)
-    data: TextImageDataConfig = dataclasses.field(default_factory=TextImageDataConfig)
-    optim: OptimConfig = dataclasses.field(default_factory=pixelsnail_optim)
-    train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(batch_size=32, ema_decay=0.999))
 
 
 @torch.no_grad()
@@ -148,9 +123,3 @@ class TextPixelSNAILTask(Task):
         save_run(run_dir, self.name, self.config, model)
 
 
-def load_run(run_dir: Path, data: dict, weights: str = "model") -> TextToImage:
-    """A text-conditioned PixelSNAIL run with the CLIP run it was trained with, as a generator."""
-    config = build_described(run_dir, lambda: from_dict(TextPixelSNAILConfig, data))
-    model = build_for_weights(run_dir, lambda: PixelSNAIL(config.model), weights)
-    load_run_weights(model, run_dir, weights)
-    return TextToImage(model.eval(), config, load_referenced(run_dir, "clip", config.clip, load_clip_run))
