@@ -2,10 +2,13 @@
 a run for inference without the trainer, and comments that cite only what is in the repository."""
 
 import ast
+import json
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 PACKAGE = SRC / "clipsnail"
@@ -116,11 +119,70 @@ def test_lower_layers_never_import_higher_ones():
     assert {m: t for m, t in upward.items() if t} == {}
 
 
-def test_loading_a_run_for_inference_does_not_import_the_trainer(clip_run):
-    code = ("import sys, clipsnail; m = clipsnail.load(sys.argv[1]); m.encode_text(['a red circle']); "
-            "print(sorted(k for k in sys.modules if k in ('clipsnail.train.engine', 'clipsnail.cli')))")
-    out = subprocess.run([sys.executable, "-c", code, str(clip_run)], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+@pytest.fixture(scope="module")
+def a_run_of_each_family(clip_run, shapes_dir, colours_dir, tmp_path_factory):
+    """family -> a run directory written by its training command (one step of a tiny model)."""
+    from helpers import TINY_CLASSIFY, caption_flags, sets, tiny_t2i_args
+
+    from clipsnail.cli import main
+
+    root = tmp_path_factory.mktemp("families")
+    one_step = ["train.max_steps=1", "train.eval_every=0"]
+    commands = {
+        "classify": ["classify", "train", "--data", str(colours_dir), "--arch", "lemevit_tiny_cifar", "--no-progress",
+                     *sets(TINY_CLASSIFY + one_step)],
+        "pixelsnail": ["pixelsnail", "train", "--data", f"folder:{colours_dir}", "--config", "tiny", "--no-progress",
+                       *sets(["data.image_size=8", "train.batch_size=8", "data.samples_per_epoch=0", *one_step])],
+        "t2i_retrieve": ["t2i", "train", "--kind", "retrieve", "--encoder", str(clip_run), *caption_flags(shapes_dir),
+                         *sets(["model.width=32", "model.depth=1", "model.heads=2", "train.batch_size=16", *one_step])],
+        "caption": ["caption", "train", "--encoder", str(clip_run), *caption_flags(shapes_dir),
+                    *sets(["model.width=32", "model.depth=1", "model.heads=2", "train.batch_size=16",
+                           "data.vocab_size=300", "data.context_length=20", *one_step])],
+    }
+    runs = {"clip": clip_run}
+    for family, argv in commands.items():
+        runs[family] = root / family
+        assert main([*argv, "--out", str(runs[family])]) == 0, family
+    runs["t2i_pixelsnail"] = root / "t2i_pixelsnail"
+    assert main(tiny_t2i_args(clip_run, shapes_dir, runs["t2i_pixelsnail"], "train.max_steps=1")) == 0
+    return runs
+
+
+# Loads a run of every family and asks each model for an answer, then lists the clipsnail modules imported.
+SERVE_EVERY_FAMILY = """
+import json, sys
+import clipsnail
+from PIL import Image
+from clipsnail.inference.index import build_index
+
+runs, images, out = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+image = Image.open(sorted(__import__("pathlib").Path(images).iterdir())[0]).convert("RGB")
+clip = clipsnail.load(runs["clip"])
+index, _ = build_index(clip, images, out, progress=False)
+assert index.search(clip.encode_text(["a red circle"]), k=3)[0]
+classifier = clipsnail.load(runs["classify"])
+assert classifier(classifier.preprocess(image)[None]).shape[0] == 1
+pixelsnail = clipsnail.load(runs["pixelsnail"])
+pixelsnail(__import__("torch").zeros(1, pixelsnail.config.model.channels, 8, 8))
+assert clipsnail.load(runs["t2i_retrieve"]).generate("a red circle", k=1)
+clipsnail.load(runs["t2i_pixelsnail"]).generate("a red circle", n=1)
+assert clipsnail.load(runs["caption"]).caption([image], beam_size=1)
+print(json.dumps(sorted(m for m in sys.modules if m.startswith("clipsnail."))))
+"""
+
+
+@pytest.mark.slow
+def test_serving_a_run_of_every_family_imports_no_training_code(a_run_of_each_family, shapes_dir, tmp_path):
+    """The library floor (clipsnail.families) loads every kind of run without the trainer: after loading a run of
+    each family and answering with it (a search over a fresh index among them), no module of clipsnail.train,
+    clipsnail.tasks or clipsnail.cli has been imported."""
+    runs = {family: str(run) for family, run in a_run_of_each_family.items()}
+    out = subprocess.run([sys.executable, "-c", SERVE_EVERY_FAMILY, json.dumps(runs), str(shapes_dir / "images"),
+                          str(tmp_path / "index")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    imported = json.loads(out.stdout.strip().splitlines()[-1])
+    assert "clipsnail.families.clip" in imported and "clipsnail.families.caption" in imported
+    assert [m for m in imported if m.startswith(("clipsnail.train", "clipsnail.tasks", "clipsnail.cli"))] == []
 
 
 def test_comments_cite_only_what_is_in_the_repository():
