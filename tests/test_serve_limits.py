@@ -77,10 +77,11 @@ def response_status(sock: socket.socket) -> int:
 
 def trickle(port: int, head: bytes, every: float, seconds: float) -> tuple[bytes, float]:
     """Send `head`, then one body byte every `every` s until the server closes the connection (or `seconds` pass)
-    -> what the server answered, and the seconds from the end of `head` to the close."""
+    -> what the server answered, and the seconds from the start of `head` to the close (the server's clock starts
+    later: when the headers have arrived)."""
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-        s.sendall(head)
         start = time.monotonic()
+        s.sendall(head)
         s.settimeout(every)
         answer = b""
         while time.monotonic() - start < seconds:
