@@ -192,6 +192,7 @@ def _resolve_key(key: str, leaves: list[tuple[str, ...]]) -> tuple[str, ...]:
 
 
 def _coerce(tp: Any, value: Any, path: str) -> Any:
+    """`value` (from YAML, JSON or a `--set` string) as the field type `tp`; ConfigError naming `path` if it is not."""
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         return value if dataclasses.is_dataclass(value) else from_dict(tp, value, path)
@@ -201,34 +202,48 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
             return None
         return _coerce(args[0], value, path)
     if origin is tuple:
-        if isinstance(value, str):
-            value = [v for v in re.split(r"[,\s]+", value.strip("()[] ")) if v]
-        args = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)) or (args and args[-1] is not Ellipsis and len(value) != len(args)):
-            raise ConfigError(f"config key {path!r}: expected {len(args)} values, got {value!r}")
-        inner = args[:1] * len(value) if args and args[-1] is Ellipsis else args
-        return tuple(_coerce(t, v, path) for t, v in zip(inner, value))
+        return _coerce_tuple(tp, value, path)
     if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-        raise ConfigError(f"config key {path!r}: expected true/false, got {value!r}")
+        return _coerce_bool(value, path)
     if tp in (int, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ConfigError(f"config key {path!r}: expected a number, got {value!r}")
-        try:
-            number = float(value)
-        except ValueError:
-            raise ConfigError(f"config key {path!r}: expected a number, got {value!r}") from None
-        if tp is int:
-            if not number.is_integer():
-                raise ConfigError(f"config key {path!r}: expected an integer, got {value!r}")
-            return int(number)
-        return number
+        return _coerce_number(tp, value, path)
     if tp is str:
         return str(value)
     return value
+
+
+def _coerce_tuple(tp: Any, value: Any, path: str) -> tuple:
+    """A list, a tuple or a string such as "(2, 3)" or "2,3" as the tuple type `tp` (fixed length or `T, ...`)."""
+    if isinstance(value, str):
+        value = [v for v in re.split(r"[,\s]+", value.strip("()[] ")) if v]
+    args = typing.get_args(tp)
+    if not isinstance(value, (list, tuple)) or (args and args[-1] is not Ellipsis and len(value) != len(args)):
+        raise ConfigError(f"config key {path!r}: expected {len(args)} values, got {value!r}")
+    inner = args[:1] * len(value) if args and args[-1] is Ellipsis else args
+    return tuple(_coerce(t, v, path) for t, v in zip(inner, value))
+
+
+def _coerce_bool(value: Any, path: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+        return value.lower() in ("true", "yes", "1")
+    raise ConfigError(f"config key {path!r}: expected true/false, got {value!r}")
+
+
+def _coerce_number(tp: type, value: Any, path: str) -> int | float:
+    """An int or float field: a bool is refused (YAML's `true` is not 1), a whole float is accepted for an int."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ConfigError(f"config key {path!r}: expected a number, got {value!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise ConfigError(f"config key {path!r}: expected a number, got {value!r}") from None
+    if tp is int:
+        if not number.is_integer():
+            raise ConfigError(f"config key {path!r}: expected an integer, got {value!r}")
+        return int(number)
+    return number
 
 
 def parse_duration(text: str) -> float | None:

@@ -258,60 +258,23 @@ def map_state(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor], 
     src_head = head
     if any(EFFICIENTNET_PYTORCH_KEY.fullmatch(k) for k in source):
         src_head = "_fc"
-        odd = next((k for k in source if not EFFICIENTNET_PYTORCH_KEY.fullmatch(k)), None)
-        if odd is not None:
-            raise DataError(f"{path}: unexpected key {odd} for the efficientnet_pytorch layout")
-        source = {k: source[k] for k in sorted(source, key=efficientnet_pytorch_order)}
+        source = _efficientnet_pytorch_in_order(source, path)
     src_body = {k: v for k, v in source.items() if not _under(k, src_head)}
     src_cls = {k: v for k, v in source.items() if _under(k, src_head)}
     tgt_body = {k: v for k, v in target.items() if not _under(k, head)}
     tgt_cls = {k: v for k, v in target.items() if _under(k, head)}
-    mapped: dict[str, torch.Tensor] = {}
-    stem = next(iter(target), None)  # the model's first tensor: the one adapted to another number of input channels
 
     if all(k in target for k in src_body):  # the model's own names
         by = "name"
-        for k, v in src_body.items():
-            if v.shape != target[k].shape:
-                adapted = _adapt_input_conv(k == stem, v, target[k])
-                v = v if adapted is None else adapted
-            if v.shape != target[k].shape:
-                raise DataError(f"{path}: wrong architecture: first mismatched key {k} has shape {_shape(v)} in the "
-                                f"file but {_shape(target[k])} in the model")
-            mapped[k] = v
-        missing = [k for k in tgt_body if k not in mapped and not k.endswith(COUNTER)]
-        if missing:
-            raise DataError(f"{path}: the model's {missing[0]} is not in the file ({len(missing)} keys missing)")
+        mapped = _map_by_name(src_body, target, tgt_body, path)
         cls_pairs = [(k, k) for k in tgt_cls] if set(src_cls) == set(tgt_cls) else []
     else:
         by = "order"
-        src_keys, tgt_keys = list(src_body), list(tgt_body)
         note = ""
         if src_head != "_fc" and path.suffix == ".safetensors":
             note = (" (a safetensors file keeps no tensor order: only the model's own names or the "
                     "efficientnet_pytorch layout can be mapped from one)")
-        if not any(k.endswith(COUNTER) for k in src_keys):
-            tgt_keys = [k for k in tgt_keys if not k.endswith(COUNTER)]
-        if not any(k.endswith(COUNTER) for k in tgt_keys):
-            src_keys = [k for k in src_keys if not k.endswith(COUNTER)]
-        for s, t in zip(src_keys, tgt_keys):
-            a, b = source[s], target[t]
-            if a.shape != b.shape:
-                adapted = _adapt_input_conv(t == stem, a, b)
-                a = a if adapted is None else adapted
-            if a.shape != b.shape:
-                raise DataError(f"{path}: wrong architecture: first mismatched key {s} has shape {_shape(a)} in the "
-                                f"file but the model's {t} has {_shape(b)}{note}")
-            if s.rsplit(".", 1)[-1] != t.rsplit(".", 1)[-1]:
-                raise DataError(f"{path}: wrong architecture: first mismatched key {s} ({_shape(a)}) lines up with "
-                                f"the model's {t} ({_shape(b)}), a tensor of another kind{note}")
-            mapped[t] = a
-        if len(src_keys) > len(tgt_keys):
-            raise DataError(f"{path}: unexpected key {src_keys[len(tgt_keys)]}: the model has no place for it "
-                            f"({len(src_keys)} tensors in the file, {len(tgt_keys)} in the model)")
-        if len(src_keys) < len(tgt_keys):
-            raise DataError(f"{path}: the model's {tgt_keys[len(src_keys)]} is not in the file "
-                            f"({len(src_keys)} tensors in the file, {len(tgt_keys)} in the model)")
+        mapped = _map_by_order(src_body, target, tgt_body, path, note)
         same_kinds = [s.rsplit(".", 1)[-1] for s in src_cls] == [t.rsplit(".", 1)[-1] for t in tgt_cls]
         cls_pairs = list(zip(src_cls, tgt_cls)) if same_kinds and len(src_cls) == len(tgt_cls) else []
 
@@ -322,6 +285,71 @@ def map_state(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor], 
     else:
         dropped = list(src_cls)
     return mapped, dropped, by
+
+
+def _efficientnet_pytorch_in_order(source: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """A file in the efficientnet_pytorch layout, its tensors reordered as timm's model lists them (its key names
+    do not sort that way); DataError on a key outside that layout."""
+    odd = next((k for k in source if not EFFICIENTNET_PYTORCH_KEY.fullmatch(k)), None)
+    if odd is not None:
+        raise DataError(f"{path}: unexpected key {odd} for the efficientnet_pytorch layout")
+    return {k: source[k] for k in sorted(source, key=efficientnet_pytorch_order)}
+
+
+def _fitted(first: bool, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`a` for the place of `b`: adapted when it is the RGB stem of a model on other input channels, else as is (the
+    caller checks the shapes)."""
+    if a.shape != b.shape:
+        adapted = _adapt_input_conv(first, a, b)
+        return a if adapted is None else adapted
+    return a
+
+
+def _map_by_name(src_body: dict[str, torch.Tensor], target: dict[str, torch.Tensor],
+                 tgt_body: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """The body of a file that uses the model's own key names; DataError on a shape mismatch or a missing key."""
+    stem = next(iter(target), None)  # the model's first tensor: the one adapted to another number of input channels
+    mapped: dict[str, torch.Tensor] = {}
+    for k, v in src_body.items():
+        v = _fitted(k == stem, v, target[k])
+        if v.shape != target[k].shape:
+            raise DataError(f"{path}: wrong architecture: first mismatched key {k} has shape {_shape(v)} in the "
+                            f"file but {_shape(target[k])} in the model")
+        mapped[k] = v
+    missing = [k for k in tgt_body if k not in mapped and not k.endswith(COUNTER)]
+    if missing:
+        raise DataError(f"{path}: the model's {missing[0]} is not in the file ({len(missing)} keys missing)")
+    return mapped
+
+
+def _map_by_order(src_body: dict[str, torch.Tensor], target: dict[str, torch.Tensor],
+                  tgt_body: dict[str, torch.Tensor], path: Path, note: str) -> dict[str, torch.Tensor]:
+    """The body of a file under other key names, paired with the model's tensors in order: each pair of the same
+    shape and the same kind (weight, bias...); DataError naming the first pair that is not, or the first left over."""
+    stem = next(iter(target), None)
+    src_keys, tgt_keys = list(src_body), list(tgt_body)
+    # batch-norm step counters are paired only when both sides have them
+    if not any(k.endswith(COUNTER) for k in src_keys):
+        tgt_keys = [k for k in tgt_keys if not k.endswith(COUNTER)]
+    if not any(k.endswith(COUNTER) for k in tgt_keys):
+        src_keys = [k for k in src_keys if not k.endswith(COUNTER)]
+    mapped: dict[str, torch.Tensor] = {}
+    for s, t in zip(src_keys, tgt_keys):
+        a, b = _fitted(t == stem, src_body[s], target[t]), target[t]
+        if a.shape != b.shape:
+            raise DataError(f"{path}: wrong architecture: first mismatched key {s} has shape {_shape(a)} in the "
+                            f"file but the model's {t} has {_shape(b)}{note}")
+        if s.rsplit(".", 1)[-1] != t.rsplit(".", 1)[-1]:
+            raise DataError(f"{path}: wrong architecture: first mismatched key {s} ({_shape(a)}) lines up with "
+                            f"the model's {t} ({_shape(b)}), a tensor of another kind{note}")
+        mapped[t] = a
+    if len(src_keys) > len(tgt_keys):
+        raise DataError(f"{path}: unexpected key {src_keys[len(tgt_keys)]}: the model has no place for it "
+                        f"({len(src_keys)} tensors in the file, {len(tgt_keys)} in the model)")
+    if len(src_keys) < len(tgt_keys):
+        raise DataError(f"{path}: the model's {tgt_keys[len(src_keys)]} is not in the file "
+                        f"({len(src_keys)} tensors in the file, {len(tgt_keys)} in the model)")
+    return mapped
 
 
 def timm_architecture(model: nn.Module) -> str | None:

@@ -71,37 +71,50 @@ def list_images(root: str | Path, recursive: bool = True, follow_links: bool = F
             refused.append(f"{folder} ({e.strerror or e})")
             continue
         for entry in entries:
-            if entry.name.startswith("."):
-                continue
+            kind, why = _entry_kind(entry, root, real_root, follow_links)
             path = Path(entry.path)
-            try:
-                is_dir = entry.is_dir()  # follows a link
-                if not is_dir and not _is_image_name(entry.name):
-                    continue
-                if entry.is_symlink():
-                    if not follow_links:
-                        refused.append(f"{path} (a symbolic link; --follow-links follows links inside the folder)")
-                        continue
-                    if not is_under(os.path.realpath(path), real_root):
-                        refused.append(f"{path} (a symbolic link leading outside {root})")
-                        continue
-                if is_dir:
-                    if recursive:
-                        (linked_folders if entry.is_symlink() else folders).append(path)
-                    continue
-                problem = regular_file_kind(path)
-            except OSError as e:
-                problem = e.strerror or str(e)
-            if problem is None:
+            if kind == "image":
                 found.append(path)
-            elif problem != "missing":  # a dangling link was reported above, or the file just went away
-                refused.append(f"{path} ({problem})")
-    if refused:
-        log.warning("%s: %d entries skipped: %s%s", root, len(refused), "; ".join(refused[:3]),
-                    " ..." if len(refused) > 3 else "")
+            elif kind == "refused":
+                refused.append(f"{path} ({why})")
+            elif kind != "skip" and recursive:
+                (linked_folders if kind == "linked folder" else folders).append(path)
+    _warn_skipped(root, refused)
     if not found:
         raise _no_images(root)
     return sorted(found)
+
+
+def _entry_kind(entry: os.DirEntry, root: Path, real_root: str, follow_links: bool) -> tuple[str, str | None]:
+    """What one folder entry is to list_images: ("image" | "folder" | "linked folder" | "skip" | "refused", and
+    why it is refused)."""
+    if entry.name.startswith("."):
+        return "skip", None
+    try:
+        is_dir = entry.is_dir()  # follows a link
+        if not is_dir and not _is_image_name(entry.name):
+            return "skip", None
+        if entry.is_symlink():
+            if not follow_links:
+                return "refused", "a symbolic link; --follow-links follows links inside the folder"
+            if not is_under(os.path.realpath(entry.path), real_root):
+                return "refused", f"a symbolic link leading outside {root}"
+        if is_dir:
+            return ("linked folder" if entry.is_symlink() else "folder"), None
+        problem = regular_file_kind(Path(entry.path))
+    except OSError as e:
+        problem = e.strerror or str(e)
+    if problem is None:
+        return "image", None
+    if problem == "missing":  # a dangling link was reported above, or the file just went away
+        return "skip", None
+    return "refused", problem
+
+
+def _warn_skipped(root: Path, refused: list[str]) -> None:
+    if refused:
+        log.warning("%s: %d entries skipped: %s%s", root, len(refused), "; ".join(refused[:3]),
+                    " ..." if len(refused) > 3 else "")
 
 
 def class_folders(root: Path) -> list[Path]:

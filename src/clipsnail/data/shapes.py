@@ -320,57 +320,88 @@ def parse_caption(text: str) -> CaptionQuery:
     s = re.sub(r"[.,;:!?\"']", " ", text.lower())
     for pattern, replacement in _PHRASES:
         s = re.sub(pattern, replacement, s)
-    objects: list[dict] = []
-    relations: list[tuple[int, str, int]] = []
-    pending_relation: tuple[int, str] | None = None
-    current: dict = {}
-
-    def close():
-        nonlocal current, pending_relation
-        if any(k in current for k in ("size", "color", "kind")):
-            objects.append(current)
-            if pending_relation is not None:
-                relations.append((pending_relation[0], pending_relation[1], len(objects) - 1))
-                pending_relation = None
-        current = {}
-
+    reader = _CaptionReader(text)
     for word in s.split():
+        reader.read(word)
+    return reader.query()
+
+
+class _CaptionReader:
+    """parse_caption's state as it reads a caption word by word: the objects described so far, the one being
+    described, and a relation waiting for the object on its right."""
+
+    def __init__(self, text: str):
+        self.text = text
+        self.objects: list[dict] = []
+        self.relations: list[tuple[int, str, int]] = []
+        self.pending_relation: tuple[int, str] | None = None
+        self.current: dict = {}
+
+    def error(self, why: str) -> ValueError:
+        return ValueError(f"cannot parse caption {self.text!r}: {why}")
+
+    def close(self) -> None:
+        """The object being described is complete (if it names anything); a waiting relation ends on it."""
+        if any(k in self.current for k in ("size", "color", "kind")):
+            self.objects.append(self.current)
+            if self.pending_relation is not None:
+                self.relations.append((*self.pending_relation, len(self.objects) - 1))
+                self.pending_relation = None
+        self.current = {}
+
+    def read(self, word: str) -> None:
         if word in _NUMBERS:
-            close()
-            current["count"] = _NUMBERS[word]
+            self.close()
+            self.current["count"] = _NUMBERS[word]
         elif word in _SIZE_WORDS or word in COLORS:
-            key, value = ("size", _SIZE_WORDS[word]) if word in _SIZE_WORDS else ("color", word)
-            if key in current:
-                close()
-            current[key] = value
+            self.attribute(word)
         elif word in _NOUNS:
-            current["kind"], plural = _NOUNS[word]
-            current.setdefault("count", 2 if plural else 1)
-            close()
+            self.current["kind"], plural = _NOUNS[word]
+            self.current.setdefault("count", 2 if plural else 1)
+            self.close()
         elif word.strip("<>") in POSITIONS:
-            target = current if "size" in current or "color" in current else objects[-1] if objects else None
-            if target is None:
-                raise ValueError(f"cannot parse caption {text!r}: a position before any shape")
-            target.setdefault("positions", []).append(word.strip("<>"))
+            self.position(word.strip("<>"))
         elif word.strip("<>") in RELATIONS:
-            close()
-            if not objects or pending_relation is not None:
-                raise ValueError(f"cannot parse caption {text!r}: a relation needs a shape on each side")
-            pending_relation = (len(objects) - 1, word.strip("<>"))
+            self.relation(word.strip("<>"))
         elif word == "and":
-            close()
+            self.close()
         elif word not in _FILLER:
-            raise ValueError(f"cannot parse caption {text!r}: unknown word {word!r}")
-    close()
-    if pending_relation is not None:
-        raise ValueError(f"cannot parse caption {text!r}: a relation needs a shape on each side")
-    if not objects:
-        raise ValueError(f"cannot parse caption {text!r}: it names no shape, colour or size")
-    return CaptionQuery(
-        tuple(ObjectQuery(o.get("count", 1), o.get("size"), o.get("color"), o.get("kind"),
-                          tuple(sorted(set(o.get("positions", []))))) for o in objects),
-        tuple(relations),
-    )
+            raise self.error(f"unknown word {word!r}")
+
+    def attribute(self, word: str) -> None:
+        """A size or colour; a second one of the same kind starts a new object ("red blue circle": two)."""
+        key, value = ("size", _SIZE_WORDS[word]) if word in _SIZE_WORDS else ("color", word)
+        if key in self.current:
+            self.close()
+        self.current[key] = value
+
+    def position(self, where: str) -> None:
+        """A position belongs to the object being described when it has an attribute yet, else to the last one."""
+        if "size" in self.current or "color" in self.current:
+            target = self.current
+        elif self.objects:
+            target = self.objects[-1]
+        else:
+            raise self.error("a position before any shape")
+        target.setdefault("positions", []).append(where)
+
+    def relation(self, name: str) -> None:
+        self.close()
+        if not self.objects or self.pending_relation is not None:
+            raise self.error("a relation needs a shape on each side")
+        self.pending_relation = (len(self.objects) - 1, name)
+
+    def query(self) -> CaptionQuery:
+        self.close()
+        if self.pending_relation is not None:
+            raise self.error("a relation needs a shape on each side")
+        if not self.objects:
+            raise self.error("it names no shape, colour or size")
+        return CaptionQuery(
+            tuple(ObjectQuery(o.get("count", 1), o.get("size"), o.get("color"), o.get("kind"),
+                              tuple(sorted(set(o.get("positions", []))))) for o in self.objects),
+            tuple(self.relations),
+        )
 
 
 _POSITION_TESTS = {

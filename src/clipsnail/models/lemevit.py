@@ -288,42 +288,57 @@ class LeMeBlock(nn.Module):
 def _check_args(depth, embed_dim, head_dim, mlp_ratios, attn_type, queries_len, in_chans, num_classes, global_pool,
                 rates, cpe_ks, stem_stride, d_scale) -> None:
     """ConfigError naming the first invalid LeMeViT argument (as `model.args` spells it: head_dim=32)."""
-    def bad(problem: str) -> ConfigError:
-        return ConfigError(f"LeMeViT: {problem}")
+    _check_stages(depth, embed_dim, head_dim, mlp_ratios, attn_type)
+    _check_sizes(queries_len, in_chans, num_classes, cpe_ks, rates)
+    _check_choices(stem_stride, d_scale, global_pool)
 
+
+def _bad(problem: str) -> ConfigError:
+    return ConfigError(f"LeMeViT: {problem}")
+
+
+def _check_stages(depth, embed_dim, head_dim, mlp_ratios, attn_type) -> None:
+    """The per-stage lists: one entry each per stage, every entry valid."""
     if len({len(depth), len(embed_dim), len(attn_type), len(mlp_ratios)}) != 1:
-        raise bad(f"depth, embed_dim, attn_type and mlp_ratios need one entry per stage, got {len(depth)}, "
-                  f"{len(embed_dim)}, {len(attn_type)} and {len(mlp_ratios)}")
+        raise _bad(f"depth, embed_dim, attn_type and mlp_ratios need one entry per stage, got {len(depth)}, "
+                   f"{len(embed_dim)}, {len(attn_type)} and {len(mlp_ratios)}")
     if not depth:
-        raise bad("no stages (depth is empty)")
+        raise _bad("no stages (depth is empty)")
     if not head_dim > 0:
-        raise bad(f"head_dim must be positive, got {head_dim!r}")
+        raise _bad(f"head_dim must be positive, got {head_dim!r}")
     for i, (d, dim, ratio, kind) in enumerate(zip(depth, embed_dim, mlp_ratios, attn_type)):
         if not d >= 0:
-            raise bad(f"depth[{i}] must be at least 0, got {d!r}")
+            raise _bad(f"depth[{i}] must be at least 0, got {d!r}")
         if not dim > 0 or dim % head_dim:
-            raise bad(f"embed_dim[{i}]={dim!r} must be a positive multiple of head_dim={head_dim}")
+            raise _bad(f"embed_dim[{i}]={dim!r} must be a positive multiple of head_dim={head_dim}")
         if not ratio > 0:
-            raise bad(f"mlp_ratios[{i}] must be positive, got {ratio!r}")
+            raise _bad(f"mlp_ratios[{i}] must be positive, got {ratio!r}")
         if kind not in ATTENTION_TYPES:
-            raise bad(f"attn_type[{i}]={kind!r} is not one of {', '.join(ATTENTION_TYPES)}")
+            raise _bad(f"attn_type[{i}]={kind!r} is not one of {', '.join(ATTENTION_TYPES)}")
     if embed_dim[0] < 2:
-        raise bad(f"embed_dim[0] must be at least 2 (the stem's first conv has embed_dim[0] // 2), got {embed_dim[0]}")
+        raise _bad(f"embed_dim[0] must be at least 2 (the stem's first conv has embed_dim[0] // 2), got {embed_dim[0]}")
+
+
+def _check_sizes(queries_len, in_chans, num_classes, cpe_ks, rates) -> None:
+    """The counts, the position-encoding kernel and the dropout rates."""
     for name, value, low in (("queries_len", queries_len, 1), ("in_chans", in_chans, 1),
                              ("num_classes", num_classes, 0), ("cpe_ks", cpe_ks, 0)):
         if not value >= low:
-            raise bad(f"{name} must be at least {low}, got {value!r}")
+            raise _bad(f"{name} must be at least {low}, got {value!r}")
     if cpe_ks % 2 == 0 and cpe_ks:
-        raise bad(f"cpe_ks must be odd (or 0: no position encoding), got {cpe_ks}")
+        raise _bad(f"cpe_ks must be odd (or 0: no position encoding), got {cpe_ks}")
     for name, rate in zip(("drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate"), rates):
         if not 0 <= rate < 1:
-            raise bad(f"{name} must be in [0, 1), got {rate!r}")
+            raise _bad(f"{name} must be in [0, 1), got {rate!r}")
+
+
+def _check_choices(stem_stride, d_scale, global_pool) -> None:
     if stem_stride not in (1, 2, 4):
-        raise bad(f"stem_stride must be 1, 2 or 4, got {stem_stride!r}")
+        raise _bad(f"stem_stride must be 1, 2 or 4, got {stem_stride!r}")
     if d_scale not in ("dim", "head"):
-        raise bad(f"d_scale must be 'dim' or 'head', got {d_scale!r}")
+        raise _bad(f"d_scale must be 'dim' or 'head', got {d_scale!r}")
     if global_pool not in ("avg", "meta", "image", ""):
-        raise bad(f"global_pool must be 'avg', 'meta', 'image' or '', got {global_pool!r}")
+        raise _bad(f"global_pool must be 'avg', 'meta', 'image' or '', got {global_pool!r}")
 
 
 def _meta_token_mlp(dim: int, out_dim: int) -> nn.Sequential:
