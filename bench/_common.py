@@ -21,6 +21,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
+# The real images some benchmarks read, which the repository does not hold: $CLIPSNAIL_BENCH_DATA (default data/,
+# ignored by git) with coco_val_mini/ (159 COCO val2017 photos in images/ and their captions_val2017.json),
+# cifar10_test/ (the CIFAR-10 test set as a class folder, <class>/*.png) and mnist_test/ (the MNIST t10k IDX files).
+BENCH_DATA = Path(os.environ.get("CLIPSNAIL_BENCH_DATA") or ROOT / "data")
+
+
+def data_name(path: Path) -> str:
+    """A data path as the results record it: relative to BENCH_DATA ("coco_val_mini/images"), never a path of the
+    machine that ran the benchmark."""
+    try:
+        return str(Path(path).relative_to(BENCH_DATA))
+    except ValueError:
+        return Path(path).name
 
 
 def use_source_tree() -> None:

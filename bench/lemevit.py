@@ -20,10 +20,10 @@ Parts (--only):
            per round, then the median. Peak memory per model in a fresh subprocess (--peak-mem-of NAME): peak RSS
            after one forward of the batch, and that minus the RSS just before the forward (model and input built).
            Writes bench/results/lemevit_speed.json and prints a table.
-  quality  CIFAR-10 from ../shared/data/cifar10_test (per class: first 900 files train, last 100 test), the same
-           recipe and number of epochs for lemevit_tiny_cifar, timm resnet18 and a DeiT-tiny-sized ViT (patch 4 at
-           32px); test accuracy of the final weights and of their EMA, training time. Writes
-           bench/results/lemevit_quality.json.
+  quality  CIFAR-10 from cifar10_test in the bench data folder (BENCH_DATA, bench/_common.py; per class: first 900
+           files train, last 100 test), the same recipe and number of epochs for lemevit_tiny_cifar, timm resnet18
+           and a DeiT-tiny-sized ViT (patch 4 at 32px); test accuracy of the final weights and of their EMA,
+           training time. Writes bench/results/lemevit_quality.json.
 
     .venv/bin/python bench/lemevit.py --only speed                       # full speed run (~4-5 min on 2 cores)
     .venv/bin/python bench/lemevit.py --only speed --rounds 1 --batch 2 --size 64 --out /tmp/lemevit_smoke.json
@@ -503,8 +503,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="quality: training seed")
     p.add_argument("--quality-models", default=",".join(QUALITY_MODELS),
                    help=f"quality: comma-separated subset of {', '.join(QUALITY_MODELS)}")
-    p.add_argument("--cifar", default=str(_common.ROOT.parent / "shared" / "data" / "cifar10_test"),
-                   help="quality: CIFAR-10 image folder (default ../shared/data/cifar10_test)")
+    p.add_argument("--cifar", default=str(_common.BENCH_DATA / "cifar10_test"),
+                   help="quality: CIFAR-10 image folder (default: cifar10_test in the bench data folder)")
     p.add_argument("--runs", default=str(_common.ROOT / "runs" / "bench_lemevit"),
                    help="quality: where the training runs go (default runs/bench_lemevit, git-ignored)")
     p.add_argument("--quality-out", default="bench/results/lemevit_quality.json")

@@ -9,10 +9,10 @@ What it does
    label names (first WordNet lemma, or first two) x prompt template x (T, temperature), from image features
    computed once. The converter's defaults are the settings chosen from this sweep.
 2. 5-fold cross-validation by image as bench/coco_pretrained.py (sorted names, index % 5 == k is test), per fold:
-   - preset:          configs/pretrained_small.yaml fine-tuned `--steps` steps at batch 32 (160 px), scored on the
+   - preset:          the packaged pretrained_small.yaml fine-tuned `--steps` steps at batch 32 (160 px), scored on the
                       fold's test photos (`preset_t2i_r5`);
    - conse:           the ConSE run, no training, scored on the same test photos (`conse_fold_t2i_r5`);
-   - conse_finetuned: `clip train --config configs/conse_finetune.yaml --set finetune.init=CONSE`, same steps and
+   - conse_finetuned: `clip train --config conse_finetune --set finetune.init=CONSE`, same steps and
                       batch (224 px: the init run's size), same scoring (`conse_finetuned_t2i_r5`).
 3. Class queries on CIFAR-10 test (the last 100 files of each class by name, the data's test convention): the
    ConSE run indexes the 1,000 images (upscaled 32 -> 224 by its preprocessing), each class is queried as
@@ -45,9 +45,9 @@ import coco_pretrained as coco
 
 _common.use_source_tree()
 
-CIFAR = _common.ROOT.parent / "shared" / "data" / "cifar10_test"
+CIFAR = _common.BENCH_DATA / "cifar10_test"
 CONSE_SPEC = "conse:efficientnet-lite0+all-minilm-l6-v2"
-CONSE_CONFIG = _common.ROOT / "configs" / "conse_finetune.yaml"
+CONSE_CONFIG = _common.ROOT / "src" / "clipsnail" / "configs" / "conse_finetune.yaml"
 TEMPLATES = ["{}", "a {}", "a photo of a {}.", "a photo of {}."]
 COMBINATIONS = [(1, 1.0), (5, 1.0), (10, 1.0), (10, 2.0), (20, 2.0), (10, 3.0), (50, 3.0), (1000, 2.0)]
 PARTS = ("zeroshot", "folds", "classes")
@@ -115,7 +115,8 @@ def zeroshot_all(run: Path) -> dict:
 
 
 def train_conse(conse: Path, run: Path, split: Path, steps: int, batch: int, log: Path) -> dict:
-    """`clip train` from the ConSE run with configs/conse_finetune.yaml (the same engine-log figures as the preset)."""
+    """`clip train` from the ConSE run with the packaged conse_finetune.yaml (the same engine-log figures as the
+    preset)."""
     cmd = [*coco.CLI, "clip", "train", "--config", str(CONSE_CONFIG), "--captions",
            str(coco.DATA / "captions_val2017.json"), "--images", str(coco.DATA / "images"), "--split-file", str(split),
            "--out", str(run), "--device", "cpu", "--no-progress"]
@@ -255,10 +256,11 @@ def main() -> None:
     result = _common.envelope(
         benchmark="photo_search", machine=_common.machine_info(), git_commit=_common.git_commit(),
         date=_common.now_iso(),
-        config={"data": str(coco.DATA.relative_to(_common.ROOT.parent)), "conse": CONSE_SPEC,
-                "conse_finetune_config": "configs/conse_finetune.yaml",
-                "preset_config": "configs/pretrained_small.yaml", "fold_rule": "sorted image index % 5 == k is test",
-                "cifar": f"{CIFAR.relative_to(_common.ROOT.parent)}, last {CLASS_TEST_FILES} files per class"},
+        config={"data": _common.data_name(coco.DATA), "conse": CONSE_SPEC,
+                "conse_finetune_config": "src/clipsnail/configs/conse_finetune.yaml",
+                "preset_config": "src/clipsnail/configs/pretrained_small.yaml",
+                "fold_rule": "sorted image index % 5 == k is test",
+                "cifar": f"{_common.data_name(CIFAR)}, last {CLASS_TEST_FILES} files per class"},
         keys=keys, results=results, runs=runs,
         notes=("conse_t2i_r*: all 159 photos (chance R@5 = 5/159); the fold figures are against each fold's ~32 "
                "test photos (chance R@5 = 5/32), so conse_fold_t2i_r5, not conse_t2i_r5, compares with the "

@@ -6,9 +6,9 @@ For each data set (--datasets, default mnist and cifar) and each model (PixelSNA
   train   `clipsnail pixelsnail train` through the Python API: --epochs fixed epochs (default 5 MNIST, 3 CIFAR-10)
           and a --budget wall-clock guard (default 30m, the issue's "within 30 CPU-minutes"), data-dependent init,
           the official Adam betas (0.95, 0.9995), and RECIPE: a short-run version of the official schedule.
-  data    ../shared/data: MNIST t10k (mnist_test/, the IDX files), first 9,000 images train, last 1,000 test; CIFAR-10
-          test set as an image folder (cifar10_test/<class>/), per class the first 900 files train and the last 100
-          test.
+  data    the bench data folder (BENCH_DATA, bench/_common.py): MNIST t10k (mnist_test/, the IDX files), first
+          9,000 images train, last 1,000 test; CIFAR-10 test set as an image folder (cifar10_test/<class>/), per
+          class the first 900 files train and the last 100 test.
   report  test bits/dim of the EMA weights (what is sampled) and of the raw weights, epochs done, wall time, the
           median logged training speed, and a 4x4 sample grid (cached sampler) saved next to the results.
 Goals (issue): the small config within 30 CPU-minutes reaches MNIST < 1.2 and CIFAR-10 < 4.5 bits/dim. For scale:
@@ -32,7 +32,7 @@ import _common
 _common.use_source_tree()
 say = _common.say
 
-DATA = _common.ROOT.parent / "shared" / "data"
+DATA = _common.BENCH_DATA
 DATASETS = {
     "mnist": {"spec": f"mnist:{DATA / 'mnist_test'}", "split": "t10k: first 9,000 images train, last 1,000 test",
               "goal": 1.2},

@@ -120,7 +120,8 @@ def test_the_config_flag_of_pixelsnail_tasks_names_the_presets(capsys):
             "default small) or a YAML config file") in helps["pixelsnail"]
     assert "--config CONFIG kind pixelsnail: a preset (small, tiny, ...; default small); or a YAML config file" in (
         helps["t2i"])
-    assert "--config CONFIG YAML config file (overridden by the flags below)" in helps["clip"]
+    assert ("--config CONFIG a YAML config file, or the name of a packaged one (lit_small, pretrained_small, ...); "
+            "overridden by the flags below") in helps["clip"]
 
 
 def test_commands_are_listed_in_their_order(capsys):

@@ -1,4 +1,4 @@
-"""`clipsnail demo`: the whole CLIP pipeline on the built-in shapes data, on a CPU, in a few minutes; and
+"""`clipsnail demo`: the whole CLIP pipeline on the built-in shapes data, on a CPU, in minutes (BENCHMARKS.md); and
 `clipsnail demo --photos DIR`: text search over a folder of the user's own photos.
 
 Shapes (`run_demo`): generate captioned shapes (purple triangles held out of training) -> train a small CLIP ->
@@ -22,6 +22,7 @@ import shutil
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -151,17 +152,16 @@ def say(*lines: str) -> None:
 # General subjects of personal photo collections; any set of --query replaces them.
 PHOTO_QUERIES = ["a dog", "people at the beach", "food on a plate", "a city street at night", "a birthday cake",
                  "mountains"]
-# ConSE fine-tunes (configs/conse_finetune.yaml) at about 0.31 steps/s (batch 32, 2 CPU cores): 100 steps take about
-# 5.5 minutes, and 40 already lifted held-out COCO-mini text->image recall@5 from 0.91 to 0.93 (BENCHMARKS.md).
+# Fine-tuning steps of the ConSE model (the packaged conse_finetune.yaml) with --captions: how long they take on a CPU
+# and what they bring on held-out photos are measured in BENCHMARKS.md ("Photo search from the packaged models").
 PHOTO_DEMO_STEPS = 100
 # What `demo --photos DIR` searches with when given nothing else: made offline from the packaged models.
 PHOTO_MODEL = f"conse:{CONSE_DEFAULT}"
 # What it suggests when online: open_clip's ViT-B/32 trained on LAION-2B.
 BETTER_HUB_MODEL = "hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K"
 PHOTO_DEMO_OUT = "demo_photos_out"
-# The preset is part of the source tree, not of the installed package: found from here in a checkout (the project
-# installs itself editable).
-PRETRAINED_PRESET = Path(__file__).resolve().parents[3] / "configs" / "pretrained_small.yaml"
+# The packaged configs (clipsnail/configs/*.yaml, installed with the package): the pretrained preset ...
+PRETRAINED_PRESET = Path(str(files("clipsnail") / "configs" / "pretrained_small.yaml"))
 # What --captions fine-tunes by default: the ConSE model (PHOTO_MODEL) with a locked image tower. On COCO-mini it
 # scored above the preset fine-tuned for as many steps, and above it before any step (bench/photo_search.py).
 CONSE_FINETUNE = PRETRAINED_PRESET.with_name("conse_finetune.yaml")
@@ -266,9 +266,7 @@ def photo_demo_config(caption_data: Mapping[str, Any], steps: int, config: str |
     """`config` (a YAML file; None: the from-scratch defaults) fine-tuned for `steps` on `caption_data`. Later wins:
     the file < the caption data and the demo's schedule < `overrides` (`--set` strings) < `steps` and `device`."""
     if config is not None and not Path(config).is_file():
-        ours = config in (PRETRAINED_PRESET, CONSE_FINETUNE)
-        where = " (it comes with the source repository; pass --config FILE)" if ours else ""
-        raise ConfigError(f"{config}: config file not found{where}")
+        raise ConfigError(f"{config}: config file not found")
     return load_config(ClipConfig, config, [*overrides, ("train.max_steps", steps), ("train.device", device)],
                        values={**caption_data,
                                "train.checkpoint_every": 25,  # a killed fine-tuning loses a minute at most

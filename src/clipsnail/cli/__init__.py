@@ -28,8 +28,8 @@ QUIET_LOGGERS = ("PIL", "faiss", "faiss.loader", "transformers", "huggingface_hu
 # adds its flags, its one-line help. Only the module of the command being run is imported (it imports torch, timm
 # and the models where it runs them), so `clipsnail --help` answers at once instead of after seconds of imports.
 COMMANDS = {
-    "demo": ("demo", "add_demo", "generate shapes data, train a small CLIP, evaluate and search (~10 min on a CPU); "
-                                 "with --photos DIR: search your own photos by text"),
+    "demo": ("demo", "add_demo", "generate shapes data, train a small CLIP, evaluate and search (minutes on a CPU: "
+                                 "BENCHMARKS.md); with --photos DIR: search your own photos by text"),
     "data": ("data", "add_data", "built-in datasets and downloads, caption corpora as WebDataset shards"),
     "clip": ("clip", "add_clip", "train, evaluate and inspect CLIP models"),
     "classify": ("classify", "add_classify", "train and evaluate image classifiers (LeMeViT or any timm model)"),
@@ -108,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
 
     owns_group = False
     try:
+        if getattr(args, "required_extra", None):  # e.g. training without its extra: one line naming the pip install
+            from clipsnail.core.extras import require_extra
+
+            require_extra(*args.required_extra)
         # Under torchrun every process runs this command; joining the group before the task is built lets rank 0
         # train the tokenizer once and share it.
         owns_group = dist.init_from_env()

@@ -20,6 +20,7 @@ from clipsnail.cli.common import (
     train_and_report,
 )
 from clipsnail.core.errors import ClipsnailError
+from clipsnail.core.extras import require_extra
 from clipsnail.core.safeio import atomic_write_json
 
 # Each handler imports what it runs (torch, the models, the tasks) so that `clipsnail --help` starts at once.
@@ -122,6 +123,7 @@ def cmd_caption_describe(args: argparse.Namespace) -> None:
 
 
 def cmd_caption_eval(args: argparse.Namespace) -> None:
+    require_extra("caption", "caption eval (BLEU-4, CIDEr-D)")
     from clipsnail.inference.captioner import evaluate_captioner
 
     captioner, clip = load_captioner(args)

@@ -17,6 +17,7 @@ from clipsnail.cli.common import (
     train_and_report,
 )
 from clipsnail.core.errors import ClipsnailError
+from clipsnail.core.extras import require_extra
 from clipsnail.core.safeio import atomic_write_json, atomic_write_text
 
 # Each handler imports what it runs (torch, the models, the tasks) so that `clipsnail --help` starts at once.
@@ -64,6 +65,7 @@ def cmd_classify_train(args: argparse.Namespace) -> None:
 
 
 def cmd_classify_eval(args: argparse.Namespace) -> None:
+    require_extra("train", "classify eval (its report and figures)")
     from clipsnail.apps.hub import load
     from clipsnail.data.classes import read_class_data
     from clipsnail.families.classify import predict

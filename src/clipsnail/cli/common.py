@@ -6,11 +6,14 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from importlib.resources import files
+from pathlib import Path
 from typing import Any
 
 from clipsnail.core.config import load_config
 from clipsnail.core.devices import DEVICE_HELP
 from clipsnail.core.display import json_text, print_lines
+from clipsnail.core.errors import ConfigError
 
 # The engine (torch) is imported where a command trains, so that `clipsnail --help` starts at once.
 
@@ -18,7 +21,8 @@ from clipsnail.core.display import json_text, print_lines
 
 
 def add_train_flags(p: argparse.ArgumentParser,
-                    config_help: str = "YAML config file (overridden by the flags below)") -> None:
+                    config_help: str = "a YAML config file, or the name of a packaged one (lit_small, "
+                                       "pretrained_small, ...); overridden by the flags below") -> None:
     p.add_argument("--out", required=True, help="run directory (resumes when it holds a checkpoint)")
     p.add_argument("--config", help=config_help)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -27,6 +31,13 @@ def add_train_flags(p: argparse.ArgumentParser,
     p.add_argument("--time-budget", help="stop cleanly after this long, e.g. 10m (train.time_budget)")
     p.add_argument("--seed", type=int, help="random seed (train.seed)")
     add_runtime_flags(p, device=None)  # None: train.device decides (auto unless a YAML file or --set says)
+    requires_extra(p, "train", "training")
+
+
+def requires_extra(p: argparse.ArgumentParser, extra: str, what: str) -> None:
+    """The command of `p` needs the extra `extra` (core.extras): `main` checks it before the command starts, and a
+    missing one is the line "`what` needs the `extra` extra: pip install 'clipsnail[extra]'"."""
+    p.set_defaults(required_extra=(extra, what))
 
 
 class RenamedFlag(argparse.Action):
@@ -105,8 +116,37 @@ def task_config(cls: type, args: argparse.Namespace, values: dict[str, Any], yam
     file (--config) < the named flags (`values`: data and model flags; the training flags --epochs, --time-budget,
     --seed, --device) < `--set` strings, the most specific and so the last word."""
     training = {key: getattr(args, flag) for flag, key in TRAIN_FLAGS if getattr(args, flag, None) is not None}
-    return load_config(cls, yaml_file, getattr(args, "overrides", []), defaults=defaults,
+    return load_config(cls, find_config(yaml_file), getattr(args, "overrides", []), defaults=defaults,
                        values={**values, **training})
+
+
+# The YAML configs that ship inside the package (clipsnail/configs/*.yaml): `--config lit_small` finds one.
+PACKAGED_CONFIGS = Path(str(files("clipsnail") / "configs"))
+
+
+def packaged_configs() -> list[str]:
+    """The names of the packaged configs, sorted: ["conse_finetune", "flickr8k_resnet50", ...]."""
+    return sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.yaml"))
+
+
+def find_config(config: str | Path | None) -> Path | None:
+    """The file of `--config`: the path as given when such a file exists; otherwise, for a bare name ("lit_small"
+    or "lit_small.yaml", no folder in it, or "configs/lit_small.yaml", where a checkout kept them before they were
+    packaged), the packaged config of that name. Anything else is an error listing the packaged names. None stays
+    None (no config file)."""
+    if config is None or str(config) == "":
+        return None
+    path = Path(config).expanduser()
+    if path.is_file():
+        return path
+    name = str(config).replace("\\", "/")
+    name = name.removeprefix("./").removeprefix("configs/")
+    if "/" not in name and name not in (".", ".."):
+        packaged = PACKAGED_CONFIGS / (name if name.endswith((".yaml", ".yml")) else f"{name}.yaml")
+        if packaged.is_file():
+            return packaged
+    raise ConfigError(f"{config}: config file not found (a YAML file, or a packaged config: "
+                      f"{', '.join(packaged_configs())})")
 
 
 # ----------------------------------------------------------------------------------------------- output

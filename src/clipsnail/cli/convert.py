@@ -19,6 +19,7 @@ from clipsnail.apps.convert import (
 from clipsnail.apps.export import export_onnx
 from clipsnail.cli.common import add_arch_flag, print_json
 from clipsnail.core.errors import ClipsnailError
+from clipsnail.core.extras import require_extra
 
 
 def add_export(p: argparse.ArgumentParser) -> None:
@@ -54,6 +55,7 @@ def add_convert(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
+    require_extra("onnx", "export --onnx")
     for name in ("onnxscript", "onnx_ir", "torch.onnx"):  # the exporter logs every optimisation pass at INFO
         logging.getLogger(name).setLevel(logging.WARNING)
     print_json(export_onnx(args.model, args.onnx, opset=args.opset))

@@ -15,14 +15,15 @@ from clipsnail.apps.demo import (
     run_demo,
     run_photo_demo,
 )
-from clipsnail.cli.common import add_caption_flags, caption_values
+from clipsnail.cli.common import add_caption_flags, caption_values, find_config
 from clipsnail.core.errors import ClipsnailError
+from clipsnail.core.extras import require_extra
 
 
 def add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help=f"output folder (default: demo_out; with --photos: {PHOTO_DEMO_OUT})")
-    p.add_argument("--steps", type=int, help=f"training steps (default {DEMO_STEPS}: about 10 minutes on 2 CPU cores; "
-                   f"with --photos --captions: {PHOTO_DEMO_STEPS} fine-tuning steps, about 5.5 minutes)")
+    p.add_argument("--steps", type=int, help=f"training steps (default {DEMO_STEPS}; with --photos --captions: "
+                   f"{PHOTO_DEMO_STEPS} fine-tuning steps; times on a CPU: BENCHMARKS.md)")
     p.add_argument("--quick", action="store_true", help="600 images and 30 steps: a smoke test, not a model")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -39,9 +40,9 @@ def add_demo(p: argparse.ArgumentParser) -> None:
     add_caption_flags(photos, required=False)
     photos.add_argument("--query", action="append", metavar="TEXT",
                         help="a text query (repeatable; default: a few general ones, e.g. \"a dog\")")
-    photos.add_argument("--config", help=f"the CLIP config to fine-tune (default: configs/{CONSE_FINETUNE.name}, "
-                        "which starts from the zero-shot model; configs/pretrained_small.yaml fine-tunes the towers "
-                        "with new projection heads)")
+    photos.add_argument("--config", help=f"the CLIP config to fine-tune: a YAML file or a packaged config's name "
+                        f"(default: {CONSE_FINETUNE.stem}, which starts from the zero-shot model; pretrained_small "
+                        "fine-tunes the towers with new projection heads)")
     photos.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a value of that config (repeatable)")
     photos.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (fine-tuning and search)")
@@ -57,6 +58,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
         given = [flag for flag, value in photo_flags if value]
         if given:
             raise ClipsnailError(f"{given[0]} is a flag of the photo demo: add --photos DIR")
+        require_extra("train", "the demo (it trains a CLIP)")
         run_demo(Path(args.out or "demo_out"), steps=args.steps or (30 if args.quick else DEMO_STEPS),
                  quick=args.quick, progress=not args.no_progress)
         return
@@ -70,8 +72,10 @@ def cmd_demo(args: argparse.Namespace) -> None:
                              "it is")
     if args.steps is not None and args.steps < 1:
         raise ClipsnailError(f"--steps must be at least 1, got {args.steps}")
+    if args.captions:
+        require_extra("train", "fine-tuning (--captions)")
     run_photo_demo(Path(args.photos), Path(args.out or PHOTO_DEMO_OUT), model_run=args.model,
                    caption_data=caption_values(args) if args.captions else None,
                    steps=args.steps or PHOTO_DEMO_STEPS, queries=args.query,
-                   config=args.config or CONSE_FINETUNE, overrides=args.overrides, device=args.device,
+                   config=find_config(args.config) or CONSE_FINETUNE, overrides=args.overrides, device=args.device,
                    follow_links=args.follow_links, progress=not args.no_progress)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from clipsnail.cli.common import add_follow_links_flag, add_runtime_flags, print_json, print_metrics
 from clipsnail.core.errors import ClipsnailError
+from clipsnail.core.extras import require_extra
 from clipsnail.core.safeio import writable
 from clipsnail.data.images import default_workers
 
@@ -232,6 +233,7 @@ def cmd_index_update(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    require_extra("serve", "the web app")  # FastAPI and uvicorn: one line naming the pip install when missing
     # Imported here: the web stack (FastAPI, uvicorn) is needed by this command only, and would add ~0.2 s to
     # the start of every other one.
     from clipsnail.serve import run_server

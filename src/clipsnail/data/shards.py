@@ -31,6 +31,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from clipsnail.core.errors import ConfigError, DataError
+from clipsnail.core.extras import require_extra
 from clipsnail.core.rng import seeded
 from clipsnail.core.safeio import MAX_IMAGE_FILE_BYTES, atomic_path, atomic_write_json, read_regular
 from clipsnail.data.caption_corpora import captions_by_image, load_split
@@ -218,6 +219,7 @@ def write_shards(
 def expand_urls(pattern: str) -> list[str]:
     """Shard paths of a pattern: brace expansion ("data/{000000..000099}.tar"), lists joined by "::", and folders
     (every *.tar in it, sorted). A missing shard is an error naming it."""
+    require_extra("shards", "reading WebDataset shards")
     from braceexpand import braceexpand
 
     urls: list[str] = []

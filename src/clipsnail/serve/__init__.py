@@ -14,14 +14,21 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import h11
-from uvicorn.protocols.http.h11_impl import H11Protocol
+try:  # the web stack (FastAPI, uvicorn) is the serve extra: without it, one line naming the pip install
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    from clipsnail.serve.app import LOOPBACK_HOSTS, WILDCARD_ADDRESSES, Limits, allowed_host_names, create_app
+except ImportError:
+    from clipsnail.core.extras import require_extra
+
+    require_extra("serve", "the web app")
+    raise
 
 from clipsnail.apps.hub import load
 from clipsnail.core.errors import ClipsnailError
 from clipsnail.inference.generate import TextToImage
 from clipsnail.inference.index import ImageIndex
-from clipsnail.serve.app import LOOPBACK_HOSTS, WILDCARD_ADDRESSES, Limits, allowed_host_names, create_app
 
 __all__ = ["LimitedH11", "Limits", "allowed_host_names", "create_app", "load_generator", "run_server"]
 
