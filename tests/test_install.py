@@ -38,7 +38,8 @@ def names(requirements) -> set[str]:
 
 def test_the_plain_install_leaves_training_the_web_app_and_shards_to_extras():
     base = names(project()["dependencies"])
-    assert {"torch", "torchvision", "timm", "faiss-cpu", "tokenizers", "safetensors", "huggingface-hub"} <= base
+    assert {"torch", "torchvision", "timm", "faiss-cpu", "tokenizers", "safetensors", "huggingface-hub",
+            "open-clip-torch"} <= base  # open_clip_torch: OpenAI's BPE vocabulary, for conversion
     assert not base & {"fastapi", "uvicorn", "python-multipart", "matplotlib", "scikit-learn", "webdataset",
                        "braceexpand", "tensorboard"}
     extras = project()["optional-dependencies"]
