@@ -53,14 +53,12 @@ SETTINGS = {"plain": (1, False), "accum_steps=4": (4, False), "grad_checkpointin
 
 def clip_task(local_loss: bool = False):
     """A CLIP task without data: only its loss is used."""
-    import dataclasses
 
-    from clipsnail.families.clip import ClipConfig
+    from clipsnail.families.clip import ClipConfig, ClipLossConfig
     from clipsnail.tasks.clip import ClipTask
 
     task = ClipTask.__new__(ClipTask)
-    task.config = ClipConfig()
-    task.config.loss = dataclasses.replace(task.config.loss, local_loss=local_loss)
+    task.config = ClipConfig(loss=ClipLossConfig(local_loss=local_loss))
     return task
 
 

@@ -67,18 +67,16 @@ def make_run(name: str, spec: dict, run_dir: Path) -> int:
 
     from clipsnail.core.runs import save_run
     from clipsnail.data.tokenizers import train_bpe
-    from clipsnail.families.clip import ClipConfig
-    from clipsnail.models.clip import CLIP
+    from clipsnail.families.clip import ClipConfig, ClipDataConfig
+    from clipsnail.models.clip import CLIP, ClipModelConfig
 
     texts = captions()
     tokenizer = train_bpe(texts[::7], vocab_size=spec["vocab_size"], context_length=spec["context_length"])
-    cfg = ClipConfig()
-    for key, value in spec["model"].items():
-        setattr(cfg.model, key, value)
-    cfg.data.vocab_size, cfg.data.context_length = spec["vocab_size"], spec["context_length"]
-    m = cfg.model
-    m.vocab_size = spec["table_vocab"] or tokenizer.vocab_size
-    m.context_length, m.pad_id, m.eot_id = tokenizer.context_length, tokenizer.pad_id, tokenizer.eot_id
+    m = ClipModelConfig(**{**spec["model"], "vocab_size": spec["table_vocab"] or tokenizer.vocab_size,
+                           "context_length": tokenizer.context_length, "pad_id": tokenizer.pad_id,
+                           "eot_id": tokenizer.eot_id})
+    cfg = ClipConfig(model=m, data=ClipDataConfig(vocab_size=spec["vocab_size"],
+                                                  context_length=spec["context_length"]))
     torch.manual_seed(0)
     model = CLIP(m)
     save_run(run_dir, "clip", cfg, model, tokenizer)

@@ -4,7 +4,6 @@ The multi-process tests start 2 gloo processes on the CPU, as `torchrun --nproc-
 """
 
 import contextlib
-import dataclasses
 import os
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import torch.multiprocessing as mp
 from helpers import TINY_CLASSIFY, sets, tiny_clip, tiny_clip_args, torchrun
 from safetensors.torch import load_file, save_file
 
-from clipsnail.families.clip import ClipConfig
+from clipsnail.families.clip import ClipConfig, ClipLossConfig
 from clipsnail.tasks.clip import ClipTask
 from clipsnail.train.engine import backward, split_batch
 
@@ -38,8 +37,7 @@ def fixed_batch() -> dict:
 def clip_task(local_loss: bool = False) -> ClipTask:
     """A CLIP task without data: only its loss is used here."""
     task = ClipTask.__new__(ClipTask)
-    task.config = ClipConfig()
-    task.config.loss = dataclasses.replace(task.config.loss, local_loss=local_loss)
+    task.config = ClipConfig(loss=ClipLossConfig(local_loss=local_loss))
     return task
 
 

@@ -1,5 +1,6 @@
 """`clipsnail export --onnx`: the exported encoders on onnxruntime equal PyTorch's encode_image / encode_text."""
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -160,7 +161,7 @@ def test_export_timm_lemevit_tower(clip_run, tmp_path):
     from clipsnail.models.clip import CLIP
 
     cfg = from_dict(ClipConfig, read_run_config(clip_run)[1])
-    cfg.model.image_encoder, cfg.model.image_size = "lemevit_tiny", 32
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, image_encoder="lemevit_tiny", image_size=32))
     torch.manual_seed(0)
     run = tmp_path / "lemevit_clip"
     save_run(run, "clip", cfg, CLIP(cfg.model), TextTokenizer.load(clip_run / "tokenizer.json"))

@@ -16,6 +16,7 @@ hold code. Run directories are written under a temporary name and renamed, so a 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -348,16 +349,17 @@ def _write_run(out: Path, task: str, config, model: torch.nn.Module, tokenizer=N
         save_run(tmp, task, config, model, tokenizer)
 
 
-def _preprocess(path: Path, m, preprocess: dict) -> None:
-    """The input normalisation and resize of open_clip_config.json's preprocess_cfg, checked, into the model config
-    `m` (a value not given keeps OpenAI's, as in open_clip)."""
+def _preprocess(path: Path, m, preprocess: dict):
+    """The model config `m` with the input normalisation and resize of open_clip_config.json's preprocess_cfg,
+    checked (a value not given keeps OpenAI's, as in open_clip)."""
     cfg_path = path.with_name("open_clip_config.json")
     mean, std = _channels(cfg_path, preprocess, "mean"), _channels(cfg_path, preprocess, "std")
-    m.image_mean, m.image_std = mean or m.image_mean, std or m.image_std
-    m.image_interpolation = preprocess.get("interpolation") or "bicubic"  # OpenAI's and open_clip's default
-    if m.image_interpolation not in ("bicubic", "bilinear"):
-        raise DataError(f"{cfg_path}: preprocess_cfg.interpolation={_shown(m.image_interpolation)} is not supported "
+    interpolation = preprocess.get("interpolation") or "bicubic"  # OpenAI's and open_clip's default
+    if interpolation not in ("bicubic", "bilinear"):
+        raise DataError(f"{cfg_path}: preprocess_cfg.interpolation={_shown(interpolation)} is not supported "
                         "(bicubic or bilinear)")
+    return dataclasses.replace(m, image_mean=mean or m.image_mean, image_std=std or m.image_std,
+                               image_interpolation=interpolation)
 
 
 def _check_loadable(path: Path, config) -> None:
@@ -381,7 +383,7 @@ def convert_open_clip(path: str | Path, out_run_dir: str | Path, quick_gelu: boo
     The head counts come from that config too when present, else CLIP's rule: width // 64.
     """
     from clipsnail.data.tokenizers import openai_bpe
-    from clipsnail.families.clip import ClipConfig
+    from clipsnail.families.clip import ClipConfig, ClipDataConfig
     from clipsnail.models.clip import CLIP
 
     path, out = Path(path), Path(out_run_dir)
@@ -405,17 +407,17 @@ def convert_open_clip(path: str | Path, out_run_dir: str | Path, quick_gelu: boo
         source = "given"
     log.info("activation: %s (%s)", "QuickGELU" if quick_gelu else "GELU", source)
     m = infer_clip_config(path, state, model_cfg, quick_gelu)
-    _preprocess(path, m, oc_config.get("preprocess_cfg") or {})
+    m = _preprocess(path, m, oc_config.get("preprocess_cfg") or {})
     tokenizer = openai_bpe(m.context_length)
     if m.vocab_size != tokenizer.vocab_size:
         raise DataError(f"{path}: a vocabulary of {m.vocab_size} tokens, not OpenAI CLIP's BPE "
                         f"({tokenizer.vocab_size}); other tokenizers are not supported")
-    m.eot_id, m.pad_id = tokenizer.eot_id, tokenizer.pad_id
+    m = dataclasses.replace(m, eot_id=tokenizer.eot_id, pad_id=tokenizer.pad_id)
     model = CLIP(m, load_weights=False)
     _load_exactly(path, model, map_open_clip_state(path, state))
-    config = ClipConfig(model=m)
-    config.data.tokenizer = "openai"  # a fine-tuning run keeps this vocabulary
-    config.data.vocab_size, config.data.context_length = m.vocab_size, m.context_length
+    # tokenizer "openai": a fine-tuning run keeps this vocabulary
+    config = ClipConfig(model=m, data=ClipDataConfig(tokenizer="openai", vocab_size=m.vocab_size,
+                                                      context_length=m.context_length))
     _check_loadable(path, config)
     _write_run(out, "clip", config, model, tokenizer)
     params = sum(p.numel() for p in model.parameters())
@@ -562,7 +564,7 @@ def build_conse(spec: str = CONSE_DEFAULT, labels: list[str] | None = None, temp
 
     from clipsnail.core.pretrained import PACKAGED, load_pretrained_state, model_kwargs, packaged, text_model_dir
     from clipsnail.data.tokenizers import TextTokenizer
-    from clipsnail.families.clip import ClipConfig, ready_for_inference
+    from clipsnail.families.clip import ClipConfig, ClipDataConfig, ready_for_inference
     from clipsnail.models.clip import CLIP, ClipModelConfig, build_text_tower
 
     image, plus, text = spec.partition("+")
@@ -590,17 +592,17 @@ def build_conse(spec: str = CONSE_DEFAULT, labels: list[str] | None = None, temp
         conse_top_k=top_k, conse_temperature=temperature, embed_dim=0,
     )
     if tokenizer.eot_id is not None:
-        m.eot_id = tokenizer.eot_id
-    m.embed_dim = build_text_tower(m, load_weights=False).num_features  # the text space is the label space
+        m = dataclasses.replace(m, eot_id=tokenizer.eot_id)
+    # the text space is the label space
+    m = dataclasses.replace(m, embed_dim=build_text_tower(m, load_weights=False).num_features)
     model = CLIP(m)
     head = model.image_projection
     source = classifier.get_classifier()
     if tuple(source.weight.shape) != tuple(head.classifier.weight.shape):
         raise DataError(f"conse:{spec}: the classifier of {image} has {source.weight.shape[0]} outputs, not the "
                         f"{len(labels)} labels")
-    config = ClipConfig(model=m)
-    config.data.context_length = tokenizer.context_length
-    ready_for_inference(model, tokenizer, config)
+    config = ClipConfig(model=m, data=ClipDataConfig(context_length=tokenizer.context_length))
+    ready_for_inference(model, tokenizer)
     model.eval()
     with torch.no_grad():
         head.classifier.load_state_dict(source.state_dict())

@@ -140,7 +140,7 @@ def is_export_dir(path: Path) -> bool:
 def _preprocess_spec(model, run_dir: Path) -> dict:
     from clipsnail.models.text import TextTransformer
 
-    cfg = model.config.model
+    cfg = model.cfg
     return {
         "format": f"{EXPORT_FORMAT}/1",
         "run": str(run_dir.resolve()),
@@ -211,7 +211,7 @@ def export_onnx(run_dir: str | Path, out_dir: str | Path, opset: int | None = No
         raise DataError(f"{run_dir}: no {TOKENIZER_FILE}")
     model = load(run_dir)
     image_encoder, text_encoder = _encoders(model)
-    size = model.config.model.image_size
+    size = model.cfg.image_size
     generator = torch.Generator().manual_seed(seed)
     example_images = torch.randn(2, 3, size, size, generator=generator)  # batch 2: 1 would be specialised
     example_tokens = _example_tokens(model, 2)
@@ -223,11 +223,11 @@ def export_onnx(run_dir: str | Path, out_dir: str | Path, opset: int | None = No
         with torch.enable_grad():
             t = time.perf_counter()
             _export_one(image_encoder, (example_images,), tmp / IMAGE_FILE, IMAGE_INPUT, IMAGE_OUTPUT, opset,
-                        batch_dynamic, f"image tower {model.config.model.image_encoder!r}")
+                        batch_dynamic, f"image tower {model.cfg.image_encoder!r}")
             timings["image_export_s"] = round(time.perf_counter() - t, 2)
             t = time.perf_counter()
             _export_one(text_encoder, (example_tokens,), tmp / TEXT_FILE, TEXT_INPUT, TEXT_OUTPUT, opset,
-                        batch_dynamic, f"text tower {model.config.model.text_encoder!r}",
+                        batch_dynamic, f"text tower {model.cfg.text_encoder!r}",
                         max_sequence=example_tokens.shape[1])
             timings["text_export_s"] = round(time.perf_counter() - t, 2)
         image_io, text_io = _io_description(tmp / IMAGE_FILE), _io_description(tmp / TEXT_FILE)
@@ -245,7 +245,7 @@ def export_onnx(run_dir: str | Path, out_dir: str | Path, opset: int | None = No
 def _self_check(model, export_dir: Path, batch: int, generator) -> dict:
     import torch
 
-    size = model.config.model.image_size
+    size = model.cfg.image_size
     images = torch.randn(batch, 3, size, size, generator=generator)
     texts = (CHECK_TEXTS * batch)[:batch]
     onnx_clip = OnnxClip(export_dir)

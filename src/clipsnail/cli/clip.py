@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from clipsnail.cli.common import (
     add_caption_flags,
@@ -54,8 +55,9 @@ def clip_config(args: argparse.Namespace):
 
     values = caption_values(args, (("shards", "data.shards"), ("init", "finetune.init")))
     config = task_config(ClipConfig, args, values, getattr(args, "config", None))
-    config.finetune.init = resolve_name(config.finetune.init)  # hf-hub:ORG/NAME -> its run: the task reads folders
-    return config
+    # Settled here, once: hf-hub:ORG/NAME -> its run (the task reads folders); a new config, not a written-back one.
+    finetune = dataclasses.replace(config.finetune, init=resolve_name(config.finetune.init))
+    return dataclasses.replace(config, finetune=finetune)
 
 
 def cmd_clip_train(args: argparse.Namespace) -> None:
@@ -82,8 +84,7 @@ def cmd_clip_summary(args: argparse.Namespace) -> None:
         cfg = model.cfg
     else:
         config = clip_config(args)
-        cfg = config.model
-        cfg.vocab_size = cfg.vocab_size or config.data.vocab_size
+        cfg = dataclasses.replace(config.model, vocab_size=config.model.vocab_size or config.data.vocab_size)
         model = CLIP(cfg)
     images = torch.zeros(2, 3, cfg.image_size, cfg.image_size)
     tokens = torch.full((2, cfg.context_length), cfg.eot_id)

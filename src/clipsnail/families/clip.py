@@ -7,8 +7,11 @@ serves a trained CLIP reads it through `load_run`, without the trainer.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import shutil
 from pathlib import Path
+
+import torch
 
 from clipsnail.core.config import OptimConfig, TrainConfig, check_at_least, check_choice, from_dict
 from clipsnail.core.errors import ConfigError, DataError
@@ -18,12 +21,15 @@ from clipsnail.core.runs import (
     build_for_weights,
     load_run_weights,
     read_run_config,
+    read_weights,
     save_run,
 )
 from clipsnail.data.caption_corpora import CaptionDataConfig
 from clipsnail.data.tokenizers import TextTokenizer
 from clipsnail.data.transforms import eval_transform
 from clipsnail.models.clip import CLIP, ClipModelConfig, InferenceKit
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -81,8 +87,12 @@ class ClipTrainConfig(TrainConfig):
     zeroshot_folder: str = ""
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class ClipConfig:
+    """A CLIP run's whole config, as config.json records it. Frozen: settled once (the command line's flags, a
+    fine-tuning run's architecture, the tokenizer's facts), each step giving a new config, never writing into the
+    one it was given."""
+
     model: ClipModelConfig = dataclasses.field(default_factory=ClipModelConfig)
     data: ClipDataConfig = dataclasses.field(default_factory=ClipDataConfig)
     loss: ClipLossConfig = dataclasses.field(default_factory=ClipLossConfig)
@@ -122,26 +132,47 @@ def save_clip_run(run_dir: Path, config: ClipConfig, model: CLIP, tokenizer: Tex
                         run_dir / "text_encoder" / "config.json")
 
 
-def ready_for_inference(model: CLIP, tokenizer: TextTokenizer, config: ClipConfig, run_dir: Path | None = None
-                        ) -> CLIP:
+def ready_for_inference(model: CLIP, tokenizer: TextTokenizer, run_dir: Path | None = None) -> CLIP:
     """Give a CLIP model what `encode_text` / `encode_image` need to take raw strings and images (its tokenizer and
-    evaluation transform), its whole config, and the run it came from (an index records it)."""
-    m = config.model
-    model.inference = InferenceKit(tokenizer=tokenizer, config=config,
+    the evaluation transform of its `cfg`), and the run it came from (an index records it)."""
+    m = model.cfg
+    model.inference = InferenceKit(tokenizer=tokenizer,
                                    preprocess=eval_transform(m.image_size, m.image_mean, m.image_std,
                                                              m.image_interpolation),
                                    run_dir=run_dir.resolve() if run_dir is not None else None)
     return model
 
 
+def run_model_config(run_dir: Path, data: dict) -> ClipModelConfig:
+    """The architecture of a CLIP run (config.json `data`, its "model" section), settled: a pretrained Hugging Face
+    text tower is the one whose architecture travels with the run (RUN/text_encoder, see `save_clip_run`), so the
+    run loads without the package that provided the weights."""
+    section = data.get("model") if isinstance(data.get("model"), dict) else {}
+    m = build_described(run_dir, lambda: from_dict(ClipModelConfig, section, where="model"))
+    if m.text_encoder.startswith("hf:"):
+        m = dataclasses.replace(m, text_encoder=f"hf:{run_dir / 'text_encoder'}")
+    return m
+
+
 def load_run(run_dir: Path, data: dict, weights: str = "model") -> CLIP:
-    """The CLIP model of a run directory (config.json section `data`), with its tokenizer and preprocess."""
-    config = build_described(run_dir, lambda: from_dict(ClipConfig, data))
-    if config.model.text_encoder.startswith("hf:"):  # the architecture travels with the run (see ClipTask.save)
-        config.model.text_encoder = f"hf:{run_dir / 'text_encoder'}"
-    model = build_for_weights(run_dir, lambda: CLIP(config.model, load_weights=False), weights)
+    """The CLIP model of a run directory (config.json `data`), with its tokenizer and preprocess. Only the model
+    section is read: what trained it (data, loss, schedule) does not change what it computes."""
+    m = run_model_config(run_dir, data)
+    model = build_for_weights(run_dir, lambda: CLIP(m, load_weights=False), weights)
     load_run_weights(model, run_dir, weights)
-    return ready_for_inference(model, TextTokenizer.load(run_dir / "tokenizer.json"), config, run_dir)
+    return ready_for_inference(model, TextTokenizer.load(run_dir / "tokenizer.json"), run_dir)
+
+
+def take_init_run(config: ClipConfig) -> tuple[ClipConfig, dict[str, torch.Tensor]]:
+    """`config` with the architecture of its `finetune.init` run (a copy: the given config stays as it is), and
+    that run's weights. The run's tokenizer comes with them (the task reads it from the same folder)."""
+    run = Path(config.finetune.init)
+    task, data = read_run_config(run)
+    if task != "clip":
+        raise DataError(f"{run}: finetune.init needs a CLIP run, this one is a {task!r} run")
+    model = from_dict(ClipModelConfig, data.get("model") or {}, where=f"{run}/config.json model")
+    log.info("starting from the weights of %s", run)
+    return dataclasses.replace(config, model=model), read_weights(run / "model.safetensors")
 
 
 def load_clip_run(run: str | Path) -> CLIP:

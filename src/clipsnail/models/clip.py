@@ -35,8 +35,12 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ClipModelConfig:
+    """The architecture of a CLIP model, all the model carries of its run's config (`CLIP.cfg`). Frozen: settled
+    once (from the run's config.json, a tokenizer's facts, a converted checkpoint) and then only read; a changed
+    value is a new config (`dataclasses.replace`)."""
+
     image_encoder: str = "vit"  # "vit", or a timm model name, optionally prefixed "timm:"
     # timm towers only: false; true (timm's weights, a download on first use); or a weights file / packaged name
     # ("efficientnet-lite0"), read by `clipsnail.core.pretrained.load_pretrained_state`. Typed `str | bool` so that the
@@ -264,12 +268,12 @@ def build_text_tower(cfg: ClipModelConfig, load_weights: bool = True) -> nn.Modu
 @dataclass
 class InferenceKit:
     """What a CLIP model carries besides its weights, set together for `clipsnail.load` and training: the text
-    tokenizer, the evaluation image transform, the whole task config (`ClipConfig`) and the run directory the
-    weights came from (None while training). A plain object, not a submodule (torchvision's v2 transforms are
-    nn.Modules): nothing of it is in the state_dict or the summary table."""
+    tokenizer, the evaluation image transform and the run directory the weights came from (None while training). A
+    plain object, not a submodule (torchvision's v2 transforms are nn.Modules): nothing of it is in the state_dict
+    or the summary table. The architecture is `CLIP.cfg`; the rest of a run's config (data, loss, schedule) is the
+    trainer's, and a model does not carry it."""
     tokenizer: Any = None
     preprocess: Callable | None = None
-    config: Any = None
     run_dir: Path | None = None
 
 
@@ -294,7 +298,6 @@ class CLIP(nn.Module):
     # What encode_* need to take raw strings and PIL images, read from `inference`.
     tokenizer = property(lambda self: self.inference.tokenizer)
     preprocess = property(lambda self: self.inference.preprocess)
-    config = property(lambda self: self.inference.config)
     run_dir = property(lambda self: self.inference.run_dir)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:

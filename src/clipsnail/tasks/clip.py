@@ -17,14 +17,11 @@ from torch import nn
 from torch.utils.data import IterableDataset
 
 from clipsnail.core import distributed as dist
-from clipsnail.core.config import from_dict
 from clipsnail.core.distributed import unwrap
 from clipsnail.core.errors import DataError
 from clipsnail.core.pretrained import text_model_dir
 from clipsnail.core.runs import (
     load_weights,
-    read_run_config,
-    read_weights,
 )
 from clipsnail.data.caption_corpora import load_caption_split
 from clipsnail.data.datasets import CaptionImageDataset
@@ -35,6 +32,7 @@ from clipsnail.families.clip import (
     check_clip_config,
     ready_for_inference,
     save_clip_run,
+    take_init_run,
     tokenizer_facts,
 )
 from clipsnail.models.clip import CLIP, ClipModelConfig
@@ -60,7 +58,8 @@ class ClipTask(Task):
         data = config.data
         self.init_weights = None
         if config.finetune.init:
-            self.init_weights = self._take_init_run(config.finetune.init)
+            config, self.init_weights = take_init_run(config)
+            self.config = config
         m = config.model
         transform = clip_train_transform(m.image_size, m.image_mean, m.image_std, data.augment, m.image_interpolation)
         self.train_captions: list[str] | None = None  # None: streaming; read from the shards when needed
@@ -99,14 +98,6 @@ class ClipTask(Task):
             return {}
         return {"init_logit_scale": SIGLIP_LOGIT_SCALE, "init_logit_bias": SIGLIP_LOGIT_BIAS}
 
-    def _take_init_run(self, run: str) -> dict[str, torch.Tensor]:
-        task, data = read_run_config(run)
-        if task != "clip":
-            raise DataError(f"{run}: finetune.init needs a CLIP run, this one is a {task!r} run")
-        self.config.model = from_dict(ClipModelConfig, data.get("model", {}), where=f"{run}/config.json model")
-        log.info("starting from the weights of %s", run)
-        return read_weights(Path(run) / "model.safetensors")
-
     def _tokenizer(self, run_dir: Path | None) -> TextTokenizer:
         m, data = self.config.model, self.config.data
         if run_dir is not None and (run_dir / "tokenizer.json").exists():  # resuming: keep the run's vocabulary
@@ -133,7 +124,7 @@ class ClipTask(Task):
             if model.logit_bias is not None and "logit_bias" not in state:  # a CLIP run, fine-tuned with SigLIP
                 state.update(logit_scale=model.logit_scale.detach(), logit_bias=model.logit_bias.detach())
             load_weights(model, state, Path(init) / "model.safetensors", f"the model of {init}/config.json")
-        ready_for_inference(model, self.tokenizer, self.config)
+        ready_for_inference(model, self.tokenizer)
         ft = self.config.finetune
         if ft.lock_image:
             model.lock_image_tower(ft.lock_image_unlocked_groups, ft.lock_image_freeze_bn_stats)
