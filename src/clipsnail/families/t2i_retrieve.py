@@ -43,8 +43,9 @@ class RetrieveConfig:
 
 def load_run(run_dir: Path, data: dict, weights: str = "model") -> FeatureRetriever:
     """A retrieve run as a generator: `generate(prompt, k)` -> the nearest known images."""
-    for key in ("image_size", "eval_prompts"):  # runs written when both text-to-image kinds shared one data section
-        data.get("data", {}).pop(key, None)
+    if isinstance(data.get("data"), dict):  # runs written when both text-to-image kinds shared one data section
+        section = {k: v for k, v in data["data"].items() if k not in ("image_size", "eval_prompts")}
+        data = {**data, "data": section}  # a migrated copy: the caller's dict is read, not rewritten
     config = build_described(run_dir, lambda: from_dict(RetrieveConfig, data))
     model = build_for_weights(run_dir, lambda: TextToFeature(config.model), weights)
     load_run_weights(model, run_dir, weights)
