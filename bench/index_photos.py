@@ -24,7 +24,7 @@ work on the shared cores slows both paths alike, so the side-by-side ratio is th
 
     .venv/bin/python bench/index_photos.py                          # both systems, 3 repeats, sweep 0,1,2,3
     .venv/bin/python bench/index_photos.py --systems conse --sweep-workers ''
-    .venv/bin/python bench/index_photos.py --photos 8 --repeats 1 --out /tmp/p.json   # checks that it works
+    .venv/bin/python bench/index_photos.py --photos 8 --repeats 1 --out runs/p.json   # checks that it works
 """
 
 from __future__ import annotations

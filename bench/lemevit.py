@@ -26,7 +26,7 @@ Parts (--only):
            training time. Writes bench/results/lemevit_quality.json.
 
     .venv/bin/python bench/lemevit.py --only speed                       # full speed run (~4-5 min on 2 cores)
-    .venv/bin/python bench/lemevit.py --only speed --rounds 1 --batch 2 --size 64 --out /tmp/lemevit_smoke.json
+    .venv/bin/python bench/lemevit.py --only speed --rounds 1 --batch 2 --size 64 --out runs/lemevit_smoke.json
     .venv/bin/python bench/lemevit.py --only quality --epochs 8            # ~35 min on 2 cores
 """
 
@@ -210,83 +210,18 @@ def speed(args) -> dict:
 
     x = make_input(args.batch, args.size)
     inputs = {"contiguous": layout_input(x, "contiguous"), "channels_last": layout_input(x, "channels_last")}
-    rows: dict[str, Row] = {}
-    for name in names:
-        t = time.perf_counter()
-        rows[name] = build_row(name, args.size)
-        rows[name].extra["create_seconds"] = round(time.perf_counter() - t, 2)
-
-    outputs: dict[str, torch.Tensor] = {}
-    times: dict[str, list[float]] = {n: [] for n in names}
-    with torch.inference_mode():
-        for name, row in rows.items():  # warm-up: one batch each (for compiled rows: the compilation)
-            t = time.perf_counter()
-            outputs[name] = row.fn(inputs[row.layout]).float().clone()
-            row.extra["warmup_seconds"] = round(time.perf_counter() - t, 2)
-            if row.extra.get("compiled"):
-                row.extra["compile_seconds"] = row.extra["warmup_seconds"]  # includes that one forward
-            say(f"  warm-up {name}: {row.extra['warmup_seconds']} s")
-        gc.collect()
-        for r in range(args.rounds):
-            for name, row in rows.items():
-                inp = inputs[row.layout]
-                t = time.perf_counter()
-                out = row.fn(inp)
-                times[name].append(time.perf_counter() - t)
-                if r == 0:
-                    outputs[name] = out.float().clone()  # the measured batch's logits
-            say(f"  round {r + 1}/{args.rounds}: " + ", ".join(
-                f"{n} {args.batch / times[n][-1]:.1f}" for n in names) + " img/s")
+    rows = build_rows(names, args.size)
+    outputs, times = time_rows(rows, inputs, args)
     load_at_end = [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
     tput = {n: [args.batch / s for s in times[n]] for n in names}
-    results = {}
-    for name, row in rows.items():
-        results[name] = {
-            "kind": row.kind, "arch": row.arch, "layout": row.layout, "params": row.params,
-            "img_per_s": _common.median(tput[name], 4),
-            "img_per_s_rounds": [round(v, 3) for v in tput[name]],
-            "batch_seconds_median": _common.median(times[name], 4),
-            **row.extra,
-        }
-
-    # Correctness: ours against the official-equivalent computation, same weights, same batch.
-    for name, row in rows.items():
-        ref = f"{row.arch}_reference"
-        if row.kind == "ours" and ref in outputs:
-            diff = (outputs[name] - outputs[ref]).abs().max().item()
-            results[name]["max_abs_diff_vs_reference"] = diff
-            results[name]["max_abs_logit_reference"] = outputs[ref].abs().max().item()
-            results[name]["matches_reference"] = diff <= MATCH_ATOL
-
-    # Ratios ours / baseline per round, then the median over rounds.
-    ratios: dict[str, dict] = {}
-    for name, row in rows.items():
-        if row.kind != "ours":
-            continue
-        bases = dict(RATIO_BASES, reference=f"{row.arch}_reference")
-        ratios[name] = {}
-        for label, base in bases.items():
-            if base in tput:
-                per_round = [a / b for a, b in zip(tput[name], tput[base])]
-                ratios[name][label] = _common.median(per_round, 4)
-                ratios[name][label + "_rounds"] = [round(v, 4) for v in per_round]
+    results = {name: row_result(row, tput[name], times[name]) for name, row in rows.items()}
+    compare_with_reference(rows, outputs, results)
+    ratios = speed_ratios(rows, tput)
     speedup_vs_reference = {n: r.get("reference") for n, r in ratios.items()}
-
-    goals = {}
-    for key, g in GOALS.items():
-        label = next(k for k, v in RATIO_BASES.items() if v == g["baseline"])
-        ratio = ratios.get(g["ours"], {}).get(label)
-        goals[key] = dict(g, ratio=ratio, met=None if ratio is None else ratio >= g["target"])
-
+    goals = speed_goals(ratios)
     if not args.skip_mem:
-        say("peak memory, one fresh process per model ...")
-        for name in names:
-            if rows[name].extra.get("compiled"):
-                results[name]["peak_mem"] = {"skipped": "compiled rows: the peak would be the compiler's"}
-                continue
-            results[name]["peak_mem"] = measure_peak_mem(name, args)
-            say(f"  {name}: {results[name]['peak_mem']}")
+        add_peak_mem(rows, results, args)
 
     report = _common.envelope(
         benchmark="lemevit_speed",
@@ -314,6 +249,101 @@ def speed(args) -> dict:
             f"(official code: {g['official_code_measured']})")
     say(f"wrote {path}")
     return report
+
+
+def build_rows(names: list[str], size: int) -> dict[str, Row]:
+    rows: dict[str, Row] = {}
+    for name in names:
+        t = time.perf_counter()
+        rows[name] = build_row(name, size)
+        rows[name].extra["create_seconds"] = round(time.perf_counter() - t, 2)
+    return rows
+
+
+def time_rows(rows: dict[str, Row], inputs: dict, args) -> tuple[dict, dict[str, list[float]]]:
+    """One warm-up batch per row, then `args.rounds` rounds of one batch of every row in turn (round-robin, so
+    machine drift hits all rows alike): (each row's logits of the first measured batch, batch seconds per row)."""
+    import torch
+
+    names = list(args.models)
+    outputs: dict[str, torch.Tensor] = {}
+    times: dict[str, list[float]] = {n: [] for n in names}
+    with torch.inference_mode():
+        for name, row in rows.items():  # warm-up: one batch each (for compiled rows: the compilation)
+            t = time.perf_counter()
+            outputs[name] = row.fn(inputs[row.layout]).float().clone()
+            row.extra["warmup_seconds"] = round(time.perf_counter() - t, 2)
+            if row.extra.get("compiled"):
+                row.extra["compile_seconds"] = row.extra["warmup_seconds"]  # includes that one forward
+            say(f"  warm-up {name}: {row.extra['warmup_seconds']} s")
+        gc.collect()
+        for r in range(args.rounds):
+            for name, row in rows.items():
+                inp = inputs[row.layout]
+                t = time.perf_counter()
+                out = row.fn(inp)
+                times[name].append(time.perf_counter() - t)
+                if r == 0:
+                    outputs[name] = out.float().clone()  # the measured batch's logits
+            say(f"  round {r + 1}/{args.rounds}: " + ", ".join(
+                f"{n} {args.batch / times[n][-1]:.1f}" for n in names) + " img/s")
+    return outputs, times
+
+
+def row_result(row: Row, tput: list[float], times: list[float]) -> dict:
+    return {
+        "kind": row.kind, "arch": row.arch, "layout": row.layout, "params": row.params,
+        "img_per_s": _common.median(tput, 4),
+        "img_per_s_rounds": [round(v, 3) for v in tput],
+        "batch_seconds_median": _common.median(times, 4),
+        **row.extra,
+    }
+
+
+def compare_with_reference(rows: dict[str, Row], outputs: dict, results: dict) -> None:
+    """Correctness: ours against the official-equivalent computation, same weights, same batch (into `results`)."""
+    for name, row in rows.items():
+        ref = f"{row.arch}_reference"
+        if row.kind == "ours" and ref in outputs:
+            diff = (outputs[name] - outputs[ref]).abs().max().item()
+            results[name]["max_abs_diff_vs_reference"] = diff
+            results[name]["max_abs_logit_reference"] = outputs[ref].abs().max().item()
+            results[name]["matches_reference"] = diff <= MATCH_ATOL
+
+
+def speed_ratios(rows: dict[str, Row], tput: dict[str, list[float]]) -> dict[str, dict]:
+    """Ratios ours / baseline per round, then the median over rounds (per round, so drift between rounds cancels)."""
+    ratios: dict[str, dict] = {}
+    for name, row in rows.items():
+        if row.kind != "ours":
+            continue
+        bases = dict(RATIO_BASES, reference=f"{row.arch}_reference")
+        ratios[name] = {}
+        for label, base in bases.items():
+            if base in tput:
+                per_round = [a / b for a, b in zip(tput[name], tput[base])]
+                ratios[name][label] = _common.median(per_round, 4)
+                ratios[name][label + "_rounds"] = [round(v, 4) for v in per_round]
+    return ratios
+
+
+def speed_goals(ratios: dict[str, dict]) -> dict:
+    goals = {}
+    for key, g in GOALS.items():
+        label = next(k for k, v in RATIO_BASES.items() if v == g["baseline"])
+        ratio = ratios.get(g["ours"], {}).get(label)
+        goals[key] = dict(g, ratio=ratio, met=None if ratio is None else ratio >= g["target"])
+    return goals
+
+
+def add_peak_mem(rows: dict[str, Row], results: dict, args) -> None:
+    say("peak memory, one fresh process per model ...")
+    for name in args.models:
+        if rows[name].extra.get("compiled"):
+            results[name]["peak_mem"] = {"skipped": "compiled rows: the peak would be the compiler's"}
+            continue
+        results[name]["peak_mem"] = measure_peak_mem(name, args)
+        say(f"  {name}: {results[name]['peak_mem']}")
 
 
 def speed_table(results: dict, ratios: dict) -> str:

@@ -22,7 +22,7 @@ What it does
 
     .venv/bin/python bench/photo_search.py                       # everything (about an hour on 2 CPU cores)
     .venv/bin/python bench/photo_search.py --parts zeroshot,classes   # the minutes-long parts only
-    .venv/bin/python bench/photo_search.py --folds 1 --steps 2 --out /tmp/p.json   # checks it works
+    .venv/bin/python bench/photo_search.py --folds 1 --steps 2 --out runs/p.json   # checks it works
 """
 
 from __future__ import annotations

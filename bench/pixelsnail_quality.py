@@ -16,7 +16,7 @@ the paper's CIFAR-10 result is 2.85 bits/dim after days of GPU training of a 46M
 
     .venv/bin/python bench/pixelsnail_quality.py                      # ~2 h on 2 cores: 4 runs of up to 30 min
     .venv/bin/python bench/pixelsnail_quality.py --datasets mnist --epochs-mnist 1 --budget 2m --max-train 512 \\
-        --out /tmp/psq.json --runs /tmp/psq                           # smoke test
+        --out runs/psq.json --runs runs/psq                           # smoke test
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ cached >= 10x naive at 32x32 (per preset), and cached total cost <= 3 forward pa
     .venv/bin/python bench/pixelsnail_sampling.py            # full run: ~30-40 min idle, up to ~1.5 h shared
     .venv/bin/python bench/pixelsnail_sampling.py --mem      # plus peak memory (one more cached generation per row)
     .venv/bin/python bench/pixelsnail_sampling.py --presets small --shapes 28x28x1 --batch 2 --naive-steps 2 \\
-        --forward-rounds 1 --full-naive never --out /tmp/pixelsnail_sampling_smoke.json     # smoke test, ~25 s
+        --forward-rounds 1 --full-naive never --out runs/pixelsnail_sampling_smoke.json     # smoke test, ~25 s
 
 Expected duration (estimated from smoke runs on a 2-core CPU shared with another benchmark): the two h12 rows
 dominate, 12-40 min each. One forward of h12_noup_smallkey (46M parameters) at batch 16 took 24 s at 28x28x1 and

@@ -26,7 +26,7 @@ the `medium` preset (1.71M parameters) at 28x28x1.
     .venv/bin/python bench/pixelsnail_speed.py               # full run: ~15 min idle, ~35 min on a shared 2-core CPU
     .venv/bin/python bench/pixelsnail_speed.py --skip-mem    # without the memory processes: about 2/3 of that
     .venv/bin/python bench/pixelsnail_speed.py --presets small --shapes 28x28x1 --batch 2 --rounds 1 --skip-mem \\
-        --out /tmp/pixelsnail_speed_smoke.json                                           # smoke test, ~10 s
+        --out runs/pixelsnail_speed_smoke.json                                           # smoke test, ~10 s
 
 Expected duration (estimated from smoke runs on a 2-core CPU shared with another benchmark): the h12_noup_smallkey
 rows dominate. A training step of h12 at batch 2, 28x28x1 took 18-50 s there (46M parameters; about 1.7 TFLOP per
@@ -191,7 +191,7 @@ def notes(args) -> list[str]:
     return n
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", default=",".join(PRESETS), help=f"comma-separated (default {','.join(PRESETS)})")
@@ -205,7 +205,11 @@ def main() -> None:
     p.add_argument("--skip-mem", action="store_true", help="skip the per-row peak-memory processes")
     p.add_argument("--out", default="bench/results/pixelsnail_speed.json")
     p.add_argument("--mem-child", nargs=2, metavar=("PRESET", "SHAPE"), help=argparse.SUPPRESS)
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     if args.mem_child:
         mem_child(args)
         return
@@ -221,54 +225,16 @@ def main() -> None:
         f"{args.rounds} rounds, presets {presets}, "
         f"shapes {shapes}")
 
-    rows: dict[str, Row] = {}
-    extra: dict[str, dict] = {}
-    for preset in presets:
-        for shape in shapes:
-            key = f"{preset}/{shape}"
-            t = time.perf_counter()
-            rows[key] = Row(preset, shape, row_batch(preset, args))
-            create = time.perf_counter() - t
-            warm = rows[key].step()
-            extra[key] = {"create_and_init_seconds": _r(create, 2), "warmup_step_seconds": _r(warm, 3)}
-            say(f"  {key}: {rows[key].params / 1e6:.2f}M params, init {create:.1f} s, warm-up step {warm:.2f} s")
-    times: dict[str, list[float]] = {k: [] for k in rows}
-    for r in range(args.rounds):
-        for key, row in rows.items():
-            times[key].append(row.step())
-        say(f"  round {r + 1}/{args.rounds}: " + ", ".join(
-            f"{k} {rows[k].batch / times[k][-1]:.2f}" for k in rows) + " img/s")
+    rows, extra = build_rows(presets, shapes, args)
+    times = time_rounds(rows, args.rounds)
     load_at_end = [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
-
-    results = {}
-    for key, row in rows.items():
-        step = _common.median(times[key])
-        results[key] = {
-            "preset": row.preset, "shape": row.shape, "params": row.params, "batch": row.batch,
-            "dropout": row.model.cfg.dropout,
-            "images_per_s": _r(row.batch / step, 3),
-            "images_per_s_rounds": [_r(row.batch / s, 3) for s in times[key]],
-            "step_seconds_median": _r(step),
-            "step_seconds_rounds": [_r(s) for s in times[key]],
-            "last_loss_nats_per_image": _r(row.loss, 2),
-            **extra[key],
-        }
-    del rows
+    results = {key: row_result(row, times[key], extra[key]) for key, row in rows.items()}
+    del rows  # the models' memory is freed before the memory processes start
     gc.collect()
 
-    goal_key = "/".join(GOAL_ROW)
-    goal = {"row": goal_key, "reference": ROSINALITY, "factor": GOAL_FACTOR,
-            "target_images_per_s": round(GOAL_FACTOR * ROSINALITY["images_per_s"], 2)}
-    if goal_key in results:
-        ips = results[goal_key]["images_per_s"]
-        goal.update(params=results[goal_key]["params"], images_per_s=ips,
-                    ratio_to_rosinality=round(ips / ROSINALITY["images_per_s"], 2),
-                    met=ips >= goal["target_images_per_s"])
-    else:
-        goal.update(images_per_s=None, ratio_to_rosinality=None, met=None)
+    goal = speed_goal(results)
     for r in results.values():
         r["ratio_to_rosinality_2_3_img_s"] = round(r["images_per_s"] / ROSINALITY["images_per_s"], 2)
-
     if not args.skip_mem:
         say("peak memory, one fresh process per row ...")
         for key, r in results.items():
@@ -292,6 +258,67 @@ def main() -> None:
     )
     path = _common.write_json(out, report)
     say("")
+    print_summary(results, goal)
+    say(f"wrote {path} ({report['total_seconds']} s)")
+
+
+def build_rows(presets: list[str], shapes: list[str], args) -> tuple[dict[str, Row], dict[str, dict]]:
+    """Every (preset, shape) row built and warmed up by one step: (rows, each row's build and warm-up seconds)."""
+    rows: dict[str, Row] = {}
+    extra: dict[str, dict] = {}
+    for preset in presets:
+        for shape in shapes:
+            key = f"{preset}/{shape}"
+            t = time.perf_counter()
+            rows[key] = Row(preset, shape, row_batch(preset, args))
+            create = time.perf_counter() - t
+            warm = rows[key].step()
+            extra[key] = {"create_and_init_seconds": _r(create, 2), "warmup_step_seconds": _r(warm, 3)}
+            say(f"  {key}: {rows[key].params / 1e6:.2f}M params, init {create:.1f} s, warm-up step {warm:.2f} s")
+    return rows, extra
+
+
+def time_rounds(rows: dict[str, Row], rounds: int) -> dict[str, list[float]]:
+    """Step seconds per row: each round times one step of every row in turn (round-robin)."""
+    times: dict[str, list[float]] = {k: [] for k in rows}
+    for r in range(rounds):
+        for key, row in rows.items():
+            times[key].append(row.step())
+        say(f"  round {r + 1}/{rounds}: " + ", ".join(
+            f"{k} {rows[k].batch / times[k][-1]:.2f}" for k in rows) + " img/s")
+    return times
+
+
+def row_result(row: Row, times: list[float], extra: dict) -> dict:
+    step = _common.median(times)
+    return {
+        "preset": row.preset, "shape": row.shape, "params": row.params, "batch": row.batch,
+        "dropout": row.model.cfg.dropout,
+        "images_per_s": _r(row.batch / step, 3),
+        "images_per_s_rounds": [_r(row.batch / s, 3) for s in times],
+        "step_seconds_median": _r(step),
+        "step_seconds_rounds": [_r(s) for s in times],
+        "last_loss_nats_per_image": _r(row.loss, 2),
+        **extra,
+    }
+
+
+def speed_goal(results: dict) -> dict:
+    """The goal row's images/s against GOAL_FACTOR x rosinality's (met None when that row was not run)."""
+    goal_key = "/".join(GOAL_ROW)
+    goal = {"row": goal_key, "reference": ROSINALITY, "factor": GOAL_FACTOR,
+            "target_images_per_s": round(GOAL_FACTOR * ROSINALITY["images_per_s"], 2)}
+    if goal_key in results:
+        ips = results[goal_key]["images_per_s"]
+        goal.update(params=results[goal_key]["params"], images_per_s=ips,
+                    ratio_to_rosinality=round(ips / ROSINALITY["images_per_s"], 2),
+                    met=ips >= goal["target_images_per_s"])
+    else:
+        goal.update(images_per_s=None, ratio_to_rosinality=None, met=None)
+    return goal
+
+
+def print_summary(results: dict, goal: dict) -> None:
     say(_common.format_table(
         ["preset", "shape", "params M", "img/s", "s/step", "x rosinality", "peak MiB", "train MiB"],
         [[r["preset"], r["shape"], round(r["params"] / 1e6, 3), r["images_per_s"], r["step_seconds_median"],
@@ -300,7 +327,6 @@ def main() -> None:
     met = goal["met"]
     say(f"goal medium@28x28x1 >= {goal['target_images_per_s']} img/s (5x rosinality's 2.3): {goal['images_per_s']} "
         f"img/s, {goal['ratio_to_rosinality']}x -> {'met' if met else 'not met' if met is False else '-'}")
-    say(f"wrote {path} ({report['total_seconds']} s)")
 
 
 if __name__ == "__main__":

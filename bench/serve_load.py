@@ -39,14 +39,15 @@ Client and server share the machine's cores, so on a 2-core CPU the figures are 
 
 To compare with another version of the server, run the server from that version's source tree:
 
-    git archive COMMIT src | tar -x -C /tmp/old && .venv/bin/python bench/serve_load.py --server-src /tmp/old/src \
-        --out /tmp/serve_load_old.json
+    mkdir -p runs/old && git archive COMMIT src | tar -x -C runs/old
+    .venv/bin/python bench/serve_load.py --server-src runs/old/src --out runs/serve_load_old.json
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import math
 import os
 import random
@@ -83,7 +84,7 @@ def prepare_index(work: Path, n: int, size: int, clip_steps: int, threads: int) 
     if not (run / "model.safetensors").exists():
         say(f"CLIP: demo recipe, {clip_steps} steps -> {run}")
         cfg = demo_config(data, clip_steps)
-        cfg.model.image_size = size
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, image_size=size))
         fit(ClipTask(cfg, run_dir=run), run, progress=False)
     try:
         ImageIndex.load(index_dir)
@@ -420,7 +421,7 @@ def attack_phase(kind: str, base: str, port: int, params: dict, seconds: float, 
     return {"attack": attack, "probe": probe}
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--index", help="an existing index (default: build one over shapes in --work)")
@@ -455,6 +456,11 @@ def main() -> None:
     if args.quick:
         args.images, args.clip_steps, args.requests = 300, 30, 200
         args.work = args.work + "_quick"
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     out = Path(args.out or _common.RESULTS / ("serve_load_quick.json" if args.quick else
                                               "serve_load_attacks.json" if args.attacks_only else "serve_load.json"))
     machine = _common.machine_info()
@@ -463,13 +469,7 @@ def main() -> None:
     index = Path(args.index) if args.index else prepare_index(Path(args.work), args.images, args.size,
                                                               args.clip_steps, args.threads)
     prepare_s = round(time.perf_counter() - t, 1)
-    from clipsnail.inference.index import ImageIndex
-
-    loaded = ImageIndex.load(index)
-    n_images = len(loaded)
-    upload_paths = [loaded.paths[i] for i in random.Random(1).sample(range(n_images), min(n_images, 50))]
-    uploads = [(p.name, p.read_bytes()) for p in upload_paths]
-    del loaded
+    n_images, uploads = sample_uploads(index)
 
     port = free_port()
     log_path = Path(args.work) / "server.log" if not args.index else out.with_suffix(".server.log")
@@ -482,51 +482,16 @@ def main() -> None:
     say(f"server: clipsnail serve --index {index} on 127.0.0.1:{port} from {args.server_src} (log {log_path})")
     proc, startup_s = start_server(index, port, log_path, Path(args.server_src))
     base = f"http://127.0.0.1:{port}"
-    rng = random.Random(0)
-    phases = {
-        "search": [{"method": "GET", "url": "/api/search", "params": {"q": q, "k": args.k}}
-                   for q in queries(args.requests, 0)],
-        "thumb": [{"method": "GET", "url": f"/api/thumb/{rng.randrange(n_images)}"} for _ in range(args.requests)],
-        "image": [{"method": "POST", "url": "/api/search/image", "data": {"k": str(args.k)},
-                   "files": {"file": rng.choice(uploads)}} for _ in range(max(1, args.requests // 10))],
-    }
+    phases = load_phases(args, n_images, uploads)
     results, attacks, server_rss = {}, {}, None
     try:
         asyncio.run(load_phase(base, phases["search"][:20], 4))  # warm-up: first calls, thread pool, caches
         if not args.attacks_only:
-            for name, reqs in phases.items():
-                say(f"{name}: {len(reqs)} requests, {args.concurrency} in flight")
-                results[name] = asyncio.run(load_phase(base, reqs, args.concurrency))
-            server_rss = server_memory_mib(proc.pid, "VmHWM")
-            if big:
-                say(f"big: {args.big_uploads} uploads of {big_width}x{big_height} JPEGs, "
-                    f"{args.big_concurrency} in flight")
-                results["big"] = big_upload_phase(base, proc.pid, big, big_width * big_height, args.big_uploads,
-                                                  args.big_concurrency, args.k)
-        say(f"calm: plain searches for 10 s, {args.probe_workers} in flight, no attack")
-        attacks["calm"] = {"probe": asyncio.run(probes(base, time.monotonic() + 10, args.probe_workers))}
-        if args.slow_bodies:
-            say(f"slow_body: {args.slow_bodies} sockets from {ATTACKER}, a body byte every {args.slow_body_every} s "
-                f"for {args.slow_body_s} s; plain searches meanwhile")
-            attacks["slow_body"] = attack_phase(
-                "slow_body", base, port, {"count": args.slow_bodies, "every": args.slow_body_every,
-                                          "seconds": args.slow_body_s}, args.slow_body_s, args.probe_workers)
-        if args.many_terms_connections:
-            say(f"many_terms: {args.many_terms_connections} connections from {ATTACKER} searching {args.terms} "
-                f"terms for {args.many_terms_s} s; plain searches meanwhile")
-            params = {"connections": args.many_terms_connections, "terms": args.terms,
-                      "distinct": args.distinct_terms, "seconds": args.many_terms_s}
-            attacks["many_terms"] = attack_phase("many_terms", base, port, params, args.many_terms_s,
-                                                 args.probe_workers)
+            results, server_rss = run_load(base, proc.pid, phases, big, (big_width, big_height), args)
+        attacks = run_attacks(base, port, args)
     finally:
         stop_server(proc)
-    summary = {}
-    for name, a in attacks.items():
-        p99 = a["probe"]["p99_s"]
-        summary.update({f"{name}_p50_s": a["probe"]["p50_s"], f"{name}_p99_s": p99,
-                        f"{name}_failures": a["probe"]["failures"]})
-        if name != "calm":
-            summary[f"{name}_target_met"] = p99 is not None and p99 < args.probe_target_s
+    summary = attack_summary(attacks, args.probe_target_s)
 
     errors = sum(r["errors"] for r in results.values())
     data = _common.envelope(
@@ -534,17 +499,7 @@ def main() -> None:
         machine=machine,
         git_commit=_common.git_commit(),
         date=_common.now_iso(),
-        config={"index": str(index), "images": n_images, "requests": args.requests,
-                "concurrency": args.concurrency, "k": args.k, "quick": args.quick,
-                "clip_steps": None if args.index else args.clip_steps, "size": None if args.index else args.size,
-                "big_uploads": args.big_uploads, "big_concurrency": args.big_concurrency,
-                "big_size": [big_width, big_height], "server_src": args.server_src,
-                "attacks_only": args.attacks_only, "slow_bodies": args.slow_bodies,
-                "slow_body_every_s": args.slow_body_every, "slow_body_s": args.slow_body_s,
-                "many_terms_connections": args.many_terms_connections, "terms": args.terms,
-                "distinct_terms": args.distinct_terms,
-                "many_terms_s": args.many_terms_s, "probe_workers": args.probe_workers,
-                "probe_target_s": args.probe_target_s, "attacker": ATTACKER, "probe_client": PROBE_CLIENT},
+        config=run_config(args, index, n_images, [big_width, big_height]),
         results={"prepare_s": prepare_s, "server_startup_s": round(startup_s, 1),
                  "server_peak_rss_mib": server_rss, "errors": errors, **summary, **results, "attacks": attacks},
         notes="Loopback only; the httpx client runs on the same cores as the server (one uvicorn worker, model "
@@ -556,27 +511,122 @@ def main() -> None:
               "counts the others (503, errors); calm is the same searches with no attack.",
     )
     _common.write_json(out, data)
-    rows = [[name, r["requests"], r["throughput_rps"], r["latency_ms_p50"], r["latency_ms_p90"],
-             r["latency_ms_p99"], r["latency_ms_max"], r["errors"]] for name, r in results.items()]
-    if rows:
-        say(_common.format_table(["phase", "requests", "req/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "errors"],
-                                 rows))
-    say(f"{n_images} images indexed; server start {startup_s:.1f} s, peak RSS {server_rss} MiB; wrote {out}")
-    if attacks:
-        rows = [[name, a["probe"]["searches"], a["probe"]["p50_s"], a["probe"]["p99_s"], a["probe"]["max_s"],
-                 a["probe"]["failures"], ", ".join(f"{k}: {v}" for k, v in (a.get("attack") or {}).get(
-                     "fates", (a.get("attack") or {}).get("answers", {})).items())] for name, a in attacks.items()]
-        say(_common.format_table(["attack", "plain searches", "p50 s", "p99 s", "max s", "failures",
-                                  "attack's requests"], rows))
-        missed = [name for name in attacks if summary.get(f"{name}_target_met") is False]
-        say(f"plain searches' p99 under attack: {'missed' if missed else 'under'} the {args.probe_target_s} s "
-            f"target{' (' + ', '.join(missed) + ')' if missed else ''}")
+    print_load(results, n_images, startup_s, server_rss, out)
+    print_attacks(attacks, summary, args.probe_target_s)
     if "big" in results:
         b = results["big"]
         say(f"big uploads: server RSS {b['rss_before_mib']} MiB before, {b['rss_peak_during_mib']} MiB at most "
             f"during, {b['rss_after_mib']} MiB after (VmHWM {b['vm_hwm_after_mib']} MiB)")
     if errors:
         raise SystemExit(f"{errors} requests failed")
+
+
+def sample_uploads(index: Path) -> tuple[int, list[tuple[str, bytes]]]:
+    """(images in the index, up to 50 of its images as (file name, bytes) for image searches)."""
+    from clipsnail.inference.index import ImageIndex
+
+    loaded = ImageIndex.load(index)
+    n_images = len(loaded)
+    upload_paths = [loaded.paths[i] for i in random.Random(1).sample(range(n_images), min(n_images, 50))]
+    return n_images, [(p.name, p.read_bytes()) for p in upload_paths]
+
+
+def load_phases(args, n_images: int, uploads: list[tuple[str, bytes]]) -> dict[str, list[dict]]:
+    """The requests of the search, thumb and image phases (a fixed seed: the same requests every run)."""
+    rng = random.Random(0)
+    return {
+        "search": [{"method": "GET", "url": "/api/search", "params": {"q": q, "k": args.k}}
+                   for q in queries(args.requests, 0)],
+        "thumb": [{"method": "GET", "url": f"/api/thumb/{rng.randrange(n_images)}"} for _ in range(args.requests)],
+        "image": [{"method": "POST", "url": "/api/search/image", "data": {"k": str(args.k)},
+                   "files": {"file": rng.choice(uploads)}} for _ in range(max(1, args.requests // 10))],
+    }
+
+
+def run_load(base: str, pid: int, phases: dict, big: list, big_size: tuple[int, int], args) -> tuple[dict, float]:
+    """The load phases, then the large-photo phase when there are large photos: (results by phase, the server's
+    VmHWM before the large photos)."""
+    results = {}
+    for name, reqs in phases.items():
+        say(f"{name}: {len(reqs)} requests, {args.concurrency} in flight")
+        results[name] = asyncio.run(load_phase(base, reqs, args.concurrency))
+    server_rss = server_memory_mib(pid, "VmHWM")
+    if big:
+        big_width, big_height = big_size
+        say(f"big: {args.big_uploads} uploads of {big_width}x{big_height} JPEGs, "
+            f"{args.big_concurrency} in flight")
+        results["big"] = big_upload_phase(base, pid, big, big_width * big_height, args.big_uploads,
+                                          args.big_concurrency, args.k)
+    return results, server_rss
+
+
+def run_attacks(base: str, port: int, args) -> dict:
+    """Plain searches with no attack (calm), then under each attack that is not switched off."""
+    attacks = {}
+    say(f"calm: plain searches for 10 s, {args.probe_workers} in flight, no attack")
+    attacks["calm"] = {"probe": asyncio.run(probes(base, time.monotonic() + 10, args.probe_workers))}
+    if args.slow_bodies:
+        say(f"slow_body: {args.slow_bodies} sockets from {ATTACKER}, a body byte every {args.slow_body_every} s "
+            f"for {args.slow_body_s} s; plain searches meanwhile")
+        attacks["slow_body"] = attack_phase(
+            "slow_body", base, port, {"count": args.slow_bodies, "every": args.slow_body_every,
+                                      "seconds": args.slow_body_s}, args.slow_body_s, args.probe_workers)
+    if args.many_terms_connections:
+        say(f"many_terms: {args.many_terms_connections} connections from {ATTACKER} searching {args.terms} "
+            f"terms for {args.many_terms_s} s; plain searches meanwhile")
+        params = {"connections": args.many_terms_connections, "terms": args.terms,
+                  "distinct": args.distinct_terms, "seconds": args.many_terms_s}
+        attacks["many_terms"] = attack_phase("many_terms", base, port, params, args.many_terms_s,
+                                             args.probe_workers)
+    return attacks
+
+
+def attack_summary(attacks: dict, target_s: float) -> dict:
+    """Each attack's plain-search p50, p99 and failures, and whether its p99 is under the target."""
+    summary = {}
+    for name, a in attacks.items():
+        p99 = a["probe"]["p99_s"]
+        summary.update({f"{name}_p50_s": a["probe"]["p50_s"], f"{name}_p99_s": p99,
+                        f"{name}_failures": a["probe"]["failures"]})
+        if name != "calm":
+            summary[f"{name}_target_met"] = p99 is not None and p99 < target_s
+    return summary
+
+
+def run_config(args, index: Path, n_images: int, big_size: list[int]) -> dict:
+    return {"index": str(index), "images": n_images, "requests": args.requests,
+            "concurrency": args.concurrency, "k": args.k, "quick": args.quick,
+            "clip_steps": None if args.index else args.clip_steps, "size": None if args.index else args.size,
+            "big_uploads": args.big_uploads, "big_concurrency": args.big_concurrency,
+            "big_size": big_size, "server_src": args.server_src,
+            "attacks_only": args.attacks_only, "slow_bodies": args.slow_bodies,
+            "slow_body_every_s": args.slow_body_every, "slow_body_s": args.slow_body_s,
+            "many_terms_connections": args.many_terms_connections, "terms": args.terms,
+            "distinct_terms": args.distinct_terms,
+            "many_terms_s": args.many_terms_s, "probe_workers": args.probe_workers,
+            "probe_target_s": args.probe_target_s, "attacker": ATTACKER, "probe_client": PROBE_CLIENT}
+
+
+def print_load(results: dict, n_images: int, startup_s: float, server_rss: float | None, out: Path) -> None:
+    rows = [[name, r["requests"], r["throughput_rps"], r["latency_ms_p50"], r["latency_ms_p90"],
+             r["latency_ms_p99"], r["latency_ms_max"], r["errors"]] for name, r in results.items()]
+    if rows:
+        say(_common.format_table(["phase", "requests", "req/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "errors"],
+                                 rows))
+    say(f"{n_images} images indexed; server start {startup_s:.1f} s, peak RSS {server_rss} MiB; wrote {out}")
+
+
+def print_attacks(attacks: dict, summary: dict, target_s: float) -> None:
+    if not attacks:
+        return
+    rows = [[name, a["probe"]["searches"], a["probe"]["p50_s"], a["probe"]["p99_s"], a["probe"]["max_s"],
+             a["probe"]["failures"], ", ".join(f"{k}: {v}" for k, v in (a.get("attack") or {}).get(
+                 "fates", (a.get("attack") or {}).get("answers", {})).items())] for name, a in attacks.items()]
+    say(_common.format_table(["attack", "plain searches", "p50 s", "p99 s", "max s", "failures",
+                              "attack's requests"], rows))
+    missed = [name for name in attacks if summary.get(f"{name}_target_met") is False]
+    say(f"plain searches' p99 under attack: {'missed' if missed else 'under'} the {target_s} s "
+        f"target{' (' + ', '.join(missed) + ')' if missed else ''}")
 
 
 if __name__ == "__main__":
