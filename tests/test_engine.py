@@ -177,3 +177,49 @@ def test_metrics_reach_tensorboard_as_they_are_logged(tmp_path):
     losses = [(e.step, e.value) for e in events.Scalars("loss")]
     assert losses == [(r["step"], pytest.approx(r["loss"])) for r in logged if "loss" in r]
     assert [e.step for e in events.Scalars("eval/dummy")] == [r["step"] for r in logged if "eval/dummy" in r]
+
+
+class HolesDataset(NoisyDataset):
+    """NoisyDataset with unreadable samples (None), counted in `skipped` where the real datasets count them: in the
+    collate (the CLIP and classification datasets) or as the sample is read (the shard stream)."""
+
+    HOLES = (0, 7, 13)
+
+    def __init__(self, count_in):
+        super().__init__()
+        self.count_in, self.skipped = count_in, 0
+
+    def __getitem__(self, item):
+        if item[0] in self.HOLES:
+            self.skipped += self.count_in == "getitem"
+            return None
+        return super().__getitem__(item)
+
+
+class HolesTask(ToyTask):
+    def __init__(self, count_in, **train):
+        super().__init__(**train)
+        self.train_dataset = HolesDataset(count_in)
+        self.seen = []  # train_dataset.skipped at each epoch's end, which is where the tasks warn about it
+
+    def collate(self, samples):
+        kept = [s for s in samples if s is not None]
+        if self.train_dataset.count_in == "collate":
+            self.train_dataset.skipped += len(samples) - len(kept)
+        return super().collate(kept) if kept else None
+
+    def after_epoch(self, model, run_dir, epoch):
+        self.seen.append(self.train_dataset.skipped)
+
+
+@pytest.mark.parametrize("count_in", ["collate", "getitem"])
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_skipped_samples_are_counted_in_the_main_process_with_any_number_of_workers(tmp_path, num_workers,
+                                                                                      count_in):
+    """DataLoader workers count unreadable samples in their own copies of the dataset: the count must still reach
+    the main process, where the task warns about it at each epoch's end and where fit returns it."""
+    task = HolesTask(count_in, num_workers=num_workers)
+    result = fit(task, tmp_path, progress=False)
+    holes = len(HolesDataset.HOLES)  # every epoch draws all 40 samples (5 full batches of 8)
+    assert task.seen == [holes, 2 * holes, 3 * holes]
+    assert result.skipped == task.train_dataset.skipped == 3 * holes

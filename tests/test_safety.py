@@ -448,12 +448,12 @@ def test_a_full_disk_at_the_first_checkpoint_is_one_line_and_the_rerun_starts_ov
                                                                                     monkeypatch):
     from helpers import run_error, tiny_clip_args
 
-    from clipsnail.train import engine
+    from clipsnail.train import checkpoints
 
     run = tmp_path / "run"
     args = tiny_clip_args(shapes_dir, run, "--set", "train.max_steps=2", "--set", "train.checkpoint_every=1",
                           "--set", "train.log_every=1000")
-    monkeypatch.setattr(engine, "save_file", no_space)
+    monkeypatch.setattr(checkpoints, "save_file", no_space)
     line = run_error(capsys, args)
     assert line.startswith(f"clipsnail: error: {run / 'checkpoint' / 'state.safetensors'}: cannot be written: No "
                            f"space left on device")
