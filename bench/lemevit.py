@@ -479,8 +479,9 @@ def quality(args) -> dict:
     report = _common.envelope(
         benchmark="lemevit_quality", machine=_common.machine_info(), git_commit=_common.git_commit(),
         date=_common.now_iso(), command=" ".join(sys.argv),
-        data={"path": str(data_dir), "split": "per class, files sorted by name: first 900 train, last 100 test; "
-                                             "no validation split, no model selection",
+        data={"path": _common.data_name(data_dir),
+              "split": "per class, files sorted by name: first 900 train, last 100 test; "
+                       "no validation split, no model selection",
               "train_images": len(task.train_data), "test_images": len(test)},
         config={"recipe": QUALITY_RECIPE}, results=results, goals=goals,
         notes=["test_acc1 is the better of the raw weights and their EMA (both reported); both are the end of "

@@ -50,6 +50,13 @@ RECIPE = ["train.batch_size=16", "model.dropout=0", "train.ema_decay=0.999", "op
           "optim.warmup_steps=0"]
 
 
+
+def recorded_spec(spec: str) -> str:
+    """A data spec as the results record it: "mnist:mnist_test", never a path of the machine that ran it."""
+    kind, _, path = spec.partition(":")
+    return f"{kind}:{_common.data_name(Path(path))}"
+
+
 def train_one(dataset: str, model: str, epochs: int, args) -> dict:
     from clipsnail.apps.hub import load
     from clipsnail.core.config import load_config
@@ -130,7 +137,7 @@ def main() -> None:
     report = _common.envelope(
         benchmark="pixelsnail_quality", machine=_common.machine_info(), git_commit=_common.git_commit(),
         date=_common.now_iso(), command=" ".join(sys.argv),
-        data={k: {"spec": v["spec"], "split": v["split"]} for k, v in DATASETS.items()},
+        data={k: {"spec": recorded_spec(v["spec"]), "split": v["split"]} for k, v in DATASETS.items()},
         results=results, goals=goals,
         paper={"cifar10_bits_per_dim": 2.85, "note": "h12_noup_smallkey, 46M parameters, days on GPUs"},
         config={"recipe": RECIPE},
