@@ -10,7 +10,7 @@ import torch
 from helpers import assert_same_weights, logged_losses, noise_image, tiny_clip, tiny_clip_args
 
 from clipsnail.cli import main
-from clipsnail.train.feature_cache import FeatureCache, content_digest, weights_digest
+from clipsnail.train.feature_cache import CacheCounts, FeatureCache, content_digest, weights_digest
 
 LIT = ["--set", "finetune.lock_image=true", "--set", "data.augment=false"]
 
@@ -20,8 +20,23 @@ def train(shapes_dir, out, *settings, steps=4):
     return out
 
 
-def cache_lines(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "clipsnail.train.feature_cache"]
+@pytest.fixture
+def cache_counts(monkeypatch) -> list[tuple[str, CacheCounts]]:
+    """(cache name, what the call did) for every FeatureCache.outputs call while the test runs, in order."""
+    calls = []
+    outputs = FeatureCache.outputs
+
+    def recorded(self, digests, encode):
+        rows = outputs(self, digests, encode)
+        calls.append((self.name, self.counts))
+        return rows
+
+    monkeypatch.setattr(FeatureCache, "outputs", recorded)
+    return calls
+
+
+def first(calls: list[tuple[str, CacheCounts]], name: str) -> CacheCounts:
+    return next(counts for cache, counts in calls if cache == name)
 
 
 # ----------------------------------------------------------------------------------------------- the cache itself
@@ -39,12 +54,15 @@ def test_kept_rows_are_read_back_and_only_new_items_encoded(tmp_path):
         return encode
 
     cache = FeatureCache(tmp_path, "image", "ab" * 20)
-    first = cache.outputs([d1, d2, d3], encoder([d1, d2, d3]))
-    assert calls == [[0, 1, 2]] and first[:, 0].tolist() == [1, 2, 3]
-    again = FeatureCache(tmp_path, "image", "ab" * 20).outputs([d3, d9, d1], encoder([d3, d9, d1]))
+    rows = cache.outputs([d1, d2, d3], encoder([d1, d2, d3]))
+    assert calls == [[0, 1, 2]] and rows[:, 0].tolist() == [1, 2, 3]
+    assert cache.counts == CacheCounts(kept=0, encoded=3, checked=0)
+    cache = FeatureCache(tmp_path, "image", "ab" * 20)
+    again = cache.outputs([d3, d9, d1], encoder([d3, d9, d1]))
     assert calls[1] == [0, 2]  # the kept items, encoded again to check the file against the tower
     assert calls[2:] == [[1]]  # then only the new item
     assert again[:, 0].tolist() == [3, 9, 1]
+    assert cache.counts == CacheCounts(kept=2, encoded=1, checked=2)
     # The file holds exactly the items of the last call.
     assert sorted(FeatureCache(tmp_path, "image", "ab" * 20).read()) == sorted([d1, d3, d9])
 
@@ -78,48 +96,44 @@ def test_a_damaged_cache_file_is_encoded_again(tmp_path, caplog):
 # ----------------------------------------------------------------------------------------------- training from it
 
 
-def test_training_from_the_cache_equals_training_without_it(shapes_dir, tmp_path, caplog):
-    caplog.set_level(logging.INFO)
+def test_training_from_the_cache_equals_training_without_it(shapes_dir, tmp_path, cache_counts):
     plain = train(shapes_dir, tmp_path / "plain", *LIT, "--set", "finetune.cache_features=false")
-    assert cache_lines(caplog) == []
+    assert cache_counts == []
     cached = train(shapes_dir, tmp_path / "cached", *LIT)
-    assert any("encoded" in line for line in cache_lines(caplog))
+    image = first(cache_counts, "image")
+    assert image.kept == 0 and image.encoded > 0
     assert logged_losses(plain) == logged_losses(cached)
     assert_same_weights(plain, cached)
 
 
-def test_both_towers_locked_train_the_heads_from_kept_outputs(shapes_dir, tmp_path, caplog):
-    caplog.set_level(logging.INFO)
+def test_both_towers_locked_train_the_heads_from_kept_outputs(shapes_dir, tmp_path, cache_counts):
     plain = train(shapes_dir, tmp_path / "plain", *LIT, "--set", "finetune.lock_text=true",
                   "--set", "finetune.cache_features=false")
     cached = train(shapes_dir, tmp_path / "cached", *LIT, "--set", "finetune.lock_text=true")
-    assert {line.split(":")[0] for line in cache_lines(caplog)} >= {"image", "text", "val_image", "val_text"}
+    assert {name for name, _ in cache_counts} >= {"image", "text", "val_image", "val_text"}
     a, b = logged_losses(plain), logged_losses(cached)
     assert a == pytest.approx(b, rel=1e-5)  # text outputs in batches of another size: float rounding only
 
 
-def test_a_resume_reads_the_cache_back(shapes_dir, tmp_path, caplog):
-    caplog.set_level(logging.INFO)
+def test_a_resume_reads_the_cache_back(shapes_dir, tmp_path, cache_counts):
     run = train(shapes_dir, tmp_path / "run", *LIT, "--set", "train.checkpoint_every=2", steps=2)
-    caplog.clear()
+    cache_counts.clear()
     train(shapes_dir, run, *LIT, "--set", "train.checkpoint_every=2", steps=4)
-    image_line = next(line for line in cache_lines(caplog) if line.startswith("image:"))
-    assert image_line.endswith(", 0 encoded"), image_line
+    image = first(cache_counts, "image")
+    assert image.encoded == 0 and image.kept > 0, cache_counts
 
 
-def test_an_image_that_changed_is_encoded_again_alone(shapes_dir, tmp_path, caplog):
+def test_an_image_that_changed_is_encoded_again_alone(shapes_dir, tmp_path, cache_counts):
     data = tmp_path / "shapes"
     shutil.copytree(shapes_dir, data)
     run = train(data, tmp_path / "run", *LIT, steps=2)
     split = json.loads((data / "split.json").read_text())["images"]
     changed = data / "images" / next(i["filename"] for i in split if i["split"] == "train")
     noise_image(changed, seed=5)  # other bytes under the same name
-    caplog.clear()
-    caplog.set_level(logging.INFO)
+    cache_counts.clear()
     train(data, run, *LIT, steps=4)
-    lines = cache_lines(caplog)
-    assert next(line for line in lines if line.startswith("image:")).endswith(", 1 encoded"), lines
-    assert next(line for line in lines if line.startswith("val_image:")).endswith(", 0 encoded"), lines
+    assert first(cache_counts, "image").encoded == 1, cache_counts
+    assert first(cache_counts, "val_image").encoded == 0, cache_counts
 
 
 def test_random_augmentation_says_the_locked_tower_runs_every_step(shapes_dir, tmp_path, caplog):

@@ -19,7 +19,7 @@ from clipsnail.cli import main
 from clipsnail.core.config import OptimConfig, TrainConfig
 from clipsnail.core.errors import DataError
 from clipsnail.train.engine import fit
-from clipsnail.train.feature_cache import FeatureCache, content_digest
+from clipsnail.train.feature_cache import CacheCounts, FeatureCache, content_digest
 from clipsnail.train.task import Task
 
 LIT = ["--set", "finetune.lock_image=true", "--set", "data.augment=false"]
@@ -31,8 +31,10 @@ def train(data, out, *settings, steps=4):
     return out
 
 
-def cache_lines(caplog, level=logging.INFO) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "clipsnail.train.feature_cache" and r.levelno == level]
+def cache_warnings(caplog) -> list[str]:
+    """What the cache told the user went wrong (counts of what it did are on FeatureCache.counts)."""
+    return [r.getMessage() for r in caplog.records
+            if r.name == "clipsnail.train.feature_cache" and r.levelno == logging.WARNING]
 
 
 def tower(digest: str) -> torch.Tensor:
@@ -114,7 +116,7 @@ def test_permuted_rows_are_discarded_and_everything_encoded_again(tmp_path, capl
     out = FeatureCache(tmp_path, "image", KEY).outputs(digests, encode)
     assert encode.calls[-1] == list(range(10))
     assert torch.equal(out, torch.stack([tower(d) for d in digests]))
-    warnings = cache_lines(caplog, logging.WARNING)
+    warnings = cache_warnings(caplog)
     assert len(warnings) == 1 and "discarded, encoding every item again" in warnings[0], warnings
 
 
@@ -127,18 +129,18 @@ def test_rows_of_absurd_magnitude_are_discarded(tmp_path, caplog, rows):
     out = FeatureCache(tmp_path, "image", KEY).outputs(digests, encode)
     assert encode.calls[-1] == list(range(10))
     assert out.abs().max() < 100
-    assert len(cache_lines(caplog, logging.WARNING)) == 1
+    assert len(cache_warnings(caplog)) == 1
 
 
 def test_rounding_of_another_device_or_bfloat16_passes_the_spot_check(tmp_path, caplog):
-    caplog.set_level(logging.INFO)
     cache, digests = filled_cache(tmp_path)
     rewrite(cache.path, lambda t, m: t.update(features=t["features"].bfloat16().float()))
     encode = Encoder(digests)
-    FeatureCache(tmp_path, "image", KEY).outputs(digests, encode)
+    again = FeatureCache(tmp_path, "image", KEY)
+    again.outputs(digests, encode)
     assert len(encode.calls) == 1 and len(encode.calls[0]) == 4  # the spot check, nothing more
-    assert cache_lines(caplog, logging.WARNING) == []
-    assert any("(4 checked against the tower), 0 encoded" in line for line in cache_lines(caplog))
+    assert cache_warnings(caplog) == []
+    assert again.counts == CacheCounts(kept=10, encoded=0, checked=4)
 
 
 def test_a_file_whose_key_is_another_is_not_this_cache(tmp_path, caplog):
@@ -186,7 +188,7 @@ def test_a_cache_of_another_layout_is_unreadable_and_encoded_again(tmp_path, cap
     out = FeatureCache(tmp_path, "image", KEY).outputs(digests, encode)
     assert encode.calls[-1] == list(range(10))
     assert out.dtype == torch.float32 and torch.equal(out, torch.stack([tower(d) for d in digests]))
-    warnings = cache_lines(caplog, logging.WARNING)
+    warnings = cache_warnings(caplog)
     assert len(warnings) == 1 and "unreadable feature cache" in warnings[0], warnings
     assert len(FeatureCache(tmp_path, "image", KEY).read()) == 10  # and written again whole
 
@@ -198,45 +200,59 @@ def image_cache(run):
     return next((run / "feature_cache").glob("image-*.safetensors"))
 
 
-def image_line(caplog) -> str:
-    return next(line for line in cache_lines(caplog) if line.startswith("image:"))
+@pytest.fixture
+def cache_counts(monkeypatch) -> list[tuple[str, CacheCounts]]:
+    """(cache name, what the call did) for every FeatureCache.outputs call while the test runs, in order."""
+    calls = []
+    outputs = FeatureCache.outputs
+
+    def recorded(self, digests, encode):
+        rows = outputs(self, digests, encode)
+        calls.append((self.name, self.counts))
+        return rows
+
+    monkeypatch.setattr(FeatureCache, "outputs", recorded)
+    return calls
 
 
-def assert_all_encoded(line):
-    """"image: 0 of N kept, N encoded"."""
-    kept, total = line.split(": ")[1].split(" kept")[0].split(" of ")
-    assert kept == "0" and line.endswith(f", {total} encoded"), line
+def first(calls: list[tuple[str, CacheCounts]], name: str) -> CacheCounts:
+    return next(counts for cache, counts in calls if cache == name)
+
+
+def assert_all_encoded(calls: list[tuple[str, CacheCounts]]) -> None:
+    """The training images were all encoded again: none read back from the file."""
+    image = first(calls, "image")
+    assert image.kept == 0 and image.encoded > 0, calls
 
 
 @pytest.mark.parametrize("damage", [wider, digests_above_255])
-def test_training_goes_on_from_a_cache_of_another_layout(shapes_dir, tmp_path, caplog, damage):
+def test_training_goes_on_from_a_cache_of_another_layout(shapes_dir, tmp_path, caplog, cache_counts, damage):
     run = train(shapes_dir, tmp_path / "run", steps=2)
     rewrite(image_cache(run), damage)
     caplog.clear()
-    caplog.set_level(logging.INFO)
+    cache_counts.clear()
     train(shapes_dir, run, steps=4)
-    assert any("unreadable feature cache" in w for w in cache_lines(caplog, logging.WARNING))
-    assert_all_encoded(image_line(caplog))
+    assert any("unreadable feature cache" in w for w in cache_warnings(caplog))
+    assert_all_encoded(cache_counts)
 
 
-def test_a_resume_after_the_rows_were_permuted_encodes_everything_again(shapes_dir, tmp_path, caplog):
+def test_a_resume_after_the_rows_were_permuted_encodes_everything_again(shapes_dir, tmp_path, caplog, cache_counts):
     run = train(shapes_dir, tmp_path / "run", steps=2)
     rewrite(image_cache(run), lambda t, m: t.update(features=t["features"].roll(1, dims=0).contiguous()))
     caplog.clear()
-    caplog.set_level(logging.INFO)
+    cache_counts.clear()
     train(shapes_dir, run, steps=4)
-    warnings = cache_lines(caplog, logging.WARNING)
+    warnings = cache_warnings(caplog)
     assert len(warnings) == 1 and "feature cache disagrees" in warnings[0], warnings
-    assert_all_encoded(image_line(caplog))
+    assert_all_encoded(cache_counts)
 
 
-def test_a_resume_encodes_again_an_image_whose_row_went_bad(shapes_dir, tmp_path, caplog):
+def test_a_resume_encodes_again_an_image_whose_row_went_bad(shapes_dir, tmp_path, cache_counts):
     run = train(shapes_dir, tmp_path / "run", steps=2)
     rewrite(image_cache(run), lambda t, m: t["features"][5].fill_(float("nan")))
-    caplog.clear()
-    caplog.set_level(logging.INFO)
+    cache_counts.clear()
     train(shapes_dir, run, steps=4)
-    assert image_line(caplog).endswith(", 1 encoded"), image_line(caplog)
+    assert first(cache_counts, "image").encoded == 1, cache_counts
     with safe_open(str(image_cache(run)), "pt") as f:
         assert f.get_tensor("features").isfinite().all()
 

@@ -21,6 +21,7 @@ import logging
 import random
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -63,6 +64,17 @@ def weights_digest(module: nn.Module, *settings: str) -> str:
     return digest.hexdigest()
 
 
+@dataclass(frozen=True)
+class CacheCounts:
+    """What one `FeatureCache.outputs` call did with the items it was given: `kept` were read back from the file,
+    `encoded` computed by the tower (kept + encoded: every item), and `checked` of the kept ones encoded again to
+    check the file against the tower."""
+
+    kept: int
+    encoded: int
+    checked: int
+
+
 class FeatureCache:
     """One tower's outputs by item digest, in `folder/NAME-KEY.safetensors` (rows `features` [N, D] float32, and
     `digests` as [N, 20] uint8 bytes). `folder` None keeps nothing: every call computes.
@@ -71,10 +83,11 @@ class FeatureCache:
     encoded again at every call, so that a row gone bad on disk never drops a good item for good. The file is
     trusted no further than it can be checked: its layout and its metadata (name, key) must be those this class
     writes, and at each read a few kept items are encoded again and compared with their rows; a file that fails
-    is discarded and every item encoded again."""
+    is discarded and every item encoded again. `counts`: what the last `outputs` call did (None before one)."""
 
     def __init__(self, folder: Path | None, name: str, key: str):
         self.folder, self.name, self.key = folder, name, key[:16]
+        self.counts: CacheCounts | None = None
 
     @property
     def path(self) -> Path | None:
@@ -148,8 +161,9 @@ class FeatureCache:
         fresh = encode(missing).float().cpu() if missing else torch.empty(0, 0)
         for i, row in zip(missing, fresh):
             kept[digests[i]] = row
-        log.info("%s: %d of %d kept%s, %d encoded", self.name, len(digests) - len(missing), len(digests),
-                 f" ({checked} checked against the tower)" if checked else "", len(missing))
+        self.counts = CacheCounts(kept=len(digests) - len(missing), encoded=len(missing), checked=checked or 0)
+        log.info("%s: %d of %d kept%s, %d encoded", self.name, self.counts.kept, len(digests),
+                 f" ({checked} checked against the tower)" if checked else "", self.counts.encoded)
         rows = {d: kept[d] for d in dict.fromkeys(digests)}
         kept_rows = {d: row for d, row in rows.items() if row.isfinite().all()}
         if kept_rows.keys() != set(names) or fresh.isfinite().all(dim=1).any():
