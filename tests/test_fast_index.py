@@ -13,6 +13,7 @@ from PIL import Image, ImageOps
 
 from clipsnail.cli import main
 from clipsnail.data.images import load_image
+from clipsnail.inference import evaluate
 from clipsnail.inference.index import MIN_IMAGES_FOR_WORKERS, build_index, update_index
 
 
@@ -171,10 +172,21 @@ def test_a_few_new_photos_are_decoded_in_the_encoding_process(clip_model, tmp_pa
     assert set(pids.read_text().split()) == {str(os.getpid())}  # starting processes would cost more
 
 
-def test_progress_counts_photos(clip_model, camera_roll, tmp_path, capsys):
-    build_index(clip_model, camera_roll, tmp_path / "idx", batch_size=4, progress=True, workers=0)
-    err = capsys.readouterr().err
-    assert "photo/s" in err and f"{MIN_IMAGES_FOR_WORKERS + 6}/{MIN_IMAGES_FOR_WORKERS + 6}" in err
+def test_progress_counts_photos(clip_model, camera_roll, tmp_path, monkeypatch):
+    """The encoding bar counts photos, every file tried (the unreadable ones too), up to the last one."""
+    bars = []
+
+    class Recorded(evaluate.tqdm):
+        def close(self):
+            if not self.disable:  # tqdm disables a bar as it closes it: each bar once
+                bars.append({"unit": self.unit, "done": self.n, "total": self.total})
+            super().close()
+
+    monkeypatch.setattr(evaluate, "tqdm", Recorded)
+    _, stats = build_index(clip_model, camera_roll, tmp_path / "idx", batch_size=4, progress=True, workers=0)
+    photos = MIN_IMAGES_FOR_WORKERS + 6
+    assert bars == [{"unit": "photo", "done": photos, "total": photos}]
+    assert stats["added"] + stats["unreadable"] == photos
 
 
 def test_cli_workers_flag(clip_run, camera_roll, tmp_path, capsys):
