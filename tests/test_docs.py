@@ -114,7 +114,8 @@ def test_links_lead_to_files_and_headings_that_exist():
                 assert anchor in anchors(linked), f"{page.relative_to(ROOT)}: {target}: no such heading"
 
 
-OUTSIDE = re.compile(r"\.\./shared\b|(?<![\w.])/work/")
+# Spelled so that the pattern's own text does not match it (an escaped slash is a slash to `re`).
+OUTSIDE = re.compile(r"\.\.\/shared\b|(?<![\w.])\/work\/")
 
 
 def repository_texts() -> list[Path]:
@@ -131,8 +132,6 @@ def repository_texts() -> list[Path]:
 def test_nothing_refers_to_a_path_outside_the_repository():
     offenders = []
     for path in repository_texts():
-        if path == Path(__file__).resolve():
-            continue
         for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
             if OUTSIDE.search(line):
                 offenders.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()[:100]}")
