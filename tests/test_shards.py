@@ -216,10 +216,24 @@ def test_corrupt_samples_are_skipped_and_counted(tmp_path):
     stream.set_epoch(0, batch_size=1)
     first, second, third = take(stream, 3)
     assert first["caption"] == "a red square" and first["image_id"] not in (0, 1)  # key "a/k1": hashed
-    assert second is None and third is None and stream.skipped == 2
+    assert second is None and third is None
     strict = ShardStream(str(tmp_path / "c.tar"), TRANSFORM, shuffle_buffer=0, strict=True)
     with pytest.raises(DataError, match=r"c.tar:a/k2.jpg: cannot read image"):
         take(strict, 2)
+
+
+def test_a_corrupt_sample_is_counted_once_where_the_task_drops_it(tmp_path):
+    """The stream yields None for a corrupt sample; the task's collate drops and counts it, as for a folder of
+    images: once (the stream counting it too made every corrupt sample count twice)."""
+    from clipsnail.tasks.clip import ClipTask
+
+    corrupt_shard(tmp_path / "c.tar")
+    stream = ShardStream(str(tmp_path / "c.tar"), TRANSFORM, shuffle_buffer=0)
+    stream.set_epoch(0, batch_size=3)
+    task = ClipTask.__new__(ClipTask)  # only its collate is used
+    task.train_dataset, task.tokenizer = stream, lambda texts: torch.zeros(len(texts), 4, dtype=torch.long)
+    batch = task.collate(take(stream, 3))
+    assert len(batch["image_ids"]) == 1 and stream.skipped == 2
 
 
 def test_expand_urls(tmp_path):

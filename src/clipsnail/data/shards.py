@@ -421,10 +421,10 @@ class ShardStream(IterableDataset):
         if self.strict:
             raise DataError(message)
         log.warning("skipping %s", message)
-        self.skipped += 1
 
     def decode(self, raw: dict, sample_seed: int) -> dict | None:
-        """One training item from a raw sample; None (counted in `skipped`) when it is corrupt."""
+        """One training item from a raw sample; None when it is corrupt, which the task's collate drops and counts
+        in `skipped` (as for every dataset: each skipped sample counted once)."""
         where = f"{raw['__url__']}:{raw['__key__']}"
         ext = next((e for e in IMAGE_EXTS if e in raw), None)
         if ext is None:

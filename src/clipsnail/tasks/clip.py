@@ -1,7 +1,6 @@
-"""The CLIP task: caption corpus -> tokenizer + CLIP model + contrastive loss + retrieval evaluation, and
-`load_run` for a trained CLIP run.
-
-Only what is specific to CLIP lives here; the loop itself is `clipsnail.train.engine.fit`.
+"""The CLIP task: caption corpus -> tokenizer + CLIP model + contrastive loss. Its locked towers' kept outputs
+are `clip_towers.LockedTowers`, its evaluation `clip_evaluation.ClipEvaluation`, its run format
+`clipsnail.families.clip`; the loop itself is `clipsnail.train.engine.fit`.
 """
 
 from __future__ import annotations
@@ -36,7 +35,8 @@ from clipsnail.families.clip import (
     tokenizer_facts,
 )
 from clipsnail.models.clip import CLIP, ClipModelConfig
-from clipsnail.train.feature_cache import FeatureCache, content_digest, weights_digest
+from clipsnail.tasks.clip_evaluation import ClipEvaluation
+from clipsnail.tasks.clip_towers import LockedTowers
 from clipsnail.train.losses import distributed_clip_loss, distributed_siglip_loss
 from clipsnail.train.optim import param_groups_by_prefix
 from clipsnail.train.task import Task
@@ -82,14 +82,14 @@ class ClipTask(Task):
         # config takes both (the caller's stays as given), and the run's config.json records them.
         self.config = config = dataclasses.replace(
             config, model=dataclasses.replace(m, **tokenizer_facts(self.tokenizer), **self._loss_weights(m)))
-        self.memo: dict[tuple[str, str], torch.Tensor] = {}  # see `tower_outputs`
-        self.cache_folder: Path | None = None  # RUN/feature_cache, once training has started (`prepare`)
+        self.towers = LockedTowers(config.finetune, data, self.tokenizer)
         self.val = None
         if data.captions or not data.shards:
             try:
                 self.val = load_caption_split(data, "val")
             except DataError as e:
                 log.info("no validation during training (%s)", e)
+        self.evaluation = ClipEvaluation(config, self.val, self.towers)
 
     def _loss_weights(self, m: ClipModelConfig) -> dict:
         """SigLIP's start (Zhai et al. 2023): temperature 10 and bias -10, unless the model has a bias already (a
@@ -134,58 +134,8 @@ class ClipTask(Task):
 
     # ------------------------------------------------------------------------------- locked towers, run once
 
-    def image_tower_frozen(self) -> bool:
-        """Wholly locked and in eval mode: the tower gives an image the same output at every step."""
-        ft = self.config.finetune
-        return ft.lock_image and not ft.lock_image_unlocked_groups and ft.lock_image_freeze_bn_stats
-
-    def cached_towers(self) -> tuple[bool, bool]:
-        """(image, text): which towers run once over the training data instead of at every step. Where a locked
-        tower cannot, one line says why it runs at every step."""
-        ft, data = self.config.finetune, self.config.data
-        image = self.image_tower_frozen()
-        if not ft.cache_features or not (image or ft.lock_text):
-            return False, False
-        if data.shards:
-            log.warning("the locked towers run at every step: training streams shards, whose samples are not known "
-                        "in advance")
-            return False, False
-        if image and data.augment:
-            log.warning("the locked image tower runs at every step: random augmentation (data.augment) gives every "
-                        "step another view of each image; with data.augment=false it would encode each image once")
-            image = False
-        return image, ft.lock_text
-
     def prepare(self, model: nn.Module, device: torch.device, run_dir: Path, progress: bool) -> None:
-        """Locked towers under deterministic inputs encode the training set here, once (kept in RUN/feature_cache
-        for a resume); the dataset then gives their outputs instead of pixels and tokens."""
-        image, text = self.cached_towers()
-        dataset, clip = self.train_dataset, unwrap(model)
-        self.cache_folder = run_dir / "feature_cache"
-        if image:  # NaN rows: images that cannot be read, skipped by the dataset as it skips undecodable ones
-            paths = [dataset.image_path(i) for i in range(len(dataset.image_names))]
-            dataset.image_features = dist.from_main(lambda: self.tower_outputs(clip, "image", paths, progress))
-            unreadable = int(dataset.image_features.isnan().any(dim=1).sum())
-            if unreadable == len(paths):  # every sample would be skipped: no step could ever be made
-                raise DataError(f"no training image could be read ({unreadable} skipped)")
-        if text:
-            dataset.text_features = dist.from_main(lambda: self.tower_outputs(clip, "text", dataset.captions))
-
-    def tower_outputs(self, clip: CLIP, name: str, items: list, progress: bool = False) -> torch.Tensor:
-        """The image tower's outputs for image paths (`name` "image", "val_image"...; NaN rows for images that cannot
-        be read) or the text tower's for captions ("text", "val_text"), read back from RUN/feature_cache where kept.
-        Remembered for the tower's weights, so that each evaluation of a locked tower costs only the heads."""
-        is_image = not name.endswith("text")
-        tower = clip.visual if is_image else clip.text
-        key = weights_digest(tower, repr(clip.preprocess) if is_image else "")
-        if (name, key) not in self.memo:
-            cache = FeatureCache(self.cache_folder, name, key)
-            was_training = clip.training
-            clip.eval()
-            self.memo[(name, key)] = image_tower_outputs(clip, cache, items, progress) if is_image \
-                else cache.outputs(*text_digests_and_encoder(clip, self.tokenizer(list(items))))
-            clip.train(was_training)
-        return self.memo[(name, key)]
+        self.towers.prepare(unwrap(model), self.train_dataset, run_dir, progress)
 
     def example_batch(self) -> dict:
         """A collated batch of the first two readable training samples (from the first pass over the shards of a
@@ -275,64 +225,7 @@ class ClipTask(Task):
             unwrap(model).logit_scale.clamp_(0, MAX_LOGIT_SCALE)
 
     def evaluate(self, model: CLIP) -> dict[str, float]:
-        """Retrieval on the validation captions and, with train.zeroshot_folder, zero-shot accuracy on its classes.
-        A wholly locked tower's outputs are computed once for the whole run (kept like the training set's)."""
-        metrics, was_training = {}, model.training
-        model.eval()
-        if self.val is not None:
-            metrics.update(self.evaluate_retrieval(model))
-        if self.config.train.zeroshot_folder:
-            metrics.update(self.evaluate_zero_shot(model))
-        model.train(was_training)
-        return metrics
-
-    def embed_images(self, model: CLIP, name: str, paths: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(image embeddings for evaluation, readable [N] bool), as `encode_image_paths` gives them (rows of
-        unreadable images zero), from the locked tower's kept outputs when it is wholly locked."""
-        if not (self.config.finetune.cache_features and self.image_tower_frozen()):
-            from clipsnail.inference.evaluate import encode_image_paths
-
-            return encode_image_paths(model, paths, progress=False)
-        features = self.tower_outputs(model, name, paths)
-        readable = ~features.isnan().any(dim=1)
-        with torch.no_grad():
-            embedded = model.project_image(features[readable]).cpu()
-        return torch.zeros(len(paths), embedded.shape[1]).index_copy_(0, readable.nonzero()[:, 0], embedded), readable
-
-    def embed_texts(self, model: CLIP, name: str, texts: list[str]) -> torch.Tensor:
-        from clipsnail.inference.evaluate import encode_texts
-
-        if not (self.config.finetune.cache_features and self.config.finetune.lock_text):
-            return encode_texts(model, texts)
-        with torch.no_grad():
-            return model.project_text(self.tower_outputs(model, name, texts)).cpu()
-
-    def evaluate_retrieval(self, model: CLIP) -> dict[str, float]:
-        from clipsnail.inference.evaluate import retrieval_metrics
-
-        names, captions, c2i = self.val
-        keep = len(names) if len(names) <= self.config.data.max_eval_images else self.config.data.max_eval_images
-        pairs = [(c, i) for c, i in zip(captions, c2i) if i < keep]
-        paths = [Path(self.config.data.images) / n for n in names[:keep]]
-        image_emb, _ = self.embed_images(model, "val_image", paths)
-        text_emb = self.embed_texts(model, "val_text", [c for c, _ in pairs])
-        metrics = retrieval_metrics(image_emb, text_emb, [i for _, i in pairs], ks=(1, 5, 10))
-        # The gallery's size says what a recall means: R@5 over 15 images is 1/3 by chance alone.
-        return {**{f"val_{k}": v for k, v in metrics.items() if "recall" in k},
-                "val_num_images": len(paths), "val_num_captions": len(pairs)}
-
-    def evaluate_zero_shot(self, model: CLIP) -> dict[str, float]:
-        """open_clip's zero-shot evaluation while training: the class names in the default prompt templates,
-        ensembled; at most data.max_eval_images images, spread evenly over the folder's sorted order."""
-        from clipsnail.data.images import list_image_folder
-        from clipsnail.inference.evaluate import default_templates, zero_shot_accuracy, zero_shot_weights
-
-        paths, labels, classes = list_image_folder(self.config.train.zeroshot_folder)
-        step = max(1, math.ceil(len(paths) / self.config.data.max_eval_images))
-        image_emb, readable = self.embed_images(model, "zeroshot_image", paths[::step])
-        metrics = zero_shot_accuracy(image_emb, readable, labels[::step],
-                                     zero_shot_weights(model, classes, default_templates()))
-        return {f"zeroshot_{k}": v for k, v in metrics.items()}
+        return self.evaluation(model)
 
     def after_epoch(self, model: nn.Module, run_dir: Path, epoch: int) -> None:
         if self.train_dataset.skipped:
@@ -340,17 +233,6 @@ class ClipTask(Task):
 
     def save(self, model: CLIP, run_dir: Path) -> None:
         save_clip_run(run_dir, self.config, model, self.tokenizer)
-
-
-def image_digest(path: Path) -> str | None:
-    """The digest of an image file's bytes, or None when it cannot be read (said in the log)."""
-    from clipsnail.core.safeio import read_regular
-
-    try:
-        return content_digest(read_regular(path))
-    except DataError as e:
-        log.warning("skipping %s", e)
-        return None
 
 
 def readable_examples(dataset: CaptionImageDataset, count: int) -> tuple[list[dict], int, str | None]:
@@ -377,39 +259,3 @@ def readable_examples(dataset: CaptionImageDataset, count: int) -> tuple[list[di
     finally:
         dataset.strict = strict
     return kept, skipped, first
-
-
-def image_tower_outputs(clip: CLIP, cache: FeatureCache, paths: list[Path], progress: bool) -> torch.Tensor:
-    """The image tower's outputs for `paths` through `cache` (items named by their files' bytes), decoded and
-    preprocessed as for evaluation; NaN rows for images that cannot be read."""
-    from clipsnail.inference.evaluate import encode_image_paths
-
-    digests = [image_digest(p) for p in paths]
-    readable = [i for i, d in enumerate(digests) if d is not None]
-    if not readable:
-        raise DataError(f"none of the {len(paths)} images for the {cache.name} features could be read, e.g. "
-                        f"{paths[0]}" if paths else f"no images for the {cache.name} features")
-
-    def encode(rows: list[int]) -> torch.Tensor:
-        out, decoded = encode_image_paths(clip, [paths[readable[i]] for i in rows], progress=progress,
-                                          encode=lambda x: clip.visual(x.to(clip.device)))
-        return out.masked_fill(~decoded[:, None], math.nan)  # read, but not decodable: kept as such
-
-    kept = cache.outputs([digests[i] for i in readable], encode)
-    return torch.full((len(paths), kept.shape[1]), math.nan).index_copy_(0, torch.tensor(readable), kept)
-
-
-def text_digests_and_encoder(clip: CLIP, tokens: torch.Tensor, batch_size: int = 256):
-    """(a digest of each caption's token ids, and the text tower's outputs for rows of them, in batches): what
-    `FeatureCache.outputs` takes."""
-    digests = [content_digest(t.numpy().tobytes()) for t in tokens]
-
-    @torch.no_grad()
-    def encode(rows: list[int]) -> torch.Tensor:
-        chosen = tokens[rows]
-        return torch.cat([clip.text(chosen[i:i + batch_size].to(clip.device)).float().cpu()
-                          for i in range(0, len(chosen), batch_size)])
-
-    return digests, encode
-
-
