@@ -28,6 +28,7 @@ held-out ones; guidance + rerank measurably better than plain sampling.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import shutil
@@ -202,7 +203,7 @@ def train_clip(data: Path, run: Path, steps: int) -> None:
     if (run / "model.safetensors").exists():  # kept only with --reuse
         return
     cfg = demo_config(data, steps)
-    cfg.model.image_size, cfg.model.patch_size = data_size(data), 4
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, image_size=data_size(data), patch_size=4))
     fit(ClipTask(cfg, run_dir=run), run, progress=False)
 
 
@@ -275,7 +276,7 @@ def mean_rows(rows: list[dict]) -> dict:
     return {k: round(sum(r[k] for r in rows) / len(rows), 4) for k in rows[0]} if rows else {}
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default=str(_common.ROOT / "runs" / "bench_t2i"))
@@ -299,11 +300,14 @@ def main() -> None:
     if args.smoke:
         args.n, args.clip_steps, args.retrieve_steps, args.t2i_minutes = 600, 30, 20, 0.3
         args.samples, args.judge_images = 2, 400
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     import torch
 
     from clipsnail.apps.hub import load
-    from clipsnail.core.safeio import atomic_write_text
-    from clipsnail.data.shapes import COLORS, SHAPES
     from clipsnail.inference.plots import image_grid, save_png
     from clipsnail.inference.sampling import to_pil
 
@@ -319,12 +323,7 @@ def main() -> None:
     timings["data_s"] = round(time.monotonic() - started, 1)
 
     started = time.monotonic()
-    x, colours, kinds = scene_tensors(judge_data)
-    judge, judge_acc = train_judge(x, colours, kinds, epochs=2 if args.smoke else 15)
-    analysis = Analysis(x[: int(0.8 * len(x))], kinds[: int(0.8 * len(x))])
-    ac, ak = analysis.predict(x[int(0.8 * len(x)):])
-    judge_acc.update({"analysis_colour": (ac == colours[int(0.8 * len(x)):]).float().mean().item(),
-                      "analysis_kind": (ak == kinds[int(0.8 * len(x)):]).float().mean().item()})
+    judge, analysis, judge_acc = train_judges(judge_data, args.smoke)
     timings["judge_s"] = round(time.monotonic() - started, 1)
     say(f"judge on held-back real renders: {judge_acc}")
 
@@ -334,50 +333,14 @@ def main() -> None:
     clip = load(clip_run)
     timings["clip_s"] = round(time.monotonic() - started, 1)
 
-    training_json = work / "training.json"  # what the training steps measured, for --eval-only
-    if args.eval_only:
-        trained = json.loads(training_json.read_text())
-        retrieve_metrics, t2i_train = trained["retrieve"], trained["t2i"]
-        timings.update(trained["timings"])
-    else:
-        started = time.monotonic()
-        retrieve_metrics = train_retrieve(data, clip_run, work / "retrieve", args.retrieve_steps)
-        timings["retrieve_s"] = round(time.monotonic() - started, 1)
-        t2i_train = train_t2i(data, clip_run, work / "t2i", args.t2i_minutes, args.smoke)
-        atomic_write_text(training_json, json.dumps({"retrieve": retrieve_metrics, "t2i": t2i_train,
-                                                     "timings": timings}))
+    retrieve_metrics, t2i_train = train_generators(data, clip_run, work, args, timings)
     say(f"retrieve: {retrieve_metrics}")
     say(f"text-conditioned PixelSNAIL: {t2i_train}")
     retriever = load(work / "retrieve")
-    t2i = load(work / "t2i")
+    models = {"t2i": load(work / "t2i"), "retriever": retriever, "judge": judge, "analysis": analysis, "clip": clip}
 
-    # Prompts: one per (colour, kind) pair; R-precision distractors are 9 other pair prompts, fixed per prompt.
-    pairs = [(c, k) for c in COLORS for k in SHAPES]
-    prompts = {pair: f"a {pair[0]} {pair[1]}" for pair in pairs}
-    held = set(HOLDOUT)
-    real_x, real_c, real_k = scene_tensors(data)
-    rows = {group: {s: [] for s in [*SETTINGS, "real", "retrieve"]} for group in ("seen", "held_out")}
-    grid_images, grid_labels = [], []
     started = time.monotonic()
-    for i, pair in enumerate(pairs):
-        prompt, colour, kind = prompts[pair], list(COLORS).index(pair[0]), SHAPES.index(pair[1])
-        others = random.Random(i).sample([prompts[q] for q in pairs if q != pair], 9)
-        group = "held_out" if pair in held else "seen"
-        for name, (guidance, rerank, temperature) in SETTINGS.items():
-            n = args.samples * (RERANK_POOL if rerank else 1)
-            images, _ = t2i.generate(prompt, n=n, guidance=guidance, rerank=args.samples if rerank else 0,
-                                     temperature=temperature, seed=1000 + i)
-            rows[group][name].append(score(images, colour, kind, judge, analysis, clip, prompt, others))
-            if i % 2 == 0 and name in ("plain", GRID_RIGHT):  # a row: 4 plain, then 4 guided + reranked
-                shown = images[:4]
-                grid_images.append(shown)
-                grid_labels += [prompt[2:] if name == "plain" else "guided+rr"] + [""] * (len(shown) - 1)
-        real = ((real_c == colour) & (real_k == kind)).nonzero()[:, 0][: args.samples]
-        if len(real):
-            rows[group]["real"].append(score(real_x[real], colour, kind, judge, analysis, clip, prompt, others))
-        (path, _), = retriever.generate(prompt, k=1)
-        got = image_tensors([path])
-        rows[group]["retrieve"].append(score(got, colour, kind, judge, analysis, clip, prompt, others))
+    rows, grid_images, grid_labels = generate_and_score(data, models, args.samples)
     timings["generate_and_judge_s"] = round(time.monotonic() - started, 1)
 
     results = {group: {name: mean_rows(r) for name, r in by.items()} for group, by in rows.items()}
@@ -406,6 +369,86 @@ def main() -> None:
     for setting, by_goal in goals.items():
         for name, g in by_goal.items():
             say(f"goal {name} ({setting}): {'met' if g['met'] else 'not met'} ({g})")
+
+
+def train_judges(judge_data: Path, smoke: bool):
+    """The judge CNN and the deterministic analysis, fitted on the first 80% of the judge's real renders:
+    (judge, analysis, both accuracies on the other 20%)."""
+    x, colours, kinds = scene_tensors(judge_data)
+    judge, judge_acc = train_judge(x, colours, kinds, epochs=2 if smoke else 15)
+    analysis = Analysis(x[: int(0.8 * len(x))], kinds[: int(0.8 * len(x))])
+    ac, ak = analysis.predict(x[int(0.8 * len(x)):])
+    judge_acc.update({"analysis_colour": (ac == colours[int(0.8 * len(x)):]).float().mean().item(),
+                      "analysis_kind": (ak == kinds[int(0.8 * len(x)):]).float().mean().item()})
+    return judge, analysis, judge_acc
+
+
+def train_generators(data: Path, clip_run: Path, work: Path, args, timings: dict) -> tuple[dict, dict]:
+    """The retrieval model and the text-conditioned PixelSNAIL, trained (or with --eval-only, what an earlier run
+    measured when it trained them): (retrieve metrics, t2i training figures); their times go into `timings`."""
+    from clipsnail.core.safeio import atomic_write_text
+
+    training_json = work / "training.json"  # what the training steps measured, for --eval-only
+    if args.eval_only:
+        trained = json.loads(training_json.read_text())
+        timings.update(trained["timings"])
+        return trained["retrieve"], trained["t2i"]
+    started = time.monotonic()
+    retrieve_metrics = train_retrieve(data, clip_run, work / "retrieve", args.retrieve_steps)
+    timings["retrieve_s"] = round(time.monotonic() - started, 1)
+    t2i_train = train_t2i(data, clip_run, work / "t2i", args.t2i_minutes, args.smoke)
+    atomic_write_text(training_json, json.dumps({"retrieve": retrieve_metrics, "t2i": t2i_train,
+                                                 "timings": timings}))
+    return retrieve_metrics, t2i_train
+
+
+def generate_and_score(data: Path, models: dict, samples: int) -> tuple[dict, list, list[str]]:
+    """Every (colour, kind) prompt under every setting, the real renders of it and the retrieved image, scored:
+    (score rows by group and setting, the sample grid's images and labels). R-precision distractors are 9 other
+    pair prompts, fixed per prompt."""
+    from clipsnail.data.shapes import COLORS, SHAPES
+
+    pairs = [(c, k) for c in COLORS for k in SHAPES]
+    prompts = {pair: f"a {pair[0]} {pair[1]}" for pair in pairs}
+    real = scene_tensors(data)
+    rows = {group: {s: [] for s in [*SETTINGS, "real", "retrieve"]} for group in ("seen", "held_out")}
+    grid: tuple[list, list[str]] = ([], [])
+    for i, pair in enumerate(pairs):
+        others = random.Random(i).sample([prompts[q] for q in pairs if q != pair], 9)
+        target = (prompts[pair], list(COLORS).index(pair[0]), SHAPES.index(pair[1]))
+        by_setting = rows["held_out" if pair in set(HOLDOUT) else "seen"]
+        for name, scores in score_prompt(i, target, others, models, samples, real, grid).items():
+            by_setting[name].append(scores)
+    return rows, *grid
+
+
+def score_prompt(i: int, target: tuple[str, int, int], others: list[str], models: dict, samples: int, real,
+                 grid: tuple[list, list[str]]) -> dict[str, dict]:
+    """One prompt's scores: each setting's samples, its real renders (when the data has any) and the retrieved
+    image, by setting name. Every other prompt adds its plain and GRID_RIGHT samples to the grid."""
+    prompt, colour, kind = target
+    real_x, real_c, real_k = real
+    grid_images, grid_labels = grid
+
+    def judged(images):
+        return score(images, colour, kind, models["judge"], models["analysis"], models["clip"], prompt, others)
+
+    scores = {}
+    for name, (guidance, rerank, temperature) in SETTINGS.items():
+        n = samples * (RERANK_POOL if rerank else 1)
+        images, _ = models["t2i"].generate(prompt, n=n, guidance=guidance, rerank=samples if rerank else 0,
+                                           temperature=temperature, seed=1000 + i)
+        scores[name] = judged(images)
+        if i % 2 == 0 and name in ("plain", GRID_RIGHT):  # a row: 4 plain, then 4 guided + reranked
+            shown = images[:4]
+            grid_images.append(shown)
+            grid_labels += [prompt[2:] if name == "plain" else "guided+rr"] + [""] * (len(shown) - 1)
+    chosen = ((real_c == colour) & (real_k == kind)).nonzero()[:, 0][:samples]
+    if len(chosen):
+        scores["real"] = judged(real_x[chosen])
+    (path, _), = models["retriever"].generate(prompt, k=1)
+    scores["retrieve"] = judged(image_tensors([path]))
+    return scores
 
 
 def goals_for(results: dict, setting: str) -> dict:
