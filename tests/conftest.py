@@ -73,3 +73,19 @@ def clip_model(clip_run):
     return clipsnail.load(clip_run)
 
 
+@pytest.fixture
+def cache_counts(monkeypatch):
+    """(cache name, CacheCounts) for every FeatureCache.outputs call while the test runs, in order: what each call
+    kept, encoded and checked."""
+    from clipsnail.train.feature_cache import FeatureCache
+
+    calls = []
+    outputs = FeatureCache.outputs
+
+    def recorded(self, digests, encode):
+        rows = outputs(self, digests, encode)
+        calls.append((self.name, self.counts))
+        return rows
+
+    monkeypatch.setattr(FeatureCache, "outputs", recorded)
+    return calls

@@ -181,3 +181,8 @@ class StandInGenerator:
             time.sleep(self.delay)
         g = torch.Generator().manual_seed(seed)
         return torch.rand(n, 3, self.size, self.size, generator=g) * 2 - 1, torch.rand(n, generator=g)
+
+
+def first_counts(calls, name: str):
+    """The CacheCounts of the first call of the feature cache `name` among `cache_counts`'s calls."""
+    return next(counts for cache, counts in calls if cache == name)

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import assert_same_weights, logged_losses, noise_image, tiny_clip, tiny_clip_args
+from helpers import assert_same_weights, first_counts, logged_losses, noise_image, tiny_clip, tiny_clip_args
 
 from clipsnail.cli import main
 from clipsnail.train.feature_cache import CacheCounts, FeatureCache, content_digest, weights_digest
@@ -18,25 +18,6 @@ LIT = ["--set", "finetune.lock_image=true", "--set", "data.augment=false"]
 def train(shapes_dir, out, *settings, steps=4):
     assert main(tiny_clip_args(shapes_dir, out, "--set", f"train.max_steps={steps}", *settings)) == 0
     return out
-
-
-@pytest.fixture
-def cache_counts(monkeypatch) -> list[tuple[str, CacheCounts]]:
-    """(cache name, what the call did) for every FeatureCache.outputs call while the test runs, in order."""
-    calls = []
-    outputs = FeatureCache.outputs
-
-    def recorded(self, digests, encode):
-        rows = outputs(self, digests, encode)
-        calls.append((self.name, self.counts))
-        return rows
-
-    monkeypatch.setattr(FeatureCache, "outputs", recorded)
-    return calls
-
-
-def first(calls: list[tuple[str, CacheCounts]], name: str) -> CacheCounts:
-    return next(counts for cache, counts in calls if cache == name)
 
 
 # ----------------------------------------------------------------------------------------------- the cache itself
@@ -100,7 +81,7 @@ def test_training_from_the_cache_equals_training_without_it(shapes_dir, tmp_path
     plain = train(shapes_dir, tmp_path / "plain", *LIT, "--set", "finetune.cache_features=false")
     assert cache_counts == []
     cached = train(shapes_dir, tmp_path / "cached", *LIT)
-    image = first(cache_counts, "image")
+    image = first_counts(cache_counts, "image")
     assert image.kept == 0 and image.encoded > 0
     assert logged_losses(plain) == logged_losses(cached)
     assert_same_weights(plain, cached)
@@ -119,7 +100,7 @@ def test_a_resume_reads_the_cache_back(shapes_dir, tmp_path, cache_counts):
     run = train(shapes_dir, tmp_path / "run", *LIT, "--set", "train.checkpoint_every=2", steps=2)
     cache_counts.clear()
     train(shapes_dir, run, *LIT, "--set", "train.checkpoint_every=2", steps=4)
-    image = first(cache_counts, "image")
+    image = first_counts(cache_counts, "image")
     assert image.encoded == 0 and image.kept > 0, cache_counts
 
 
@@ -132,8 +113,8 @@ def test_an_image_that_changed_is_encoded_again_alone(shapes_dir, tmp_path, cach
     noise_image(changed, seed=5)  # other bytes under the same name
     cache_counts.clear()
     train(data, run, *LIT, steps=4)
-    assert first(cache_counts, "image").encoded == 1, cache_counts
-    assert first(cache_counts, "val_image").encoded == 0, cache_counts
+    assert first_counts(cache_counts, "image").encoded == 1, cache_counts
+    assert first_counts(cache_counts, "val_image").encoded == 0, cache_counts
 
 
 def test_random_augmentation_says_the_locked_tower_runs_every_step(shapes_dir, tmp_path, caplog):

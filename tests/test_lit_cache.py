@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import run_error, tiny_clip_args
+from helpers import first_counts, run_error, tiny_clip_args
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -200,28 +200,9 @@ def image_cache(run):
     return next((run / "feature_cache").glob("image-*.safetensors"))
 
 
-@pytest.fixture
-def cache_counts(monkeypatch) -> list[tuple[str, CacheCounts]]:
-    """(cache name, what the call did) for every FeatureCache.outputs call while the test runs, in order."""
-    calls = []
-    outputs = FeatureCache.outputs
-
-    def recorded(self, digests, encode):
-        rows = outputs(self, digests, encode)
-        calls.append((self.name, self.counts))
-        return rows
-
-    monkeypatch.setattr(FeatureCache, "outputs", recorded)
-    return calls
-
-
-def first(calls: list[tuple[str, CacheCounts]], name: str) -> CacheCounts:
-    return next(counts for cache, counts in calls if cache == name)
-
-
 def assert_all_encoded(calls: list[tuple[str, CacheCounts]]) -> None:
     """The training images were all encoded again: none read back from the file."""
-    image = first(calls, "image")
+    image = first_counts(calls, "image")
     assert image.kept == 0 and image.encoded > 0, calls
 
 
@@ -252,7 +233,7 @@ def test_a_resume_encodes_again_an_image_whose_row_went_bad(shapes_dir, tmp_path
     rewrite(image_cache(run), lambda t, m: t["features"][5].fill_(float("nan")))
     cache_counts.clear()
     train(shapes_dir, run, steps=4)
-    assert first(cache_counts, "image").encoded == 1, cache_counts
+    assert first_counts(cache_counts, "image").encoded == 1, cache_counts
     with safe_open(str(image_cache(run)), "pt") as f:
         assert f.get_tensor("features").isfinite().all()
 

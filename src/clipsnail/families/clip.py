@@ -147,8 +147,7 @@ def run_model_config(run_dir: Path, data: dict) -> ClipModelConfig:
     """The architecture of a CLIP run (config.json `data`, its "model" section), settled: a pretrained Hugging Face
     text tower is the one whose architecture travels with the run (RUN/text_encoder, see `save_clip_run`), so the
     run loads without the package that provided the weights."""
-    section = data.get("model") if isinstance(data.get("model"), dict) else {}
-    m = build_described(run_dir, lambda: from_dict(ClipModelConfig, section, where="model"))
+    m = build_described(run_dir, lambda: from_dict(ClipModelConfig, data.get("model", {}), where="model"))
     if m.text_encoder.startswith("hf:"):
         m = dataclasses.replace(m, text_encoder=f"hf:{run_dir / 'text_encoder'}")
     return m
