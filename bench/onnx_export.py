@@ -93,7 +93,7 @@ def measure(model, onnx_clip, text_module, batch: int, reps: int, warmup: int, r
     import numpy as np
     import torch
 
-    size = model.config.model.image_size
+    size = model.cfg.image_size
     images = torch.from_numpy(rng.standard_normal((batch, 3, size, size), dtype=np.float32))
     images_np = images.numpy()
     texts = [captions()[i] for i in rng.choice(len(captions()), batch, replace=False)]
@@ -153,7 +153,7 @@ def bench_config(name: str, spec: dict, args, workdir: Path) -> dict:
         latency += measure(model, onnx_clip, text_module, batch, args.reps, args.warmup, rng)
     return {
         "parameters": n_params,
-        "model": {k: getattr(model.config.model, k) for k in
+        "model": {k: getattr(model.cfg, k) for k in
                   ("image_encoder", "image_size", "patch_size", "vision_width", "vision_depth", "vision_heads",
                    "text_width", "text_depth", "text_heads", "context_length", "vocab_size", "embed_dim")},
         "export": {"total_s": export_s, "image_export_s": report["image_export_s"],

@@ -45,7 +45,7 @@ def vit_export(clip_run, tmp_path_factory):
 
 
 def assert_matches_torch(model, onnx_clip: OnnxClip) -> None:
-    size = model.config.model.image_size
+    size = model.cfg.image_size
     gen = torch.Generator().manual_seed(1)
     for batch in (1, 3):  # the batch axis is dynamic; the exporter's example had 2
         images = torch.randn(batch, 3, size, size, generator=gen)
@@ -75,7 +75,7 @@ def test_export_writes_the_files_and_reports(vit_export, clip_model):
     assert set(report["files"]) == {IMAGE_FILE, TEXT_FILE, TOKENIZER_FILE, PREPROCESS_FILE}
     assert isinstance(report["opset"], int) and report["opset"] >= 17
     model = clip_model
-    cfg = model.config.model
+    cfg = model.cfg
     assert report["image_encoder"]["inputs"] == {"images": {"shape": ["batch", 3, cfg.image_size, cfg.image_size],
                                                             "dtype": "float32"}}
     assert report["image_encoder"]["outputs"] == {"image_embeddings": {"shape": ["batch", cfg.embed_dim],
@@ -117,7 +117,7 @@ def test_onnx_preprocess_follows_the_run_transform(vit_export, clip_model):
         ref = model.preprocess(pic).numpy()
         assert ours.shape == ref.shape
         # Pillow's and torchvision's antialiased bilinear resize round differently: within a level or two of 255.
-        assert np.abs(ours - ref).max() < 3 / 255 / min(model.config.model.image_std)
+        assert np.abs(ours - ref).max() < 3 / 255 / min(model.cfg.image_std)
     with torch.no_grad():
         ref = model.encode_image(pictures).numpy()
     np.testing.assert_allclose(onnx_clip.encode_image(pictures), ref, atol=0.05)
