@@ -94,9 +94,13 @@ def test_the_shapes_demo_and_classify_eval_name_the_train_extra(monkeypatch, cap
 
 
 def test_importing_the_web_app_without_its_extra_raises_an_import_error_naming_it(monkeypatch):
-    for name in ("fastapi", "uvicorn"):
-        monkeypatch.setitem(sys.modules, name, None)
-    monkeypatch.delitem(sys.modules, "clipsnail.serve", raising=False)
+    # Every module of the web stack as missing, and the app's modules not yet imported (an earlier test may have
+    # imported them: a cached submodule would be found without its missing parent).
+    for name in ["fastapi", "uvicorn", "h11", *sys.modules]:
+        if name.split(".")[0] in ("fastapi", "uvicorn", "h11", "starlette"):
+            monkeypatch.setitem(sys.modules, name, None)
+        elif name == "clipsnail.serve" or name.startswith("clipsnail.serve."):
+            monkeypatch.delitem(sys.modules, name)
     with pytest.raises(ImportError, match=r"pip install 'clipsnail\[serve\]'") as caught:
         import clipsnail.serve  # noqa: F401
     assert isinstance(caught.value, MissingExtra)
