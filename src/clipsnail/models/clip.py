@@ -2,8 +2,8 @@
 
 Towers: the small ViT of `vit.py` ("vit"), or any timm model by name ("timm:resnet18", "lemevit_tiny", ...);
 the text tower is the causal Transformer of `text.py`, or a pretrained Hugging Face encoder. Projections: a linear
-map as in the paper, or an MLP projection head (Linear-GELU-Linear-Dropout + residual, LayerNorm;
-the packaged config flickr8k_resnet50 uses it). The image side can instead end in a ConSE head (Norouzi et al., ICLR 2014,
+map as in the paper, or an MLP projection head (Linear-GELU-Linear-Dropout + residual, LayerNorm; the packaged
+config flickr8k_resnet50 uses it). The image side can instead end in a ConSE head (Norouzi et al., ICLR 2014,
 "Zero-Shot Learning by Convex Combination of Semantic Embeddings"): an ImageNet classifier whose T most probable
 labels' text embeddings, weighted by their probabilities, are the image embedding. Over a pretrained classifier and
 a pretrained sentence encoder that is a CLIP that works with no image-text training at all (`clipsnail convert
