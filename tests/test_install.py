@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from helpers import run_error
 
-from clipsnail.cli.common import PACKAGED_CONFIGS, find_config, packaged_configs
+from clipsnail.core.config import PACKAGED_CONFIGS, find_config, packaged_configs
 from clipsnail.core.errors import ConfigError
 from clipsnail.core.extras import EXTRA_MODULES, MissingExtra, require_extra
 

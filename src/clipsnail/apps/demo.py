@@ -22,7 +22,6 @@ import shutil
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ import torch
 from clipsnail.apps.convert import CONSE_DEFAULT
 from clipsnail.apps.hub import load
 from clipsnail.apps.model_names import resolve_run
-from clipsnail.core.config import load_config
+from clipsnail.core.config import PACKAGED_CONFIGS, load_config
 from clipsnail.core.devices import resolve_device
 from clipsnail.core.display import json_text, print_lines
 from clipsnail.core.errors import ClipsnailError, ConfigError, DataError
@@ -161,7 +160,7 @@ PHOTO_MODEL = f"conse:{CONSE_DEFAULT}"
 BETTER_HUB_MODEL = "hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K"
 PHOTO_DEMO_OUT = "demo_photos_out"
 # The packaged configs (clipsnail/configs/*.yaml, installed with the package): the pretrained preset ...
-PRETRAINED_PRESET = Path(str(files("clipsnail") / "configs" / "pretrained_small.yaml"))
+PRETRAINED_PRESET = PACKAGED_CONFIGS / "pretrained_small.yaml"
 # What --captions fine-tunes by default: the ConSE model (PHOTO_MODEL) with a locked image tower. On COCO-mini it
 # scored above the preset fine-tuned for as many steps, and above it before any step (bench/photo_search.py).
 CONSE_FINETUNE = PRETRAINED_PRESET.with_name("conse_finetune.yaml")

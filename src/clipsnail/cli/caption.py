@@ -15,12 +15,12 @@ from clipsnail.cli.common import (
     caption_values,
     print_json,
     print_metrics,
+    requires_extra,
     say,
     task_config,
     train_and_report,
 )
 from clipsnail.core.errors import ClipsnailError
-from clipsnail.core.extras import require_extra
 from clipsnail.core.safeio import atomic_write_json
 
 # Each handler imports what it runs (torch, the models, the tasks) so that `clipsnail --help` starts at once.
@@ -49,6 +49,7 @@ def add_caption(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="write every image's caption and references to this JSON file")
     add_follow_links_flag(p)
     add_decode_flags(p)
+    requires_extra(p, "caption", "caption eval (BLEU-4, CIDEr-D)")
     p.set_defaults(func=cmd_caption_eval)
 
     p = caption.add_parser("describe", help="caption images, printing JSON")
@@ -123,7 +124,6 @@ def cmd_caption_describe(args: argparse.Namespace) -> None:
 
 
 def cmd_caption_eval(args: argparse.Namespace) -> None:
-    require_extra("caption", "caption eval (BLEU-4, CIDEr-D)")
     from clipsnail.inference.captioner import evaluate_captioner
 
     captioner, clip = load_captioner(args)

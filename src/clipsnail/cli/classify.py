@@ -11,13 +11,13 @@ from clipsnail.cli.common import (
     add_train_flags,
     flag_values,
     print_metrics,
+    requires_extra,
     rounded,
     say,
     task_config,
     train_and_report,
 )
 from clipsnail.core.errors import ClipsnailError
-from clipsnail.core.extras import require_extra
 from clipsnail.core.safeio import atomic_write_json, atomic_write_text
 
 # Each handler imports what it runs (torch, the models, the tasks) so that `clipsnail --help` starts at once.
@@ -43,6 +43,7 @@ def add_classify(parser: argparse.ArgumentParser) -> None:
                    help="best.safetensors (best validation accuracy) or model.safetensors; auto: best when present")
     p.add_argument("--batch-size", type=int, default=256, help="images scored at once (default 256)")
     add_runtime_flags(p)
+    requires_extra(p, "train", "classify eval (its report and figures)")
     p.set_defaults(func=cmd_classify_eval)
 
 
@@ -65,7 +66,6 @@ def cmd_classify_train(args: argparse.Namespace) -> None:
 
 
 def cmd_classify_eval(args: argparse.Namespace) -> None:
-    require_extra("train", "classify eval (its report and figures)")
     from clipsnail.apps.hub import load
     from clipsnail.data.classes import read_class_data
     from clipsnail.families.classify import predict

@@ -6,14 +6,11 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from importlib.resources import files
-from pathlib import Path
 from typing import Any
 
-from clipsnail.core.config import load_config
+from clipsnail.core.config import find_config, load_config
 from clipsnail.core.devices import DEVICE_HELP
 from clipsnail.core.display import json_text, print_lines
-from clipsnail.core.errors import ConfigError
 
 # The engine (torch) is imported where a command trains, so that `clipsnail --help` starts at once.
 
@@ -118,35 +115,6 @@ def task_config(cls: type, args: argparse.Namespace, values: dict[str, Any], yam
     training = {key: getattr(args, flag) for flag, key in TRAIN_FLAGS if getattr(args, flag, None) is not None}
     return load_config(cls, find_config(yaml_file), getattr(args, "overrides", []), defaults=defaults,
                        values={**values, **training})
-
-
-# The YAML configs that ship inside the package (clipsnail/configs/*.yaml): `--config lit_small` finds one.
-PACKAGED_CONFIGS = Path(str(files("clipsnail") / "configs"))
-
-
-def packaged_configs() -> list[str]:
-    """The names of the packaged configs, sorted: ["conse_finetune", "flickr8k_resnet50", ...]."""
-    return sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.yaml"))
-
-
-def find_config(config: str | Path | None) -> Path | None:
-    """The file of `--config`: the path as given when such a file exists; otherwise, for a bare name ("lit_small"
-    or "lit_small.yaml", no folder in it, or "configs/lit_small.yaml", where a checkout kept them before they were
-    packaged), the packaged config of that name. Anything else is an error listing the packaged names. None stays
-    None (no config file)."""
-    if config is None or str(config) == "":
-        return None
-    path = Path(config).expanduser()
-    if path.is_file():
-        return path
-    name = str(config).replace("\\", "/")
-    name = name.removeprefix("./").removeprefix("configs/")
-    if "/" not in name and name not in (".", ".."):
-        packaged = PACKAGED_CONFIGS / (name if name.endswith((".yaml", ".yml")) else f"{name}.yaml")
-        if packaged.is_file():
-            return packaged
-    raise ConfigError(f"{config}: config file not found (a YAML file, or a packaged config: "
-                      f"{', '.join(packaged_configs())})")
 
 
 # ----------------------------------------------------------------------------------------------- output

@@ -15,7 +15,8 @@ from clipsnail.apps.demo import (
     run_demo,
     run_photo_demo,
 )
-from clipsnail.cli.common import add_caption_flags, caption_values, find_config
+from clipsnail.cli.common import add_caption_flags, caption_values
+from clipsnail.core.config import find_config
 from clipsnail.core.errors import ClipsnailError
 from clipsnail.core.extras import require_extra
 

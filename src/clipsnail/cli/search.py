@@ -7,9 +7,8 @@ import hashlib
 import logging
 from pathlib import Path
 
-from clipsnail.cli.common import add_follow_links_flag, add_runtime_flags, print_json, print_metrics
+from clipsnail.cli.common import add_follow_links_flag, add_runtime_flags, print_json, print_metrics, requires_extra
 from clipsnail.core.errors import ClipsnailError
-from clipsnail.core.extras import require_extra
 from clipsnail.core.safeio import writable
 from clipsnail.data.images import default_workers
 
@@ -99,13 +98,13 @@ def add_serve(p: argparse.ArgumentParser) -> None:
                    help="open connections one client address may hold (an IPv6 client: one /64); more are closed "
                    "at once (default 32; 0: no cap, e.g. behind a reverse proxy, where every client has its address)")
     add_runtime_flags(p, progress=False)
+    requires_extra(p, "serve", "the web app")  # FastAPI and uvicorn
     p.set_defaults(func=cmd_serve)
 
 
 def cmd_zeroshot(args: argparse.Namespace) -> None:
 
     from clipsnail.apps.hub import load
-    from clipsnail.core.display import json_text
     from clipsnail.data.images import list_image_folder
     from clipsnail.inference.evaluate import (
         default_templates,
@@ -139,7 +138,7 @@ def cmd_zeroshot(args: argparse.Namespace) -> None:
         order = p.argsort(descending=True).tolist()
         result.append({"image": str(path), "label": classes[order[0]],
                        "probs": {classes[j]: round(p[j].item(), 4) for j in order}})
-    print(json_text(result))  # a NaN probability is an error, never invalid JSON
+    print_json(result)  # a NaN probability is an error, never invalid JSON
 
 
 def cmd_search(args: argparse.Namespace) -> None:
@@ -233,7 +232,6 @@ def cmd_index_update(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    require_extra("serve", "the web app")  # FastAPI and uvicorn: one line naming the pip install when missing
     # Imported here: the web stack (FastAPI, uvicorn) is needed by this command only, and would add ~0.2 s to
     # the start of every other one.
     from clipsnail.serve import run_server

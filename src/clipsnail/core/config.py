@@ -25,6 +25,7 @@ import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -336,3 +337,32 @@ def check_heads(cfg: Any, width: str, heads: str, section: str = "model") -> Non
     w, h = getattr(cfg, width), getattr(cfg, heads)
     if w % h:
         raise ConfigError(f"{section}.{heads}={h} does not divide {section}.{width}={w}")
+
+
+# The YAML configs that ship inside the package (clipsnail/configs/*.yaml): `--config lit_small` finds one.
+PACKAGED_CONFIGS = Path(str(files("clipsnail") / "configs"))
+
+
+def packaged_configs() -> list[str]:
+    """The names of the packaged configs, sorted: ["conse_finetune", "flickr8k_resnet50", ...]."""
+    return sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.yaml"))
+
+
+def find_config(config: str | Path | None) -> Path | None:
+    """The file of `--config`: the path as given when such a file exists; otherwise, for a bare name ("lit_small"
+    or "lit_small.yaml", no folder in it, or "configs/lit_small.yaml", where a checkout kept them before they were
+    packaged), the packaged config of that name. Anything else is an error listing the packaged names. None stays
+    None (no config file)."""
+    if config is None or str(config) == "":
+        return None
+    path = Path(config).expanduser()
+    if path.is_file():
+        return path
+    name = str(config).replace("\\", "/")
+    name = name.removeprefix("./").removeprefix("configs/")
+    if "/" not in name and name not in (".", ".."):
+        packaged = PACKAGED_CONFIGS / (name if name.endswith((".yaml", ".yml")) else f"{name}.yaml")
+        if packaged.is_file():
+            return packaged
+    raise ConfigError(f"{config}: config file not found (a YAML file, or a packaged config: "
+                      f"{', '.join(packaged_configs())})")
