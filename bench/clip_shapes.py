@@ -304,7 +304,7 @@ def train_open_clip(spec: dict, work: Path) -> tuple:
 
     from clipsnail.data.transforms import eval_transform
     from clipsnail.tasks.clip import ClipTask
-    from clipsnail.train.engine import ResumableBatchSampler
+    from clipsnail.train.data_order import ResumableBatchSampler
     from clipsnail.train.optim import lr_lambda
 
     cfg, overrides = build_config(spec, "open_clip")

@@ -429,7 +429,8 @@ def quality(args) -> dict:
     from clipsnail.families.classify import ClassifyConfig, predict
     from clipsnail.inference.evaluate import classification_report
     from clipsnail.tasks.classify import ClassifyTask, read_split
-    from clipsnail.train.engine import fit, load_state
+    from clipsnail.train.checkpoints import load_state
+    from clipsnail.train.engine import fit
 
     data_dir = Path(args.cifar)
     if not data_dir.is_dir():

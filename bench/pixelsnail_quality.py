@@ -63,7 +63,9 @@ def train_one(dataset: str, model: str, epochs: int, args) -> dict:
     from clipsnail.families.pixelsnail import PixelSNAILTaskConfig, evaluate_bits_per_dim, preset_overrides
     from clipsnail.inference.sampling import sample, save_sample_grid
     from clipsnail.tasks.pixelsnail import PixelSNAILTask, read_images
-    from clipsnail.train.engine import fit, load_state, steps_per_epoch
+    from clipsnail.train.checkpoints import load_state
+    from clipsnail.train.data_order import steps_per_epoch
+    from clipsnail.train.engine import fit
 
     spec = DATASETS[dataset]
     overrides = preset_overrides("small") + [

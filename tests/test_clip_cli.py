@@ -195,7 +195,7 @@ def test_bf16_autocast_and_ema_weights_are_saved(shapes_dir, tmp_path):
                                "--set", "train.ema_decay=0.5")) == 0
     losses = [json.loads(ln)["loss"] for ln in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in ln]
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
-    from clipsnail.train.engine import load_state
+    from clipsnail.train.checkpoints import load_state
 
     state = load_state(out / "checkpoint" / "state.safetensors")
     saved = load_file(str(out / "model.safetensors"))

@@ -14,7 +14,9 @@ from torch.utils.data import Dataset
 from clipsnail.core.config import OptimConfig, TrainConfig
 from clipsnail.core.rng import seeded
 from clipsnail.core.runs import CHECKPOINT, save_weights
-from clipsnail.train.engine import ResumableBatchSampler, fit, load_state, save_state
+from clipsnail.train.checkpoints import load_state, save_state
+from clipsnail.train.data_order import ResumableBatchSampler
+from clipsnail.train.engine import fit
 from clipsnail.train.optim import build_optimizer, lr_lambda
 from clipsnail.train.task import Task
 

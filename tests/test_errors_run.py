@@ -84,7 +84,7 @@ def test_truncated_checkpoint_on_resume_says_what_to_do(capsys, shapes_dir, tmp_
 
 @pytest.mark.parametrize("cut", [0, 7, 100, -9])
 def test_load_state_refuses_any_cut(tmp_path, cut):
-    from clipsnail.train.engine import load_state, save_state
+    from clipsnail.train.checkpoints import load_state, save_state
 
     path = tmp_path / "checkpoint" / "state.safetensors"
     save_state(path, {"model": {"w": torch.ones(64, 64)}, "step": 3})
@@ -258,7 +258,8 @@ def clip_task(shapes_dir, out, *overrides):
 
 
 def test_interrupt_checkpoints_the_step_and_the_same_command_resumes_exactly(shapes_dir, tmp_path):
-    from clipsnail.train.engine import fit, load_state
+    from clipsnail.train.checkpoints import load_state
+    from clipsnail.train.engine import fit
 
     steps = ("--set", "train.max_steps=8", "--set", "train.checkpoint_every=100")
 
@@ -302,7 +303,7 @@ def test_interrupt_inside_a_step_names_the_last_checkpoint(capsys, shapes_dir, t
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C, and what job schedulers send
 def test_a_stop_signal_stops_after_the_step_with_a_checkpoint(shapes_dir, tmp_path, signum):
-    from clipsnail.train.engine import load_state
+    from clipsnail.train.checkpoints import load_state
 
     out = tmp_path / "r"
     cmd = [sys.executable, "-m", "clipsnail", *tiny_clip_args(shapes_dir, out, "--set", "train.max_steps=100000",

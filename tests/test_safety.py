@@ -21,7 +21,7 @@ from clipsnail.data.images import list_images, load_image
 from clipsnail.data.shapes import generate_shapes
 from clipsnail.data.shards import write_shards
 from clipsnail.inference.index import ImageIndex, _write_index, build_index, update_index
-from clipsnail.train.engine import load_state, save_state
+from clipsnail.train.checkpoints import load_state, save_state
 
 
 @contextmanager

@@ -240,11 +240,11 @@ def _heads(path: Path, widths: tuple[int, int], model_cfg: dict) -> tuple[int, i
     else CLIP's 64-wide heads. `widths`: those of the two towers, as the weights' shapes give them."""
     cfg_path = path.with_name("open_clip_config.json")
     vision_width, text_width = widths
-    head_width = _positive_int(cfg_path, model_cfg.get("vision_cfg") or {}, "head_width", "vision_cfg")
+    head_width = _positive_int(cfg_path, model_cfg["vision_cfg"], "head_width", "vision_cfg")
     if vision_width % (head_width or 64):
         where = f"{cfg_path}: vision_cfg.head_width={head_width}" if head_width else f"{path}: the head width 64"
         raise DataError(f"{where} does not divide the vision width {vision_width}")
-    text_heads = _positive_int(cfg_path, model_cfg.get("text_cfg") or {}, "heads", "text_cfg")
+    text_heads = _positive_int(cfg_path, model_cfg["text_cfg"], "heads", "text_cfg")
     if text_heads is None and text_width % 64:
         raise DataError(f"{path}: text width {text_width} is not a multiple of the head width 64")
     if text_heads is not None and text_width % text_heads:

@@ -152,7 +152,8 @@ def train_and_report(task, args: argparse.Namespace, example_inputs: Callable[[]
     output shapes of `example_inputs()` when given; the model is built once, by the engine."""
     from clipsnail.core import distributed as dist
     from clipsnail.core.summary import model_summary
-    from clipsnail.train.engine import fit, move_to
+    from clipsnail.train.engine import fit
+    from clipsnail.train.placement import move_to
 
     def print_table(model) -> None:
         inputs = None

@@ -54,11 +54,9 @@ from clipsnail.core.errors import ClipsnailError, DataError
 from clipsnail.core.rng import rng_state, set_rng_state
 from clipsnail.core.runs import CHECKPOINT, check_run_dir, load_weights, save_weights
 from clipsnail.core.safeio import atomic_write_json, writer_lock
-from clipsnail.train.checkpoints import RESUMABLE_CHANGES, check_same_settings, load_state, save_state
+from clipsnail.train.checkpoints import check_same_settings, load_state, save_state
 from clipsnail.train.data_order import (
     Collated,
-    CountingCollate,
-    ResumableBatchSampler,
     dataset_size,
     steps_per_epoch,
     take_skipped,
@@ -67,18 +65,8 @@ from clipsnail.train.data_order import (
 from clipsnail.train.metrics_log import MetricsLog, StepLog, format_metrics, plot_curves
 from clipsnail.train.optim import build_optimizer, lr_lambda, warmup_steps
 from clipsnail.train.placement import check_model_fits, move_to, resolve_precision
-from clipsnail.train.signals import STOP_SIGNALS, StopRequest, stop_signals_finish_the_step
+from clipsnail.train.signals import StopRequest, stop_signals_finish_the_step
 from clipsnail.train.task import Task
-
-# The names the command line, the demo, the benchmarks and the tests import from here, wherever they now live.
-__all__ = [
-    "FitResult", "Training", "fit", "backward", "split_batch",
-    "RESUMABLE_CHANGES", "check_same_settings", "load_state", "save_state",
-    "Collated", "CountingCollate", "ResumableBatchSampler", "dataset_size", "steps_per_epoch", "train_loader",
-    "MetricsLog", "StepLog",
-    "check_model_fits", "move_to", "resolve_precision",
-    "STOP_SIGNALS", "StopRequest", "stop_signals_finish_the_step",
-]
 
 log = logging.getLogger(__name__)
 
