@@ -166,9 +166,7 @@ def take_init_run(config: ClipConfig) -> tuple[ClipConfig, dict[str, torch.Tenso
     """`config` with the architecture of its `finetune.init` run (a copy: the given config stays as it is), and
     that run's weights. The run's tokenizer comes with them (the task reads it from the same folder)."""
     run = Path(config.finetune.init)
-    task, data = read_run_config(run)
-    if task != "clip":
-        raise DataError(f"{run}: finetune.init needs a CLIP run, this one is a {task!r} run")
+    data = clip_run_config(run, "finetune.init needs a CLIP run")
     model = from_dict(ClipModelConfig, data.get("model") or {}, where=f"{run}/config.json model")
     log.info("starting from the weights of %s", run)
     return dataclasses.replace(config, model=model), read_weights(run / "model.safetensors")
@@ -177,7 +175,12 @@ def take_init_run(config: ClipConfig) -> tuple[ClipConfig, dict[str, torch.Tenso
 def load_clip_run(run: str | Path) -> CLIP:
     """A CLIP run as a frozen model for another task (text-to-image conditioning, image features)."""
     run = Path(run)
+    return load_run(run, clip_run_config(run, "a CLIP run directory is needed")).eval().requires_grad_(False)
+
+
+def clip_run_config(run: Path, need: str) -> dict:
+    """The config.json data of `run`, which must be a CLIP run: otherwise "RUN: `need`, this one is a 'T' run"."""
     task, data = read_run_config(run)
     if task != "clip":
-        raise DataError(f"{run}: a CLIP run directory is needed, this one is a {task!r} run")
-    return load_run(run, data).eval().requires_grad_(False)
+        raise DataError(f"{run}: {need}, this one is a {task!r} run")
+    return data
