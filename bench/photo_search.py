@@ -254,8 +254,7 @@ def main() -> None:
         keys.update({k: results["classes"][k] for k in ("conse_class_p9", "conse_class_p50")})
         keys["target_class_p9_met"] = keys["conse_class_p9"] >= 0.9
     result = _common.envelope(
-        benchmark="photo_search", machine=_common.machine_info(), git_commit=_common.git_commit(),
-        date=_common.now_iso(),
+        benchmark="photo_search",
         config={"data": _common.data_name(coco.DATA), "conse": CONSE_SPEC,
                 "conse_finetune_config": "src/clipsnail/configs/conse_finetune.yaml",
                 "preset_config": "src/clipsnail/configs/pretrained_small.yaml",

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -137,8 +136,7 @@ def main() -> None:
                 "train_minutes": round(snail["train_seconds"] / 60, 1),
                 "met": snail["test_bits_per_dim_ema"] < DATASETS[dataset]["goal"] and snail["train_seconds"] <= 1800}
     report = _common.envelope(
-        benchmark="pixelsnail_quality", machine=_common.machine_info(), git_commit=_common.git_commit(),
-        date=_common.now_iso(), command=" ".join(sys.argv),
+        benchmark="pixelsnail_quality",
         data={k: {"spec": recorded_spec(v["spec"]), "split": v["split"]} for k, v in DATASETS.items()},
         results=results, goals=goals,
         paper={"cifar10_bits_per_dim": 2.85, "note": "h12_noup_smallkey, 46M parameters, days on GPUs"},

@@ -462,9 +462,7 @@ def main() -> None:
     report = _common.envelope(
         benchmark="pixelsnail_sampling",
         machine=dict(machine, load_average_at_end=load_at_end),
-        git_commit=_common.git_commit(),
         date=started,
-        command="python bench/pixelsnail_sampling.py " + " ".join(sys.argv[1:]),
         config={"presets": presets, "shapes": shapes, "batch": args.batch, "threads": args.threads,
                 "naive_steps": args.naive_steps, "forward_rounds": args.forward_rounds,
                 "full_naive": args.full_naive, "full_naive_max_s": args.full_naive_max_s, "dtype": "float32",

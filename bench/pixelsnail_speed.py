@@ -244,9 +244,7 @@ def main() -> None:
     report = _common.envelope(
         benchmark="pixelsnail_speed",
         machine=dict(machine, load_average_at_end=load_at_end),
-        git_commit=_common.git_commit(),
         date=started,
-        command="python bench/pixelsnail_speed.py " + " ".join(sys.argv[1:]),
         config={"presets": presets, "shapes": shapes, "batch": args.batch, "large_batch": args.large_batch,
                 "large_batch_presets": [q for q in presets if is_large(q)], "rounds": args.rounds,
                 "warmup_steps": 1, "threads": args.threads, "optimizer": "Adam", "lr": LR, "betas": list(BETAS),

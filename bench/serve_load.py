@@ -497,8 +497,6 @@ def main() -> None:
     data = _common.envelope(
         benchmark="serve_load",
         machine=machine,
-        git_commit=_common.git_commit(),
-        date=_common.now_iso(),
         config=run_config(args, index, n_images, [big_width, big_height]),
         results={"prepare_s": prepare_s, "server_startup_s": round(startup_s, 1),
                  "server_peak_rss_mib": server_rss, "errors": errors, **summary, **results, "attacks": attacks},

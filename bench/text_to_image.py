@@ -32,7 +32,6 @@ import dataclasses
 import json
 import random
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -349,8 +348,7 @@ def main() -> None:
                         title=f"left: plain samples; right: {GRID_RIGHT}"), grid)
     goals = {setting: goals_for(results, setting) for setting in GOAL_SETTINGS}
     report = _common.envelope(
-        benchmark="text_to_image", machine=_common.machine_info(), git_commit=_common.git_commit(),
-        date=_common.now_iso(), command=" ".join(sys.argv),
+        benchmark="text_to_image",
         config={"images": args.n, "size": args.size, "holdout": HOLDOUT, "samples_per_prompt": args.samples,
                 "rerank_pool": RERANK_POOL, "settings": SETTINGS, "clip_steps": args.clip_steps,
                 "retrieve_steps": args.retrieve_steps, "t2i_minutes": args.t2i_minutes},
