@@ -48,12 +48,12 @@ DEFAULT_HOLDOUT = "purple:triangle,cyan:square"
 CAPTIONS_PER_IMAGE = 3
 DATA_SEED = 0
 # The demo's settings (src/clipsnail/apps/demo.py): the current best guess for a 2-core CPU.
-MODEL_OVERRIDES = ["model.patch_size=8", "data.context_length=24", "optim.lr=1e-3", "optim.weight_decay=0.2",
+MODEL_OVERRIDES = ["model.vision.patch_size=8", "data.context_length=24", "optim.lr=1e-3", "optim.weight_decay=0.2",
                    "optim.warmup_steps=50"]
 # Our recommended recipe for from-scratch training on small data, used only for the "ours" row: a convolutional
 # stem (Xiao et al. 2021). open_clip's ViT has only a patchify stem, so the head-to-head rows (ours_plain_loss vs
 # open_clip) keep the patchify stem and identical architectures.
-OURS_RECIPE = ["model.vision_stem=conv"]
+OURS_RECIPE = ["model.vision.stem=conv"]
 PLAIN_LOSS = ["loss.multi_positive=false", "loss.same_caption_positive=false"]
 # Zero-shot prompts: the class phrase (with the article the generator would write) inside each template.
 ZS_TEMPLATES = ["{}", "a photo of {}"]
@@ -153,7 +153,7 @@ def build_config(spec: dict, variant: str):
     shapes = Path(spec["paths"]["shapes"])
     overrides = [
         f"data.captions={shapes / 'captions.csv'}", f"data.images={shapes / 'images'}",
-        f"data.split_file={shapes / 'split.json'}", f"model.image_size={spec['size']}",
+        f"data.split_file={shapes / 'split.json'}", f"model.vision.image_size={spec['size']}",
         f"train.batch_size={spec['batch_size']}", f"train.max_steps={spec['steps']}", "train.eval_every=0",
         "train.log_every=10", "train.seed=0", "train.device=cpu", *MODEL_OVERRIDES,
     ]
@@ -232,13 +232,10 @@ def train_ours(spec: dict, variant: str, work: Path) -> tuple:
 
 class OpenClipForEval:
     """open_clip's CLIP with the interface clipsnail.inference.evaluate uses: encode_image(tensor),
-    encode_text(strings), preprocess, cfg.embed_dim, eval(); embeddings L2-normalised like ours."""
+    encode_text(strings), preprocess, embed_dim, eval(); embeddings L2-normalised like ours."""
 
     def __init__(self, model, tokenizer, preprocess, embed_dim: int):
-        from types import SimpleNamespace
-
-        self.model, self.tokenizer, self.preprocess = model, tokenizer, preprocess
-        self.cfg = SimpleNamespace(embed_dim=embed_dim)
+        self.model, self.tokenizer, self.preprocess, self.embed_dim = model, tokenizer, preprocess, embed_dim
 
     def eval(self):
         self.model.eval()
@@ -264,19 +261,21 @@ def build_open_clip(m, tokenizer):
     at the highest token id (OpenAI's <eot> is the last id); our <eot> is id 2, so use its 'eos' pool at eos_id."""
     from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
-    if m.image_encoder != "vit":
-        raise SystemExit(f"open_clip baseline needs model.image_encoder=vit, got {m.image_encoder!r}")
-    if m.vision_width % m.vision_heads:
-        raise SystemExit("vision_width must be divisible by vision_heads")
-    vision = CLIPVisionCfg(layers=m.vision_depth, width=m.vision_width, head_width=m.vision_width // m.vision_heads,
-                           mlp_ratio=4.0, patch_size=m.patch_size, image_size=m.image_size,
-                           pool_type="tok" if m.vision_pool == "cls" else "avg")
-    text = CLIPTextCfg(context_length=m.context_length, vocab_size=m.vocab_size, width=m.text_width,
-                       heads=m.text_heads, layers=m.text_depth, mlp_ratio=4.0, pad_id=tokenizer.pad_id,
-                       eos_id=tokenizer.eot_id, pool_type="eos")
-    model = CLIP(m.embed_dim, vision_cfg=vision, text_cfg=text, quick_gelu=False, init_logit_scale=m.init_logit_scale)
-    assert model.visual.transformer.resblocks[0].attn.num_heads == m.vision_heads
-    assert model.transformer.resblocks[0].attn.num_heads == m.text_heads
+    v, t = m.vision, m.text
+    if v.encoder != "vit":
+        raise SystemExit(f"open_clip baseline needs model.vision.encoder=vit, got {v.encoder!r}")
+    if v.width % v.heads:
+        raise SystemExit("model.vision.width must be divisible by model.vision.heads")
+    vision = CLIPVisionCfg(layers=v.depth, width=v.width, head_width=v.width // v.heads, mlp_ratio=4.0,
+                           patch_size=v.patch_size, image_size=v.image_size,
+                           pool_type="tok" if v.pool == "cls" else "avg")
+    text = CLIPTextCfg(context_length=t.context_length, vocab_size=t.vocab_size, width=t.width, heads=t.heads,
+                       layers=t.depth, mlp_ratio=4.0, pad_id=tokenizer.pad_id, eos_id=tokenizer.eot_id,
+                       pool_type="eos")
+    model = CLIP(m.head.embed_dim, vision_cfg=vision, text_cfg=text, quick_gelu=False,
+                 init_logit_scale=m.head.init_logit_scale)
+    assert model.visual.transformer.resblocks[0].attn.num_heads == v.heads
+    assert model.transformer.resblocks[0].attn.num_heads == t.heads
     assert model.text_pool_type == "eos" and model.text_eos_id == tokenizer.eot_id
     keep = lambda c: {k: v for k, v in dataclasses.asdict(c).items()  # noqa: E731
                       if v is not None and not k.startswith(("hf_", "timm_", "attn_pooler"))}
@@ -319,7 +318,7 @@ def train_open_clip(spec: dict, work: Path) -> tuple:
     t_start = time.perf_counter()
     model, oc_cfg = build_open_clip(m, task.tokenizer)
     sample = task.tokenizer(["a red circle"])
-    assert (sample == task.tokenizer.eot_id).sum() == 1 and int(sample.max()) < m.vocab_size
+    assert (sample == task.tokenizer.eot_id).sum() == 1 and int(sample.max()) < m.text.vocab_size
 
     optimizer = open_clip_optimizer(model, o)
     dataset = task.train_dataset
@@ -356,8 +355,8 @@ def train_open_clip(spec: dict, work: Path) -> tuple:
     fit_s = time.perf_counter() - t_start
     train_peak = _common.peak_rss_mib()
     model.eval()
-    wrapped = OpenClipForEval(model, task.tokenizer, eval_transform(m.image_size, m.image_mean, m.image_std),
-                              m.embed_dim)
+    wrapped = OpenClipForEval(model, task.tokenizer, eval_transform(m.vision.image_size, m.vision.mean, m.vision.std),
+                              m.head.embed_dim)
     text_parts = [model.token_embedding, model.transformer, model.ln_final]
     text_params = sum(p.numel() for mod in text_parts for p in mod.parameters()) + model.positional_embedding.numel()
     text_params += model.text_projection.numel() if isinstance(model.text_projection, torch.Tensor) else sum(
@@ -741,7 +740,7 @@ def notes(args, results: dict) -> list[str]:
         "diagonal targets, so the head-to-head row is ours_plain_loss (loss.multi_positive=false, "
         "loss.same_caption_positive=false) and 'ratios' = ours_plain_loss / open_clip; 'ours' is the toolkit as "
         "configured, on which the targets are judged, and 'ratios_as_configured' = ours / open_clip.",
-        "Architecture: 'ours' adds OURS_RECIPE (model.vision_stem=conv: stride-2 3x3 convolutions instead of the "
+        "Architecture: 'ours' adds OURS_RECIPE (model.vision.stem=conv: stride-2 3x3 convolutions instead of the "
         "patchify convolution, Xiao et al. 2021), the recipe the demo uses; a patchify-stem ViT learns colour at "
         "once but hardly the shapes' outlines in 1000 steps (zero-shot shape accuracy near chance, for ours and "
         "open_clip alike). ours_plain_loss and open_clip keep the identical patchify architecture, so the "

@@ -50,13 +50,13 @@ CLI = [sys.executable, "-m", "clipsnail"]
 COMMON = ["train.eval_every=0", "train.log_every=1", "train.checkpoint_every=100000", "train.seed=0",
           "data.sampling=pair", "optim.warmup_steps=0"]
 # The README's shapes recipe (demo) tower sizes, from scratch; patch 16 at 160 px (see the module docstring).
-SCRATCH = ["model.image_encoder=vit", "model.vision_stem=conv", "model.patch_size=16", "model.vision_width=192",
-           "model.vision_depth=4", "model.vision_heads=3", "model.text_width=192", "model.text_depth=4",
-           "model.text_heads=3", "model.embed_dim=128", "data.context_length=32", "optim.lr=1e-3",
-           "optim.weight_decay=0.2"]
+SCRATCH = ["model.vision.encoder=vit", "model.vision.stem=conv", "model.vision.patch_size=16",
+           "model.vision.width=192", "model.vision.depth=4", "model.vision.heads=3", "model.text.width=192",
+           "model.text.depth=4", "model.text.heads=3", "model.head.embed_dim=128", "data.context_length=32",
+           "optim.lr=1e-3", "optim.weight_decay=0.2"]
 # open_clip: the scratch row's settings but its patchify stem (open_clip's ViT has no other). The loss settings of
 # our config are not used (open_clip's ClipLoss).
-OPEN_CLIP = [s for s in SCRATCH if s != "model.vision_stem=conv"]
+OPEN_CLIP = [s for s in SCRATCH if s != "model.vision.stem=conv"]
 SYSTEMS = ("scratch", "pretrained", "open_clip")
 # Results of several runs are merged only when these config entries agree.
 MERGE_KEYS = ("data", "images", "folds_run", "fold_rule", "steps", "batch_size", "image_size")
@@ -84,12 +84,12 @@ def write_split(names: list[str], fold: int, folds: int, path: Path) -> dict:
 
 
 def train(system: str, run: Path, split: Path, steps: int, batch: int, image_size: int, log: Path) -> dict:
-    sets = [*COMMON, f"train.max_steps={steps}", f"train.batch_size={batch}", f"model.image_size={image_size}"]
+    sets = [*COMMON, f"train.max_steps={steps}", f"train.batch_size={batch}", f"model.vision.image_size={image_size}"]
     cmd = [*CLI, "clip", "train", "--captions", str(DATA / "captions_val2017.json"), "--images", str(DATA / "images"),
            "--split-file", str(split), "--out", str(run), "--device", "cpu", "--no-progress"]
     if system == "pretrained":
         cmd += ["--config", str(CONFIG)]
-        sets += [f"model.text_encoder=hf:{minilm_dir()}"]
+        sets += [f"model.text.encoder=hf:{minilm_dir()}"]
     else:
         sets += SCRATCH
     for s in sets:
@@ -141,8 +141,8 @@ def open_clip_config(split: Path, steps: int, batch: int, image_size: int) -> tu
     from clipsnail.core.config import load_config
     from clipsnail.families.clip import ClipConfig
 
-    overrides = [*COMMON, f"train.max_steps={steps}", f"train.batch_size={batch}", f"model.image_size={image_size}",
-                 "train.device=cpu", *OPEN_CLIP]
+    overrides = [*COMMON, f"train.max_steps={steps}", f"train.batch_size={batch}",
+                 f"model.vision.image_size={image_size}", "train.device=cpu", *OPEN_CLIP]
     values = {"data.captions": str(DATA / "captions_val2017.json"), "data.images": str(DATA / "images"),
               "data.split_file": str(split)}
     return load_config(ClipConfig, overrides=overrides, values=values), overrides

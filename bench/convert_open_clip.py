@@ -63,7 +63,7 @@ def compare(name: str, quick_gelu: bool, batch: int, repeats: int) -> dict:
         info = convert_open_clip(path, Path(tmp) / "run", quick_gelu=quick_gelu)
         convert_s = time.perf_counter() - t
         ours = clipsnail.load(Path(tmp) / "run")
-    size = ours.cfg.image_size
+    size = ours.image_size
     images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
     texts = (CAPTIONS * batch)[:batch]
     tokens = open_clip.tokenize(texts)

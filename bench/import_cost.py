@@ -47,8 +47,9 @@ CONSE = "conse:efficientnet-lite0+all-minilm-l6-v2"
 QUERY = "a red circle"
 # tests/helpers.py's TINY_CLIP, trained for 2 steps.
 TINY_CLIP = [
-    "model.image_size=16", "model.patch_size=4", "model.vision_width=32", "model.vision_depth=1",
-    "model.vision_heads=2", "model.text_width=32", "model.text_depth=1", "model.text_heads=2", "model.embed_dim=16",
+    "model.vision.image_size=16", "model.vision.patch_size=4", "model.vision.width=32", "model.vision.depth=1",
+    "model.vision.heads=2", "model.text.width=32", "model.text.depth=1", "model.text.heads=2",
+    "model.head.embed_dim=16",
     "data.vocab_size=300", "data.context_length=20", "train.batch_size=16", "train.log_every=1",
     "optim.warmup_steps=2", "train.max_steps=2",
 ]

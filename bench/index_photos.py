@@ -204,9 +204,9 @@ def main() -> None:
                 _common.say(f"{system}: skipped ({problem})")
                 continue
             model = clipsnail.load(run)
-            _common.say(f"{system}: {model.cfg.image_size} px, default workers {default_workers()}")
+            _common.say(f"{system}: {model.image_size} px, default workers {default_workers()}")
             row = measure(model, work / "photos", work / system, args.repeats)
-            row["image_size"] = model.cfg.image_size
+            row["image_size"] = model.image_size
             if sweep_workers:
                 row["index_build_photos_per_s_by_workers"] = sweep(model, work / "photos", work / system,
                                                                    sweep_workers, args.repeats)

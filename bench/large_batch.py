@@ -44,9 +44,9 @@ from _common import (
 
 use_source_tree()
 
-VIT_B32 = dict(image_size=224, patch_size=32, vision_width=768, vision_depth=12, vision_heads=12, text_width=512,
-               text_depth=12, text_heads=8, embed_dim=512, vocab_size=49408, context_length=77, eot_id=49407,
-               activation="quick_gelu")
+VIT_B32 = {"vision": {"image_size": 224, "patch_size": 32, "width": 768, "depth": 12, "heads": 12},
+           "text": {"width": 512, "depth": 12, "heads": 8, "vocab_size": 49408, "context_length": 77, "eot_id": 49407},
+           "head": {"embed_dim": 512}, "activation": "quick_gelu"}
 SETTINGS = {"plain": (1, False), "accum_steps=4": (4, False), "grad_checkpointing": (1, True),
             "accum_steps=4 + grad_checkpointing": (4, True)}
 
@@ -98,11 +98,12 @@ def train_steps(model, batch, accum_steps: int, steps: int, optimizer_step: bool
 def memory_child(setting: str, batch_size: int, steps: int) -> None:
     import torch
 
+    from clipsnail.core.config import from_dict
     from clipsnail.models.clip import CLIP, ClipModelConfig
 
     torch.manual_seed(0)
     accum_steps, checkpointing = SETTINGS[setting]
-    model = CLIP(ClipModelConfig(**VIT_B32)).train()
+    model = CLIP(from_dict(ClipModelConfig, VIT_B32)).train()
     if checkpointing:
         model.set_grad_checkpointing(True)
     batch = synthetic_batch(batch_size, 224, 77, 49408, 49407)
@@ -120,13 +121,13 @@ def _ddp_worker(rank: int, world: int, store: str, steps: int, batch_size: int, 
     import torch
     from torch.nn.parallel import DistributedDataParallel
 
-    from clipsnail.models.clip import CLIP, ClipModelConfig
+    from clipsnail.models.clip import CLIP, ClipModelConfig, ClipTextConfig
 
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)
-        model = DistributedDataParallel(CLIP(ClipModelConfig(vocab_size=2048)).train())
+        model = DistributedDataParallel(CLIP(ClipModelConfig(text=ClipTextConfig(vocab_size=2048))).train())
         share = batch_size // world
         full = synthetic_batch(batch_size, 32, 32, 2048, 2)
         batch = {k: v[rank * share:(rank + 1) * share] for k, v in full.items()}
@@ -144,12 +145,12 @@ def ddp_round(world: int, steps: int, batch_size: int) -> float:
     import torch
     import torch.multiprocessing as mp
 
-    from clipsnail.models.clip import CLIP, ClipModelConfig
+    from clipsnail.models.clip import CLIP, ClipModelConfig, ClipTextConfig
 
     if world == 1:
         torch.set_num_threads(2)
         torch.manual_seed(0)
-        model = CLIP(ClipModelConfig(vocab_size=2048)).train()
+        model = CLIP(ClipModelConfig(text=ClipTextConfig(vocab_size=2048))).train()
         return median(train_steps(model, synthetic_batch(batch_size, 32, 32, 2048, 2), 1, steps + 1)[1:])
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "times.json")

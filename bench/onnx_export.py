@@ -45,8 +45,8 @@ say = _common.say
 
 CONFIGS = {
     "shapes": {"model": {}, "vocab_size": 2048, "context_length": 32, "table_vocab": None},
-    "vit_b32": {"model": {"image_size": 224, "patch_size": 32, "vision_width": 768, "vision_depth": 12,
-                          "vision_heads": 12, "text_width": 512, "text_depth": 12, "text_heads": 8, "embed_dim": 512},
+    "vit_b32": {"model": {"vision": {"image_size": 224, "patch_size": 32, "width": 768, "depth": 12, "heads": 12},
+                          "text": {"width": 512, "depth": 12, "heads": 8}, "head": {"embed_dim": 512}},
                 "vocab_size": 4096, "context_length": 77, "table_vocab": 49408},
 }
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "grey"]
@@ -65,6 +65,7 @@ def captions() -> list[str]:
 def make_run(name: str, spec: dict, run_dir: Path) -> int:
     import torch
 
+    from clipsnail.core.config import from_dict
     from clipsnail.core.runs import save_run
     from clipsnail.data.tokenizers import train_bpe
     from clipsnail.families.clip import ClipConfig, ClipDataConfig
@@ -72,9 +73,9 @@ def make_run(name: str, spec: dict, run_dir: Path) -> int:
 
     texts = captions()
     tokenizer = train_bpe(texts[::7], vocab_size=spec["vocab_size"], context_length=spec["context_length"])
-    m = ClipModelConfig(**{**spec["model"], "vocab_size": spec["table_vocab"] or tokenizer.vocab_size,
-                           "context_length": tokenizer.context_length, "pad_id": tokenizer.pad_id,
-                           "eot_id": tokenizer.eot_id})
+    m = from_dict(ClipModelConfig, spec["model"]).with_changes(text={
+        "vocab_size": spec["table_vocab"] or tokenizer.vocab_size, "context_length": tokenizer.context_length,
+        "pad_id": tokenizer.pad_id, "eot_id": tokenizer.eot_id})
     cfg = ClipConfig(model=m, data=ClipDataConfig(vocab_size=spec["vocab_size"],
                                                   context_length=spec["context_length"]))
     torch.manual_seed(0)
@@ -93,7 +94,7 @@ def measure(model, onnx_clip, text_module, batch: int, reps: int, warmup: int, r
     import numpy as np
     import torch
 
-    size = model.cfg.image_size
+    size = model.image_size
     images = torch.from_numpy(rng.standard_normal((batch, 3, size, size), dtype=np.float32))
     images_np = images.numpy()
     texts = [captions()[i] for i in rng.choice(len(captions()), batch, replace=False)]
@@ -153,9 +154,11 @@ def bench_config(name: str, spec: dict, args, workdir: Path) -> dict:
         latency += measure(model, onnx_clip, text_module, batch, args.reps, args.warmup, rng)
     return {
         "parameters": n_params,
-        "model": {k: getattr(model.cfg, k) for k in
-                  ("image_encoder", "image_size", "patch_size", "vision_width", "vision_depth", "vision_heads",
-                   "text_width", "text_depth", "text_heads", "context_length", "vocab_size", "embed_dim")},
+        "model": {"vision": {k: getattr(model.cfg.vision, k) for k in
+                             ("encoder", "image_size", "patch_size", "width", "depth", "heads")},
+                  "text": {k: getattr(model.cfg.text, k) for k in
+                           ("width", "depth", "heads", "context_length", "vocab_size")},
+                  "embed_dim": model.embed_dim},
         "export": {"total_s": export_s, "image_export_s": report["image_export_s"],
                    "text_export_s": report["text_export_s"], "opset": report["opset"],
                    "file_bytes": report["files"], "check": {k: v for k, v in report["check"].items() if k != "texts"}},

@@ -91,7 +91,7 @@ def zeroshot_all(run: Path) -> dict:
         text = encode_texts(model, captions)
         head = model.image_projection
         as_converted = recalls(F.normalize(head(features), dim=-1), text, c2i)
-        default = (head.top_k, head.temperature, model.cfg.conse_template, bool(model.cfg.conse_definitions))
+        default = (head.top_k, head.temperature, model.cfg.head.conse_template, bool(model.cfg.head.conse_definitions))
         sweep = []
         definitions = imagenet_label_definitions()
         for lemmas, template, with_definitions in itertools.product((1, 2), TEMPLATES, (False, True)):

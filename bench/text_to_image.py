@@ -202,7 +202,8 @@ def train_clip(data: Path, run: Path, steps: int) -> None:
     if (run / "model.safetensors").exists():  # kept only with --reuse
         return
     cfg = demo_config(data, steps)
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, image_size=data_size(data), patch_size=4))
+    vision = {"image_size": data_size(data), "patch_size": 4}
+    cfg = dataclasses.replace(cfg, model=cfg.model.with_changes(vision=vision))
     fit(ClipTask(cfg, run_dir=run), run, progress=False)
 
 

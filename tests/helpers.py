@@ -15,8 +15,9 @@ from PIL import Image
 
 # A CLIP small enough to train a few steps in a second or two on a CPU.
 TINY_CLIP = [
-    "model.image_size=16", "model.patch_size=4", "model.vision_width=32", "model.vision_depth=1",
-    "model.vision_heads=2", "model.text_width=32", "model.text_depth=1", "model.text_heads=2", "model.embed_dim=16",
+    "model.vision.image_size=16", "model.vision.patch_size=4", "model.vision.width=32", "model.vision.depth=1",
+    "model.vision.heads=2", "model.text.width=32", "model.text.depth=1", "model.text.heads=2",
+    "model.head.embed_dim=16",
     "data.vocab_size=300", "data.context_length=20", "train.batch_size=16", "train.log_every=1",
     "optim.warmup_steps=2",
 ]
@@ -103,14 +104,26 @@ def torchrun(args, nproc=2):
 # ----------------------------------------------------------------------------------------------- runs
 
 
-def tiny_clip(context_length=12, **overrides):
-    """A freshly initialised (seed 0) two-block CLIP on 16px images and 50-token texts, for gradient tests."""
-    from clipsnail.models.clip import CLIP, ClipModelConfig
+def tiny_clip(context_length=12, vision=None, text=None, head=None, **top):
+    """A freshly initialised (seed 0) two-block CLIP of `tiny_clip_config`, for gradient tests."""
+    from clipsnail.models.clip import CLIP
 
-    kw = dict(image_size=16, patch_size=4, vision_width=32, vision_depth=2, vision_heads=2, text_width=32,
-              text_depth=2, text_heads=2, embed_dim=16, vocab_size=50, eot_id=2)
+    cfg = tiny_clip_config(context_length, vision, text, head, **top)
     torch.manual_seed(0)
-    return CLIP(ClipModelConfig(context_length=context_length, **{**kw, **overrides}))
+    return CLIP(cfg)
+
+
+def tiny_clip_config(context_length=12, vision=None, text=None, head=None, **top):
+    """A two-block CLIP on 16px images and 50-token texts; the section dicts change fields of the model config's
+    sections (`vision={"depth": 3}`), `top` its own fields."""
+    from clipsnail.models.clip import ClipHeadConfig, ClipModelConfig, ClipTextConfig, ClipVisionConfig
+
+    return ClipModelConfig(
+        vision=ClipVisionConfig(**{"image_size": 16, "patch_size": 4, "width": 32, "depth": 2, "heads": 2,
+                                   **(vision or {})}),
+        text=ClipTextConfig(**{"width": 32, "depth": 2, "heads": 2, "vocab_size": 50, "eot_id": 2,
+                               "context_length": context_length, **(text or {})}),
+        head=ClipHeadConfig(**{"embed_dim": 16, **(head or {})}), **top)
 
 
 def make_open_clip(quick_gelu: bool, seed: int = 0, head_width: int = 64):

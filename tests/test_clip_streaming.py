@@ -60,7 +60,7 @@ def test_fine_tuning_starts_from_the_weights_of_a_run(shapes_dir, clip_run, tmp_
     """With a zero learning rate the fine-tuned run must end with exactly the weights it started from."""
     run = tmp_path / "tuned"
     args = tiny_clip_args(shapes_dir, run, "--init", str(clip_run), "--set", "optim.lr=0", "--set",
-                          "train.max_steps=2", "--set", "model.vision_width=64")  # the init run's model wins
+                          "train.max_steps=2", "--set", "model.vision.width=64")  # the init run's model wins
     assert main(args) == 0
     start, end = load_file(str(clip_run / "model.safetensors")), load_file(str(run / "model.safetensors"))
     assert start.keys() == end.keys()

@@ -9,17 +9,17 @@ from clipsnail.families.clip import ClipConfig
 
 def test_yaml_then_overrides(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("model:\n  embed_dim: 64\ntrain:\n  epochs: 3\noptim:\n  betas: [0.9, 0.95]\n")
-    cfg = load_config(ClipConfig, path, ["train.epochs=5", "image_encoder=timm:resnet18", "finetune.image_lr=1e-4"])
-    assert cfg.model.embed_dim == 64 and cfg.train.epochs == 5
-    assert cfg.model.image_encoder == "timm:resnet18"  # a unique leaf name needs no section
+    path.write_text("model:\n  head:\n    embed_dim: 64\ntrain:\n  epochs: 3\noptim:\n  betas: [0.9, 0.95]\n")
+    cfg = load_config(ClipConfig, path, ["train.epochs=5", "vision.encoder=timm:resnet18", "finetune.image_lr=1e-4"])
+    assert cfg.model.head.embed_dim == 64 and cfg.train.epochs == 5
+    assert cfg.model.vision.encoder == "timm:resnet18"  # a unique tail of the path needs no section
     assert cfg.optim.betas == (0.9, 0.95) and cfg.finetune.image_lr == 1e-4 and cfg.finetune.text_lr is None
     assert isinstance(cfg.optim.lr, float)
 
 
 def test_unknown_key_lists_valid_keys():
-    with pytest.raises(ConfigError, match=r"unknown config key 'model.embed_dimm'.*model.embed_dim"):
-        load_config(ClipConfig, None, ["model.embed_dimm=3"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'model.head.embed_dimm'.*model.head.embed_dim"):
+        load_config(ClipConfig, None, ["model.head.embed_dimm=3"])
 
 
 def test_unknown_key_in_yaml(tmp_path):
@@ -31,7 +31,7 @@ def test_unknown_key_in_yaml(tmp_path):
 
 def test_ambiguous_and_bad_values():
     with pytest.raises(ConfigError, match="ambiguous"):
-        load_config(ClipConfig, None, ["context_length=16"])  # model.context_length or data.context_length
+        load_config(ClipConfig, None, ["context_length=16"])  # model.text.context_length or data.context_length
     with pytest.raises(ConfigError, match="expected an integer"):
         load_config(ClipConfig, None, ["train.epochs=2.5"])
     with pytest.raises(ConfigError, match="key=value"):

@@ -37,20 +37,21 @@ def test_absurd_training_values_are_refused_before_any_work(setting, message, sh
 
 
 def test_a_model_too_large_for_memory_is_one_line(shapes_dir, tmp_path, capsys):
-    line = run_error(capsys, tiny_clip_args(shapes_dir, tmp_path / "run", "--set", "model.embed_dim=100000000"))
-    assert "training it needs about" in line and "GiB free; check its sizes (model.embed_dim" in line
+    line = run_error(capsys, tiny_clip_args(shapes_dir, tmp_path / "run", "--set", "model.head.embed_dim=100000000"))
+    assert "training it needs about" in line and "GiB free; check its sizes" in line
 
 
 def test_pretrained_weights_for_the_built_in_vit_are_refused(shapes_dir, tmp_path, capsys):
-    line = run_error(capsys, tiny_clip_args(shapes_dir, tmp_path / "run", "--set", "model.pretrained=weights.pt"))
-    assert "model.pretrained='weights.pt' applies to timm image towers only" in line and "--init RUN" in line
+    line = run_error(capsys, tiny_clip_args(shapes_dir, tmp_path / "run",
+                                            "--set", "model.vision.pretrained=weights.pt"))
+    assert "model.vision.pretrained='weights.pt' applies to timm image towers only" in line and "--init RUN" in line
 
 
 def test_a_section_that_is_not_a_mapping_names_itself(tmp_path):
     config = tmp_path / "bad.yaml"
     config.write_text("model: 5\n")
     with pytest.raises(ConfigError, match="config key 'model': expected a mapping"):
-        load_config(ClipConfig, config, overrides=["model.image_size=32"])
+        load_config(ClipConfig, config, overrides=["model.vision.image_size=32"])
     with pytest.raises(ConfigError, match="model: expected a mapping"):
         load_config(ClipConfig, config)
 

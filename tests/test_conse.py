@@ -15,8 +15,8 @@ from clipsnail.core.runs import read_weights
 from clipsnail.models.clip import ConseHead
 
 LABELS = ["cat", "dog", "car", "tree", "boat", "cake"]
-TINY_CONSE = ["model.image_projection=conse", f"model.conse_labels=[{', '.join(LABELS)}]", "model.conse_top_k=3",
-              "model.conse_temperature=2.0"]
+TINY_CONSE = ["model.head.image_projection=conse", f"model.head.conse_labels=[{', '.join(LABELS)}]",
+              "model.head.conse_top_k=3", "model.head.conse_temperature=2.0"]
 
 
 def conse_by_hand(features, weight, bias, label_embeddings, top_k, temperature):
@@ -54,7 +54,7 @@ def test_top_one_is_the_most_probable_label_and_all_labels_the_probability_weigh
 
 
 def test_gradients_reach_classifier_labels_and_tower():
-    model = tiny_clip(image_projection="conse", conse_labels=LABELS, conse_top_k=3)
+    model = tiny_clip(head={"image_projection": "conse", "conse_labels": LABELS, "conse_top_k": 3})
     with torch.no_grad():
         model.image_projection.label_embeddings.normal_()
     images = torch.randn(2, 3, 16, 16)
@@ -67,7 +67,8 @@ def test_gradients_reach_classifier_labels_and_tower():
 
 
 def test_clip_embedding_is_the_formula_over_the_tower_features():
-    model = tiny_clip(image_projection="conse", conse_labels=LABELS, conse_top_k=2, conse_temperature=3.0).eval()
+    model = tiny_clip(head={"image_projection": "conse", "conse_labels": LABELS, "conse_top_k": 2,
+                            "conse_temperature": 3.0}).eval()
     head = model.image_projection
     with torch.no_grad():
         head.label_embeddings.copy_(F.normalize(torch.randn(len(LABELS), 16), dim=-1))
@@ -79,14 +80,14 @@ def test_clip_embedding_is_the_formula_over_the_tower_features():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"conse_labels": []}, "model.image_projection=conse needs model.conse_labels"),
-    ({"conse_top_k": 7}, "model.conse_top_k must be between 1 and the 6 labels, got 7"),
-    ({"conse_top_k": 0}, "model.conse_top_k must be between 1 and the 6 labels, got 0"),
-    ({"conse_temperature": 0.0}, "model.conse_temperature"),
+    ({"conse_labels": []}, "model.head.image_projection=conse needs model.head.conse_labels"),
+    ({"conse_top_k": 7}, "model.head.conse_top_k must be between 1 and the 6 labels, got 7"),
+    ({"conse_top_k": 0}, "model.head.conse_top_k must be between 1 and the 6 labels, got 0"),
+    ({"conse_temperature": 0.0}, "model.head.conse_temperature"),
 ])
 def test_bad_conse_configs_are_one_line_errors(overrides, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
-        tiny_clip(**{"image_projection": "conse", "conse_labels": LABELS, **overrides})
+        tiny_clip(head={"image_projection": "conse", "conse_labels": LABELS, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +102,8 @@ def conse_run(shapes_dir, tmp_path_factory):
 
 def test_conse_round_trips_through_a_run_directory(conse_run):
     config = json.loads((conse_run / "config.json").read_text())
-    assert config["model"]["image_projection"] == "conse"
-    assert config["model"]["conse_labels"] == LABELS and config["model"]["conse_top_k"] == 3
+    head = config["model"]["head"]
+    assert head["image_projection"] == "conse" and head["conse_labels"] == LABELS and head["conse_top_k"] == 3
     model = clipsnail.load(conse_run)
     assert isinstance(model.image_projection, ConseHead)
     assert model.image_projection.top_k == 3 and model.image_projection.temperature == 2.0
@@ -143,7 +144,7 @@ def test_clip_train_init_starts_from_the_conse_run_and_trains_each_part(conse_ru
     tuned = read_weights(out / "model.safetensors")
     for key in ("image_projection.classifier.weight", "image_projection.label_embeddings"):
         assert not torch.equal(tuned[key], initial[key]), key
-    assert json.loads((out / "config.json").read_text())["model"]["image_projection"] == "conse"
+    assert json.loads((out / "config.json").read_text())["model"]["head"]["image_projection"] == "conse"
 
 
 def test_convert_conse_rejects_bad_specs(capsys, tmp_path):
@@ -200,7 +201,7 @@ def test_packaged_conse_is_the_formula_over_the_real_classifier_and_sentence_enc
     from clipsnail.core.pretrained import load_pretrained_state
 
     model = clipsnail.load(conse_run_of_name)
-    cfg = model.cfg
+    cfg = model.cfg.head
     assert (cfg.conse_top_k, cfg.conse_temperature, cfg.conse_template) == (10, 2.0, "a photo of a {}.")
     assert cfg.conse_labels == imagenet_label_names() and cfg.conse_labels[281] == "tabby, tabby cat"
     assert cfg.conse_definitions[281] == "a cat with a grey or tawny coat mottled with black"

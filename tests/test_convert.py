@@ -78,7 +78,7 @@ def converted(tmp_path_factory):
         info = convert_open_clip(save_safetensors(source, d / "open_clip_model.safetensors"), d / "run",
                                  quick_gelu=quick_gelu)
         assert info["quick_gelu"] is quick_gelu and info["task"] == "clip"
-        assert info["architecture"]["vision_heads"] == info["architecture"]["text_heads"] == 2
+        assert info["architecture"]["vision"]["heads"] == info["architecture"]["text"]["heads"] == 2
         assert info["parameters"] == sum(p.numel() for p in source.parameters())
         out[quick_gelu] = (source, d / "run")
     return out
@@ -100,12 +100,12 @@ def test_converted_clip_equals_open_clip(converted, quick_gelu):
     source, run = converted[quick_gelu]
     ours = clipsnail.load(run)
     assert ours.cfg.activation == ("quick_gelu" if quick_gelu else "gelu")
-    assert ours.cfg.image_size == 32 and ours.cfg.patch_size == 8 and ours.cfg.context_length == 77
+    assert ours.image_size == 32 and ours.cfg.vision.patch_size == 8 and ours.cfg.text.context_length == 77
     assert_same_embeddings(source, ours)
     assert sorted(p.name for p in run.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
     # open_clip's evaluation preprocessing (bicubic resize of the short side, centre crop, OpenAI mean/std)
     pil = Image.fromarray(np.random.default_rng(0).integers(0, 256, (70, 90, 3), dtype=np.uint8))
-    reference = open_clip.image_transform(32, is_train=False, mean=ours.cfg.image_mean, std=ours.cfg.image_std)
+    reference = open_clip.image_transform(32, is_train=False, mean=ours.cfg.vision.mean, std=ours.cfg.vision.std)
     assert torch.allclose(ours.preprocess(pil), reference(pil), atol=0.02)  # PIL vs tensor rounding only
     assert json.loads((run / "config.json").read_text())["task"] == "clip"
 
@@ -119,11 +119,13 @@ def test_run_configs_from_before_the_new_options_still_load(converted, tmp_path)
     old = tmp_path / "old_run"
     shutil.copytree(run, old)
     config = json.loads((old / "config.json").read_text())
-    for key in ("activation", "vision_mlp_ratio", "text_mlp_ratio", "image_interpolation"):
-        del config["model"][key]
+    model_section = config["model"]
+    for section, key in (("vision", "mlp_ratio"), ("text", "mlp_ratio"), ("vision", "interpolation")):
+        del model_section[section][key]
+    del model_section["activation"]
     (old / "config.json").write_text(json.dumps(config))
     model = clipsnail.load(old)
-    assert model.cfg.activation == "gelu" and model.cfg.image_interpolation == "bilinear"
+    assert model.cfg.activation == "gelu" and model.cfg.vision.interpolation == "bilinear"
     assert_same_embeddings(source, model, texts=TEXTS[:2])
 
 
@@ -152,9 +154,9 @@ def test_quick_gelu_from_open_clip_config_and_torch_bin(tmp_path):
     }))
     info = convert_open_clip(tmp_path / "open_clip_pytorch_model.bin", tmp_path / "run")
     assert info["quick_gelu"] is True and info["quick_gelu_from"] == "open_clip_config.json"
-    assert info["architecture"]["vision_heads"] == info["architecture"]["text_heads"] == 4
+    assert info["architecture"]["vision"]["heads"] == info["architecture"]["text"]["heads"] == 4
     ours = clipsnail.load(tmp_path / "run")
-    assert tuple(ours.cfg.image_mean) == (0.5, 0.5, 0.5)
+    assert tuple(ours.cfg.vision.mean) == (0.5, 0.5, 0.5)
     assert_same_embeddings(source, ours)
 
 
@@ -288,7 +290,7 @@ def test_converted_run_fine_tunes_and_conditions_text_to_image(converted, shapes
                  *sets(["train.max_steps=2", "train.batch_size=8", "optim.lr=1e-3"])]) == 0
     assert (tuned / "tokenizer.json").read_text() == (run / "tokenizer.json").read_text()
     model = clipsnail.load(tuned)
-    assert model.cfg.activation == "quick_gelu" and model.cfg.vocab_size == 49408
+    assert model.cfg.activation == "quick_gelu" and model.cfg.text.vocab_size == 49408
     start = clipsnail.load(run)
     assert not torch.equal(model.visual.patch_embed.weight, start.visual.patch_embed.weight)  # it trained
 

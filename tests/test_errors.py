@@ -71,7 +71,7 @@ def test_image_folder_without_images(capsys, tmp_path, shapes_dir):
 
 def test_wrong_set_key(capsys, shapes_dir, tmp_path):
     msg = run_error(capsys, tiny_clip_args(shapes_dir, tmp_path / "r", "--set", "model.widht=3"))
-    assert "model.widht" in msg and "model.embed_dim" in msg
+    assert "model.widht" in msg and "model.head.embed_dim" in msg
 
 
 def test_missing_run_directory_and_weights(capsys, tmp_path):

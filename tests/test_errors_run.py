@@ -97,12 +97,12 @@ def test_resume_with_other_model_settings_names_the_checkpoint(capsys, shapes_di
     out = tmp_path / "r"
     assert main(tiny_clip_args(shapes_dir, out, "--set", "train.max_steps=1")) == 0
     msg = run_error(capsys, tiny_clip_args(shapes_dir, out, "--set", "train.max_steps=2",
-                                           "--set", "model.embed_dim=8"))
+                                           "--set", "model.head.embed_dim=8"))
     # said from the run's config.json before the checkpoint is read
-    assert f"{out}: resuming with other settings than the run's: model.embed_dim was 16, now 8" in msg
+    assert f"{out}: resuming with other settings than the run's: model.head.embed_dim was 16, now 8" in msg
     (out / "config.json").unlink()  # a run stopped before it recorded its settings: the checkpoint tells
     msg = run_error(capsys, tiny_clip_args(shapes_dir, out, "--set", "train.max_steps=2",
-                                           "--set", "model.embed_dim=8"))
+                                           "--set", "model.head.embed_dim=8"))
     assert "state.safetensors: does not fit" in msg and "shape mismatch at" in msg and "[16," in msg
     assert "[8," in msg and "delete" in msg
 
@@ -136,26 +136,26 @@ def test_weights_with_a_wrong_shape_give_both_shapes(run_copy, capsys):
 # ----------------------------------------------------------------------------------------------- config.json
 
 
-def edit_config(run, **model):
+def edit_config(run, section, **values):
     config = json.loads((run / "config.json").read_text())
-    config["model"].update(model)
+    config["model"][section].update(values)
     (run / "config.json").write_text(json.dumps(config))
 
 
-@pytest.mark.parametrize(("values", "expected"), [
-    ({"vision_width": 0}, "model.vision_width must be positive, got 0"),
-    ({"text_width": -32}, "model.text_width must be positive, got -32"),
-    ({"patch_size": 0}, "model.patch_size must be positive, got 0"),
-    ({"patch_size": 5}, "model.image_size=16 is not a multiple of model.patch_size=5"),
-    ({"vision_heads": 3}, "model.vision_heads=3 does not divide model.vision_width=32"),
-    ({"text_heads": 0}, "model.text_heads must be positive, got 0"),
-    ({"embed_dim": 0}, "model.embed_dim must be positive"),
-    ({"image_encoder": "timm:resnet_nope"}, "unknown image_encoder 'timm:resnet_nope'"),
-    ({"vision_pool": "max"}, "model.vision_pool must be one of 'cls', 'avg', got 'max'"),
-    ({"vision_width": "wide"}, "config key 'model.vision_width': expected a number"),
+@pytest.mark.parametrize(("section", "values", "expected"), [
+    ("vision", {"width": 0}, "model.vision.width must be positive, got 0"),
+    ("text", {"width": -32}, "model.text.width must be positive, got -32"),
+    ("vision", {"patch_size": 0}, "model.vision.patch_size must be positive, got 0"),
+    ("vision", {"patch_size": 5}, "model.vision.image_size=16 is not a multiple of model.vision.patch_size=5"),
+    ("vision", {"heads": 3}, "model.vision.heads=3 does not divide model.vision.width=32"),
+    ("text", {"heads": 0}, "model.text.heads must be positive, got 0"),
+    ("head", {"embed_dim": 0}, "model.head.embed_dim must be positive"),
+    ("vision", {"encoder": "timm:resnet_nope"}, "unknown image encoder 'timm:resnet_nope'"),
+    ("vision", {"pool": "max"}, "model.vision.pool must be one of 'cls', 'avg', got 'max'"),
+    ("vision", {"width": "wide"}, "config key 'model.vision.width': expected a number"),
 ])
-def test_invalid_clip_config_json_names_the_file_and_key(run_copy, values, expected):
-    edit_config(run_copy, **values)
+def test_invalid_clip_config_json_names_the_file_and_key(run_copy, section, values, expected):
+    edit_config(run_copy, section, **values)
     with pytest.raises(DataError) as info:
         clipsnail.load(run_copy)
     assert str(info.value).startswith(f"{run_copy / 'config.json'}: ")
@@ -190,10 +190,10 @@ def test_invalid_config_json_of_every_family(tmp_path, config, expected):
 
 
 def test_invalid_set_value_in_training_is_a_config_error(capsys, shapes_dir, tmp_path):
-    msg = run_error(capsys, tiny_clip_args(shapes_dir, tmp_path / "r", "--set", "model.vision_width=0"))
-    assert msg == "clipsnail: error: model.vision_width must be positive, got 0"
-    msg = run_error(capsys, tiny_clip_args(shapes_dir, tmp_path / "r", "--set", "model.vision_heads=5"))
-    assert "model.vision_heads=5 does not divide model.vision_width=32" in msg
+    msg = run_error(capsys, tiny_clip_args(shapes_dir, tmp_path / "r", "--set", "model.vision.width=0"))
+    assert msg == "clipsnail: error: model.vision.width must be positive, got 0"
+    msg = run_error(capsys, tiny_clip_args(shapes_dir, tmp_path / "r", "--set", "model.vision.heads=5"))
+    assert "model.vision.heads=5 does not divide model.vision.width=32" in msg
 
 
 def test_model_checks_of_every_family():

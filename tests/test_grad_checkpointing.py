@@ -25,7 +25,8 @@ def batch(image_size: int = 16):
     return images, tokens
 
 
-@pytest.mark.parametrize("kw", [{}, {"drop_path_rate": 0.2, "text_dropout": 0.1, "activation": "quick_gelu"}])
+@pytest.mark.parametrize("kw", [{}, {"vision": {"drop_path_rate": 0.2}, "text": {"dropout": 0.1},
+                                       "activation": "quick_gelu"}])
 def test_same_loss_and_gradients_with_checkpointing(kw):
     model = tiny_clip(**kw).train()
     images, tokens = batch()
@@ -38,7 +39,7 @@ def test_same_loss_and_gradients_with_checkpointing(kw):
 
 
 def test_same_gradients_with_a_lemevit_tower():
-    model = tiny_clip(image_encoder="lemevit_tiny", image_size=32).train()
+    model = tiny_clip(vision={"encoder": "lemevit_tiny", "image_size": 32}).train()
     images, tokens = batch(32)
     loss0, grads0 = loss_and_grads(model, images, tokens, False)
     loss1, grads1 = loss_and_grads(model, images, tokens, True)
@@ -79,7 +80,8 @@ def test_checkpointing_only_while_training(monkeypatch):
 def test_same_gradients_with_a_timm_image_tower_and_a_pretrained_text_tower():
     """timm's own `set_grad_checkpointing` and the Hugging Face tower's gradient checkpointing, through CLIP's."""
     pytest.importorskip("transformers")
-    model = tiny_clip(image_encoder="timm:resnet10t", image_size=32, text_encoder="hf:all-minilm-l6-v2").train()
+    model = tiny_clip(vision={"encoder": "timm:resnet10t", "image_size": 32},
+                      text={"encoder": "hf:all-minilm-l6-v2"}).train()
     images, tokens = batch(32)
     loss0, grads0 = loss_and_grads(model, images, tokens, False)
     loss1, grads1 = loss_and_grads(model, images, tokens, True)

@@ -209,7 +209,7 @@ def test_cli_build_update_search(clip_run, photos, tmp_path, capsys, shapes_dir)
     assert "empty" in run_error(capsys, ["search", "--index", str(out), "  "])
     assert "exactly one" in run_error(capsys, ["search", "--index", str(out), "--images", str(photos), "x"])
     other = tmp_path / "run8"
-    assert main(tiny_clip_args(shapes_dir, other, "--set", "train.max_steps=1", "--set", "model.embed_dim=8")) == 0
+    assert main(tiny_clip_args(shapes_dir, other, "--set", "train.max_steps=1", "--set", "model.head.embed_dim=8")) == 0
     msg = run_error(capsys, ["search", "--index", str(out), "--model", str(other), "a red circle"])
     assert "dimension mismatch" in msg and "dim-16" in msg
 

@@ -15,7 +15,7 @@ def test_loaded_clip_returns_plain_tensors(clip_run, tmp_path):
     photo = tmp_path / "p.png"
     noise_image(photo, 0)
     for out in (model.encode_image([photo]), model.encode_text(["a red circle"]),
-                model(torch.zeros(1, 3, model.cfg.image_size, model.cfg.image_size), model.tokenizer(["x"]))[0]):
+                model(torch.zeros(1, 3, model.image_size, model.image_size), model.tokenizer(["x"]))[0]):
         assert out.grad_fn is None and not out.requires_grad
 
     model.requires_grad_()  # trainable again, on request

@@ -233,9 +233,9 @@ def test_lemevit_is_a_clip_image_tower(shapes_dir, tmp_path, capsys):
     from clipsnail.cli import main
 
     run = tmp_path / "clip_lemevit"
-    assert main(tiny_clip_args(shapes_dir, run, "--set", "image_encoder=lemevit_tiny_cifar", "--set",
+    assert main(tiny_clip_args(shapes_dir, run, "--set", "vision.encoder=lemevit_tiny_cifar", "--set",
                                "train.max_steps=2")) == 0
     model = load(run)
     assert type(model.visual).__name__ == "LeMeViT"
     emb = model.encode_image(torch.rand(2, 3, 16, 16))
-    assert emb.shape == (2, model.cfg.embed_dim) and torch.allclose(emb.norm(dim=-1), torch.ones(2), atol=1e-5)
+    assert emb.shape == (2, model.embed_dim) and torch.allclose(emb.norm(dim=-1), torch.ones(2), atol=1e-5)

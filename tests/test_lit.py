@@ -128,11 +128,11 @@ def test_random_augmentation_says_the_locked_tower_runs_every_step(shapes_dir, t
 
 
 def test_unlocked_groups_train_only_the_last_blocks():
-    model = tiny_clip(vision_depth=3)
+    model = tiny_clip(vision={"depth": 3})
     model.lock_image_tower(unlocked_groups=1)
     trainable = {n for n, p in model.visual.named_parameters() if p.requires_grad}
     assert trainable == {n for n, _ in model.visual.named_parameters() if n.startswith(("blocks.2.", "ln_post"))}
-    model = tiny_clip(vision_depth=3)
+    model = tiny_clip(vision={"depth": 3})
     model.lock_image_tower(unlocked_groups=3)  # every block; the stem stays
     assert {n for n, p in model.visual.named_parameters() if not p.requires_grad} == {
         "cls_token", "pos_embed", "patch_embed.weight", "ln_pre.weight", "ln_pre.bias"}
@@ -142,11 +142,11 @@ def test_too_many_unlocked_groups_is_a_config_error():
     from clipsnail.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="has 4 layer groups"):
-        tiny_clip(vision_depth=3).lock_image_tower(unlocked_groups=4)
+        tiny_clip(vision={"depth": 3}).lock_image_tower(unlocked_groups=4)
 
 
 def test_locked_groups_keep_their_batchnorm_statistics():
-    model = tiny_clip(image_encoder="timm:resnet10t", image_size=32)
+    model = tiny_clip(vision={"encoder": "timm:resnet10t", "image_size": 32})
     model.lock_image_tower(unlocked_groups=1, freeze_bn_stats=True)
     bns = {n: m for n, m in model.visual.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
     before = {n: m.running_mean.clone() for n, m in bns.items()}
@@ -158,7 +158,7 @@ def test_locked_groups_keep_their_batchnorm_statistics():
 
 
 def test_a_wholly_locked_tower_stays_in_eval_mode_while_training():
-    model = tiny_clip(drop_path_rate=0.3)
+    model = tiny_clip(vision={"drop_path_rate": 0.3})
     model.lock_image_tower()
     model.lock_text_tower()
     model.train()
@@ -184,7 +184,7 @@ def test_siglip_trains_its_bias_and_the_run_loads_with_it(shapes_dir, tmp_path):
 
     run = train(shapes_dir, tmp_path / "run", "--set", "loss.kind=siglip", steps=3)
     config = json.loads((run / "config.json").read_text())
-    assert config["loss"]["kind"] == "siglip" and config["model"]["init_logit_bias"] == -10.0
+    assert config["loss"]["kind"] == "siglip" and config["model"]["head"]["init_logit_bias"] == -10.0
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     biases = [r["logit_bias"] for r in records if "logit_bias" in r]
     assert len(biases) == 3 and biases[0] == -10.0 != biases[-1]  # the bias each step scored with, learned
@@ -222,7 +222,7 @@ def test_zero_shot_probabilities_are_sigmoids_for_a_siglip_model():
     clip = tiny_clip()
     softmax = zero_shot_probabilities(clip, image, classes)
     assert torch.allclose(softmax.sum(dim=1), torch.ones(3))
-    siglip = tiny_clip(init_logit_bias=-10.0, init_logit_scale=2.3)
+    siglip = tiny_clip(head={"init_logit_bias": -10.0, "init_logit_scale": 2.3})
     sigmoid = zero_shot_probabilities(siglip, image, classes)
     assert torch.allclose(sigmoid, (siglip.logit_scale.exp().detach() * image @ classes.T - 10).sigmoid())
     assert (sigmoid.sum(dim=1) < 0.5).all()  # cosines below 1 at scale 10 and bias -10: no class is likely

@@ -99,7 +99,7 @@ def test_load_by_name_equals_converting_the_file_by_hand(hub, weights, by_hand):
     put_in_cache(cache, open_clip_files(weights))
     model = clipsnail.load("hf-hub:org/name")
     assert model.run_dir == (home / "runs" / "hf-hub" / "org--name" / COMMIT).resolve()
-    assert tuple(model.cfg.image_mean) == (0.5, 0.5, 0.5)  # open_clip_config.json was read beside the weights
+    assert tuple(model.cfg.vision.mean) == (0.5, 0.5, 0.5)  # open_clip_config.json was read beside the weights
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(model.encode_text(TEXTS), by_hand.encode_text(TEXTS))
@@ -283,7 +283,7 @@ def test_the_leftovers_of_a_killed_conversion_are_deleted(hub, weights):
     (leftover / "config.json").write_text("{}")  # half a run, killed before its rename: never used
     run = resolve_run("hf-hub:org/name")
     assert sorted(p.name for p in folder.iterdir()) == [COMMIT]
-    assert clipsnail.load(run).cfg.image_size == 32
+    assert clipsnail.load(run).image_size == 32
 
 
 def test_paths_are_returned_as_they_are(hub, tmp_path, monkeypatch):
@@ -398,7 +398,7 @@ def test_a_long_mean_is_refused_before_caching_and_shown_short(hub, weights):
 def test_a_mean_of_one_number_means_each_channel_as_in_open_clip(hub, weights):
     cache, _ = hub
     put_in_cache(cache, with_config(weights, changed("preprocess_cfg", "mean", 0.25)))
-    assert tuple(clipsnail.load("hf-hub:org/name").cfg.image_mean) == (0.25, 0.25, 0.25)
+    assert tuple(clipsnail.load("hf-hub:org/name").cfg.vision.mean) == (0.25, 0.25, 0.25)
 
 
 @pytest.mark.parametrize("ref", ["../../../../../etc", "main/../x", "", "0123"])

@@ -1,14 +1,12 @@
 import pytest
 import torch
+from helpers import tiny_clip_config
 
-from clipsnail.models import CLIP, ClipModelConfig, TextTransformer, VisionTransformer
+from clipsnail.models import CLIP, TextTransformer, VisionTransformer
 
 
-def small_cfg(**kw):
-    base = dict(image_size=16, patch_size=4, vision_width=32, vision_depth=2, vision_heads=2, text_width=32,
-                text_depth=2, text_heads=2, vocab_size=50, context_length=12, embed_dim=24)
-    base.update(kw)
-    return ClipModelConfig(**base)
+def small_cfg(vision=None, head=None):
+    return tiny_clip_config(vision=vision, head={"embed_dim": 24, **(head or {})})
 
 
 def test_vit_shapes_and_pools():
@@ -61,15 +59,15 @@ def test_clip_outputs_are_normalised_and_trainable():
 
 @pytest.mark.parametrize("projection", ["linear", "head"])
 def test_projection_kinds(projection):
-    model = CLIP(small_cfg(projection=projection))
+    model = CLIP(small_cfg(head={"projection": projection}))
     assert model.encode_image(torch.randn(2, 3, 16, 16)).shape == (2, 24)
 
 
 def test_timm_image_tower():
-    model = CLIP(small_cfg(image_encoder="timm:resnet18", image_size=32))
+    model = CLIP(small_cfg(vision={"encoder": "timm:resnet18", "image_size": 32}))
     assert model.encode_image(torch.randn(2, 3, 32, 32)).shape == (2, 24)
-    with pytest.raises(ValueError, match="unknown image_encoder"):
-        CLIP(small_cfg(image_encoder="timm:not_a_model_xyz"))
+    with pytest.raises(ValueError, match="unknown image encoder"):
+        CLIP(small_cfg(vision={"encoder": "timm:not_a_model_xyz"}))
 
 
 def test_encode_text_needs_tokenizer():

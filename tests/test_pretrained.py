@@ -11,6 +11,7 @@ import logging
 import pytest
 import timm
 import torch
+from helpers import tiny_clip_config
 from safetensors.torch import save_file
 
 from clipsnail.cli import main
@@ -19,7 +20,7 @@ from clipsnail.core.config import from_dict
 from clipsnail.core.errors import DataError
 from clipsnail.core.pretrained import load_pretrained_state
 from clipsnail.families.classify import ClassifyModelConfig, build_classifier
-from clipsnail.models.clip import CLIP, ClipModelConfig
+from clipsnail.models.clip import CLIP, ClipVisionConfig
 
 # timm's block modules -> efficientnet_pytorch's: a depthwise-separable block (timm's first stage: no expansion) and
 # an inverted-residual block (with its 1x1 expansion conv).
@@ -209,16 +210,15 @@ def test_packaged_name_not_installed_says_how_to_install(monkeypatch):
 
 def test_clip_config_pretrained_accepts_old_booleans_and_files():
     for value in (False, "false", "False", ""):
-        assert pretrained.is_off(from_dict(ClipModelConfig, {"pretrained": value}).pretrained)
+        assert pretrained.is_off(from_dict(ClipVisionConfig, {"pretrained": value}).pretrained)
     for value in (True, "true", "True"):
-        assert pretrained.is_timm(from_dict(ClipModelConfig, {"pretrained": value}).pretrained)
-    assert from_dict(ClipModelConfig, {"pretrained": "w/lite0.pth"}).pretrained == "w/lite0.pth"
+        assert pretrained.is_timm(from_dict(ClipVisionConfig, {"pretrained": value}).pretrained)
+    assert from_dict(ClipVisionConfig, {"pretrained": "w/lite0.pth"}).pretrained == "w/lite0.pth"
 
 
 def clip_with(pretrained_value, load_weights=True) -> CLIP:
-    cfg = ClipModelConfig(image_encoder="timm:efficientnet_lite0", pretrained=pretrained_value, image_size=64,
-                          text_width=32, text_depth=1, text_heads=2, embed_dim=16, vocab_size=50, eot_id=2,
-                          context_length=8)
+    cfg = tiny_clip_config(8, vision={"encoder": "timm:efficientnet_lite0", "pretrained": pretrained_value,
+                                      "image_size": 64}, text={"depth": 1})
     return CLIP(cfg, load_weights=load_weights)
 
 
@@ -235,7 +235,7 @@ def test_clip_image_tower_from_an_efficientnet_pytorch_file(reference, files):
     # clipsnail.load's path: the weights come from the run's state dict, the file is not read (nor needed)
     skipped = clip_with(str(files["safetensors"].with_name("gone.safetensors")), load_weights=False)
     assert not torch.equal(skipped.visual.state_dict()["conv_stem.weight"], expected["conv_stem.weight"])
-    assert not pretrained.is_off(skipped.cfg.pretrained)
+    assert not pretrained.is_off(skipped.cfg.vision.pretrained)
     assert clip_with("False").visual.bn1.eps == 1e-5  # an old config's pretrained=false: timm's random init
 
 

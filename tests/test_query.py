@@ -108,9 +108,7 @@ class ColourModel:
     WORDS = {"red": (1, 0, 0), "green": (0, 1, 0), "blue": (0, 0, 1), "yellow": (1, 1, 0), "cyan": (0, 1, 1)}
 
     def __init__(self):
-        from types import SimpleNamespace
-
-        self.cfg, self.run_dir = SimpleNamespace(embed_dim=4, image_size=8), None
+        self.embed_dim, self.image_size, self.run_dir = 4, 8, None
 
     def eval(self):
         return self

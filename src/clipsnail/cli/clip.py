@@ -44,7 +44,7 @@ def add_clip(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="run directory (default: build from --config/--set)")
     p.add_argument("--config", help="a YAML config file of the model to describe")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one config value (repeatable), e.g. model.embed_dim=256")
+                   help="override one config value (repeatable), e.g. model.head.embed_dim=256")
     p.add_argument("--depth", type=int, default=2, help="levels of nested modules in the table (default 2)")
     p.set_defaults(func=cmd_clip_summary)
 
@@ -84,10 +84,10 @@ def cmd_clip_summary(args: argparse.Namespace) -> None:
         cfg = model.cfg
     else:
         config = clip_config(args)
-        cfg = dataclasses.replace(config.model, vocab_size=config.model.vocab_size or config.data.vocab_size)
+        cfg = config.model.with_changes(text={"vocab_size": config.model.text.vocab_size or config.data.vocab_size})
         model = CLIP(cfg)
-    images = torch.zeros(2, 3, cfg.image_size, cfg.image_size)
-    tokens = torch.full((2, cfg.context_length), cfg.eot_id)
+    images = torch.zeros(2, 3, cfg.vision.image_size, cfg.vision.image_size)
+    tokens = torch.full((2, cfg.text.context_length), cfg.text.eot_id)
     print(model_summary(model, (images, tokens), depth=args.depth))
 
 

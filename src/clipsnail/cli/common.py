@@ -23,7 +23,7 @@ def add_train_flags(p: argparse.ArgumentParser,
     p.add_argument("--out", required=True, help="run directory (resumes when it holds a checkpoint)")
     p.add_argument("--config", help=config_help)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set model.embed_dim=256 (repeatable)")
+                   help="override a config value, e.g. --set model.head.embed_dim=256 (repeatable)")
     p.add_argument("--epochs", type=int, help="training epochs (train.epochs)")
     p.add_argument("--time-budget", help="stop cleanly after this long, e.g. 10m (train.time_budget)")
     p.add_argument("--seed", type=int, help="random seed (train.seed)")

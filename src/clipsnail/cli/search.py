@@ -171,8 +171,8 @@ def cmd_search(args: argparse.Namespace) -> None:
     # Before loading the model: a malformed query or a missing image term is a one-line error at once.
     terms = parse_query(text, image=local_image) if text is not None else [Term(1.0, "image", args.image)]
     model = load(model_dir, device=args.device)
-    if index is not None and model.cfg.embed_dim != index.dim:
-        raise ClipsnailError(f"dimension mismatch: {model_dir} makes dim-{model.cfg.embed_dim} embeddings, but "
+    if index is not None and model.embed_dim != index.dim:
+        raise ClipsnailError(f"dimension mismatch: {model_dir} makes dim-{model.embed_dim} embeddings, but "
                              f"{args.index} holds dim-{index.dim} vectors")
     if index is not None:
         index.check_model(model.run_dir)  # the vectors must be this run's, as its weights are now

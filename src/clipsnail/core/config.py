@@ -1,7 +1,9 @@
 """Configuration: one dataclass per task with nested sections, loaded from YAML and overridden by `--set a.b=c`.
 
 An unknown key is an error that lists the valid ones; a leaf name that is unique in the tree may be given without
-its section (`--set image_encoder=lemevit_tiny` means `model.image_encoder`).
+its section (`--set drop_path_rate=0.1` means `model.vision.drop_path_rate`). A section that moved its keys declares
+where to (`RENAMED_KEYS`, old name -> new dotted path): a YAML file or `--set` with an old name is read as the new one
+with a warning, and a run's stored config with the old names is read as it is (its loading migrates it).
 
 `load_config` merges, later winning: `defaults` (a task's preset) < the YAML file < `values` (typed values, e.g.
 from command-line flags) < `overrides`, in their order. An override is either a `--set` string "key=value", whose
@@ -20,6 +22,7 @@ small preset.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import re
 import types
@@ -32,6 +35,8 @@ from typing import Any
 import yaml
 
 from clipsnail.core.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -80,6 +85,7 @@ def from_dict(cls: type, data: dict, where: str = "", base: Any = None) -> Any:
     """
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    data = migrate_keys(cls, data, where)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     if base is None:
@@ -107,7 +113,7 @@ def load_config(cls: type, yaml_path: str | Path | None = None, overrides: Itera
     `overrides`: `--set` strings "key=value" (the value parsed as YAML) or (key, value) pairs (used as given).
     """
     data: dict = {}
-    _merge(data, defaults or {})
+    _merge(data, migrate_keys(cls, defaults or {}))
     if yaml_path:
         path = Path(yaml_path)
         if not path.is_file():
@@ -118,19 +124,22 @@ def load_config(cls: type, yaml_path: str | Path | None = None, overrides: Itera
             raise ConfigError(f"{path}: invalid YAML ({e})") from e
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
-        _merge(data, loaded)
-    leaves = _leaf_paths(cls)
+        renamed: list[tuple[str, str]] = []
+        _merge(data, migrate_keys(cls, loaded, renamed=renamed))
+        for old, new in renamed:
+            log.warning("%s: config key %r is now %r (read as such)", path, old, new)
+    leaves, renamed_leaves = _leaf_paths(cls), _renamed_paths(cls)
     for key, value in (values or {}).items():
-        _assign(data, _resolve_key(key, leaves), value)
+        _assign(data, _resolve_key(key, leaves, renamed_leaves), value)
     for item in overrides:
         if isinstance(item, tuple):
             key, value = item
-            _assign(data, _resolve_key(key, leaves), value)
+            _assign(data, _resolve_key(key, leaves, renamed_leaves), value)
             continue
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected key=value")
-        _assign(data, _resolve_key(key.strip(), leaves), yaml.safe_load(raw) if raw.strip() else "")
+        _assign(data, _resolve_key(key.strip(), leaves, renamed_leaves), yaml.safe_load(raw) if raw.strip() else "")
     config = from_dict(cls, data)
     check_training(config)
     return config
@@ -150,6 +159,36 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                     f"); the second would silently win", key_node.start_mark)
             seen[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep=deep)
+
+
+def migrate_keys(cls: type, data: dict, where: str = "", renamed: list[tuple[str, str]] | None = None) -> dict:
+    """`data` (a nested dict for dataclass `cls`) with the keys its sections renamed (`RENAMED_KEYS`) moved to
+    their new places, in a copy; each move is appended to `renamed` as (old, new) dotted paths. A key given under
+    both its old and its new name is an error: which one was meant is not knowable."""
+    if not isinstance(data, dict) or not dataclasses.is_dataclass(cls):
+        return data
+    moves = getattr(cls, "RENAMED_KEYS", {})
+    out = {key: dict(value) if isinstance(value, dict) else value for key, value in data.items() if key not in moves}
+    for key in (k for k in data if k in moves):
+        *sections, leaf = moves[key].split(".")
+        node = out
+        for part in sections:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"config key {_dotted(where, part)!r}: expected a mapping, got {node!r}")
+        if leaf in node:
+            raise ConfigError(f"config key {_dotted(where, moves[key])!r} is given twice, once under its old name "
+                              f"{_dotted(where, key)!r}; keep one")
+        node[leaf] = data[key]
+        if renamed is not None:
+            renamed.append((_dotted(where, key), _dotted(where, moves[key])))
+    hints = typing.get_type_hints(cls)
+    return {key: migrate_keys(hints[key], value, _dotted(where, key), renamed) if key in hints else value
+            for key, value in out.items()}
+
+
+def _dotted(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
 
 
 def _assign(data: dict, path: tuple[str, ...], value: Any) -> None:
@@ -181,11 +220,26 @@ def _leaf_paths(cls: type, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]
     return out
 
 
-def _resolve_key(key: str, leaves: list[tuple[str, ...]]) -> tuple[str, ...]:
+def _renamed_paths(cls: type, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], tuple[str, ...]]:
+    """Old leaf path -> new leaf path, for every section of `cls` that renamed keys."""
+    out = {prefix + (old,): prefix + tuple(new.split(".")) for old, new in getattr(cls, "RENAMED_KEYS", {}).items()}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.update(_renamed_paths(hints[f.name], prefix + (f.name,)))
+    return out
+
+
+def _resolve_key(key: str, leaves: list[tuple[str, ...]], renamed: dict | None = None) -> tuple[str, ...]:
     parts = tuple(key.split("."))
     matches = [p for p in leaves if p[-len(parts):] == parts]
     if len(matches) == 1:
         return matches[0]
+    old = [p for p in (renamed or {}) if p[-len(parts):] == parts]
+    if not matches and len(old) == 1:
+        new = renamed[old[0]]
+        log.warning("config key %r is now %r (read as such)", key, ".".join(new))
+        return new
     valid = ", ".join(".".join(p) for p in leaves)
     if not matches:
         raise ConfigError(f"unknown config key {key!r}; valid keys: {valid}")
@@ -262,7 +316,7 @@ def parse_duration(text: str) -> float | None:
 
 # ----------------------------------------------------------------------------------------------- value checks
 # Models check their own config where they are built (so a bad `--set` and a bad run config.json fail alike), with
-# ConfigErrors that name the key as `--set` spells it (`model.vision_width`).
+# ConfigErrors that name the key as `--set` spells it (`model.vision.width`).
 
 
 def check_positive(cfg: Any, *names: str, section: str = "model") -> None:

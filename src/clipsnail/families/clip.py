@@ -126,19 +126,18 @@ def save_clip_run(run_dir: Path, config: ClipConfig, model: CLIP, tokenizer: Tex
     """config.json, model.safetensors, tokenizer.json and, for a pretrained Hugging Face text tower, its
     architecture (text_encoder/config.json: the run then loads without the package that provided the weights)."""
     save_run(run_dir, "clip", config, model, tokenizer)
-    if config.model.text_encoder.startswith("hf:"):
+    if config.model.text.encoder.startswith("hf:"):
         (run_dir / "text_encoder").mkdir(exist_ok=True)
-        shutil.copyfile(Path(text_model_dir(config.model.text_encoder[3:])) / "config.json",
+        shutil.copyfile(Path(text_model_dir(config.model.text.encoder[3:])) / "config.json",
                         run_dir / "text_encoder" / "config.json")
 
 
 def ready_for_inference(model: CLIP, tokenizer: TextTokenizer, run_dir: Path | None = None) -> CLIP:
     """Give a CLIP model what `encode_text` / `encode_image` need to take raw strings and images (its tokenizer and
     the evaluation transform of its `cfg`), and the run it came from (an index records it)."""
-    m = model.cfg
+    v = model.cfg.vision
     model.inference = InferenceKit(tokenizer=tokenizer,
-                                   preprocess=eval_transform(m.image_size, m.image_mean, m.image_std,
-                                                             m.image_interpolation),
+                                   preprocess=eval_transform(v.image_size, v.mean, v.std, v.interpolation),
                                    run_dir=run_dir.resolve() if run_dir is not None else None)
     return model
 
@@ -148,8 +147,8 @@ def run_model_config(run_dir: Path, data: dict) -> ClipModelConfig:
     text tower is the one whose architecture travels with the run (RUN/text_encoder, see `save_clip_run`), so the
     run loads without the package that provided the weights."""
     m = build_described(run_dir, lambda: from_dict(ClipModelConfig, data.get("model", {}), where="model"))
-    if m.text_encoder.startswith("hf:"):
-        m = dataclasses.replace(m, text_encoder=f"hf:{run_dir / 'text_encoder'}")
+    if m.text.encoder.startswith("hf:"):
+        m = m.with_changes(text={"encoder": f"hf:{run_dir / 'text_encoder'}"})
     return m
 
 

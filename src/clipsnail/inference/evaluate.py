@@ -69,7 +69,7 @@ def encode_image_paths(model, paths: Sequence[str | Path], batch_size: int = 256
             bar.update(int(idx[-1]) + 1 - bar.n)  # images come in order: every one up to here is done or unreadable
         bar.update(len(paths) - bar.n)
     if out is None:
-        out = torch.zeros(len(paths), model.cfg.embed_dim)
+        out = torch.zeros(len(paths), model.embed_dim)
     if (~readable).any():
         log.warning("%d of %d images could not be read and were skipped", int((~readable).sum()), len(paths))
     return out, readable
@@ -92,7 +92,7 @@ def encode_every_image(model, images_dir: str | Path, names: Sequence[str], prog
 def encode_texts(model, texts: Sequence[str], batch_size: int = 1024) -> torch.Tensor:
     model.eval()
     chunks = [model.encode_text(list(texts[i: i + batch_size])).float().cpu() for i in range(0, len(texts), batch_size)]
-    return torch.cat(chunks) if chunks else torch.zeros(0, model.cfg.embed_dim)
+    return torch.cat(chunks) if chunks else torch.zeros(0, model.embed_dim)
 
 
 def retrieval_ranks(image_emb: torch.Tensor, text_emb: torch.Tensor, caption_to_image: torch.Tensor,

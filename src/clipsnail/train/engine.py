@@ -171,8 +171,8 @@ class Training:
             if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and "allocate" not in str(e):
                 raise
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise ClipsnailError(f"the model does not fit in memory ({first}): check its sizes (model.embed_dim, "
-                                 f"model.*_width, model.*_depth, vocab_size)") from None
+            raise ClipsnailError(f"the model does not fit in memory ({first}): check its sizes (its widths, "
+                                 f"depths, embedding and vocabulary sizes)") from None
         if self.cfg.grad_checkpointing:
             if not hasattr(model, "set_grad_checkpointing"):
                 raise ClipsnailError(f"{type(model).__name__} does not support grad_checkpointing")

@@ -68,4 +68,4 @@ def check_model_fits(task: Task, device: torch.device) -> None:
     if available is not None and needed > available:
         raise ClipsnailError(f"the model has {params:,} parameters: training it needs about {needed / 2**30:.1f} "
                              f"GiB, and {device.type} has {available / 2**30:.1f} GiB free; check its sizes "
-                             f"(model.embed_dim, model.*_width, model.*_depth, vocab_size)")
+                             f"(its widths, depths, embedding and vocabulary sizes)")
