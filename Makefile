@@ -1,21 +1,30 @@
 # Everything installs into .venv; `make demo` and `make test` work on a fresh machine. `make setup` installs the package
-# with the extras they need: train (the demo trains a CLIP), test (every extra the tests touch) and hf. Nothing here
-# installs system packages (.ci/run installs Chromium for the browser test).
+# with the extras the tests need: train, test (every extra the tests touch) and hf; `make demo` installs only what
+# it needs, the train extra (it trains a CLIP), unless that full install is there. Nothing here installs system
+# packages (.ci/run installs Chromium for the browser test).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+DEMO_STAMP := $(VENV)/.installed-demo
 
-.PHONY: setup demo demo-photos test test-fast bench lint clean
+.PHONY: setup setup-demo demo demo-photos test test-fast bench lint clean
 
 setup: $(STAMP)
+
+setup-demo: $(DEMO_STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[train,test,hf]'
-	touch $(STAMP)
+	touch $(STAMP) $(DEMO_STAMP)
 
-demo: $(STAMP)
+$(DEMO_STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[train]'
+	touch $(DEMO_STAMP)
+
+demo: $(DEMO_STAMP)
 	$(VENV)/bin/clipsnail demo --out demo_out
 
 # Text search over your own photos (docs/search.md): PHOTOS=DIR alone searches with the zero-shot

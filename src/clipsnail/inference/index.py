@@ -13,8 +13,8 @@ Below `approx_threshold` vectors the faiss index is exact (`IndexFlatIP`: inner 
 At and above it, it is approximate: an inverted file (`IndexIVFFlat`, nlist ~ 2 sqrt(N) lists) whose `nprobe` is
 calibrated at build time on a sample of the indexed vectors to reach `target_recall` recall@10 against exact search
 (HNSW is available as `approx_kind="hnsw"`; bench/index.py measures both and is why IVF is the default: on a
-2-core CPU it builds 5-10x faster (75 s against 12 min at 1M x 512) and its calibrated recall matched the measured
-one, while HNSW, faster to query, fell well short of its calibration on unclustered data). Type, parameters and the
+2-core CPU it builds several times faster and its calibrated recall matched the measured one, while HNSW, faster
+to query, fell well short of its calibration on unclustered data; the figures are in BENCHMARKS.md). Type, parameters and the
 calibrated recall are recorded in index.json.
 
 faiss.index is loaded memory-mapped with `faiss.IO_FLAG_MMAP_IFC` (faiss >= 1.10): for IndexFlat, IndexIVFFlat and
