@@ -14,8 +14,8 @@ At and above it, it is approximate: an inverted file (`IndexIVFFlat`, nlist ~ 2 
 calibrated at build time on a sample of the indexed vectors to reach `target_recall` recall@10 against exact search
 (HNSW is available as `approx_kind="hnsw"`; bench/index.py measures both and is why IVF is the default: on a
 2-core CPU it builds several times faster and its calibrated recall matched the measured one, while HNSW, faster
-to query, fell well short of its calibration on unclustered data; the figures are in BENCHMARKS.md). Type, parameters and the
-calibrated recall are recorded in index.json.
+to query, fell well short of its calibration on unclustered data; the figures are in BENCHMARKS.md). Type,
+parameters and the calibrated recall are recorded in index.json.
 
 faiss.index is loaded memory-mapped with `faiss.IO_FLAG_MMAP_IFC` (faiss >= 1.10): for IndexFlat, IndexIVFFlat and
 IndexHNSWFlat the vectors stay in the page cache instead of the process heap (measured with faiss 1.15: RssAnon
