@@ -448,7 +448,7 @@ def quality(args) -> dict:
         started = time.monotonic()
         result = fit(task, run, progress=False)
         seconds = time.monotonic() - started
-        test = read_split(cfg, "test")
+        test = read_split(task.config, "test")  # the config as the task settled it
         row = {"model": spec["name"], "model_args": spec["args"], "epochs": args.epochs, "steps": result.step,
                "train_seconds": round(seconds, 1), "train_images_per_s": round(len(task.train_data) * args.epochs
                                                                                 / seconds, 1),

@@ -82,6 +82,7 @@ def train_one(dataset: str, model: str, epochs: int, args) -> dict:
     started = time.monotonic()
     result = fit(task, run, progress=False)
     seconds = time.monotonic() - started
+    cfg = task.config  # as the task settled it from the data (channels, image size)
     test = read_images(cfg, "test")
     ema = load(run)
     raw = load(run)

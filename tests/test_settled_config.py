@@ -51,3 +51,26 @@ def test_a_loaded_model_carries_its_architecture_alone(clip_run):
     assert json.dumps(data, sort_keys=True) == before  # the caller's dict is read, not rewritten
     assert isinstance(model.cfg, ClipModelConfig) and not hasattr(model, "config")
     assert model.run_dir == clip_run.resolve() and model.tokenizer is not None
+
+
+def test_the_classify_and_pixelsnail_tasks_settle_a_copy_of_their_config(colours_dir):
+    """Each task settles its config from the data (classes, channels, image size, normalisation) in a copy it keeps
+    as `task.config`; the config it was given stays as it was."""
+    from clipsnail.families.classify import ClassifyConfig
+    from clipsnail.families.pixelsnail import PixelSNAILTaskConfig, preset_overrides
+    from clipsnail.tasks.classify import ClassifyTask
+    from clipsnail.tasks.pixelsnail import PixelSNAILTask
+
+    given = load_config(ClassifyConfig, None, [f"data.data={colours_dir}", "model.name=resnet18",
+                                               "train.best_metric=val_acc1"])
+    before = json.dumps(to_dict(given), sort_keys=True)
+    task = ClassifyTask(given)
+    assert json.dumps(to_dict(given), sort_keys=True) == before
+    assert task.config.model.num_classes == 8 and task.config.data.image_size > 0 and given.model.num_classes == 0
+    given = load_config(PixelSNAILTaskConfig, None, [*preset_overrides("tiny"), f"data.data={colours_dir}",
+                                                     "data.condition=class"])
+    before = json.dumps(to_dict(given), sort_keys=True)
+    task = PixelSNAILTask(given)
+    assert json.dumps(to_dict(given), sort_keys=True) == before
+    assert task.config.data.image_size == 32 and given.data.image_size == 0  # a folder's images are taken at 32
+    assert task.config.model.cond_dim == len(task.config.class_names) == 8 and given.model.cond_dim == 0

@@ -9,6 +9,7 @@ caption names a colour and a shape that are in the image).
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
@@ -43,7 +44,8 @@ class CaptionTask(Task):
     name = "caption"
 
     def __init__(self, config: CaptionConfig, run_dir: str | Path | None = None, progress: bool = True):
-        self.config = config
+        # settled here from the data (sizes, classes, the tokenizer's facts), in a copy: the caller's stays as given
+        self.config = config = copy.deepcopy(config)
         data, m = config.data, config.model
         if config.encoder and not pretrained.packaged(config.encoder) and not config.encoder.startswith("timm:"):
             config.encoder = str(Path(config.encoder).resolve())  # a CLIP run: the caption run must find it again

@@ -8,6 +8,7 @@ and the best weights by validation accuracy.
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
@@ -77,7 +78,8 @@ class ClassifyTask(Task):
     name = "classify"
 
     def __init__(self, config: ClassifyConfig, run_dir: str | Path | None = None):
-        self.config = config
+        # settled here from the data (sizes, classes, the tokenizer's facts), in a copy: the caller's stays as given
+        self.config = config = copy.deepcopy(config)
         train = read_split(config, "train")
         m = config.model
         if m.class_names and m.class_names != train.classes:  # resuming with other data would scramble labels

@@ -7,6 +7,7 @@ first batch. After every epoch: test bits/dim and a grid of samples.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -61,7 +62,8 @@ class PixelSNAILTask(Task):
     progress_logs = ("bits_per_dim",)  # the progress bar in the unit the paper and the evaluation report
 
     def __init__(self, config: PixelSNAILTaskConfig, run_dir: str | Path | None = None):
-        self.config = config
+        # settled here from the data (sizes, classes, the tokenizer's facts), in a copy: the caller's stays as given
+        self.config = config = copy.deepcopy(config)
         train = read_images(config, "train")
         m = config.model
         m.channels = train.channels

@@ -6,6 +6,7 @@ the samples.
 
 from __future__ import annotations
 
+import copy
 import logging
 import random
 from pathlib import Path
@@ -43,7 +44,8 @@ class TextPixelSNAILTask(Task):
     progress_logs = ("bits_per_dim",)  # the progress bar in the unit the paper and the evaluation report
 
     def __init__(self, config: TextPixelSNAILConfig, run_dir: str | Path | None = None):
-        self.config = config
+        # settled here from the data (sizes, classes, the tokenizer's facts), in a copy: the caller's stays as given
+        self.config = config = copy.deepcopy(config)
         if not 0 <= config.cond_dropout < 1:
             raise ConfigError(f"cond_dropout must be in [0, 1), got {config.cond_dropout}")
         data = config.data

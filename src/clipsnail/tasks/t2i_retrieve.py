@@ -6,6 +6,7 @@ bank.json), so generating needs neither the encoder nor the images' pixels.
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
@@ -32,7 +33,8 @@ class RetrieveTask(Task):
     name = "t2i_retrieve"
 
     def __init__(self, config: RetrieveConfig, run_dir: str | Path | None = None, progress: bool = True):
-        self.config = config
+        # settled here from the data (sizes, classes, the tokenizer's facts), in a copy: the caller's stays as given
+        self.config = config = copy.deepcopy(config)
         data = config.data
         self.names, captions, caption_to_image = load_caption_split(data, "train")
         tokenizer_path = Path(run_dir) / "tokenizer.json" if run_dir else None
