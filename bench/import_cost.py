@@ -111,7 +111,22 @@ def prepare(work: Path, before: str) -> dict:
             proc = clipsnail_cmd(trees["now"], work, "-m", "clipsnail", *args)
             if proc.returncode:
                 raise SystemExit(f"clipsnail {' '.join(args)} failed: {scrub(proc.stderr, work)}")
+            if done.startswith("run/"):
+                flatten_model_section(work / "run" / "config.json")
     return trees
+
+
+def flatten_model_section(config_json: Path) -> None:
+    """The run's model section in the flat form of before the split into vision/text/head sections, which both
+    trees read (the NOW code migrates it on read)."""
+    _common.use_source_tree()
+    from clipsnail.models.clip import FLAT_MODEL_KEYS
+
+    config = json.loads(config_json.read_text())
+    model = config["model"]
+    flat = {old: model[section][key] for old, new in FLAT_MODEL_KEYS.items() for section, key in [new.split(".")]}
+    config["model"] = {**flat, "activation": model["activation"]}
+    config_json.write_text(json.dumps(config, indent=2))
 
 
 def cases(work: Path, conse: bool) -> dict[str, list[str]]:

@@ -101,8 +101,9 @@ class ClipHeadConfig:
     init_logit_bias: float | None = None
 
 
-# Where each key of the flat model section that runs written before the sections were split (config.json, YAML,
-# `--set model.vision_width=...`) now lives: `migrate_model_section` moves them on read.
+# The flat model section of before the split into sections, key by key: where each now lives. Runs' config.json
+# files, YAML files and `--set model.vision_width=...` written with the old names are read through it
+# (`clipsnail.core.config.migrate_keys`).
 FLAT_MODEL_KEYS = {
     "image_encoder": "vision.encoder", "pretrained": "vision.pretrained", "image_size": "vision.image_size",
     "patch_size": "vision.patch_size", "vision_width": "vision.width", "vision_depth": "vision.depth",
