@@ -3,13 +3,13 @@ names of before still read, each old name as its new place; a run directory writ
 computes what it computed then."""
 
 import json
-import logging
 from pathlib import Path
 
 import pytest
 import torch
 
 import clipsnail
+from clipsnail.core import config as config_module
 from clipsnail.core.config import from_dict, load_config, to_dict
 from clipsnail.core.errors import ConfigError
 from clipsnail.families.clip import ClipConfig, FinetuneConfig, take_init_run
@@ -56,25 +56,35 @@ def test_every_flat_key_has_a_place_and_every_field_a_flat_key():
     assert set(FLAT_MODEL_KEYS.values()) == fields and len(set(FLAT_MODEL_KEYS.values())) == len(FLAT_MODEL_KEYS)
 
 
-def test_an_old_yaml_file_reads_as_the_new_sections_with_a_warning(tmp_path, caplog):
+class Warnings:
+    """Stands in for the config module's logger: the arguments of each warning it is given."""
+
+    def __init__(self):
+        self.args: list[tuple] = []
+
+    def warning(self, message, *args):
+        self.args.append(args)
+
+
+def test_an_old_yaml_file_reads_as_the_new_sections_with_a_warning(tmp_path, monkeypatch):
+    monkeypatch.setattr(config_module, "log", warned := Warnings())
     path = tmp_path / "old.yaml"
     path.write_text("model:\n  vision_width: 64\n  image_encoder: vit\n  embed_dim: 48\n  text_pool: cls\n")
-    with caplog.at_level(logging.WARNING, logger="clipsnail.core.config"):
-        config = load_config(ClipConfig, path, ["model.vision.depth=2"])
+    config = load_config(ClipConfig, path, ["model.vision.depth=2"])
     assert (config.model.vision.width, config.model.vision.depth, config.model.head.embed_dim) == (64, 2, 48)
     assert config.model.text.pool == "cls"
-    renamed = {r.args[1] for r in caplog.records if r.name == "clipsnail.core.config"}
-    assert renamed == {"model.vision_width", "model.image_encoder", "model.embed_dim", "model.text_pool"}
+    assert {(args[0], args[1]) for args in warned.args} == {
+        (path, "model.vision_width"), (path, "model.image_encoder"), (path, "model.embed_dim"),
+        (path, "model.text_pool")}
 
 
-def test_an_old_set_key_reads_as_its_new_place_with_a_warning(caplog):
-    with caplog.at_level(logging.WARNING, logger="clipsnail.core.config"):
-        config = load_config(ClipConfig, None, ["model.vision_width=64", "image_encoder=timm:resnet18",
-                                                "model.text.width=48"])
+def test_an_old_set_key_reads_as_its_new_place_with_a_warning(monkeypatch):
+    monkeypatch.setattr(config_module, "log", warned := Warnings())
+    config = load_config(ClipConfig, None, ["model.vision_width=64", "image_encoder=timm:resnet18",
+                                            "model.text.width=48"])
     assert (config.model.vision.width, config.model.vision.encoder, config.model.text.width) == \
         (64, "timm:resnet18", 48)
-    renamed = [r.args for r in caplog.records if r.name == "clipsnail.core.config"]
-    assert renamed == [("model.vision_width", "model.vision.width"), ("image_encoder", "model.vision.encoder")]
+    assert warned.args == [("model.vision_width", "model.vision.width"), ("image_encoder", "model.vision.encoder")]
 
 
 def test_a_later_new_key_wins_over_an_earlier_old_one(tmp_path):
