@@ -1,0 +1,288 @@
+"""The catalogue of a photo index: one SQLite row per photo (the standard library's sqlite3, WAL mode, one file),
+and the filters a search is restricted by (date taken, camera, folder, a circle on the map).
+
+A row holds what the file is (path relative to the photo root, size, mtime, content hash), what its EXIF says
+(`clipsnail.data.photo_facts`: date taken and where that date came from, camera make and model, GPS position, pixel
+size, orientation) and `id`, the row of its vector in the index. `Filters.where` turns the filters into one SQL
+condition, so a filtered search asks the catalogue which ids match and searches those, not the first hits of an
+unfiltered search.
+
+Dates are compared as the camera's clock showed them ("YYYY-MM-DDTHH:MM:SS", local time), as people remember
+their photos: `--after 2019-06` keeps photos taken on or after 1 June 2019 by the clock of wherever they were
+taken. `after` is inclusive and `before` exclusive, each at the start of the period it names.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import re
+import sqlite3
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from clipsnail.core.errors import ClipsnailError
+from clipsnail.data.photo_facts import PhotoFacts
+
+SCHEMA_VERSION = 1
+EARTH_RADIUS_KM = 6371.0088  # the mean radius (IUGG)
+
+COLUMNS = ("id", "path", "folder", "size", "mtime_ns", "sha1", "taken", "taken_offset", "taken_source", "make",
+           "model", "camera", "latitude", "longitude", "width", "height", "orientation")
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS catalogue_info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS photos (
+    id INTEGER PRIMARY KEY,
+    path TEXT NOT NULL UNIQUE,
+    folder TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    sha1 TEXT NOT NULL,
+    taken TEXT,
+    taken_offset TEXT,
+    taken_source TEXT,
+    make TEXT,
+    model TEXT,
+    camera TEXT,
+    latitude REAL,
+    longitude REAL,
+    width INTEGER,
+    height INTEGER,
+    orientation INTEGER
+);
+CREATE INDEX IF NOT EXISTS photos_taken ON photos (taken);
+CREATE INDEX IF NOT EXISTS photos_camera ON photos (camera);
+CREATE INDEX IF NOT EXISTS photos_folder ON photos (folder);
+CREATE INDEX IF NOT EXISTS photos_sha1 ON photos (sha1);
+"""
+
+DATE = re.compile(r"(\d{4})(?:-(\d{2})(?:-(\d{2})(?:[T ](\d{2}):(\d{2})(?::(\d{2}))?)?)?)?")
+NEAR = re.compile(r"\s*([-+]?[\d.]+)\s*,\s*([-+]?[\d.]+)\s*,\s*([\d.]+)\s*(km|m)?\s*")
+
+
+@dataclass(frozen=True)
+class Filters:
+    """What a search is restricted to; None: no restriction. Build it with `parse_filters`, which checks it."""
+
+    after: str | None = None  # taken at or after (local "YYYY-MM-DDTHH:MM:SS")
+    before: str | None = None  # taken before
+    camera: str | None = None  # a part of "make model", any case
+    folder: str | None = None  # a folder under the photo root ("trips" holds trips/ and everything under it)
+    near: tuple[float, float, float] | None = None  # latitude, longitude (degrees), radius (km)
+
+    def __bool__(self) -> bool:
+        return any(v is not None for v in (self.after, self.before, self.camera, self.folder, self.near))
+
+    def where(self) -> tuple[str, list]:
+        """One SQL condition over `photos` and its parameters ("1" when nothing is filtered). `near` is a box here;
+        `Catalogue.select_ids` keeps the rows inside the circle."""
+        clauses, params = [], []
+        if self.after is not None:
+            clauses.append("taken >= ?")
+            params.append(self.after)
+        if self.before is not None:
+            clauses.append("taken < ?")
+            params.append(self.before)
+        if self.camera is not None:
+            clauses.append("instr(camera, ?) > 0")
+            params.append(self.camera.lower())
+        if self.folder is not None:
+            clauses.append("(folder = ? OR substr(folder, 1, ?) = ?)")
+            params += [self.folder, len(self.folder) + 1, self.folder + "/"]
+        if self.near is not None:
+            lat, lon, radius = self.near
+            dlat = math.degrees(radius / EARTH_RADIUS_KM)
+            clauses.append("latitude BETWEEN ? AND ?")
+            params += [lat - dlat, lat + dlat]
+            cos_lat = math.cos(math.radians(min(89.9, abs(lat) + dlat)))
+            dlon = math.degrees(radius / (EARTH_RADIUS_KM * cos_lat))
+            if dlon < 180:  # else every longitude is within reach of the box
+                low, high = lon - dlon, lon + dlon
+                if low < -180 or high > 180:  # the box crosses the antimeridian: two ranges
+                    clauses.append("(longitude >= ? OR longitude <= ?)")
+                    params += [(low + 360) if low < -180 else low, (high - 360) if high > 180 else high]
+                else:
+                    clauses.append("longitude BETWEEN ? AND ?")
+                    params += [low, high]
+            else:
+                clauses.append("longitude IS NOT NULL")
+        return (" AND ".join(clauses) or "1"), params
+
+
+def parse_filters(after: str | None = None, before: str | None = None, camera: str | None = None,
+                  folder: str | None = None, near: str | None = None) -> Filters:
+    """Filters from their text (flags or query parameters); a bad one is a ClipsnailError naming it."""
+    return Filters(after=parse_date(after, "after"), before=parse_date(before, "before"),
+                   camera=_nonempty(camera, "camera"), folder=parse_folder(folder), near=parse_near(near))
+
+
+def parse_date(text: str | None, name: str) -> str | None:
+    """"2019", "2019-06", "2019-06-15" or "2019-06-15T14:30[:00]" -> the start of that period,
+    "2019-06-01T00:00:00"; ClipsnailError for anything else, or a date that is not in the calendar."""
+    if text is None:
+        return None
+    match = DATE.fullmatch(text.strip())
+    if not match:
+        raise ClipsnailError(f"--{name} {text!r}: expected a date such as 2019, 2019-06, 2019-06-15 or "
+                             f"2019-06-15T14:30")
+    year, month, day, hour, minute, second = (int(g) if g else None for g in match.groups())
+    try:
+        moment = _dt.datetime(year, month or 1, day or 1, hour or 0, minute or 0, second or 0)
+    except ValueError as e:
+        raise ClipsnailError(f"--{name} {text!r}: not a date ({e})") from None
+    return moment.isoformat()
+
+
+def parse_folder(text: str | None) -> str | None:
+    """A folder under the photo root as the catalogue stores it: "a/b", no leading "./", no trailing "/"; one that
+    climbs out of the root ("..") is refused."""
+    if text is None:
+        return None
+    parts = [p for p in text.strip().replace("\\", "/").split("/") if p not in ("", ".")]
+    if not parts or ".." in parts or "\0" in text:
+        raise ClipsnailError(f"--folder {text!r}: expected a folder under the photo folder, e.g. trips/2019")
+    return "/".join(parts)
+
+
+def parse_near(text: str | None) -> tuple[float, float, float] | None:
+    """"LAT,LON,RADIUS" with the radius in km (default) or m ("48.85,2.35,10km", "48.85,2.35,500m") -> (lat, lon,
+    km); ClipsnailError for a coordinate off the globe or a radius that is not a positive number."""
+    if text is None:
+        return None
+    match = NEAR.fullmatch(text)
+    try:
+        lat, lon, radius = (float(match[i]) for i in (1, 2, 3)) if match else (math.nan,) * 3
+    except ValueError:
+        lat = lon = radius = math.nan
+    if not (match and -90 <= lat <= 90 and -180 <= lon <= 180 and 0 < radius < math.inf):
+        raise ClipsnailError(f"--near {text!r}: expected LATITUDE,LONGITUDE,RADIUS with latitude in [-90, 90], "
+                             f"longitude in [-180, 180] and a positive radius in km or m, e.g. 48.85,2.35,10km")
+    return lat, lon, radius / 1000 if match[4] == "m" else radius
+
+
+def _nonempty(text: str | None, name: str) -> str | None:
+    if text is None:
+        return None
+    if not text.strip():
+        raise ClipsnailError(f"--{name}: empty")
+    return text.strip()
+
+
+def distance_km(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
+    """Great-circle distance (haversine) on the mean Earth sphere."""
+    p1, p2 = math.radians(lat1), math.radians(lat2)
+    a = math.sin((p2 - p1) / 2) ** 2 + math.cos(p1) * math.cos(p2) * math.sin(math.radians(lon2 - lon1) / 2) ** 2
+    return 2 * EARTH_RADIUS_KM * math.asin(min(1.0, math.sqrt(a)))
+
+
+def folder_of(rel_path: str) -> str:
+    return rel_path.rpartition("/")[0]
+
+
+def camera_of(make: str | None, model: str | None) -> str | None:
+    """"make model" in lower case, the make once ("Canon" + "Canon EOS R5" -> "canon eos r5"), for matching."""
+    make, model = (make or "").strip(), (model or "").strip()
+    if model.lower().startswith(make.lower()):
+        make = ""
+    joined = f"{make} {model}".strip().lower()
+    return joined or None
+
+
+class Catalogue:
+    """The SQLite catalogue file of an index. `create` makes a new one (WAL mode, the schema, its version);
+    `open` reads an existing one and refuses a newer schema than this code knows."""
+
+    def __init__(self, path: Path, connection: sqlite3.Connection):
+        self.path, self.db = path, connection
+
+    @classmethod
+    def create(cls, path: str | Path) -> Catalogue:
+        path = Path(path)
+        db = sqlite3.connect(str(path), isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.executescript(SCHEMA)
+        db.execute("INSERT OR REPLACE INTO catalogue_info VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        return cls(path, db)
+
+    @classmethod
+    def open(cls, path: str | Path, readonly: bool = True) -> Catalogue:
+        path = Path(path)
+        if not path.is_file():
+            raise ClipsnailError(f"{path}: no catalogue")
+        uri = f"{path.resolve().as_uri()}?mode={'ro' if readonly else 'rw'}"
+        try:
+            db = sqlite3.connect(uri, uri=True, isolation_level=None)
+            row = db.execute("SELECT value FROM catalogue_info WHERE key = 'schema_version'").fetchone()
+        except sqlite3.DatabaseError as e:
+            raise ClipsnailError(f"{path}: not a catalogue this program can read ({e})") from None
+        version = int(row[0]) if row and str(row[0]).isdigit() else None
+        if version is None or version > SCHEMA_VERSION:
+            db.close()
+            raise ClipsnailError(f"{path}: catalogue schema version {row[0] if row else None!r} is not one this "
+                                 f"clipsnail reads (up to {SCHEMA_VERSION}); upgrade clipsnail")
+        return cls(path, db)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __len__(self) -> int:
+        return self.db.execute("SELECT count(*) FROM photos").fetchone()[0]
+
+    def put(self, rows: Iterable[tuple[int, str, int, int, str, PhotoFacts]]) -> int:
+        """Insert or replace photos, in one transaction: (id, relative path, size, mtime_ns, sha1, facts) each.
+        Returns how many."""
+        values = [(i, rel, folder_of(rel), size, mtime_ns, sha1, f.taken, f.taken_offset, f.taken_source, f.make,
+                   f.model, camera_of(f.make, f.model), f.latitude, f.longitude, f.width, f.height, f.orientation)
+                  for i, rel, size, mtime_ns, sha1, f in rows]
+        with self.transaction():
+            self.db.executemany(f"INSERT OR REPLACE INTO photos ({', '.join(COLUMNS)}) VALUES "
+                                f"({', '.join('?' * len(COLUMNS))})", values)
+        return len(values)
+
+    def transaction(self):
+        return _Transaction(self.db)
+
+    def select_ids(self, filters: Filters) -> list[int]:
+        """The ids of the photos that pass `filters`, ascending."""
+        where, params = filters.where()
+        if filters.near is None:
+            return [row[0] for row in self.db.execute(f"SELECT id FROM photos WHERE {where} ORDER BY id", params)]
+        lat, lon, radius = filters.near
+        rows = self.db.execute(f"SELECT id, latitude, longitude FROM photos WHERE {where} ORDER BY id", params)
+        return [i for i, la, lo in rows if distance_km(lat, lon, la, lo) <= radius]
+
+    def paths(self, ids: Sequence[int]) -> dict[int, str]:
+        """{id: relative path} of the given ids (those that exist)."""
+        out = {}
+        for start in range(0, len(ids), 500):  # SQLite's bound-parameter limit
+            chunk = list(ids[start:start + 500])
+            marks = ", ".join("?" * len(chunk))
+            out.update(self.db.execute(f"SELECT id, path FROM photos WHERE id IN ({marks})", chunk).fetchall())
+        return out
+
+    def summary(self) -> dict:
+        """What `index info` shows: the count, the range of dates taken (and how many came from EXIF), the cameras
+        by number of photos, how many photos have a position."""
+        count, first, last, from_exif, placed = self.db.execute(
+            "SELECT count(*), min(taken), max(taken), sum(taken_source != 'file'), sum(latitude IS NOT NULL) "
+            "FROM photos").fetchone()
+        cameras = self.db.execute("SELECT camera, count(*) FROM photos WHERE camera IS NOT NULL GROUP BY camera "
+                                  "ORDER BY count(*) DESC, camera").fetchall()
+        return {"photos": count, "taken": {"first": first, "last": last, "from_exif": from_exif or 0},
+                "cameras": [{"camera": c, "photos": n} for c, n in cameras], "with_position": placed or 0}
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on an exception: the commit is the moment the new state exists."""
+
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+
+    def __enter__(self):
+        self.db.execute("BEGIN IMMEDIATE")
+        return self.db
+
+    def __exit__(self, kind, value, traceback):
+        self.db.execute("COMMIT" if kind is None else "ROLLBACK")
+        return False
