@@ -20,6 +20,7 @@ from clipsnail.data.caption_corpora import load_split, read_captions
 from clipsnail.data.images import list_images, load_image
 from clipsnail.data.shapes import generate_shapes
 from clipsnail.data.shards import write_shards
+from clipsnail.inference.catalogue import facts_by_path
 from clipsnail.inference.index import ImageIndex, _write_index, build_index, update_index
 from clipsnail.train.checkpoints import load_state, save_state
 
@@ -126,7 +127,8 @@ def _swap_in_child(call_number, exchange_works, new_dir, out_dir):
     _die_at(call_number, [(s.os, "rename"), (s, "exchange"), (s.shutil, "rmtree")])
     index = ImageIndex.load(new_dir)
     files = json.loads((new_dir / "files.json").read_text())
-    _write_index(out_dir, dict(index.meta), files, None, faiss_index=None, reuse_from=new_dir)
+    _write_index(out_dir, dict(index.meta), files, None, facts_by_path(index.catalogue), faiss_index=None,
+                 reuse_from=new_dir)
     os._exit(0)
 
 

@@ -48,6 +48,9 @@ def add_index(parser: argparse.ArgumentParser) -> None:
     add_workers_flag(p)
     add_runtime_flags(p)
     p.set_defaults(func=cmd_index_update)
+    p = index.add_parser("info", help="what an index holds: photos, dates taken, cameras, placed photos; prints JSON")
+    p.add_argument("--index", required=True, help="index directory made by `clipsnail index build`")
+    p.set_defaults(func=cmd_index_info)
 
 
 def add_search(p: argparse.ArgumentParser) -> None:
@@ -68,8 +71,21 @@ def add_search(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", help="query image (image-to-image search)")
     p.add_argument("-k", type=int, default=9, help="number of results (default 9)")
     p.add_argument("--grid", help="write a result grid PNG here")
+    add_filter_flags(p)
     add_runtime_flags(p)
     p.set_defaults(func=cmd_search)
+
+
+def add_filter_flags(p: argparse.ArgumentParser) -> None:
+    """The photo filters of a search (`clipsnail.inference.catalogue`): each optional, all combinable."""
+    g = p.add_argument_group("filters", "only photos that pass every filter given; k of them whenever k pass")
+    g.add_argument("--after", metavar="DATE", help="taken on or after DATE: 2019, 2019-06, 2019-06-15 or "
+                   "2019-06-15T14:30 (the camera's clock)")
+    g.add_argument("--before", metavar="DATE", help="taken before DATE (the start of that year, month or day)")
+    g.add_argument("--camera", help="camera make or model contains this (any case): iphone, canon eos")
+    g.add_argument("--folder", help="in this folder under the photo folder, or below it: trips/2019")
+    g.add_argument("--near", metavar="LAT,LON,RADIUS", help="taken within RADIUS (km, or m with an m) of a place, "
+                   "from the photos' GPS: 48.85,2.35,10km")
 
 
 def add_workers_flag(p: argparse.ArgumentParser) -> None:
@@ -145,11 +161,13 @@ def cmd_search(args: argparse.Namespace) -> None:
     import torch
 
     from clipsnail.apps.hub import load
+    from clipsnail.inference.catalogue import parse_filters
     from clipsnail.inference.index import ImageIndex, folder_index
     from clipsnail.inference.plots import write_result_grid
     from clipsnail.inference.query import Term, combine, local_image, parse_query, term_vectors
 
     text = " ".join(args.query) if args.query else None
+    filters = parse_filters(args.after, args.before, args.camera, args.folder, args.near)
     if text is not None and args.image:
         raise ClipsnailError("search needs exactly one of: a text query, or --image FILE (not both)")
     if text is None and not args.image:
@@ -183,7 +201,7 @@ def cmd_search(args: argparse.Namespace) -> None:
     if index is None:
         index = folder_index(model, args.images, cache_dir=embeddings_cache(model.run_dir),
                              progress=not args.no_progress, follow_links=args.follow_links)
-    hits = index.search(query, args.k)[0]
+    hits = index.search(query, args.k, filters)[0]
     if args.grid:
         write_result_grid(args.grid, text or f"like {Path(args.image).name}", [(h.path, h.score) for h in hits])
     print_json([{"path": str(h.path), "score": round(h.score, 4)} for h in hits])
@@ -229,6 +247,20 @@ def cmd_index_update(args: argparse.Namespace) -> None:
     index, stats = update_index(model, args.index, batch_size=args.batch_size, progress=not args.no_progress,
                                 workers=args.workers)
     print_json({"index": str(index.index_dir), **stats})
+
+
+def cmd_index_info(args: argparse.Namespace) -> None:
+    from clipsnail.inference.index import ImageIndex
+
+    index = ImageIndex.load(args.index)
+    info = {"index": str(index.index_dir), "root": str(index.root), "model": str(index.model_dir), "dim": index.dim,
+            "photos": len(index), "unreadable": index.meta.get("num_unreadable", 0), "faiss": index.meta["faiss"],
+            "created": index.meta.get("created"), "updated": index.meta.get("updated")}
+    if index.catalogue is None:
+        info["catalogue"] = "none: made before photos were catalogued; `clipsnail index update` adds it"
+    else:
+        info.update({k: v for k, v in index.catalogue.summary().items() if k != "photos"})
+    print_json(info)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:

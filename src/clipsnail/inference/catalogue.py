@@ -210,12 +210,20 @@ class Catalogue:
         path = Path(path)
         if not path.is_file():
             raise ClipsnailError(f"{path}: no catalogue")
-        uri = f"{path.resolve().as_uri()}?mode={'ro' if readonly else 'rw'}"
-        try:
-            db = sqlite3.connect(uri, uri=True, isolation_level=None)
-            row = db.execute("SELECT value FROM catalogue_info WHERE key = 'schema_version'").fetchone()
-        except sqlite3.DatabaseError as e:
-            raise ClipsnailError(f"{path}: not a catalogue this program can read ({e})") from None
+        # Read-only: a WAL database in a folder this process cannot write (a read-only mount) opens as immutable.
+        modes = ["mode=ro", "mode=ro&immutable=1"] if readonly else ["mode=rw"]
+        for i, mode in enumerate(modes):
+            try:
+                # The web app searches from its worker threads: SQLite itself serialises the use of one connection.
+                db = sqlite3.connect(f"{path.resolve().as_uri()}?{mode}", uri=True, isolation_level=None,
+                                     check_same_thread=False)
+                row = db.execute("SELECT value FROM catalogue_info WHERE key = 'schema_version'").fetchone()
+                break
+            except sqlite3.OperationalError as e:
+                if i + 1 == len(modes):
+                    raise ClipsnailError(f"{path}: cannot read the catalogue ({e})") from None
+            except sqlite3.DatabaseError as e:
+                raise ClipsnailError(f"{path}: not a catalogue this program can read ({e})") from None
         version = int(row[0]) if row and str(row[0]).isdigit() else None
         if version is None or version > SCHEMA_VERSION:
             db.close()
@@ -286,3 +294,50 @@ class _Transaction:
     def __exit__(self, kind, value, traceback):
         self.db.execute("COMMIT" if kind is None else "ROLLBACK")
         return False
+
+
+# ----------------------------------------------------------------------------------------------- with an index
+
+
+def read_all_facts(root: Path, rels: Sequence[str], follow_links: bool, known: dict | None = None,
+                   progress: bool = False) -> dict[str, PhotoFacts]:
+    """{relative path: facts} of `rels` under `root`; those in `known` (facts kept from an older catalogue, for
+    files that did not change) are not read again. A file that cannot be opened gets empty facts."""
+    from tqdm import tqdm
+
+    from clipsnail.core.errors import DataError
+    from clipsnail.data.photo_facts import read_photo_facts
+
+    known = known or {}
+    out = {}
+    for rel in tqdm(rels, desc="read photo facts", unit="photo", disable=not progress or len(rels) < 1000):
+        if rel in known:
+            out[rel] = known[rel]
+            continue
+        try:
+            out[rel] = read_photo_facts(root / rel, root, follow_links)
+        except (OSError, DataError):
+            out[rel] = PhotoFacts()
+    return out
+
+
+def write_catalogue(path: Path, files: dict, facts: dict[str, PhotoFacts]) -> None:
+    """A new catalogue at `path` for an index's file list (`files`: the columns of files.json; a photo's id is its
+    row there) and the facts of each path."""
+    catalogue = Catalogue.create(path)
+    try:
+        catalogue.put((i, rel, size, mtime, sha1, facts.get(rel, PhotoFacts())) for i, (rel, size, mtime, sha1)
+                      in enumerate(zip(files["path"], files["size"], files["mtime_ns"], files["sha1"])))
+        # Written whole, beside a new index, then only read: a rollback journal leaves no -wal/-shm files for readers
+        # to create in the index folder (WAL is for a catalogue updated in place while it is searched).
+        catalogue.db.execute("PRAGMA journal_mode=DELETE")
+    finally:
+        catalogue.close()
+
+
+def facts_by_path(catalogue: Catalogue) -> dict[str, PhotoFacts]:
+    """{relative path: facts} of every photo in the catalogue (what an update keeps for unchanged files)."""
+    names = ("taken", "taken_offset", "taken_source", "make", "model", "latitude", "longitude", "width", "height",
+             "orientation")
+    rows = catalogue.db.execute(f"SELECT path, {', '.join(names)} FROM photos")
+    return {row[0]: PhotoFacts(**dict(zip(names, row[1:]))) for row in rows}

@@ -1,0 +1,146 @@
+"""Searches filtered by date taken, camera, folder and place, inside the search: against a brute-force ranking of
+the same vectors, on photos whose EXIF this test writes; an index written before catalogues existed is searched
+as it is, and one `index update` adds its catalogue without encoding anything."""
+
+import json
+
+import numpy as np
+import pytest
+from helpers import noise_image, run_error
+from PIL import ExifTags, Image
+
+from clipsnail.cli import main
+from clipsnail.core.errors import ClipsnailError
+from clipsnail.inference.catalogue import parse_filters
+from clipsnail.inference.index import CATALOGUE, ImageIndex, build_index, update_index
+
+# name: (folder, EXIF date, make, model, (lat, lon) or None)
+PHOTOS = {
+    "a": ("trips/2019", "2019:06:15 10:00:00", "Apple", "iPhone 12", (48.858, 2.294)),  # Paris
+    "b": ("trips/2019", "2019:07:01 12:00:00", "Apple", "iPhone 12", (48.853, 2.350)),
+    "c": ("trips/2020", "2020:01:05 09:00:00", "Canon", "Canon EOS R5", (51.507, -0.128)),  # London
+    "d": ("trips/2020", "2020:02:29 23:59:59", "Canon", "Canon EOS R5", None),
+    "e": ("home", "2018:12:31 23:00:00", "NIKON CORPORATION", "NIKON D750", (48.860, 2.337)),
+    "f": ("home", None, None, None, None),  # no EXIF: dated by its file time (the test run's day)
+    "g": ("home/cats", "2019:06:20 08:00:00", "Apple", "iPhone 8", (48.900, 2.400)),
+    "h": ("", "2017:03:03 03:03:03", "Canon", "Canon PowerShot", (-33.857, 151.215)),  # Sydney
+}
+
+
+def dms(value: float) -> tuple[float, float, float]:
+    value = abs(value)
+    degrees, minutes = int(value), int(value * 60 % 60)
+    return float(degrees), float(minutes), round((value * 3600) % 60, 4)
+
+
+def write_photo(path, seed, taken, make, model, place):
+    noise_image(path.with_suffix(".png"), seed)  # the pixels of the shared helper, saved again as a JPEG with EXIF
+    image = Image.open(path.with_suffix(".png")).convert("RGB")
+    path.with_suffix(".png").unlink()
+    exif = Image.Exif()
+    if make:
+        exif[0x010F], exif[0x0110] = make, model
+    if taken:
+        exif.get_ifd(ExifTags.IFD.Exif)[0x9003] = taken
+    if place:
+        lat, lon = place
+        exif.get_ifd(ExifTags.IFD.GPSInfo).update({1: "N" if lat >= 0 else "S", 2: dms(lat),
+                                                   3: "E" if lon >= 0 else "W", 4: dms(lon)})
+    image.save(path, exif=exif, quality=95)
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory, clip_model):
+    root = tmp_path_factory.mktemp("library") / "photos"
+    for seed, (name, (folder, taken, make, model, place)) in enumerate(PHOTOS.items()):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        write_photo(root / folder / f"{name}.jpg", seed, taken, make, model, place)
+    index, _ = build_index(clip_model, root, root.parent / "index", progress=False)
+    return index
+
+
+def names(hits):
+    return [h.path.stem for h in hits]
+
+
+def brute_force(index, query, k, keep):
+    """The k best of the photos named in `keep`, by exact cosine over all stored vectors."""
+    scores = index.vectors().numpy() @ query
+    ranked = [index.paths[i].stem for i in np.argsort(-scores, kind="stable")]
+    return [n for n in ranked if n in keep][:k]
+
+
+@pytest.mark.parametrize("flags, keep", [
+    ({"after": "2019-06", "before": "2020"}, "abg"),
+    ({"before": "2019"}, "eh"),
+    ({"camera": "iphone"}, "abg"),
+    ({"camera": "canon eos"}, "cd"),
+    ({"folder": "trips"}, "abcd"),
+    ({"folder": "home"}, "efg"),
+    ({"near": "48.857,2.35,10km"}, "abeg"),
+    ({"near": "48.8584,2.2945,200m"}, "a"),
+    ({"near": "-33.86,151.2,5"}, "h"),
+    ({"camera": "apple", "folder": "trips", "after": "2019-06-16"}, "b"),
+    ({"camera": "leica"}, ""),
+])
+def test_a_filtered_search_is_the_brute_force_ranking_of_the_photos_that_pass(library, clip_model, flags, keep):
+    query = clip_model.encode_text(["a red circle"])[0].detach().numpy()
+    for k in (1, 3, 8):
+        hits = library.search(query, k, parse_filters(**flags))[0]
+        assert names(hits) == brute_force(library, query, k, set(keep))
+        assert len(hits) == min(k, len(keep))  # k whenever k pass: the filter is in the search, not after it
+        assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+
+
+def test_an_index_from_before_catalogues_is_searched_as_it_is_and_updated_without_encoding(library, clip_model,
+                                                                                          tmp_path):
+    import shutil
+
+    old = tmp_path / "old_index"
+    shutil.copytree(library.index_dir, old)
+    (old / CATALOGUE).unlink()  # as `index build` wrote it before catalogues existed
+    index = ImageIndex.load(old)
+    query = clip_model.encode_text(["a red circle"])[0].detach().numpy()
+    assert len(index.search(query, 3)[0]) == 3  # unfiltered: as before
+    with pytest.raises(ClipsnailError, match=r"made before photos were catalogued.*clipsnail index update --index"):
+        index.search(query, 3, parse_filters(camera="iphone"))
+    damaged = tmp_path / "damaged_index"
+    shutil.copytree(library.index_dir, damaged)
+    (damaged / CATALOGUE).write_bytes(b"not sqlite" * 100)
+    with pytest.raises(ClipsnailError, match=r"its catalogue cannot be read .*catalogue.sqlite"):
+        ImageIndex.load(damaged).search(query, 3, parse_filters(camera="iphone"))
+    assert update_index(clip_model, damaged, progress=False)[0].search(query, 8, parse_filters(camera="iphone"))
+
+    class Counting:
+        def __init__(self, model):
+            self.model, self.images = model, 0
+
+        def __getattr__(self, name):
+            return getattr(self.model, name)
+
+        def encode_image(self, images):
+            self.images += len(images)
+            return self.model.encode_image(images)
+
+    counting = Counting(clip_model)
+    updated, stats = update_index(counting, old, progress=False)
+    assert counting.images == 0 and stats["unchanged"] == len(PHOTOS) and (old / CATALOGUE).is_file()
+    assert names(updated.search(query, 8, parse_filters(camera="iphone"))[0]) == \
+        names(library.search(query, 8, parse_filters(camera="iphone"))[0])
+
+
+def test_the_cli_filters_and_index_info(library, clip_run, tmp_path, capsys):
+    capsys.readouterr()
+    assert main(["search", "--index", str(library.index_dir), "a red circle", "-k", "9", "--camera", "canon",
+                 "--folder", "trips"]) == 0
+    hits = json.loads(capsys.readouterr().out)
+    assert sorted(p.rsplit("/", 1)[-1] for p in (h["path"] for h in hits)) == ["c.jpg", "d.jpg"]
+    assert main(["index", "info", "--index", str(library.index_dir)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["photos"] == len(PHOTOS) and info["with_position"] == 6 and info["taken"]["from_exif"] == 7
+    assert info["taken"]["first"] == "2017-03-03T03:03:03"
+    assert info["cameras"][0] == {"camera": "apple iphone 12", "photos": 2}
+    msg = run_error(capsys, ["search", "--index", str(library.index_dir), "a red circle", "--near", "91,0,1km"])
+    assert msg.startswith("clipsnail: error: --near '91,0,1km'") and "\n" not in msg
+    msg = run_error(capsys, ["search", "--index", str(library.index_dir), "x", "--after", "2019-02-30"])
+    assert "--after '2019-02-30': not a date" in msg
