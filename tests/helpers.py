@@ -199,3 +199,20 @@ class StandInGenerator:
 def first_counts(calls, name: str):
     """The CacheCounts of the first call of the feature cache `name` among `cache_counts`'s calls."""
     return next(counts for cache, counts in calls if cache == name)
+
+
+class Counting:
+    """Counts the images the wrapped model encodes; raises after `fail_after` calls when set."""
+
+    def __init__(self, model, fail_after=None):
+        self.model, self.images, self.calls, self.fail_after = model, 0, 0, fail_after
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def encode_image(self, images):
+        self.calls += 1
+        if self.fail_after is not None and self.calls > self.fail_after:
+            raise RuntimeError("simulated crash while encoding")
+        self.images += len(images)
+        return self.model.encode_image(images)

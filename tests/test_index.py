@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from helpers import noise_image, run_error, tiny_clip_args
+from helpers import Counting, noise_image, run_error, tiny_clip_args
 
 from clipsnail.cli import main
 from clipsnail.core.errors import ClipsnailError, DataError
@@ -25,23 +25,6 @@ def photos(tmp_path):
     (root / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
     (root / "notes.txt").write_text("not an image")
     return root
-
-
-class Counting:
-    """Counts the images the wrapped model encodes; raises after `fail_after` calls when set."""
-
-    def __init__(self, model, fail_after=None):
-        self.model, self.images, self.calls, self.fail_after = model, 0, 0, fail_after
-
-    def __getattr__(self, name):
-        return getattr(self.model, name)
-
-    def encode_image(self, images):
-        self.calls += 1
-        if self.fail_after is not None and self.calls > self.fail_after:
-            raise RuntimeError("simulated crash while encoding")
-        self.images += len(images)
-        return self.model.encode_image(images)
 
 
 def self_top1(index, model):

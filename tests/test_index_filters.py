@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from helpers import noise_image, run_error
+from helpers import Counting, noise_image, run_error
 from PIL import ExifTags, Image
 
 from clipsnail.cli import main
@@ -111,17 +111,6 @@ def test_an_index_from_before_catalogues_is_searched_as_it_is_and_updated_withou
         ImageIndex.load(damaged).search(query, 3, parse_filters(camera="iphone"))
     assert update_index(clip_model, damaged, progress=False)[0].search(query, 8, parse_filters(camera="iphone"))
 
-    class Counting:
-        def __init__(self, model):
-            self.model, self.images = model, 0
-
-        def __getattr__(self, name):
-            return getattr(self.model, name)
-
-        def encode_image(self, images):
-            self.images += len(images)
-            return self.model.encode_image(images)
-
     counting = Counting(clip_model)
     updated, stats = update_index(counting, old, progress=False)
     assert counting.images == 0 and stats["unchanged"] == len(PHOTOS) and (old / CATALOGUE).is_file()
@@ -144,3 +133,28 @@ def test_the_cli_filters_and_index_info(library, clip_run, tmp_path, capsys):
     assert msg.startswith("clipsnail: error: --near '91,0,1km'") and "\n" not in msg
     msg = run_error(capsys, ["search", "--index", str(library.index_dir), "x", "--after", "2019-02-30"])
     assert "--after '2019-02-30': not a date" in msg
+
+
+def test_a_renamed_moved_or_copied_photo_is_not_encoded_again(library, clip_model, tmp_path):
+    import shutil
+
+    root = tmp_path / "photos"
+    shutil.copytree(library.root, root)
+    index_dir = tmp_path / "index"
+    build_index(clip_model, root, index_dir, progress=False)
+    before = {p.name: v for p, v in zip(ImageIndex.load(index_dir).paths, ImageIndex.load(index_dir).vectors())}
+    (root / "trips" / "2019" / "a.jpg").rename(root / "trips" / "2019" / "eiffel.jpg")  # renamed
+    (root / "elsewhere").mkdir()
+    (root / "home" / "e.jpg").rename(root / "elsewhere" / "e.jpg")  # moved to another folder
+    shutil.copyfile(root / "h.jpg", root / "home" / "h_copy.jpg")  # copied
+
+    counting = Counting(clip_model)
+    index, stats = update_index(counting, index_dir, progress=False)
+    assert counting.images == 0 and stats["encoded"] == 0
+    assert {k: stats[k] for k in ("added", "removed", "moved", "changed", "total")} == {
+        "added": 1, "removed": 0, "moved": 2, "changed": 0, "total": len(PHOTOS) + 1}
+    after = {p.name: v for p, v in zip(index.paths, index.vectors())}
+    assert after["eiffel.jpg"].equal(before["a.jpg"]) and after["h_copy.jpg"].equal(before["h.jpg"])
+    assert "a.jpg" not in after and after["e.jpg"].equal(before["e.jpg"])
+    query = clip_model.encode_text(["a red circle"])[0].detach().numpy()
+    assert [h.path.name for h in index.search(query, 9, parse_filters(folder="elsewhere"))[0]] == ["e.jpg"]

@@ -540,7 +540,7 @@ def build_index(model, images_dir: str | Path, out_dir: str | Path, batch_size: 
     """Encode every image under images_dir (recursively) into a new index at out_dir (replacing one there).
     model_dir: the run the model came from (default: `model.run_dir`, set by `clipsnail.load`).
     workers: processes decoding photos while the model encodes (None: `default_workers()`; 0: none).
-    -> (the index, stats {added, changed, removed, unchanged, unreadable, total, seconds})."""
+    -> (the index, stats {added, changed, removed, moved, unchanged, unreadable, total, encoded, seconds})."""
     t = time.perf_counter()
     root = Path(images_dir).absolute()
     check_replaceable(out_dir, is_index_dir, "clipsnail index")  # before the (slow) encoding
@@ -554,8 +554,8 @@ def build_index(model, images_dir: str | Path, out_dir: str | Path, batch_size: 
     good_set = set(good)
     unreadable = {r: found[r] for r in found if r not in good_set}
     entries = {r: (*found[r], sha1[r]) for r in good}
-    stats = {"added": len(good), "changed": 0, "removed": 0, "unchanged": 0, "unreadable": len(unreadable),
-             "total": len(good)}
+    stats = {"added": len(good), "changed": 0, "removed": 0, "moved": 0, "unchanged": 0,
+             "unreadable": len(unreadable), "total": len(good), "encoded": len(good)}
     facts = read_all_facts(root, good, follow_links, progress=progress)
     index = _finish(model, Path(out_dir), root, _model_dir(model, model_dir), entries, unreadable, stats,
                     approx_threshold, approx_kind, target_recall, dict(zip(good, vecs)), rebuild=True,
@@ -570,10 +570,12 @@ def update_index(model, index_dir: str | Path, batch_size: int = 64, progress: b
                  approx_threshold: int | None = None, workers: int | None = None) -> tuple[ImageIndex, dict]:
     """Bring an index up to date with its folder: encode new and changed files (changed: size or mtime differ and
     the sha1 confirms), drop deleted ones, keep every other vector as stored. Writes nothing when nothing changed.
-    The model must be the run that made the index (ClipsnailError otherwise); when that run's weights changed
-    since, every image is encoded again. workers: as for `build_index`.
-    -> (the index, stats {added, changed, removed, unchanged, unreadable, total, reencoded (unchanged files
-    encoded again for new weights), seconds})."""
+    A new path holding the bytes (sha1) of an indexed photo, moved, renamed or copied, takes that photo's vector
+    and is not encoded. The model must be the run that made the index (ClipsnailError otherwise); when that run's
+    weights changed since, every image is encoded again. workers: as for `build_index`.
+    -> (the index, stats {added, changed, removed, moved (new paths of photos whose old path is gone: neither added
+    nor removed), unchanged, unreadable, total, reencoded (unchanged files encoded again for new weights), encoded
+    (images encoded by this update), seconds})."""
     t = time.perf_counter()
     index_dir = Path(index_dir)
     old = ImageIndex.load(index_dir)
@@ -603,7 +605,9 @@ def update_index(model, index_dir: str | Path, batch_size: int = 64, progress: b
                      + [r for r in found if r in old_unreadable and found[r] != old_unreadable[r]], progress,
                      old.follow_links)
     row = {r: i for i, r in enumerate(old.rel_paths)}
-    reencoded = set()
+    # A new path with the bytes of an indexed photo (moved, renamed or copied) takes that photo's vector.
+    by_hash = {} if encode_all else {h: r for r, (_, _, h) in old_entries.items()}
+    reencoded, moved = set(), {}
     for r, stamp in found.items():
         if r in old_entries:
             if stamp == old_entries[r][:2] and encode_all:
@@ -621,6 +625,11 @@ def update_index(model, index_dir: str | Path, batch_size: int = 64, progress: b
                 unreadable[r] = stamp
         elif r in old_unreadable and stamp == old_unreadable[r]:
             unreadable[r] = stamp  # still the same unreadable file: not tried again
+        elif r in sha1 and sha1[r] in by_hash:
+            source = by_hash[sha1[r]]
+            entries[r], vectors[r] = (*stamp, sha1[r]), old_vectors[row[source]]
+            if source not in found:
+                moved[r] = source
         elif r in sha1:
             todo.append(r)
         else:
@@ -631,15 +640,16 @@ def update_index(model, index_dir: str | Path, batch_size: int = 64, progress: b
     for r, ok in zip(todo, readable):
         if not ok:
             unreadable[r] = found[r]
-    removed = [r for r in old_entries if r not in entries]
-    added = [r for r in todo if r in entries and r not in changed and r not in reencoded]
+    removed = [r for r in old_entries if r not in entries and r not in moved.values()]
+    added = [r for r in entries if r not in old_entries and r not in moved]
     n_changed = sum(1 for r in changed if r in entries)
-    stats = {"added": len(added), "changed": n_changed, "removed": len(removed),
-             "unchanged": len(entries) - len(added) - n_changed, "unreadable": len(unreadable),
-             "total": len(entries), "reencoded": sum(1 for r in reencoded if r in entries)}
+    stats = {"added": len(added), "changed": n_changed, "removed": len(removed), "moved": len(moved),
+             "unchanged": len(entries) - len(added) - n_changed - len(moved), "unreadable": len(unreadable),
+             "total": len(entries), "reencoded": sum(1 for r in reencoded if r in entries),
+             "encoded": int(len(new_vecs))}
     threshold = approx_threshold if approx_threshold is not None else old.meta["faiss"].get(
         "approx_threshold", DEFAULT_APPROX_THRESHOLD)
-    vectors_changed = bool(added or n_changed or removed or reencoded)
+    vectors_changed = bool(added or n_changed or removed or reencoded or moved)
     # An index written before catalogues existed gets one: its photos' facts are read, none is encoded again.
     if vectors_changed or touched or old.catalogue is None or unreadable != old_unreadable or \
             threshold != old.meta["faiss"].get("approx_threshold"):
