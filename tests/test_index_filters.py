@@ -158,3 +158,23 @@ def test_a_renamed_moved_or_copied_photo_is_not_encoded_again(library, clip_mode
     assert "a.jpg" not in after and after["e.jpg"].equal(before["e.jpg"])
     query = clip_model.encode_text(["a red circle"])[0].detach().numpy()
     assert [h.path.name for h in index.search(query, 9, parse_filters(folder="elsewhere"))[0]] == ["e.jpg"]
+
+
+def test_the_web_api_filters_and_offers_the_catalogue(library, clip_model):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from clipsnail.serve import create_app
+
+    client = TestClient(create_app(library, clip_model), base_url="http://127.0.0.1")
+    answer = client.get("/api/search", params={"q": "a red circle", "k": 9, "camera": "iphone", "after": "2019-06-16"})
+    assert answer.status_code == 200
+    assert sorted(h["name"] for h in answer.json()["hits"]) == ["b.jpg", "g.jpg"]
+    answer = client.get("/api/search", params={"q": "a red circle", "near": "48.8584,2.2945,200m"})
+    assert [h["name"] for h in answer.json()["hits"]] == ["a.jpg"]
+    for params, named in [({"near": "91,0,1km"}, "--near '91,0,1km'"), ({"after": "2019-13"}, "not a date"),
+                          ({"folder": "../up"}, "--folder '../up'"), ({"camera": "x" * 65}, "at most 64")]:
+        answer = client.get("/api/search", params={"q": "a red circle", **params})
+        assert answer.status_code == 422 and named in json.dumps(answer.json())
+    catalogue = client.get("/api/info").json()["catalogue"]
+    assert catalogue["photos"] == len(PHOTOS) and catalogue["cameras"][0]["camera"] == "apple iphone 12"

@@ -13,6 +13,8 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from clipsnail.core.display import display_name
+from clipsnail.core.errors import ClipsnailError
+from clipsnail.inference.catalogue import parse_filters
 from clipsnail.serve.generation import GenerationQueue, QueueFull
 from clipsnail.serve.schemas import GenerationJob, Info, Label, Limits, SearchResult, ZeroShotResult, generate_request
 from clipsnail.serve.security import page_and_csp
@@ -59,7 +61,8 @@ def page_routes() -> APIRouter:
         model_name = display_name(Path(index.model_dir).name) if index.model_dir else "?"
         return Info(images=len(index), dim=index.dim, model=model_name, generator=generator is not None,
                     generator_image_size=generator.config.data.image_size if generator is not None else None,
-                    limits=dataclasses.asdict(svc.limits))
+                    limits=dataclasses.asdict(svc.limits),
+                    catalogue=svc.catalogue_summary())
 
     return router
 
@@ -76,9 +79,20 @@ def search_routes(limits: Limits) -> APIRouter:
                                    description="text, or weighted terms added and subtracted: '2:golden retriever "
                                                "+ trip/pool.jpg - fruit' (an image term is an indexed image's path, "
                                                "as hits show it)"),
-                    k: int = k_query, svc: SearchService = Depends(service)):
+                    k: int = k_query, svc: SearchService = Depends(service),
+                    after: str | None = Query(None, max_length=32, description="taken on or after: 2019, 2019-06, "
+                                                                                 "2019-06-15 or 2019-06-15T14:30"),
+                    before: str | None = Query(None, max_length=32, description="taken before (same forms)"),
+                    camera: str | None = Query(None, max_length=64, description="camera make or model contains"),
+                    folder: str | None = Query(None, max_length=1024, description="in this folder under the root"),
+                    near: str | None = Query(None, max_length=64, description="LAT,LON,RADIUS (km, or m): "
+                                                                              "48.85,2.35,10km")):
         start = time.perf_counter()
-        return SearchResult(hits=svc.search(svc.query_vector(q), k), seconds=elapsed(start))
+        try:  # checked before any model work: a bad filter is a 422 naming it
+            filters = parse_filters(after, before, camera, folder, near)
+        except ClipsnailError as e:
+            raise bad_request(422, str(e)) from None
+        return SearchResult(hits=svc.search(svc.query_vector(q), k, filters), seconds=elapsed(start))
 
     @router.post("/api/search/image", response_model=SearchResult, tags=["search"], max_body_size=upload_body_limit)
     async def search_image(file: UploadFile = File(description="an image (PNG, JPEG, GIF, WebP, BMP, TIFF)"),

@@ -62,6 +62,8 @@ class Info(BaseModel):
     generator: bool
     generator_image_size: int | None
     limits: dict
+    catalogue: dict | None = Field(None, description="the photos' dates taken, cameras and positions (`index info`); "
+                                                    "None for an index made before catalogues")
 
 
 class GeneratedImage(BaseModel):

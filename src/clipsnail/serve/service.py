@@ -23,7 +23,9 @@ import torch
 from fastapi import HTTPException, UploadFile
 
 from clipsnail.core.display import display_name
+from clipsnail.core.errors import ClipsnailError
 from clipsnail.data.images import IMAGE_EXTENSIONS
+from clipsnail.inference.catalogue import Filters
 from clipsnail.inference.index import VECTORS
 from clipsnail.inference.query import QueryError, combine, looks_like_path, parse_query, term_vectors
 from clipsnail.serve.images import BadImage, decode_upload, load_file, thumbnail
@@ -97,16 +99,28 @@ class SearchService:
         with self.lock:
             return self.model.encode_image([image]).float().cpu().numpy()
 
-    def search(self, queries: np.ndarray, k: int) -> list[Hit]:
+    def search(self, queries: np.ndarray, k: int, filters: Filters | None = None) -> list[Hit]:
         index = self.index
         k = min(k, len(index))
         if k == 0:
             return []
         with self.lock:
-            hits = index.search(np.ascontiguousarray(queries, dtype=np.float32), k=k)[0]
+            try:
+                hits = index.search(np.ascontiguousarray(queries, dtype=np.float32), k=k, filters=filters)[0]
+            except ClipsnailError as e:  # filters asked of an index without a catalogue: the request cannot be met
+                raise bad_request(422, str(e)) from None
         # A name that is not UTF-8 is shown lossily (U+FFFD); JSON cannot carry its bytes, the id still names it.
         return [Hit(id=h.id, name=display_name(Path(h.path).name), path=display_name(index.rel_paths[h.id]),
                     score=round(float(h.score), 4), thumb_url=f"/api/thumb/{h.id}") for h in hits]
+
+    def catalogue_summary(self, max_cameras: int = 100) -> dict | None:
+        """What the page offers to filter by: the catalogue's summary (`index info`), its most common cameras."""
+        index = self.index
+        if index.catalogue is None:
+            return None
+        with self.lock:
+            summary = index.catalogue.summary()
+        return {**summary, "cameras": summary["cameras"][:max_cameras]}
 
     @functools.cached_property  # built on first use (a text-only server never needs it)
     def ids_by_path(self) -> dict[str, int]:
