@@ -178,3 +178,28 @@ def test_the_web_api_filters_and_offers_the_catalogue(library, clip_model):
         assert answer.status_code == 422 and named in json.dumps(answer.json())
     catalogue = client.get("/api/info").json()["catalogue"]
     assert catalogue["photos"] == len(PHOTOS) and catalogue["cameras"][0]["camera"] == "apple iphone 12"
+
+
+def test_index_duplicates_groups_exact_and_near_copies_and_nothing_else(clip_model, tmp_path, capsys):
+    import shutil
+
+    root = tmp_path / "photos"
+    for seed in range(6):  # six distinct photos: smooth random blobs, so their low frequencies differ
+        rng = np.random.default_rng(seed)
+        small = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize((96, 96), Image.BICUBIC)
+        (root / "a").mkdir(parents=True, exist_ok=True)
+        small.save(root / "a" / f"p{seed}.jpg", quality=95)
+    shutil.copyfile(root / "a" / "p0.jpg", root / "p0_copy.jpg")  # the same bytes
+    original = Image.open(root / "a" / "p1.jpg")
+    original.resize((48, 48)).save(root / "p1_half.jpg", quality=95)  # a near copy, twice
+    original.save(root / "p1_q40.jpg", quality=40)
+    index, _ = build_index(clip_model, root, tmp_path / "index", progress=False)
+    capsys.readouterr()
+    assert main(["index", "duplicates", "--index", str(index.index_dir), "--grids", str(tmp_path / "grids")]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert found["exact"] == [["a/p0.jpg", "p0_copy.jpg"]]
+    assert [g["paths"] for g in found["near"]] == [["a/p1.jpg", "p1_half.jpg", "p1_q40.jpg"]]
+    assert len(found["grids"]) == 2 and all((tmp_path / "grids" / g).is_file() for g in
+                                            ("exact_0000.png", "near_0001.png"))
+    assert "--max-bits 64" in run_error(capsys, ["index", "duplicates", "--index", str(index.index_dir),
+                                                 "--max-bits", "64"])

@@ -51,6 +51,14 @@ def add_index(parser: argparse.ArgumentParser) -> None:
     p = index.add_parser("info", help="what an index holds: photos, dates taken, cameras, placed photos; prints JSON")
     p.add_argument("--index", required=True, help="index directory made by `clipsnail index build`")
     p.set_defaults(func=cmd_index_info)
+    p = index.add_parser("duplicates", help="groups of exact copies (same bytes) and near copies (recompressed, "
+                         "resized, slightly cropped); prints JSON")
+    p.add_argument("--index", required=True, help="index directory made by `clipsnail index build`")
+    p.add_argument("--max-bits", type=int, default=None,
+                   help="near copies: perceptual hashes at most this many of 64 bits apart (default measured: "
+                        "see BENCHMARKS.md); larger finds more copies, and groups more distinct burst shots")
+    p.add_argument("--grids", metavar="DIR", help="also write a grid PNG of each group into DIR")
+    p.set_defaults(func=cmd_index_duplicates)
 
 
 def add_search(p: argparse.ArgumentParser) -> None:
@@ -261,6 +269,21 @@ def cmd_index_info(args: argparse.Namespace) -> None:
     else:
         info.update({k: v for k, v in index.catalogue.summary().items() if k != "photos"})
     print_json(info)
+
+
+def cmd_index_duplicates(args: argparse.Namespace) -> None:
+    from clipsnail.inference.duplicates import DEFAULT_MAX_BITS, find_duplicates
+    from clipsnail.inference.index import ImageIndex
+    from clipsnail.inference.plots import write_result_grid
+
+    index = ImageIndex.load(args.index)
+    found = find_duplicates(index, DEFAULT_MAX_BITS if args.max_bits is None else args.max_bits)
+    if args.grids:
+        groups = [("exact", g) for g in found["exact"]] + [("near", g["paths"]) for g in found["near"]]
+        found["grids"] = [str(write_result_grid(Path(args.grids) / f"{kind}_{n:04d}.png", f"{kind} copies",
+                                                [(index.root / p, 1.0) for p in paths[:9]]))
+                          for n, (kind, paths) in enumerate(groups)]
+    print_json(found)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:

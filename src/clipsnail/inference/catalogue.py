@@ -29,7 +29,7 @@ SCHEMA_VERSION = 1
 EARTH_RADIUS_KM = 6371.0088  # the mean radius (IUGG)
 
 COLUMNS = ("id", "path", "folder", "size", "mtime_ns", "sha1", "taken", "taken_offset", "taken_source", "make",
-           "model", "camera", "latitude", "longitude", "width", "height", "orientation")
+           "model", "camera", "latitude", "longitude", "width", "height", "orientation", "phash")
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS catalogue_info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS photos (
@@ -49,7 +49,8 @@ CREATE TABLE IF NOT EXISTS photos (
     longitude REAL,
     width INTEGER,
     height INTEGER,
-    orientation INTEGER
+    orientation INTEGER,
+    phash TEXT
 );
 CREATE INDEX IF NOT EXISTS photos_taken ON photos (taken);
 CREATE INDEX IF NOT EXISTS photos_camera ON photos (camera);
@@ -241,7 +242,8 @@ class Catalogue:
         """Insert or replace photos, in one transaction: (id, relative path, size, mtime_ns, sha1, facts) each.
         Returns how many."""
         values = [(i, rel, folder_of(rel), size, mtime_ns, sha1, f.taken, f.taken_offset, f.taken_source, f.make,
-                   f.model, camera_of(f.make, f.model), f.latitude, f.longitude, f.width, f.height, f.orientation)
+                   f.model, camera_of(f.make, f.model), f.latitude, f.longitude, f.width, f.height, f.orientation,
+                   f.phash)
                   for i, rel, size, mtime_ns, sha1, f in rows]
         with self.transaction():
             self.db.executemany(f"INSERT OR REPLACE INTO photos ({', '.join(COLUMNS)}) VALUES "
@@ -338,6 +340,6 @@ def write_catalogue(path: Path, files: dict, facts: dict[str, PhotoFacts]) -> No
 def facts_by_path(catalogue: Catalogue) -> dict[str, PhotoFacts]:
     """{relative path: facts} of every photo in the catalogue (what an update keeps for unchanged files)."""
     names = ("taken", "taken_offset", "taken_source", "make", "model", "latitude", "longitude", "width", "height",
-             "orientation")
+             "orientation", "phash")
     rows = catalogue.db.execute(f"SELECT path, {', '.join(names)} FROM photos")
     return {row[0]: PhotoFacts(**dict(zip(names, row[1:]))) for row in rows}

@@ -41,7 +41,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -598,42 +598,13 @@ def update_index(model, index_dir: str | Path, batch_size: int = 64, progress: b
     # An update writes a whole new index beside the old one, then swaps them.
     check_free_space(index_dir, index_bytes(len(found), old.dim), f"an index of {len(found)} images")
 
-    entries, vectors, unreadable = {}, {}, {}
-    todo, changed, touched = [], set(), False
     candidates = [r for r in found if r in old_entries and found[r] != old_entries[r][:2]]
     sha1 = _hash_all(root, [r for r in found if r not in old_entries and r not in old_unreadable] + candidates
                      + [r for r in found if r in old_unreadable and found[r] != old_unreadable[r]], progress,
                      old.follow_links)
-    row = {r: i for i, r in enumerate(old.rel_paths)}
-    # A new path with the bytes of an indexed photo (moved, renamed or copied) takes that photo's vector.
-    by_hash = {} if encode_all else {h: r for r, (_, _, h) in old_entries.items()}
-    reencoded, moved = set(), {}
-    for r, stamp in found.items():
-        if r in old_entries:
-            if stamp == old_entries[r][:2] and encode_all:
-                todo.append(r)
-                reencoded.add(r)
-                sha1[r] = old_entries[r][2]
-            elif stamp == old_entries[r][:2]:
-                entries[r], vectors[r] = old_entries[r], old_vectors[row[r]]
-            elif r in sha1 and sha1[r] == old_entries[r][2]:  # touched, same bytes: keep the vector
-                entries[r], vectors[r], touched = (*stamp, sha1[r]), old_vectors[row[r]], True
-            elif r in sha1:
-                todo.append(r)
-                changed.add(r)
-            else:
-                unreadable[r] = stamp
-        elif r in old_unreadable and stamp == old_unreadable[r]:
-            unreadable[r] = stamp  # still the same unreadable file: not tried again
-        elif r in sha1 and sha1[r] in by_hash:
-            source = by_hash[sha1[r]]
-            entries[r], vectors[r] = (*stamp, sha1[r]), old_vectors[row[source]]
-            if source not in found:
-                moved[r] = source
-        elif r in sha1:
-            todo.append(r)
-        else:
-            unreadable[r] = stamp
+    plan = _plan_update(found, old_entries, old_unreadable, sha1, old_vectors, old.rel_paths, encode_all)
+    entries, vectors, unreadable, todo = plan.entries, plan.vectors, plan.unreadable, plan.todo
+    changed, touched, reencoded, moved = plan.changed, plan.touched, plan.reencoded, plan.moved
     new_vecs, readable = _encode(model, root, todo, batch_size, progress, workers)
     for r, v in zip([r for r, ok in zip(todo, readable) if ok], new_vecs):
         entries[r], vectors[r] = (*found[r], sha1[r]), v
@@ -666,6 +637,53 @@ def update_index(model, index_dir: str | Path, batch_size: int = 64, progress: b
     stats["seconds"] = round(time.perf_counter() - t, 2)
     log.info("updated %s: %s", index_dir, stats)
     return index, stats
+
+
+@dataclass
+class _UpdatePlan:
+    """What an update does with each file found: keep (entries, vectors), encode (todo), or skip (unreadable)."""
+
+    entries: dict = field(default_factory=dict)  # rel -> (size, mtime_ns, sha1)
+    vectors: dict = field(default_factory=dict)  # rel -> the kept vector
+    unreadable: dict = field(default_factory=dict)  # rel -> (size, mtime_ns)
+    todo: list = field(default_factory=list)  # rels to encode
+    changed: set = field(default_factory=set)  # of todo: indexed files whose bytes changed
+    reencoded: set = field(default_factory=set)  # of todo: unchanged files, encoded again for new weights
+    moved: dict = field(default_factory=dict)  # new rel -> the rel its bytes had, now gone
+    touched: bool = False  # a file's mtime changed but not its bytes
+
+
+def _plan_update(found, old_entries, old_unreadable, sha1, old_vectors, old_rels, encode_all) -> _UpdatePlan:
+    plan, row = _UpdatePlan(), {r: i for i, r in enumerate(old_rels)}
+    # A new path with the bytes of an indexed photo (moved, renamed or copied) takes that photo's vector.
+    by_hash = {} if encode_all else {h: r for r, (_, _, h) in old_entries.items()}
+    for r, stamp in found.items():
+        if r in old_entries:
+            if stamp == old_entries[r][:2] and encode_all:
+                plan.todo.append(r)
+                plan.reencoded.add(r)
+                sha1[r] = old_entries[r][2]
+            elif stamp == old_entries[r][:2]:
+                plan.entries[r], plan.vectors[r] = old_entries[r], old_vectors[row[r]]
+            elif r in sha1 and sha1[r] == old_entries[r][2]:  # touched, same bytes: keep the vector
+                plan.entries[r], plan.vectors[r], plan.touched = (*stamp, sha1[r]), old_vectors[row[r]], True
+            elif r in sha1:
+                plan.todo.append(r)
+                plan.changed.add(r)
+            else:
+                plan.unreadable[r] = stamp
+        elif r in old_unreadable and stamp == old_unreadable[r]:
+            plan.unreadable[r] = stamp  # still the same unreadable file: not tried again
+        elif r in sha1 and sha1[r] in by_hash:
+            source = by_hash[sha1[r]]
+            plan.entries[r], plan.vectors[r] = (*stamp, sha1[r]), old_vectors[row[source]]
+            if source not in found:
+                plan.moved[r] = source
+        elif r in sha1:
+            plan.todo.append(r)
+        else:
+            plan.unreadable[r] = stamp
+    return plan
 
 
 def old_facts(old: ImageIndex, entries: dict[str, tuple], old_entries: dict[str, tuple]) -> dict[str, PhotoFacts]:
