@@ -17,7 +17,40 @@ from clipsnail.core.safeio import MAX_IMAGE_FILE_BYTES, FileRefused, is_under, r
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+HEIF_EXTENSIONS = (".heic", ".heif")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", *HEIF_EXTENSIONS)
+HEIC_EXTRA = "pip install 'clipsnail[heic]'"
+_heif: bool | None = None  # whether Pillow opens HEIF files (pillow-heif registered); None: not tried yet
+
+
+_heif_said = False
+
+
+def heif_enabled() -> bool:
+    """Teach Pillow HEIC/HEIF (phone photos) through pillow-heif, once, before the first image is opened (so a HEIC
+    photo named .jpg opens too); False when pillow-heif is not installed."""
+    global _heif
+    if _heif is None:
+        try:
+            from pillow_heif import register_heif_opener
+        except ImportError:
+            _heif = False
+        else:
+            register_heif_opener()
+            _heif = True
+    return _heif
+
+
+def check_heif(path: str | Path) -> None:
+    """DataError for a HEIC/HEIF file when Pillow cannot read them (the heic extra is missing); the first such
+    file of a process also says, once, what to install."""
+    global _heif_said
+    if heif_enabled() or not str(path).lower().endswith(HEIF_EXTENSIONS):
+        return
+    if not _heif_said:
+        _heif_said = True
+        log.warning("HEIC/HEIF photos are skipped: reading them needs the heic extra (%s)", HEIC_EXTRA)
+    raise DataError(f"{path}: a HEIC/HEIF photo, which needs the heic extra ({HEIC_EXTRA})")
 
 
 def _is_image_name(name: str) -> bool:
@@ -243,6 +276,7 @@ def decode_opened(opened: Image.Image, min_side: int | None = None) -> tuple[Ima
 def load_image(path: str | Path, data: bytes | None = None, min_side: int | None = None) -> Image.Image:
     """The image at `path` (or in `data`, read from `path`, e.g. a tar shard), upright (EXIF orientation
     applied), RGB; fully decoded, or with its shorter side reduced to about `min_side` (`decode_opened`)."""
+    check_heif(path)
     if data is None:
         try:
             data = read_regular(path, MAX_IMAGE_FILE_BYTES)  # never blocks on a FIFO, never reads /dev/zero forever

@@ -23,6 +23,7 @@ import numpy as np
 from PIL import ExifTags, Image
 
 from clipsnail.core.safeio import open_regular
+from clipsnail.data.images import check_heif
 
 # EXIF tag numbers (EXIF 2.32, CIPA DC-008)
 MAKE, MODEL, ORIENTATION = 0x010F, 0x0110, 0x0112
@@ -60,6 +61,7 @@ class PhotoFacts:
 def read_photo_facts(path: str | Path, root: str | Path | None = None, follow_links: bool = False) -> PhotoFacts:
     """The facts of the photo at `path` (opened as `open_regular` opens it: a regular file, under `root`). A file
     Pillow cannot open still gets its file time; other facts are then absent."""
+    check_heif(path)
     fd = open_regular(path, root, follow_links)
     with os.fdopen(fd, "rb") as f:
         mtime = os.fstat(f.fileno()).st_mtime
