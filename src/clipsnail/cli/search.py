@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 from clipsnail.cli.common import add_follow_links_flag, add_runtime_flags, print_json, print_metrics, requires_extra
+from clipsnail.core.display import json_text
 from clipsnail.core.errors import ClipsnailError
 from clipsnail.core.safeio import writable
 from clipsnail.data.images import default_workers
@@ -59,6 +60,19 @@ def add_index(parser: argparse.ArgumentParser) -> None:
                         "see BENCHMARKS.md); larger finds more copies, and groups more distinct burst shots")
     p.add_argument("--grids", metavar="DIR", help="also write a grid PNG of each group into DIR")
     p.set_defaults(func=cmd_index_duplicates)
+    p = index.add_parser("watch", help="keep an index up to date with its folder until interrupted (Ctrl-C); "
+                         "prints a JSON line per update")
+    p.add_argument("--index", required=True, help="index directory made by `clipsnail index build`")
+    add_poll_flag(p)
+    add_workers_flag(p)
+    add_runtime_flags(p, progress=False)
+    p.set_defaults(func=cmd_index_watch)
+
+
+def add_poll_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--poll", type=float, default=60.0, metavar="SECONDS",
+                   help="compare the folder with the index at least this often, whatever file-system events say "
+                        "(default 60; the only way without the watch extra, or on a network mount)")
 
 
 def add_search(p: argparse.ArgumentParser) -> None:
@@ -118,6 +132,9 @@ def add_serve(p: argparse.ArgumentParser) -> None:
                    help="also answer requests addressed to this host name (repeatable; loopback names and the "
                    "--host address always are, any IP address when --host is 0.0.0.0 or ::); other names are "
                    "refused against DNS rebinding")
+    p.add_argument("--watch", action="store_true", help="follow the photo folder while serving: new, changed, "
+                   "moved and deleted photos are searchable within seconds (`index watch`)")
+    add_poll_flag(p)
     p.add_argument("--max-connections-per-client", type=int, default=32, metavar="N",
                    help="open connections one client address may hold (an IPv6 client: one /64); more are closed "
                    "at once (default 32; 0: no cap, e.g. behind a reverse proxy, where every client has its address)")
@@ -292,4 +309,28 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from clipsnail.serve import run_server
 
     run_server(index=args.index, generator=args.generator, host=args.host, port=args.port, device=args.device,
-               allow_hosts=args.allow_host, max_connections_per_client=args.max_connections_per_client)
+               allow_hosts=args.allow_host, max_connections_per_client=args.max_connections_per_client,
+               watch=args.watch, poll_seconds=args.poll)
+
+
+def cmd_index_watch(args: argparse.Namespace) -> None:
+    import threading
+
+    from clipsnail.apps.hub import load
+    from clipsnail.inference.index import ImageIndex
+    from clipsnail.inference.watch import watch_index
+
+    if args.workers is not None and args.workers < 0:
+        raise ClipsnailError(f"--workers must be 0 or more, got {args.workers}")
+    index = ImageIndex.load(args.index)
+    if index.model_dir is None:
+        raise ClipsnailError(f"{args.index}: the index does not record its model; update it once with --model RUN")
+    model = load(index.model_dir, device=args.device)
+    def said(new, stats) -> None:  # one line per update: a stream another program can read as it comes
+        print(json_text({"index": str(new.index_dir), **stats}, indent=None), flush=True)
+
+    stop = threading.Event()
+    try:
+        watch_index(model, args.index, stop, on_update=said, poll_seconds=args.poll, workers=args.workers)
+    except KeyboardInterrupt:
+        stop.set()

@@ -575,7 +575,7 @@ def update_index(model, index_dir: str | Path, batch_size: int = 64, progress: b
     weights changed since, every image is encoded again. workers: as for `build_index`.
     -> (the index, stats {added, changed, removed, moved (new paths of photos whose old path is gone: neither added
     nor removed), unchanged, unreadable, total, reencoded (unchanged files encoded again for new weights), encoded
-    (images encoded by this update), seconds})."""
+    (images encoded by this update), written (whether a new index was written), seconds})."""
     t = time.perf_counter()
     index_dir = Path(index_dir)
     old = ImageIndex.load(index_dir)
@@ -634,6 +634,7 @@ def update_index(model, index_dir: str | Path, batch_size: int = 64, progress: b
                         follow_links=old.follow_links, facts=facts, created=old.meta.get("created"))
     else:
         index = old
+    stats["written"] = index is not old  # False: the index was up to date, and nothing was written
     stats["seconds"] = round(time.perf_counter() - t, 2)
     log.info("updated %s: %s", index_dir, stats)
     return index, stats

@@ -10,6 +10,7 @@ import asyncio
 import ipaddress
 import logging
 import math
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -179,11 +180,13 @@ def load_generator(run: str | Path, device: str = "cpu"):
 
 def run_server(index, generator=None, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu",
                limits: Limits | None = None, allow_hosts: Sequence[str] = (),
-               max_connections_per_client: int = MAX_CONNECTIONS_PER_CLIENT) -> None:
+               max_connections_per_client: int = MAX_CONNECTIONS_PER_CLIENT, watch: bool = False,
+               poll_seconds: float = 60.0) -> None:
     """Load the index at `index` (a folder from `clipsnail index build`), its CLIP model and optionally a generator
     run, and serve the app with uvicorn until interrupted. Requests must address the server by a loopback name,
     the bound address or one of `allow_hosts` (any IP address too when bound to all interfaces). A client address
-    may hold `max_connections_per_client` connections at once (0: any number, up to MAX_CONCURRENCY)."""
+    may hold `max_connections_per_client` connections at once (0: any number, up to MAX_CONCURRENCY). watch: follow
+    the photo folder while serving (`clipsnail.inference.watch`), each new state of the index served at once."""
     import uvicorn
 
     if not 1 <= port <= 65535:
@@ -208,5 +211,18 @@ def run_server(index, generator=None, host: str = "127.0.0.1", port: int = 8000,
     log.info("%d images indexed with %s%s; answering Host %s%s", len(image_index), image_index.model_dir,
              f"; generator {generator}" if generator else "", ", ".join(names),
              " and any IP address" if any_ip_address else "")
-    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False, http=protocol,
-                timeout_keep_alive=IDLE_TIMEOUT_S, limit_concurrency=MAX_CONCURRENCY)
+    stop = threading.Event()
+    if watch:
+        from clipsnail.inference.watch import watch_index
+
+        def swap(new_index, stats) -> None:
+            app.state.service.swap(new_index)
+            log.info("serving the updated index: %s", stats)
+
+        threading.Thread(target=watch_index, args=(model, index, stop), name="clipsnail-watch", daemon=True,
+                         kwargs={"on_update": swap, "poll_seconds": poll_seconds}).start()
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="info", access_log=False, http=protocol,
+                    timeout_keep_alive=IDLE_TIMEOUT_S, limit_concurrency=MAX_CONCURRENCY)
+    finally:
+        stop.set()

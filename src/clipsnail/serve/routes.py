@@ -135,12 +135,14 @@ def search_routes(limits: Limits) -> APIRouter:
     async def thumb(id: int = image_id, svc: SearchService = Depends(service)):
         """A thumbnail of the indexed image `id` (PNG for small images, JPEG otherwise)."""
         svc.check_id(id)
-        cached = svc.thumbs.get(id)  # a hit need not wait for a decoding thread
+        key = (svc.served.generation, id)  # an id is a position in one state of the index
+        cached = svc.thumbs.get(key)  # a hit need not wait for a decoding thread
         if cached is None:
             cached = await svc.decode(svc.thumb_bytes, id)
-            svc.thumbs.put(id, cached)
+            svc.thumbs.put(key, cached)
         data, media_type = cached
-        return Response(data, media_type=media_type, headers={"Cache-Control": "private, max-age=3600"})
+        # no-cache: the browser asks again (answered from the cache here): an index that updates itself moves ids
+        return Response(data, media_type=media_type, headers={"Cache-Control": "private, no-cache"})
 
     return router
 

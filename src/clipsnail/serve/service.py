@@ -57,23 +57,14 @@ class LRU:
                 self.items.popitem(last=False)
 
 
-class SearchService:
-    """The index and CLIP model one app serves, with the lock, caches and decoding threads around them."""
+class Served:
+    """One state of the served index: the index, its stored vectors (opened now and kept, memory-mapped, one row
+    read per image term: an `index update` swaps in a new directory whose rows may be in another order, and this
+    handle still reads the files of the state it belongs to) and the ids of its paths. A request takes the service's
+    state once and uses it throughout, so an index swapped in meanwhile never mixes with it."""
 
-    def __init__(self, index, model, limits: Limits):
-        self.index, self.model, self.limits = index, model, limits
-        self.lock = threading.Lock()
-        # The shortest side an image query is decoded at: twice the model's input size (its preprocess resizes the
-        # shorter side to that size and crops; the margin keeps the resize's antialiasing as good as from full size).
-        self.query_side = 2 * model.image_size
-        # Decodes wait for one of these threads without holding a threadpool thread or any pixels; at most
-        # max_decoding full-size images exist at once, however many uploads arrive together.
-        self.decoder = ThreadPoolExecutor(max_workers=limits.max_decoding, thread_name_prefix="clipsnail-decode")
-        self.thumbs = LRU(limits.thumb_cache)
-        self.zero_shot_cache: dict[str, torch.Tensor] = {}
-        # Opened now and kept (memory-mapped, one row read per image term): an `index update` while the server runs
-        # swaps in a new directory whose rows may be in another order, and this handle still reads the files of the
-        # index being served.
+    def __init__(self, index, generation: int = 0):
+        self.index, self.generation = index, generation
         try:
             from safetensors import safe_open
 
@@ -82,6 +73,39 @@ class SearchService:
             self.stored_problem = None if shape == [len(index), index.dim] else "wrong shape"
         except Exception as e:  # safetensors' own error types
             self.stored, self.stored_problem = None, str(e)
+
+    @functools.cached_property  # built on first use (a text-only server never needs it)
+    def ids_by_path(self) -> dict[str, int]:
+        ids = {rel: i for i, rel in enumerate(self.index.rel_paths)}
+        for i, rel in enumerate(self.index.rel_paths):  # a path as the answers show it names the image too
+            ids.setdefault(display_name(rel), i)
+        return ids
+
+
+class SearchService:
+    """The index and CLIP model one app serves, with the lock, caches and decoding threads around them. `swap`
+    serves a new state of the index (`index watch`) without a restart."""
+
+    def __init__(self, index, model, limits: Limits):
+        self.served, self.model, self.limits = Served(index), model, limits
+        self.lock = threading.Lock()
+        # The shortest side an image query is decoded at: twice the model's input size (its preprocess resizes the
+        # shorter side to that size and crops; the margin keeps the resize's antialiasing as good as from full size).
+        self.query_side = 2 * model.image_size
+        # Decodes wait for one of these threads without holding a threadpool thread or any pixels; at most
+        # max_decoding full-size images exist at once, however many uploads arrive together.
+        self.decoder = ThreadPoolExecutor(max_workers=limits.max_decoding, thread_name_prefix="clipsnail-decode")
+        self.thumbs = LRU(limits.thumb_cache)  # keyed by (generation, id): ids are positions in one state
+        self.zero_shot_cache: dict[str, torch.Tensor] = {}
+
+    @property
+    def index(self):
+        return self.served.index
+
+    def swap(self, index) -> None:
+        """Serve `index` from now on (a new state of the same index): requests already running finish with the
+        state they took."""
+        self.served = Served(index, self.served.generation + 1)
 
     def close(self) -> None:
         self.decoder.shutdown(wait=False, cancel_futures=True)
@@ -100,7 +124,7 @@ class SearchService:
             return self.model.encode_image([image]).float().cpu().numpy()
 
     def search(self, queries: np.ndarray, k: int, filters: Filters | None = None) -> list[Hit]:
-        index = self.index
+        index = self.served.index
         k = min(k, len(index))
         if k == 0:
             return []
@@ -122,44 +146,39 @@ class SearchService:
             summary = index.catalogue.summary()
         return {**summary, "cameras": summary["cameras"][:max_cameras]}
 
-    @functools.cached_property  # built on first use (a text-only server never needs it)
-    def ids_by_path(self) -> dict[str, int]:
-        ids = {rel: i for i, rel in enumerate(self.index.rel_paths)}
-        for i, rel in enumerate(self.index.rel_paths):  # a path as the answers show it names the image too
-            ids.setdefault(display_name(rel), i)
-        return ids
+    @staticmethod
+    def indexed_id(served: Served, text: str) -> int | None:
+        """The position in `served` of the indexed image whose path relative to the root is `text` (or ./`text`)."""
+        return served.ids_by_path.get(text.removeprefix("./"))
 
-    def indexed_id(self, text: str) -> int | None:
-        """The position of the indexed image whose path relative to the root is `text` (or ./`text`)."""
-        return self.ids_by_path.get(text.removeprefix("./"))
-
-    def index_image(self, text: str) -> str | None:
+    def index_image(self, served: Served, text: str) -> str | None:
         """parse_query's image terms on a server: an image of the index, never a file of the server. Only names
         with an image extension can be indexed images, so text terms cost no lookup."""
         if not (looks_like_path(text) or text.lower().endswith(IMAGE_EXTENSIONS)):
             return None
-        if self.indexed_id(text) is not None:
+        if self.indexed_id(served, text) is not None:
             return text
         if looks_like_path(text):
             raise QueryError(f"{text}: not an image of this index (name one by its path relative to the index "
                              "root, as search results show it)")
         return None  # "cat.png" that is not in the index: text, as on the command line
 
-    def stored_vector(self, i: int) -> np.ndarray:
-        """The indexed embedding i [1, D]."""
-        if self.stored_problem is not None:  # the server's data is damaged, not the request
-            raise bad_request(404, f"the index's stored vectors cannot be read ({self.stored_problem})")
+    def stored_vector(self, served: Served, i: int) -> np.ndarray:
+        """The indexed embedding i [1, D] of `served`."""
+        if served.stored_problem is not None:  # the server's data is damaged, not the request
+            raise bad_request(404, f"the index's stored vectors cannot be read ({served.stored_problem})")
         with self.lock:
-            return np.asarray(self.stored.get_slice("vectors")[i:i + 1], dtype=np.float32)
+            return np.asarray(served.stored.get_slice("vectors")[i:i + 1], dtype=np.float32)
 
     def query_vector(self, q: str) -> np.ndarray:
         """The embedding of a query in clipsnail.inference.query's grammar; a malformed query is a 422 saying
-        why."""
+        why. Image terms are read from the state the query started with."""
+        served = self.served
         try:
-            terms = parse_query(q, image=self.index_image)
+            terms = parse_query(q, image=lambda text: self.index_image(served, text))
             vectors = term_vectors(
                 terms, lambda texts: torch.from_numpy(self.embed_texts(texts)),
-                lambda names: torch.from_numpy(np.concatenate([self.stored_vector(self.indexed_id(n))
+                lambda names: torch.from_numpy(np.concatenate([self.stored_vector(served, self.indexed_id(served, n))
                                                                for n in names])))
             return combine(vectors, [t.weight for t in terms]).numpy()
         except QueryError as e:
