@@ -222,3 +222,13 @@ def test_a_failed_write_leaves_the_catalogue_as_it_was(tmp_path):
     with pytest.raises(sqlite3.IntegrityError):
         cat.put(bad)
     assert len(cat) == 5 and len(Catalogue.open(tmp_path / "c.sqlite")) == 5  # nor did x.jpg go in
+
+
+def test_a_name_that_is_not_utf8_keeps_its_bytes(tmp_path):
+    from clipsnail.inference.catalogue import facts_by_path
+
+    rel = b"caf\xe9/\xff.jpg".decode("utf-8", "surrogateescape")  # a Latin-1 folder name, as Linux hands it over
+    cat = Catalogue.create(tmp_path / "c.sqlite")
+    cat.put([(0, rel, 1, 1, "s", PhotoFacts(taken="2020-01-01T00:00:00"))])
+    assert cat.paths([0]) == {0: rel} and list(facts_by_path(cat)) == [rel]
+    assert cat.select_ids(parse_filters(folder="caf\ufffd")) == [0]  # the folder as text, its odd byte replaced

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
+import os
 import re
 import sqlite3
 from collections.abc import Iterable, Sequence
@@ -34,7 +35,7 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS catalogue_info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS photos (
     id INTEGER PRIMARY KEY,
-    path TEXT NOT NULL UNIQUE,
+    path BLOB NOT NULL UNIQUE,
     folder TEXT NOT NULL,
     size INTEGER NOT NULL,
     mtime_ns INTEGER NOT NULL,
@@ -181,6 +182,12 @@ def folder_of(rel_path: str) -> str:
     return rel_path.rpartition("/")[0]
 
 
+def as_text(name: str) -> str:
+    """A file system name as SQLite text, which must be UTF-8: the bytes of a name that is not UTF-8 are replaced
+    (U+FFFD). The path column keeps the exact bytes; this is for folders, which filters match as typed."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def camera_of(make: str | None, model: str | None) -> str | None:
     """"make model" in lower case, the make once ("Canon" + "Canon EOS R5" -> "canon eos r5"), for matching."""
     make, model = (make or "").strip(), (model or "").strip()
@@ -241,9 +248,10 @@ class Catalogue:
     def put(self, rows: Iterable[tuple[int, str, int, int, str, PhotoFacts]]) -> int:
         """Insert or replace photos, in one transaction: (id, relative path, size, mtime_ns, sha1, facts) each.
         Returns how many."""
-        values = [(i, rel, folder_of(rel), size, mtime_ns, sha1, f.taken, f.taken_offset, f.taken_source, f.make,
-                   f.model, camera_of(f.make, f.model), f.latitude, f.longitude, f.width, f.height, f.orientation,
-                   f.phash)
+        # The path as its bytes (a name need not be UTF-8, SQLite text must be), exactly as the file system has it
+        values = [(i, os.fsencode(rel), as_text(folder_of(rel)), size, mtime_ns, sha1, f.taken, f.taken_offset,
+                   f.taken_source, f.make, f.model, camera_of(f.make, f.model), f.latitude, f.longitude, f.width,
+                   f.height, f.orientation, f.phash)
                   for i, rel, size, mtime_ns, sha1, f in rows]
         with self.transaction():
             self.db.executemany(f"INSERT OR REPLACE INTO photos ({', '.join(COLUMNS)}) VALUES "
@@ -268,7 +276,8 @@ class Catalogue:
         for start in range(0, len(ids), 500):  # SQLite's bound-parameter limit
             chunk = list(ids[start:start + 500])
             marks = ", ".join("?" * len(chunk))
-            out.update(self.db.execute(f"SELECT id, path FROM photos WHERE id IN ({marks})", chunk).fetchall())
+            rows = self.db.execute(f"SELECT id, path FROM photos WHERE id IN ({marks})", chunk)
+            out.update((i, os.fsdecode(path)) for i, path in rows)
         return out
 
     def summary(self) -> dict:
@@ -342,4 +351,4 @@ def facts_by_path(catalogue: Catalogue) -> dict[str, PhotoFacts]:
     names = ("taken", "taken_offset", "taken_source", "make", "model", "latitude", "longitude", "width", "height",
              "orientation", "phash")
     rows = catalogue.db.execute(f"SELECT path, {', '.join(names)} FROM photos")
-    return {row[0]: PhotoFacts(**dict(zip(names, row[1:]))) for row in rows}
+    return {os.fsdecode(row[0]): PhotoFacts(**dict(zip(names, row[1:]))) for row in rows}
