@@ -611,7 +611,8 @@ def update_index(model, index_dir: str | Path, batch_size: int = 64, progress: b
     for r, ok in zip(todo, readable):
         if not ok:
             unreadable[r] = found[r]
-    removed = [r for r in old_entries if r not in entries and r not in moved.values()]
+    moved_from = set(moved.values())
+    removed = [r for r in old_entries if r not in entries and r not in moved_from]
     added = [r for r in entries if r not in old_entries and r not in moved]
     n_changed = sum(1 for r in changed if r in entries)
     stats = {"added": len(added), "changed": n_changed, "removed": len(removed), "moved": len(moved),
