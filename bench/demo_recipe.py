@@ -36,30 +36,11 @@ ZEROSHOT = (("color", 50), ("kind", 50), ("kind", 250))
 
 
 def zero_shot(model, work: Path) -> dict:
-    import torch
+    from clipsnail.apps.demo import shape_zero_shot_acc1  # what the demo prints, over these shape counts
 
-    from clipsnail.apps.demo import article
-    from clipsnail.data.images import list_image_folder
-    from clipsnail.data.shapes import generate_attribute_folder
-    from clipsnail.inference.evaluate import (
-        classification_metrics,
-        encode_image_paths,
-        zero_shot_logits,
-        zero_shot_weights,
-    )
-
-    out = {}
-    for attribute, per_class in ZEROSHOT:
-        folder = work / f"zeroshot_{attribute}_{per_class}"
-        if not folder.exists():
-            generate_attribute_folder(folder, attribute, n_per_class=per_class, size=32, seed=1)
-        paths, labels, classes = list_image_folder(folder)
-        emb, _ = encode_image_paths(model, paths, progress=False)
-        prompts = [f"{article(c)} {c} shape" if attribute == "color" else f"{article(c)} {c}" for c in classes]
-        logits = zero_shot_logits(emb, zero_shot_weights(model, prompts, ["{}", "a photo of {}"]))
-        out[f"zeroshot_{attribute}_acc1_{per_class}_a_class"] = round(
-            classification_metrics(logits, torch.tensor(labels))["acc1"], 4)
-    return out
+    return {f"zeroshot_{attribute}_acc1_{per_class}_a_class": round(shape_zero_shot_acc1(model, work, attribute,
+                                                                                         per_class), 4)
+            for attribute, per_class in ZEROSHOT}
 
 
 def run_variant(name: str, work: Path) -> dict:

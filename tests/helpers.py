@@ -216,3 +216,20 @@ class Counting:
             raise RuntimeError("simulated crash while encoding")
         self.images += len(images)
         return self.model.encode_image(images)
+
+
+def photo_exif(make=None, model=None, taken=None, offset=None, gps=None, orientation=None):
+    """An EXIF block as a camera writes it: make and model, orientation, DateTimeOriginal ("YYYY:MM:DD HH:MM:SS")
+    and OffsetTimeOriginal in the Exif IFD, and gps = (lat_ref, (d, m, s), lon_ref, (d, m, s)) in the GPS IFD."""
+    from PIL import ExifTags, Image
+
+    exif = Image.Exif()
+    for tag, value in ((0x010F, make), (0x0110, model), (0x0112, orientation)):
+        if value is not None:
+            exif[tag] = value
+    for tag, value in ((0x9003, taken), (0x9011, offset)):
+        if value is not None:
+            exif.get_ifd(ExifTags.IFD.Exif)[tag] = value
+    if gps is not None:
+        exif.get_ifd(ExifTags.IFD.GPSInfo).update({1: gps[0], 2: gps[1], 3: gps[2], 4: gps[3]})
+    return exif

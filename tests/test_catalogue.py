@@ -8,7 +8,8 @@ import random
 import sqlite3
 
 import pytest
-from PIL import ExifTags, Image
+from helpers import photo_exif
+from PIL import Image
 from PIL.TiffImagePlugin import IFDRational
 
 from clipsnail.core.errors import ClipsnailError
@@ -23,19 +24,8 @@ from clipsnail.inference.catalogue import (
 
 
 def photo(path, make=None, model=None, taken=None, offset=None, gps=None, orientation=None, size=(40, 30)):
-    """A JPEG with the given EXIF: gps = (lat_ref, (d, m, s), lon_ref, (d, m, s))."""
-    exif = Image.Exif()
-    for tag, value in ((0x010F, make), (0x0110, model), (0x0112, orientation)):
-        if value is not None:
-            exif[tag] = value
-    sub = exif.get_ifd(ExifTags.IFD.Exif)
-    if taken is not None:
-        sub[0x9003] = taken
-    if offset is not None:
-        sub[0x9011] = offset
-    if gps is not None:
-        exif.get_ifd(ExifTags.IFD.GPSInfo).update({1: gps[0], 2: gps[1], 3: gps[2], 4: gps[3]})
-    Image.new("RGB", size, "red").save(path, exif=exif)
+    """A flat red JPEG with the given EXIF (`photo_exif`)."""
+    Image.new("RGB", size, "red").save(path, exif=photo_exif(make, model, taken, offset, gps, orientation))
     return path
 
 

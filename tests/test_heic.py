@@ -5,7 +5,8 @@ import logging
 
 import numpy as np
 import pytest
-from PIL import ExifTags, Image
+from helpers import photo_exif
+from PIL import Image
 
 from clipsnail.core.errors import DataError
 from clipsnail.data import images
@@ -20,10 +21,7 @@ def heic_photo(path, seed=0):
     images.heif_enabled()  # registers pillow-heif's opener (and so its writer) with Pillow
     rng = np.random.default_rng(seed)
     pixels = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((64, 48), Image.BICUBIC)
-    exif = Image.Exif()
-    exif[0x010F], exif[0x0110] = "Apple", "iPhone 15"
-    exif.get_ifd(ExifTags.IFD.Exif)[0x9003] = "2024:05:01 10:00:00"
-    pixels.save(path, format="HEIF", exif=exif, quality=90)
+    pixels.save(path, format="HEIF", exif=photo_exif("Apple", "iPhone 15", "2024:05:01 10:00:00"), quality=90)
     return pixels
 
 

@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 import pytest
-from helpers import Counting, noise_image, run_error
-from PIL import ExifTags, Image
+from helpers import Counting, noise_image, photo_exif, run_error
+from PIL import Image
 
 from clipsnail.cli import main
 from clipsnail.core.errors import ClipsnailError
@@ -37,16 +37,11 @@ def write_photo(path, seed, taken, make, model, place):
     noise_image(path.with_suffix(".png"), seed)  # the pixels of the shared helper, saved again as a JPEG with EXIF
     image = Image.open(path.with_suffix(".png")).convert("RGB")
     path.with_suffix(".png").unlink()
-    exif = Image.Exif()
-    if make:
-        exif[0x010F], exif[0x0110] = make, model
-    if taken:
-        exif.get_ifd(ExifTags.IFD.Exif)[0x9003] = taken
+    gps = None
     if place:
         lat, lon = place
-        exif.get_ifd(ExifTags.IFD.GPSInfo).update({1: "N" if lat >= 0 else "S", 2: dms(lat),
-                                                   3: "E" if lon >= 0 else "W", 4: dms(lon)})
-    image.save(path, exif=exif, quality=95)
+        gps = ("N" if lat >= 0 else "S", dms(lat), "E" if lon >= 0 else "W", dms(lon))
+    image.save(path, exif=photo_exif(make, model, taken, gps=gps), quality=95)
 
 
 @pytest.fixture(scope="module")

@@ -105,14 +105,7 @@ def run_demo(out: Path, steps: int = DEMO_STEPS, quick: bool = False, progress: 
     say("[4/5] zero-shot classification of single shapes by colour and by kind ...")
     per_class = 20 if quick else ZEROSHOT_PER_CLASS
     for attribute in ("color", "kind"):
-        folder = out / f"zeroshot_{attribute}_{per_class}"
-        if not folder.exists():
-            generate_attribute_folder(folder, attribute, n_per_class=per_class, size=32, seed=1)
-        paths, labels, classes = list_image_folder(folder)
-        emb, _ = encode_image_paths(model, paths, progress=False)
-        prompts = [f"{article(c)} {c} shape" if attribute == "color" else f"{article(c)} {c}" for c in classes]
-        logits = zero_shot_logits(emb, zero_shot_weights(model, prompts, ["{}", "a photo of {}"]))
-        metrics[f"zeroshot_{attribute}_acc1"] = classification_metrics(logits, torch.tensor(labels))["acc1"]
+        metrics[f"zeroshot_{attribute}_acc1"] = shape_zero_shot_acc1(model, out, attribute, per_class)
 
     say("[5/5] answering text queries over the test images ...")
     test_dir = out / "test_images"
@@ -143,6 +136,19 @@ def run_demo(out: Path, steps: int = DEMO_STEPS, quick: bool = False, progress: 
     say("query grids:", *(f"  {g}" for g in grids))
     say(f"try: clipsnail search --model {run_dir} --images {test_dir} \"a large blue star\" --grid star.png")
     return summary
+
+
+def shape_zero_shot_acc1(model, out: Path, attribute: str, per_class: int) -> float:
+    """Zero-shot accuracy of `model` on single shapes classed by `attribute` ("color" or "kind"), `per_class` of
+    each class, rendered once into OUT/zeroshot_ATTRIBUTE_PERCLASS."""
+    folder = out / f"zeroshot_{attribute}_{per_class}"
+    if not folder.exists():
+        generate_attribute_folder(folder, attribute, n_per_class=per_class, size=32, seed=1)
+    paths, labels, classes = list_image_folder(folder)
+    emb, _ = encode_image_paths(model, paths, progress=False)
+    prompts = [f"{article(c)} {c} shape" if attribute == "color" else f"{article(c)} {c}" for c in classes]
+    logits = zero_shot_logits(emb, zero_shot_weights(model, prompts, ["{}", "a photo of {}"]))
+    return classification_metrics(logits, torch.tensor(labels))["acc1"]
 
 
 def article(word: str) -> str:

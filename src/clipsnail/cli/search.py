@@ -117,7 +117,7 @@ def add_workers_flag(p: argparse.ArgumentParser) -> None:
 
 
 def check_index_flags(args: argparse.Namespace) -> None:
-    if args.batch_size < 1:
+    if getattr(args, "batch_size", 1) < 1:  # `index watch` has no --batch-size
         raise ClipsnailError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.workers is not None and args.workers < 0:
         raise ClipsnailError(f"--workers must be 0 or more, got {args.workers}")
@@ -320,8 +320,7 @@ def cmd_index_watch(args: argparse.Namespace) -> None:
     from clipsnail.inference.index import ImageIndex
     from clipsnail.inference.watch import watch_index
 
-    if args.workers is not None and args.workers < 0:
-        raise ClipsnailError(f"--workers must be 0 or more, got {args.workers}")
+    check_index_flags(args)
     index = ImageIndex.load(args.index)
     if index.model_dir is None:
         raise ClipsnailError(f"{args.index}: the index does not record its model; update it once with --model RUN")

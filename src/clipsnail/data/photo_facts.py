@@ -16,7 +16,7 @@ import datetime as _dt
 import math
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -53,9 +53,6 @@ class PhotoFacts:
     height: int | None = None
     orientation: int | None = None
     phash: str | None = None  # `perceptual_hash`, 16 hex digits
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def read_photo_facts(path: str | Path, root: str | Path | None = None, follow_links: bool = False) -> PhotoFacts:

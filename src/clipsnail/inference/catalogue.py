@@ -23,8 +23,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from clipsnail.core.errors import ClipsnailError
-from clipsnail.data.photo_facts import PhotoFacts
+from clipsnail.core.errors import ClipsnailError, DataError
+from clipsnail.data.photo_facts import PhotoFacts, read_photo_facts
 
 SCHEMA_VERSION = 1
 EARTH_RADIUS_KM = 6371.0088  # the mean radius (IUGG)
@@ -315,9 +315,6 @@ def read_all_facts(root: Path, rels: Sequence[str], follow_links: bool, known: d
     """{relative path: facts} of `rels` under `root`; those in `known` (facts kept from an older catalogue, for
     files that did not change) are not read again. A file that cannot be opened gets empty facts."""
     from tqdm import tqdm
-
-    from clipsnail.core.errors import DataError
-    from clipsnail.data.photo_facts import read_photo_facts
 
     known = known or {}
     out = {}

@@ -355,7 +355,7 @@ class ImageIndex:
         ids = ids[ids < len(self)]
         if len(ids) == 0:
             return [[] for _ in range(len(q))]
-        scores = q @ _vector_rows(self.index_dir / VECTORS, self.dim, len(self), ids).T  # [Q, len(ids)]
+        scores = q @ np.asarray(self._vector_map[ids], dtype=np.float32).T  # [Q, len(ids)]
         top = min(k, len(ids))
         best = np.argpartition(-scores, top - 1, axis=1)[:, :top]
         out = []
@@ -363,6 +363,10 @@ class ImageIndex:
             cols = cols[np.argsort(-row[cols], kind="stable")]
             out.append([Hit(self.paths[ids[c]], float(row[c]), int(ids[c])) for c in cols])
         return out
+
+    @functools.cached_property  # mapped on the first filtered search, then kept: a search reads only its rows
+    def _vector_map(self) -> np.ndarray:
+        return _vector_map(self.index_dir / VECTORS, self.dim, len(self))
 
     def vectors(self) -> torch.Tensor:
         """All stored embeddings [N, D] (read from vectors.safetensors)."""
@@ -391,10 +395,10 @@ def _read_json(path: Path):
         raise DataError(f"{path}: damaged index file ({e})") from e
 
 
-def _vector_rows(path: Path, dim: int, count: int, ids: np.ndarray) -> np.ndarray:
-    """Rows `ids` of the [count, dim] float32 tensor "vectors" of a safetensors file, read through a memory map
-    (only those rows' pages are read): the file is an 8-byte header length, a JSON header with the tensor's byte
-    offsets, then the raw data."""
+def _vector_map(path: Path, dim: int, count: int) -> np.ndarray:
+    """The [count, dim] float32 tensor "vectors" of a safetensors file as a read-only memory map (indexing it reads
+    only those rows' pages): the file is an 8-byte header length, a JSON header with the tensor's byte offsets,
+    then the raw data."""
     with open(path, "rb") as f:
         header_len = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(header_len))
@@ -403,8 +407,7 @@ def _vector_rows(path: Path, dim: int, count: int, ids: np.ndarray) -> np.ndarra
     if spec.get("dtype") != "F32" or spec.get("shape") != [count, dim] or end - start != count * dim * 4:
         raise DataError(f"{path}: holds {spec.get('dtype')} vectors of shape {spec.get('shape')}, expected F32 "
                         f"({count}, {dim})")
-    rows = np.memmap(path, dtype="<f4", mode="r", offset=8 + header_len + start, shape=(count, dim))
-    return np.asarray(rows[ids], dtype=np.float32)
+    return np.memmap(path, dtype="<f4", mode="r", offset=8 + header_len + start, shape=(count, dim))
 
 
 def _read_vectors(index_dir: Path, dim: int, count: int) -> torch.Tensor:
