@@ -1,4 +1,4 @@
-"""The faiss image index: build, update, atomic writes, damaged files, and the `index` / `search --index` commands."""
+"""The image index: build, update, atomic writes, damaged files, and the `index` / `search --index` commands."""
 
 import json
 import os
@@ -11,7 +11,8 @@ from helpers import Counting, noise_image, run_error, tiny_clip_args
 
 from clipsnail.cli import main
 from clipsnail.core.errors import ClipsnailError, DataError
-from clipsnail.inference.index import ImageIndex, build_index, make_faiss_index, update_index
+from clipsnail.inference.index import ImageIndex, build_index, update_index
+from clipsnail.inference.vector_store import VectorStore, top_k, write_store
 
 
 @pytest.fixture
@@ -33,19 +34,23 @@ def self_top1(index, model):
     return [hits[0].path == p for hits, p in zip(index.search(queries, k=3), index.paths)]
 
 
+def by_path(index) -> dict:
+    """{path: stored vector} of an index (ids and rows differ between an updated index and a fresh build)."""
+    return dict(zip(index.paths, index.vectors()))
+
+
 def test_build_counts_and_finds_each_image_itself(clip_model, clip_run, photos, tmp_path):
     counting = Counting(clip_model)
     index, stats = build_index(counting, photos, tmp_path / "idx", batch_size=4, progress=False)
     assert stats["added"] == stats["total"] == 11 and stats["unreadable"] == 1 and stats["removed"] == 0
     assert counting.images == 11  # the corrupt file never reaches the model
-    meta = json.loads((tmp_path / "idx" / "index.json").read_text())
-    assert meta["num_unreadable"] == 1 and meta["unreadable"][0]["path"] == "broken.jpg"
-    assert meta["dim"] == 16 and meta["count"] == 11 and meta["faiss"]["type"] == "IndexFlatIP"
-    assert isinstance(meta["faiss"]["mmap"], bool)
-    files = json.loads((tmp_path / "idx" / "files.json").read_text())
-    assert "trip/day1/t0.png" in files["path"] and all(len(h) == 40 for h in files["sha1"])
-
+    assert json.loads((tmp_path / "idx" / "index.json").read_text()) == {"format": "clipsnail-image-index",
+                                                                          "version": 2}
     index = ImageIndex.load(tmp_path / "idx")
+    assert index.meta["num_unreadable"] == 1 and set(index.catalogue.unreadable()) == {"broken.jpg"}
+    assert index.meta["photos"] == index.meta["rows"] == 11 and index.structure["type"] == "exact"
+    sha1 = [h for (h,) in index.catalogue.db.execute("SELECT sha1 FROM photos")]
+    assert "trip/day1/t0.png" in index.rel_paths and all(len(h) == 40 for h in sha1)
     assert len(index) == 11 and index.dim == 16 and index.model_dir == clip_run.resolve()
     assert all(p.is_absolute() and p.exists() for p in index.paths)
     nested = photos / "trip" / "day1" / "t1.png"
@@ -78,50 +83,55 @@ def test_update_encodes_only_new_and_changed_files_and_matches_a_fresh_build(cli
     assert stats == {**stats, "added": 1, "changed": 1, "removed": 1, "unchanged": 9, "unreadable": 1, "total": 11}
     assert counting.images == 2  # the broken file is not retried while it stays the same
 
+    assert stats["written"] and index.meta["rows"] == 13  # appended: the new and the changed photo
     fresh, fresh_stats = build_index(clip_model, photos, tmp_path / "fresh", batch_size=4, progress=False)
-    assert fresh_stats["total"] == 11 and index.paths == fresh.paths
-    assert torch.allclose(index.vectors(), fresh.vectors(), atol=1e-5)
+    assert fresh_stats["total"] == 11 and sorted(index.paths) == sorted(fresh.paths)
+    kept, expected = by_path(index), by_path(fresh)
+    assert all(torch.allclose(kept[p], expected[p], atol=1e-5) for p in fresh.paths)
     queries = clip_model.encode_text(["a red circle", "two blue squares"])
     got = [[h.path for h in hits] for hits in index.search(queries, k=5)]
     assert got == [[h.path for h in hits] for hits in fresh.search(queries, k=5)]
 
-    meta = tmp_path / "idx" / "index.json"
-    stamp = meta.stat().st_mtime_ns
+    stamp, state = (tmp_path / "idx" / "vectors.f32").stat().st_mtime_ns, index.meta
     counting = Counting(clip_model)
-    _, stats = update_index(counting, tmp_path / "idx", progress=False)
+    index, stats = update_index(counting, tmp_path / "idx", progress=False)
     assert (stats["added"], stats["changed"], stats["removed"], stats["unchanged"]) == (0, 0, 0, 11)
-    assert counting.calls == 0 and meta.stat().st_mtime_ns == stamp  # nothing changed: nothing written
+    assert counting.calls == 0 and not stats["written"]  # nothing changed: nothing written
+    assert (tmp_path / "idx" / "vectors.f32").stat().st_mtime_ns == stamp and index.meta == state
 
 
-def test_approximate_index_agrees_with_exact_on_clustered_data():
-    rng = np.random.default_rng(0)
-    centres = rng.standard_normal((40, 32))
-    x = centres[rng.integers(0, 40, 4000)] + 0.3 * rng.standard_normal((4000, 32))
-    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+def clustered(n, dim=32, centres=40, seed=0):
+    rng = np.random.default_rng(seed)
+    means = rng.standard_normal((centres, dim))
+    x = means[rng.integers(0, centres, n)] + 0.3 * rng.standard_normal((n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_inverted_file_agrees_with_exact_search_on_clustered_data(tmp_path):
+    x = clustered(4000)
     queries = x[::97]
-    exact, spec = make_faiss_index(x, approx=False)
-    assert spec["type"] == "IndexFlatIP"
-    _, truth = exact.search(queries, 1)
-    for kind, name in (("ivf", "IndexIVFFlat"), ("hnsw", "IndexHNSWFlat")):
-        index, spec = make_faiss_index(x, approx=True, kind=kind)
-        assert spec["type"] == name and spec["calibrated_recall@10"] >= 0.95, spec
-        _, found = index.search(queries, 1)
-        assert (found == truth).all(), kind
+    _, truth = top_k(queries, x, 1)
+    layout, order = write_store(tmp_path, x, np.arange(len(x)), approx=True, target_recall=0.95)
+    assert layout["type"] == "ivf" and layout["calibrated_recall@10"] >= 0.95 and sorted(order) == list(range(4000))
+    store = VectorStore(tmp_path, 32, len(x), np.zeros(0, np.int64), layout)
+    np.testing.assert_array_equal(store.vectors, x[order])  # rows grouped by list, each a row of x
+    _, found = store.search(queries, 1)
+    assert (order[found[:, 0]] == truth[:, 0]).all()
+    store.live[found[:, 0]] = False  # a dead row is never found
+    _, second = store.search(queries, 1)
+    assert not np.isin(second, found).any()
 
 
 def test_tiny_threshold_builds_an_approximate_index(clip_model, photos, tmp_path):
     index, _ = build_index(clip_model, photos, tmp_path / "idx", approx_threshold=1, progress=False)
-    assert index.meta["faiss"]["type"] == "IndexIVFFlat" and index.meta["faiss"]["approx_threshold"] == 1
+    assert index.structure["type"] == "ivf" and index.structure["approx_threshold"] == 1
     assert all(self_top1(ImageIndex.load(tmp_path / "idx"), clip_model))
-    index, _ = build_index(clip_model, photos, tmp_path / "hnsw", approx_threshold=1, approx_kind="hnsw",
-                           progress=False)
-    assert index.meta["faiss"]["type"] == "IndexHNSWFlat" and all(self_top1(index, clip_model))
 
 
 def test_a_crash_mid_build_or_update_leaves_the_old_index(clip_model, photos, tmp_path):
     out = tmp_path / "idx"
     build_index(clip_model, photos, out, batch_size=4, progress=False)
-    before = json.loads((out / "files.json").read_text())
+    before = ImageIndex.load(out).rel_paths
     query = clip_model.encode_text(["a red circle"])
     expected = [h.path for h in ImageIndex.load(out).search(query, k=5)[0]]
     noise_image(photos / "more" / "x.png", 900)
@@ -132,7 +142,7 @@ def test_a_crash_mid_build_or_update_leaves_the_old_index(clip_model, photos, tm
     with pytest.raises(RuntimeError, match="simulated crash"):
         update_index(Counting(clip_model, fail_after=1), out, batch_size=4, progress=False)
     index = ImageIndex.load(out)
-    assert json.loads((out / "files.json").read_text()) == before and len(index) == 11
+    assert index.rel_paths == before and len(index) == 11 and index.meta["rows"] == 11
     assert [h.path for h in index.search(query, k=5)[0]] == expected
     assert sorted(p.name for p in tmp_path.iterdir()) == ["idx", "photos"]  # no temp directories left behind
 
@@ -142,16 +152,16 @@ def test_damaged_or_missing_index_is_a_data_error_naming_the_file(clip_model, ph
         ImageIndex.load(tmp_path / "nope")
     out = tmp_path / "idx"
     build_index(clip_model, photos, out, progress=False)
-    (out / "faiss.index").write_bytes(b"garbage" * 10)
-    with pytest.raises(DataError, match="faiss.index"):
+    (out / "vectors.f32").write_bytes(b"garbage" * 10)
+    with pytest.raises(DataError, match="vectors.f32"):
         ImageIndex.load(out)
     build_index(clip_model, photos, out, progress=False)
     (out / "index.json").write_text('{"format": "clipsnail-im')
     with pytest.raises(DataError, match="index.json"):
         ImageIndex.load(out)
     build_index(clip_model, photos, tmp_path / "idx2", progress=False)
-    (tmp_path / "idx2" / "files.json").write_text('{"path": ["0.png"]}')
-    with pytest.raises(DataError, match="files.json"):
+    (tmp_path / "idx2" / "catalogue.sqlite").write_bytes(b"garbage" * 1000)
+    with pytest.raises(DataError, match="catalogue.sqlite"):
         ImageIndex.load(tmp_path / "idx2")
     not_an_index = tmp_path / "precious"
     not_an_index.mkdir()
@@ -172,7 +182,7 @@ def test_cli_build_update_search(clip_run, photos, tmp_path, capsys, shapes_dir)
     built = cli_json(capsys, ["index", "build", "--model", str(clip_run), "--images", str(photos), "--out", str(out),
                               "--batch-size", "4", "--no-progress"])
     assert built["index"] == str(out.absolute()) and built["total"] == 11 and built["unreadable"] == 1
-    assert built["faiss"]["type"] == "IndexFlatIP"
+    assert built["structure"]["type"] == "exact"
 
     hits = cli_json(capsys, ["search", "--index", str(out), "a red circle", "-k", "3"])
     assert len(hits) == 3 and set(hits[0]) == {"path", "score"}
@@ -221,14 +231,14 @@ def test_an_index_takes_vectors_from_the_model_that_made_it_only(clip_run, photo
     out = tmp_path / "idx"
     cli_json(capsys, ["index", "build", "--model", str(clip_run), "--images", str(photos), "--out", str(out),
                       "--no-progress"])
-    meta_before = (out / "index.json").read_bytes()
-    assert json.loads(meta_before)["model_weights"]["sha1"]
+    meta_before = ImageIndex.load(out).meta
+    assert meta_before["model_weights"]["sha1"]
     other = tmp_path / "other"
     shutil.copytree(clip_run, other)  # same weights, another run
     noise_image(photos / "new.png", 999)
     msg = run_error(capsys, ["index", "update", "--index", str(out), "--model", str(other), "--no-progress"])
     assert "adds to them with that run only" in msg and "clipsnail index build --model" in msg
-    assert (out / "index.json").read_bytes() == meta_before
+    assert ImageIndex.load(out).meta == meta_before
     msg = run_error(capsys, ["search", "--index", str(out), "--model", str(other), "a red circle"])
     assert f"made by {clip_run.resolve()}" in msg
 

@@ -37,8 +37,8 @@ def add_index(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="photos encoded at once (default 64)")
     add_workers_flag(p)
     p.add_argument("--approx-threshold", type=int,
-                   help="from this many images on, use an approximate faiss index (default 20000)")
-    p.add_argument("--approx", default="ivf", choices=["ivf", "hnsw"], help="approximate index kind (default ivf)")
+                   help="from this many images on, search an inverted file (IVF) instead of every vector "
+                        "(default 20000)")
     add_follow_links_flag(p)
     add_runtime_flags(p)
     p.set_defaults(func=cmd_index_build)
@@ -254,9 +254,9 @@ def cmd_index_build(args: argparse.Namespace) -> None:
     model = load(args.model, device=args.device)
     threshold = args.approx_threshold if args.approx_threshold is not None else DEFAULT_APPROX_THRESHOLD
     index, stats = build_index(model, args.images, args.out, batch_size=args.batch_size,
-                               progress=not args.no_progress, approx_threshold=threshold, approx_kind=args.approx,
+                               progress=not args.no_progress, approx_threshold=threshold,
                                follow_links=args.follow_links, workers=args.workers)
-    print_json({"index": str(index.index_dir), **stats, "faiss": index.meta["faiss"]})
+    print_json({"index": str(index.index_dir), **stats, "structure": index.structure})
 
 
 def cmd_index_update(args: argparse.Namespace) -> None:
@@ -279,12 +279,10 @@ def cmd_index_info(args: argparse.Namespace) -> None:
 
     index = ImageIndex.load(args.index)
     info = {"index": str(index.index_dir), "root": str(index.root), "model": str(index.model_dir), "dim": index.dim,
-            "photos": len(index), "unreadable": index.meta.get("num_unreadable", 0), "faiss": index.meta["faiss"],
-            "created": index.meta.get("created"), "updated": index.meta.get("updated")}
-    if index.catalogue is None:
-        info["catalogue"] = "none: made before photos were catalogued; `clipsnail index update` adds it"
-    else:
-        info.update({k: v for k, v in index.catalogue.summary().items() if k != "photos"})
+            "photos": len(index), "unreadable": index.meta.get("num_unreadable", 0), "structure": index.structure,
+            "vector_rows": index.meta["rows"], "created": index.meta.get("created"),
+            "updated": index.meta.get("updated")}
+    info.update({k: v for k, v in index.catalogue.summary().items() if k != "photos"})
     print_json(info)
 
 

@@ -352,7 +352,8 @@ class FileRefused(DataError):
         self.path, self.reason = path, reason
 
 
-def _kind(mode: int) -> str:
+def file_kind(mode: int) -> str:
+    """What a stat mode that is not a regular file is, in words ("a FIFO", "a device"...)."""
     if stat.S_ISFIFO(mode):
         return "a FIFO"
     if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
@@ -392,7 +393,7 @@ def open_regular(path: str | Path, root: str | Path | None = None, follow_links:
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            raise FileRefused(path, f"{_kind(mode)}, not a regular file; not read")
+            raise FileRefused(path, f"{file_kind(mode)}, not a regular file; not read")
         if root is not None:
             real = _fd_path(fd) or os.path.realpath(path)
             if not is_under(real, os.path.realpath(root)):
@@ -449,7 +450,7 @@ def regular_file_kind(path: str | Path, follow_links: bool = True) -> str | None
         return "missing" if e.errno == errno.ENOENT else (e.strerror or str(e))
     if stat.S_ISLNK(st.st_mode):
         return "a symbolic link"
-    return None if stat.S_ISREG(st.st_mode) else _kind(st.st_mode)
+    return None if stat.S_ISREG(st.st_mode) else file_kind(st.st_mode)
 
 
 class Busy(ClipsnailError):
@@ -472,7 +473,7 @@ def _open_lock_file(path: Path, what: str):
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            raise DataError(f"{path} cannot be used as this {what}'s lock (is {_kind(mode)}); remove it")
+            raise DataError(f"{path} cannot be used as this {what}'s lock (is {file_kind(mode)}); remove it")
         os.set_blocking(fd, True)
         return os.fdopen(fd, "r+")
     except BaseException:

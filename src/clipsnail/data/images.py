@@ -6,14 +6,16 @@ import io
 import logging
 import math
 import os
+import stat
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from clipsnail.core.errors import DataError
-from clipsnail.core.safeio import MAX_IMAGE_FILE_BYTES, FileRefused, is_under, read_regular, regular_file_kind
+from clipsnail.core.safeio import MAX_IMAGE_FILE_BYTES, FileRefused, file_kind, is_under, read_regular
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +86,19 @@ def list_images(root: str | Path, recursive: bool = True, follow_links: bool = F
     Only regular files are listed: FIFOs, devices and sockets named like images are skipped with a warning (reading
     one would block or never end). Symbolic links (to files or folders) are skipped unless `follow_links`, and even
     then only those leading to a place under `root`, so nothing outside the folder the user named is ever read."""
+    found = sorted(Path(path) for path, _ in walk_images(root, recursive, follow_links))
+    if not found:
+        raise _no_images(Path(root))
+    return found
+
+
+def walk_images(root: str | Path, recursive: bool = True, follow_links: bool = False
+                ) -> Iterator[tuple[str, os.stat_result]]:
+    """(path, its stat) of each image file `list_images` lists, in no particular order, one stat call a file (an
+    index update walks a whole library this way)."""
     root = Path(root)
     _require_dir(root)
     real_root = os.path.realpath(root)
-    found: list[Path] = []
     refused: list[str] = []
     seen: set[str] = set()
     # Linked folders wait until every real one is listed, so a file is named by its real path when it has one.
@@ -105,22 +116,18 @@ def list_images(root: str | Path, recursive: bool = True, follow_links: bool = F
             continue
         for entry in entries:
             kind, why = _entry_kind(entry, root, real_root, follow_links)
-            path = Path(entry.path)
             if kind == "image":
-                found.append(path)
+                yield entry.path, why
             elif kind == "refused":
-                refused.append(f"{path} ({why})")
+                refused.append(f"{entry.path} ({why})")
             elif kind != "skip" and recursive:
-                (linked_folders if kind == "linked folder" else folders).append(path)
+                (linked_folders if kind == "linked folder" else folders).append(Path(entry.path))
     _warn_skipped(root, refused)
-    if not found:
-        raise _no_images(root)
-    return sorted(found)
 
 
-def _entry_kind(entry: os.DirEntry, root: Path, real_root: str, follow_links: bool) -> tuple[str, str | None]:
+def _entry_kind(entry: os.DirEntry, root: Path, real_root: str, follow_links: bool) -> tuple[str, object]:
     """What one folder entry is to list_images: ("image" | "folder" | "linked folder" | "skip" | "refused", and
-    why it is refused)."""
+    for an image its stat, for a refused entry why)."""
     if entry.name.startswith("."):
         return "skip", None
     try:
@@ -134,11 +141,14 @@ def _entry_kind(entry: os.DirEntry, root: Path, real_root: str, follow_links: bo
                 return "refused", f"a symbolic link leading outside {root}"
         if is_dir:
             return ("linked folder" if entry.is_symlink() else "folder"), None
-        problem = regular_file_kind(Path(entry.path))
+        st = os.stat(entry.path)  # after a link: one that stays inside the root
+        if stat.S_ISREG(st.st_mode):
+            return "image", st
+        problem = file_kind(st.st_mode)
+    except FileNotFoundError:
+        problem = "missing"
     except OSError as e:
         problem = e.strerror or str(e)
-    if problem is None:
-        return "image", None
     if problem == "missing":  # a dangling link was reported above, or the file just went away
         return "skip", None
     return "refused", problem

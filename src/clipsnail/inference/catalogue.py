@@ -15,26 +15,30 @@ taken. `after` is inclusive and `before` exclusive, each at the start of the per
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import math
 import os
 import re
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from clipsnail.core.errors import ClipsnailError, DataError
 from clipsnail.data.photo_facts import PhotoFacts, read_photo_facts
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 1: no index state, no vector rows (an index of format 1 upgrades it whole)
 EARTH_RADIUS_KM = 6371.0088  # the mean radius (IUGG)
 
-COLUMNS = ("id", "path", "folder", "size", "mtime_ns", "sha1", "taken", "taken_offset", "taken_source", "make",
+COLUMNS = ("id", "row", "path", "folder", "size", "mtime_ns", "sha1", "taken", "taken_offset", "taken_source", "make",
            "model", "camera", "latitude", "longitude", "width", "height", "orientation", "phash")
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS catalogue_info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS photos (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    row INTEGER NOT NULL UNIQUE,
     path BLOB NOT NULL UNIQUE,
     folder TEXT NOT NULL,
     size INTEGER NOT NULL,
@@ -57,6 +61,8 @@ CREATE INDEX IF NOT EXISTS photos_taken ON photos (taken);
 CREATE INDEX IF NOT EXISTS photos_camera ON photos (camera);
 CREATE INDEX IF NOT EXISTS photos_folder ON photos (folder);
 CREATE INDEX IF NOT EXISTS photos_sha1 ON photos (sha1);
+CREATE TABLE IF NOT EXISTS unreadable (path BLOB PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS dead (row INTEGER PRIMARY KEY);
 """
 
 DATE = re.compile(r"(\d{4})(?:-(\d{2})(?:-(\d{2})(?:[T ](\d{2}):(\d{2})(?::(\d{2}))?)?)?)?")
@@ -199,15 +205,19 @@ def camera_of(make: str | None, model: str | None) -> str | None:
 
 class Catalogue:
     """The SQLite catalogue file of an index. `create` makes a new one (WAL mode, the schema, its version);
-    `open` reads an existing one and refuses a newer schema than this code knows."""
+    `open` reads an existing one and refuses a newer schema than this code knows.
 
-    def __init__(self, path: Path, connection: sqlite3.Connection):
-        self.path, self.db = path, connection
+    Besides the photos it holds the state of the index (`state`, a JSON object: how many vector rows are
+    committed, the search structure, the run that made the vectors...), the files that could not be read, and the
+    dead vector rows, so that one transaction commits a change to all of them."""
+
+    def __init__(self, path: Path, connection: sqlite3.Connection, version: int = SCHEMA_VERSION):
+        self.path, self.db, self.version = path, connection, version
 
     @classmethod
     def create(cls, path: str | Path) -> Catalogue:
         path = Path(path)
-        db = sqlite3.connect(str(path), isolation_level=None)
+        db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
         db.executescript(SCHEMA)
         db.execute("INSERT OR REPLACE INTO catalogue_info VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
@@ -237,48 +247,126 @@ class Catalogue:
             db.close()
             raise ClipsnailError(f"{path}: catalogue schema version {row[0] if row else None!r} is not one this "
                                  f"clipsnail reads (up to {SCHEMA_VERSION}); upgrade clipsnail")
-        return cls(path, db)
+        if not readonly:
+            db.execute("PRAGMA synchronous=FULL")  # a commit is on disk when it returns: it is the commit point
+        return cls(path, db, version)
 
     def close(self) -> None:
         self.db.close()
 
+    def snapshot(self) -> None:
+        """Read one committed state from now until `close`, whatever writers commit meanwhile (WAL): the rows a
+        loaded index maps and the photos that name them stay consistent."""
+        self.db.execute("BEGIN")
+        self.db.execute("SELECT count(*) FROM catalogue_info").fetchone()
+
     def __len__(self) -> int:
         return self.db.execute("SELECT count(*) FROM photos").fetchone()[0]
 
-    def put(self, rows: Iterable[tuple[int, str, int, int, str, PhotoFacts]]) -> int:
-        """Insert or replace photos, in one transaction: (id, relative path, size, mtime_ns, sha1, facts) each.
-        Returns how many."""
-        # The path as its bytes (a name need not be UTF-8, SQLite text must be), exactly as the file system has it
-        values = [(i, os.fsencode(rel), as_text(folder_of(rel)), size, mtime_ns, sha1, f.taken, f.taken_offset,
-                   f.taken_source, f.make, f.model, camera_of(f.make, f.model), f.latitude, f.longitude, f.width,
-                   f.height, f.orientation, f.phash)
-                  for i, rel, size, mtime_ns, sha1, f in rows]
-        with self.transaction():
-            self.db.executemany(f"INSERT OR REPLACE INTO photos ({', '.join(COLUMNS)}) VALUES "
-                                f"({', '.join('?' * len(COLUMNS))})", values)
-        return len(values)
+    def state(self) -> dict | None:
+        """The index state committed with the photos (None in a catalogue of the first schema, which had none)."""
+        row = self.db.execute("SELECT value FROM catalogue_info WHERE key = 'index'").fetchone()
+        try:
+            state = json.loads(row[0]) if row else None
+        except (TypeError, json.JSONDecodeError):
+            state = None
+        if row and not isinstance(state, dict):
+            raise ClipsnailError(f"{self.path}: damaged: the index state is not a JSON object")
+        return state
+
+    def set_state(self, state: dict) -> None:
+        self.db.execute("INSERT OR REPLACE INTO catalogue_info VALUES ('index', ?)", (json.dumps(state),))
+
+    def insert(self, rows: Iterable[tuple[int | None, int, str, int, int, str, PhotoFacts]]) -> None:
+        """Insert photos: (id or None for a new one, vector row, relative path, size, mtime_ns, sha1, facts)."""
+        self.db.executemany(f"INSERT INTO photos ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
+                            (_values(*row) for row in rows))
+
+    def replace(self, rows: Iterable[tuple[int, int, str, int, int, str, PhotoFacts]]) -> None:
+        """Rewrite the photos of these ids (same tuples as `insert`): a changed, moved or touched file."""
+        self.db.executemany(f"REPLACE INTO photos ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
+                            (_values(*row) for row in rows))
+
+    def delete(self, ids: Iterable[int]) -> None:
+        self.db.executemany("DELETE FROM photos WHERE id = ?", ((i,) for i in ids))
+
+    def add_dead(self, rows: Iterable[int]) -> None:
+        self.db.executemany("INSERT OR IGNORE INTO dead VALUES (?)", ((int(r),) for r in rows))
+
+    def dead_rows(self) -> np.ndarray:
+        return np.fromiter((r for (r,) in self.db.execute("SELECT row FROM dead")), dtype=np.int64)
+
+    def set_unreadable(self, unreadable: dict[str, tuple[int, int]]) -> None:
+        """The files that could not be read, {relative path: (size, mtime_ns)}: tried again only when they change."""
+        self.db.execute("DELETE FROM unreadable")
+        self.db.executemany("INSERT INTO unreadable VALUES (?, ?, ?)",
+                            ((os.fsencode(r), s, m) for r, (s, m) in sorted(unreadable.items())))
+
+    def unreadable(self) -> dict[str, tuple[int, int]]:
+        return {os.fsdecode(p): (s, m) for p, s, m in self.db.execute("SELECT path, size, mtime_ns FROM unreadable")}
+
+    def files(self) -> Iterator[tuple[str, int, int, int, int, str]]:
+        """Every photo as (relative path, size, mtime_ns, id, row, sha1), streamed: a library of a million photos
+        is compared with its folder without holding the catalogue in memory."""
+        for path, size, mtime_ns, i, row, sha1 in self.db.execute(
+                "SELECT path, size, mtime_ns, id, row, sha1 FROM photos"):
+            yield os.fsdecode(path), size, mtime_ns, i, row, sha1
+
+    def rows_with_sha1(self, sha1: str) -> list[tuple[int, int]]:
+        """(id, row) of the photos holding these bytes."""
+        return self.db.execute("SELECT id, row FROM photos WHERE sha1 = ?", (sha1,)).fetchall()
 
     def transaction(self):
         return _Transaction(self.db)
 
-    def select_ids(self, filters: Filters) -> list[int]:
-        """The ids of the photos that pass `filters`, ascending."""
+    def copy_from(self, other: Path, moved_rows: Iterable[tuple[int, int]], state: dict) -> None:
+        """Fill this new catalogue with every photo and unreadable file of the catalogue at `other`, each photo at
+        its new vector row (`moved_rows`: (old row, new row) pairs; a photo whose row is not there is dropped),
+        and `state`: a compaction's new catalogue, ids kept."""
+        self.db.execute("ATTACH DATABASE ? AS old", (str(other),))
+        try:
+            with self.transaction():
+                self.db.execute("CREATE TEMP TABLE new_rows (old INTEGER PRIMARY KEY, new INTEGER NOT NULL)")
+                self.db.executemany("INSERT INTO new_rows VALUES (?, ?)", ((int(a), int(b)) for a, b in moved_rows))
+                rest = ", ".join(c for c in COLUMNS if c not in ("id", "row"))
+                self.db.execute(f"INSERT INTO photos (id, row, {rest}) SELECT id, new_rows.new, {rest} FROM old.photos "
+                                f"JOIN new_rows ON new_rows.old = old.photos.row")
+                self.db.execute("INSERT INTO unreadable SELECT * FROM old.unreadable")
+                # Ids are never given twice, not even those of photos deleted before the copy
+                self.db.execute("INSERT OR REPLACE INTO sqlite_sequence SELECT * FROM old.sqlite_sequence")
+                self.db.execute("DROP TABLE new_rows")
+                self.set_state(state)
+        finally:
+            self.db.execute("DETACH DATABASE old")
+
+    def select_rows(self, filters: Filters) -> np.ndarray:
+        """The vector rows of the photos that pass `filters`, ascending."""
         where, params = filters.where()
         if filters.near is None:
-            return [row[0] for row in self.db.execute(f"SELECT id FROM photos WHERE {where} ORDER BY id", params)]
+            cursor = self.db.execute(f"SELECT row FROM photos WHERE {where} ORDER BY row", params)
+            return np.fromiter((r for (r,) in cursor), dtype=np.int64)
         lat, lon, radius = filters.near
-        rows = self.db.execute(f"SELECT id, latitude, longitude FROM photos WHERE {where} ORDER BY id", params)
-        return [i for i, la, lo in rows if distance_km(lat, lon, la, lo) <= radius]
+        rows = self.db.execute(f"SELECT row, latitude, longitude FROM photos WHERE {where} ORDER BY row", params)
+        return np.fromiter((r for r, la, lo in rows if distance_km(lat, lon, la, lo) <= radius), dtype=np.int64)
 
-    def paths(self, ids: Sequence[int]) -> dict[int, str]:
-        """{id: relative path} of the given ids (those that exist)."""
-        out = {}
-        for start in range(0, len(ids), 500):  # SQLite's bound-parameter limit
-            chunk = list(ids[start:start + 500])
-            marks = ", ".join("?" * len(chunk))
-            rows = self.db.execute(f"SELECT id, path FROM photos WHERE id IN ({marks})", chunk)
-            out.update((i, os.fsdecode(path)) for i, path in rows)
-        return out
+    def photos_at(self, rows: Sequence[int]) -> dict[int, tuple[int, str]]:
+        """{vector row: (photo id, relative path)} of the photos holding these rows."""
+        return {r: (i, p) for r, i, p in self._chunked("SELECT row, id, path FROM photos WHERE row IN ({})", rows)}
+
+    def photos(self, ids: Sequence[int]) -> dict[int, tuple[int, str]]:
+        """{photo id: (vector row, relative path)} of these ids (those that exist)."""
+        return {i: (r, p) for i, r, p in self._chunked("SELECT id, row, path FROM photos WHERE id IN ({})", ids)}
+
+    def id_of(self, rel: str) -> int | None:
+        row = self.db.execute("SELECT id FROM photos WHERE path = ?", (os.fsencode(rel),)).fetchone()
+        return row[0] if row else None
+
+    def _chunked(self, sql: str, keys: Sequence[int]) -> Iterator[tuple[int, int, str]]:
+        keys = [int(k) for k in keys]
+        for start in range(0, len(keys), 500):  # SQLite's bound-parameter limit
+            chunk = keys[start:start + 500]
+            for a, b, path in self.db.execute(sql.format(", ".join("?" * len(chunk))), chunk):
+                yield a, b, os.fsdecode(path)
 
     def summary(self) -> dict:
         """What `index info` shows: the count, the range of dates taken (and how many came from EXIF), the cameras
@@ -290,6 +378,13 @@ class Catalogue:
                                   "ORDER BY count(*) DESC, camera").fetchall()
         return {"photos": count, "taken": {"first": first, "last": last, "from_exif": from_exif or 0},
                 "cameras": [{"camera": c, "photos": n} for c, n in cameras], "with_position": placed or 0}
+
+
+def _values(i, row, rel, size, mtime_ns, sha1, f: PhotoFacts) -> tuple:
+    # The path as its bytes (a name need not be UTF-8, SQLite text must be), exactly as the file system has it
+    return (i, row, os.fsencode(rel), as_text(folder_of(rel)), size, mtime_ns, sha1, f.taken, f.taken_offset,
+            f.taken_source, f.make, f.model, camera_of(f.make, f.model), f.latitude, f.longitude, f.width, f.height,
+            f.orientation, f.phash)
 
 
 class _Transaction:
@@ -329,22 +424,8 @@ def read_all_facts(root: Path, rels: Sequence[str], follow_links: bool, known: d
     return out
 
 
-def write_catalogue(path: Path, files: dict, facts: dict[str, PhotoFacts]) -> None:
-    """A new catalogue at `path` for an index's file list (`files`: the columns of files.json; a photo's id is its
-    row there) and the facts of each path."""
-    catalogue = Catalogue.create(path)
-    try:
-        catalogue.put((i, rel, size, mtime, sha1, facts.get(rel, PhotoFacts())) for i, (rel, size, mtime, sha1)
-                      in enumerate(zip(files["path"], files["size"], files["mtime_ns"], files["sha1"])))
-        # Written whole, beside a new index, then only read: a rollback journal leaves no -wal/-shm files for readers
-        # to create in the index folder (WAL is for a catalogue updated in place while it is searched).
-        catalogue.db.execute("PRAGMA journal_mode=DELETE")
-    finally:
-        catalogue.close()
-
-
 def facts_by_path(catalogue: Catalogue) -> dict[str, PhotoFacts]:
-    """{relative path: facts} of every photo in the catalogue (what an update keeps for unchanged files)."""
+    """{relative path: facts} of every photo in the catalogue (what an upgrade from index format 1 keeps)."""
     names = ("taken", "taken_offset", "taken_source", "make", "model", "latitude", "longitude", "width", "height",
              "orientation", "phash")
     rows = catalogue.db.execute(f"SELECT path, {', '.join(names)} FROM photos")

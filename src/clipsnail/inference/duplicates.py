@@ -23,10 +23,6 @@ CHUNK = 4096  # hashes searched at once
 
 
 def _catalogue(index):
-    if index.catalogue is None:
-        raise ClipsnailError(f"{index.index_dir}: cannot look for duplicates: {index.catalogue_problem}; write "
-                             f"the catalogue (nothing is encoded again): clipsnail index update --index "
-                             f"{index.index_dir}")
     return index.catalogue
 
 
@@ -86,6 +82,7 @@ def find_duplicates(index, max_bits: int = DEFAULT_MAX_BITS) -> dict:
     """{"exact": [[path, ...], ...], "near": [{"paths": [...], "max_bits"}, ...], counts}, paths relative to the
     index root. Near groups leave out pairs that are exact copies: those are listed once, under "exact"."""
     sha1 = dict(_catalogue(index).db.execute("SELECT id, sha1 FROM photos"))
+    rel = index.rel_path
     exact = exact_groups(index)
     pairs = [p for p in near_pairs(index, max_bits) if sha1.get(p[0]) != sha1.get(p[1])]
     near = groups_of(pairs)
@@ -94,5 +91,5 @@ def find_duplicates(index, max_bits: int = DEFAULT_MAX_BITS) -> dict:
     for i, _, d in pairs:
         widest[group_of[i]] = max(widest[group_of[i]], d)
     return {"max_bits": max_bits, "exact_groups": len(exact), "near_groups": len(near),
-            "exact": [[index.rel_paths[i] for i in g] for g in exact],
-            "near": [{"paths": [index.rel_paths[i] for i in g], "max_bits": widest[k]} for k, g in enumerate(near)]}
+            "exact": [[rel(i) for i in g] for g in exact],
+            "near": [{"paths": [rel(i) for i in g], "max_bits": widest[k]} for k, g in enumerate(near)]}

@@ -29,7 +29,9 @@ def watch_index(model, index_dir: str | Path, stop: threading.Event, on_update: 
     """Keep the index at `index_dir` up to date with its folder until `stop` is set. After each update that
     changed the index, `on_update(index, stats)` (e.g. a server's `swap`). An update that fails (a folder gone
     missing, a disk full) is logged and tried again at the next change; the index stays as it was."""
-    root = ImageIndex.load(index_dir).root
+    first = ImageIndex.load(index_dir)
+    root = first.root
+    first.close()
     if poll_seconds <= 0:
         raise ClipsnailError(f"--poll must be a positive number of seconds, got {poll_seconds}")
 

@@ -23,10 +23,9 @@ import torch
 from fastapi import HTTPException, UploadFile
 
 from clipsnail.core.display import display_name
-from clipsnail.core.errors import ClipsnailError
+from clipsnail.core.errors import ClipsnailError, DataError
 from clipsnail.data.images import IMAGE_EXTENSIONS
 from clipsnail.inference.catalogue import Filters
-from clipsnail.inference.index import VECTORS
 from clipsnail.inference.query import QueryError, combine, looks_like_path, parse_query, term_vectors
 from clipsnail.serve.images import BadImage, decode_upload, load_file, thumbnail
 from clipsnail.serve.schemas import Hit, Limits
@@ -58,28 +57,12 @@ class LRU:
 
 
 class Served:
-    """One state of the served index: the index, its stored vectors (opened now and kept, memory-mapped, one row
-    read per image term: an `index update` swaps in a new directory whose rows may be in another order, and this
-    handle still reads the files of the state it belongs to) and the ids of its paths. A request takes the service's
-    state once and uses it throughout, so an index swapped in meanwhile never mixes with it."""
+    """One state of the served index (a loaded index is a snapshot of one committed state: its vectors, paths and
+    ids stay consistent however the index is updated meanwhile). A request takes the service's state once and uses
+    it throughout, so an index swapped in meanwhile never mixes with it."""
 
     def __init__(self, index, generation: int = 0):
         self.index, self.generation = index, generation
-        try:
-            from safetensors import safe_open
-
-            self.stored = safe_open(str(index.index_dir / VECTORS), framework="numpy")
-            shape = self.stored.get_slice("vectors").get_shape()
-            self.stored_problem = None if shape == [len(index), index.dim] else "wrong shape"
-        except Exception as e:  # safetensors' own error types
-            self.stored, self.stored_problem = None, str(e)
-
-    @functools.cached_property  # built on first use (a text-only server never needs it)
-    def ids_by_path(self) -> dict[str, int]:
-        ids = {rel: i for i, rel in enumerate(self.index.rel_paths)}
-        for i, rel in enumerate(self.index.rel_paths):  # a path as the answers show it names the image too
-            ids.setdefault(display_name(rel), i)
-        return ids
 
 
 class SearchService:
@@ -134,14 +117,13 @@ class SearchService:
             except ClipsnailError as e:  # filters asked of an index without a catalogue: the request cannot be met
                 raise bad_request(422, str(e)) from None
         # A name that is not UTF-8 is shown lossily (U+FFFD); JSON cannot carry its bytes, the id still names it.
-        return [Hit(id=h.id, name=display_name(Path(h.path).name), path=display_name(index.rel_paths[h.id]),
+        return [Hit(id=h.id, name=display_name(Path(h.path).name),
+                    path=display_name(Path(h.path).relative_to(index.root).as_posix()),
                     score=round(float(h.score), 4), thumb_url=f"/api/thumb/{h.id}") for h in hits]
 
     def catalogue_summary(self, max_cameras: int = 100) -> dict | None:
         """What the page offers to filter by: the catalogue's summary (`index info`), its most common cameras."""
         index = self.index
-        if index.catalogue is None:
-            return None
         with self.lock:
             summary = index.catalogue.summary()
         return {**summary, "cameras": summary["cameras"][:max_cameras]}
@@ -149,7 +131,7 @@ class SearchService:
     @staticmethod
     def indexed_id(served: Served, text: str) -> int | None:
         """The position in `served` of the indexed image whose path relative to the root is `text` (or ./`text`)."""
-        return served.ids_by_path.get(text.removeprefix("./"))
+        return served.index.id_of(text.removeprefix("./"))
 
     def index_image(self, served: Served, text: str) -> str | None:
         """parse_query's image terms on a server: an image of the index, never a file of the server. Only names
@@ -165,10 +147,13 @@ class SearchService:
 
     def stored_vector(self, served: Served, i: int) -> np.ndarray:
         """The indexed embedding i [1, D] of `served`."""
-        if served.stored_problem is not None:  # the server's data is damaged, not the request
-            raise bad_request(404, f"the index's stored vectors cannot be read ({served.stored_problem})")
-        with self.lock:
-            return np.asarray(served.stored.get_slice("vectors")[i:i + 1], dtype=np.float32)
+        try:
+            vector = served.index.vector(i)
+        except (DataError, OSError) as e:  # the server's data is damaged, not the request
+            raise bad_request(404, f"the index's stored vectors cannot be read ({e})") from None
+        if vector is None:
+            raise bad_request(404, "no image with that id in the index")
+        return vector[None]
 
     def query_vector(self, q: str) -> np.ndarray:
         """The embedding of a query in clipsnail.inference.query's grammar; a malformed query is a 422 saying
@@ -224,8 +209,11 @@ class SearchService:
         """function(path, root, follow_links, *args) on the indexed file i. Whatever is wrong with the file (gone,
         replaced by a FIFO, undecodable) is a fault of the server's data, not of the request: a 404 saying what."""
         index = self.index
+        path = index.path_of(i)
+        if path is None:
+            raise BadImage("no image with that id in the index (it was deleted)", 404)
         try:
-            return function(Path(index.paths[i]), index.root, index.follow_links, *args)
+            return function(path, index.root, index.follow_links, *args)
         except BadImage as e:
             raise BadImage(str(e) if e.status == 404 else f"the indexed file cannot be decoded: {e}", 404) from None
 
@@ -236,5 +224,5 @@ class SearchService:
         return self.from_index(thumbnail, i, self.limits.thumb_size, self.limits.max_image_pixels)
 
     def check_id(self, i: int) -> None:
-        if i >= len(self.index):
+        if self.index.rel_path(i) is None:
             raise bad_request(404, "no image with that id in the index")
