@@ -116,13 +116,22 @@ def random_rows(n, seed=0):
                            model=model, latitude=round(lat, 6) if placed else None,
                            longitude=round(lon, 6) if placed else None)
         folder = rng.choice(FOLDERS)
-        rows.append((i, f"{folder}/p{i}.jpg".lstrip("/"), 100, 1, f"{i:040x}", facts))
+        rows.append((i, ROW + i, f"{folder}/p{i}.jpg".lstrip("/"), 100, 1, f"{i:040x}", facts))
     return rows
+
+
+ROW = 1000  # a photo's vector row is not its id
+
+
+def put(cat, rows):
+    """Insert (id, vector row, path, size, mtime_ns, sha1, facts) rows in one transaction."""
+    with cat.transaction():
+        cat.insert(rows)
 
 
 def brute_force(rows, f: Filters) -> list[int]:
     keep = []
-    for i, rel, _, _, _, facts in rows:
+    for _, i, rel, _, _, _, facts in rows:
         folder = rel.rpartition("/")[0]
         if f.after and not facts.taken >= f.after or f.before and not facts.taken < f.before:
             continue
@@ -141,7 +150,8 @@ def brute_force(rows, f: Filters) -> list[int]:
 def catalogue(tmp_path_factory):
     rows = random_rows(600)
     cat = Catalogue.create(tmp_path_factory.mktemp("cat") / "catalogue.sqlite")
-    assert cat.put(rows) == 600 and len(cat) == 600
+    put(cat, rows)
+    assert len(cat) == 600
     yield cat, rows
     cat.close()
 
@@ -157,7 +167,7 @@ def test_every_filter_selects_what_brute_force_does(catalogue, flags):
     cat, rows = catalogue
     filters = parse_filters(**flags)
     expected = brute_force(rows, filters)
-    assert cat.select_ids(filters) == expected
+    assert cat.select_rows(filters).tolist() == expected
     assert bool(filters) == bool(flags)
     if flags.get("near") or flags.get("folder") == "trips":
         assert 0 < len(expected) < len(rows)  # each of these selects something, not everything
@@ -165,12 +175,14 @@ def test_every_filter_selects_what_brute_force_does(catalogue, flags):
 
 def test_paths_and_summary(catalogue):
     cat, rows = catalogue
-    assert cat.paths([0, 5, 999]) == {0: rows[0][1], 5: rows[5][1]}
+    assert cat.photos([0, 5, 999]) == {0: (ROW, rows[0][2]), 5: (ROW + 5, rows[5][2])}
+    assert cat.photos_at([ROW + 5, 7]) == {ROW + 5: (5, rows[5][2])}
+    assert cat.id_of(rows[3][2]) == 3 and cat.id_of("nowhere.jpg") is None
     summary = cat.summary()
-    assert summary["photos"] == 600 and summary["taken"]["first"] == min(r[5].taken for r in rows)
+    assert summary["photos"] == 600 and summary["taken"]["first"] == min(r[6].taken for r in rows)
     assert {c["camera"] for c in summary["cameras"]} == {"apple iphone 12", "canon eos r5",
                                                          "nikon corporation nikon d750"}
-    assert summary["with_position"] == sum(r[5].latitude is not None for r in rows)
+    assert summary["with_position"] == sum(r[6].latitude is not None for r in rows)
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -207,10 +219,10 @@ def test_a_catalogue_of_a_newer_schema_or_not_sqlite_is_refused(tmp_path):
 
 def test_a_failed_write_leaves_the_catalogue_as_it_was(tmp_path):
     cat = Catalogue.create(tmp_path / "c.sqlite")
-    cat.put(random_rows(5))
-    bad = [(10, "x.jpg", 1, 1, "s", PhotoFacts()), (11, "y.jpg", None, 1, "t", PhotoFacts())]  # the 2nd has no size
+    put(cat, random_rows(5))
+    bad = [(10, 10, "x.jpg", 1, 1, "s", PhotoFacts()), (11, 11, "y.jpg", None, 1, "t", PhotoFacts())]  # no size
     with pytest.raises(sqlite3.IntegrityError):
-        cat.put(bad)
+        put(cat, bad)
     assert len(cat) == 5 and len(Catalogue.open(tmp_path / "c.sqlite")) == 5  # nor did x.jpg go in
 
 
@@ -219,6 +231,6 @@ def test_a_name_that_is_not_utf8_keeps_its_bytes(tmp_path):
 
     rel = b"caf\xe9/\xff.jpg".decode("utf-8", "surrogateescape")  # a Latin-1 folder name, as Linux hands it over
     cat = Catalogue.create(tmp_path / "c.sqlite")
-    cat.put([(0, rel, 1, 1, "s", PhotoFacts(taken="2020-01-01T00:00:00"))])
-    assert cat.paths([0]) == {0: rel} and list(facts_by_path(cat)) == [rel]
-    assert cat.select_ids(parse_filters(folder="caf\ufffd")) == [0]  # the folder as text, its odd byte replaced
+    put(cat, [(0, 4, rel, 1, 1, "s", PhotoFacts(taken="2020-01-01T00:00:00"))])
+    assert cat.photos([0]) == {0: (4, rel)} and list(facts_by_path(cat)) == [rel] and cat.id_of(rel) == 0
+    assert cat.select_rows(parse_filters(folder="caf\ufffd")).tolist() == [4]  # the folder as text, its odd byte replaced

@@ -1,6 +1,5 @@
 """Searches filtered by date taken, camera, folder and place, inside the search: against a brute-force ranking of
-the same vectors, on photos whose EXIF this test writes; an index written before catalogues existed is searched
-as it is, and one `index update` adds its catalogue without encoding anything."""
+the same vectors, on photos whose EXIF this test writes."""
 
 import json
 
@@ -10,9 +9,8 @@ from helpers import Counting, noise_image, photo_exif, run_error
 from PIL import Image
 
 from clipsnail.cli import main
-from clipsnail.core.errors import ClipsnailError
 from clipsnail.inference.catalogue import parse_filters
-from clipsnail.inference.index import CATALOGUE, ImageIndex, build_index, update_index
+from clipsnail.inference.index import ImageIndex, build_index, update_index
 
 # name: (folder, EXIF date, make, model, (lat, lon) or None)
 PHOTOS = {
@@ -87,32 +85,6 @@ def test_a_filtered_search_is_the_brute_force_ranking_of_the_photos_that_pass(li
         assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
 
 
-def test_an_index_from_before_catalogues_is_searched_as_it_is_and_updated_without_encoding(library, clip_model,
-                                                                                          tmp_path):
-    import shutil
-
-    old = tmp_path / "old_index"
-    shutil.copytree(library.index_dir, old)
-    (old / CATALOGUE).unlink()  # as `index build` wrote it before catalogues existed
-    index = ImageIndex.load(old)
-    query = clip_model.encode_text(["a red circle"])[0].detach().numpy()
-    assert len(index.search(query, 3)[0]) == 3  # unfiltered: as before
-    with pytest.raises(ClipsnailError, match=r"made before photos were catalogued.*clipsnail index update --index"):
-        index.search(query, 3, parse_filters(camera="iphone"))
-    damaged = tmp_path / "damaged_index"
-    shutil.copytree(library.index_dir, damaged)
-    (damaged / CATALOGUE).write_bytes(b"not sqlite" * 100)
-    with pytest.raises(ClipsnailError, match=r"its catalogue cannot be read .*catalogue.sqlite"):
-        ImageIndex.load(damaged).search(query, 3, parse_filters(camera="iphone"))
-    assert update_index(clip_model, damaged, progress=False)[0].search(query, 8, parse_filters(camera="iphone"))
-
-    counting = Counting(clip_model)
-    updated, stats = update_index(counting, old, progress=False)
-    assert counting.images == 0 and stats["unchanged"] == len(PHOTOS) and (old / CATALOGUE).is_file()
-    assert names(updated.search(query, 8, parse_filters(camera="iphone"))[0]) == \
-        names(library.search(query, 8, parse_filters(camera="iphone"))[0])
-
-
 def test_the_cli_filters_and_index_info(library, clip_run, tmp_path, capsys):
     capsys.readouterr()
     assert main(["search", "--index", str(library.index_dir), "a red circle", "-k", "9", "--camera", "canon",
@@ -137,7 +109,9 @@ def test_a_renamed_moved_or_copied_photo_is_not_encoded_again(library, clip_mode
     shutil.copytree(library.root, root)
     index_dir = tmp_path / "index"
     build_index(clip_model, root, index_dir, progress=False)
-    before = {p.name: v for p, v in zip(ImageIndex.load(index_dir).paths, ImageIndex.load(index_dir).vectors())}
+    built = ImageIndex.load(index_dir)
+    before = {p.name: v for p, v in zip(built.paths, built.vectors())}
+    eiffel_id = built.id_of("trips/2019/a.jpg")
     (root / "trips" / "2019" / "a.jpg").rename(root / "trips" / "2019" / "eiffel.jpg")  # renamed
     (root / "elsewhere").mkdir()
     (root / "home" / "e.jpg").rename(root / "elsewhere" / "e.jpg")  # moved to another folder
@@ -151,6 +125,7 @@ def test_a_renamed_moved_or_copied_photo_is_not_encoded_again(library, clip_mode
     after = {p.name: v for p, v in zip(index.paths, index.vectors())}
     assert after["eiffel.jpg"].equal(before["a.jpg"]) and after["h_copy.jpg"].equal(before["h.jpg"])
     assert "a.jpg" not in after and after["e.jpg"].equal(before["e.jpg"])
+    assert index.id_of("trips/2019/eiffel.jpg") == eiffel_id  # a moved photo keeps its id (and its row)
     query = clip_model.encode_text(["a red circle"])[0].detach().numpy()
     assert [h.path.name for h in index.search(query, 9, parse_filters(folder="elsewhere"))[0]] == ["e.jpg"]
 

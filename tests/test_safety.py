@@ -6,6 +6,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -21,7 +22,7 @@ from clipsnail.data.images import list_images, load_image
 from clipsnail.data.shapes import generate_shapes
 from clipsnail.data.shards import write_shards
 from clipsnail.inference.catalogue import facts_by_path
-from clipsnail.inference.index import ImageIndex, _write_index, build_index, update_index
+from clipsnail.inference.index import ImageIndex, _write_new, build_index, update_index
 from clipsnail.train.checkpoints import load_state, save_state
 
 
@@ -125,10 +126,10 @@ def _swap_in_child(call_number, exchange_works, new_dir, out_dir):
     if not exchange_works:
         s.exchange = lambda a, b: False
     _die_at(call_number, [(s.os, "rename"), (s, "exchange"), (s.shutil, "rmtree")])
-    index = ImageIndex.load(new_dir)
-    files = json.loads((new_dir / "files.json").read_text())
-    _write_index(out_dir, dict(index.meta), files, None, facts_by_path(index.catalogue), faiss_index=None,
-                 reuse_from=new_dir)
+    index = ImageIndex.load(new_dir)  # written whole over out_dir, as a build or a compaction writes
+    entries = {rel: (size, mtime_ns, sha1) for rel, size, mtime_ns, _, _, sha1 in index.catalogue.files()}
+    _write_new(out_dir, dict(index.meta), index.rel_paths, entries, index.vectors().numpy(),
+               facts_by_path(index.catalogue), {}, 0.95)
     os._exit(0)
 
 
@@ -263,13 +264,16 @@ def test_the_index_never_holds_or_serves_a_file_outside_its_folder(clip_model, t
     assert index.follow_links and ImageIndex.load(tmp_path / "idx").follow_links
     with pytest.raises(DataError, match="leads outside"):
         safeio.read_regular(root / "leak.png", root=root)
-    # a files.json edited to point outside is refused when loaded
-    files_path = tmp_path / "idx" / "files.json"
-    files = json.loads(files_path.read_text())
-    files["path"][0] = "../outside/secret.png"
-    files_path.write_text(json.dumps(files))
-    with pytest.raises(DataError, match="files.json: damaged: '../outside/secret.png' is not a path inside"):
-        ImageIndex.load(tmp_path / "idx")
+    # a catalogue edited to point outside is refused when the path is read
+    db = sqlite3.connect(tmp_path / "idx" / "catalogue.sqlite")
+    db.execute("UPDATE photos SET path = ? WHERE id = 0", (b"../outside/secret.png",))
+    db.commit()
+    db.close()
+    index = ImageIndex.load(tmp_path / "idx")
+    with pytest.raises(DataError, match="catalogue.sqlite: damaged: '../outside/secret.png' is not a path inside"):
+        index.search(index.vectors(), k=len(index))
+    with pytest.raises(DataError, match="catalogue.sqlite: damaged"):
+        index.path_of(0)
 
 
 def test_index_json_that_is_a_list_or_lacks_a_key_is_one_clear_error(clip_model, photos, tmp_path):
@@ -279,8 +283,17 @@ def test_index_json_that_is_a_list_or_lacks_a_key_is_one_clear_error(clip_model,
     meta_path.write_text("[1, 2]")
     with pytest.raises(DataError, match="index.json: not a clipsnail index description"):
         ImageIndex.load(tmp_path / "idx")
-    meta_path.write_text(json.dumps({k: v for k, v in meta.items() if k != "count"}))
-    with pytest.raises(DataError, match="index.json: damaged: 'count' is missing"):
+    meta_path.write_text(json.dumps({k: v for k, v in meta.items() if k != "version"}))
+    with pytest.raises(DataError, match="index.json: index format version None is not one"):
+        ImageIndex.load(tmp_path / "idx")
+    meta_path.write_text(json.dumps(meta))
+    db = sqlite3.connect(tmp_path / "idx" / "catalogue.sqlite")
+    state = json.loads(db.execute("SELECT value FROM catalogue_info WHERE key = 'index'").fetchone()[0])
+    db.execute("UPDATE catalogue_info SET value = ? WHERE key = 'index'",
+               (json.dumps({k: v for k, v in state.items() if k != "rows"}),))
+    db.commit()
+    db.close()
+    with pytest.raises(DataError, match="catalogue.sqlite: damaged: 'rows' of the index state is missing"):
         ImageIndex.load(tmp_path / "idx")
 
 
@@ -471,23 +484,24 @@ def test_a_full_disk_while_writing_an_index_keeps_the_old_one(clip_run, clip_mod
                                                               monkeypatch):
     from helpers import run_error
 
-    import clipsnail.inference.index as index_module
+    import errno
+
+    import clipsnail.inference.vector_store as vector_store
 
     out = tmp_path / "idx"
     build_index(clip_model, photos, out, progress=False)
-    before = (out / "files.json").read_bytes()
+    before = ImageIndex.load(out).meta
     noise_image(photos / "new.png", 50)
-    faiss = index_module._faiss()
 
-    def faiss_full(*args):
-        raise RuntimeError("Error in faiss::FileIOWriter: write error ... No space left on device")
+    def disk_full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(faiss, "write_index", faiss_full)
+    monkeypatch.setattr(vector_store, "_append", disk_full)
     for argv in (["index", "build", "--model", str(clip_run), "--images", str(photos), "--out", str(out)],
                  ["index", "update", "--index", str(out)]):
         line = run_error(capsys, [*argv, "--no-progress"])
         assert "cannot be written: No space left on device" in line and "is kept as it was" in line, line
-        assert (out / "files.json").read_bytes() == before and len(ImageIndex.load(out)) == 4
+        assert ImageIndex.load(out).meta == before and len(ImageIndex.load(out)) == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["idx", "photos"]  # no temp folders left
 
 
@@ -531,7 +545,7 @@ def test_search_images_of_a_read_only_run_caches_its_vectors_in_clipsnail_home(c
                  "--no-progress"]) == 0
     assert len(json.loads(capsys.readouterr().out)) == 2
     cached = list((clipsnail_home / "embeddings").glob("*/*/index.json"))  # run, then folder
-    assert len(cached) == 1 and json.loads(cached[0].read_text())["root"] == str(photos.resolve())
+    assert len(cached) == 1 and ImageIndex.load(cached[0].parent).root == photos.resolve()
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])

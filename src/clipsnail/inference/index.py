@@ -54,6 +54,7 @@ from clipsnail.core.runs import same_weights, weights_fingerprint
 from clipsnail.core.safeio import (
     DiskError,
     check_free_space,
+    disk_error,
     check_replaceable,
     clean_stale,
     open_regular,
@@ -618,7 +619,7 @@ def update_index(model, index_dir: str | Path, batch_size: int = 64, progress: b
             _commit(old, plan, encoded, new_vecs, state)
     finally:
         old.close()
-    stats["rewritten"] = _upkeep(index_dir) if stats["written"] else None
+    stats["rewritten"] = _upkeep(index_dir)  # also finishes the upkeep of an update killed after its commit
     stats["seconds"] = round(time.perf_counter() - t, 2)
     log.info("updated %s: %s", index_dir, stats)
     return ImageIndex.load(index_dir), stats
@@ -648,7 +649,10 @@ def _commit(old: ImageIndex, plan: _UpdatePlan, encoded: list[str], new_vecs: to
     appended = np.concatenate([new_vecs.numpy().astype(np.float32).reshape(-1, old.dim),
                                copied.reshape(-1, old.dim)])
     check_free_space(old.index_dir, index_bytes(len(appended), old.dim), f"{len(appended)} new vectors")
-    append_rows(old.store, appended)
+    try:
+        append_rows(old.store, appended)
+    except OSError as e:  # the rows past the committed ones are cut off by the next writer
+        raise disk_error(e, old.index_dir) or e from None
     first = old.store.rows
     new_rows = {rel: first + j for j, rel in enumerate([*encoded, *(c[0] for c in plan.copies)])}
     sha1 = {**plan.sha1, **{c[0]: c[1] for c in plan.copies}}
