@@ -10,8 +10,12 @@ counter):
   the index's, not a network's); `add10_s`, `add10_peak_rss_mib`, `add10_bytes_written` (the process's write_bytes);
 - nochange: `update_index` with nothing changed (`nochange_s`);
 - search_load: `ImageIndex.load` and one search (`search_load_s`).
+The walk of the folder is timed inside nochange (`nochange_walk_s`). At the first N with an inverted file, ten
+rounds of 1% adds through `update_index` (vectors from the same mixture), then recall@10 against exact search of
+the updated index and of a fresh build of the same vectors (`recall_at_10_after_adds`, `recall_at_10_fresh_build`).
 Writes bench/results/index_scale.json with the log-log slope of each cost over N. Targets at 1M (2 cores): add10 at
-most 10 s, 1,536 MiB, 50 MB written; nochange at most 30 s; search_load at most 1 s.
+most 10 s, 1,536 MiB, 50 MB written; nochange at most 30 s; search_load at most 1 s; recall after adds within 0.01
+of a fresh build.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ CHILD = r"""
 import json, os, resource, sys, time
 sys.path.insert(0, sys.argv[1])
 import numpy as np, torch
+import clipsnail.inference.index as index_module
 from clipsnail.inference.index import ImageIndex, update_index
 
 class StandIn:
@@ -53,6 +58,16 @@ def written():
             return int(line.split()[1])
     return 0
 
+walk = {"seconds": 0.0}
+scan = index_module._scan
+def timed_scan(*args, **kwargs):
+    t = time.perf_counter()
+    try:
+        return scan(*args, **kwargs)
+    finally:
+        walk["seconds"] += time.perf_counter() - t
+index_module._scan = timed_scan
+
 case, index_dir = sys.argv[2], sys.argv[3]
 before, t = written(), time.perf_counter()
 if case == "search_load":
@@ -62,25 +77,34 @@ else:
     update_index(StandIn(), index_dir, progress=False, workers=0)
 seconds = time.perf_counter() - t
 print(json.dumps({"seconds": round(seconds, 3), "bytes_written": written() - before,
+                  "walk_seconds": round(walk["seconds"], 3),
                   "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}))
 """
 
 
-def clustered(n: int, seed: int = 0):
-    """n unit vectors around sqrt(n) random centres (photo libraries cluster; uniform vectors would flatter IVF)."""
-    import torch
+def centres_for(n: int) -> np.ndarray:
+    """The sqrt(n) random centres of a library of n photos (photo libraries cluster; uniform vectors would flatter
+    an inverted file)."""
+    return np.random.default_rng(0).standard_normal((max(1, int(math.sqrt(n))), DIM)).astype(np.float32)
 
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((max(1, int(math.sqrt(n))), DIM)).astype(np.float32)
+
+def mixture(centres: np.ndarray, n: int, rng) -> np.ndarray:
+    """n unit vectors around `centres`."""
     vectors = centres[rng.integers(0, len(centres), n)] + 0.35 * rng.standard_normal((n, DIM)).astype(np.float32)
-    return torch.nn.functional.normalize(torch.from_numpy(vectors), dim=-1)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
 def make_library(root: Path, index_dir: Path, n: int) -> float:
     """N empty files and an index of them written by the index's writer; returns the seconds it took."""
     _common.use_source_tree()
     from clipsnail.data.photo_facts import PhotoFacts
-    from clipsnail.inference.index import DEFAULT_APPROX_THRESHOLD, DEFAULT_TARGET_RECALL, _finish, _scan
+    from clipsnail.inference.index import (
+        DEFAULT_APPROX_THRESHOLD,
+        DEFAULT_TARGET_RECALL,
+        _base_state,
+        _scan,
+        _write_new,
+    )
 
     start = time.perf_counter()
     for i in range(n):
@@ -90,17 +114,62 @@ def make_library(root: Path, index_dir: Path, n: int) -> float:
         (folder / f"{i:07d}.jpg").touch()
     found = _scan(root, allow_empty=False, follow_links=False)
     rels = sorted(found)
-    vectors = clustered(n)
+    vectors = mixture(centres_for(n), n, np.random.default_rng(1))
     entries = {r: (*found[r], f"{i:040x}") for i, r in enumerate(rels)}
-
-    class Writer:  # what _finish reads of a model
-        embed_dim = DIM
-
     stats = {"added": n, "changed": 0, "removed": 0, "unchanged": 0, "unreadable": 0, "total": n}
-    _finish(Writer(), index_dir, root, None, entries, {}, stats, DEFAULT_APPROX_THRESHOLD, "ivf",
-            DEFAULT_TARGET_RECALL, dict(zip(rels, vectors)), rebuild=True, reuse_from=None, follow_links=False,
-            facts={r: PhotoFacts() for r in rels})
+    state = _base_state(root, False, None, DIM, DEFAULT_APPROX_THRESHOLD, None, stats)
+    _write_new(index_dir, state, rels, entries, vectors, {r: PhotoFacts() for r in rels}, {}, DEFAULT_TARGET_RECALL)
     return round(time.perf_counter() - start, 1)
+
+
+def recall_after_adds(root: Path, index_dir: Path, n: int, rounds: int = 10, fraction: float = 0.01) -> dict:
+    """`rounds` updates each adding fraction * n photos (distinct tiny PNGs; vectors from the library's mixture),
+    then recall@10 against exact search, of the updated index and of a fresh build of the same vectors."""
+    import torch
+    from PIL import Image
+
+    from clipsnail.inference.index import ImageIndex, update_index
+    from clipsnail.inference.vector_store import VectorStore, top_k, write_store
+
+    centres, rng = centres_for(n), np.random.default_rng(2)
+
+    class Mixture:  # a stand-in model whose photos come from the library's mixture
+        embed_dim, image_size, run_dir = DIM, 8, None
+
+        def eval(self):
+            return self
+
+        def preprocess(self, image):
+            return torch.zeros(3, 8, 8)
+
+        def encode_image(self, images):
+            return torch.from_numpy(mixture(centres, len(images), rng))
+
+    t = time.perf_counter()
+    for r in range(rounds):
+        folder = root / f"adds_{r:02d}"
+        folder.mkdir()
+        for i in range(int(n * fraction)):
+            Image.new("RGB", (8, 8), (i % 256, i // 256 % 256, r)).save(folder / f"{i:05d}.png")
+        update_index(Mixture(), index_dir, progress=False, workers=0)
+    seconds = time.perf_counter() - t
+    index = ImageIndex.load(index_dir)
+    store, k = index.store, 10
+    queries = mixture(centres, 500, np.random.default_rng(3))
+    truth = top_k(queries, store.vectors, k, live=store.live)[1]
+
+    def recall(found):
+        return round(float(np.mean([len(set(t) & set(f)) / k for t, f in zip(truth.tolist(), found.tolist())])), 4)
+
+    live = np.flatnonzero(store.live)
+    with tempfile.TemporaryDirectory(dir=root.parent) as fresh_dir:
+        layout, order = write_store(Path(fresh_dir), store.vectors, live, True, index.structure["target_recall@10"])
+        fresh = VectorStore(Path(fresh_dir), DIM, len(live), np.zeros(0, np.int64), layout)
+        fresh_found = live[order][fresh.search(queries, k)[1]]
+    return {"recall_at_10_after_adds": recall(store.search(queries, k)[1]),
+            "recall_at_10_fresh_build": recall(fresh_found), "adds_rounds": rounds, "adds_per_round": int(n * fraction),
+            "adds_seconds": round(seconds, 1), "nprobe_after_adds": index.structure["nprobe"],
+            "nprobe_fresh_build": layout["nprobe"], "rows_after_adds": index.meta["rows"]}
 
 
 def child(case: str, index_dir: Path) -> dict:
@@ -135,17 +204,25 @@ def main() -> None:
         for n in sizes:
             root, index_dir = Path(work) / f"photos_{n}", Path(work) / f"index_{n}"
             row = {"n": n, "build_s": make_library(root, index_dir, n)}
-            row["nochange_s"] = child("nochange", index_dir)["seconds"]
+            nochange = child("nochange", index_dir)
+            row.update(nochange_s=nochange["seconds"], nochange_walk_s=nochange["walk_seconds"])
             for i in range(10):
                 Image.new("RGB", (32, 32), (i * 20, 0, 0)).save(root / f"new_{i}.png")
             add = child("add10", index_dir)
             row.update(add10_s=add["seconds"], add10_peak_rss_mib=add["peak_rss_mib"],
                        add10_bytes_written=add["bytes_written"])
             row["search_load_s"] = child("search_load", index_dir)["seconds"]
+            if n >= 20_000 and not any("recall_at_10_after_adds" in r for r in rows):
+                row.update(recall_after_adds(root, index_dir, n))
             rows.append(row)
             _common.say(str(row))
     keys = ("add10_s", "add10_peak_rss_mib", "add10_bytes_written", "nochange_s", "search_load_s")
     results = {"rows": rows, "loglog_slope": {k: slope(rows, k) for k in keys}}
+    adds = next((r for r in rows if "recall_at_10_after_adds" in r), None)
+    if adds:
+        results["recall_at_10_after_adds"] = adds["recall_at_10_after_adds"]
+        results["recall_at_10_fresh_build"] = adds["recall_at_10_fresh_build"]
+        results["recall_measured_at_n"] = adds["n"]
     at_1m = next((r for r in rows if r["n"] == 1_000_000), None)
     targets = {"at_1m": TARGETS_AT_1M,
                "met": {k: at_1m[k] <= v for k, v in TARGETS_AT_1M.items()} if at_1m else "not measured at 1M"}

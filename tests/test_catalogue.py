@@ -233,4 +233,4 @@ def test_a_name_that_is_not_utf8_keeps_its_bytes(tmp_path):
     cat = Catalogue.create(tmp_path / "c.sqlite")
     put(cat, [(0, 4, rel, 1, 1, "s", PhotoFacts(taken="2020-01-01T00:00:00"))])
     assert cat.photos([0]) == {0: (4, rel)} and list(facts_by_path(cat)) == [rel] and cat.id_of(rel) == 0
-    assert cat.select_rows(parse_filters(folder="caf\ufffd")).tolist() == [4]  # the folder as text, its odd byte replaced
+    assert cat.select_rows(parse_filters(folder="caf\ufffd")).tolist() == [4]  # the folder as text, odd byte replaced

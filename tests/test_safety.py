@@ -482,9 +482,9 @@ def test_a_full_disk_at_the_first_checkpoint_is_one_line_and_the_rerun_starts_ov
 
 def test_a_full_disk_while_writing_an_index_keeps_the_old_one(clip_run, clip_model, photos, tmp_path, capsys,
                                                               monkeypatch):
-    from helpers import run_error
-
     import errno
+
+    from helpers import run_error
 
     import clipsnail.inference.vector_store as vector_store
 

@@ -311,7 +311,9 @@ def test_thumbnail_of_a_file_gone_since_indexing_is_404(served, tmp_path):
     class Moved:  # an index whose first file has disappeared
         def __init__(self, index):
             self.index = index
-            self.paths = [tmp_path / "gone.png"] + list(index.paths[1:])
+
+        def path_of(self, i):
+            return tmp_path / "gone.png" if i == 0 else self.index.path_of(i)
 
         def __getattr__(self, name):
             return getattr(self.index, name)

@@ -54,9 +54,9 @@ from clipsnail.core.runs import same_weights, weights_fingerprint
 from clipsnail.core.safeio import (
     DiskError,
     check_free_space,
-    disk_error,
     check_replaceable,
     clean_stale,
+    disk_error,
     open_regular,
     read_json_object,
     recover_dir,
