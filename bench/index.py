@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Benchmark: the faiss search index of `clipsnail index build` (clipsnail.inference.index.make_faiss_index) at scale.
+"""Benchmark: the search structure of `clipsnail index build` (clipsnail.inference.vector_store) at scale, beside
+faiss' own IVF and HNSW indexes for reference.
 
 For every dim in --dims (default 256, 512) and size in --sizes (default 10k, 100k, 1M), on synthetic vectors:
   data     CLUSTERED unit vectors with a low intrinsic dimension, standing in for CLIP image embeddings: a latent
@@ -14,21 +15,20 @@ For every dim in --dims (default 256, 512) and size in --sizes (default 10k, 100
            merge into one continuous 32-dimensional cloud (nearest neighbour ~0.71, 10th ~0.62): no cluster for an
            inverted file to exploit; and UNIFORM random unit vectors (--uniform-sizes, default 100k), the worst case.
            Seeds are fixed: the data are the same every run.
-  methods  flat  = IndexFlatIP (exact; what `index build` uses below its approx threshold),
-           ivf   = IndexIVFFlat, nlist ~ 2 sqrt(N), nprobe calibrated at build time to recall@10 >= 0.95 on 500
-                   indexed vectors (the default approximate index),
-           hnsw  = IndexHNSWFlat M=32, efConstruction=80, efSearch calibrated the same way; only up to --hnsw-max
-                   vectors (default 100k; any size for the overlapping data): its build on a 2-core CPU is ~10x
-                   slower than IVF's.
-           Each built exactly as `clipsnail index build` does (make_faiss_index), written to a temp file and read
-           back memory-mapped as `ImageIndex.load` does (clipsnail.inference.index._read_faiss).
-  build_s  seconds for make_faiss_index: training (IVF k-means on <= 50 * nlist vectors), adding, calibration;
-           faiss on all cores (2 here).
-  memory   index_mib = faiss.index file size; rss_anon_load_mib = growth of the process' anonymous memory when the
-           file is loaded (memory-mapped indexes: ~0, the vectors stay in the page cache); mmap = whether it was.
-  latency  one query at a time (nq = 1, k = 10) on ONE faiss thread (faiss.omp_set_num_threads(1)), as in a web
-           server answering each request in its own worker thread; 10 warm-up queries, then p50/p99 over the
-           queries (flat at >= 1M: only 30, a scan takes ~0.1-0.3 s).
+  methods  flat  = the exact scan `index build` uses below its approx threshold (vector_store.top_k over the
+                   memory-mapped vectors),
+           ivf   = the project's inverted file (vector_store.write_store: nlist ~ 2 sqrt(N) spherical k-means lists,
+                   rows grouped by list, nprobe calibrated to recall@10 >= 0.95), loaded as `ImageIndex.load` does,
+           faiss-ivf  = faiss IndexIVFFlat with the same nlist and calibration (reference),
+           faiss-hnsw = faiss IndexHNSWFlat M=32, efConstruction=80, efSearch calibrated the same way (reference);
+                   only up to --hnsw-max vectors (default 100k; any size for the overlapping data): its build on a
+                   2-core CPU is ~10x slower than IVF's.
+  build_s  seconds to build: training (k-means on <= 50 * nlist vectors), adding, calibration; on all cores.
+  memory   index_mib = the files written; rss_anon_load_mib = growth of the process' anonymous memory when the
+           index is loaded (memory-mapped: ~0, the vectors stay in the page cache).
+  latency  one query at a time (nq = 1, k = 10) on ONE thread (faiss.omp_set_num_threads(1), BLAS limited to one
+           thread), as in a web server answering each request in its own worker thread; 10 warm-up queries, then
+           p50/p99 over the queries (flat at >= 1M: only 30, a scan takes ~0.1-0.3 s).
   recall   recall@10 of each method's single-query results against exact search (faiss.knn), averaged.
 Goal (issue "Search at scale"): at 1M x 512, p50 < 5 ms per query with recall@10 >= 0.95 on this 2-core CPU.
 
@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import gc
 import math
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -96,46 +97,85 @@ def rss_anon_mib() -> float | None:
     return _common.proc_status_mib("RssAnon")
 
 
-def measure(method: str, x: np.ndarray, queries: np.ndarray, truth: np.ndarray, tmpdir: Path, threads: int) -> dict:
+def faiss_reference(method: str, x: np.ndarray, path: Path) -> tuple[dict, object]:
+    """faiss' IndexIVFFlat (the same nlist, nprobe calibrated on the same kind of queries) or IndexHNSWFlat, written
+    to `path` and read back memory-mapped -> (spec, a search function of one query)."""
     import faiss
 
-    from clipsnail.inference.index import _read_faiss, make_faiss_index
+    from clipsnail.inference.vector_store import TRAIN_POINTS_PER_LIST, nlist_for, top_k
+
+    n, d = x.shape
+    if method == "faiss-ivf":
+        nlist = nlist_for(n)
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.train(x[np.random.default_rng(0).choice(n, min(n, TRAIN_POINTS_PER_LIST * nlist), replace=False)])
+        knob, values, spec = "nprobe", [v for v in (1, 2, 4, 8, 16, 32, 64, 128, 256) if v < nlist] + [nlist], \
+            {"type": "IndexIVFFlat", "nlist": nlist}
+    else:
+        index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = 80
+        knob, values, spec = "efSearch", [16, 32, 64, 128, 256, 512, 1024], {"type": "IndexHNSWFlat", "M": 32}
+    index.add(x)
+    faiss.write_index(index, str(path))
+    index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC)
+    rng = np.random.default_rng(1)
+    probes = x[rng.choice(n, min(500, n), replace=False)]
+    probes = probes + rng.standard_normal(probes.shape).astype(np.float32) * np.float32(0.5 / math.sqrt(d))
+    probes /= np.linalg.norm(probes, axis=1, keepdims=True)
+    truth = top_k(probes, x, 10)[1]
+    for value in values:
+        setattr(index if knob == "nprobe" else index.hnsw, knob, value)
+        found = index.search(probes, 10)[1]
+        recall = float(np.mean([len(set(t) & set(f)) / 10 for t, f in zip(truth.tolist(), found.tolist())]))
+        if recall >= 0.95:
+            break
+    spec.update({knob: value, "calibrated_recall@10": round(recall, 4)})
+    return spec, lambda q: index.search(q[None], 10)[1][0]
+
+
+def measure(method: str, x: np.ndarray, queries: np.ndarray, truth: np.ndarray, tmpdir: Path, threads: int) -> dict:
+    import faiss
+    from threadpoolctl import threadpool_limits
+
+    from clipsnail.inference.vector_store import VectorStore, write_store
 
     faiss.omp_set_num_threads(threads)
-    t = time.perf_counter()
-    index, spec = make_faiss_index(x, approx=method != "flat", kind=method if method != "flat" else "ivf")
-    build_s = time.perf_counter() - t
-    path = tmpdir / f"{method}.index"
-    faiss.write_index(index, str(path))
-    del index
-    gc.collect()
+    folder = tmpdir / method
+    folder.mkdir()
     before = rss_anon_mib()
-    index, mmap = _read_faiss(path)
-    rss_load = (rss_anon_mib() or 0) - (before or 0)
-    from clipsnail.inference.index import _apply_search_params
+    t = time.perf_counter()
+    if method.startswith("faiss"):
+        spec, search = faiss_reference(method, x, folder / "faiss.index")
+    else:
+        spec, order = write_store(folder, x, np.arange(len(x)), approx=method == "ivf", target_recall=0.95)
+        store = VectorStore(folder, x.shape[1], len(x), np.zeros(0, np.int64), spec)
 
-    _apply_search_params(index, spec)
+        def search(q):
+            return order[store.search(q[None], 10)[1][0]]
+    build_s = time.perf_counter() - t
+    rss_load, mmap = (rss_anon_mib() or 0) - (before or 0), True
     faiss.omp_set_num_threads(1)
     n_timed = len(queries) if method != "flat" or len(x) < 1_000_000 else min(30, len(queries))
-    for q in queries[:10]:
-        index.search(q[None], 10)
-    times, found = [], []
-    for q in queries[:n_timed]:
-        t = time.perf_counter_ns()
-        _, ids = index.search(q[None], 10)
-        times.append((time.perf_counter_ns() - t) / 1e6)
-        found.append(ids[0])
+    with threadpool_limits(1):
+        for q in queries[:10]:
+            search(q)
+        times, found = [], []
+        for q in queries[:n_timed]:
+            t = time.perf_counter_ns()
+            ids = search(q)
+            times.append((time.perf_counter_ns() - t) / 1e6)
+            found.append(ids)
     faiss.omp_set_num_threads(threads)
     recall = float(np.mean([len(set(f.tolist()) & set(t.tolist())) / 10 for f, t in zip(found, truth)]))
     row = {"method": method, "type": spec["type"],
            "params": {k: v for k, v in spec.items() if k in ("nlist", "nprobe", "M", "efConstruction", "efSearch",
                                                                "train_points", "calibrated_recall@10")},
-           "build_s": round(build_s, 2), "index_mib": round(path.stat().st_size / 2**20, 1), "mmap": mmap,
+           "build_s": round(build_s, 2), "mmap": mmap,
+           "index_mib": round(sum(f.stat().st_size for f in folder.iterdir()) / 2**20, 1),
            "rss_anon_load_mib": round(rss_load, 1),
            "p50_ms": round(float(np.percentile(times, 50)), 3), "p99_ms": round(float(np.percentile(times, 99)), 3),
            "recall@10": round(recall, 4), "timed_queries": n_timed}
-    del index
-    path.unlink()
+    shutil.rmtree(folder)
     gc.collect()
     return row
 
@@ -177,11 +217,12 @@ def main() -> None:
             x, queries = make_data(data, n, d, args.queries)
             _, truth = faiss.knn(queries, x, 10, metric=faiss.METRIC_INNER_PRODUCT)
             say(f"{data} {n} x {d}: data + exact top-10 in {time.perf_counter() - t:.1f} s")
-            methods = ["flat", "ivf"] + (["hnsw"] if n <= hnsw_max or data == "overlapping" else [])
+            methods = ["flat", "ivf", "faiss-ivf"] + (["faiss-hnsw"] if n <= hnsw_max or data == "overlapping"
+                                                      else [])
             for method in methods:
                 row = {"data": data, "dim": d, "n": n, **measure(method, x, queries, truth, Path(tmp), args.threads)}
                 rows.append(row)
-                say(f"  {method:5s} build {row['build_s']:7.1f} s  {row['index_mib']:7.1f} MiB  "
+                say(f"  {method:10s} build {row['build_s']:7.1f} s  {row['index_mib']:7.1f} MiB  "
                     f"p50 {row['p50_ms']:8.3f} ms  p99 {row['p99_ms']:8.3f} ms  recall@10 {row['recall@10']:.3f}  "
                     f"{row['params']}")
             del x, queries

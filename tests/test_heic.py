@@ -53,3 +53,20 @@ def test_without_the_extra_heic_photos_are_skipped_with_one_line(tmp_path, clip_
     assert [p.name for p in index.paths] == ["c.jpg"] and stats["unreadable"] == 2
     said = [r for r in caplog.records if "heic extra" in r.getMessage() and "skipped" in r.getMessage()]
     assert len(said) == 1
+
+
+def test_the_web_app_takes_a_heic_upload(tmp_path, clip_model):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from clipsnail.serve import create_app
+
+    (tmp_path / "photos").mkdir()
+    for i in range(3):
+        heic_photo(tmp_path / "photos" / f"{i}.heic", seed=i)
+    index, _ = build_index(clip_model, tmp_path / "photos", tmp_path / "index", progress=False)
+    client = TestClient(create_app(index, clip_model), base_url="http://127.0.0.1")
+    data = (tmp_path / "photos" / "1.heic").read_bytes()
+    answer = client.post("/api/search/image", files={"file": ("IMG_0001.HEIC", data, "image/heic")},
+                         data={"k": "1"})
+    assert answer.status_code == 200 and answer.json()["hits"][0]["name"] == "1.heic"

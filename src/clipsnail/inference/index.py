@@ -40,6 +40,7 @@ import inspect
 import json
 import logging
 import os
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
@@ -135,6 +136,8 @@ class ImageIndex:
             store = VectorStore(index_dir, state["dim"], state["rows"], dead, state["structure"])
         except ClipsnailError as e:
             raise e if isinstance(e, DataError) else DataError(str(e)) from None
+        except sqlite3.DatabaseError as e:  # pages damaged past the header
+            raise DataError(f"{index_dir / CATALOGUE}: cannot read the catalogue ({e})") from None
         return cls(index_dir, catalogue, state, store)
 
     def close(self) -> None:
@@ -281,6 +284,12 @@ def _check_state(state, path: Path) -> dict:
             raise DataError(f"{path}: damaged: {key!r} of the index state is missing or not {kind.__name__}")
     if state["photos"] > state["rows"] or state["dim"] < 1:
         raise DataError(f"{path}: damaged: {state['photos']} photos over {state['rows']} rows of dim {state['dim']}")
+    structure = state["structure"]
+    numbers = ("approx_threshold", "nlist", "nprobe", "trained_rows", "calibrated_rows", "trained_nprobe")
+    if structure.get("type") not in ("exact", "ivf") or not all(
+            isinstance(structure.get(key), int) and structure[key] >= (key != "approx_threshold")
+            for key in numbers[:1 if structure.get("type") == "exact" else None]):
+        raise DataError(f"{path}: damaged: the search structure of the index state is not one this clipsnail knows")
     return state
 
 

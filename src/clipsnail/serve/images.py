@@ -30,7 +30,7 @@ from PIL import Image, UnidentifiedImageError
 
 from clipsnail.core.errors import DataError
 from clipsnail.core.safeio import MAX_IMAGE_FILE_BYTES, read_regular
-from clipsnail.data.images import decode_opened
+from clipsnail.data.images import decode_opened, heif_enabled
 
 FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF")
 
@@ -72,11 +72,17 @@ def release_memory() -> None:
         _malloc_trim(0)
 
 
+def upload_formats() -> tuple[str, ...]:
+    """What an upload may be: FORMATS, and HEIF (phone photos) where the heic extra is installed."""
+    return FORMATS + (("HEIF",) if heif_enabled() else ())
+
+
 def _open_checked(fp, max_pixels: int) -> Image.Image:
+    formats = upload_formats()
     try:
-        image = Image.open(fp, formats=FORMATS)  # reads the header only
+        image = Image.open(fp, formats=formats)  # reads the header only
     except UnidentifiedImageError:
-        raise BadImage(f"not an image in a supported format ({', '.join(FORMATS)})", 415) from None
+        raise BadImage(f"not an image in a supported format ({', '.join(formats)})", 415) from None
     except Image.DecompressionBombError as e:
         raise TooManyPixels(str(e)) from None
     except Exception as e:  # PIL's decoders raise many types on hostile input; none of them may become a 500
