@@ -101,8 +101,9 @@ def test_model_run_searches_with_the_default_queries(photos, clip_run, tmp_path)
     assert [a["query"] for a in summary["queries"]] == PHOTO_QUERIES
     assert len(list((out / "queries").glob("*.png"))) == len(PHOTO_QUERIES)
     assert not (out / "run").exists()
-    index = json.loads((out / "index" / "index.json").read_text())
-    assert index["model_dir"] == str(clip_run.resolve())  # what `clipsnail search --index` loads
+    from clipsnail.inference.index import ImageIndex
+
+    assert ImageIndex.load(out / "index").model_dir == clip_run.resolve()  # what `clipsnail search --index` loads
 
 
 def test_query_names_stay_inside_the_grid_folder(photos, clip_run, tmp_path):

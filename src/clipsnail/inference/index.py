@@ -43,6 +43,7 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -212,6 +213,16 @@ class ImageIndex:
     def id_of(self, rel: str) -> int | None:
         """The id of the photo at `rel` (relative to the root), None when it is not indexed."""
         return self._query(self.catalogue.id_of, rel)
+
+    def id_shown_as(self, shown: str, display: Callable[[str], str]) -> int | None:
+        """The id of the photo whose relative path `display` shows as `shown` (a name that is not UTF-8, shown with
+        U+FFFD): a scan of the catalogue, for the rare query that names one."""
+        def scan():
+            for i, path in self.catalogue.db.execute("SELECT id, path FROM photos"):
+                if display(os.fsdecode(path)) == shown:
+                    return i
+            return None
+        return self._query(scan)
 
     def vector(self, photo_id: int) -> np.ndarray | None:
         """The stored embedding [D] of photo `photo_id`."""

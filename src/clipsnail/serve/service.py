@@ -131,7 +131,11 @@ class SearchService:
     @staticmethod
     def indexed_id(served: Served, text: str) -> int | None:
         """The position in `served` of the indexed image whose path relative to the root is `text` (or ./`text`)."""
-        return served.index.id_of(text.removeprefix("./"))
+        text = text.removeprefix("./")
+        found = served.index.id_of(text)
+        if found is None and "\ufffd" in text:  # a name that is not UTF-8, as the answers show it: look it up
+            found = served.index.id_shown_as(text, display_name)
+        return found
 
     def index_image(self, served: Served, text: str) -> str | None:
         """parse_query's image terms on a server: an image of the index, never a file of the server. Only names
