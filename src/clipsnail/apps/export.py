@@ -18,6 +18,7 @@ captions cost what they cost in PyTorch.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
@@ -262,15 +263,47 @@ def _self_check(model, export_dir: Path, batch: int, generator) -> dict:
                      "onnx text encoder run on the whole context and on the trimmed columns (OnnxClip.trim_tokens)"}
 
 
+def ensure_query_encoder(index_dir: str | Path) -> str:
+    """Give the image index at index_dir its query encoder: this module's export of the run that made its vectors,
+    which `clipsnail search --index` and the web app then run on onnxruntime instead of PyTorch. Kept when the one
+    there was exported from the same weights. -> "written", "kept", or why not (a missing extra, a run that cannot
+    be exported...): an index without one still searches, through PyTorch."""
+    import importlib.util
+
+    from clipsnail.inference.index import QUERY_ENCODER, ImageIndex, set_query_encoder
+
+    index = ImageIndex.load(index_dir)
+    try:
+        if index.query_encoder() is not None:
+            return "kept"
+        if index.model_dir is None or not index.model_weights:
+            return "not written: the index does not record the weights of its run"
+        if index.weights_changed():
+            return "not written: the run's weights changed since its vectors were made"
+        missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+        if missing:
+            return f"not written: it needs the onnx extra (pip install 'clipsnail[onnx]'; missing {', '.join(missing)})"
+        model_dir, weights = index.model_dir, index.model_weights
+    finally:
+        index.close()
+    try:
+        export_onnx(model_dir, Path(index_dir) / QUERY_ENCODER)
+    except Exception as e:  # the exporter's many error types: the index is whole without it, searched with PyTorch
+        log.warning("%s: no ONNX query encoder (%s); searches load PyTorch", index_dir, str(e).splitlines()[0])
+        return f"not written: {str(e).splitlines()[0]}"
+    set_query_encoder(index_dir, weights)
+    return "written"
+
+
 # ----------------------------------------------------------------------------------------------- onnxruntime only
 
 
 class OnnxClip:
     """An exported CLIP on onnxruntime: `encode_image` / `encode_text` return L2-normalised float32 arrays.
 
-    Needs only onnxruntime, tokenizers, numpy and (for PIL images or paths) Pillow; never imports torch. Where torch
-    is not installed, load this file on its own (`import clipsnail` imports torch): e.g. copy it next to the export
-    as onnx_clip.py, then `from onnx_clip import OnnxClip`.
+    Needs only onnxruntime, tokenizers, numpy and (for PIL images or paths) Pillow; never imports torch. Where
+    clipsnail is not installed, load this file on its own: e.g. copy it next to the export as onnx_clip.py, then
+    `from onnx_clip import OnnxClip`. The image encoder's session is created on the first image.
     threads: onnxruntime's intra-op threads (default: its own choice, all cores). spinning=False: idle worker threads
     sleep instead of spinning after each call (slower to wake, but no CPU taken from other work on a shared machine).
     """
@@ -292,7 +325,7 @@ class OnnxClip:
         if not spinning:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = list(providers or ["CPUExecutionProvider"])
-        self.image_session = ort.InferenceSession(str(self.dir / IMAGE_FILE), options, providers=providers)
+        self._session = functools.partial(ort.InferenceSession, sess_options=options, providers=providers)
         self.text_session = ort.InferenceSession(str(self.dir / TEXT_FILE), options, providers=providers)
         self.tokenizer = Tokenizer.from_file(str(self.dir / TOKENIZER_FILE))
         self.image_size = int(self.spec["image_size"])
@@ -344,6 +377,10 @@ class OnnxClip:
                 images = [images]
             batch = np.stack([self.preprocess(im) for im in images])
         return self.image_session.run([IMAGE_OUTPUT], {IMAGE_INPUT: batch})[0]
+
+    @functools.cached_property  # loaded on the first image: a text search never pays for it
+    def image_session(self):
+        return self._session(str(self.dir / IMAGE_FILE))
 
     def encode_text(self, texts, trim: bool = True) -> np.ndarray:
         """A list of strings (tokenised here) or an int [B, context_length] array of token ids -> [B, D].

@@ -104,8 +104,6 @@ def main(argv: list[str] | None = None) -> int:
         for name in QUIET_LOGGERS:
             logging.getLogger(name).setLevel(logging.WARNING)
 
-    from clipsnail.core import distributed as dist  # torch: after parsing, so that --help and bad flags answer at once
-
     owns_group = False
     try:
         if getattr(args, "required_extra", None):  # e.g. training without its extra: one line naming the pip install
@@ -113,8 +111,12 @@ def main(argv: list[str] | None = None) -> int:
 
             require_extra(*args.required_extra)
         # Under torchrun every process runs this command; joining the group before the task is built lets rank 0
-        # train the tokenizer once and share it.
-        owns_group = dist.init_from_env()
+        # train the tokenizer once and share it. (Imported only then: torch.distributed imports torch, which a
+        # search through ONNX Runtime never needs.)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from clipsnail.core import distributed
+
+            owns_group = distributed.init_from_env()
         args.func(args)
         sys.stdout.flush()  # here, where a closed pipe is caught below, not at exit
     except ClipsnailError as e:
@@ -140,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         if owns_group:
-            dist.shutdown()
+            from clipsnail.core import distributed
+
+            distributed.shutdown()
     return 0
 
 

@@ -36,6 +36,7 @@ def add_index(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="index directory (replaced atomically when it exists)")
     p.add_argument("--batch-size", type=int, default=64, help="photos encoded at once (default 64)")
     add_workers_flag(p)
+    add_onnx_flag(p)
     p.add_argument("--approx-threshold", type=int,
                    help="from this many images on, search an inverted file (IVF) instead of every vector "
                         "(default 20000)")
@@ -47,6 +48,7 @@ def add_index(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="CLIP run directory (default: the one recorded in the index)")
     p.add_argument("--batch-size", type=int, default=64, help="photos encoded at once (default 64)")
     add_workers_flag(p)
+    add_onnx_flag(p)
     add_runtime_flags(p)
     p.set_defaults(func=cmd_index_update)
     p = index.add_parser("info", help="what an index holds: photos, dates taken, cameras, placed photos; prints JSON")
@@ -116,6 +118,12 @@ def add_workers_flag(p: argparse.ArgumentParser) -> None:
                         "core, at most 8; 0: decode in the main process)")
 
 
+def add_onnx_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-onnx", action="store_true",
+                   help="do not write the index's ONNX query encoder (written by default when the onnx extra is "
+                        "installed: searches then answer without loading PyTorch)")
+
+
 def check_index_flags(args: argparse.Namespace) -> None:
     if getattr(args, "batch_size", 1) < 1:  # `index watch` has no --batch-size
         raise ClipsnailError(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -183,12 +191,8 @@ def cmd_zeroshot(args: argparse.Namespace) -> None:
 
 
 def cmd_search(args: argparse.Namespace) -> None:
-    import torch
-
-    from clipsnail.apps.hub import load
     from clipsnail.inference.catalogue import parse_filters
-    from clipsnail.inference.index import ImageIndex, folder_index
-    from clipsnail.inference.plots import write_result_grid
+    from clipsnail.inference.index import ImageIndex
     from clipsnail.inference.query import Term, combine, local_image, parse_query, term_vectors
 
     text = " ".join(args.query) if args.query else None
@@ -213,6 +217,52 @@ def cmd_search(args: argparse.Namespace) -> None:
         model_dir = args.model
     # Before loading the model: a malformed query or a missing image term is a one-line error at once.
     terms = parse_query(text, image=local_image) if text is not None else [Term(1.0, "image", args.image)]
+    encoder = onnx_query_encoder(index, args)
+    if encoder is not None:  # the index's own encoder on onnxruntime: no PyTorch
+        query = combine(term_vectors(terms, encoder.encode_text, encoder.encode_image), [t.weight for t in terms])
+    else:
+        query, index = torch_query(args, terms, index, model_dir)
+    hits = index.search(query, args.k, filters)[0]
+    if args.grid:
+        from clipsnail.inference.plots import write_result_grid
+
+        write_result_grid(args.grid, text or f"like {Path(args.image).name}", [(h.path, h.score) for h in hits])
+    print_json([{"path": str(h.path), "score": round(h.score, 4)} for h in hits])
+
+
+def onnx_query_encoder(index, args: argparse.Namespace):
+    """The index's ONNX query encoder (`OnnxClip`) when this search can use it: an index that has one, no --model
+    (the index's own run), the CPU (device auto or cpu) and onnxruntime installed; else None, and an index without
+    one says, once, how to add it."""
+    import importlib.util
+
+    from clipsnail.apps.export import OnnxClip
+
+    if index is None or args.model is not None or args.device not in ("auto", "cpu"):
+        return None
+    folder = index.query_encoder()
+    if folder is None:
+        log.info("%s has no ONNX query encoder: searches load PyTorch; `clipsnail index update --index %s` writes "
+                 "one (with the onnx extra)", index.index_dir, index.index_dir)
+        return None
+    if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("tokenizers") is None:
+        return None
+    if index.weights_changed():
+        log.warning("%s: the weights of %s changed since its vectors were made; answering with the vectors and the "
+                    "query encoder of the old weights (`clipsnail index update --index %s` encodes them again)",
+                    index.index_dir, index.model_dir, index.index_dir)
+    return OnnxClip(folder)
+
+
+def torch_query(args: argparse.Namespace, terms: list, index, model_dir):
+    """The query vector encoded by the run's PyTorch model, and the index (`search --images`: the folder's,
+    updated first)."""
+    import torch
+
+    from clipsnail.apps.hub import load
+    from clipsnail.inference.index import folder_index
+    from clipsnail.inference.query import combine, term_vectors
+
     model = load(model_dir, device=args.device)
     if index is not None and model.embed_dim != index.dim:
         raise ClipsnailError(f"dimension mismatch: {model_dir} makes dim-{model.embed_dim} embeddings, but "
@@ -221,15 +271,11 @@ def cmd_search(args: argparse.Namespace) -> None:
         index.check_model(model.run_dir)  # the vectors must be this run's, as its weights are now
     # The query first: a bad query image must fail before minutes of encoding the folder.
     with torch.inference_mode():
-        vectors = term_vectors(terms, model.encode_text, model.encode_image)
-    query = combine(vectors, [t.weight for t in terms])
+        query = combine(term_vectors(terms, model.encode_text, model.encode_image), [t.weight for t in terms])
     if index is None:
         index = folder_index(model, args.images, cache_dir=embeddings_cache(model.run_dir),
                              progress=not args.no_progress, follow_links=args.follow_links)
-    hits = index.search(query, args.k, filters)[0]
-    if args.grid:
-        write_result_grid(args.grid, text or f"like {Path(args.image).name}", [(h.path, h.score) for h in hits])
-    print_json([{"path": str(h.path), "score": round(h.score, 4)} for h in hits])
+    return query, index
 
 
 def embeddings_cache(run_dir: Path) -> Path:
@@ -256,7 +302,14 @@ def cmd_index_build(args: argparse.Namespace) -> None:
     index, stats = build_index(model, args.images, args.out, batch_size=args.batch_size,
                                progress=not args.no_progress, approx_threshold=threshold,
                                follow_links=args.follow_links, workers=args.workers)
+    stats["query_encoder"] = write_query_encoder(args, index.index_dir)
     print_json({"index": str(index.index_dir), **stats, "structure": index.structure})
+
+
+def write_query_encoder(args: argparse.Namespace, index_dir: Path) -> str:
+    from clipsnail.apps.export import ensure_query_encoder
+
+    return "not written: --no-onnx" if args.no_onnx else ensure_query_encoder(index_dir)
 
 
 def cmd_index_update(args: argparse.Namespace) -> None:
@@ -271,6 +324,7 @@ def cmd_index_update(args: argparse.Namespace) -> None:
     model = load(model_dir, device=args.device)
     index, stats = update_index(model, args.index, batch_size=args.batch_size, progress=not args.no_progress,
                                 workers=args.workers)
+    stats["query_encoder"] = write_query_encoder(args, index.index_dir)
     print_json({"index": str(index.index_dir), **stats})
 
 

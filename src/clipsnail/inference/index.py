@@ -40,19 +40,20 @@ import inspect
 import json
 import logging
 import os
+import shutil
 import sqlite3
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from clipsnail.core.errors import ClipsnailError, DataError
-from clipsnail.core.runs import same_weights, weights_fingerprint
+from clipsnail.core.fingerprint import same_weights, weights_fingerprint
 from clipsnail.core.safeio import (
     DiskError,
     check_free_space,
@@ -68,13 +69,18 @@ from clipsnail.core.safeio import (
 from clipsnail.data.images import IMAGE_EXTENSIONS, default_workers, walk_images
 from clipsnail.data.photo_facts import PhotoFacts
 from clipsnail.inference.catalogue import Catalogue, Filters, facts_by_path, read_all_facts
-from clipsnail.inference.evaluate import encode_image_paths
 from clipsnail.inference.vector_store import VectorStore, append_rows, calibrate, top_k, write_store
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
 FORMAT, VERSION = "clipsnail-image-index", 2
 META, CATALOGUE = "index.json", "catalogue.sqlite"
+# An ONNX export of the run that made the vectors (clipsnail.apps.export writes it, after a build or an update):
+# text and image queries encoded with onnxruntime, without PyTorch.
+QUERY_ENCODER = "query_encoder"
 DEFAULT_APPROX_THRESHOLD = 20_000  # bench/index.py: an exact scan takes 0.7 ms per query at 10k x 512, 14 ms at 100k
 DEFAULT_TARGET_RECALL = 0.95
 # Fewer new images than this are decoded in the encoding process itself (`_encode`): starting worker processes
@@ -167,6 +173,16 @@ class ImageIndex:
                                  f"made (trained further?); encode them again: clipsnail index update --index "
                                  f"{self.index_dir}")
 
+    def query_encoder(self) -> Path | None:
+        """The folder of the index's query encoder (QUERY_ENCODER), when it was exported from the weights that made
+        the vectors; None when there is none, or one of other weights."""
+        folder = self.index_dir / QUERY_ENCODER
+        recorded = self.meta.get("query_encoder")
+        if not recorded or recorded != self.model_weights or folder.is_symlink() or \
+                not (folder / "preprocess.json").is_file():
+            return None
+        return folder
+
     def __len__(self) -> int:
         return int(self.meta["photos"])
 
@@ -231,6 +247,8 @@ class ImageIndex:
 
     def vectors(self) -> torch.Tensor:
         """Every stored embedding [N, D], in id order (as `paths`)."""
+        import torch
+
         found = self._query(self.catalogue.photos, self.ids.tolist())
         rows = np.array([found[i][0] for i in self.ids.tolist()], dtype=np.int64)
         return torch.from_numpy(np.array(self.store.vectors[rows], dtype=np.float32)).reshape(-1, self.dim)
@@ -252,7 +270,7 @@ class ImageIndex:
         k of them whenever k pass: the catalogue selects them, and their vectors are scored exactly."""
         if k < 1:
             raise ClipsnailError(f"k must be at least 1, got {k}")
-        if isinstance(queries, torch.Tensor):
+        if hasattr(queries, "detach"):  # a torch tensor (torch is not imported by a search that needs none)
             queries = queries.detach().float().cpu().numpy()
         q = np.ascontiguousarray(np.asarray(queries, dtype=np.float32))
         if q.ndim == 1:
@@ -462,6 +480,10 @@ def _encode(model, root: Path, rels: list[str], batch_size: int, progress: bool,
     """-> (vectors of the readable ones [M, D], readable mask [len(rels)] bool list).
     Photos are decoded only to about the model's input size (its preprocess resizes the shorter side to
     model.image_size; `load_image`), by `workers` processes (None: `default_workers`) while this one encodes."""
+    import torch
+
+    from clipsnail.inference.evaluate import encode_image_paths
+
     if not rels:
         return torch.zeros(0, model.embed_dim), []
     workers = default_workers() if workers is None else workers
@@ -470,7 +492,6 @@ def _encode(model, root: Path, rels: list[str], batch_size: int, progress: bool,
     vectors, readable = encode_image_paths(model, [root / r for r in rels], batch_size=batch_size, progress=progress,
                                            num_workers=workers, min_side=model.image_size, unit="photo")
     return vectors[readable], readable.tolist()
-
 
 
 # ----------------------------------------------------------------------------------------------- build / update
@@ -755,7 +776,33 @@ def _rewrite(index: ImageIndex, reason: str) -> None:
             catalogue.copy_from(index.catalogue.path, zip(live[order].tolist(), range(len(live))), state)
         finally:
             catalogue.close()
+        encoder = index.index_dir / QUERY_ENCODER
+        if encoder.is_dir() and not encoder.is_symlink():
+            shutil.copytree(encoder, tmp / QUERY_ENCODER, copy_function=_link_or_copy, symlinks=True)
         (tmp / META).write_text(json.dumps({"format": FORMAT, "version": VERSION}, indent=2) + "\n")
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+@_one_writer("index_dir")
+def set_query_encoder(index_dir: str | Path, fingerprint: dict | None) -> None:
+    """Record, in one transaction, that index_dir/QUERY_ENCODER was exported from the weights `fingerprint` (None:
+    it is no longer to be used)."""
+    index = ImageIndex.load(index_dir, upgrade=False)
+    try:
+        writer = Catalogue.open(index.catalogue.path, readonly=False)
+        try:
+            with writer.transaction():
+                writer.set_state({**index.meta, "query_encoder": fingerprint})
+        finally:
+            writer.close()
+    finally:
+        index.close()
 
 
 def folder_index(model, folder: str | Path, cache_dir: str | Path, batch_size: int = 64,

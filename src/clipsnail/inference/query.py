@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from clipsnail.core.errors import ClipsnailError
 from clipsnail.data.images import IMAGE_EXTENSIONS
@@ -143,11 +143,12 @@ def parse_query(query: str, image: Callable[[str], str | None] | None = None) ->
     return terms
 
 
-def term_vectors(terms: Sequence[Term], encode_texts: Callable[[list[str]], torch.Tensor],
-                 encode_images: Callable[[list[str]], torch.Tensor]) -> list[torch.Tensor]:
-    """One vector [1, D] per term, in order. Each distinct text is encoded once, all of them in one call of
-    `encode_texts` (and likewise the images), so that "a + a + a" costs what "a" does."""
-    vectors: dict[tuple[str, str], torch.Tensor] = {}
+def term_vectors(terms: Sequence[Term], encode_texts: Callable[[list[str]], object],
+                 encode_images: Callable[[list[str]], object]) -> list:
+    """One vector [1, D] per term, in order (torch tensors or numpy arrays, as the encoders give them). Each distinct
+    text is encoded once, all of them in one call of `encode_texts` (and likewise the images), so that "a + a + a"
+    costs what "a" does."""
+    vectors: dict[tuple[str, str], object] = {}
     for kind, encode in (("text", encode_texts), ("image", encode_images)):
         values = list(dict.fromkeys(t.value for t in terms if t.kind == kind))
         if values:
@@ -156,28 +157,36 @@ def term_vectors(terms: Sequence[Term], encode_texts: Callable[[list[str]], torc
     return [vectors[t.kind, t.value] for t in terms]
 
 
-def combine(vectors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """The query embedding [1, D] of term embeddings (each [D] or [1, D]) and their signed weights: the
-    L2-normalised sum of weight * unit(vector), summed in float64 with the weights divided by the largest, so that
-    no weight can overflow the sum.
+def as_numpy(vector) -> np.ndarray:
+    """A torch tensor (on any device) or an array-like as a numpy array, without importing torch."""
+    if hasattr(vector, "detach"):
+        vector = vector.detach().float().cpu().numpy()
+    return np.asarray(vector)
+
+
+def combine(vectors: Sequence, weights: Sequence[float]) -> np.ndarray:
+    """The query embedding [1, D] float32 of term embeddings (each [D] or [1, D], torch or numpy) and their signed
+    weights: the L2-normalised sum of weight * unit(vector), summed in float64 with the weights divided by the
+    largest, so that no weight can overflow the sum.
 
     A lone positive term gives its own vector back, so a plain query searches with exactly the encoder's output."""
     if len(vectors) != len(weights) or not vectors:
         raise ValueError(f"need as many vectors as weights (at least one), got {len(vectors)} and {len(weights)}")
     if not all(math.isfinite(w) for w in weights):
         raise QueryError(f"every weight must be a finite number, got {list(weights)}")
-    units = [v.detach().double().reshape(1, -1) for v in vectors]
-    if not all(bool(torch.isfinite(u).all()) for u in units):
+    given = [as_numpy(v).reshape(1, -1) for v in vectors]
+    units = [g.astype(np.float64) for g in given]
+    if not all(np.isfinite(u).all() for u in units):
         raise QueryError("a term's embedding is not finite (the model gave NaN or infinity)")
-    units = [u / u.norm().clamp_min(1e-12) for u in units]
+    units = [u / max(float(np.linalg.norm(u)), 1e-12) for u in units]
     if len(units) == 1 and weights[0] > 0:
-        given = vectors[0].detach().reshape(1, -1)
-        return given if abs(float(given.float().norm()) - 1) < 1e-5 else units[0].float()
+        own = given[0].astype(np.float32)
+        return own if abs(float(np.linalg.norm(own)) - 1) < 1e-5 else units[0].astype(np.float32)
     largest = max(abs(w) for w in weights)
     scaled = [w / largest for w in weights]
     total = sum(w * u for w, u in zip(scaled, units))
-    norm = total.norm()
+    norm = float(np.linalg.norm(total))
     # Relative to the weights: "a - a" (or "2:a - a + -..." that balance) leaves only rounding noise.
     if not norm > 1e-4 * sum(abs(w) for w in scaled):
         raise QueryError("the terms cancel out: their weighted sum is (nearly) zero; change a weight or a term")
-    return (total / norm).float()
+    return (total / norm).astype(np.float32)

@@ -169,7 +169,7 @@ class SearchService:
                 terms, lambda texts: torch.from_numpy(self.embed_texts(texts)),
                 lambda names: torch.from_numpy(np.concatenate([self.stored_vector(served, self.indexed_id(served, n))
                                                                for n in names])))
-            return combine(vectors, [t.weight for t in terms]).numpy()
+            return combine(vectors, [t.weight for t in terms])
         except QueryError as e:
             raise bad_request(422, str(e)) from None
 

@@ -1,0 +1,79 @@
+"""An index carries its query encoder: `index build` writes the run as ONNX beside the vectors, and a text search
+on the command line then answers through onnxruntime without importing PyTorch, with the hits PyTorch gives; an
+index without one still searches through PyTorch, and `index update` adds it."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from helpers import noise_image
+
+from clipsnail.cli import main
+from clipsnail.inference.index import QUERY_ENCODER, ImageIndex, build_index
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+SEARCH = """
+import json, sys
+from clipsnail.cli import main
+assert main(["search", "--index", sys.argv[1], *sys.argv[2:]]) == 0
+print(json.dumps(sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))))
+"""
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    root = tmp_path_factory.mktemp("onnx_search") / "photos"
+    for i in range(10):
+        noise_image(root / f"{i}.png", i)
+    return root
+
+
+def search_in_a_fresh_process(index_dir, *argv) -> tuple[list[dict], list[str]]:
+    """(the hits, the torch modules imported) of `clipsnail search --index index_dir ARGV` in a new process."""
+    proc = subprocess.run([sys.executable, "-c", SEARCH, str(index_dir), *argv], capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    return json.loads("\n".join(lines[:-1])), json.loads(lines[-1])
+
+
+def test_a_text_search_answers_without_torch_and_as_pytorch_does(clip_run, clip_model, photos, tmp_path, capsys):
+    out = tmp_path / "idx"
+    assert main(["index", "build", "--model", str(clip_run), "--images", str(photos), "--out", str(out),
+                 "--no-progress"]) == 0
+    built = json.loads(capsys.readouterr().out)
+    assert built["query_encoder"] == "written" and (out / QUERY_ENCODER / "text_encoder.onnx").is_file()
+
+    hits, torch_modules = search_in_a_fresh_process(out, "a red circle + 0.5:two squares", "-k", "5",
+                                                    "--after", "2000")
+    assert torch_modules == []  # onnxruntime + tokenizers + numpy + sqlite only
+    index = ImageIndex.load(out)
+    from clipsnail.inference.catalogue import parse_filters
+    from clipsnail.inference.query import combine
+
+    query = combine([clip_model.encode_text(["a red circle"]), clip_model.encode_text(["two squares"])], [1.0, 0.5])
+    expected = index.search(query, 5, parse_filters(after="2000"))[0]
+    assert [h["path"] for h in hits] == [str(h.path) for h in expected]
+    assert [h["score"] for h in hits] == pytest.approx([h.score for h in expected], abs=1e-3)
+
+    image_hits, torch_modules = search_in_a_fresh_process(out, "--image", str(photos / "3.png"), "-k", "1")
+    assert torch_modules == [] and image_hits[0]["path"] == str(photos / "3.png")  # the image encoder, ONNX too
+
+
+def test_an_index_without_a_query_encoder_searches_with_pytorch_until_an_update_writes_one(clip_model, photos,
+                                                                                             tmp_path, capsys):
+    out = tmp_path / "idx"
+    build_index(clip_model, photos, out, progress=False)  # the Python API writes no encoder (as older releases)
+    assert ImageIndex.load(out).query_encoder() is None
+    hits, torch_modules = search_in_a_fresh_process(out, "a red circle", "-k", "3")
+    assert len(hits) == 3 and "torch" in torch_modules
+    capsys.readouterr()
+    assert main(["index", "update", "--index", str(out), "--no-progress"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["encoded"] == 0 and stats["query_encoder"] == "written"
+    assert search_in_a_fresh_process(out, "a red circle", "-k", "3") == (hits, [])
+    assert main(["index", "update", "--index", str(out), "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["query_encoder"] == "kept"
