@@ -96,6 +96,24 @@ def test_resume_after_crash_gives_identical_weights(tmp_path, crash_at):
     assert steps == full_steps
 
 
+@pytest.mark.parametrize("crash_at", [4, 5, 11])  # after a checkpoint, at an epoch end (none there), mid-epoch
+def test_checkpoints_every_n_steps_alone_resume_exactly(tmp_path, monkeypatch, crash_at):
+    import clipsnail.train.engine as engine
+
+    settings = {"checkpoint_every": 3, "checkpoint_each_epoch": False}
+    saved = []
+    save_state = engine.save_state
+    monkeypatch.setattr(engine, "save_state", lambda path, state: (saved.append(state["step"]),
+                                                                   save_state(path, state)))
+    full = fit(ToyTask(**settings), tmp_path / "full", progress=False)
+    assert full.completed and full.step == 15 and saved[:4] == [3, 6, 9, 12]  # not at steps 5 and 10
+    with pytest.raises(Crash):
+        fit(ToyTask(**settings), tmp_path / "resumed", progress=False, on_step=raise_at(crash_at, Crash))
+    again = fit(ToyTask(**settings), tmp_path / "resumed", progress=False)
+    assert again.completed and again.step == 15
+    assert_same_weights(tmp_path / "full", tmp_path / "resumed")
+
+
 def test_rerun_of_finished_run_does_nothing(tmp_path):
     fit(ToyTask(), tmp_path, progress=False)
     before = weights(tmp_path)

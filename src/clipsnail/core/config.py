@@ -65,7 +65,10 @@ class TrainConfig:
     precision: str = "auto"  # auto = bf16 on CUDA when supported else fp32; or fp32 / bf16 / fp16
     ema_decay: float = 0.0  # > 0 keeps an EMA of the weights, used for evaluation and the saved model
     time_budget: str = ""  # e.g. "10m": stop cleanly (with a checkpoint) when spent
-    checkpoint_every: int = 200  # optimiser steps between checkpoints (and always at the end of an epoch; 0: only then)
+    checkpoint_every: int = 200  # optimiser steps between checkpoints (0: only at the ends of epochs)
+    # Also a checkpoint (and the run's weights) at the end of every epoch; off, a run of many short epochs (a
+    # fine-tune) writes only every checkpoint_every steps, at a time-budget stop and at the end
+    checkpoint_each_epoch: bool = True
     log_every: int = 10
     eval_every: int = 1  # epochs between evaluations (0: only at the end)
     num_workers: int = 0

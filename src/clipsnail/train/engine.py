@@ -349,8 +349,9 @@ class Training:
                                         **{f"eval/{k}": v for k, v in self.metrics.items()}})
                 log.info("epoch %d step %d: %s", epoch, self.step, format_metrics(self.metrics))
         self.task.after_epoch(self.eval_model(), self.run_dir, epoch)
-        self.checkpoint(epoch + 1, 0)
-        self.task.save(self.eval_model(), self.run_dir)
+        if self.cfg.checkpoint_each_epoch or last_epoch or not self.cfg.checkpoint_every:
+            self.checkpoint(epoch + 1, 0)
+            self.task.save(self.eval_model(), self.run_dir)
 
     def eval_model(self) -> nn.Module:
         return self.ema.module if self.ema is not None else self.model
