@@ -21,8 +21,8 @@ For every dim in --dims (default 256, 512) and size in --sizes (default 10k, 100
                    rows grouped by list, nprobe calibrated to recall@10 >= 0.95), loaded as `ImageIndex.load` does,
            faiss-ivf  = faiss IndexIVFFlat with the same nlist and calibration (reference),
            faiss-hnsw = faiss IndexHNSWFlat M=32, efConstruction=80, efSearch calibrated the same way (reference);
-                   only up to --hnsw-max vectors (default 100k; any size for the overlapping data): its build on a
-                   2-core CPU is ~10x slower than IVF's.
+                   only up to --hnsw-max vectors (default 100k): its build on a 2-core CPU is ~10x slower than
+                   IVF's.
   build_s  seconds to build: training (k-means on <= 50 * nlist vectors), adding, calibration; on all cores.
   memory   index_mib = the files written; rss_anon_load_mib = growth of the process' anonymous memory when the
            index is loaded (memory-mapped: ~0, the vectors stay in the page cache).
@@ -217,8 +217,7 @@ def main() -> None:
             x, queries = make_data(data, n, d, args.queries)
             _, truth = faiss.knn(queries, x, 10, metric=faiss.METRIC_INNER_PRODUCT)
             say(f"{data} {n} x {d}: data + exact top-10 in {time.perf_counter() - t:.1f} s")
-            methods = ["flat", "ivf", "faiss-ivf"] + (["faiss-hnsw"] if n <= hnsw_max or data == "overlapping"
-                                                      else [])
+            methods = ["flat", "ivf", "faiss-ivf"] + (["faiss-hnsw"] if n <= hnsw_max else [])
             for method in methods:
                 row = {"data": data, "dim": d, "n": n, **measure(method, x, queries, truth, Path(tmp), args.threads)}
                 rows.append(row)

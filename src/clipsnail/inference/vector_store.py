@@ -81,31 +81,62 @@ class VectorStore:
             if rows and (int(self.lists.min()) < 0 or int(self.lists.max()) >= self.nlist):
                 raise DataError(f"{self.folder / LISTS}: damaged: a list number outside 0..{self.nlist - 1}")
 
-    @functools.cached_property  # sorted on the first search: about as long as reading lists.i32
-    def inverted(self) -> tuple[np.ndarray, np.ndarray]:
-        """(rows ordered by list, where each list starts in that order [nlist + 1])."""
-        order = np.argsort(self.lists, kind="stable")
-        return order, np.searchsorted(self.lists[order], np.arange(self.nlist + 1))
+    @functools.cached_property  # on the first search: about as long as reading lists.i32
+    def inverted(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Where each list lies: (its run in the grouped rows that `write_store` wrote [nlist + 1], the appended rows
+        ordered by list, where each list starts among those [nlist + 1])."""
+        grouped = min(int(self.layout.get("trained_rows", 0)), self.rows)
+        head = np.asarray(self.lists[:grouped])
+        if grouped and not (head[1:] >= head[:-1]).all():  # not grouped after all: every row is searched as appended
+            grouped, head = 0, head[:0]
+        tail = np.asarray(self.lists[grouped:])
+        order = np.argsort(tail, kind="stable")
+        lists = np.arange(self.nlist + 1)
+        return np.searchsorted(head, lists), grouped + order, np.searchsorted(tail[order], lists)
 
-    def probe(self, query: np.ndarray, nprobe: int) -> np.ndarray:
-        """The live rows of the `nprobe` lists whose centres are nearest `query` [D], ascending."""
-        order, starts = self.inverted
+    def probe(self, query: np.ndarray, k: int, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+        """The k best live rows of the `nprobe` lists whose centres are nearest `query` [D] -> (scores [1, k],
+        rows [1, k]). A list's grouped rows are scored where they lie in the map (no copy); appended rows are
+        gathered."""
+        runs, appended, starts = self.inverted
         if nprobe < self.nlist:
             lists = np.argpartition(-(self.centroids @ query), nprobe - 1)[:nprobe]
         else:
             lists = np.arange(self.nlist)
-        rows = np.concatenate([order[starts[i]:starts[i + 1]] for i in lists])
-        rows = rows[self.live[rows]]
-        rows.sort()  # reads the map in file order
-        return rows
+        scores, rows = [], []
+        for i in lists:
+            if runs[i + 1] > runs[i]:
+                scores.append(np.asarray(self.vectors[runs[i]:runs[i + 1]], dtype=np.float32) @ query)
+                rows.append(np.arange(runs[i], runs[i + 1]))
+            if starts[i + 1] > starts[i]:
+                extra = np.sort(appended[starts[i]:starts[i + 1]])
+                scores.append(np.asarray(self.vectors[extra], dtype=np.float32) @ query)
+                rows.append(extra)
+        score = np.concatenate(scores) if scores else np.zeros(0, np.float32)
+        row = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+        score[~self.live[row]] = -np.inf
+        return best_of(score, row, k)
 
     def search(self, queries: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """queries [Q, D] -> (scores [Q, k], rows [Q, k]), best first; -inf and -1 where fewer than k qualify."""
         if not self.ivf:
             return top_k(queries, self.vectors, k, live=self.live)
         nprobe = self.nprobe if nprobe is None else nprobe
-        found = [top_k(q[None], self.vectors, k, rows=self.probe(q, nprobe)) for q in queries]
+        found = [self.probe(q, k, nprobe) for q in queries]
         return np.concatenate([s for s, _ in found]), np.concatenate([r for _, r in found])
+
+
+def best_of(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best of one query's `scores` [n] of `rows` [n] -> (scores [1, k], rows [1, k]), best first, padded
+    with -inf/-1 (as `top_k`)."""
+    keep = min(k, len(scores))
+    top = np.argpartition(-scores, keep - 1)[:keep] if keep else np.zeros(0, np.int64)
+    top = top[np.argsort(-scores[top], kind="stable")]
+    best_scores = np.full(k, -np.inf, dtype=np.float32)
+    best_rows = np.full(k, -1, dtype=np.int64)
+    best_scores[:keep] = scores[top]
+    best_rows[:keep] = np.where(np.isfinite(scores[top]), rows[top], -1)
+    return best_scores[None], best_rows[None]
 
 
 def top_k(queries: np.ndarray, vectors: np.ndarray, k: int, rows: np.ndarray | None = None,
