@@ -81,10 +81,10 @@ META, CATALOGUE = "index.json", "catalogue.sqlite"
 # An ONNX export of the run that made the vectors (clipsnail.apps.export writes it, after a build or an update):
 # text and image queries encoded with onnxruntime, without PyTorch.
 QUERY_ENCODER = "query_encoder"
-DEFAULT_APPROX_THRESHOLD = 20_000  # bench/index.py: an exact scan takes 0.7 ms per query at 10k x 512, 14 ms at 100k
+DEFAULT_APPROX_THRESHOLD = 20_000  # below it an exact scan is about as fast as a probe (bench/index.py), and exact
 DEFAULT_TARGET_RECALL = 0.95
 # Fewer new images than this are decoded in the encoding process itself (`_encode`): starting worker processes
-# (about a second with torch imported) costs more than decoding a few photos.
+# (each imports torch) costs more than decoding a few photos.
 MIN_IMAGES_FOR_WORKERS = 16
 DEAD_FRACTION_FOR_COMPACTION = 0.25  # rows of deleted or changed photos, of all rows
 GROWTH_FOR_RETRAINING = 2.0  # photos, over those the lists were trained on
