@@ -77,3 +77,32 @@ def test_an_index_without_a_query_encoder_searches_with_pytorch_until_an_update_
     assert search_in_a_fresh_process(out, "a red circle", "-k", "3") == (hits, [])
     assert main(["index", "update", "--index", str(out), "--no-progress"]) == 0
     assert json.loads(capsys.readouterr().out)["query_encoder"] == "kept"
+
+
+def test_photos_encoded_through_onnx_agree_with_pytorch_and_an_index_keeps_its_backend(clip_run, photos, tmp_path,
+                                                                                      capsys):
+    import shutil
+
+    import torch
+    from helpers import run_error
+
+    library = tmp_path / "photos"
+    shutil.copytree(photos, library)
+    built = {}
+    for backend in ("onnx", "torch"):
+        capsys.readouterr()
+        assert main(["index", "build", "--model", str(clip_run), "--images", str(library), "--out",
+                     str(tmp_path / backend), "--backend", backend, "--no-progress"]) == 0
+        assert json.loads(capsys.readouterr().out)["backend"] == backend
+        index = ImageIndex.load(tmp_path / backend)
+        built[backend] = dict(zip(index.paths, index.vectors()))
+    onnx, pytorch = (torch.stack([built[b][p] for p in sorted(built["torch"])]) for b in ("onnx", "torch"))
+    assert (onnx * pytorch).sum(dim=1).min() >= 0.999  # cosine, photo by photo
+
+    noise_image(library / "new.png", 99)
+    capsys.readouterr()
+    assert main(["index", "update", "--index", str(tmp_path / "onnx"), "--no-progress"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["backend"] == "onnx" and stats["encoded"] == 1 and stats["query_encoder"] == "kept"
+    message = run_error(capsys, ["index", "update", "--index", str(tmp_path / "onnx"), "--backend", "torch"])
+    assert "encoded through onnx" in message and "--backend onnx" in message

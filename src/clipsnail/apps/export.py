@@ -295,6 +295,39 @@ def ensure_query_encoder(index_dir: str | Path) -> str:
     return "written"
 
 
+class OnnxImageModel:
+    """An export's image encoder on onnxruntime in the shape `index build` and `index update` encode with
+    (`embed_dim`, `image_size`, `run_dir`, `preprocess` -> a [3, S, S] tensor, `encode_image` -> [B, D]), so the
+    photos of an index are encoded by the graph its queries are (`backend` "onnx", recorded in the index)."""
+
+    backend = "onnx"
+
+    def __init__(self, export_dir: str | Path, run_dir: str | Path, threads: int | None = None):
+        self.onnx = OnnxClip(export_dir, threads=threads)
+        self.run_dir = Path(run_dir)
+        self.image_size, self.embed_dim = self.onnx.image_size, int(self.onnx.spec["embed_dim"])
+
+    def eval(self):
+        return self
+
+    def preprocess(self, image):
+        import torch
+
+        return torch.from_numpy(self.onnx.preprocess(image))
+
+    def encode_image(self, images):
+        import torch
+
+        return torch.from_numpy(self.onnx.encode_image(np.ascontiguousarray(images.numpy(), dtype=np.float32)))
+
+
+def onnx_backend_available() -> bool:
+    """Whether the onnx extra is installed: the exporter and onnxruntime."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxscript", "onnxruntime"))
+
+
 # ----------------------------------------------------------------------------------------------- onnxruntime only
 
 

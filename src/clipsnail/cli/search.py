@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import logging
+import shutil
 from pathlib import Path
 
 from clipsnail.cli.common import add_follow_links_flag, add_runtime_flags, print_json, print_metrics, requires_extra
@@ -119,6 +121,9 @@ def add_workers_flag(p: argparse.ArgumentParser) -> None:
 
 
 def add_onnx_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=["auto", "onnx", "torch"], default="auto",
+                   help="what encodes the photos: onnx (ONNX Runtime, the run exported first) or torch; auto: an "
+                        "update keeps the index's, a build takes onnx on a CPU with the onnx extra, else torch")
     p.add_argument("--no-onnx", action="store_true",
                    help="do not write the index's ONNX query encoder (written by default when the onnx extra is "
                         "installed: searches then answer without loading PyTorch)")
@@ -293,17 +298,70 @@ def embeddings_cache(run_dir: Path) -> Path:
 
 
 def cmd_index_build(args: argparse.Namespace) -> None:
-    from clipsnail.apps.hub import load
     from clipsnail.inference.index import DEFAULT_APPROX_THRESHOLD, build_index
 
     check_index_flags(args)
-    model = load(args.model, device=args.device)
     threshold = args.approx_threshold if args.approx_threshold is not None else DEFAULT_APPROX_THRESHOLD
-    index, stats = build_index(model, args.images, args.out, batch_size=args.batch_size,
-                               progress=not args.no_progress, approx_threshold=threshold,
-                               follow_links=args.follow_links, workers=args.workers)
-    stats["query_encoder"] = write_query_encoder(args, index.index_dir)
-    print_json({"index": str(index.index_dir), **stats, "structure": index.structure})
+    backend = choose_backend(args, None)
+    with photo_encoder(args, args.model, Path(args.out), backend, None) as model:
+        index, stats = build_index(model, args.images, args.out, batch_size=args.batch_size,
+                                   progress=not args.no_progress, approx_threshold=threshold,
+                                   follow_links=args.follow_links, workers=args.workers)
+    # An ONNX backend's export became the index's query encoder
+    stats["query_encoder"] = "written" if backend == "onnx" else write_query_encoder(args, index.index_dir)
+    print_json({"index": str(index.index_dir), **stats, "backend": backend, "structure": index.structure})
+
+
+def choose_backend(args: argparse.Namespace, recorded: str | None) -> str:
+    """What encodes the photos: --backend; auto = the index's own (an update), else ONNX Runtime on the CPU when
+    the onnx extra is installed (and --no-onnx is not given), else PyTorch."""
+    from clipsnail.apps.export import onnx_backend_available
+
+    if args.backend != "auto":
+        if args.backend == "onnx" and not onnx_backend_available():
+            raise ClipsnailError("--backend onnx needs the onnx extra: pip install 'clipsnail[onnx]'")
+        return args.backend
+    if recorded is not None:
+        return recorded
+    on_cpu = args.device == "cpu" or (args.device == "auto" and not _accelerator())
+    return "onnx" if on_cpu and not args.no_onnx and onnx_backend_available() else "torch"
+
+
+def _accelerator() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or (hasattr(torch.backends, "mps") and torch.backends.mps.is_available())
+
+
+@contextlib.contextmanager
+def photo_encoder(args: argparse.Namespace, model_spec, index_dir: Path, backend: str, index):
+    """The model `index build` / `index update` encodes photos with: the run in PyTorch, or (backend "onnx") its
+    ONNX export: the index's query encoder when it is of the run's weights now, else a new export, which becomes
+    the index's query encoder once the photos are encoded."""
+    from clipsnail.apps.hub import load
+
+    if backend == "torch":
+        yield load(model_spec, device=args.device)
+        return
+    from clipsnail.apps.export import OnnxImageModel, export_onnx
+    from clipsnail.apps.model_names import resolve_run
+    from clipsnail.core.fingerprint import weights_fingerprint
+    from clipsnail.core.safeio import replace_dir, temp_sibling
+    from clipsnail.inference.index import QUERY_ENCODER, set_query_encoder
+
+    run_dir = resolve_run(model_spec).resolve()
+    if index is not None and index.query_encoder() is not None and not index.weights_changed():
+        yield OnnxImageModel(index.query_encoder(), run_dir)
+        return
+    staging = temp_sibling(index_dir.absolute(), "tmp")  # beside the index: moved into it, not copied
+    try:
+        weights = weights_fingerprint(run_dir)
+        export_onnx(run_dir, staging)
+        yield OnnxImageModel(staging, run_dir)
+        replace_dir(staging, index_dir / QUERY_ENCODER)
+        set_query_encoder(index_dir, weights)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def write_query_encoder(args: argparse.Namespace, index_dir: Path) -> str:
@@ -313,7 +371,6 @@ def write_query_encoder(args: argparse.Namespace, index_dir: Path) -> str:
 
 
 def cmd_index_update(args: argparse.Namespace) -> None:
-    from clipsnail.apps.hub import load
     from clipsnail.inference.index import ImageIndex, update_index
 
     check_index_flags(args)
@@ -321,11 +378,16 @@ def cmd_index_update(args: argparse.Namespace) -> None:
     model_dir = args.model or old.model_dir
     if model_dir is None:
         raise ClipsnailError(f"{args.index}: the index does not record its model; pass --model RUN")
-    model = load(model_dir, device=args.device)
-    index, stats = update_index(model, args.index, batch_size=args.batch_size, progress=not args.no_progress,
-                                workers=args.workers)
-    stats["query_encoder"] = write_query_encoder(args, index.index_dir)
-    print_json({"index": str(index.index_dir), **stats})
+    backend = choose_backend(args, old.meta.get("backend", "torch"))
+    reused = old.query_encoder() is not None and not old.weights_changed()
+    with photo_encoder(args, model_dir, Path(args.index), backend, old) as model:
+        index, stats = update_index(model, args.index, batch_size=args.batch_size, progress=not args.no_progress,
+                                    workers=args.workers)
+    if backend == "onnx":  # the index's query encoder encoded the photos, or a new export did and took its place
+        stats["query_encoder"] = "kept" if reused else "written"
+    else:
+        stats["query_encoder"] = write_query_encoder(args, index.index_dir)
+    print_json({"index": str(index.index_dir), **stats, "backend": backend})
 
 
 def cmd_index_info(args: argparse.Namespace) -> None:

@@ -381,8 +381,8 @@ def _write_new(out_dir: Path, state: dict, rels: list[str], entries: dict[str, t
 
 
 def _base_state(root: Path, follow_links: bool, model_dir: str | None, dim: int, approx_threshold: int,
-                created: str | None, stats: dict) -> dict:
-    return {"root": str(root), "follow_links": follow_links, "model_dir": model_dir,
+                created: str | None, stats: dict, backend: str = "torch") -> dict:
+    return {"root": str(root), "follow_links": follow_links, "model_dir": model_dir, "backend": backend,
             "model_weights": weights_fingerprint(model_dir) if model_dir else None, "dim": dim,
             "structure": {"approx_threshold": approx_threshold}, "created": created or _now(), "last_stats": stats}
 
@@ -537,7 +537,7 @@ def build_index(model, images_dir: str | Path, out_dir: str | Path, batch_size: 
              "unreadable": len(unreadable), "total": len(good), "encoded": len(good)}
     facts = read_all_facts(root, good, follow_links, progress=progress)
     state = _base_state(root, follow_links, _model_dir(model, model_dir), model.embed_dim, approx_threshold, None,
-                        stats)
+                        stats, backend_of(model))
     _write_new(Path(out_dir), state, good, {r: (*found[r], sha1[r]) for r in good},
                vecs.numpy().astype(np.float32, copy=False).reshape(-1, model.embed_dim), facts, unreadable,
                target_recall)
@@ -666,7 +666,16 @@ def update_index(model, index_dir: str | Path, batch_size: int = 64, progress: b
     return ImageIndex.load(index_dir), stats
 
 
+def backend_of(model) -> str:
+    """What runs the image encoder: "torch", or "onnx" (`clipsnail.apps.export.OnnxImageModel`)."""
+    return getattr(model, "backend", "torch")
+
+
 def _check_update_model(model, old: ImageIndex, index_dir: Path) -> None:
+    if backend_of(model) != old.meta.get("backend", "torch"):
+        raise ClipsnailError(f"{index_dir} holds vectors encoded through {old.meta.get('backend', 'torch')}; an "
+                             f"update encodes through the same (not {backend_of(model)}): --backend "
+                             f"{old.meta.get('backend', 'torch')}, or build the index again")
     if model.embed_dim != old.dim or old.other_model(model.run_dir):
         made_by = f"dim-{old.dim} vectors of {old.model_dir}" if old.model_dir else f"dim-{old.dim} vectors"
         raise ClipsnailError(f"{index_dir} holds {made_by}; `index update` adds to them with that run only (its "
