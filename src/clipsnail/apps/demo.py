@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from clipsnail.apps.convert import CONSE_DEFAULT
+from clipsnail.apps.export import ensure_query_encoder, onnx_backend_available
 from clipsnail.apps.hub import load
 from clipsnail.apps.model_names import resolve_run
 from clipsnail.core.config import PACKAGED_CONFIGS, load_config
@@ -265,6 +266,8 @@ def run_photo_demo(photos: str | Path, out: str | Path, *, model_run: str | Path
 
     say(f"[3/3] answering {len(queries)} text queries ...")
     summary["queries"] = answer_queries(model, index, queries, out / "queries")
+    if onnx_backend_available():  # the searches it suggests then answer without loading PyTorch
+        summary["query_encoder"] = ensure_query_encoder(index_dir)
     summary["seconds"] = round(time.perf_counter() - started, 1)
     atomic_write_json(out / PHOTO_SUMMARY, summary)
     print_photo_summary(summary, index, out)
