@@ -79,8 +79,8 @@ def test_an_index_without_a_query_encoder_searches_with_pytorch_until_an_update_
     assert json.loads(capsys.readouterr().out)["query_encoder"] == "kept"
 
 
-def test_photos_encoded_through_onnx_agree_with_pytorch_and_an_index_keeps_its_backend(clip_run, photos, tmp_path,
-                                                                                      capsys):
+def test_photos_encoded_through_onnx_agree_with_pytorch_and_an_index_keeps_its_backend(clip_run, clip_model, photos,
+                                                                                      tmp_path, capsys):
     import shutil
 
     import torch
@@ -106,3 +106,14 @@ def test_photos_encoded_through_onnx_agree_with_pytorch_and_an_index_keeps_its_b
     assert stats["backend"] == "onnx" and stats["encoded"] == 1 and stats["query_encoder"] == "kept"
     message = run_error(capsys, ["index", "update", "--index", str(tmp_path / "onnx"), "--backend", "torch"])
     assert "encoded through onnx" in message and "--backend onnx" in message
+
+    # `index watch` and `serve --watch` update it through its own query encoder, encoding only the new photo
+    from clipsnail.apps.export import photo_model_of
+    from clipsnail.inference.index import update_index
+
+    noise_image(library / "newer.png", 100)
+    index = ImageIndex.load(tmp_path / "onnx")
+    updated, stats = update_index(photo_model_of(index, clip_model), tmp_path / "onnx", progress=False)
+    assert stats["encoded"] == 1 and stats["reencoded"] == 0 and updated.meta["backend"] == "onnx"
+    assert photo_model_of(index, clip_model) is not clip_model and photo_model_of(ImageIndex.load(
+        tmp_path / "torch"), clip_model) is clip_model

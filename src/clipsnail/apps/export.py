@@ -302,9 +302,12 @@ class OnnxImageModel:
 
     backend = "onnx"
 
-    def __init__(self, export_dir: str | Path, run_dir: str | Path, threads: int | None = None):
+    def __init__(self, export_dir: str | Path, run_dir: str | Path, weights: dict | None,
+                 threads: int | None = None):
         self.onnx = OnnxClip(export_dir, threads=threads)
-        self.run_dir = Path(run_dir)
+        # The fingerprint of the weights the export was made from: the vectors it makes are of those, whatever the
+        # run holds now
+        self.run_dir, self.weights = Path(run_dir), weights
         self.image_size, self.embed_dim = self.onnx.image_size, int(self.onnx.spec["embed_dim"])
 
     def eval(self):
@@ -319,6 +322,19 @@ class OnnxImageModel:
         import torch
 
         return torch.from_numpy(self.onnx.encode_image(np.ascontiguousarray(images.numpy(), dtype=np.float32)))
+
+
+def photo_model_of(index, model):
+    """The model an update of `index` encodes photos with (`index watch`, `serve --watch`): `model` (PyTorch) for
+    an index encoded through PyTorch; for one encoded through ONNX Runtime, its own query encoder."""
+    if index.meta.get("backend", "torch") != "onnx":
+        return model
+    folder = index.query_encoder()
+    if folder is None:
+        raise ClipsnailError(f"{index.index_dir}: its photos were encoded through ONNX Runtime, but its query encoder "
+                             f"is missing or of other weights; `clipsnail index update --index {index.index_dir}` "
+                             "exports the run again")
+    return OnnxImageModel(folder, index.model_dir, index.meta.get("query_encoder"))
 
 
 def onnx_backend_available() -> bool:

@@ -351,13 +351,13 @@ def photo_encoder(args: argparse.Namespace, model_spec, index_dir: Path, backend
 
     run_dir = resolve_run(model_spec).resolve()
     if index is not None and index.query_encoder() is not None and not index.weights_changed():
-        yield OnnxImageModel(index.query_encoder(), run_dir)
+        yield OnnxImageModel(index.query_encoder(), run_dir, index.meta.get("query_encoder"))
         return
     staging = temp_sibling(index_dir.absolute(), "tmp")  # beside the index: moved into it, not copied
     try:
         weights = weights_fingerprint(run_dir)
         export_onnx(run_dir, staging)
-        yield OnnxImageModel(staging, run_dir)
+        yield OnnxImageModel(staging, run_dir, weights)
         replace_dir(staging, index_dir / QUERY_ENCODER)
         set_query_encoder(index_dir, weights)
     finally:
@@ -438,7 +438,10 @@ def cmd_index_watch(args: argparse.Namespace) -> None:
     index = ImageIndex.load(args.index)
     if index.model_dir is None:
         raise ClipsnailError(f"{args.index}: the index does not record its model; update it once with --model RUN")
-    model = load(index.model_dir, device=args.device)
+    from clipsnail.apps.export import photo_model_of
+
+    model = photo_model_of(index, load(index.model_dir, device=args.device))
+
     def said(new, stats) -> None:  # one line per update: a stream another program can read as it comes
         print(json_text({"index": str(new.index_dir), **stats}, indent=None), flush=True)
 

@@ -634,7 +634,11 @@ def update_index(model, index_dir: str | Path, batch_size: int = 64, progress: b
     old = ImageIndex.load(index_dir, upgrade=False)
     try:
         _check_update_model(model, old, index_dir)
-        encode_all = old.weights_changed()  # the same run with other weights: every vector is encoded again
+        # The same run with other weights: every vector is encoded again. A model pinned to weights (an ONNX export)
+        # makes vectors of those, whatever the run holds now.
+        pinned = getattr(model, "weights", None)
+        encode_all = (pinned or {}).get("sha1") != (old.model_weights or {}).get("sha1") if pinned else \
+            old.weights_changed()
         if encode_all:
             log.warning("%s: the weights of %s changed since the index was made: encoding every image again",
                         index_dir, old.model_dir)
@@ -652,7 +656,7 @@ def update_index(model, index_dir: str | Path, batch_size: int = 64, progress: b
         state = {**old.meta, "photos": stats["total"], "last_stats": stats, "num_unreadable": len(plan.unreadable),
                  "structure": {**old.structure, "approx_threshold": threshold}}
         if encode_all:
-            state["model_weights"] = weights_fingerprint(old.model_dir)
+            state["model_weights"] = pinned or weights_fingerprint(old.model_dir)
         stats["written"] = bool(plan.keep_row or encoded or plan.copies or plan.removed or encode_all or
                                 plan.unreadable != old.catalogue.unreadable() or
                                 threshold != old.structure["approx_threshold"])

@@ -213,13 +213,15 @@ def run_server(index, generator=None, host: str = "127.0.0.1", port: int = 8000,
              " and any IP address" if any_ip_address else "")
     stop = threading.Event()
     if watch:
+        from clipsnail.apps.export import photo_model_of
         from clipsnail.inference.watch import watch_index
 
         def swap(new_index, stats) -> None:
             app.state.service.swap(new_index)
             log.info("serving the updated index: %s", stats)
 
-        threading.Thread(target=watch_index, args=(model, index, stop), name="clipsnail-watch", daemon=True,
+        threading.Thread(target=watch_index, args=(photo_model_of(image_index, model), index, stop),
+                         name="clipsnail-watch", daemon=True,
                          kwargs={"on_update": swap, "poll_seconds": poll_seconds}).start()
     try:
         uvicorn.run(app, host=host, port=port, log_level="info", access_log=False, http=protocol,
