@@ -238,7 +238,7 @@ def test_packaged_conse_name_is_converted_once_and_searches(conse_run_of_name, s
     for image in sorted((shapes_dir / "images").iterdir())[:4]:
         (photos / image.name).write_bytes(image.read_bytes())
     assert main(["index", "build", "--model", CONSE_NAME, "--images", str(photos), "--out", str(tmp_path / "idx"),
-                 "--no-progress"]) == 0
+                 "--no-progress", "--no-onnx"]) == 0
     built = json.loads(capsys.readouterr().out)
     assert built["total"] == 4
     assert main(["search", "--index", str(tmp_path / "idx"), "a circle", "-k", "2"]) == 0
@@ -253,7 +253,8 @@ def test_photo_demo_with_nothing_but_a_folder_uses_the_conse_model(conse_run_of_
     for image in sorted((shapes_dir / "images").iterdir())[:6]:
         (photos / image.name).write_bytes(image.read_bytes())
     out = tmp_path / "out"
-    assert main(["demo", "--photos", str(photos), "--out", str(out), "--query", "a red circle", "--no-progress"]) == 0
+    assert main(["demo", "--photos", str(photos), "--out", str(out), "--query", "a red circle", "--no-progress",
+                 "--no-onnx"]) == 0
     printed = capsys.readouterr().out
     summary = json.loads((out / "photos_summary.json").read_text())
     assert summary["model"] == str(run.resolve())

@@ -61,7 +61,7 @@ def test_cli_warnings_about_hostile_names_are_escaped(clip_run, tmp_path):
     noise_image(photos / "ok.png", 0)
     (photos / f"{CLEAR_SCREEN}.jpg").write_bytes(b"not a jpeg")
     proc = subprocess.run([sys.executable, "-m", "clipsnail", "index", "build", "--model", str(clip_run), "--images",
-                           str(photos), "--out", str(tmp_path / "idx"), "--no-progress"],
+                           str(photos), "--out", str(tmp_path / "idx"), "--no-progress", "--no-onnx"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "\x1b" not in proc.stderr and "\x1b" not in proc.stdout

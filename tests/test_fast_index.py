@@ -193,11 +193,11 @@ def test_cli_workers_flag(clip_run, camera_roll, tmp_path, capsys):
     out = tmp_path / "idx"
     capsys.readouterr()
     assert main(["index", "build", "--model", str(clip_run), "--images", str(camera_roll), "--out", str(out),
-                 "--workers", "2", "--no-progress"]) == 0
+                 "--workers", "2", "--no-progress", "--no-onnx"]) == 0
     built = json.loads(capsys.readouterr().out)
     assert built["total"] == MIN_IMAGES_FOR_WORKERS + 4 and built["unreadable"] == 2
-    assert main(["index", "update", "--index", str(out), "--workers", "0", "--no-progress"]) == 0
+    assert main(["index", "update", "--index", str(out), "--workers", "0", "--no-progress", "--no-onnx"]) == 0
     assert json.loads(capsys.readouterr().out)["unchanged"] == MIN_IMAGES_FOR_WORKERS + 4
     assert "--workers" in run_error(capsys, ["index", "build", "--model", str(clip_run), "--images",
-                                             str(camera_roll), "--out", str(out), "--workers", "-1"])
+                                             str(camera_roll), "--out", str(out), "--workers", "-1", "--no-onnx"])
     assert "--workers" in run_error(capsys, ["index", "update", "--index", str(out), "--workers", "-2"])

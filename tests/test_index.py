@@ -180,7 +180,7 @@ def cli_json(capsys, argv):
 def test_cli_build_update_search(clip_run, photos, tmp_path, capsys, shapes_dir):
     out = tmp_path / "idx"
     built = cli_json(capsys, ["index", "build", "--model", str(clip_run), "--images", str(photos), "--out", str(out),
-                              "--batch-size", "4", "--no-progress"])
+                              "--batch-size", "4", "--no-progress", "--no-onnx"])
     assert built["index"] == str(out.absolute()) and built["total"] == 11 and built["unreadable"] == 1
     assert built["structure"]["type"] == "exact"
 
@@ -193,7 +193,7 @@ def test_cli_build_update_search(clip_run, photos, tmp_path, capsys, shapes_dir)
     assert hits[0]["path"] == query and hits[0]["score"] == pytest.approx(1.0, abs=1e-4) and grid.exists()
 
     (photos / "0.png").unlink()
-    stats = cli_json(capsys, ["index", "update", "--index", str(out), "--no-progress"])
+    stats = cli_json(capsys, ["index", "update", "--index", str(out), "--no-progress", "--no-onnx"])
     assert {k: stats[k] for k in ("added", "changed", "removed", "unchanged", "unreadable", "total")} == {
         "added": 0, "changed": 0, "removed": 1, "unchanged": 10, "unreadable": 1, "total": 10}
 
@@ -230,7 +230,7 @@ def test_an_index_takes_vectors_from_the_model_that_made_it_only(clip_run, photo
 
     out = tmp_path / "idx"
     cli_json(capsys, ["index", "build", "--model", str(clip_run), "--images", str(photos), "--out", str(out),
-                      "--no-progress"])
+                      "--no-progress", "--no-onnx"])
     meta_before = ImageIndex.load(out).meta
     assert meta_before["model_weights"]["sha1"]
     other = tmp_path / "other"
@@ -257,7 +257,7 @@ def test_vectors_of_a_run_that_trained_further_are_never_used(clip_run, photos, 
     msg = run_error(capsys, ["search", "--index", str(out), "a red circle"])
     assert "changed since its vectors were made" in msg and f"clipsnail index update --index {out}" in msg
 
-    stats = cli_json(capsys, ["index", "update", "--index", str(out), "--no-progress"])
+    stats = cli_json(capsys, ["index", "update", "--index", str(out), "--no-progress", "--no-onnx"])
     assert stats["reencoded"] == stats["total"] == 11 and stats["unchanged"] == 11
     new = clipsnail.load(run)
     index = ImageIndex.load(out)
@@ -265,7 +265,7 @@ def test_vectors_of_a_run_that_trained_further_are_never_used(clip_run, photos, 
     torch.testing.assert_close(index.vectors(), expected, atol=1e-5, rtol=0)
     assert not index.weights_changed()
     assert len(cli_json(capsys, ["search", "--index", str(out), "a red circle", "-k", "3"])) == 3
-    assert cli_json(capsys, ["index", "update", "--index", str(out), "--no-progress"])["reencoded"] == 0
+    assert cli_json(capsys, ["index", "update", "--index", str(out), "--no-progress", "--no-onnx"])["reencoded"] == 0
 
 
 def test_search_images_cache_follows_the_run_weights(clip_run, photos, tmp_path, capsys):

@@ -144,7 +144,7 @@ def test_index_build_search_and_serve_by_name(hub, weights, tmp_path, capsys):
     for i in range(3):
         noise_image(images / f"{i}.png", seed=i, size=32)
     assert main(["index", "build", "--model", "hf-hub:org/name", "--images", str(images), "--out",
-                 str(tmp_path / "index"), "--no-progress"]) == 0
+                 str(tmp_path / "index"), "--no-progress", "--no-onnx"]) == 0
     run = (home / "runs" / "hf-hub" / "org--name" / COMMIT).resolve()
     index = ImageIndex.load(tmp_path / "index")
     assert len(index) == 3 and index.model_dir == run  # `serve` and `index update` load the recorded run
@@ -178,7 +178,7 @@ def test_not_in_the_cache_offline_is_one_line_saying_what_to_download(hub, capsy
     cache, home = hub
     repo = "laion/CLIP-ViT-B-32-laion2B-s34B-b79K"
     line = run_error(capsys, ["index", "build", "--model", f"hf-hub:{repo}", "--images", str(tmp_path), "--out",
-                              str(tmp_path / "index")])
+                              str(tmp_path / "index"), "--no-onnx"])
     for part in (f"hf-hub:{repo}", str(cache), "HF_HUB_OFFLINE", "open_clip_config.json",
                  "open_clip_model.safetensors", f"hf download {repo} open_clip_config.json open_clip_model.safetensors",
                  "clipsnail convert --from open_clip:FOLDER/open_clip_model.safetensors --out RUN"):

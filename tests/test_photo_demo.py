@@ -33,7 +33,8 @@ def scratch_config(tmp_path):
 
 
 def fine_tune_args(photos, out, shapes_dir, config, *extra):
-    return ["demo", "--photos", str(photos), "--out", str(out), "--captions", str(shapes_dir / "captions.csv"),
+    return ["demo", "--photos", str(photos), "--out", str(out), "--no-onnx", "--captions",
+            str(shapes_dir / "captions.csv"),
             "--images", str(shapes_dir / "images"), "--split-file", str(shapes_dir / "split.json"),
             "--config", str(config), *sets(TINY_CLIP), "--steps", "3", "--no-progress", *extra]
 
@@ -99,6 +100,7 @@ def test_model_run_searches_with_the_default_queries(photos, clip_run, tmp_path)
     summary = read_summary(out)
     assert summary["model"] == str(clip_run.resolve()) and "fine_tuned_steps" not in summary
     assert [a["query"] for a in summary["queries"]] == PHOTO_QUERIES
+    assert summary["query_encoder"] == "written"  # later searches of the index load no PyTorch
     assert len(list((out / "queries").glob("*.png"))) == len(PHOTO_QUERIES)
     assert not (out / "run").exists()
     from clipsnail.inference.index import ImageIndex
@@ -110,7 +112,7 @@ def test_query_names_stay_inside_the_grid_folder(photos, clip_run, tmp_path):
     out = tmp_path / "out"
     queries = ["--query", "../../escape", "--query", "a dog", "--query", "A dog!"]
     assert main(["demo", "--photos", str(photos), "--model", str(clip_run), "--out", str(out), "--no-progress",
-                 *queries]) == 0
+                 "--no-onnx", *queries]) == 0
     assert sorted(p.name for p in (out / "queries").iterdir()) == ["a_dog.png", "a_dog_2.png", "escape.png"]
     assert not (tmp_path / "escape.png").exists()
 
@@ -161,6 +163,7 @@ def test_a_newline_in_a_photo_name_cannot_forge_a_result_line(shapes_dir, clip_r
     shutil.copyfile(sorted((shapes_dir / "images").iterdir())[0], photos / forged)
     capsys.readouterr()
     assert main(["demo", "--photos", str(photos), "--model", str(clip_run), "--out", str(tmp_path / "out"),
+                 "--no-onnx",
                  "--no-progress", "--query", "a red circle"]) == 0
     shown = [line for line in capsys.readouterr().out.splitlines() if "totally_real" in line]
     assert len(shown) == 1 and shown[0].endswith("  fake\\x0a    0.999  totally_real.png"), shown  # one line, escaped

@@ -69,7 +69,7 @@ def test_index_build_refuses_a_users_folder_that_happens_to_hold_index_json(clip
     assert (users / "thesis.tex").read_text() == "years of work" and sorted(os.listdir(users)) == [
         "index.json", "thesis.tex"]
     assert main(["index", "build", "--model", str(clip_model.run_dir), "--images", str(photos), "--out", str(users),
-                 "--no-progress"]) == 2
+                 "--no-progress", "--no-onnx"]) == 2
     assert (users / "thesis.tex").exists()
     # an index of ours is replaced, an empty folder is filled
     build_index(clip_model, photos, tmp_path / "idx", progress=False)
@@ -416,7 +416,7 @@ def test_a_second_writer_of_a_run_or_index_stops_naming_the_first(clip_run, clip
     index = tmp_path / "idx"
     with locked_by_another_process(index.absolute()) as pid:
         line = run_error(capsys, ["index", "build", "--model", str(clip_run), "--images", str(photos), "--out",
-                                  str(index), "--no-progress"])
+                                  str(index), "--no-progress", "--no-onnx"])
         assert f"another clipsnail (pid {pid}) is writing this index" in line and not index.exists()
     build_index(clip_model, photos, index, progress=False)  # the killed holder left no stale lock behind
     assert len(ImageIndex.load(index)) > 0
@@ -497,8 +497,8 @@ def test_a_full_disk_while_writing_an_index_keeps_the_old_one(clip_run, clip_mod
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
     monkeypatch.setattr(vector_store, "_append", disk_full)
-    for argv in (["index", "build", "--model", str(clip_run), "--images", str(photos), "--out", str(out)],
-                 ["index", "update", "--index", str(out)]):
+    for argv in (["index", "build", "--model", str(clip_run), "--images", str(photos), "--out", str(out), "--no-onnx"],
+                 ["index", "update", "--index", str(out), "--no-onnx"]):
         line = run_error(capsys, [*argv, "--no-progress"])
         assert "cannot be written: No space left on device" in line and "is kept as it was" in line, line
         assert ImageIndex.load(out).meta == before and len(ImageIndex.load(out)) == 4
@@ -513,7 +513,7 @@ def test_too_little_free_space_is_said_before_encoding(clip_run, photos, tmp_pat
     monkeypatch.setattr(index_module, "_encode", lambda *a, **k: pytest.fail("encoded although the disk is full"))
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 2**16, 2**16))
     line = run_error(capsys, ["index", "build", "--model", str(clip_run), "--images", str(photos), "--out",
-                              str(tmp_path / "idx"), "--no-progress"])
+                              str(tmp_path / "idx"), "--no-progress", "--no-onnx"])
     assert "an index of 4 images needs about 1 MiB, but only 0 MiB are free" in line
 
 

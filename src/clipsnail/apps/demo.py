@@ -189,7 +189,7 @@ def run_photo_demo(photos: str | Path, out: str | Path, *, model_run: str | Path
                    caption_data: Mapping[str, Any] | None = None, steps: int = PHOTO_DEMO_STEPS,
                    queries: Sequence[str] | None = None, config: str | Path | None = CONSE_FINETUNE,
                    overrides: Sequence[str] = (), device: str = "auto", follow_links: bool = False,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, query_encoder: bool = True) -> dict:
     """Index the folder `photos` with a CLIP and answer `queries` (default `PHOTO_QUERIES`) with result grids.
 
     The CLIP is the run or model name `model_run` (default, when no `caption_data` is given either: `PHOTO_MODEL`,
@@ -197,7 +197,7 @@ def run_photo_demo(photos: str | Path, out: str | Path, *, model_run: str | Path
     whose projection heads start random) fine-tuned for `steps` on `caption_data` (config values: {"data.captions":
     FILE, "data.images": DIR, ...}) into out/run, resuming the run already there. `overrides` are `--set` strings
     for that config. The index is out/index: a later call encodes only new and changed photos (every photo again
-    when the model changed).
+    when the model changed). query_encoder: also write the index's ONNX query encoder (with the onnx extra).
     Writes out/queries/*.png and out/photos_summary.json, prints a summary, and returns the summary."""
     photos, out = Path(photos).expanduser(), Path(out).expanduser()
     if model_run is not None and caption_data is not None:
@@ -266,7 +266,7 @@ def run_photo_demo(photos: str | Path, out: str | Path, *, model_run: str | Path
 
     say(f"[3/3] answering {len(queries)} text queries ...")
     summary["queries"] = answer_queries(model, index, queries, out / "queries")
-    if onnx_backend_available():  # the searches it suggests then answer without loading PyTorch
+    if query_encoder and onnx_backend_available():  # the searches it suggests then load no PyTorch
         summary["query_encoder"] = ensure_query_encoder(index_dir)
     summary["seconds"] = round(time.perf_counter() - started, 1)
     atomic_write_json(out / PHOTO_SUMMARY, summary)

@@ -47,6 +47,9 @@ def add_demo(p: argparse.ArgumentParser) -> None:
     photos.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a value of that config (repeatable)")
     photos.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (fine-tuning and search)")
+    photos.add_argument("--no-onnx", action="store_true",
+                        help="do not write the index's ONNX query encoder (written with the onnx extra: later "
+                             "searches of the index then load no PyTorch)")
     p.set_defaults(func=cmd_demo)
 
 
@@ -55,7 +58,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
         photo_flags = (("--model", args.model), ("--captions", args.captions), ("--images", args.images),
                        ("--split-file", args.split_file), ("--query", args.query), ("--config", args.config),
                        ("--set", args.overrides), ("--follow-links", args.follow_links), ("--strict", args.strict),
-                       ("--format", args.format != "auto"), ("--device", args.device != "auto"))
+                       ("--format", args.format != "auto"), ("--device", args.device != "auto"),
+                       ("--no-onnx", args.no_onnx))
         given = [flag for flag, value in photo_flags if value]
         if given:
             raise ClipsnailError(f"{given[0]} is a flag of the photo demo: add --photos DIR")
@@ -79,4 +83,4 @@ def cmd_demo(args: argparse.Namespace) -> None:
                    caption_data=caption_values(args) if args.captions else None,
                    steps=args.steps or PHOTO_DEMO_STEPS, queries=args.query,
                    config=find_config(args.config) or CONSE_FINETUNE, overrides=args.overrides, device=args.device,
-                   follow_links=args.follow_links, progress=not args.no_progress)
+                   follow_links=args.follow_links, progress=not args.no_progress, query_encoder=not args.no_onnx)
