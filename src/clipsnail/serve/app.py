@@ -19,7 +19,7 @@ Safe by default, because the index is usually someone's private photo collection
   Uploads must decode as a common raster image whose header declares at most `max_image_pixels` pixels.
 - Decoding memory is bounded: images are decoded on a pool of `max_decoding` threads of its own (waiting requests
   hold no thread and no pixels), at about twice the model's input size rather than full size (images.py).
-- No path from a request reaches the filesystem: images are named by their position in the index, and only
+- No path from a request reaches the filesystem: images are named by their id in the index, and only
   files in the index are ever opened, through `safeio.read_regular` (regular files under the index's root only;
   a FIFO or a device named x.jpg is a 404 at once, never a blocked worker). An image term of a search query
   (clipsnail.inference.query) names an indexed image by its path relative to the index root and uses its stored

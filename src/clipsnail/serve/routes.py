@@ -72,7 +72,7 @@ def search_routes(limits: Limits) -> APIRouter:
     upload_body_limit = limits.max_upload_bytes + 64 * 2**10  # the file plus multipart headers and small fields
     k_query = Query(10, ge=1, le=limits.max_k, description="number of results")
     k_form = Form(10, ge=1, le=limits.max_k, description="number of results")
-    image_id = PathParam(ge=0, le=2**31, description="position in the index (from a search hit)")
+    image_id = PathParam(ge=0, le=2**31, description="a photo's id in the index (from a search hit)")
 
     @router.get("/api/search", response_model=SearchResult, tags=["search"])
     def search_text(q: str = Query(min_length=1, max_length=limits.max_query_chars,
@@ -135,13 +135,13 @@ def search_routes(limits: Limits) -> APIRouter:
     async def thumb(id: int = image_id, svc: SearchService = Depends(service)):
         """A thumbnail of the indexed image `id` (PNG for small images, JPEG otherwise)."""
         svc.check_id(id)
-        key = (svc.served.generation, id)  # an id is a position in one state of the index
+        key = (svc.served.generation, id)  # a photo changed in place keeps its id: one state's thumbnail
         cached = svc.thumbs.get(key)  # a hit need not wait for a decoding thread
         if cached is None:
             cached = await svc.decode(svc.thumb_bytes, id)
             svc.thumbs.put(key, cached)
         data, media_type = cached
-        # no-cache: the browser asks again (answered from the cache here): an index that updates itself moves ids
+        # no-cache: the browser asks again (answered from the cache here): a photo changed in place keeps its id
         return Response(data, media_type=media_type, headers={"Cache-Control": "private, no-cache"})
 
     return router

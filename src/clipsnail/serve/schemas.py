@@ -33,7 +33,7 @@ class Limits:
 
 
 class Hit(BaseModel):
-    id: int = Field(description="position in the index; the only way to name an image")
+    id: int = Field(description="the photo's id in the index (kept across updates); the only way to name an image")
     name: str = Field(description="file name (no folder)")
     path: str = Field(description="path relative to the index root: names the image as a term of a search query")
     score: float = Field(description="cosine similarity")

@@ -78,7 +78,7 @@ class SearchService:
         # Decodes wait for one of these threads without holding a threadpool thread or any pixels; at most
         # max_decoding full-size images exist at once, however many uploads arrive together.
         self.decoder = ThreadPoolExecutor(max_workers=limits.max_decoding, thread_name_prefix="clipsnail-decode")
-        self.thumbs = LRU(limits.thumb_cache)  # keyed by (generation, id): ids are positions in one state
+        self.thumbs = LRU(limits.thumb_cache)  # keyed by (generation, id): a changed photo keeps its id
         self.zero_shot_cache: dict[str, torch.Tensor] = {}
 
     @property
