@@ -193,6 +193,7 @@ class Training:
                          advice)
             try:
                 self.optimizer.load_state_dict(state["optimizer"])
+                _moments_in_param_layout(self.optimizer)
                 self.scheduler.load_state_dict(state["scheduler"])
                 self.scaler.load_state_dict(state["scaler"])
                 if self.ema is not None and "ema" in state:
@@ -396,6 +397,16 @@ class Training:
                      self.cfg.time_budget, self.step, self.total_steps)
         return FitResult(step=self.step, epoch=epoch, completed=completed, metrics=self.metrics,
                          run_dir=self.run_dir, skipped=self.skipped)
+
+
+def _moments_in_param_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Give each loaded optimiser state tensor its parameter's memory layout. A checkpoint stores them row-major;
+    a parameter kept channels-last (a convolution's weight) had its moments made in its own layout, and the fused
+    AdamW kernel walks a parameter and its moments in memory order, so it would pair the wrong elements."""
+    for param, state in optimizer.state.items():
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                state[key] = torch.empty_like(param).copy_(value)
 
 
 # ----------------------------------------------------------------------------------------------- one step's gradients
