@@ -258,3 +258,32 @@ def run_mem_child(cmd: Sequence[str]) -> dict:
         return {"error": f"exit {proc.returncode}: {(proc.stderr or proc.stdout).strip()[-600:]}"}
     return dict(json.loads(lines[-1][len(MEM_TAG):]), seconds=round(time.perf_counter() - t, 1))
 
+
+
+def synthetic_index(root: Path, index_dir: Path, vectors, model_dir: Path | None = None, stats: dict | None = None):
+    """An index of len(vectors) real (empty) files, 1,000 per folder under root (so a walk and its stats are real),
+    written by the index's own writer with `vectors` [N, D] as their embeddings (model_dir: the run recorded as
+    having made them, with its weights' fingerprint)."""
+    use_source_tree()
+    from clipsnail.core.fingerprint import weights_fingerprint
+    from clipsnail.data.photo_facts import PhotoFacts
+    from clipsnail.inference.index import (
+        DEFAULT_APPROX_THRESHOLD,
+        DEFAULT_TARGET_RECALL,
+        _base_state,
+        _scan,
+        _write_new,
+    )
+
+    for i in range(len(vectors)):
+        folder = root / f"{i // 1000:04d}"
+        if i % 1000 == 0:
+            folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{i:07d}.jpg").touch()
+    found = _scan(root, allow_empty=False, follow_links=False)
+    rels = sorted(found)
+    state = _base_state(root, False, str(model_dir.resolve()) if model_dir else None, vectors.shape[1],
+                        DEFAULT_APPROX_THRESHOLD, None, stats or {})
+    state["model_weights"] = weights_fingerprint(model_dir) if model_dir else None
+    _write_new(index_dir, state, rels, {r: (*found[r], f"{i:040x}") for i, r in enumerate(rels)}, vectors,
+               {r: PhotoFacts() for r in rels}, {}, DEFAULT_TARGET_RECALL)

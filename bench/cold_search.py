@@ -44,16 +44,6 @@ def make_index(work: Path, n: int) -> tuple[Path, Path]:
     """The ConSE run, and an index of n empty files (synthetic vectors) made by it, with its query encoder."""
     _common.use_source_tree()
     from clipsnail.apps.export import ensure_query_encoder
-    from clipsnail.core.fingerprint import weights_fingerprint
-    from clipsnail.data.photo_facts import PhotoFacts
-    from clipsnail.inference.index import (
-        DEFAULT_APPROX_THRESHOLD,
-        DEFAULT_TARGET_RECALL,
-        _base_state,
-        _scan,
-        _write_new,
-    )
-    from clipsnail.inference.vector_store import top_k  # noqa: F401 (the index's search, loaded once here)
 
     run = work / "conse"
     proc = subprocess.run([*cli(), "convert", "--from", CONSE_SPEC, "--out", str(run)], capture_output=True,
@@ -61,19 +51,9 @@ def make_index(work: Path, n: int) -> tuple[Path, Path]:
     if proc.returncode:
         raise SystemExit(f"conversion failed: {proc.stderr[-2000:]}")
     root, index_dir = work / "photos", work / "index"
-    for i in range(n):
-        folder = root / f"{i // 1000:04d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"{i:07d}.jpg").touch()
-    found = _scan(root, allow_empty=False, follow_links=False)
-    rels = sorted(found)
     dim = json.loads((run / "config.json").read_text())["model"]["head"]["embed_dim"]
     vectors = np.random.default_rng(0).standard_normal((n, dim)).astype(np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    state = _base_state(root, False, str(run.resolve()), dim, DEFAULT_APPROX_THRESHOLD, None, {})
-    state["model_weights"] = weights_fingerprint(run)
-    _write_new(index_dir, state, rels, {r: (*found[r], f"{i:040x}") for i, r in enumerate(rels)}, vectors,
-               {r: PhotoFacts() for r in rels}, {}, DEFAULT_TARGET_RECALL)
+    _common.synthetic_index(root, index_dir, vectors / np.linalg.norm(vectors, axis=1, keepdims=True), model_dir=run)
     t = time.perf_counter()
     written = ensure_query_encoder(index_dir)
     if written != "written":

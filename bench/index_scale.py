@@ -103,29 +103,9 @@ def mixture(centres: np.ndarray, n: int, rng) -> np.ndarray:
 
 def make_library(root: Path, index_dir: Path, n: int) -> float:
     """N empty files and an index of them written by the index's writer; returns the seconds it took."""
-    _common.use_source_tree()
-    from clipsnail.data.photo_facts import PhotoFacts
-    from clipsnail.inference.index import (
-        DEFAULT_APPROX_THRESHOLD,
-        DEFAULT_TARGET_RECALL,
-        _base_state,
-        _scan,
-        _write_new,
-    )
-
     start = time.perf_counter()
-    for i in range(n):
-        folder = root / f"{i // 1000:04d}"
-        if i % 1000 == 0:
-            folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"{i:07d}.jpg").touch()
-    found = _scan(root, allow_empty=False, follow_links=False)
-    rels = sorted(found)
-    vectors = mixture(centres_for(n), n, np.random.default_rng(1))
-    entries = {r: (*found[r], f"{i:040x}") for i, r in enumerate(rels)}
     stats = {"added": n, "changed": 0, "removed": 0, "unchanged": 0, "unreadable": 0, "total": n}
-    state = _base_state(root, False, None, DIM, DEFAULT_APPROX_THRESHOLD, None, stats)
-    _write_new(index_dir, state, rels, entries, vectors, {r: PhotoFacts() for r in rels}, {}, DEFAULT_TARGET_RECALL)
+    _common.synthetic_index(root, index_dir, mixture(centres_for(n), n, np.random.default_rng(1)), stats=stats)
     return round(time.perf_counter() - start, 1)
 
 

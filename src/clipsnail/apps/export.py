@@ -268,8 +268,6 @@ def ensure_query_encoder(index_dir: str | Path) -> str:
     which `clipsnail search --index` and the web app then run on onnxruntime instead of PyTorch. Kept when the one
     there was exported from the same weights. -> "written", "kept", or why not (a missing extra, a run that cannot
     be exported...): an index without one still searches, through PyTorch."""
-    import importlib.util
-
     from clipsnail.inference.index import QUERY_ENCODER, ImageIndex, set_query_encoder
 
     index = ImageIndex.load(index_dir)
@@ -280,7 +278,7 @@ def ensure_query_encoder(index_dir: str | Path) -> str:
             return "not written: the index does not record the weights of its run"
         if index.weights_changed():
             return "not written: the run's weights changed since its vectors were made"
-        missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+        missing = _missing_onnx_modules()
         if missing:
             return f"not written: it needs the onnx extra (pip install 'clipsnail[onnx]'; missing {', '.join(missing)})"
         model_dir, weights = index.model_dir, index.model_weights
@@ -329,19 +327,29 @@ def photo_model_of(index, model):
     an index encoded through PyTorch; for one encoded through ONNX Runtime, its own query encoder."""
     if index.meta.get("backend", "torch") != "onnx":
         return model
-    folder = index.query_encoder()
-    if folder is None:
+    own = own_photo_model(index, index.model_dir)
+    if own is None:
         raise ClipsnailError(f"{index.index_dir}: its photos were encoded through ONNX Runtime, but its query encoder "
                              f"is missing or of other weights; `clipsnail index update --index {index.index_dir}` "
                              "exports the run again")
-    return OnnxImageModel(folder, index.model_dir, index.meta.get("query_encoder"))
+    return own
+
+
+def own_photo_model(index, run_dir: str | Path) -> OnnxImageModel | None:
+    """The index's query encoder as the model its photos are encoded with (None when it has none of its weights)."""
+    folder = index.query_encoder()
+    return None if folder is None else OnnxImageModel(folder, run_dir, index.meta.get("query_encoder"))
+
+
+def _missing_onnx_modules() -> list[str]:
+    import importlib.util
+
+    return [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
 
 
 def onnx_backend_available() -> bool:
     """Whether the onnx extra is installed: the exporter and onnxruntime."""
-    import importlib.util
-
-    return all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxscript", "onnxruntime"))
+    return not _missing_onnx_modules()
 
 
 # ----------------------------------------------------------------------------------------------- onnxruntime only

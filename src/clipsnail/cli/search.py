@@ -307,8 +307,7 @@ def cmd_index_build(args: argparse.Namespace) -> None:
         index, stats = build_index(model, args.images, args.out, batch_size=args.batch_size,
                                    progress=not args.no_progress, approx_threshold=threshold,
                                    follow_links=args.follow_links, workers=args.workers)
-    # An ONNX backend's export became the index's query encoder
-    stats["query_encoder"] = "written" if backend == "onnx" else write_query_encoder(args, index.index_dir)
+    stats["query_encoder"] = query_encoder_status(args, index.index_dir, backend, reused=False)
     print_json({"index": str(index.index_dir), **stats, "backend": backend, "structure": index.structure})
 
 
@@ -343,15 +342,16 @@ def photo_encoder(args: argparse.Namespace, model_spec, index_dir: Path, backend
     if backend == "torch":
         yield load(model_spec, device=args.device)
         return
-    from clipsnail.apps.export import OnnxImageModel, export_onnx
+    from clipsnail.apps.export import OnnxImageModel, export_onnx, own_photo_model
     from clipsnail.apps.model_names import resolve_run
     from clipsnail.core.fingerprint import weights_fingerprint
     from clipsnail.core.safeio import replace_dir, temp_sibling
     from clipsnail.inference.index import QUERY_ENCODER, set_query_encoder
 
     run_dir = resolve_run(model_spec).resolve()
-    if index is not None and index.query_encoder() is not None and not index.weights_changed():
-        yield OnnxImageModel(index.query_encoder(), run_dir, index.meta.get("query_encoder"))
+    own = own_photo_model(index, run_dir) if index is not None and not index.weights_changed() else None
+    if own is not None:
+        yield own
         return
     staging = temp_sibling(index_dir.absolute(), "tmp")  # beside the index: moved into it, not copied
     try:
@@ -364,9 +364,13 @@ def photo_encoder(args: argparse.Namespace, model_spec, index_dir: Path, backend
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def write_query_encoder(args: argparse.Namespace, index_dir: Path) -> str:
+def query_encoder_status(args: argparse.Namespace, index_dir: Path, backend: str, reused: bool) -> str:
+    """What became of the index's query encoder: through the onnx backend, the export that encoded the photos took
+    its place (or the index's own did the encoding: `reused`); through torch, one is written now (`--no-onnx`: not)."""
     from clipsnail.apps.export import ensure_query_encoder
 
+    if backend == "onnx":
+        return "kept" if reused else "written"
     return "not written: --no-onnx" if args.no_onnx else ensure_query_encoder(index_dir)
 
 
@@ -383,10 +387,7 @@ def cmd_index_update(args: argparse.Namespace) -> None:
     with photo_encoder(args, model_dir, Path(args.index), backend, old) as model:
         index, stats = update_index(model, args.index, batch_size=args.batch_size, progress=not args.no_progress,
                                     workers=args.workers)
-    if backend == "onnx":  # the index's query encoder encoded the photos, or a new export did and took its place
-        stats["query_encoder"] = "kept" if reused else "written"
-    else:
-        stats["query_encoder"] = write_query_encoder(args, index.index_dir)
+    stats["query_encoder"] = query_encoder_status(args, index.index_dir, backend, reused)
     print_json({"index": str(index.index_dir), **stats, "backend": backend})
 
 

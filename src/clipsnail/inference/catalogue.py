@@ -279,12 +279,14 @@ class Catalogue:
 
     def insert(self, rows: Iterable[tuple[int | None, int, str, int, int, str, PhotoFacts]]) -> None:
         """Insert photos: (id or None for a new one, vector row, relative path, size, mtime_ns, sha1, facts)."""
-        self.db.executemany(f"INSERT INTO photos ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
-                            (_values(*row) for row in rows))
+        self._write("INSERT", rows)
 
     def replace(self, rows: Iterable[tuple[int, int, str, int, int, str, PhotoFacts]]) -> None:
         """Rewrite the photos of these ids (same tuples as `insert`): a changed, moved or touched file."""
-        self.db.executemany(f"REPLACE INTO photos ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
+        self._write("REPLACE", rows)
+
+    def _write(self, verb: str, rows: Iterable[tuple]) -> None:
+        self.db.executemany(f"{verb} INTO photos ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
                             (_values(*row) for row in rows))
 
     def delete(self, ids: Iterable[int]) -> None:

@@ -127,11 +127,11 @@ class ImageIndex:
         clean_stale(index_dir)  # and the temp folders of writers that were killed
         if not index_dir.is_dir():
             raise DataError(f"{index_dir}: no such index directory (make one with `clipsnail index build`)")
-        if _format_version(index_dir) == 1 and upgrade:
+        if _format_version(index_dir) == 1:
+            if not upgrade:
+                raise DataError(f"{index_dir}: an index of format 1; load it to upgrade it")
             with writer_lock(index_dir.absolute(), "index", wait=True):
                 upgrade_v1(index_dir)
-        if _format_version(index_dir) == 1:
-            raise DataError(f"{index_dir}: an index of format 1; load it to upgrade it")
         try:
             catalogue = Catalogue.open(index_dir / CATALOGUE)
             catalogue.snapshot()
@@ -207,10 +207,16 @@ class ImageIndex:
         return np.array([i for (i,) in rows], dtype=np.int64)
 
     @functools.cached_property
+    def _in_id_order(self) -> tuple[np.ndarray, list[str]]:
+        """(the vector rows, the relative paths) of every photo, in id order."""
+        found = self._query(self.catalogue.photos, self.ids.tolist())
+        rows = [found[i] for i in self.ids.tolist()]
+        return np.array([r for r, _ in rows], dtype=np.int64), [rel for _, rel in rows]
+
+    @property
     def rel_paths(self) -> list[str]:
         """Every photo's path relative to the root, in id order (a list as long as the library)."""
-        found = self._query(self.catalogue.photos, self.ids.tolist())
-        return [found[i][1] for i in self.ids.tolist()]
+        return self._in_id_order[1]
 
     @functools.cached_property
     def paths(self) -> list[Path]:
@@ -249,8 +255,7 @@ class ImageIndex:
         """Every stored embedding [N, D], in id order (as `paths`)."""
         import torch
 
-        found = self._query(self.catalogue.photos, self.ids.tolist())
-        rows = np.array([found[i][0] for i in self.ids.tolist()], dtype=np.int64)
+        rows = self._in_id_order[0]
         return torch.from_numpy(np.array(self.store.vectors[rows], dtype=np.float32)).reshape(-1, self.dim)
 
     def contains(self, path: str | Path) -> bool:
@@ -365,8 +370,7 @@ def _write_new(out_dir: Path, state: dict, rels: list[str], entries: dict[str, t
         layout, order = write_store(tmp, vectors, np.arange(len(rels)), len(rels) >= threshold, target_recall)
         row_of = np.empty(len(rels), dtype=np.int64)
         row_of[order] = np.arange(len(rels))
-        structure = {**layout, "approx_threshold": threshold, "target_recall@10": target_recall,
-                     "trained_nprobe": layout.get("nprobe"), "build_seconds": round(time.perf_counter() - t, 2)}
+        structure = _structure(layout, threshold, target_recall, t)
         catalogue = Catalogue.create(tmp / CATALOGUE)
         try:
             with catalogue.transaction():
@@ -377,7 +381,27 @@ def _write_new(out_dir: Path, state: dict, rels: list[str], entries: dict[str, t
                                      "num_unreadable": len(unreadable), "updated": _now()})
         finally:
             catalogue.close()  # checkpoints the WAL into the file
-        (tmp / META).write_text(json.dumps({"format": FORMAT, "version": VERSION}, indent=2) + "\n")
+        _write_marker(tmp)
+
+
+def _structure(layout: dict, approx_threshold: int, target_recall: float, started: float) -> dict:
+    """The search structure recorded in the index state: `write_store`'s layout, and how it was asked for."""
+    return {**layout, "approx_threshold": approx_threshold, "target_recall@10": target_recall,
+            "trained_nprobe": layout.get("nprobe"), "build_seconds": round(time.perf_counter() - started, 2)}
+
+
+def _write_marker(folder: Path) -> None:
+    (folder / META).write_text(json.dumps({"format": FORMAT, "version": VERSION}, indent=2) + "\n")
+
+
+def _commit_state(index: ImageIndex, **changes) -> None:
+    """Commit `changes` to the index state of `index` (a snapshot taken under the writer lock), in one transaction."""
+    writer = Catalogue.open(index.catalogue.path, readonly=False)
+    try:
+        with writer.transaction():
+            writer.set_state({**index.meta, **changes})
+    finally:
+        writer.close()
 
 
 def _base_state(root: Path, follow_links: bool, model_dir: str | None, dim: int, approx_threshold: int,
@@ -564,6 +588,7 @@ class _UpdatePlan:
     changed: set = field(default_factory=set)  # of todo: indexed files whose bytes changed
     reencoded: set = field(default_factory=set)  # of todo: unchanged files, encoded again for new weights
     unreadable: dict = field(default_factory=dict)  # rel -> (size, mtime_ns)
+    old_unreadable: dict = field(default_factory=dict)  # what the catalogue lists now
     stamps: dict = field(default_factory=dict)  # rel -> (size, mtime_ns) as scanned, of every file written
 
 
@@ -583,8 +608,9 @@ def _plan_update(old: ImageIndex, found: dict, encode_all: bool, progress: bool)
             plan.stamps[rel] = stamp
         else:
             plan.unchanged += 1
-    old_unreadable = old.catalogue.unreadable()
-    plan.unreadable = {r: found.pop(r) for r in list(found) if old_unreadable.get(r) == found[r]}  # not tried again
+    plan.old_unreadable = old.catalogue.unreadable()
+    plan.unreadable = {r: found.pop(r) for r in list(found)  # the same unreadable file: not tried again
+                       if plan.old_unreadable.get(r) == found[r]}
     plan.stamps.update(found)
     plan.sha1.update(_hash_all(old.root, [c[0] for c in candidates] + sorted(found), progress, old.follow_links))
     for rel, i, row, sha1 in candidates:
@@ -658,7 +684,7 @@ def update_index(model, index_dir: str | Path, batch_size: int = 64, progress: b
         if encode_all:
             state["model_weights"] = pinned or weights_fingerprint(old.model_dir)
         stats["written"] = bool(plan.keep_row or encoded or plan.copies or plan.removed or encode_all or
-                                plan.unreadable != old.catalogue.unreadable() or
+                                plan.unreadable != plan.old_unreadable or
                                 threshold != old.structure["approx_threshold"])
         if stats["written"]:
             _commit(old, plan, encoded, new_vecs, state)
@@ -676,10 +702,10 @@ def backend_of(model) -> str:
 
 
 def _check_update_model(model, old: ImageIndex, index_dir: Path) -> None:
-    if backend_of(model) != old.meta.get("backend", "torch"):
-        raise ClipsnailError(f"{index_dir} holds vectors encoded through {old.meta.get('backend', 'torch')}; an "
-                             f"update encodes through the same (not {backend_of(model)}): --backend "
-                             f"{old.meta.get('backend', 'torch')}, or build the index again")
+    recorded = old.meta.get("backend", "torch")
+    if backend_of(model) != recorded:
+        raise ClipsnailError(f"{index_dir} holds vectors encoded through {recorded}; an update encodes through the "
+                             f"same (not {backend_of(model)}): --backend {recorded}, or build the index again")
     if model.embed_dim != old.dim or old.other_model(model.run_dir):
         made_by = f"dim-{old.dim} vectors of {old.model_dir}" if old.model_dir else f"dim-{old.dim} vectors"
         raise ClipsnailError(f"{index_dir} holds {made_by}; `index update` adds to them with that run only (its "
@@ -756,12 +782,7 @@ def _upkeep(index_dir: Path) -> str | None:
             if found["nprobe"] > NPROBE_GROWTH_FOR_RETRAINING * structure["trained_nprobe"]:
                 reason = f"nprobe {found['nprobe']} now reaches the recall {structure['trained_nprobe']} did"
             else:
-                writer = Catalogue.open(index.catalogue.path, readonly=False)
-                try:
-                    with writer.transaction():
-                        writer.set_state({**index.meta, "structure": {**structure, **found}})
-                finally:
-                    writer.close()
+                _commit_state(index, structure={**structure, **found})
         if reason is not None:
             _rewrite(index, reason)
         return reason
@@ -780,10 +801,7 @@ def _rewrite(index: ImageIndex, reason: str) -> None:
         layout, order = write_store(tmp, index.store.vectors, live, len(live) >= structure["approx_threshold"],
                                     structure["target_recall@10"])
         state = {**index.meta, "rows": len(live), "photos": len(live), "updated": _now(),
-                 "structure": {**layout, "approx_threshold": structure["approx_threshold"],
-                               "target_recall@10": structure["target_recall@10"],
-                               "trained_nprobe": layout.get("nprobe"),
-                               "build_seconds": round(time.perf_counter() - t, 2)}}
+                 "structure": _structure(layout, structure["approx_threshold"], structure["target_recall@10"], t)}
         catalogue = Catalogue.create(tmp / CATALOGUE)
         try:
             catalogue.copy_from(index.catalogue.path, zip(live[order].tolist(), range(len(live))), state)
@@ -792,7 +810,7 @@ def _rewrite(index: ImageIndex, reason: str) -> None:
         encoder = index.index_dir / QUERY_ENCODER
         if encoder.is_dir() and not encoder.is_symlink():
             shutil.copytree(encoder, tmp / QUERY_ENCODER, copy_function=_link_or_copy, symlinks=True)
-        (tmp / META).write_text(json.dumps({"format": FORMAT, "version": VERSION}, indent=2) + "\n")
+        _write_marker(tmp)
 
 
 def _link_or_copy(source: str, target: str) -> None:
@@ -808,12 +826,7 @@ def set_query_encoder(index_dir: str | Path, fingerprint: dict | None) -> None:
     it is no longer to be used)."""
     index = ImageIndex.load(index_dir, upgrade=False)
     try:
-        writer = Catalogue.open(index.catalogue.path, readonly=False)
-        try:
-            with writer.transaction():
-                writer.set_state({**index.meta, "query_encoder": fingerprint})
-        finally:
-            writer.close()
+        _commit_state(index, query_encoder=fingerprint)
     finally:
         index.close()
 

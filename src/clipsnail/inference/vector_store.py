@@ -178,12 +178,14 @@ def _open_for_append(path: Path) -> int:
     return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
 
 
-def _append(path: Path, data: np.ndarray) -> None:
+def _append(path: Path, data) -> None:
+    """Append an array, or each array of an iterable (written as they come), then flush the file to disk once."""
     fd = _open_for_append(path)
     try:
-        view = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
-        while view:
-            view = view[os.write(fd, view):]
+        for block in [data] if isinstance(data, np.ndarray) else data:
+            view = memoryview(np.ascontiguousarray(block).reshape(-1).view(np.uint8))
+            while view:
+                view = view[os.write(fd, view):]
         os.fsync(fd)  # on disk before the catalogue commits the rows
     finally:
         os.close(fd)
@@ -249,9 +251,8 @@ def write_store(folder: Path, source: np.ndarray, rows: np.ndarray, approx: bool
         _append(folder / CENTROIDS, centroids)
         _append(folder / LISTS, lists[order].astype("<i4"))
         layout = {"type": "ivf", "nlist": nlist, "nprobe": nlist, "trained_rows": n, "train_points": len(sample)}
-    for start in range(0, n, CHUNK_ROWS):
-        _append(folder / VECTORS, np.asarray(source[rows[order[start:start + CHUNK_ROWS]]], dtype="<f4"))
-    (folder / VECTORS).touch()
+    _append(folder / VECTORS, (np.asarray(source[rows[order[start:start + CHUNK_ROWS]]], dtype="<f4")
+                               for start in range(0, n, CHUNK_ROWS)))  # creates the file when n == 0 too
     if centroids is not None:
         layout.update(calibrate(VectorStore(folder, dim, n, np.zeros(0, np.int64), layout), target_recall, seed))
     return layout, order
