@@ -18,6 +18,13 @@ Measured per system, side by side in one process, alternating which goes first, 
   photos/s = photos / wall seconds; speedup = index / plain. Also the cosine between each photo's two embeddings
   (draft-decoded vs fully decoded) and, with --sweep-workers, index build photos/s for each worker count (the
   measurement behind clipsnail.inference.index.default_workers).
+Backends (--backends, per system, in rotation, --repeats times, median): index build photos/s with the image encoder
+  in PyTorch fp32 ("torch"), in ONNX Runtime fp32 ("onnx": the run's export) and in ONNX Runtime int8 ("onnx-int8":
+  that export quantised by clipsnail.apps.quantize, calibrated on these photos, the time to quantise reported
+  apart); `onnx_speedup_vs_torch` and `int8_speedup_vs_torch` are the conse system's. Retrieval cost of int8: the
+  159 COCO-mini photos indexed through the fp32 and the int8 export, the 795 captions encoded by each export's text
+  encoder; `int8_t2i_r5_drop` = text->image R@5 fp32 - int8 (conse), with the image-only and text-only drops and
+  the cosines between the fp32 and int8 vectors.
 Results: bench/results/index_photos.json; `speedup_vs_plain_loop` is the conse system's when it ran, else
 vit_b32's (`speedup_system` says which). The machine's load average is recorded at the start and the end: other
 work on the shared cores slows both paths alike, so the side-by-side ratio is the figure that counts.
@@ -25,12 +32,15 @@ work on the shared cores slows both paths alike, so the side-by-side ratio is th
     .venv/bin/python bench/index_photos.py                          # both systems, 3 repeats, sweep 0,1,2,3
     .venv/bin/python bench/index_photos.py --systems conse --sweep-workers ''
     .venv/bin/python bench/index_photos.py --photos 8 --repeats 1 --out runs/p.json   # checks that it works
+    .venv/bin/python bench/index_photos.py --systems conse --sweep-workers '' --no-plain   # backends only
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -168,6 +178,96 @@ def sweep(model, photos: Path, work: Path, workers: list[int], repeats: int) -> 
     return {str(w): round(_common.median(v), 2) for w, v in rates.items()}
 
 
+BACKENDS = ("torch", "onnx", "onnx-int8")
+
+
+def backend_models(run: Path, model, photos: Path, work: Path) -> tuple[dict, dict]:
+    """{backend: model} for BACKENDS, and the seconds to export and to quantise."""
+    from clipsnail.apps.export import OnnxImageModel, export_onnx
+    from clipsnail.apps.quantize import quantize_for_photos
+    from clipsnail.core.fingerprint import weights_fingerprint
+
+    fp32, int8 = work / "export_fp32", work / "export_int8"
+    t = time.perf_counter()
+    export_onnx(run, fp32)
+    export_s = time.perf_counter() - t
+    shutil.copytree(fp32, int8)
+    t = time.perf_counter()
+    quantize_for_photos(int8, photos)
+    quantize_s = time.perf_counter() - t
+    weights = weights_fingerprint(run)
+    models = {"torch": model, "onnx": OnnxImageModel(fp32, run, weights),
+              "onnx-int8": OnnxImageModel(int8, run, weights)}
+    return models, {"export_s": round(export_s, 1), "quantize_s": round(quantize_s, 1)}
+
+
+def measure_backends(models: dict, photos: Path, work: Path, repeats: int) -> dict:
+    """index build photos/s of each backend, the order rotated between repeats (median)."""
+    from clipsnail.inference.index import build_index
+
+    n = len(list(photos.iterdir()))
+    names = list(models)
+    rates: dict[str, list[float]] = {b: [] for b in names}
+    for r in range(repeats):
+        for b in names[r % len(names):] + names[: r % len(names)]:
+            t = time.perf_counter()
+            build_index(models[b], photos, work / f"backend_{b}_{r}", progress=False)
+            rates[b].append(n / (time.perf_counter() - t))
+            _common.say(f"    repeat {r + 1} {b:9s} {rates[b][-1]:6.2f} photos/s  load {os.getloadavg()[0]:.2f}")
+    row = {f"{b}_photos_per_s": round(_common.median(v), 2) for b, v in rates.items()}
+    row.update({f"{b}_photos_per_s_each": [round(x, 2) for x in v] for b, v in rates.items()})
+    torch_rate = _common.median(rates["torch"])
+    row["onnx_speedup_vs_torch"] = round(_common.median(rates["onnx"]) / torch_rate, 2)
+    row["int8_speedup_vs_torch"] = round(_common.median(rates["onnx-int8"]) / torch_rate, 2)
+    return row
+
+
+def coco_captions() -> tuple[list[str], list[str], list[int]]:
+    """(photo file names, captions, the photo of each caption) of COCO-mini."""
+    coco = json.loads((DATA.parent / "captions_val2017.json").read_text())
+    names = {im["id"]: im["file_name"] for im in coco["images"] if (DATA / im["file_name"]).is_file()}
+    ids = sorted(names)
+    position = {i: n for n, i in enumerate(ids)}
+    pairs = [(a["caption"], position[a["image_id"]]) for a in coco["annotations"] if a["image_id"] in position]
+    return [names[i] for i in ids], [c for c, _ in pairs], [p for _, p in pairs]
+
+
+def t2i_r5(photo_vectors, text_vectors, truth) -> float:
+    import numpy as np
+
+    scores = text_vectors @ photo_vectors.T
+    own = scores[np.arange(len(truth)), truth]
+    return float(((scores > own[:, None]).sum(axis=1) < 5).mean())
+
+
+def int8_retrieval(models: dict, work: Path) -> dict:
+    """COCO-mini text->image R@5 through the fp32 export and through the int8 one (photos and captions)."""
+    import numpy as np
+
+    from clipsnail.inference.index import build_index
+
+    files, captions, truth = coco_captions()
+    photos, texts = {}, {}
+    for b in ("onnx", "onnx-int8"):
+        index, _ = build_index(models[b], DATA, work / f"coco_{b}", progress=False)
+        by_name = dict(zip((p.name for p in index.paths), index.vectors().numpy()))
+        photos[b] = np.stack([by_name[f] for f in files])
+        onnx_clip = models[b].onnx
+        texts[b] = np.concatenate([onnx_clip.encode_text(captions[i: i + 64]) for i in range(0, len(captions), 64)])
+    fp32 = t2i_r5(photos["onnx"], texts["onnx"], truth)
+    int8 = t2i_r5(photos["onnx-int8"], texts["onnx-int8"], truth)
+    image_cos = (photos["onnx"] * photos["onnx-int8"]).sum(axis=1)
+    text_cos = (texts["onnx"] * texts["onnx-int8"]).sum(axis=1)
+    return {"t2i_r5_fp32": round(fp32, 4), "t2i_r5_int8": round(int8, 4), "int8_t2i_r5_drop": round(fp32 - int8, 4),
+            "int8_t2i_r5_drop_image_only": round(fp32 - t2i_r5(photos["onnx-int8"], texts["onnx"], truth), 4),
+            "int8_t2i_r5_drop_text_only": round(fp32 - t2i_r5(photos["onnx"], texts["onnx-int8"], truth), 4),
+            "image_cosine_int8_vs_fp32": {"min": round(float(image_cos.min()), 4),
+                                          "median": round(float(np.median(image_cos)), 4)},
+            "text_cosine_int8_vs_fp32": {"min": round(float(text_cos.min()), 4),
+                                         "median": round(float(np.median(text_cos)), 4)},
+            "photos": len(files), "captions": len(captions)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     ap.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, from {', '.join(SYSTEMS)}")
@@ -175,6 +275,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--sweep-workers", default="0,1,2,3",
                     help="index build photos/s for these worker counts too ('' for none)")
+    ap.add_argument("--no-plain", action="store_true", help="skip the index-vs-plain-loop comparison")
+    ap.add_argument("--no-backends", action="store_true", help="skip the torch / onnx / onnx-int8 comparison")
     ap.add_argument("--out", default=str(_common.RESULTS / "index_photos.json"))
     args = ap.parse_args()
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
@@ -205,22 +307,38 @@ def main() -> None:
                 continue
             model = clipsnail.load(run)
             _common.say(f"{system}: {model.image_size} px, default workers {default_workers()}")
-            row = measure(model, work / "photos", work / system, args.repeats)
+            row = {} if args.no_plain else measure(model, work / "photos", work / system, args.repeats)
             row["image_size"] = model.image_size
+            if not args.no_backends:
+                models, costs = backend_models(run, model, work / "photos", work / system)
+                row["backends"] = {**measure_backends(models, work / "photos", work / system, args.repeats),
+                                   **costs, **int8_retrieval(models, work / system)}
+                _common.say(f"  backends: {json.dumps(row['backends'])}")
             if sweep_workers:
                 row["index_build_photos_per_s_by_workers"] = sweep(model, work / "photos", work / system,
                                                                    sweep_workers, args.repeats)
             results[system] = row
-            _common.say(f"  index build {row['index_build_photos_per_s']} photos/s, plain loop "
-                        f"{row['plain_loop_photos_per_s']} photos/s: {row['ratio']}x")
+            if not args.no_plain:
+                _common.say(f"  index build {row['index_build_photos_per_s']} photos/s, plain loop "
+                            f"{row['plain_loop_photos_per_s']} photos/s: {row['ratio']}x")
             del model
     if not results:
         raise SystemExit("no system ran: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
     speedup_system = "conse" if "conse" in results else next(iter(results))
-    header = ["system", "index_build_photos/s", "plain_loop_photos/s", "ratio", "cos_min"]
-    _common.say("\n" + _common.format_table(header, [
-        [s, r["index_build_photos_per_s"], r["plain_loop_photos_per_s"], r["ratio"],
-         r["cosine_draft_vs_full_decode"]["min"]] for s, r in results.items()]))
+    if not args.no_plain:
+        header = ["system", "index_build_photos/s", "plain_loop_photos/s", "ratio", "cos_min"]
+        _common.say("\n" + _common.format_table(header, [
+            [s, r["index_build_photos_per_s"], r["plain_loop_photos_per_s"], r["ratio"],
+             r["cosine_draft_vs_full_decode"]["min"]] for s, r in results.items()]))
+    summary = {}
+    if not args.no_backends:
+        header = ["system", *(f"{b} photos/s" for b in BACKENDS), "onnx/torch", "int8/torch", "int8 R@5 drop"]
+        _common.say("\n" + _common.format_table(header, [
+            [s, *(r["backends"][f"{b}_photos_per_s"] for b in BACKENDS), r["backends"]["onnx_speedup_vs_torch"],
+             r["backends"]["int8_speedup_vs_torch"], r["backends"]["int8_t2i_r5_drop"]] for s, r in results.items()]))
+        keys = ("onnx_speedup_vs_torch", "int8_speedup_vs_torch", "int8_t2i_r5_drop")
+        summary = {k: results[speedup_system]["backends"][k] for k in keys}
+        summary["targets"] = {"onnx_speedup_vs_torch": 1.5, "int8_speedup_vs_torch": 2.5, "int8_t2i_r5_drop": 0.01}
     load_end = [round(x, 2) for x in os.getloadavg()]
     report = _common.envelope(
         benchmark="index_photos", machine={**machine, "load_average_at_end": load_end},
@@ -228,14 +346,17 @@ def main() -> None:
         config={**photo_info, "source": _common.data_name(DATA), "repeats": args.repeats,
                 "batch_size": BATCH, "index_workers_default": default_workers(), "systems": systems,
                 "sweep_workers": sweep_workers},
-        speedup_vs_plain_loop=results[speedup_system]["ratio"], speedup_system=speedup_system,
-        target_speedup=3.0, results=results, skipped=skipped,
+        speedup_vs_plain_loop=results[speedup_system].get("ratio"), speedup_system=speedup_system,
+        target_speedup=3.0, **summary, results=results, skipped=skipped,
         notes=[
             "photos/s = photos / wall seconds, median over repeats; index and plain measured alternately in one "
             "process on the same photos and model",
             "the machine's cores are shared with other work (load averages in machine); the ratio, measured side "
             "by side, is the figure that counts",
-            "vit_b32 has random weights: its cosine agreement says little about a trained model's",
+            "vit_b32 has random weights: its cosine agreement and its int8 retrieval figures say little about a "
+            "trained model's",
+            "backends: the int8 image encoder is calibrated on the photos it then indexes, as `index build "
+            "--quantize int8` does (a sample of at most 64 of the folder's photos)",
             RCLIP_NOTE,
         ],
     )

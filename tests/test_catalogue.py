@@ -38,6 +38,23 @@ def test_facts_of_a_phone_photo(tmp_path):
                                height=30, orientation=6, phash="0" * 16)  # a flat image has no pattern
 
 
+def test_facts_read_while_decoding_for_the_model_are_those_of_the_file(tmp_path):
+    # Indexing reads a photo's facts from the decode made for the model (a reduced draft): the same facts as
+    # read_photo_facts, the perceptual hash within a few bits (rounding at another decode size)
+    import numpy as np
+
+    from clipsnail.data.datasets import ImageListDataset
+    rng = np.random.default_rng(0)
+    pattern = Image.fromarray((rng.random((24, 32, 3)) * 255).astype("uint8")).resize((1600, 1200), Image.BICUBIC)
+    path = tmp_path / "big.jpg"
+    pattern.save(path, quality=90, exif=photo_exif("Canon", "EOS R5", "2021:01:02 03:04:05", None, None, 6))
+    index, (image, facts) = ImageListDataset([path], lambda im: im.size, min_side=224, with_facts=True)[0]
+    expected = read_photo_facts(path)
+    assert image == (300, 400)  # drafted to an eighth, turned upright
+    assert facts.phash != "0" * 16 and bin(int(facts.phash, 16) ^ int(expected.phash, 16)).count("1") <= 4
+    assert facts == PhotoFacts(**{**expected.__dict__, "phash": facts.phash})
+
+
 def test_a_photo_without_exif_is_dated_by_its_file_time(tmp_path):
     path = tmp_path / "plain.png"
     Image.new("RGB", (8, 8)).save(path)

@@ -296,9 +296,8 @@ def ensure_query_encoder(index_dir: str | Path) -> str:
 class OnnxImageModel:
     """An export's image encoder on onnxruntime in the shape `index build` and `index update` encode with
     (`embed_dim`, `image_size`, `run_dir`, `preprocess` -> a [3, S, S] tensor, `encode_image` -> [B, D]), so the
-    photos of an index are encoded by the graph its queries are (`backend` "onnx", recorded in the index)."""
-
-    backend = "onnx"
+    photos of an index are encoded by the graph its queries are (`backend` "onnx", or "onnx-int8" for an export
+    quantised by `clipsnail.apps.quantize`; recorded in the index)."""
 
     def __init__(self, export_dir: str | Path, run_dir: str | Path, weights: dict | None,
                  threads: int | None = None):
@@ -307,6 +306,7 @@ class OnnxImageModel:
         # run holds now
         self.run_dir, self.weights = Path(run_dir), weights
         self.image_size, self.embed_dim = self.onnx.image_size, int(self.onnx.spec["embed_dim"])
+        self.backend = "onnx-int8" if self.onnx.spec.get("quantized") else "onnx"
 
     def eval(self):
         return self
@@ -325,10 +325,11 @@ class OnnxImageModel:
 def photo_model_of(index, model):
     """The model an update of `index` encodes photos with (`index watch`, `serve --watch`): `model` (PyTorch) for
     an index encoded through PyTorch; for one encoded through ONNX Runtime, its own query encoder."""
-    if index.meta.get("backend", "torch") != "onnx":
+    recorded = index.meta.get("backend", "torch")
+    if not recorded.startswith("onnx"):
         return model
     own = own_photo_model(index, index.model_dir)
-    if own is None:
+    if own is None or own.backend != recorded:
         raise ClipsnailError(f"{index.index_dir}: its photos were encoded through ONNX Runtime, but its query encoder "
                              f"is missing or of other weights; `clipsnail index update --index {index.index_dir}` "
                              "exports the run again")

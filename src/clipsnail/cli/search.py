@@ -124,6 +124,10 @@ def add_onnx_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=["auto", "onnx", "torch"], default="auto",
                    help="what encodes the photos: onnx (ONNX Runtime, the run exported first) or torch; auto: an "
                         "update keeps the index's, a build takes onnx on a CPU with the onnx extra, else torch")
+    p.add_argument("--quantize", choices=["none", "int8"], default=None,
+                   help="int8: encode photos and queries with int8 versions of the ONNX encoders (faster, slightly "
+                        "less exact; the image encoder calibrated on a sample of the photos). Default: none for a "
+                        "build, the index's own for an update")
     p.add_argument("--no-onnx", action="store_true",
                    help="do not write the index's ONNX query encoder (written by default when the onnx extra is "
                         "installed: searches then answer without loading PyTorch)")
@@ -312,18 +316,34 @@ def cmd_index_build(args: argparse.Namespace) -> None:
 
 
 def choose_backend(args: argparse.Namespace, recorded: str | None) -> str:
-    """What encodes the photos: --backend; auto = the index's own (an update), else ONNX Runtime on the CPU when
-    the onnx extra is installed (and --no-onnx is not given), else PyTorch."""
+    """What encodes the photos: "torch", "onnx" or "onnx-int8" (--backend, --quantize); auto = the index's own
+    (an update: another one asked for is refused), else ONNX Runtime on the CPU when the onnx extra is installed (and
+    --no-onnx is not given), else PyTorch."""
     from clipsnail.apps.export import onnx_backend_available
 
-    if args.backend != "auto":
-        if args.backend == "onnx" and not onnx_backend_available():
-            raise ClipsnailError("--backend onnx needs the onnx extra: pip install 'clipsnail[onnx]'")
-        return args.backend
+    asked = args.backend
+    if args.quantize == "int8":
+        if asked == "torch":
+            raise ClipsnailError("--quantize int8 runs through ONNX Runtime: not with --backend torch")
+        asked = "onnx-int8"
+    elif args.quantize == "none" and asked == "auto" and recorded == "onnx-int8":
+        asked = "onnx"
+    if asked != "auto":
+        if asked.startswith("onnx") and not onnx_backend_available():
+            raise ClipsnailError(f"--backend {asked} needs the onnx extra: pip install 'clipsnail[onnx]'")
+        if recorded is not None and asked != recorded:
+            raise ClipsnailError(f"{args.index} holds vectors encoded through {recorded}; an update encodes through "
+                                 f"the same (not {asked}): {_backend_flags(recorded)}, or build the index again")
+        return asked
     if recorded is not None:
         return recorded
     on_cpu = args.device == "cpu" or (args.device == "auto" and not _accelerator())
     return "onnx" if on_cpu and not args.no_onnx and onnx_backend_available() else "torch"
+
+
+def _backend_flags(backend: str) -> str:
+    return {"onnx-int8": "--backend onnx --quantize int8", "onnx": "--backend onnx --quantize none"}.get(
+        backend, f"--backend {backend}")
 
 
 def _accelerator() -> bool:
@@ -350,13 +370,19 @@ def photo_encoder(args: argparse.Namespace, model_spec, index_dir: Path, backend
 
     run_dir = resolve_run(model_spec).resolve()
     own = own_photo_model(index, run_dir) if index is not None and not index.weights_changed() else None
-    if own is not None:
+    if own is not None and own.backend == backend:
         yield own
         return
     staging = temp_sibling(index_dir.absolute(), "tmp")  # beside the index: moved into it, not copied
     try:
         weights = weights_fingerprint(run_dir)
         export_onnx(run_dir, staging)
+        if backend == "onnx-int8":
+            from clipsnail.apps.quantize import quantize_for_photos
+
+            root, follow = ((index.root, index.meta.get("follow_links", False)) if index is not None
+                            else (Path(args.images), args.follow_links))
+            quantize_for_photos(staging, root, follow_links=follow)
         yield OnnxImageModel(staging, run_dir, weights)
         replace_dir(staging, index_dir / QUERY_ENCODER)
         set_query_encoder(index_dir, weights)
@@ -369,7 +395,7 @@ def query_encoder_status(args: argparse.Namespace, index_dir: Path, backend: str
     its place (or the index's own did the encoding: `reused`); through torch, one is written now (`--no-onnx`: not)."""
     from clipsnail.apps.export import ensure_query_encoder
 
-    if backend == "onnx":
+    if backend.startswith("onnx"):
         return "kept" if reused else "written"
     return "not written: --no-onnx" if args.no_onnx else ensure_query_encoder(index_dir)
 

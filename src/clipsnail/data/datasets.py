@@ -4,6 +4,7 @@ function of the engine's data order, which is what makes resume exact (see `clip
 from __future__ import annotations
 
 import logging
+import os
 import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -15,6 +16,7 @@ from torch.utils.data import Dataset
 from clipsnail.core.errors import DataError
 from clipsnail.core.rng import seeded
 from clipsnail.data.images import load_image
+from clipsnail.data.photo_facts import decoded_photo_facts
 
 log = logging.getLogger(__name__)
 
@@ -120,19 +122,34 @@ class CaptionTargets(Dataset):
 
 class ImageListDataset(Dataset):
     """Plain list of image paths for encoding (search, evaluation); unreadable files yield None.
-    min_side: decode each image only to about this shorter side (`load_image`); None: full size."""
+    min_side: decode each image only to about this shorter side (`load_image`); None: full size.
+    with_facts: items are (index, (image, PhotoFacts)), the facts read from the same decode (an index's catalogue)."""
 
     def __init__(self, paths: Sequence[str | Path], transform: Callable, strict: bool = False,
-                 min_side: int | None = None):
+                 min_side: int | None = None, with_facts: bool = False):
         self.paths, self.transform, self.strict = [Path(p) for p in paths], transform, strict
-        self.min_side = min_side
+        self.min_side, self.with_facts = min_side, with_facts
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int):
+        path = self.paths[index]
         try:
-            return index, self.transform(load_image(self.paths[index], min_side=self.min_side))
+            if not self.with_facts:
+                return index, self.transform(load_image(path, min_side=self.min_side))
+            facts = []
+            mtime = os.stat(path).st_mtime
+
+            def inspect(opened, full_size, stored):
+                facts.append(decoded_photo_facts(opened, full_size, stored, mtime))
+            image = self.transform(load_image(path, min_side=self.min_side, inspect=inspect))
+            return index, (image, facts[0])
+        except OSError as e:  # the stat of a file gone since it was listed
+            if self.strict:
+                raise DataError(f"{path}: cannot read image: {e.strerror or e}") from e
+            log.warning("skipping %s: %s", path, e.strerror or e)
+            return index, None
         except DataError as e:
             if self.strict:
                 raise
@@ -141,8 +158,12 @@ class ImageListDataset(Dataset):
 
 
 def collate_indexed_images(items):
-    """-> (indices of the readable images, stacked images or None)."""
+    """-> (indices of the readable images, stacked images or None), and their facts (a list) for items of an
+    ImageListDataset with_facts."""
     kept = [(i, im) for i, im in items if im is not None]
     if not kept:
         return torch.empty(0, dtype=torch.long), None
-    return torch.tensor([i for i, _ in kept]), torch.stack([im for _, im in kept])
+    indices = torch.tensor([i for i, _ in kept])
+    if isinstance(kept[0][1], tuple):
+        return indices, torch.stack([im for _, (im, _) in kept]), [facts for _, (_, facts) in kept]
+    return indices, torch.stack([im for _, im in kept])

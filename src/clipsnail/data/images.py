@@ -8,7 +8,7 @@ import math
 import os
 import stat
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -254,7 +254,9 @@ def as_pil_images(images) -> list[Image.Image]:
     return [load_image(im) if isinstance(im, (str, bytes)) or hasattr(im, "__fspath__") else im for im in images]
 
 
-def decode_opened(opened: Image.Image, min_side: int | None = None) -> tuple[Image.Image, int]:
+def decode_opened(opened: Image.Image, min_side: int | None = None,
+                  inspect: Callable[[Image.Image, tuple[int, int], Image.Image], None] | None = None
+                  ) -> tuple[Image.Image, int]:
     """An opened image (only its header read) -> (RGB, upright, shrunk so that its shorter side is still
     >= min_side; the number of pixels the decoder produced). min_side None: full size.
 
@@ -264,8 +266,11 @@ def decode_opened(opened: Image.Image, min_side: int | None = None) -> tuple[Ima
     after it is 15x cheaper); other formats cannot be decoded smaller and are shrunk by an integer box filter
     right after decoding, before further copies. The draft has to be set before the pixels are decoded, and the
     orientation read before conversions (which drop TIFF tags); it is applied last, to the smallest image.
-    Transparent pixels are composited on white (`_to_rgb`)."""
+    Transparent pixels are composited on white (`_to_rgb`).
+    inspect(opened, its full size, the decoded RGB pixels as stored, before the orientation is applied): called
+    before the pixels are turned upright, so facts of the photo (EXIF, a perceptual hash) come from this one decode."""
     orientation = _orientation(opened)
+    full_size = opened.size  # before the draft, which shrinks it
     if min_side and opened.format in ("JPEG", "MPO"):  # MPO: a phone's JPEG with extra frames (depth, preview)
         opened.draft("RGB", (min_side, min_side))  # keeps both sides >= min_side; L and CMYK stay as they are
     opened.load()  # first frame of an animation
@@ -274,6 +279,8 @@ def decode_opened(opened: Image.Image, min_side: int | None = None) -> tuple[Ima
     factor = min(image.size) // min_side if min_side else 1
     if factor >= 2:
         image = image.reduce(factor)  # each output pixel the mean of a factor x factor box
+    if inspect is not None:
+        inspect(opened, full_size, image)
     if orientation in _UPRIGHT:
         image = image.transpose(_UPRIGHT[orientation])
     if image is not opened:
@@ -283,9 +290,11 @@ def decode_opened(opened: Image.Image, min_side: int | None = None) -> tuple[Ima
     return image, decoded_pixels
 
 
-def load_image(path: str | Path, data: bytes | None = None, min_side: int | None = None) -> Image.Image:
+def load_image(path: str | Path, data: bytes | None = None, min_side: int | None = None,
+               inspect: Callable[[Image.Image, tuple[int, int], Image.Image], None] | None = None) -> Image.Image:
     """The image at `path` (or in `data`, read from `path`, e.g. a tar shard), upright (EXIF orientation
-    applied), RGB; fully decoded, or with its shorter side reduced to about `min_side` (`decode_opened`)."""
+    applied), RGB; fully decoded, or with its shorter side reduced to about `min_side` (`decode_opened`, which
+    also calls `inspect`)."""
     check_heif(path)
     if data is None:
         try:
@@ -298,7 +307,7 @@ def load_image(path: str | Path, data: bytes | None = None, min_side: int | None
             # A decompression bomb is a bad file in a corpus, not a warning to scroll past.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(source) as im:
-                return decode_opened(im, min_side)[0]
+                return decode_opened(im, min_side, inspect)[0]
     except Exception as e:  # decoders raise many types (OSError, SyntaxError, EOFError, struct.error...)
         if isinstance(e, UnidentifiedImageError):
             reason = "not an image, or an unsupported format"

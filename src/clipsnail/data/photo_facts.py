@@ -72,6 +72,19 @@ def read_photo_facts(path: str | Path, root: str | Path | None = None, follow_li
     return dataclasses.replace(facts_from_exif(exif, size, mtime), phash=phash)
 
 
+def decoded_photo_facts(opened: Image.Image, full_size: tuple[int, int], stored: Image.Image,
+                        mtime: float) -> PhotoFacts:
+    """`read_photo_facts` from a decode made anyway (`load_image`'s `inspect`: the opened file, its full size,
+    its pixels as stored at a reduced size), so that indexing decodes each photo once. The hash of those pixels
+    is the one `read_photo_facts` computes but for rounding: both are of the stored orientation, at an eighth or
+    more of the size, brought to 32x32."""
+    try:
+        exif = opened.getexif()
+        return dataclasses.replace(facts_from_exif(exif, full_size, mtime), phash=perceptual_hash(stored))
+    except (OSError, ValueError, SyntaxError):
+        return PhotoFacts(**file_time(mtime))
+
+
 DCT_SIZE, HASH_SIZE = 32, 8
 # The orthonormal DCT-II matrix: row u holds cos(pi (2x + 1) u / 2N), scaled
 _DCT = np.sqrt(2 / DCT_SIZE) * np.cos(np.pi * np.outer(np.arange(DCT_SIZE), 2 * np.arange(DCT_SIZE) + 1)

@@ -24,29 +24,33 @@ log = logging.getLogger(__name__)
 
 
 def _model_batches(loader, batch_size: int):
-    """The (indices, images) chunks of `loader`, unreadable images left out, regrouped into batches of batch_size
-    (the last one smaller)."""
-    indices, images, count = [], [], 0
-    for idx, chunk in loader:
+    """The (indices, images, facts) chunks of `loader` (facts: a list, or None where the loader gives none),
+    unreadable images left out, regrouped into batches of batch_size (the last one smaller)."""
+    indices, images, facts, count = [], [], [], 0
+    for idx, chunk, *chunk_facts in loader:
         if chunk is None:
             continue
         indices.append(idx)
         images.append(chunk)
+        facts.extend(chunk_facts[0] if chunk_facts else [None] * len(idx))
         count += len(idx)
         while count >= batch_size:
             all_idx, all_images = torch.cat(indices), torch.cat(images)
-            yield all_idx[:batch_size], all_images[:batch_size]
-            indices, images, count = [all_idx[batch_size:]], [all_images[batch_size:]], count - batch_size
+            yield all_idx[:batch_size], all_images[:batch_size], facts[:batch_size]
+            indices, images, facts = [all_idx[batch_size:]], [all_images[batch_size:]], facts[batch_size:]
+            count -= batch_size
     if count:
-        yield torch.cat(indices), torch.cat(images)
+        yield torch.cat(indices), torch.cat(images), facts
 
 
 @torch.no_grad()
 def encode_image_paths(model, paths: Sequence[str | Path], batch_size: int = 256, num_workers: int = 0,
                        progress: bool = True, strict: bool = False, encode: Callable | None = None,
                        dtype: torch.dtype = torch.float32, min_side: int | None = None,
-                       unit: str = "image") -> tuple[torch.Tensor, torch.Tensor]:
+                       unit: str = "image", with_facts: bool = False):
     """-> (embeddings [N, D] on CPU, readable [N] bool). Rows of unreadable images are zero.
+    with_facts: -> (embeddings, readable, [N] the PhotoFacts of each image, None where unreadable), the facts read
+    from the same decode (`ImageListDataset`).
     encode: what to compute from a batch of preprocessed images (default `model.encode_image`), e.g. a frozen
     tower's tokens [B, M, C], which then come back as [N, M, C] in `dtype`.
     num_workers: processes that decode and preprocess images while this one encodes (0: all in this process).
@@ -54,25 +58,28 @@ def encode_image_paths(model, paths: Sequence[str | Path], batch_size: int = 256
     its preprocess resizes to anyway); None: full size. unit: what the progress bar counts per second."""
     model.eval()
     encode = encode or model.encode_image
-    dataset = ImageListDataset(paths, model.preprocess, strict=strict, min_side=min_side)
+    dataset = ImageListDataset(paths, model.preprocess, strict=strict, min_side=min_side, with_facts=with_facts)
     # A DataLoader gives each worker whole batches: with batches of batch_size, a folder of fewer than
     # num_workers x batch_size images would leave workers idle. Workers make small chunks instead, regrouped here.
     chunk = batch_size if num_workers == 0 else min(batch_size, 8)
     loader = DataLoader(dataset, batch_size=chunk, num_workers=num_workers, collate_fn=collate_indexed_images)
     out, readable = None, torch.zeros(len(paths), dtype=torch.bool)
+    facts = [None] * len(paths)
     with tqdm(total=len(paths), desc="encode images", disable=not progress, unit=unit) as bar:
-        for idx, images in _model_batches(loader, batch_size):
+        for idx, images, batch_facts in _model_batches(loader, batch_size):
             emb = encode(images).to(torch.device("cpu"), dtype)
             if out is None:
                 out = torch.zeros(len(paths), *emb.shape[1:], dtype=dtype)
             out[idx], readable[idx] = emb, True
+            for i, f in zip(idx.tolist(), batch_facts):
+                facts[i] = f
             bar.update(int(idx[-1]) + 1 - bar.n)  # images come in order: every one up to here is done or unreadable
         bar.update(len(paths) - bar.n)
     if out is None:
         out = torch.zeros(len(paths), model.embed_dim)
     if (~readable).any():
         log.warning("%d of %d images could not be read and were skipped", int((~readable).sum()), len(paths))
-    return out, readable
+    return (out, readable, facts) if with_facts else (out, readable)
 
 
 def encode_every_image(model, images_dir: str | Path, names: Sequence[str], progress: bool = True,

@@ -501,7 +501,8 @@ def _model_dir(model, model_dir) -> str | None:
 
 
 def _encode(model, root: Path, rels: list[str], batch_size: int, progress: bool, workers: int | None):
-    """-> (vectors of the readable ones [M, D], readable mask [len(rels)] bool list).
+    """-> (vectors of the readable ones [M, D], readable mask [len(rels)] bool list, {rel: PhotoFacts} of the
+    readable ones, read from the same decode).
     Photos are decoded only to about the model's input size (its preprocess resizes the shorter side to
     model.image_size; `load_image`), by `workers` processes (None: `default_workers`) while this one encodes."""
     import torch
@@ -509,13 +510,14 @@ def _encode(model, root: Path, rels: list[str], batch_size: int, progress: bool,
     from clipsnail.inference.evaluate import encode_image_paths
 
     if not rels:
-        return torch.zeros(0, model.embed_dim), []
+        return torch.zeros(0, model.embed_dim), [], {}
     workers = default_workers() if workers is None else workers
     if len(rels) < MIN_IMAGES_FOR_WORKERS:
         workers = 0  # starting processes would cost more than decoding these few here
-    vectors, readable = encode_image_paths(model, [root / r for r in rels], batch_size=batch_size, progress=progress,
-                                           num_workers=workers, min_side=model.image_size, unit="photo")
-    return vectors[readable], readable.tolist()
+    vectors, readable, facts = encode_image_paths(model, [root / r for r in rels], batch_size=batch_size,
+                                                  progress=progress, num_workers=workers, min_side=model.image_size,
+                                                  unit="photo", with_facts=True)
+    return vectors[readable], readable.tolist(), {r: f for r, f in zip(rels, facts) if f is not None}
 
 
 # ----------------------------------------------------------------------------------------------- build / update
@@ -553,13 +555,12 @@ def build_index(model, images_dir: str | Path, out_dir: str | Path, batch_size: 
     rels = sorted(found)
     sha1 = _hash_all(root, rels, progress, follow_links)
     rels = [r for r in rels if r in sha1]
-    vecs, readable = _encode(model, root, rels, batch_size, progress, workers)
+    vecs, readable, facts = _encode(model, root, rels, batch_size, progress, workers)
     good = [r for r, ok in zip(rels, readable) if ok]
     good_set = set(good)
     unreadable = {r: found[r] for r in found if r not in good_set}
     stats = {"added": len(good), "changed": 0, "removed": 0, "moved": 0, "unchanged": 0,
              "unreadable": len(unreadable), "total": len(good), "encoded": len(good)}
-    facts = read_all_facts(root, good, follow_links, progress=progress)
     state = _base_state(root, follow_links, _model_dir(model, model_dir), model.embed_dim, approx_threshold, None,
                         stats, backend_of(model))
     _write_new(Path(out_dir), state, good, {r: (*found[r], sha1[r]) for r in good},
@@ -670,7 +671,7 @@ def update_index(model, index_dir: str | Path, batch_size: int = 64, progress: b
                         index_dir, old.model_dir)
         found = _scan(old.root, allow_empty=True, follow_links=old.follow_links)
         plan = _plan_update(old, found, encode_all, progress)
-        new_vecs, readable = _encode(model, old.root, plan.todo, batch_size, progress, workers)
+        new_vecs, readable, facts = _encode(model, old.root, plan.todo, batch_size, progress, workers)
         encoded = [r for r, ok in zip(plan.todo, readable) if ok]
         for r, ok in zip(plan.todo, readable):
             if not ok:
@@ -687,7 +688,7 @@ def update_index(model, index_dir: str | Path, batch_size: int = 64, progress: b
                                 plan.unreadable != plan.old_unreadable or
                                 threshold != old.structure["approx_threshold"])
         if stats["written"]:
-            _commit(old, plan, encoded, new_vecs, state)
+            _commit(old, plan, encoded, new_vecs, facts, state)
     finally:
         old.close()
     stats["rewritten"] = _upkeep(index_dir)  # also finishes the upkeep of an update killed after its commit
@@ -722,9 +723,11 @@ def _update_stats(old: ImageIndex, plan: _UpdatePlan, encoded: list[str], n_enco
             "total": total, "reencoded": reencoded, "encoded": n_encoded}
 
 
-def _commit(old: ImageIndex, plan: _UpdatePlan, encoded: list[str], new_vecs: torch.Tensor, state: dict) -> None:
+def _commit(old: ImageIndex, plan: _UpdatePlan, encoded: list[str], new_vecs: torch.Tensor, encoded_facts: dict,
+            state: dict) -> None:
     """Append the new rows (encoded photos, then copies), then commit every change in one catalogue transaction:
-    the moment the new state exists."""
+    the moment the new state exists. encoded_facts: {rel: PhotoFacts} of the encoded photos (read while decoding);
+    those of copied and moved photos are read here."""
     copied = np.asarray(old.store.vectors[[row for _, _, row in plan.copies]], dtype=np.float32)
     appended = np.concatenate([new_vecs.numpy().astype(np.float32).reshape(-1, old.dim),
                                copied.reshape(-1, old.dim)])
@@ -736,7 +739,8 @@ def _commit(old: ImageIndex, plan: _UpdatePlan, encoded: list[str], new_vecs: to
     first = old.store.rows
     new_rows = {rel: first + j for j, rel in enumerate([*encoded, *(c[0] for c in plan.copies)])}
     sha1 = {**plan.sha1, **{c[0]: c[1] for c in plan.copies}}
-    facts = read_all_facts(old.root, [*new_rows, *(k[2] for k in plan.keep_row)], old.follow_links)
+    facts = read_all_facts(old.root, [*new_rows, *(k[2] for k in plan.keep_row)], old.follow_links,
+                           known=encoded_facts)
 
     def photo(i, row, rel):
         return i, row, rel, *plan.stamps[rel], sha1[rel], facts[rel]
