@@ -5,6 +5,7 @@ index without one still searches through PyTorch, and `index update` adds it."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from helpers import noise_image
@@ -29,6 +30,24 @@ def photos(tmp_path_factory):
     for i in range(10):
         noise_image(root / f"{i}.png", i)
     return root
+
+
+SERVE = """
+import io, json, sys
+from fastapi.testclient import TestClient
+from PIL import Image
+from clipsnail.inference.index import ImageIndex
+from clipsnail.serve import create_app, query_model
+index = ImageIndex.load(sys.argv[1])
+client = TestClient(create_app(index, query_model(index, "cpu")), base_url="http://127.0.0.1")
+hits = client.get("/api/search", params={"q": "a red circle", "k": 3}).json()["hits"]
+png = io.BytesIO()
+Image.new("RGB", (32, 32), "red").save(png, format="PNG")
+labels = client.post("/api/zeroshot", files={"file": ("a.png", png.getvalue(), "image/png")},
+                     data={"classes": "red, blue"}).json()["labels"]
+print(json.dumps({"hits": [h["path"] for h in hits], "labels": labels,
+                  "torch": sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))}))
+"""
 
 
 def search_in_a_fresh_process(index_dir, *argv) -> tuple[list[dict], list[str]]:
@@ -61,6 +80,22 @@ def test_a_text_search_answers_without_torch_and_as_pytorch_does(clip_run, clip_
 
     image_hits, torch_modules = search_in_a_fresh_process(out, "--image", str(photos / "3.png"), "-k", "1")
     assert torch_modules == [] and image_hits[0]["path"] == str(photos / "3.png")  # the image encoder, ONNX too
+
+    # The web app answers on the same encoder, PyTorch never imported: the hits and probabilities PyTorch gives
+    proc = subprocess.run([sys.executable, "-c", SERVE, str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    app = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert app["torch"] == [] and app["hits"] == [Path(h.path).name for h in index.search(
+        clip_model.encode_text(["a red circle"]), 3)[0]]
+    import torch
+    from PIL import Image
+
+    from clipsnail.inference.evaluate import default_templates, zero_shot_probabilities, zero_shot_weights
+    with torch.no_grad():
+        expected = zero_shot_probabilities(clip_model, clip_model.encode_image([Image.new("RGB", (32, 32), "red")]),
+                                           zero_shot_weights(clip_model, ["red", "blue"], default_templates()))[0]
+    assert {x["label"]: x["prob"] for x in app["labels"]} == pytest.approx(
+        {"red": float(expected[0]), "blue": float(expected[1])}, abs=2e-3)
 
 
 def test_an_index_without_a_query_encoder_searches_with_pytorch_until_an_update_writes_one(clip_model, photos,

@@ -162,6 +162,8 @@ def _preprocess_spec(model, run_dir: Path) -> dict:
         "pad_id": model.tokenizer.pad_id,
         "embed_dim": model.embed_dim,
         "logit_scale": float(model.logit_scale.detach().exp()),
+        # SigLIP's learned bias (None for CLIP): zero-shot probabilities are then each class's sigmoid
+        "logit_bias": float(model.logit_bias.detach()) if getattr(model, "logit_bias", None) is not None else None,
         "image_encoder": v.encoder,
         "text_encoder": model.cfg.text.encoder,
         "files": {"image_encoder": IMAGE_FILE, "text_encoder": TEXT_FILE, "tokenizer": TOKENIZER_FILE},

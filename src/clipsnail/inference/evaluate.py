@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from clipsnail.core.errors import DataError
 from clipsnail.data.datasets import ImageListDataset, collate_indexed_images
+from clipsnail.inference.templates import default_templates, read_templates  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -151,26 +152,6 @@ def semantic_retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, 
 
 
 # ----------------------------------------------------------------------------------------------- zero-shot
-
-
-def default_templates() -> list[str]:
-    path = Path(__file__).with_name("templates.txt")
-    return [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
-
-
-def read_templates(path: str | Path) -> list[str]:
-    from clipsnail.core.errors import DataError
-
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: templates file not found")
-    templates = [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
-    for n, t in enumerate(templates, 1):
-        if "{}" not in t:
-            raise DataError(f"{path}: template {n} {t!r} has no '{{}}' for the class name")
-    if not templates:
-        raise DataError(f"{path}: no templates")
-    return templates
 
 
 @torch.no_grad()

@@ -26,9 +26,7 @@ except ImportError:
     require_extra("serve", "the web app")
     raise
 
-from clipsnail.apps.hub import load
 from clipsnail.core.errors import ClipsnailError
-from clipsnail.inference.generate import TextToImage
 from clipsnail.inference.index import ImageIndex
 
 __all__ = ["LimitedH11", "Limits", "allowed_host_names", "create_app", "load_generator", "run_server"]
@@ -171,11 +169,36 @@ class LimitedH11(H11Protocol):
 
 def load_generator(run: str | Path, device: str = "cpu"):
     """A text-to-image run of kind pixelsnail, for the prompt box (kind retrieve draws nothing: refused)."""
+    from clipsnail.apps.hub import load
+    from clipsnail.inference.generate import TextToImage
+
     generator = load(run, device=device)
     if not isinstance(generator, TextToImage):
         raise ClipsnailError(f"{run}: --generator needs a text-to-image run of kind pixelsnail "
                              "(`clipsnail t2i train --kind pixelsnail`)")
     return generator
+
+
+def torch_model(index: ImageIndex, device: str):
+    from clipsnail.apps.hub import load
+
+    return load(index.model_dir, device=device)
+
+
+def query_model(index: ImageIndex, device: str):
+    """What the app embeds queries with: on the CPU, the index's ONNX query encoder when it has one of its
+    weights (onnxruntime alone: PyTorch is never imported), else the run in PyTorch."""
+    import importlib.util
+
+    folder = index.query_encoder() if device in ("auto", "cpu") else None
+    if folder is not None and all(importlib.util.find_spec(m) for m in ("onnxruntime", "tokenizers")):
+        from clipsnail.apps.export import OnnxClip
+
+        onnx_clip = OnnxClip(folder)
+        if "logit_bias" in onnx_clip.spec:  # an export before it recorded SigLIP's bias cannot give probabilities
+            log.info("answering queries with the ONNX query encoder %s", folder)
+            return onnx_clip
+    return torch_model(index, device)
 
 
 def run_server(index, generator=None, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu",
@@ -201,7 +224,7 @@ def run_server(index, generator=None, host: str = "127.0.0.1", port: int = 8000,
         raise ClipsnailError(f"{index}: the CLIP run that made this index ({image_index.model_dir}) is not there; "
                              "rebuild the index with `clipsnail index build --model RUN`")
     image_index.check_model(image_index.model_dir)
-    model = load(image_index.model_dir, device=device)
+    model = query_model(image_index, device)
     gen = load_generator(generator, device) if generator else None
     if host not in LOOPBACK_HOSTS:
         log.warning("serving on %s: the app has no login; anyone who can reach this address can search and view "
@@ -220,7 +243,11 @@ def run_server(index, generator=None, host: str = "127.0.0.1", port: int = 8000,
             app.state.service.swap(new_index)
             log.info("serving the updated index: %s", stats)
 
-        threading.Thread(target=watch_index, args=(photo_model_of(image_index, model), index, stop),
+        if image_index.meta.get("backend", "torch").startswith("onnx"):
+            photos_model = None  # the index's own query encoder encodes its photos
+        else:
+            photos_model = torch_model(image_index, device) if hasattr(model, "text_session") else model
+        threading.Thread(target=watch_index, args=(photo_model_of(image_index, photos_model), index, stop),
                          name="clipsnail-watch", daemon=True,
                          kwargs={"on_update": swap, "poll_seconds": poll_seconds}).start()
     try:

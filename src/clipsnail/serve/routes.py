@@ -6,7 +6,6 @@ import dataclasses
 import time
 from pathlib import Path
 
-import torch
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
@@ -121,11 +120,8 @@ def search_routes(limits: Limits) -> APIRouter:
         image = await svc.read_upload(file)
 
         def labels() -> list[Label]:
-            from clipsnail.inference.evaluate import zero_shot_probabilities
-
-            probs = zero_shot_probabilities(svc.model, torch.from_numpy(svc.embed_image(image)),
-                                            svc.class_weights(names))[0]
-            return [Label(label=names[j], prob=round(float(probs[j]), 4)) for j in probs.argsort(descending=True)]
+            probs = svc.zero_shot(image, names)
+            return [Label(label=names[j], prob=round(float(probs[j]), 4)) for j in (-probs).argsort(kind="stable")]
 
         return ZeroShotResult(labels=await run_in_threadpool(labels), seconds=elapsed(start))
 

@@ -19,7 +19,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import torch
 from fastapi import HTTPException, UploadFile
 
 from clipsnail.core.display import display_name
@@ -27,6 +26,8 @@ from clipsnail.core.errors import ClipsnailError, DataError
 from clipsnail.data.images import IMAGE_EXTENSIONS
 from clipsnail.inference.catalogue import Filters
 from clipsnail.inference.query import QueryError, combine, looks_like_path, parse_query, term_vectors
+from clipsnail.inference.templates import default_templates
+from clipsnail.serve.encoders import query_encoder_of
 from clipsnail.serve.images import BadImage, decode_upload, load_file, thumbnail
 from clipsnail.serve.schemas import Hit, Limits
 
@@ -67,19 +68,20 @@ class Served:
 
 class SearchService:
     """The index and CLIP model one app serves, with the lock, caches and decoding threads around them. `swap`
-    serves a new state of the index (`index watch`) without a restart."""
+    serves a new state of the index (`index watch`) without a restart. model: the index's ONNX query encoder
+    (an OnnxClip: no PyTorch) or the run's PyTorch model (`clipsnail.serve.encoders`)."""
 
     def __init__(self, index, model, limits: Limits):
-        self.served, self.model, self.limits = Served(index), model, limits
+        self.served, self.encoder, self.limits = Served(index), query_encoder_of(model), limits
         self.lock = threading.Lock()
         # The shortest side an image query is decoded at: twice the model's input size (its preprocess resizes the
         # shorter side to that size and crops; the margin keeps the resize's antialiasing as good as from full size).
-        self.query_side = 2 * model.image_size
+        self.query_side = 2 * self.encoder.image_size
         # Decodes wait for one of these threads without holding a threadpool thread or any pixels; at most
         # max_decoding full-size images exist at once, however many uploads arrive together.
         self.decoder = ThreadPoolExecutor(max_workers=limits.max_decoding, thread_name_prefix="clipsnail-decode")
         self.thumbs = LRU(limits.thumb_cache)  # keyed by (generation, id): a changed photo keeps its id
-        self.zero_shot_cache: dict[str, torch.Tensor] = {}
+        self.zero_shot_cache: dict[str, np.ndarray] = {}
 
     @property
     def index(self):
@@ -95,16 +97,14 @@ class SearchService:
 
     # ------------------------------------------------------------------------------------------- embedding, search
 
-    @torch.inference_mode()
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         """[len(texts), D]: one batch, under one hold of the model lock."""
         with self.lock:
-            return self.model.encode_text(texts).float().cpu().numpy()
+            return self.encoder.encode_texts(texts)
 
-    @torch.inference_mode()
     def embed_image(self, image) -> np.ndarray:
         with self.lock:
-            return self.model.encode_image([image]).float().cpu().numpy()
+            return self.encoder.encode_images([image])
 
     def search(self, queries: np.ndarray, k: int, filters: Filters | None = None) -> list[Hit]:
         index = self.served.index
@@ -166,27 +166,28 @@ class SearchService:
         try:
             terms = parse_query(q, image=lambda text: self.index_image(served, text))
             vectors = term_vectors(
-                terms, lambda texts: torch.from_numpy(self.embed_texts(texts)),
-                lambda names: torch.from_numpy(np.concatenate([self.stored_vector(served, self.indexed_id(served, n))
-                                                               for n in names])))
+                terms, self.embed_texts,
+                lambda names: np.concatenate([self.stored_vector(served, self.indexed_id(served, n)) for n in names]))
             return combine(vectors, [t.weight for t in terms])
         except QueryError as e:
             raise bad_request(422, str(e)) from None
 
-    @torch.inference_mode()
-    def class_weights(self, classes: list[str]) -> torch.Tensor:
-        from clipsnail.inference.evaluate import default_templates, zero_shot_weights
-
+    def class_weights(self, classes: list[str]) -> np.ndarray:
         cache = self.zero_shot_cache
         found = {c: cache.get(c) for c in classes}
         missing = [c for c, w in found.items() if w is None]
         if missing:
             with self.lock:
-                found.update(zip(missing, zero_shot_weights(self.model, missing, default_templates())))
+                found.update(zip(missing, self.encoder.class_weights(missing, default_templates())))
             if len(cache) > 4096:  # bounded: users type arbitrary class names
                 cache.clear()
             cache.update((c, found[c]) for c in missing)
-        return torch.stack([found[c] for c in classes])
+        return np.stack([found[c] for c in classes])
+
+    def zero_shot(self, image, classes: list[str]) -> np.ndarray:
+        """[len(classes)] probabilities of the classes for one image."""
+        weights = self.class_weights(classes)
+        return self.encoder.probabilities(self.embed_image(image), weights)[0]
 
     # ------------------------------------------------------------------------------------------- images
 
