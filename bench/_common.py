@@ -224,10 +224,11 @@ def median_logged_speed(run: Path) -> float:
 MEM_TAG = "PEAKMEM "
 
 
-def proc_status_mib(field_name: str) -> float | None:
-    """VmRSS (current) or VmHWM (peak) of this process from /proc/self/status, in MiB; None without /proc."""
+def proc_status_mib(field_name: str, pid: int | str = "self") -> float | None:
+    """VmRSS (current) or VmHWM (peak) of a process (default: this one) from /proc/PID/status, in MiB; None
+    without /proc or once it has gone."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith(field_name + ":"):
                 return round(int(line.split()[1]) / 2**10, 1)
     except (OSError, ValueError, IndexError):

@@ -125,17 +125,6 @@ def start_server(index: Path, port: int, log_path: Path, src: Path) -> tuple[sub
     raise SystemExit(f"the server did not answer within 180 s; see {log_path}")
 
 
-def server_memory_mib(pid: int, field: str = "VmHWM") -> float | None:
-    """A field of /proc/PID/status in MiB: VmHWM (peak resident since the start) or VmRSS (resident now)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return round(int(line.split()[1]) / 2**10, 1)
-    except (OSError, ValueError):
-        pass
-    return None
-
-
 class RssSampler:
     """The highest VmRSS of a process, sampled every `interval` seconds on a thread while in the `with` block."""
 
@@ -146,7 +135,7 @@ class RssSampler:
 
     def _run(self):
         while not self._stop.is_set():
-            rss = server_memory_mib(self.pid, "VmRSS")
+            rss = _common.proc_status_mib("VmRSS", self.pid)
             if rss is not None:
                 self.peak, self.samples = max(self.peak, rss), self.samples + 1
             self._stop.wait(self.interval)
@@ -187,14 +176,15 @@ def big_upload_phase(base: str, pid: int, uploads: list[tuple[str, bytes]], pixe
     requests = [{"method": "POST", "url": "/api/search/image", "data": {"k": str(k)},
                  "files": {"file": uploads[i % len(uploads)]}} for i in range(count)]
     time.sleep(1)  # let the previous phase's memory settle
-    before = server_memory_mib(pid, "VmRSS")
+    before = _common.proc_status_mib("VmRSS", pid)
     with RssSampler(pid) as sampler:
         result = asyncio.run(load_phase(base, requests, concurrency))
     time.sleep(3)
     result.update({
         "upload_pixels": pixels, "upload_mib_mean": round(sum(len(d) for _, d in uploads) / len(uploads) / 2**20, 2),
         "rss_before_mib": before, "rss_peak_during_mib": sampler.peak, "rss_samples": sampler.samples,
-        "vm_hwm_after_mib": server_memory_mib(pid, "VmHWM"), "rss_after_mib": server_memory_mib(pid, "VmRSS")})
+        "vm_hwm_after_mib": _common.proc_status_mib("VmHWM", pid),
+        "rss_after_mib": _common.proc_status_mib("VmRSS", pid)})
     return result
 
 
@@ -550,7 +540,7 @@ def run_load(base: str, pid: int, phases: dict, big: list, big_size: tuple[int, 
     for name, reqs in phases.items():
         say(f"{name}: {len(reqs)} requests, {args.concurrency} in flight")
         results[name] = asyncio.run(load_phase(base, reqs, args.concurrency))
-    server_rss = server_memory_mib(pid, "VmHWM")
+    server_rss = _common.proc_status_mib("VmHWM", pid)
     if big:
         big_width, big_height = big_size
         say(f"big: {args.big_uploads} uploads of {big_width}x{big_height} JPEGs, "
