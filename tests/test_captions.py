@@ -168,3 +168,28 @@ def test_a_coco_image_id_listed_twice_is_named(tmp_path):
     with pytest.raises(DataError, match=r"captions\.json: images\[1\]: image id 7 is listed twice, for 'a\.jpg' and "
                                         r"'b\.jpg'"):
         read_captions(path)
+
+
+def test_split_all_trains_on_every_photo_and_the_default_says_what_it_holds_out(shapes_dir, tmp_path, caplog, capsys):
+    import logging
+
+    from clipsnail.cli import main
+    from clipsnail.data.caption_corpora import CaptionDataConfig, load_caption_split
+
+    every = {r.image for r in read_captions(shapes_dir / "captions.csv")}
+    data = CaptionDataConfig(captions=str(shapes_dir / "captions.csv"), images=str(shapes_dir / "images"))
+    with caplog.at_level(logging.INFO, logger="clipsnail.data.caption_corpora"):
+        held = load_caption_split(data, "train")[0]
+    assert 0 < len(held) < len(every)
+    assert f"training on {len(held)} of the {len(every)} captioned photos: {len(every) - len(held)} held out" \
+        in caplog.text
+    data.train_split = "all"
+    assert sorted(load_caption_split(data, "train")[0]) == sorted(every)
+    with pytest.raises(DataError, match="none is held out for val"):
+        load_caption_split(data, "val")
+
+    from helpers import tiny_clip_args
+
+    run = tmp_path / "all"
+    assert main(tiny_clip_args(shapes_dir, run, "--split", "all", "--set", "train.max_steps=1")) == 0
+    assert json.loads((run / "config.json").read_text())["data"]["train_split"] == "all"

@@ -112,6 +112,12 @@ def test_zeroshot_images_and_folder(run_dir, tmp_path, capsys):
     assert main(["zeroshot", "--model", str(run_dir), "--folder", str(folder), "--no-progress"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert set(metrics) >= {"acc1", "acc5", "mean_per_class_recall"} and metrics["num_classes"] == len(classes)
+    per_class = metrics["per_class"]
+    assert sorted(per_class) == sorted(classes) and all(c["images"] == 3 for c in per_class.values())
+    assert sum(c["acc1"] for c in per_class.values()) / len(classes) == pytest.approx(
+        metrics["mean_per_class_recall"], abs=1e-3)
+    assert sum(c["images"] * (1 - c["acc1"]) for c in per_class.values()) == pytest.approx(
+        sum(c["taken_for"] for c in per_class.values()))  # each wrong answer taken for one other class
     templates = tmp_path / "templates.txt"
     templates.write_text("a {} shape\na picture of a {} shape\n")
     image = next(folder.rglob("*.png"))
@@ -120,6 +126,32 @@ def test_zeroshot_images_and_folder(run_dir, tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result[0]["label"] in ("red", "blue", "green")
     assert sum(result[0]["probs"].values()) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_encoding_never_holds_more_images_than_its_batch_size(run_dir, tmp_path, capsys, monkeypatch):
+    # The peak memory of encoding is bounded by --batch-size: the model never sees a larger batch, whatever the
+    # number of images and decoding workers
+    from clipsnail.apps import hub
+    from clipsnail.data.shapes import generate_attribute_folder
+
+    folder = tmp_path / "colours"
+    generate_attribute_folder(folder, "color", n_per_class=7, size=16, seed=0)
+    batches, load = [], hub.load
+
+    def recording_load(*args, **kwargs):
+        model = load(*args, **kwargs)
+        encode = model.encode_image
+
+        def recorded(images):
+            batches.append(len(images))
+            return encode(images)
+        model.encode_image = recorded
+        return model
+
+    monkeypatch.setattr(hub, "load", recording_load)
+    assert main(["zeroshot", "--model", str(run_dir), "--folder", str(folder), "--batch-size", "4",
+                 "--no-progress"]) == 0
+    assert max(batches) == 4 and sum(batches) == len(list(folder.rglob("*.png")))
 
 
 def test_summary(run_dir, capsys):

@@ -122,8 +122,48 @@ def test_rerun_of_finished_run_does_nothing(tmp_path):
     assert all(torch.equal(before[k], v) for k, v in weights(tmp_path).items())
 
 
+def slow_steps(seconds, then=None):
+    """An on_step callback: each step takes `seconds` longer (a step time the budget plan can measure); `then`
+    called after."""
+    import time
+
+    def on_step(step):
+        time.sleep(seconds)
+        if then is not None:
+            then(step)
+    return on_step
+
+
+def test_a_budget_run_spans_its_schedule_over_the_steps_that_fit_and_ends_decayed(tmp_path):
+    task = ToyTask(time_budget="1.2s", epochs=400)  # 2,000 steps configured; some 60 fit at 20 ms a step
+    result = fit(task, tmp_path, progress=False, on_step=slow_steps(0.02))
+    assert result.completed and 10 < result.step < 2000
+    stepped = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "lr" in r]
+    lrs = [r["lr"] for r in stepped]
+    assert stepped[-1]["step"] == result.step
+    min_lr = task.config.optim.min_lr_ratio * task.config.optim.lr
+    # Decayed at the end, not stopped near the top (at the plan's end exactly min_lr; a step or two short of it
+    # where the last steps ran slower than estimated and the budget ran out first)
+    assert min_lr <= lrs[-1] <= min_lr + 0.02 * task.config.optim.lr
+    assert max(lrs) == pytest.approx(task.config.optim.lr, rel=0.05)  # after a warmup, the top rate was reached
+
+
+def test_a_resumed_budget_run_keeps_its_plan(tmp_path):
+    def crash_after_plan(step):
+        if step == 12:
+            raise Crash
+
+    with pytest.raises(Crash):
+        fit(ToyTask(time_budget="1.2s", epochs=400), tmp_path, progress=False,
+            on_step=slow_steps(0.02, crash_after_plan))
+    warmup, planned = load_state(tmp_path / CHECKPOINT)["budget_plan"]
+    assert 12 < planned < 2000 and warmup <= planned // 10
+    again = fit(ToyTask(time_budget="1h", epochs=400), tmp_path, progress=False)  # another budget: the same plan
+    assert again.completed and again.step == planned
+
+
 def test_time_budget_stops_with_checkpoint_and_continues(tmp_path):
-    result = fit(ToyTask(time_budget="0.000001s"), tmp_path, progress=False)
+    result = fit(ToyTask(time_budget="0.000001s", budget_schedule="pause"), tmp_path, progress=False)
     assert not result.completed and result.step == 1
     assert (tmp_path / CHECKPOINT).exists() and (tmp_path / "model.safetensors").exists()
     result = fit(ToyTask(), tmp_path, progress=False)

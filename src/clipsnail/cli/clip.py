@@ -9,12 +9,14 @@ from clipsnail.cli.common import (
     add_caption_flags,
     add_runtime_flags,
     add_train_flags,
+    add_train_split_flag,
     caption_values,
     print_metrics,
     rounded,
     task_config,
     train_and_report,
 )
+from clipsnail.core.config import ENCODE_BATCH
 from clipsnail.core.safeio import atomic_write_json
 
 # Each handler imports what it runs (torch, the models, the tasks) so that `clipsnail --help` starts at once.
@@ -26,17 +28,19 @@ def add_clip(parser: argparse.ArgumentParser) -> None:
     add_caption_flags(p, required=False)
     p.add_argument("--shards", help='stream WebDataset tar shards, e.g. "data/{000000..000099}.tar" (see `data '
                    'shards`); --captions/--images then only serve validation')
+    add_train_split_flag(p)
     p.add_argument("--init", metavar="RUN", help="start from this CLIP run's architecture, tokenizer and weights "
                    "(fine-tuning, e.g. a run made by `clipsnail convert`, or hf-hub:ORG/NAME)")
     add_train_flags(p)
     p.set_defaults(func=cmd_clip_train)
 
     p = clip.add_parser("eval", help="retrieval recall@k on a split (clip_benchmark definitions); prints JSON")
-    p.add_argument("--model", required=True, help="run directory")
+    p.add_argument("--model", required=True, help="a CLIP run directory or model name (conse:..., hf-hub:ORG/NAME)")
     add_caption_flags(p)
     p.add_argument("--split", default="test", choices=["train", "val", "test", "all"],
                    help="which captioned images to score (default test; the split file or the run's split rule)")
-    p.add_argument("--batch-size", type=int, default=256, help="images encoded at once (default 256)")
+    p.add_argument("--batch-size", type=int, default=ENCODE_BATCH,
+                   help=f"images encoded at once (default {ENCODE_BATCH}); the peak memory of encoding grows with it")
     add_runtime_flags(p)
     p.set_defaults(func=cmd_clip_eval)
 

@@ -86,7 +86,14 @@ def add_follow_links_flag(p: argparse.ArgumentParser) -> None:
 
 
 CAPTION_FLAGS = (("captions", "data.captions"), ("images", "data.images"), ("format", "data.format"),
-                 ("split_file", "data.split_file"))
+                 ("split_file", "data.split_file"), ("train_split", "data.train_split"))
+
+
+def add_train_split_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--split", dest="train_split", choices=["train", "all"],
+                   help="what trains: the train split (default: the split file's, else 80%% of the photos by a hash "
+                        "of each name; the rest held out for validation and testing), or all the captioned photos "
+                        "(no validation during training)")
 
 
 # ----------------------------------------------------------------------------------------------- flags -> config

@@ -26,8 +26,16 @@ def add_zeroshot(p: argparse.ArgumentParser) -> None:
     p.add_argument("--templates", help="file with one prompt template per line ('{}' = class name)")
     p.add_argument("--folder", help="image folder with one subfolder per class: prints acc1/acc5/mean_per_class_recall")
     p.add_argument("images", nargs="*", help="image files")
+    add_batch_size_flag(p, "images")
     add_runtime_flags(p)
     p.set_defaults(func=cmd_zeroshot)
+
+
+def add_batch_size_flag(p: argparse.ArgumentParser, what: str) -> None:
+    from clipsnail.core.config import ENCODE_BATCH
+
+    p.add_argument("--batch-size", type=int, default=ENCODE_BATCH,
+                   help=f"{what} encoded at once (default {ENCODE_BATCH}); the peak memory of encoding grows with it")
 
 
 def add_index(parser: argparse.ArgumentParser) -> None:
@@ -36,7 +44,7 @@ def add_index(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="CLIP run directory")
     p.add_argument("--images", required=True, help="image folder (searched recursively)")
     p.add_argument("--out", required=True, help="index directory (replaced atomically when it exists)")
-    p.add_argument("--batch-size", type=int, default=64, help="photos encoded at once (default 64)")
+    add_batch_size_flag(p, "photos")
     add_workers_flag(p)
     add_onnx_flag(p)
     p.add_argument("--approx-threshold", type=int,
@@ -48,7 +56,7 @@ def add_index(parser: argparse.ArgumentParser) -> None:
     p = index.add_parser("update", help="add new/changed images, drop deleted ones (the rest is not re-encoded)")
     p.add_argument("--index", required=True, help="index directory made by `clipsnail index build`")
     p.add_argument("--model", help="CLIP run directory (default: the one recorded in the index)")
-    p.add_argument("--batch-size", type=int, default=64, help="photos encoded at once (default 64)")
+    add_batch_size_flag(p, "photos")
     add_workers_flag(p)
     add_onnx_flag(p)
     add_runtime_flags(p)
@@ -183,13 +191,16 @@ def cmd_zeroshot(args: argparse.Namespace) -> None:
                 raise ClipsnailError(f"--classes has {len(names)} names but {args.folder} has {len(classes)} "
                                      f"class folders ({', '.join(classes)})")
             classes = names
-        image_emb, readable = encode_image_paths(model, paths, progress=not args.no_progress)
-        print_metrics(zero_shot_accuracy(image_emb, readable, labels, zero_shot_weights(model, classes, templates)))
+        image_emb, readable = encode_image_paths(model, paths, batch_size=args.batch_size,
+                                                 progress=not args.no_progress)
+        print_metrics(zero_shot_accuracy(image_emb, readable, labels, zero_shot_weights(model, classes, templates),
+                                         class_names=classes))
         return
     if not args.images or not args.classes:
         raise ClipsnailError("zeroshot needs --classes and IMAGE files, or --folder ROOT")
     classes = [c.strip() for c in args.classes.split(",") if c.strip()]
-    image_emb, readable = encode_image_paths(model, args.images, progress=False, strict=True)
+    image_emb, readable = encode_image_paths(model, args.images, batch_size=args.batch_size, progress=False,
+                                             strict=True)
     probs = zero_shot_probabilities(model, image_emb, zero_shot_weights(model, classes, templates))
     result = []
     for path, p in zip(args.images, probs):

@@ -37,6 +37,9 @@ import yaml
 from clipsnail.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
+# Images encoded at once where a model only encodes (evaluation, zero-shot, indexing, frozen towers): what bounds
+# the peak memory of encoding, with the model's own size (activations of a batch, freed layer by layer).
+ENCODE_BATCH = 64
 
 
 @dataclasses.dataclass
@@ -64,7 +67,11 @@ class TrainConfig:
     device: str = "auto"  # auto picks cuda, then mps, then cpu
     precision: str = "auto"  # auto = bf16 on CUDA when supported else fp32; or fp32 / bf16 / fp16
     ema_decay: float = 0.0  # > 0 keeps an EMA of the weights, used for evaluation and the saved model
-    time_budget: str = ""  # e.g. "10m": stop cleanly (with a checkpoint) when spent
+    time_budget: str = ""  # e.g. "10m": the run's wall time, its preparation (frozen towers encoded) included
+    # fit: the learning-rate schedule spans the steps that fit in the time budget (estimated after the first steps,
+    # re-estimated as they go), so that the run ends decayed, and complete; pause: the budget only pauses the run
+    # (with a checkpoint), which the same command continues on the schedule of the configured epochs
+    budget_schedule: str = "fit"
     checkpoint_every: int = 200  # optimiser steps between checkpoints (0: only at the ends of epochs)
     # Also a checkpoint (and the run's weights) at the end of every epoch; off, a run of many short epochs (a
     # fine-tune) writes only every checkpoint_every steps, at a time-budget stop and at the end
@@ -373,6 +380,7 @@ def check_training(config: Any) -> None:
                               f"{train.accum_steps} micro-batches")
         check_choice(train, "precision", ("auto", "fp32", "bf16", "fp16"), section="train")
         parse_duration(train.time_budget)
+        check_choice(train, "budget_schedule", ("fit", "pause"), section="train")
     if isinstance(optim, OptimConfig):
         check_finite(optim, "lr", "weight_decay", "eps", "warmup_epochs", "lr_decay", "min_lr_ratio", "grad_clip",
                      section="optim")

@@ -91,6 +91,15 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     return value / world_size()
 
 
+def broadcast_ints(values: tuple[int, ...], device: torch.device) -> tuple[int, ...]:
+    """Rank 0's values on every rank (a plan every rank must follow alike)."""
+    if not is_distributed():
+        return tuple(values)
+    t = torch.tensor(list(values), dtype=torch.int64, device=device)
+    dist.broadcast(t, src=0)
+    return tuple(int(v) for v in t.tolist())
+
+
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank when `flag` is True on any: decisions that end a loop must be taken together."""
     if not is_distributed():

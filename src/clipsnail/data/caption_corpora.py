@@ -44,17 +44,35 @@ class CaptionDataConfig:
     images: str = ""  # folder the caption file's image names are relative to
     format: str = "auto"
     split_file: str = ""  # Karpathy-style split JSON; default: 80/10/10 by a hash of the image name
+    # What trains: "train" (that split; the others held out for validation and testing) or "all" (every captioned
+    # photo; no validation during training)
+    train_split: str = "train"
     strict: bool = False  # a corrupt image is an error instead of a skipped sample
     follow_links: bool = False  # image names may be symbolic links (only to files under `images`)
     max_eval_images: int = 500  # validation during training uses at most this many images
 
 
 def load_caption_split(data: CaptionDataConfig, split: str) -> tuple[list[str], list[str], list[int]]:
-    """`load_split` of the corpus a config names: (image names, captions, caption_to_image) of one split."""
+    """`load_split` of the corpus a config names: (image names, captions, caption_to_image) of one split.
+    "train" is what trains (`train_split`: the train split, saying how many photos are held out, or all of them);
+    while every photo trains, no other split exists (DataError)."""
     if not data.captions or not data.images:
         raise DataError("no caption data: give --captions FILE and --images DIR")
-    return load_split(data.captions, data.images, split, data.format, data.split_file,
-                      follow_links=data.follow_links)
+    if data.train_split not in ("train", "all"):
+        raise ConfigError(f"data.train_split must be train or all, got {data.train_split!r}")
+    if split != "train" and data.train_split == "all":
+        raise DataError(f"every captioned photo trains (split all): none is held out for {split}")
+    split = data.train_split if split == "train" else split
+    loaded = load_split(data.captions, data.images, split, data.format, data.split_file,
+                        follow_links=data.follow_links)
+    if split == "train":
+        every = {r.image for r in read_captions(data.captions, data.format, strict=False)}
+        if len(every) > len(loaded[0]):
+            rule = f"the {data.split_file} split" if data.split_file else "80/10/10 by a hash of each name"
+            log.info("training on %d of the %d captioned photos: %d held out for validation and testing (%s); "
+                     "--split all trains on every one", len(loaded[0]), len(every), len(every) - len(loaded[0]),
+                     rule)
+    return loaded
 
 
 @dataclass(frozen=True)

@@ -167,7 +167,8 @@ def take_init_run(config: ClipConfig) -> tuple[ClipConfig, dict[str, torch.Tenso
     run = Path(config.finetune.init)
     data = clip_run_config(run, "finetune.init needs a CLIP run")
     model = from_dict(ClipModelConfig, data.get("model") or {}, where=f"{run}/config.json model")
-    log.info("starting from the weights of %s", run)
+    log.info("the model of %s: its weights start the run (unless the run directory holds a checkpoint to resume)",
+             run)
     return dataclasses.replace(config, model=model), read_weights(run / "model.safetensors")
 
 

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from clipsnail.core.config import ENCODE_BATCH
 from clipsnail.core.errors import DataError
 from clipsnail.data.datasets import ImageListDataset, collate_indexed_images
 from clipsnail.inference.templates import default_templates, read_templates  # noqa: F401 (re-exported)
@@ -45,7 +46,7 @@ def _model_batches(loader, batch_size: int):
 
 
 @torch.no_grad()
-def encode_image_paths(model, paths: Sequence[str | Path], batch_size: int = 256, num_workers: int = 0,
+def encode_image_paths(model, paths: Sequence[str | Path], batch_size: int = ENCODE_BATCH, num_workers: int = 0,
                        progress: bool = True, strict: bool = False, encode: Callable | None = None,
                        dtype: torch.dtype = torch.float32, min_side: int | None = None,
                        unit: str = "image", with_facts: bool = False):
@@ -203,13 +204,22 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, top: int 
     }
 
 
-def zero_shot_accuracy(image_emb: torch.Tensor, readable: torch.Tensor, labels, class_weights: torch.Tensor
-                       ) -> dict[str, float]:
+def zero_shot_accuracy(image_emb: torch.Tensor, readable: torch.Tensor, labels, class_weights: torch.Tensor,
+                       class_names: Sequence[str] | None = None) -> dict:
     """Zero-shot classification metrics over the readable images (CLIP's fixed scale: only the order counts), with
-    how many images and classes they are over."""
+    how many images and classes they are over; with class_names, also "per_class": {name: {"acc1", "images",
+    "taken_for"}} (its images' top-1 accuracy, their number, and how often the class was the answer wrongly)."""
     logits = zero_shot_logits(image_emb[readable], class_weights)
-    metrics = classification_metrics(logits, torch.as_tensor(labels)[readable])
-    return {**metrics, "num_images": int(readable.sum()), "num_classes": class_weights.shape[0]}
+    truth = torch.as_tensor(labels)[readable]
+    metrics = {**classification_metrics(logits, truth), "num_images": int(readable.sum()),
+               "num_classes": class_weights.shape[0]}
+    if class_names is not None:
+        answer = logits.argmax(dim=1)
+        metrics["per_class"] = {
+            name: {"acc1": (answer[truth == c] == c).float().mean().item() if (truth == c).any() else None,
+                   "images": int((truth == c).sum()), "taken_for": int(((answer == c) & (truth != c)).sum())}
+            for c, name in enumerate(class_names)}
+    return metrics
 
 
 def classification_report(logits: torch.Tensor, labels: torch.Tensor,
@@ -234,7 +244,7 @@ def classification_report(logits: torch.Tensor, labels: torch.Tensor,
 
 
 def evaluate_caption_split(model, captions_file, images_dir, split: str = "test", split_file=None,
-                           format: str = "auto", batch_size: int = 256, progress: bool = True,
+                           format: str = "auto", batch_size: int = ENCODE_BATCH, progress: bool = True,
                            strict: bool = False, follow_links: bool = False) -> tuple[dict, list[str]]:
     """Retrieval metrics of `model` on one split of a caption corpus -> (metrics, image names evaluated).
 

@@ -54,6 +54,7 @@ from clipsnail.core.errors import ClipsnailError, DataError
 from clipsnail.core.rng import rng_state, set_rng_state
 from clipsnail.core.runs import CHECKPOINT, check_run_dir, load_weights, save_weights
 from clipsnail.core.safeio import atomic_write_json, writer_lock
+from clipsnail.train.budget import BudgetPlan
 from clipsnail.train.checkpoints import check_same_settings, load_state, save_state
 from clipsnail.train.data_order import (
     Collated,
@@ -139,9 +140,14 @@ class Training:
                 f"{cfg.batch_size}: lower --set batch_size or add data")
         self.total_steps = cfg.max_steps or cfg.epochs * self.per_epoch
         o = task.config.optim
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(min(warmup_steps(o, self.per_epoch), self.total_steps), self.total_steps,
-                                      o.schedule, o.min_lr_ratio, o.lr_decay))
+        self.schedule = lr_lambda(min(warmup_steps(o, self.per_epoch), self.total_steps), self.total_steps,
+                                  o.schedule, o.min_lr_ratio, o.lr_decay)
+        self.configured_span = (self.schedule.warmup, self.schedule.total)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule)
+        # Under a time budget (train.budget_schedule "fit"): the plan of the steps that fit, made after the first
+        # steps and kept by a resumed run (`budget_plan` in the checkpoint)
+        self.budget_plan: BudgetPlan | None = None
+        self.planned_span: tuple[int, int] | None = None
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.ema = None
         if cfg.ema_decay > 0:
@@ -195,6 +201,9 @@ class Training:
                 self.optimizer.load_state_dict(state["optimizer"])
                 _moments_in_param_layout(self.optimizer)
                 self.scheduler.load_state_dict(state["scheduler"])
+                # The schedule of the configured epochs (which a resumed run may change), or the budget's plan
+                plan = state.get("budget_plan")
+                self.set_span(*(plan if plan else self.configured_span), planned=bool(plan))
                 self.scaler.load_state_dict(state["scaler"])
                 if self.ema is not None and "ema" in state:
                     self.ema.module.load_state_dict(state["ema"])
@@ -224,6 +233,15 @@ class Training:
             train_model = DistributedDataParallel(self.model, device_ids=device_ids)
         return torch.compile(train_model) if self.cfg.compile else train_model
 
+    def set_span(self, warmup: int, total: int, planned: bool = True) -> None:
+        """The steps the schedule spans (and the run takes): the configured ones, or a time budget's plan."""
+        self.schedule.warmup, self.schedule.total = warmup, total
+        self.total_steps = total
+        self.planned_span = (warmup, total) if planned else None
+        if self.bar is not None:
+            self.bar.total = total
+            self.step_log.total_steps = total
+
     def run(self) -> FitResult:
         self.resume()
         train_model = self.wrap_for_training()
@@ -234,6 +252,11 @@ class Training:
             return budget is not None and dist.any_rank(time.monotonic() - started > budget, self.device)
 
         self.task.prepare(self.model, self.device, self.run_dir, self.progress)
+        if budget is not None and self.cfg.budget_schedule == "fit":
+            prepared = time.monotonic()
+            log.info("prepared in %.1f s of the %s time budget", prepared - started, self.cfg.time_budget)
+            if self.planned_span is None:  # a resumed run keeps its plan
+                self.budget_plan = BudgetPlan(budget, started, prepared, self.step, self.configured_span)
         self.bar = tqdm(total=self.total_steps, initial=self.step, disable=not (self.progress and self.main),
                         dynamic_ncols=True, desc="train")
         self.step_log = StepLog(self.metrics_log, self.bar, batch_size=self.cfg.batch_size,
@@ -245,10 +268,15 @@ class Training:
                     break
                 skip = self.batches_done_in_epoch if epoch == self.start_epoch else 0
                 out_of_time = self.train_epoch(train_model, epoch, skip, budget_spent)
+                if out_of_time and budget is not None and self.cfg.budget_schedule == "fit":
+                    self.set_span(min(self.schedule.warmup, self.step), self.step)  # the plan ends here
                 if out_of_time and not (self.batch_index >= self.per_epoch or self.step >= self.total_steps):
                     self.checkpoint(epoch, self.batch_index)  # stopped inside the epoch: resume there
                     break
+                epoch_end = time.monotonic()
                 self.end_of_epoch(epoch)
+                if self.budget_plan is not None:
+                    self.budget_plan.end_of_epoch_s = time.monotonic() - epoch_end
                 if self.stop.requested:
                     self.stop_at_step_boundary(epoch + 1, 0)
                 dist.barrier()
@@ -273,7 +301,12 @@ class Training:
                                          f"{self.step}")
                 continue
             loss, logs = self.train_step(train_model, batch)
-            self.step_log.after_step(self.step, epoch, loss, logs, self.optimizer.param_groups[0]["lr"])
+            if self.budget_plan is not None:
+                span = self.budget_plan.after_step(self.step, time.monotonic())
+                if span is not None:
+                    self.set_span(*dist.broadcast_ints(span, self.device))  # every rank takes rank 0's plan
+                    self.budget_plan.agreed(self.step, self.total_steps)
+            self.step_log.after_step(self.step, epoch, loss, logs, [g["lr"] for g in self.optimizer.param_groups])
             if self.on_step is not None:
                 try:
                     self.on_step(self.step)
@@ -366,6 +399,8 @@ class Training:
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng_state(),
             "step": self.step, "epoch": epoch, "batches_done_in_epoch": batches_done, "best": self.best,
         }
+        if self.planned_span is not None:
+            state["budget_plan"] = list(self.planned_span)
         if self.ema is not None:
             state["ema"] = self.ema.module.state_dict()
         save_state(self.ckpt_path, state)

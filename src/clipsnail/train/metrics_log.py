@@ -72,12 +72,17 @@ class StepLog:
         self.progress_logs = progress_logs
         self.last_log, self.samples = time.monotonic(), 0
 
-    def after_step(self, step: int, epoch: int, loss: torch.Tensor, logs: dict[str, float], lr: float) -> None:
-        """`step`: the steps done so far, this one included; `lr`: the learning rate of the next step."""
+    def after_step(self, step: int, epoch: int, loss: torch.Tensor, logs: dict[str, float],
+                   lrs: list[float]) -> None:
+        """`step`: the steps done so far, this one included; `lrs`: the learning rates of the next step, one per
+        parameter group (the bar shows each distinct one, largest first; the log records the largest)."""
         self.samples += self.batch_size
         self.bar.update(1)
         shown = {k: logs[k] for k in self.progress_logs if k in logs} or {"loss": loss.item()}
-        self.bar.set_postfix({**{k: f"{v:.4f}" for k, v in shown.items()}, "lr": f"{lr:.2e}"}, refresh=False)
+        rates = sorted(set(lrs), reverse=True)
+        lr = rates[0]
+        self.bar.set_postfix({**{k: f"{v:.4f}" for k, v in shown.items()},
+                              "lr": "/".join(f"{r:.1e}" for r in rates[:4])}, refresh=False)
         if step % self.log_every == 0 or step == self.total_steps:
             mean_loss = dist.all_reduce_mean(loss).item()  # every rank takes part; rank 0 writes
             now = time.monotonic()

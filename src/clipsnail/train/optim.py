@@ -4,7 +4,7 @@ matrices), and the learning-rate schedule (linear warmup, then cosine, constant 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -48,21 +48,29 @@ def warmup_steps(o, per_epoch: int) -> int:
     return round(o.warmup_epochs * per_epoch) if o.warmup_epochs > 0 else o.warmup_steps
 
 
-def lr_lambda(warmup: int, total: int, schedule: str, min_ratio: float,
-              decay: float = 1.0) -> Callable[[int], float]:
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if schedule == "constant":
-            return 1.0
-        if schedule == "exponential":
-            return decay ** (step - warmup)
-        progress = min((step - warmup) / max(total - warmup, 1), 1.0)
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+class LrSchedule:
+    """The learning-rate factor of each step: linear warmup over `warmup` steps, then cosine down to min_ratio at
+    `total` (or constant, or exponential decay). `warmup` and `total` may be changed between steps: a run under a
+    time budget spans its schedule over the steps that fit (`engine.Training.plan_for_budget`)."""
 
-    if schedule not in ("cosine", "constant", "exponential"):
-        raise ClipsnailError(f"unknown schedule {schedule!r}; choose cosine, constant or exponential")
-    return f
+    def __init__(self, warmup: int, total: int, schedule: str, min_ratio: float, decay: float = 1.0):
+        if schedule not in ("cosine", "constant", "exponential"):
+            raise ClipsnailError(f"unknown schedule {schedule!r}; choose cosine, constant or exponential")
+        self.warmup, self.total, self.schedule, self.min_ratio, self.decay = warmup, total, schedule, min_ratio, decay
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        if self.schedule == "constant":
+            return 1.0
+        if self.schedule == "exponential":
+            return self.decay ** (step - self.warmup)
+        progress = min((step - self.warmup) / max(self.total - self.warmup, 1), 1.0)
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def lr_lambda(warmup: int, total: int, schedule: str, min_ratio: float, decay: float = 1.0) -> LrSchedule:
+    return LrSchedule(warmup, total, schedule, min_ratio, decay)
 
 
 def param_groups_by_prefix(model: nn.Module, lrs: Sequence[tuple[str, tuple[str, ...], float | None]],
