@@ -39,7 +39,7 @@ from clipsnail.core.errors import ConfigError
 log = logging.getLogger(__name__)
 # Images encoded at once where a model only encodes (evaluation, zero-shot, indexing, frozen towers): what bounds
 # the peak memory of encoding, with the model's own size (activations of a batch, freed layer by layer).
-ENCODE_BATCH = 64
+ENCODE_BATCH = 32
 
 
 @dataclasses.dataclass

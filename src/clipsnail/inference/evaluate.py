@@ -98,7 +98,7 @@ def encode_every_image(model, images_dir: str | Path, names: Sequence[str], prog
 
 
 @torch.no_grad()
-def encode_texts(model, texts: Sequence[str], batch_size: int = 1024) -> torch.Tensor:
+def encode_texts(model, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
     model.eval()
     chunks = [model.encode_text(list(texts[i: i + batch_size])).float().cpu() for i in range(0, len(texts), batch_size)]
     return torch.cat(chunks) if chunks else torch.zeros(0, model.embed_dim)

@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tqdm import tqdm
 
+from clipsnail.core.config import ENCODE_BATCH
 from clipsnail.core.errors import ClipsnailError, DataError
 from clipsnail.core.fingerprint import same_weights, weights_fingerprint
 from clipsnail.core.safeio import (
@@ -539,8 +540,9 @@ def _one_writer(folder_arg: str):
 
 
 @_one_writer("out_dir")
-def build_index(model, images_dir: str | Path, out_dir: str | Path, batch_size: int = 64, progress: bool = True,
-                approx_threshold: int = DEFAULT_APPROX_THRESHOLD, target_recall: float = DEFAULT_TARGET_RECALL,
+def build_index(model, images_dir: str | Path, out_dir: str | Path, batch_size: int = ENCODE_BATCH,
+                progress: bool = True, approx_threshold: int = DEFAULT_APPROX_THRESHOLD,
+                target_recall: float = DEFAULT_TARGET_RECALL,
                 model_dir: str | Path | None = None, follow_links: bool = False,
                 workers: int | None = None) -> tuple[ImageIndex, dict]:
     """Encode every image under images_dir (recursively) into a new index at out_dir (replacing one there).
@@ -642,7 +644,7 @@ def _plan_update(old: ImageIndex, found: dict, encode_all: bool, progress: bool)
 
 
 @_one_writer("index_dir")
-def update_index(model, index_dir: str | Path, batch_size: int = 64, progress: bool = True,
+def update_index(model, index_dir: str | Path, batch_size: int = ENCODE_BATCH, progress: bool = True,
                  approx_threshold: int | None = None, workers: int | None = None) -> tuple[ImageIndex, dict]:
     """Bring an index up to date with its folder, at the cost of what changed: encode new and changed files
     (changed: size or mtime differ and the sha1 confirms), drop deleted ones, keep every other vector as stored.
@@ -835,7 +837,7 @@ def set_query_encoder(index_dir: str | Path, fingerprint: dict | None) -> None:
         index.close()
 
 
-def folder_index(model, folder: str | Path, cache_dir: str | Path, batch_size: int = 64,
+def folder_index(model, folder: str | Path, cache_dir: str | Path, batch_size: int = ENCODE_BATCH,
                  progress: bool = True, follow_links: bool = False) -> ImageIndex:
     """The index of `folder` kept in cache_dir/<hash of the folder path>/: built the first time, then updated
     (only new and changed files are encoded). This is what `clipsnail search --images DIR` uses."""
