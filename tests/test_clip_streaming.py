@@ -36,7 +36,8 @@ def test_training_streams_shards_and_resumes_exactly(shapes_dir, shards, tmp_pat
 
     # Stopped after its first step by the time budget, then continued: the stream resumes mid-epoch exactly.
     resumed = tmp_path / "resumed"
-    assert main(streaming_args(shapes_dir, shards, resumed, "--time-budget", "0s")) == 0
+    assert main(streaming_args(shapes_dir, shards, resumed, "--time-budget", "0s",
+                               "--set", "train.budget_schedule=pause")) == 0
     assert main(streaming_args(shapes_dir, shards, resumed)) == 0
     expected, got = load_file(str(whole / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
     for name in expected:

@@ -150,7 +150,8 @@ def test_torchrun_training_matches_one_process_and_resumes_with_another_process_
 
     # Stopped by the time budget after the first step under 2 processes, finished by 1: same weights again.
     resumed = tmp_path / "resumed"
-    stopped = torchrun(tiny_clip_args(shapes_dir, resumed, *steps, "--time-budget", "0s"))
+    stopped = torchrun(tiny_clip_args(shapes_dir, resumed, *steps, "--time-budget", "0s", "--set",
+                                      "train.budget_schedule=pause"))
     assert stopped.returncode == 0, stopped.stderr[-3000:]
     assert not (resumed / "best.json").exists() and (resumed / "checkpoint").is_dir()
     assert main(tiny_clip_args(shapes_dir, resumed, *steps)) == 0
