@@ -18,13 +18,13 @@ Measured per system, side by side in one process, alternating which goes first, 
   photos/s = photos / wall seconds; speedup = index / plain. Also the cosine between each photo's two embeddings
   (draft-decoded vs fully decoded) and, with --sweep-workers, index build photos/s for each worker count (the
   measurement behind clipsnail.inference.index.default_workers).
-Backends (--backends, per system, in rotation, --repeats times, median): index build photos/s with the image encoder
-  in PyTorch fp32 ("torch"), in ONNX Runtime fp32 ("onnx": the run's export) and in ONNX Runtime int8 ("onnx-int8":
-  that export quantised by clipsnail.apps.quantize, calibrated on these photos, the time to quantise reported
-  apart); `onnx_speedup_vs_torch` and `int8_speedup_vs_torch` are the conse system's. Retrieval cost of int8: the
-  159 COCO-mini photos indexed through the fp32 and the int8 export, the 795 captions encoded by each export's text
-  encoder; `int8_t2i_r5_drop` = text->image R@5 fp32 - int8 (conse), with the image-only and text-only drops and
-  the cosines between the fp32 and int8 vectors.
+Backends (per system unless --no-backends, in rotation, --repeats times, median): index build photos/s with the
+  image encoder in PyTorch fp32 ("torch"), in ONNX Runtime fp32 ("onnx": the run's export) and in ONNX Runtime
+  int8 ("onnx-int8": that export quantised by clipsnail.apps.quantize, calibrated on these photos, the time to
+  quantise reported apart); `onnx_speedup_vs_torch` and `int8_speedup_vs_torch` are the conse system's.
+  Retrieval cost of int8: the 159 COCO-mini photos indexed through the fp32 and the int8 export, the 795 captions
+  encoded by each export's text encoder; `int8_t2i_r5_drop` = text->image R@5 fp32 - int8 (conse), with the
+  image-only and text-only drops and the cosines between the fp32 and int8 vectors.
 Results: bench/results/index_photos.json; `speedup_vs_plain_loop` is the conse system's when it ran, else
 vit_b32's (`speedup_system` says which). The machine's load average is recorded at the start and the end: other
 work on the shared cores slows both paths alike, so the side-by-side ratio is the figure that counts.
@@ -133,27 +133,36 @@ def plain_loop(model, paths: list[Path]):
     return torch.cat(out)
 
 
+def rotated_rates(names: list, n: int, repeats: int, run) -> dict:
+    """{name: photos/s of each repeat} of run(name, repeat) over n photos, the order of the names rotated between
+    repeats (two names alternate which goes first)."""
+    rates: dict = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            t = time.perf_counter()
+            run(name, r)
+            rates[name].append(n / (time.perf_counter() - t))
+            _common.say(f"    repeat {r + 1} {name!s:9s} {rates[name][-1]:6.2f} photos/s  "
+                        f"load {os.getloadavg()[0]:.2f}")
+    return rates
+
+
 def measure(model, photos: Path, work: Path, repeats: int) -> dict:
     from clipsnail.inference.index import build_index
 
     paths = sorted(photos.iterdir())
-    n = len(paths)
-    rates = {"index": [], "plain": []}
-    index_vectors = plain_vectors = None
-    for r in range(repeats):
-        order = ("index", "plain") if r % 2 == 0 else ("plain", "index")
-        for which in order:
-            t = time.perf_counter()
-            if which == "index":
-                index, stats = build_index(model, photos, work / f"index_{r}", progress=False)
-                assert stats["total"] == n, stats
-                index_vectors = index.vectors()
-            else:
-                plain_vectors = plain_loop(model, paths)
-            rates[which].append(n / (time.perf_counter() - t))
-            _common.say(f"    repeat {r + 1} {which:5s} {rates[which][-1]:6.2f} photos/s  "
-                        f"load {os.getloadavg()[0]:.2f}")
-    cosine = (index_vectors * plain_vectors.float()).sum(dim=1)
+    vectors = {}
+
+    def run(which: str, r: int) -> None:
+        if which == "index":
+            index, stats = build_index(model, photos, work / f"index_{r}", progress=False)
+            assert stats["total"] == len(paths), stats
+            vectors["index"] = index.vectors()
+        else:
+            vectors["plain"] = plain_loop(model, paths)
+
+    rates = rotated_rates(["index", "plain"], len(paths), repeats, run)
+    cosine = (vectors["index"] * vectors["plain"].float()).sum(dim=1)
     index_rate, plain_rate = _common.median(rates["index"]), _common.median(rates["plain"])
     return {"index_build_photos_per_s": round(index_rate, 2), "plain_loop_photos_per_s": round(plain_rate, 2),
             "ratio": round(index_rate / plain_rate, 2),
@@ -167,14 +176,8 @@ def sweep(model, photos: Path, work: Path, workers: list[int], repeats: int) -> 
     """index build photos/s for each worker count, the counts rotated between repeats (median)."""
     from clipsnail.inference.index import build_index
 
-    n = len(list(photos.iterdir()))
-    rates: dict[int, list[float]] = {w: [] for w in workers}
-    for r in range(repeats):
-        for w in workers[r % len(workers):] + workers[: r % len(workers)]:
-            t = time.perf_counter()
-            build_index(model, photos, work / f"sweep_{w}_{r}", progress=False, workers=w)
-            rates[w].append(n / (time.perf_counter() - t))
-            _common.say(f"    repeat {r + 1} workers={w} {rates[w][-1]:6.2f} photos/s  load {os.getloadavg()[0]:.2f}")
+    rates = rotated_rates(workers, len(list(photos.iterdir())), repeats, lambda w, r: build_index(
+        model, photos, work / f"sweep_{w}_{r}", progress=False, workers=w))
     return {str(w): round(_common.median(v), 2) for w, v in rates.items()}
 
 
@@ -205,15 +208,8 @@ def measure_backends(models: dict, photos: Path, work: Path, repeats: int) -> di
     """index build photos/s of each backend, the order rotated between repeats (median)."""
     from clipsnail.inference.index import build_index
 
-    n = len(list(photos.iterdir()))
-    names = list(models)
-    rates: dict[str, list[float]] = {b: [] for b in names}
-    for r in range(repeats):
-        for b in names[r % len(names):] + names[: r % len(names)]:
-            t = time.perf_counter()
-            build_index(models[b], photos, work / f"backend_{b}_{r}", progress=False)
-            rates[b].append(n / (time.perf_counter() - t))
-            _common.say(f"    repeat {r + 1} {b:9s} {rates[b][-1]:6.2f} photos/s  load {os.getloadavg()[0]:.2f}")
+    rates = rotated_rates(list(models), len(list(photos.iterdir())), repeats, lambda b, r: build_index(
+        models[b], photos, work / f"backend_{b}_{r}", progress=False))
     row = {f"{b}_photos_per_s": round(_common.median(v), 2) for b, v in rates.items()}
     row.update({f"{b}_photos_per_s_each": [round(x, 2) for x in v] for b, v in rates.items()})
     torch_rate = _common.median(rates["torch"])

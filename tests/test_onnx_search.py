@@ -114,12 +114,25 @@ def test_an_index_without_a_query_encoder_searches_with_pytorch_until_an_update_
     assert json.loads(capsys.readouterr().out)["query_encoder"] == "kept"
 
 
+def an_update_keeps_the_backend(capsys, library, index_dir, backend, other, advice):
+    """A new photo in `library`: `index update` encodes it alone through the index's `backend` and keeps its query
+    encoder; an update asked to encode through another (`other` flags) is refused, saying to use `advice`."""
+    from helpers import run_error
+
+    noise_image(library / "new.png", 99)
+    capsys.readouterr()
+    assert main(["index", "update", "--index", str(index_dir), "--no-progress"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["backend"] == backend and stats["encoded"] == 1 and stats["query_encoder"] == "kept"
+    message = run_error(capsys, ["index", "update", "--index", str(index_dir), *other])
+    assert f"encoded through {backend}" in message and advice in message
+
+
 def test_photos_encoded_through_onnx_agree_with_pytorch_and_an_index_keeps_its_backend(clip_run, clip_model, photos,
                                                                                       tmp_path, capsys):
     import shutil
 
     import torch
-    from helpers import run_error
 
     library = tmp_path / "photos"
     shutil.copytree(photos, library)
@@ -134,13 +147,7 @@ def test_photos_encoded_through_onnx_agree_with_pytorch_and_an_index_keeps_its_b
     onnx, pytorch = (torch.stack([built[b][p] for p in sorted(built["torch"])]) for b in ("onnx", "torch"))
     assert (onnx * pytorch).sum(dim=1).min() >= 0.999  # cosine, photo by photo
 
-    noise_image(library / "new.png", 99)
-    capsys.readouterr()
-    assert main(["index", "update", "--index", str(tmp_path / "onnx"), "--no-progress"]) == 0
-    stats = json.loads(capsys.readouterr().out)
-    assert stats["backend"] == "onnx" and stats["encoded"] == 1 and stats["query_encoder"] == "kept"
-    message = run_error(capsys, ["index", "update", "--index", str(tmp_path / "onnx"), "--backend", "torch"])
-    assert "encoded through onnx" in message and "--backend onnx" in message
+    an_update_keeps_the_backend(capsys, library, tmp_path / "onnx", "onnx", ["--backend", "torch"], "--backend onnx")
 
     # `index watch` and `serve --watch` update it through its own query encoder, encoding only the new photo
     from clipsnail.apps.export import photo_model_of
@@ -163,7 +170,6 @@ def test_int8_round_trips_through_index_build_and_an_update_keeps_it(clip_run, p
     import shutil
 
     import numpy as np
-    from helpers import run_error
 
     library = tmp_path / "photos"
     shutil.copytree(photos, library)
@@ -182,13 +188,8 @@ def test_int8_round_trips_through_index_build_and_an_update_keeps_it(clip_run, p
     cosine = (fp32 * int8).sum(axis=1)
     assert cosine.min() >= INT8_MIN_COSINE and not np.allclose(fp32, int8, atol=1e-6)  # close, and quantised
 
-    noise_image(library / "new.png", 99)
-    capsys.readouterr()
-    assert main(["index", "update", "--index", str(tmp_path / "int8"), "--no-progress"]) == 0
-    stats = json.loads(capsys.readouterr().out)
-    assert stats["backend"] == "onnx-int8" and stats["encoded"] == 1 and stats["query_encoder"] == "kept"
-    message = run_error(capsys, ["index", "update", "--index", str(tmp_path / "int8"), "--quantize", "none"])
-    assert "encoded through onnx-int8" in message and "--quantize int8" in message
+    an_update_keeps_the_backend(capsys, library, tmp_path / "int8", "onnx-int8", ["--quantize", "none"],
+                                "--quantize int8")
 
     hits, torch_modules = search_in_a_fresh_process(tmp_path / "int8", "a red circle", "-k", "3")
     assert torch_modules == [] and len(hits) == 3

@@ -31,6 +31,7 @@ import numpy as np
 
 from clipsnail.apps.export import IMAGE_FILE, IMAGE_INPUT, PREPROCESS_FILE, TEXT_FILE, OnnxClip
 from clipsnail.core.errors import DataError
+from clipsnail.core.safeio import atomic_write_json
 from clipsnail.data.images import load_image, walk_images
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ def preprocessed(onnx_clip: OnnxClip, paths: list[Path]) -> np.ndarray:
     for path in paths:
         try:
             arrays.append(onnx_clip.preprocess(load_image(path, min_side=onnx_clip.image_size)))
-        except (DataError, OSError) as e:
+        except DataError as e:
             log.info("calibration: skipping %s (%s)", path, e)
     if not arrays:
         raise DataError(f"no readable photo to calibrate int8 on among {len(paths)} (first: "
@@ -138,9 +139,7 @@ def quantize_export(export_dir: str | Path, calibration: np.ndarray) -> dict:
         finally:
             target.unlink(missing_ok=True)
     spec["quantized"] = done
-    temp = spec_path.with_name(spec_path.name + ".tmp")
-    temp.write_text(json.dumps(spec, indent=2) + "\n")
-    os.replace(temp, spec_path)
+    atomic_write_json(spec_path, spec)
     return done
 
 

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 
 from clipsnail.cli.common import (
+    add_batch_size_flag,
     add_caption_flags,
     add_runtime_flags,
     add_train_flags,
@@ -16,7 +17,6 @@ from clipsnail.cli.common import (
     task_config,
     train_and_report,
 )
-from clipsnail.core.config import ENCODE_BATCH
 from clipsnail.core.safeio import atomic_write_json
 
 # Each handler imports what it runs (torch, the models, the tasks) so that `clipsnail --help` starts at once.
@@ -39,8 +39,7 @@ def add_clip(parser: argparse.ArgumentParser) -> None:
     add_caption_flags(p)
     p.add_argument("--split", default="test", choices=["train", "val", "test", "all"],
                    help="which captioned images to score (default test; the split file or the run's split rule)")
-    p.add_argument("--batch-size", type=int, default=ENCODE_BATCH,
-                   help=f"images encoded at once (default {ENCODE_BATCH}); the peak memory of encoding grows with it")
+    add_batch_size_flag(p, "images")
     add_runtime_flags(p)
     p.set_defaults(func=cmd_clip_eval)
 

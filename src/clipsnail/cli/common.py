@@ -89,6 +89,13 @@ CAPTION_FLAGS = (("captions", "data.captions"), ("images", "data.images"), ("for
                  ("split_file", "data.split_file"), ("train_split", "data.train_split"))
 
 
+def add_batch_size_flag(p: argparse.ArgumentParser, what: str) -> None:
+    from clipsnail.core.config import ENCODE_BATCH
+
+    p.add_argument("--batch-size", type=int, default=ENCODE_BATCH,
+                   help=f"{what} encoded at once (default {ENCODE_BATCH}); the peak memory of encoding grows with it")
+
+
 def add_train_split_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", dest="train_split", choices=["train", "all"],
                    help="what trains: the train split (default: the split file's, else 80%% of the photos by a hash "

@@ -9,7 +9,14 @@ import logging
 import shutil
 from pathlib import Path
 
-from clipsnail.cli.common import add_follow_links_flag, add_runtime_flags, print_json, print_metrics, requires_extra
+from clipsnail.cli.common import (
+    add_batch_size_flag,
+    add_follow_links_flag,
+    add_runtime_flags,
+    print_json,
+    print_metrics,
+    requires_extra,
+)
 from clipsnail.core.display import json_text
 from clipsnail.core.errors import ClipsnailError
 from clipsnail.core.safeio import writable
@@ -29,13 +36,6 @@ def add_zeroshot(p: argparse.ArgumentParser) -> None:
     add_batch_size_flag(p, "images")
     add_runtime_flags(p)
     p.set_defaults(func=cmd_zeroshot)
-
-
-def add_batch_size_flag(p: argparse.ArgumentParser, what: str) -> None:
-    from clipsnail.core.config import ENCODE_BATCH
-
-    p.add_argument("--batch-size", type=int, default=ENCODE_BATCH,
-                   help=f"{what} encoded at once (default {ENCODE_BATCH}); the peak memory of encoding grows with it")
 
 
 def add_index(parser: argparse.ArgumentParser) -> None:
@@ -391,7 +391,7 @@ def photo_encoder(args: argparse.Namespace, model_spec, index_dir: Path, backend
         if backend == "onnx-int8":
             from clipsnail.apps.quantize import quantize_for_photos
 
-            root, follow = ((index.root, index.meta.get("follow_links", False)) if index is not None
+            root, follow = ((index.root, index.follow_links) if index is not None
                             else (Path(args.images), args.follow_links))
             quantize_for_photos(staging, root, follow_links=follow)
         yield OnnxImageModel(staging, run_dir, weights)

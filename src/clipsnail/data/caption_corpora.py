@@ -63,10 +63,11 @@ def load_caption_split(data: CaptionDataConfig, split: str) -> tuple[list[str], 
     if split != "train" and data.train_split == "all":
         raise DataError(f"every captioned photo trains (split all): none is held out for {split}")
     split = data.train_split if split == "train" else split
+    every_record = read_captions(data.captions, data.format)
     loaded = load_split(data.captions, data.images, split, data.format, data.split_file,
-                        follow_links=data.follow_links)
+                        follow_links=data.follow_links, every_record=every_record)
     if split == "train":
-        every = {r.image for r in read_captions(data.captions, data.format, strict=False)}
+        every = {r.image for r in every_record}
         if len(every) > len(loaded[0]):
             rule = f"the {data.split_file} split" if data.split_file else "80/10/10 by a hash of each name"
             log.info("training on %d of the %d captioned photos: %d held out for validation and testing (%s); "
@@ -342,10 +343,11 @@ def split_records(
 
 
 def load_split(captions: str | Path, images: str | Path, split: str, format: str = "auto",
-               split_file: str | Path | None = None, strict: bool = True,
-               follow_links: bool = False) -> tuple[list[str], list[str], list[int]]:
+               split_file: str | Path | None = None, strict: bool = True, follow_links: bool = False,
+               every_record: Sequence[CaptionRecord] | None = None) -> tuple[list[str], list[str], list[int]]:
     """`group_by_image` of one split of a caption file, after checking that the image folder and every image file
-    of the split exist (errors name the caption line). `strict=False` skips malformed caption lines.
+    of the split exist (errors name the caption line). `strict=False` skips malformed caption lines; every_record:
+    the file's records when they were read already.
 
     Image names must stay inside the image folder: an absolute name, `..` leading out, a symbolic link (unless
     `follow_links`, and then only to a file under the folder) or something that is not a regular file (a FIFO,
@@ -353,7 +355,9 @@ def load_split(captions: str | Path, images: str | Path, split: str, format: str
     images_dir = Path(images)
     if not images_dir.is_dir():
         raise DataError(f"{images_dir}: image folder not found")
-    records = split_records(read_captions(captions, format, strict=strict), split, split_file=split_file or None)
+    if every_record is None:
+        every_record = read_captions(captions, format, strict=strict)
+    records = split_records(every_record, split, split_file=split_file or None)
     if not records:
         raise DataError(f"{captions}: no captions in split {split!r}")
     checked: set[str] = set()

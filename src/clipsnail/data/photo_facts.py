@@ -63,25 +63,23 @@ def read_photo_facts(path: str | Path, root: str | Path | None = None, follow_li
     with os.fdopen(fd, "rb") as f:
         mtime = os.fstat(f.fileno()).st_mtime
         try:
-            with Image.open(f) as image:
-                exif = image.getexif()
-                size = image.size
-                phash = perceptual_hash(image)
+            image = Image.open(f)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
             return PhotoFacts(**file_time(mtime))
-    return dataclasses.replace(facts_from_exif(exif, size, mtime), phash=phash)
+        with image:  # the hash decodes it at a reduced size (`perceptual_hash`)
+            return decoded_photo_facts(image, image.size, image, mtime)
 
 
 def decoded_photo_facts(opened: Image.Image, full_size: tuple[int, int], stored: Image.Image,
                         mtime: float) -> PhotoFacts:
-    """`read_photo_facts` from a decode made anyway (`load_image`'s `inspect`: the opened file, its full size,
-    its pixels as stored at a reduced size), so that indexing decodes each photo once. The hash of those pixels
-    is the one `read_photo_facts` computes but for rounding: both are of the stored orientation, at an eighth or
-    more of the size, brought to 32x32."""
+    """The facts of an opened photo: its EXIF, its full size and the perceptual hash of `stored`, its pixels as
+    stored. `read_photo_facts` passes the opened file itself (the hash decodes it at a reduced size); indexing passes
+    the decode made for the model (`load_image`'s `inspect`), so that each photo is decoded once. The two hashes
+    differ only by rounding: both are of the stored orientation, at an eighth or more of the size, brought to
+    32x32."""
     try:
-        exif = opened.getexif()
-        return dataclasses.replace(facts_from_exif(exif, full_size, mtime), phash=perceptual_hash(stored))
-    except (OSError, ValueError, SyntaxError):
+        return dataclasses.replace(facts_from_exif(opened.getexif(), full_size, mtime), phash=perceptual_hash(stored))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return PhotoFacts(**file_time(mtime))
 
 

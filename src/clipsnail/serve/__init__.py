@@ -28,6 +28,7 @@ except ImportError:
 
 from clipsnail.core.errors import ClipsnailError
 from clipsnail.inference.index import ImageIndex
+from clipsnail.serve.encoders import OnnxQueries, TorchQueries
 
 __all__ = ["LimitedH11", "Limits", "allowed_host_names", "create_app", "load_generator", "run_server"]
 
@@ -185,7 +186,7 @@ def torch_model(index: ImageIndex, device: str):
     return load(index.model_dir, device=device)
 
 
-def query_model(index: ImageIndex, device: str):
+def query_model(index: ImageIndex, device: str) -> OnnxQueries | TorchQueries:
     """What the app embeds queries with: on the CPU, the index's ONNX query encoder when it has one of its
     weights (onnxruntime alone: PyTorch is never imported), else the run in PyTorch."""
     import importlib.util
@@ -197,8 +198,8 @@ def query_model(index: ImageIndex, device: str):
         onnx_clip = OnnxClip(folder)
         if "logit_bias" in onnx_clip.spec:  # an export before it recorded SigLIP's bias cannot give probabilities
             log.info("answering queries with the ONNX query encoder %s", folder)
-            return onnx_clip
-    return torch_model(index, device)
+            return OnnxQueries(onnx_clip)
+    return TorchQueries(torch_model(index, device))
 
 
 def run_server(index, generator=None, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu",
@@ -246,7 +247,7 @@ def run_server(index, generator=None, host: str = "127.0.0.1", port: int = 8000,
         if image_index.meta.get("backend", "torch").startswith("onnx"):
             photos_model = None  # the index's own query encoder encodes its photos
         else:
-            photos_model = torch_model(image_index, device) if hasattr(model, "text_session") else model
+            photos_model = model.model if isinstance(model, TorchQueries) else torch_model(image_index, device)
         threading.Thread(target=watch_index, args=(photo_model_of(image_index, photos_model), index, stop),
                          name="clipsnail-watch", daemon=True,
                          kwargs={"on_update": swap, "poll_seconds": poll_seconds}).start()

@@ -13,8 +13,6 @@ import numpy as np
 class OnnxQueries:
     """The index's query encoder (`clipsnail.apps.export.OnnxClip`)."""
 
-    backend = "onnx"
-
     def __init__(self, onnx_clip):
         self.onnx = onnx_clip
         self.image_size = onnx_clip.image_size
@@ -46,8 +44,6 @@ class OnnxQueries:
 
 class TorchQueries:
     """A PyTorch CLIP model (`clipsnail.load`); torch is imported by whoever loaded it."""
-
-    backend = "torch"
 
     def __init__(self, model):
         self.model = model

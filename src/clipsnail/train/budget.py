@@ -27,7 +27,6 @@ class BudgetPlan:
     def __init__(self, budget: float, started: float, prepared: float, step: int, configured: tuple[int, int]):
         self.budget, self.started, self.configured = budget, started, configured
         self.prepare_s = prepared - started
-        self.first_step = step
         self.timed_from: tuple[int, float] | None = None  # (step, time) after this session's first step
         self.next_estimate = step + 1 + FIRST_ESTIMATE_AFTER
         self.end_of_epoch_s = 0.0

@@ -87,9 +87,8 @@ def load_state(path: Path) -> dict:
 
 # Settings a resumed run may change: how long it trains and how it runs, not what it learns.
 RESUMABLE_CHANGES = {f"train.{key}" for key in ("epochs", "max_steps", "time_budget", "budget_schedule", "device",
-                                                "num_workers",
-                                                "log_every", "checkpoint_every", "checkpoint_each_epoch",
-                                                "eval_every", "compile")}
+                                                "num_workers", "log_every", "checkpoint_every",
+                                                "checkpoint_each_epoch", "eval_every", "compile")}
 
 
 def _flat(value: Any, prefix: str = "") -> dict[str, Any]:

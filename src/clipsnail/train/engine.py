@@ -251,8 +251,9 @@ class Training:
         def budget_spent() -> bool:  # every rank asks at the same point: it is a collective under torchrun
             return budget is not None and dist.any_rank(time.monotonic() - started > budget, self.device)
 
+        fit_to_budget = budget is not None and self.cfg.budget_schedule == "fit"
         self.task.prepare(self.model, self.device, self.run_dir, self.progress)
-        if budget is not None and self.cfg.budget_schedule == "fit":
+        if fit_to_budget:
             prepared = time.monotonic()
             log.info("prepared in %.1f s of the %s time budget", prepared - started, self.cfg.time_budget)
             if self.planned_span is None:  # a resumed run keeps its plan
@@ -268,7 +269,7 @@ class Training:
                     break
                 skip = self.batches_done_in_epoch if epoch == self.start_epoch else 0
                 out_of_time = self.train_epoch(train_model, epoch, skip, budget_spent)
-                if out_of_time and budget is not None and self.cfg.budget_schedule == "fit":
+                if out_of_time and fit_to_budget:
                     self.set_span(min(self.schedule.warmup, self.step), self.step)  # the plan ends here
                 if out_of_time and not (self.batch_index >= self.per_epoch or self.step >= self.total_steps):
                     self.checkpoint(epoch, self.batch_index)  # stopped inside the epoch: resume there

@@ -51,7 +51,7 @@ def warmup_steps(o, per_epoch: int) -> int:
 class LrSchedule:
     """The learning-rate factor of each step: linear warmup over `warmup` steps, then cosine down to min_ratio at
     `total` (or constant, or exponential decay). `warmup` and `total` may be changed between steps: a run under a
-    time budget spans its schedule over the steps that fit (`engine.Training.plan_for_budget`)."""
+    time budget spans its schedule over the steps that fit (`clipsnail.train.budget`, `engine.Training.set_span`)."""
 
     def __init__(self, warmup: int, total: int, schedule: str, min_ratio: float, decay: float = 1.0):
         if schedule not in ("cosine", "constant", "exponential"):
@@ -69,8 +69,7 @@ class LrSchedule:
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def lr_lambda(warmup: int, total: int, schedule: str, min_ratio: float, decay: float = 1.0) -> LrSchedule:
-    return LrSchedule(warmup, total, schedule, min_ratio, decay)
+lr_lambda = LrSchedule  # the name LambdaLR gives what it calls
 
 
 def param_groups_by_prefix(model: nn.Module, lrs: Sequence[tuple[str, tuple[str, ...], float | None]],
