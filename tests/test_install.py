@@ -148,9 +148,9 @@ def test_an_unknown_config_lists_the_packaged_ones(capsys, tmp_path):
 
 
 def test_the_photo_demo_fine_tunes_a_packaged_config():
-    from clipsnail.apps.demo import CONSE_FINETUNE, PRETRAINED_PRESET
+    from clipsnail.apps.demo import FROM_PHOTO_MODEL, PRETRAINED_PRESET
 
-    for path in (CONSE_FINETUNE, PRETRAINED_PRESET):
+    for path in (*FROM_PHOTO_MODEL, PRETRAINED_PRESET):
         assert path.is_file() and path.parent == PACKAGED_CONFIGS
 
 

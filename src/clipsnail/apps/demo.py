@@ -165,8 +165,8 @@ def say(*lines: str) -> None:
 # General subjects of personal photo collections; any set of --query replaces them.
 PHOTO_QUERIES = ["a dog", "people at the beach", "food on a plate", "a city street at night", "a birthday cake",
                  "mountains"]
-# Fine-tuning steps of the ConSE model (the packaged conse_finetune.yaml) with --captions: how long they take on a CPU
-# and what they bring on held-out photos are measured in BENCHMARKS.md ("Photo search from the packaged models").
+# Fine-tuning steps from the ConSE model (the packaged conse_lit.yaml) with --captions: what a recipe brings on
+# held-out photos inside a time budget is measured in BENCHMARKS.md ("Fine-tuning on real photos").
 PHOTO_DEMO_STEPS = 100
 # What `demo --photos DIR` searches with when given nothing else: made offline from the packaged models.
 PHOTO_MODEL = f"conse:{CONSE_DEFAULT}"
@@ -175,9 +175,11 @@ BETTER_HUB_MODEL = "hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K"
 PHOTO_DEMO_OUT = "demo_photos_out"
 # The packaged configs (clipsnail/configs/*.yaml, installed with the package): the pretrained preset ...
 PRETRAINED_PRESET = PACKAGED_CONFIGS / "pretrained_small.yaml"
-# What --captions fine-tunes by default: the ConSE model (PHOTO_MODEL) with a locked image tower. On COCO-mini it
-# scored above the preset fine-tuned for as many steps, and above it before any step (bench/photo_search.py).
-CONSE_FINETUNE = PRETRAINED_PRESET.with_name("conse_finetune.yaml")
+# What --captions fine-tunes by default: the ConSE model (PHOTO_MODEL) with a second, LiT pair of projections over
+# its locked image tower, the recipe that scored best in bench/finetune_photos.py. Both packaged configs that start
+# from the ConSE model are started from it here.
+PHOTO_FINETUNE = PRETRAINED_PRESET.with_name("conse_lit.yaml")
+FROM_PHOTO_MODEL = (PHOTO_FINETUNE, PRETRAINED_PRESET.with_name("conse_finetune.yaml"))
 PHOTO_SUMMARY = "photos_summary.json"
 # Everything the photo demo writes into its folder; any other entry there is someone else's.
 PHOTO_DEMO_ENTRIES = ("run", "index", "queries", PHOTO_SUMMARY)
@@ -187,7 +189,7 @@ TOP_HITS_SHOWN = 3
 
 def run_photo_demo(photos: str | Path, out: str | Path, *, model_run: str | Path | None = None,
                    caption_data: Mapping[str, Any] | None = None, steps: int = PHOTO_DEMO_STEPS,
-                   queries: Sequence[str] | None = None, config: str | Path | None = CONSE_FINETUNE,
+                   queries: Sequence[str] | None = None, config: str | Path | None = PHOTO_FINETUNE,
                    overrides: Sequence[str] = (), device: str = "auto", follow_links: bool = False,
                    progress: bool = True, query_encoder: bool = True) -> dict:
     """Index the folder `photos` with a CLIP and answer `queries` (default `PHOTO_QUERIES`) with result grids.
@@ -224,7 +226,7 @@ def run_photo_demo(photos: str | Path, out: str | Path, *, model_run: str | Path
         model = load_clip_for_photos(model_run, device)
     else:
         start = []
-        if config is not None and Path(config) == CONSE_FINETUNE:  # a --set finetune.init=... still wins
+        if config is not None and Path(config) in FROM_PHOTO_MODEL:  # a --set finetune.init=... still wins
             start = [("finetune.init", str(resolve_run(PHOTO_MODEL)))]
         cfg = photo_demo_config(caption_data, steps, config, [*start, *overrides], device)
         check_towers_installed(cfg.model)  # seconds, not minutes, into the command
@@ -276,7 +278,7 @@ def run_photo_demo(photos: str | Path, out: str | Path, *, model_run: str | Path
     return summary
 
 
-def photo_demo_config(caption_data: Mapping[str, Any], steps: int, config: str | Path | None = CONSE_FINETUNE,
+def photo_demo_config(caption_data: Mapping[str, Any], steps: int, config: str | Path | None = PHOTO_FINETUNE,
                       overrides: Sequence[str] = (), device: str = "auto") -> ClipConfig:
     """`config` (a YAML file; None: the from-scratch defaults) fine-tuned for `steps` on `caption_data`. Later wins:
     the file < the caption data and the demo's schedule < `overrides` (`--set` strings) < `steps` and `device`."""

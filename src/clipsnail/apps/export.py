@@ -60,23 +60,28 @@ class ExportError(ClipsnailError):
 def _encoders(model):
     """(image encoder, text encoder): nn.Modules with one tensor in and L2-normalised embeddings out."""
     import torch
-    import torch.nn.functional as F
     from torch import nn
 
+    from clipsnail.models.clip import embed_features
     from clipsnail.models.text import TextTransformer
 
+    # Each holds one tower's side of the model only (a second pair of projections and its share included), so that
+    # an exported graph carries no weights of the other tower.
     class ImageEncoder(nn.Module):
         def __init__(self):
             super().__init__()
             self.visual, self.projection = model.visual, model.image_projection
+            self.second_projection, self.first_share_logit = model.second_image_projection, model.first_share_logit
 
         def forward(self, images: torch.Tensor) -> torch.Tensor:
-            return F.normalize(self.projection(self.visual(images)), dim=-1)
+            return embed_features(self.visual(images), self.projection, True, self.second_projection,
+                                  self.first_share_logit)
 
     class TextEncoder(nn.Module):
         def __init__(self):
             super().__init__()
             self.text, self.projection = model.text, model.text_projection
+            self.second_projection, self.first_share_logit = model.second_text_projection, model.first_share_logit
 
         def forward(self, tokens: torch.Tensor) -> torch.Tensor:
             if isinstance(self.text, TextTransformer):
@@ -85,7 +90,7 @@ def _encoders(model):
                 x = x.gather(1, eot[:, None, None].expand(-1, 1, x.shape[-1])).squeeze(1)
             else:  # a pretrained HF tower pools with its padding mask, over the whole context: a fixed shape
                 x = self.text.forward_context(tokens)
-            return F.normalize(self.projection(x), dim=-1)
+            return embed_features(x, self.projection, True, self.second_projection, self.first_share_logit)
 
     return ImageEncoder().eval(), TextEncoder().eval()
 

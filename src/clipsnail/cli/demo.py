@@ -7,10 +7,10 @@ import argparse
 from pathlib import Path
 
 from clipsnail.apps.demo import (
-    CONSE_FINETUNE,
     DEMO_STEPS,
     PHOTO_DEMO_OUT,
     PHOTO_DEMO_STEPS,
+    PHOTO_FINETUNE,
     PHOTO_MODEL,
     run_demo,
     run_photo_demo,
@@ -42,7 +42,7 @@ def add_demo(p: argparse.ArgumentParser) -> None:
     photos.add_argument("--query", action="append", metavar="TEXT",
                         help="a text query (repeatable; default: a few general ones, e.g. \"a dog\")")
     photos.add_argument("--config", help=f"the CLIP config to fine-tune: a YAML file or a packaged config's name "
-                        f"(default: {CONSE_FINETUNE.stem}, which starts from the zero-shot model; pretrained_small "
+                        f"(default: {PHOTO_FINETUNE.stem}, which starts from the zero-shot model; pretrained_small "
                         "fine-tunes the towers with new projection heads)")
     photos.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a value of that config (repeatable)")
@@ -82,5 +82,5 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_photo_demo(Path(args.photos), Path(args.out or PHOTO_DEMO_OUT), model_run=args.model,
                    caption_data=caption_values(args) if args.captions else None,
                    steps=args.steps or PHOTO_DEMO_STEPS, queries=args.query,
-                   config=find_config(args.config) or CONSE_FINETUNE, overrides=args.overrides, device=args.device,
+                   config=find_config(args.config) or PHOTO_FINETUNE, overrides=args.overrides, device=args.device,
                    follow_links=args.follow_links, progress=not args.no_progress, query_encoder=not args.no_onnx)

@@ -78,6 +78,7 @@ class FinetuneConfig:
     # A ConSE image head (model.image_projection=conse): its ImageNet classifier and its label-embedding matrix
     classifier_lr: float | None = None
     label_lr: float | None = None
+    second_head_lr: float | None = None  # a second pair of projections (model.head.second_projection) and its share
 
 
 @dataclasses.dataclass
@@ -169,7 +170,17 @@ def take_init_run(config: ClipConfig) -> tuple[ClipConfig, dict[str, torch.Tenso
     model = from_dict(ClipModelConfig, data.get("model") or {}, where=f"{run}/config.json model")
     log.info("the model of %s: its weights start the run (unless the run directory holds a checkpoint to resume)",
              run)
+    asked = config.model.head
+    if asked.second_projection and not model.head.second_projection:
+        model = model.with_changes(head={key: getattr(asked, key) for key in SECOND_HEAD_KEYS})
+        log.info("a second pair of projections (%s, %d dimensions) beside those of %s, learned from the start, "
+                 "with %g of the score at first", asked.second_projection, asked.second_embed_dim, run,
+                 1 - asked.init_first_share)
     return dataclasses.replace(config, model=model), read_weights(run / "model.safetensors")
+
+
+# What the config may add to an init run's architecture (`take_init_run`): a second pair of projections.
+SECOND_HEAD_KEYS = ("second_projection", "second_embed_dim", "init_first_share")
 
 
 def load_clip_run(run: str | Path) -> CLIP:

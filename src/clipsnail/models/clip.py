@@ -9,6 +9,13 @@ labels' text embeddings, weighted by their probabilities, are the image embeddin
 a pretrained sentence encoder that is a CLIP that works with no image-text training at all (`clipsnail convert
 --from conse:...`), and one that `clip train --init` can fine-tune like any other. The temperature is learned as
 `logit_scale = log(1/0.07)` and its exp is clamped to 100 by the training task after each step (open_clip).
+
+A second pair of projections (`head.second_projection`) may sit beside the first over the same tower outputs: the
+model then scores a pair by a learned mix of the two cosines, s * cos_first + (1 - s) * cos_second, as one model. Its
+embedding is the two unit embeddings side by side, weighted by sqrt(s) and sqrt(1 - s), so that the dot product of
+two such unit vectors is that mix and an index, a search or an export sees one vector as from any CLIP. Over a
+ConSE head, a learned LiT projection learns the scenes and relations of captions that ImageNet's labels cannot say,
+while the ConSE head keeps what the classifier knows.
 """
 
 from __future__ import annotations
@@ -95,6 +102,11 @@ class ClipHeadConfig:
     conse_top_k: int = 10  # T: the most probable labels combined
     conse_temperature: float = 2.0  # the classifier's logits are divided by it before the softmax
     init_logit_scale: float = math.log(1 / 0.07)
+    # A second pair of projections over the same tower outputs, scored with the first as one model (see the module
+    # text): "" (none), "linear" or "head" (ProjectionHeads, with `dropout`), into `second_embed_dim` dimensions
+    second_projection: str = ""
+    second_embed_dim: int = 256
+    init_first_share: float = 0.5  # the first pair's share of the score at the start; learned from there
     # SigLIP (Zhai et al. 2023) adds a learned bias to the scaled cosines, initialised at -10 (the loss sets it): most
     # pairs of a batch are negatives, and a start near their log-odds keeps the first steps from pushing them apart
     # alone. None: no bias (CLIP's softmax loss has no use for one).
@@ -243,6 +255,12 @@ def check_head_config(h: ClipHeadConfig, section: str = "model.head") -> None:
     check_probability(h, "dropout", section=section)
     check_choice(h, "projection", ("linear", "head"), section=section)
     check_choice(h, "image_projection", ("", "linear", "head", "conse"), section=section)
+    check_choice(h, "second_projection", ("", "linear", "head"), section=section)
+    if h.second_projection:
+        check_positive(h, "second_embed_dim", section=section)
+        if not 0 < h.init_first_share < 1:
+            raise ConfigError(f"{section}.init_first_share must be between 0 and 1 (exclusive), got "
+                              f"{h.init_first_share}")
     if h.image_projection == "conse":
         if not h.conse_labels:
             raise ConfigError(f"{section}.image_projection=conse needs {section}.conse_labels (the classifier's "
@@ -346,13 +364,22 @@ class CLIP(nn.Module):
         self.image_projection = build_image_projection(cfg, self.visual.num_features)
         h = cfg.head
         self.text_projection = build_projection(h.projection, self.text.num_features, h.embed_dim, h.dropout)
+        self.second_image_projection = self.second_text_projection = self.first_share_logit = None
+        if h.second_projection:
+            self.second_image_projection = build_projection(h.second_projection, self.visual.num_features,
+                                                            h.second_embed_dim, h.dropout)
+            self.second_text_projection = build_projection(h.second_projection, self.text.num_features,
+                                                           h.second_embed_dim, h.dropout)
+            share = torch.tensor(h.init_first_share)
+            self.first_share_logit = nn.Parameter(torch.log(share / (1 - share)))
         self.logit_scale = nn.Parameter(torch.tensor(h.init_logit_scale))
         self.logit_bias = None if h.init_logit_bias is None else nn.Parameter(torch.tensor(h.init_logit_bias))
         self.inference = InferenceKit()  # filled by `clipsnail.families.clip.ready_for_inference`
         self.pinned_eval: list[str] = []  # submodules that stay in eval mode while training (`lock_*_tower`)
 
     # What every image embedder offers (a TimmImageEncoder too): the size of its embeddings and of its input.
-    embed_dim = property(lambda self: self.cfg.head.embed_dim)
+    embed_dim = property(lambda self: self.cfg.head.embed_dim
+                         + (self.cfg.head.second_embed_dim if self.cfg.head.second_projection else 0))
     image_size = property(lambda self: self.cfg.vision.image_size)
 
     # What encode_* need to take raw strings and PIL images, read from `inference`.
@@ -428,13 +455,18 @@ class CLIP(nn.Module):
     # training then runs only these.
     def project_image(self, features: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """The image tower's output [B, visual.num_features] -> image embeddings."""
-        embedded = self.image_projection(features.to(self.device))
-        return F.normalize(embedded, dim=-1) if normalize else embedded
+        return embed_features(features.to(self.device), self.image_projection, normalize,
+                              self.second_image_projection, self.first_share_logit)
 
     def project_text(self, features: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """The text tower's output [B, text.num_features] -> text embeddings."""
-        embedded = self.text_projection(features.to(self.device))
-        return F.normalize(embedded, dim=-1) if normalize else embedded
+        return embed_features(features.to(self.device), self.text_projection, normalize,
+                              self.second_text_projection, self.first_share_logit)
+
+    @property
+    def first_share(self) -> torch.Tensor | None:
+        """The first pair of projections' share s of the score (None without a second pair)."""
+        return None if self.first_share_logit is None else self.first_share_logit.sigmoid()
 
     def forward(self, images: torch.Tensor | None = None, tokens: torch.Tensor | None = None, *,
                 image_features: torch.Tensor | None = None, text_features: torch.Tensor | None = None):
@@ -450,3 +482,18 @@ class CLIP(nn.Module):
         if self.preprocess is None:
             raise RuntimeError("this CLIP model has no preprocess transform attached; pass a tensor")
         return torch.stack([self.preprocess(im) for im in as_pil_images(images)])
+
+
+def embed_features(features: torch.Tensor, projection: nn.Module, normalize: bool = True,
+                   second_projection: nn.Module | None = None,
+                   first_share_logit: torch.Tensor | None = None) -> torch.Tensor:
+    """A tower's output through its projection (L2-normalised if `normalize`), or, with a second projection, the
+    unit vector [sqrt(s) * first / |first|, sqrt(1 - s) * second / |second|], s = sigmoid(first_share_logit): the
+    dot product of two such vectors is s * (cosine of the first parts) + (1 - s) * (cosine of the second parts),
+    whatever `normalize` says. A function of the parts, so that an export can trace one tower's side alone."""
+    embedded = projection(features)
+    if second_projection is None:
+        return F.normalize(embedded, dim=-1) if normalize else embedded
+    share = first_share_logit.sigmoid()
+    return torch.cat([F.normalize(embedded, dim=-1) * share.sqrt(),
+                      F.normalize(second_projection(features), dim=-1) * (1 - share).sqrt()], dim=-1)

@@ -44,6 +44,7 @@ from clipsnail.train.task import Task
 log = logging.getLogger(__name__)
 
 MAX_LOGIT_SCALE = math.log(100.0)
+SECOND_HEAD_PREFIXES = ("second_image_projection.", "second_text_projection.", "first_share_logit")
 # SigLIP's initial temperature and bias (Zhai et al. 2023): t' = log 10, b = -10.
 SIGLIP_LOGIT_SCALE, SIGLIP_LOGIT_BIAS = math.log(10.0), -10.0
 
@@ -124,6 +125,8 @@ class ClipTask(Task):
             init, state = self.config.finetune.init, dict(self.init_weights)
             if model.logit_bias is not None and "logit_bias" not in state:  # a CLIP run, fine-tuned with SigLIP
                 state.update(logit_scale=model.logit_scale.detach(), logit_bias=model.logit_bias.detach())
+            if model.first_share_logit is not None and "first_share_logit" not in state:  # a second pair added
+                state.update({k: v for k, v in model.state_dict().items() if k.startswith(SECOND_HEAD_PREFIXES)})
             load_weights(model, state, Path(init) / "model.safetensors", f"the model of {init}/config.json")
         ready_for_inference(model, self.tokenizer)
         ft = self.config.finetune
@@ -166,6 +169,7 @@ class ClipTask(Task):
             ("text_tower", ("text.",), ft.text_lr),
             ("classifier", ("image_projection.classifier.",), ft.classifier_lr),
             ("label_embeddings", ("image_projection.label_embeddings",), ft.label_lr),
+            ("second_heads", SECOND_HEAD_PREFIXES, ft.second_head_lr),
             ("heads", ("image_projection.", "text_projection.", "logit_scale", "logit_bias"), ft.head_lr),
         ], self.config.optim.lr)
 
@@ -209,6 +213,8 @@ class ClipTask(Task):
         if lc.same_caption_positive:
             ids.append(batch["caption_ids"])
         logs = {"logit_scale": scale.item()}
+        if unwrap(model).first_share is not None:
+            logs["first_share"] = unwrap(model).first_share.item()
         if lc.kind == "siglip":
             loss = distributed_siglip_loss(image_emb, text_emb, scale, bias.float(), ids)
             logs["logit_bias"] = bias.item()
