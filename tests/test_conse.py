@@ -264,6 +264,24 @@ def test_photo_demo_with_nothing_but_a_folder_uses_the_conse_model(conse_run_of_
     assert "fine-tuning" not in summary and "fine_tuned_steps" not in summary
 
 
+@pytest.mark.slow
+def test_photo_demo_with_captions_fine_tunes_conse_and_lit_as_one_model(conse_run_of_name, shapes_dir, tmp_path,
+                                                                        capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for image in sorted((shapes_dir / "images").iterdir())[:6]:
+        (photos / image.name).write_bytes(image.read_bytes())
+    out = tmp_path / "out"
+    assert main(["demo", "--photos", str(photos), "--out", str(out), "--query", "a red circle", "--no-progress",
+                 "--no-onnx", "--steps", "2", *caption_flags(shapes_dir)]) == 0
+    summary = json.loads((out / "photos_summary.json").read_text())
+    assert summary["fine_tuned_steps"] == 2 and summary["model"] == str((out / "run").resolve())
+    head = json.loads((out / "run" / "config.json").read_text())["model"]["head"]
+    assert head["image_projection"] == "conse" and head["second_projection"] == "head"
+    assert summary["indexing"]["total"] == 6 and len(summary["queries"][0]["hits"]) == 6
+    assert clipsnail.load(out / "run").embed_dim == 384 + 256
+
+
 def test_label_texts_pair_each_name_with_its_definition():
     from clipsnail.apps.convert import conse_label_texts
 

@@ -340,6 +340,21 @@ def build_text_tower(cfg: ClipModelConfig, load_weights: bool = True) -> nn.Modu
     raise ValueError(f"unknown text encoder {t.encoder!r}; choose 'transformer' or 'hf:DIR'")
 
 
+def embed_features(features: torch.Tensor, projection: nn.Module, normalize: bool = True,
+                   second_projection: nn.Module | None = None,
+                   first_share_logit: torch.Tensor | None = None) -> torch.Tensor:
+    """A tower's output through its projection (L2-normalised if `normalize`), or, with a second projection, the
+    unit vector [sqrt(s) * first / |first|, sqrt(1 - s) * second / |second|], s = sigmoid(first_share_logit): the
+    dot product of two such vectors is s * (cosine of the first parts) + (1 - s) * (cosine of the second parts),
+    whatever `normalize` says. A function of the parts, so that an export can trace one tower's side alone."""
+    embedded = projection(features)
+    if second_projection is None:
+        return F.normalize(embedded, dim=-1) if normalize else embedded
+    share = first_share_logit.sigmoid()
+    return torch.cat([F.normalize(embedded, dim=-1) * share.sqrt(),
+                      F.normalize(second_projection(features), dim=-1) * (1 - share).sqrt()], dim=-1)
+
+
 @dataclass
 class InferenceKit:
     """What a CLIP model carries besides its weights, set together for `clipsnail.load` and training: the text
@@ -483,17 +498,3 @@ class CLIP(nn.Module):
             raise RuntimeError("this CLIP model has no preprocess transform attached; pass a tensor")
         return torch.stack([self.preprocess(im) for im in as_pil_images(images)])
 
-
-def embed_features(features: torch.Tensor, projection: nn.Module, normalize: bool = True,
-                   second_projection: nn.Module | None = None,
-                   first_share_logit: torch.Tensor | None = None) -> torch.Tensor:
-    """A tower's output through its projection (L2-normalised if `normalize`), or, with a second projection, the
-    unit vector [sqrt(s) * first / |first|, sqrt(1 - s) * second / |second|], s = sigmoid(first_share_logit): the
-    dot product of two such vectors is s * (cosine of the first parts) + (1 - s) * (cosine of the second parts),
-    whatever `normalize` says. A function of the parts, so that an export can trace one tower's side alone."""
-    embedded = projection(features)
-    if second_projection is None:
-        return F.normalize(embedded, dim=-1) if normalize else embedded
-    share = first_share_logit.sigmoid()
-    return torch.cat([F.normalize(embedded, dim=-1) * share.sqrt(),
-                      F.normalize(second_projection(features), dim=-1) * (1 - share).sqrt()], dim=-1)
