@@ -130,7 +130,8 @@ FLAT_MODEL_KEYS = {
     "projection_dropout": "head.dropout", "conse_labels": "head.conse_labels", "conse_template": "head.conse_template",
     "conse_definitions": "head.conse_definitions", "conse_top_k": "head.conse_top_k",
     "conse_temperature": "head.conse_temperature", "init_logit_scale": "head.init_logit_scale",
-    "init_logit_bias": "head.init_logit_bias",
+    "init_logit_bias": "head.init_logit_bias", "second_projection": "head.second_projection",
+    "second_embed_dim": "head.second_embed_dim", "init_first_share": "head.init_first_share",
 }
 
 
