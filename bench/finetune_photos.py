@@ -17,13 +17,14 @@ child process; the budget counts from before the locked tower's one-time encodin
               2023);
 - conse_lit:  the packaged conse_lit.yaml from the converted run: the ConSE pair and a new LiT pair of projections
               over the same towers, scored as one model by a learned mix of the two cosines, trained together.
-Speed rows (`--speed`, a shorter budget, no scoring): preset (pretrained_small.yaml: both towers train, augmentation
-on) and lit (lit_small.yaml): `steps_per_s_locked_over_unlocked`, stepping alone (1 / the median time between
-consecutive steps).
+Speed rows (left out by `--no-speed`; a shorter budget, `--speed-budget`, and no scoring): preset
+(pretrained_small.yaml: both towers train, augmentation on) and lit (lit_small.yaml):
+`steps_per_s_locked_over_unlocked`, stepping alone (1 / the median time between consecutive steps).
 
-Per row: steps done, the plan's figures, seconds encoding, text->image and image->text R@1/5/10 (the function behind
-`clipsnail clip eval --split test`), CIFAR-10 zero-shot accuracy, peak resident memory (VmHWM) of the training
-process. Then `clipsnail clip eval` of the best row's run in a process of its own: `eval_peak_rss_mib`.
+Per row: steps done, the budget plan's log lines (seconds encoding, steps that fit), text->image and image->text
+R@1/5/10 (the function behind `clipsnail clip eval --split test`), CIFAR-10 zero-shot accuracy, peak resident memory
+(VmHWM) of the training process. Then `clipsnail clip eval` of the best row's run in a process of its own:
+`eval_peak_rss_mib`.
 
     CLIPSNAIL_BENCH_DATA=DATA .venv/bin/python bench/finetune_photos.py                # 3 x 10 min + speed, ~45 min
     CLIPSNAIL_BENCH_DATA=DATA .venv/bin/python bench/finetune_photos.py --rows conse_lit --budget 120 --no-speed \\
