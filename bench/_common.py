@@ -43,6 +43,37 @@ def use_source_tree() -> None:
         sys.path.insert(0, src)
 
 
+def source_env() -> dict:
+    """This process's environment with this checkout's src/ first on PYTHONPATH: for `python -m clipsnail` children."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH"))
+                                                        if p)}
+
+
+# The ConSE CLIP of the two packaged models, which the photo benchmarks start from.
+CONSE_SPEC = "conse:efficientnet-lite0+all-minilm-l6-v2"
+
+
+def convert_conse(out: Path, spec: str = CONSE_SPEC) -> Path:
+    """`clipsnail convert --from SPEC --out OUT` in a child process (about half a minute); exits on failure."""
+    proc = subprocess.run([sys.executable, "-m", "clipsnail", "convert", "--from", spec, "--out", str(out)],
+                          cwd=ROOT, env=source_env(), capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"conversion of {spec} failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
+    return out
+
+
+def last_files_per_class(root: Path, per_class: int) -> tuple[list[str], list[Path], list[int]]:
+    """(class names, image paths, their class indices) of a class folder ROOT/<class>/<image>: the last `per_class`
+    .jpg/.png files of each class by name, classes sorted."""
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    paths, labels = [], []
+    for c, name in enumerate(classes):
+        files = sorted(f for f in (root / name).iterdir() if f.suffix.lower() in (".jpg", ".png"))[-per_class:]
+        paths += files
+        labels += [c] * len(files)
+    return classes, paths, labels
+
+
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

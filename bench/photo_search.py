@@ -46,20 +46,12 @@ import coco_pretrained as coco
 _common.use_source_tree()
 
 CIFAR = _common.BENCH_DATA / "cifar10_test"
-CONSE_SPEC = "conse:efficientnet-lite0+all-minilm-l6-v2"
+CONSE_SPEC = _common.CONSE_SPEC
 CONSE_CONFIG = _common.ROOT / "src" / "clipsnail" / "configs" / "conse_finetune.yaml"
 TEMPLATES = ["{}", "a {}", "a photo of a {}.", "a photo of {}."]
 COMBINATIONS = [(1, 1.0), (5, 1.0), (10, 1.0), (10, 2.0), (20, 2.0), (10, 3.0), (50, 3.0), (1000, 2.0)]
 PARTS = ("zeroshot", "folds", "classes")
 CLASS_TEST_FILES = 100  # per class: the last 100 files by name
-
-
-def convert_conse(out: Path) -> Path:
-    cmd = [*coco.CLI, "convert", "--from", CONSE_SPEC, "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=_common.ROOT, env=coco.env(), capture_output=True, text=True)
-    if proc.returncode:
-        raise SystemExit(f"conversion failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
-    return out
 
 
 def recalls(image_emb, text_emb, caption_to_image) -> dict:
@@ -124,7 +116,7 @@ def train_conse(conse: Path, run: Path, split: Path, steps: int, batch: int, log
         cmd += ["--set", s]
     t = time.perf_counter()
     with log.open("w") as f:
-        proc = subprocess.run(cmd, cwd=_common.ROOT, env=coco.env(), stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.run(cmd, cwd=_common.ROOT, env=_common.source_env(), stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode:
         raise SystemExit(f"ConSE fine-tuning failed (exit {proc.returncode}); log: {log}\n" + log.read_text()[-2000:])
     lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in ln]
@@ -172,12 +164,7 @@ def cifar_classes(conse: Path) -> dict:
         zero_shot_weights,
     )
 
-    classes = sorted(p.name for p in CIFAR.iterdir() if p.is_dir())
-    paths, labels = [], []
-    for c, name in enumerate(classes):
-        files = sorted(f for f in (CIFAR / name).iterdir() if f.suffix.lower() in (".jpg", ".png"))
-        paths += files[-CLASS_TEST_FILES:]
-        labels += [c] * len(files[-CLASS_TEST_FILES:])
+    classes, paths, labels = _common.last_files_per_class(CIFAR, CLASS_TEST_FILES)
     labels = torch.tensor(labels)
     model = clipsnail.load(conse)
     t = time.perf_counter()
@@ -222,7 +209,7 @@ def main() -> None:
     command = " ".join([".venv/bin/python", "bench/photo_search.py", *map(shlex.quote, sys.argv[1:])])
     try:
         _common.say(f"converting {CONSE_SPEC}")
-        conse = convert_conse(work / "conse")
+        conse = _common.convert_conse(work / "conse")
         for part in parts:
             t = time.perf_counter()
             _common.say(f"part {part}")

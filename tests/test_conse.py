@@ -226,6 +226,15 @@ def test_packaged_conse_is_the_formula_over_the_real_classifier_and_sentence_enc
     torch.testing.assert_close(query, minilm_by_hand(["a dog on a sofa"])[0], atol=2e-5, rtol=0)
 
 
+def photo_folder(shapes_dir, tmp_path, count):
+    """tmp_path/photos with copies of the first `count` shapes images."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for image in sorted((shapes_dir / "images").iterdir())[:count]:
+        (photos / image.name).write_bytes(image.read_bytes())
+    return photos
+
+
 @pytest.mark.slow
 def test_packaged_conse_name_is_converted_once_and_searches(conse_run_of_name, shapes_dir, tmp_path, capsys):
     run = conse_run_of_name
@@ -233,10 +242,7 @@ def test_packaged_conse_name_is_converted_once_and_searches(conse_run_of_name, s
     from clipsnail.apps.model_names import resolve_run
 
     assert resolve_run(CONSE_NAME) == run and (run / "model.safetensors").stat().st_mtime_ns == stamp
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for image in sorted((shapes_dir / "images").iterdir())[:4]:
-        (photos / image.name).write_bytes(image.read_bytes())
+    photos = photo_folder(shapes_dir, tmp_path, 4)
     assert main(["index", "build", "--model", CONSE_NAME, "--images", str(photos), "--out", str(tmp_path / "idx"),
                  "--no-progress", "--no-onnx"]) == 0
     built = json.loads(capsys.readouterr().out)
@@ -248,10 +254,7 @@ def test_packaged_conse_name_is_converted_once_and_searches(conse_run_of_name, s
 @pytest.mark.slow
 def test_photo_demo_with_nothing_but_a_folder_uses_the_conse_model(conse_run_of_name, shapes_dir, tmp_path, capsys):
     run = conse_run_of_name
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for image in sorted((shapes_dir / "images").iterdir())[:6]:
-        (photos / image.name).write_bytes(image.read_bytes())
+    photos = photo_folder(shapes_dir, tmp_path, 6)
     out = tmp_path / "out"
     assert main(["demo", "--photos", str(photos), "--out", str(out), "--query", "a red circle", "--no-progress",
                  "--no-onnx"]) == 0
@@ -267,10 +270,7 @@ def test_photo_demo_with_nothing_but_a_folder_uses_the_conse_model(conse_run_of_
 @pytest.mark.slow
 def test_photo_demo_with_captions_fine_tunes_conse_and_lit_as_one_model(conse_run_of_name, shapes_dir, tmp_path,
                                                                         capsys):
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for image in sorted((shapes_dir / "images").iterdir())[:6]:
-        (photos / image.name).write_bytes(image.read_bytes())
+    photos = photo_folder(shapes_dir, tmp_path, 6)
     out = tmp_path / "out"
     assert main(["demo", "--photos", str(photos), "--out", str(out), "--query", "a red circle", "--no-progress",
                  "--no-onnx", "--steps", "2", *caption_flags(shapes_dir)]) == 0
