@@ -240,8 +240,8 @@ def main() -> None:
                "(1,500 captions; chance text->image R@5 = 5/300) and CIFAR-10 zero-shot on the last 100 files of "
                "each class, CLIP's prompt ensemble. peak_rss_mib_<row> is the training process's VmHWM (training, "
                "then scoring); eval_peak_rss_mib that of a fresh `clipsnail clip eval` of the best row's run "
-               "(default --batch-size). One run, one seed: on 300 photos a difference of 0.02 in R@5 is within "
-               "noise.")))
+               "(default --batch-size). One run and one seed per row: "
+               "no seed-to-seed spread is measured here.")))
     print_table(results, rows)
     _common.say(f"wrote {args.out}")
 
